@@ -1,0 +1,87 @@
+"""Training text: local files -> documents -> token ids packed into fixed-length windows -> random masks."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
+JSONL_SUFFIXES = {".jsonl", ".json"}
+
+
+def _files(path: Path) -> list[Path]:
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES | JSONL_SUFFIXES)
+        if files:
+            return files
+        raise ValueError(f"{path} holds no .txt, .md, .rst or .jsonl files; point --data at text files")
+    raise FileNotFoundError(f"data path {path} does not exist; pass a text/JSONL file or a folder of them")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not valid UTF-8 (byte {error.start}); convert it to UTF-8") from None
+
+
+def read_documents(path, text_field: str = "text", line_documents: bool = False) -> list[str]:
+    """Plain text: one document per file (or per line with line_documents); JSONL: one per line, from text_field."""
+    documents = []
+    for file in _files(path):
+        text = _read_text(file)
+        if file.suffix in JSONL_SUFFIXES:
+            for number, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{file}:{number} is not valid JSON ({error.msg})") from None
+                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                    raise ValueError(f"{file}:{number} has no string field '{text_field}'; set --text-field")
+                documents.append(record[text_field])
+        elif line_documents:
+            documents.extend(line for line in text.splitlines() if line.strip())
+        else:
+            documents.append(text)
+    documents = [d for d in documents if d.strip()]
+    if not documents:
+        raise ValueError(f"{path} holds no text")
+    return documents
+
+
+def pack_windows(documents: list[str], tokenizer, seq_len: int, separator_id: int) -> np.ndarray:
+    """Tokenizes documents (no special tokens), joins them with separator_id and cuts [windows, seq_len]."""
+    ids = []
+    for document in documents:
+        ids.extend(tokenizer.encode(document, add_special_tokens=False))
+        ids.append(separator_id)
+    count = len(ids) // seq_len
+    if count == 0:
+        raise ValueError(f"the data holds {len(ids)} tokens, fewer than one window of --seq-len {seq_len}; "
+                         "add text or lower --seq-len")
+    return np.asarray(ids[: count * seq_len], dtype=np.int64).reshape(count, seq_len)
+
+
+def random_masks(rng: np.random.Generator, batch: int, seq_len: int, rate_min: float, rate_max: float) -> np.ndarray:
+    """[batch, seq_len] bool: per sequence a rate ~ U(rate_min, rate_max), then each position masked with it.
+    Every sequence gets at least one masked position."""
+    rates = rng.uniform(rate_min, rate_max, size=(batch, 1))
+    masked = rng.random((batch, seq_len)) < rates
+    empty = ~masked.any(axis=1)
+    masked[empty, rng.integers(0, seq_len, size=int(empty.sum()))] = True
+    return masked
+
+
+def split_windows(windows: np.ndarray, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Holds out a seeded fraction of windows (at least one) for evaluation when no eval data is given."""
+    if len(windows) < 2:
+        raise ValueError("the data makes only one window: too little to hold out evaluation windows; "
+                         "add text, lower --seq-len, or pass --eval-data")
+    order = np.random.default_rng(seed).permutation(len(windows))
+    held = max(1, int(len(windows) * eval_fraction))
+    return windows[order[held:]], windows[order[:held]]

@@ -1,0 +1,136 @@
+"""L_MARIA training of the fusion head; the backbones stay frozen.
+
+Runs on one CPU or GPU, or on many GPUs / nodes under `accelerate launch` (Hugging Face Accelerate).
+Batches are drawn from a generator seeded by (seed, step), so a run is repeatable and resumes exactly.
+"""
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from .backbones import load_backbones
+from .checkpoint import maria_config, save_checkpoint
+from .config import MariaConfig, TrainConfig
+from .data import pack_windows, random_masks, read_documents, split_windows
+from .model import FusionHead, masked_nll, teacher_forced_hidden
+
+STATE_DIR = "train_state"
+EVAL_FRACTION = 0.05
+FREE_ON_RESUME = {"steps", "eval_every", "eval_batches", "save_every"}   # settings a resumed run may change
+
+
+def _windows(backbones, config: TrainConfig, data, eval_data):
+    read = lambda path: read_documents(path, config.text_field, config.line_documents)
+    pack = lambda docs: pack_windows(docs, backbones.tokenizer, config.seq_len, backbones.start_token_id)
+    train = pack(read(data))
+    if eval_data is not None:
+        return train, pack(read(eval_data))
+    return split_windows(train, EVAL_FRACTION, config.seed)
+
+
+def _batch(windows, rng, config: TrainConfig, accelerator):
+    """The global batch for one step, then this process's share of it."""
+    size = config.batch_size * accelerator.num_processes
+    ids = windows[rng.integers(0, len(windows), size=size)]
+    masked = random_masks(rng, size, config.seq_len, config.mask_rate_min, config.mask_rate_max)
+    share = slice(accelerator.process_index * config.batch_size, (accelerator.process_index + 1) * config.batch_size)
+    to = lambda a: torch.from_numpy(a[share]).to(accelerator.device)
+    return to(ids), to(masked)
+
+
+def _loss(backbones, head, ids, masked, accelerator):
+    with accelerator.autocast():
+        mlm_hidden, ar_hidden = teacher_forced_hidden(backbones, ids, masked)
+        return masked_nll(head, mlm_hidden, ar_hidden, ids, masked)
+
+
+@torch.no_grad()
+def evaluate(backbones, head, windows, config: TrainConfig, accelerator) -> float:
+    """Masked-token perplexity on held-out windows, with masks fixed by the seed."""
+    rng = np.random.default_rng([config.seed, 1])
+    total, count = 0.0, 0
+    for start in range(0, min(len(windows), config.eval_batches * config.batch_size), config.batch_size):
+        ids = windows[start:start + config.batch_size]
+        masked = random_masks(rng, len(ids), config.seq_len, config.mask_rate_min, config.mask_rate_max)
+        nll = _loss(backbones, head, torch.from_numpy(ids).to(accelerator.device),
+                    torch.from_numpy(masked).to(accelerator.device), accelerator)
+        total, count = total + nll.sum().item(), count + nll.numel()
+    return math.exp(total / count)
+
+
+def _resume(accelerator, state: Path, config: TrainConfig) -> int:
+    """Loads optimizer/scheduler/head state if an earlier run left one; returns the step to start at."""
+    info = state / "step.json"
+    if not info.is_file():
+        return 0
+    saved = json.loads(info.read_text())
+    changed = {k for k, v in dataclasses.asdict(config).items() if k not in FREE_ON_RESUME and saved["train"].get(k) != v}
+    if changed:
+        raise ValueError(f"{state.parent} holds an interrupted run with other settings ({', '.join(sorted(changed))}); "
+                         "pass the same settings to resume, or a new --out to start afresh")
+    accelerator.load_state(str(state))
+    return saved["step"]
+
+
+def _save(accelerator, head, out: Path, step: int, config: TrainConfig, model_config: MariaConfig):
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(out / STATE_DIR))
+    if accelerator.is_main_process:
+        save_checkpoint(out, accelerator.unwrap_model(head), dataclasses.replace(model_config, trained_steps=step))
+        (out / STATE_DIR / "step.json").write_text(json.dumps({"step": step, "train": dataclasses.asdict(config)}))
+
+
+def train(mlm_path, ar_path, data, out, config: TrainConfig, eval_data=None, device: str = "auto",
+          log=print) -> MariaConfig:
+    """Trains the fusion head with L_MARIA and writes a checkpoint to `out`; returns its config."""
+    accelerator = Accelerator(cpu=device == "cpu",
+                              mixed_precision="bf16" if device != "cpu" and torch.cuda.is_available() else "no")
+    set_seed(config.seed)
+    out = Path(out)
+    backbones = load_backbones(mlm_path, ar_path, device=accelerator.device)
+    train_windows, eval_windows = _windows(backbones, config, data, eval_data)
+    model_config = maria_config(backbones, mlm_path, ar_path, dataclasses.asdict(config), 0)
+    head = FusionHead.product_of_experts(backbones).to(accelerator.device)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
+    head, optimizer, scheduler = accelerator.prepare(head, optimizer, scheduler)
+    start = _resume(accelerator, out / STATE_DIR, config)
+    if accelerator.is_main_process:
+        log(f"training on {len(train_windows)} windows of {config.seq_len} tokens, evaluating on "
+            f"{len(eval_windows)}; {accelerator.num_processes} process(es) on {accelerator.device}; "
+            f"starting at step {start} of {config.steps}")
+    progress = tqdm(range(start, config.steps), initial=start, total=config.steps,
+                    disable=not accelerator.is_main_process, desc="train")
+    tokens_per_step = config.batch_size * config.seq_len * accelerator.num_processes
+    began = time.perf_counter()
+    for step in progress:
+        head.train()
+        ids, masked = _batch(train_windows, np.random.default_rng([config.seed, 0, step]), config, accelerator)
+        loss = _loss(backbones, head, ids, masked, accelerator).mean()
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(head.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        rate = tokens_per_step * (step + 1 - start) / (time.perf_counter() - began)
+        progress.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:.0f}")
+        done = step + 1
+        if done % config.eval_every == 0 or done == config.steps:
+            head.eval()
+            ppl = evaluate(backbones, head, eval_windows, config, accelerator)
+            if accelerator.is_main_process:
+                progress.write(f"step {done}: held-out masked-token perplexity {ppl:.3f}")
+        if done % config.save_every == 0 or done == config.steps:
+            _save(accelerator, head, out, done, config, model_config)
+    if start >= config.steps:
+        _save(accelerator, head, out, start, config, model_config)
+    return dataclasses.replace(model_config, trained_steps=max(start, config.steps))

@@ -1,0 +1,61 @@
+"""Choosing a token from the fusion head's logits: greedy, or sampling with temperature / top-k / top-p."""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """temperature 0 means greedy; top_k 0 and top_p 1 switch those filters off."""
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top-p must be in (0, 1] (1 = off), got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """[rows, V] -> [rows, V], in float64 for stable sums."""
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _sample_row(scores: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+    """scores [V] with banned ids at -inf -> one token id."""
+    scores = scores / sampling.temperature
+    if sampling.top_k:
+        kth = np.partition(scores, -min(sampling.top_k, scores.size))[-min(sampling.top_k, scores.size)]
+        scores = np.where(scores < kth, -np.inf, scores)
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    if sampling.top_p < 1:
+        order = np.argsort(-probs, kind="stable")
+        keep = np.cumsum(probs[order]) - probs[order] < sampling.top_p    # smallest set reaching top_p
+        probs[order[~keep]] = 0.0
+        probs /= probs.sum()
+    return int(np.searchsorted(np.cumsum(probs), rng.random() * probs.sum(), side="right").clip(max=probs.size - 1))
+
+
+def choose_tokens(logits: np.ndarray, banned_ids, sampling: Sampling, rng: np.random.Generator):
+    """logits [rows, V] -> (token ids [rows], their log-probabilities under the head's full distribution [rows])."""
+    scores = logits.astype(np.float64).copy()
+    scores[:, list(banned_ids)] = -np.inf
+    if sampling.greedy:
+        tokens = scores.argmax(axis=-1)
+    else:
+        tokens = np.array([_sample_row(row, sampling, rng) for row in scores], dtype=np.int64)
+    logprobs = log_softmax(logits)[np.arange(len(tokens)), tokens]
+    return tokens.astype(np.int64), logprobs

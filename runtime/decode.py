@@ -1,0 +1,156 @@
+"""The MARIA inference loop, written once and driven by any backend (ONNX Runtime, or the PyTorch reference).
+
+    encode_masked: one MLM pass over [CLS] x~ [SEP]                     -> mlm_hidden [batch, n + 2, d_mlm]
+    prefill / decode_step: the AR's KV-cached step over the next chunk  -> ar_hidden  [batch, chunk, d_ar]
+        each sequence's chunk runs from its cursor to its next masked position; chunks are right-padded to
+        the longest in the step, the padding masked out in attention_mask, positions given explicitly
+    fuse: fusion head on (h_mlm[i], h_ar[i]) at each sequence's masked position -> logits [batch, V]
+    choose_tokens: the fill, written into the sequence and fed to the AR with the next chunk
+
+A batch takes as many AR steps as its sequence with the most masked tokens.
+
+A backend provides (numpy arrays in and out; `past` is the backend's own KV cache value):
+    mlm_hidden(input_ids [b, L], attention_mask [b, L]) -> [b, L, d_mlm]
+    empty_past(batch) -> past
+    ar_step(input_ids [b, T], attention_mask [b, P + T], position_ids [b, T], past) -> ([b, T, d_ar], past)
+    fuse(mlm_hidden [r, d_mlm], ar_hidden [r, d_ar]) -> logits [r, V]
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .choose import Sampling, choose_tokens, log_softmax
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    cls: int
+    sep: int
+    mask: int
+    start: int
+    pad: int
+
+    @property
+    def all(self) -> list[int]:
+        return sorted({self.cls, self.sep, self.mask, self.start, self.pad})
+
+
+@dataclass
+class Fill:
+    """One filled sequence: content ids, the masked positions, and log p of each fill (in position order)."""
+    ids: np.ndarray
+    positions: np.ndarray
+    logprobs: np.ndarray
+
+
+def encode_masked(backend, ids: list[np.ndarray], masked: list[np.ndarray], special: SpecialIds) -> np.ndarray:
+    """One MLM pass; returns mlm_hidden [batch, max_n + 2, d_mlm] with h_mlm[b, i + 1] for x_i."""
+    width = max(len(x) for x in ids) + 2
+    input_ids = np.full((len(ids), width), special.pad, dtype=np.int64)
+    attention_mask = np.zeros((len(ids), width), dtype=np.int64)
+    for row, (x, m) in enumerate(zip(ids, masked)):
+        input_ids[row, : len(x) + 2] = [special.cls, *np.where(m, special.mask, x), special.sep]
+        attention_mask[row, : len(x) + 2] = 1
+    return backend.mlm_hidden(input_ids, attention_mask)
+
+
+@dataclass
+class DecodeState:
+    """Per-batch state of the AR pass: the tokens fed so far are ar_tokens[b][:cursor[b]]."""
+    ar_tokens: list[np.ndarray]       # [START] x_0 .. x_{n-1}, fills written in as they are chosen
+    targets: list[np.ndarray]         # masked positions per sequence, ascending
+    cursor: np.ndarray                # [batch] AR tokens fed
+    attention_mask: np.ndarray        # [batch, past] 1 where a real token was fed
+    past: object
+
+
+def next_chunk(state: DecodeState, step: int, pad_id: int):
+    """Each sequence's tokens from its cursor up to (the token before) its step-th masked position."""
+    ends = np.array([t[step] + 1 if step < len(t) else c for t, c in zip(state.targets, state.cursor)])
+    lengths = ends - state.cursor
+    width = int(lengths.max())
+    input_ids = np.full((len(ends), width), pad_id, dtype=np.int64)
+    for row, (begin, end) in enumerate(zip(state.cursor, ends)):
+        input_ids[row, : end - begin] = state.ar_tokens[row][begin:end]
+    position_ids = state.cursor[:, None] + np.arange(width)[None, :]
+    chunk_mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+    return input_ids, position_ids.astype(np.int64), chunk_mask, lengths
+
+
+def decode_step(backend, state: DecodeState, step: int, special: SpecialIds):
+    """Feeds every sequence's next chunk; returns the rows still filling and their ar_hidden [rows, d_ar]."""
+    input_ids, position_ids, chunk_mask, lengths = next_chunk(state, step, special.pad)
+    state.attention_mask = np.concatenate([state.attention_mask, chunk_mask], axis=1)
+    hidden, state.past = backend.ar_step(input_ids, state.attention_mask, position_ids, state.past)
+    state.cursor = state.cursor + lengths
+    rows = np.array([row for row, t in enumerate(state.targets) if step < len(t)])
+    return rows, hidden[rows, lengths[rows] - 1]
+
+
+def infill_batch(backend, ids, masked, special: SpecialIds, sampling: Sampling,
+                 rng: np.random.Generator) -> list[Fill]:
+    """Fills the masked positions of each sequence (every one has at least one), all in one batch."""
+    mlm_hidden = encode_masked(backend, ids, masked, special)
+    targets = [np.flatnonzero(m) for m in masked]
+    assert all(len(t) for t in targets), f"every sequence needs a masked position, got counts {[len(t) for t in targets]}"
+    state = DecodeState(ar_tokens=[np.concatenate([[special.start], x]).astype(np.int64) for x in ids],
+                        targets=targets, cursor=np.zeros(len(ids), dtype=np.int64),
+                        attention_mask=np.zeros((len(ids), 0), dtype=np.int64), past=backend.empty_past(len(ids)))
+    logprobs = [np.zeros(len(t)) for t in targets]
+    for step in range(max(len(t) for t in targets)):
+        rows, ar_hidden = decode_step(backend, state, step, special)
+        positions = np.array([targets[row][step] for row in rows])
+        logits = backend.fuse(mlm_hidden[rows, positions + 1], ar_hidden)
+        tokens, token_logprobs = choose_tokens(logits, special.all, sampling, rng)
+        for row, position, token, logprob in zip(rows, positions, tokens, token_logprobs):
+            state.ar_tokens[row][position + 1] = token
+            logprobs[row][step] = logprob
+    return [Fill(ids=tokens[1:].copy(), positions=t, logprobs=lp)
+            for tokens, t, lp in zip(state.ar_tokens, targets, logprobs)]
+
+
+def score_batch(backend, ids, masked, special: SpecialIds) -> list[np.ndarray]:
+    """Teacher forced, one pass: -log p(x_i) of the true tokens at each sequence's masked positions."""
+    mlm_hidden = encode_masked(backend, ids, masked, special)
+    width = max(len(x) for x in ids)
+    input_ids = np.full((len(ids), width), special.pad, dtype=np.int64)
+    attention_mask = np.zeros((len(ids), width), dtype=np.int64)
+    for row, x in enumerate(ids):
+        input_ids[row, : len(x)] = [special.start, *x[:-1]]      # position i holds the token before x_i
+        attention_mask[row, : len(x)] = 1
+    position_ids = np.broadcast_to(np.arange(width, dtype=np.int64), input_ids.shape).copy()
+    ar_hidden, _ = backend.ar_step(input_ids, attention_mask, position_ids, backend.empty_past(len(ids)))
+    nll = []
+    for row, (x, m) in enumerate(zip(ids, masked)):
+        positions = np.flatnonzero(m)
+        logits = backend.fuse(mlm_hidden[row, positions + 1], ar_hidden[row, positions])
+        nll.append(-log_softmax(logits)[np.arange(len(positions)), x[positions]])
+    return nll
+
+
+def infill(backend, ids, masked, special: SpecialIds, sampling: Sampling, batch_size: int = 8) -> list[Fill]:
+    """Fills every sequence in batches of batch_size; sequences without a masked position come back unchanged.
+    One seeded generator serves the whole list, so a seed repeats a run."""
+    rng = np.random.default_rng(sampling.seed)
+    ids, masked = [np.asarray(x, dtype=np.int64) for x in ids], [np.asarray(m, dtype=bool) for m in masked]
+    fills = [Fill(ids=x, positions=np.zeros(0, dtype=np.int64), logprobs=np.zeros(0)) for x in ids]
+    todo = [row for row, m in enumerate(masked) if m.any()]
+    for begin in range(0, len(todo), batch_size):
+        rows = todo[begin:begin + batch_size]
+        batch = infill_batch(backend, [ids[r] for r in rows], [masked[r] for r in rows], special, sampling, rng)
+        for row, fill in zip(rows, batch):
+            fills[row] = fill
+    return fills
+
+
+def score(backend, ids, masked, special: SpecialIds, batch_size: int = 8) -> list[np.ndarray]:
+    """Per sequence, -log p of the true tokens at its masked positions (empty where nothing is masked)."""
+    ids, masked = [np.asarray(x, dtype=np.int64) for x in ids], [np.asarray(m, dtype=bool) for m in masked]
+    nll = [np.zeros(0) for _ in ids]
+    todo = [row for row, m in enumerate(masked) if m.any()]
+    for begin in range(0, len(todo), batch_size):
+        rows = todo[begin:begin + batch_size]
+        for row, values in zip(rows, score_batch(backend, [ids[r] for r in rows], [masked[r] for r in rows], special)):
+            nll[row] = values
+    return nll

@@ -1,0 +1,20 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import make_pair, write_corpus  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pairs(tmp_path_factory):
+    """ar_type -> (mlm_dir, ar_dir) of tiny random backbones, built once per session."""
+    root = tmp_path_factory.mktemp("backbones")
+    return {ar_type: make_pair(root, ar_type) for ar_type in ("olmo", "olmo2", "llama")}
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("data") / "train.txt")

@@ -1,0 +1,94 @@
+"""L_MARIA training: it learns, it repeats with a seed, it resumes exactly, and the CLI drives it."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from cli import app
+from maria_onnx.checkpoint import load_maria
+from maria_onnx.config import MariaConfig, TrainConfig
+from maria_onnx.data import read_documents
+from maria_onnx import train as maria_train
+from maria_onnx.train import train
+
+SMALL = dict(seq_len=32, batch_size=4, learning_rate=3e-2, warmup_steps=2, eval_every=100, eval_batches=2, seed=3)
+
+
+def head_of(folder):
+    return load_file(folder / "head.safetensors")
+
+
+def test_training_lowers_held_out_perplexity(pairs, corpus_file, tmp_path, capsys):
+    mlm, ar = pairs["olmo"]
+    train(mlm, ar, corpus_file, tmp_path / "zero", TrainConfig(steps=1, learning_rate=1e-9, **{
+        k: v for k, v in SMALL.items() if k != "learning_rate"}), device="cpu")
+    before = "".join(capsys.readouterr())
+    train(mlm, ar, corpus_file, tmp_path / "run", TrainConfig(steps=40, **SMALL), device="cpu")
+    after = "".join(capsys.readouterr())
+    perplexity = lambda text: float(text.rsplit("perplexity ", 1)[1].split()[0])
+    assert perplexity(after) < 0.7 * perplexity(before)
+    backbones, head, config = load_maria(tmp_path / "run")
+    assert config.trained_steps == 40 and config.train["seq_len"] == 32
+    assert head.linear.weight.shape == (backbones.vocab_size, config.mlm_hidden_size + config.ar_hidden_size)
+
+
+def test_same_seed_same_run_and_resume_is_exact(pairs, corpus_file, tmp_path, monkeypatch):
+    mlm, ar = pairs["llama"]
+    config = TrainConfig(steps=6, save_every=3, **SMALL)
+    train(mlm, ar, corpus_file, tmp_path / "a", config, device="cpu")
+    train(mlm, ar, corpus_file, tmp_path / "b", config, device="cpu")
+
+    save = maria_train._save
+    def save_then_crash(*args):
+        save(*args)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(maria_train, "_save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(mlm, ar, corpus_file, tmp_path / "c", config, device="cpu")      # interrupted after step 3
+    monkeypatch.setattr(maria_train, "_save", save)
+    assert not torch.equal(head_of(tmp_path / "a")["weight"], head_of(tmp_path / "c")["weight"])
+    train(mlm, ar, corpus_file, tmp_path / "c", config, device="cpu")          # resumed
+    for other in ("b", "c"):
+        for name in ("weight", "bias"):
+            torch.testing.assert_close(head_of(tmp_path / other)[name], head_of(tmp_path / "a")[name],
+                                       atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="other settings \\(seq_len\\)"):
+        train(mlm, ar, corpus_file, tmp_path / "c", TrainConfig(steps=8, **{**SMALL, "seq_len": 16}), device="cpu")
+
+
+def test_cli_train_writes_a_checkpoint(pairs, corpus_file, tmp_path):
+    mlm, ar = pairs["olmo2"]
+    out = tmp_path / "ckpt"
+    result = CliRunner().invoke(app, ["train", "--mlm", str(mlm), "--ar", str(ar), "--data", str(corpus_file),
+                                      "--out", str(out), "--steps", "3", "--seq-len", "16", "--batch-size", "2",
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    config = MariaConfig.from_dict(json.loads((out / "maria_config.json").read_text()))
+    assert config.ar_model_type == "olmo2" and config.trained_steps == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mask-rate-min", "0.8", "--mask-rate-max", "0.2"], "mask rate range"),
+    (["--data", "/nowhere/text.txt"], "does not exist"),
+    (["--seq-len", "100000"], "fewer than one window"),
+])
+def test_cli_train_bad_input_is_one_line(pairs, corpus_file, tmp_path, args, message):
+    mlm, ar = pairs["olmo"]
+    base = ["train", "--mlm", str(mlm), "--ar", str(ar), "--data", str(corpus_file), "--out", str(tmp_path / "o"),
+            "--steps", "1", "--device", "cpu"]
+    result = CliRunner().invoke(app, base + args)
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_documents_from_jsonl_and_lines(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "one doc"}\n\n{"text": "two doc"}\n')
+    (tmp_path / "b.txt").write_text("line one\nline two\n")
+    assert read_documents(tmp_path, line_documents=True) == ["one doc", "two doc", "line one", "line two"]
+    assert read_documents(tmp_path / "b.txt") == ["line one\nline two\n"]
+    (tmp_path / "c.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(ValueError, match="no string field 'text'"):
+        read_documents(tmp_path / "c.jsonl")

@@ -1,0 +1,79 @@
+"""Tiny random backbones and a tiny byte-level BPE tokenizer, built inside the tests (nothing is downloaded)."""
+
+import random
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoModelForCausalLM, LlamaConfig, ModernBertConfig, ModernBertForMaskedLM, OlmoConfig,
+                          Olmo2Config, PreTrainedTokenizerFast)
+
+SPECIAL = ["<|endoftext|>", "[PAD]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = ("the a an of to in is was for on with as by at from raise return import class function value list "
+         "error exception statement module string number loop file object method name type data python code "
+         "call run use used make new old first last each every other some many small large quick brown fox").split()
+
+
+def corpus(count: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 20))).capitalize() + "." for _ in range(count)]
+
+
+def tokenizer_file(folder: Path, seed: int = 0, vocab_size: int = 300) -> Path:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(corpus(400, seed), trainer)
+    path = Path(folder) / "tokenizer.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path))
+    return path
+
+
+def save_tokenizer(tokenizer_json: Path, folder: Path, role: str) -> PreTrainedTokenizerFast:
+    roles = dict(mlm=dict(cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", pad_token="[PAD]"),
+                 ar=dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="[PAD]"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), **roles[role])
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def ar_config(ar_type: str, vocab_size: int, eos: int, pad: int):
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=512, bos_token_id=eos, eos_token_id=eos,
+                  pad_token_id=pad)
+    if ar_type == "olmo":
+        return OlmoConfig(**common)
+    if ar_type == "olmo2":
+        return Olmo2Config(**common)
+    if ar_type == "llama":
+        return LlamaConfig(num_key_value_heads=2, **common)     # grouped-query attention
+    raise ValueError(ar_type)
+
+
+def make_pair(root: Path, ar_type: str = "olmo", seed: int = 0, ar_tokenizer_seed: int | None = None):
+    """Writes tiny random MLM and AR folders under root; returns (mlm_dir, ar_dir)."""
+    torch.manual_seed(seed)
+    root = Path(root)
+    tok_json = tokenizer_file(root / "tok", seed=0)
+    mlm_dir, ar_dir = root / "mlm", root / f"ar-{ar_type}"
+    mlm_tok = save_tokenizer(tok_json, mlm_dir, "mlm")
+    ar_tok_json = tok_json if ar_tokenizer_seed is None else tokenizer_file(root / "tok-ar", seed=ar_tokenizer_seed)
+    ar_tok = save_tokenizer(ar_tok_json, ar_dir, "ar")
+    vocab = len(mlm_tok)
+    mlm = ModernBertForMaskedLM(ModernBertConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=512, global_attn_every_n_layers=2, local_attention=16,
+        pad_token_id=mlm_tok.pad_token_id, cls_token_id=mlm_tok.cls_token_id, sep_token_id=mlm_tok.sep_token_id,
+        bos_token_id=mlm_tok.cls_token_id, eos_token_id=mlm_tok.sep_token_id, mask_token_id=mlm_tok.mask_token_id))
+    mlm.save_pretrained(mlm_dir)
+    ar = AutoModelForCausalLM.from_config(ar_config(ar_type, len(ar_tok), ar_tok.eos_token_id, ar_tok.pad_token_id))
+    ar.save_pretrained(ar_dir)
+    return mlm_dir, ar_dir
+
+
+def write_corpus(path: Path, count: int = 300, seed: int = 1) -> Path:
+    path.write_text("\n".join(corpus(count, seed)) + "\n")
+    return path
