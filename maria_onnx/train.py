@@ -92,8 +92,10 @@ def _save(accelerator, head, out: Path, step: int, config: TrainConfig, model_co
 def train(mlm_path, ar_path, data, out, config: TrainConfig, eval_data=None, device: str = "auto",
           log=print) -> MariaConfig:
     """Trains the fusion head with L_MARIA and writes a checkpoint to `out`; returns its config."""
-    accelerator = Accelerator(cpu=device == "cpu",
-                              mixed_precision="bf16" if device != "cpu" and torch.cuda.is_available() else "no")
+    on_cpu = device == "cpu" or not torch.cuda.is_available()
+    if device == "cuda" and on_cpu:
+        raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA device; use --device auto or cpu")
+    accelerator = Accelerator(cpu=on_cpu, mixed_precision="no" if on_cpu else "bf16")
     set_seed(config.seed)
     out = Path(out)
     backbones = load_backbones(mlm_path, ar_path, device=accelerator.device)
