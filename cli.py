@@ -31,7 +31,7 @@ def one_line_errors(command):
     def run(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, UnicodeDecodeError) as error:
+        except (ValueError, OSError) as error:     # FileNotFoundError, PermissionError, UnicodeDecodeError...
             fail(str(error))
         except ImportError as error:
             fail(f"{error.name or error}: this command needs the training extra; pip install 'maria-onnx[train]'")
@@ -72,6 +72,22 @@ def train(
                          line_documents=line_documents)
     result = run_train(mlm, ar, data, out, config, eval_data=eval_data, device=device)
     typer.echo(f"wrote {out} (step {result.trained_steps})")
+
+
+@app.command("export")
+@one_line_errors
+def export_command(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint folder written by `maria train`."),
+    out: Path = typer.Option(..., help="The bundle folder to write."),
+    dtype: str = typer.Option("fp32", help="fp32 | fp16 (hidden states and KV cache; fp16 is for CUDA)."),
+    int8: bool = typer.Option(False, "--int8", help="Dynamically quantize the weights to int8 (CPU edge devices)."),
+    opset: int = typer.Option(17, help="ONNX opset."),
+    overwrite: bool = typer.Option(False, help="Replace an existing bundle at --out (only once the new one passed)."),
+):
+    """Export a trained checkpoint to a validated ONNX bundle (mlm, ar_decoder, fusion_head)."""
+    from export.bundle import export_bundle
+
+    export_bundle(checkpoint, out, dtype=dtype, int8=int8, opset=opset, overwrite=overwrite)
 
 
 def main():

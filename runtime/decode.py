@@ -110,8 +110,9 @@ def infill_batch(backend, ids, masked, special: SpecialIds, sampling: Sampling,
             for tokens, t, lp in zip(state.ar_tokens, targets, logprobs)]
 
 
-def score_batch(backend, ids, masked, special: SpecialIds) -> list[np.ndarray]:
-    """Teacher forced, one pass: -log p(x_i) of the true tokens at each sequence's masked positions."""
+def teacher_forced_logits(backend, ids, masked, special: SpecialIds) -> list[np.ndarray]:
+    """One MLM pass and one AR pass over the true tokens: fusion-head logits at each sequence's masked positions,
+    [masked count, V] per sequence."""
     mlm_hidden = encode_masked(backend, ids, masked, special)
     width = max(len(x) for x in ids)
     input_ids = np.full((len(ids), width), special.pad, dtype=np.int64)
@@ -121,12 +122,16 @@ def score_batch(backend, ids, masked, special: SpecialIds) -> list[np.ndarray]:
         attention_mask[row, : len(x)] = 1
     position_ids = np.broadcast_to(np.arange(width, dtype=np.int64), input_ids.shape).copy()
     ar_hidden, _ = backend.ar_step(input_ids, attention_mask, position_ids, backend.empty_past(len(ids)))
-    nll = []
-    for row, (x, m) in enumerate(zip(ids, masked)):
-        positions = np.flatnonzero(m)
-        logits = backend.fuse(mlm_hidden[row, positions + 1], ar_hidden[row, positions])
-        nll.append(-log_softmax(logits)[np.arange(len(positions)), x[positions]])
-    return nll
+    rows = np.concatenate([np.full(int(m.sum()), row) for row, m in enumerate(masked)])
+    positions = np.concatenate([np.flatnonzero(m) for m in masked])
+    logits = backend.fuse(mlm_hidden[rows, positions + 1], ar_hidden[rows, positions])
+    return np.split(logits, np.cumsum([int(m.sum()) for m in masked])[:-1])
+
+
+def score_batch(backend, ids, masked, special: SpecialIds) -> list[np.ndarray]:
+    """Teacher forced, one pass: -log p(x_i) of the true tokens at each sequence's masked positions."""
+    logits = teacher_forced_logits(backend, ids, masked, special)
+    return [-log_softmax(l)[np.arange(len(l)), x[np.flatnonzero(m)]] for l, x, m in zip(logits, ids, masked)]
 
 
 def infill(backend, ids, masked, special: SpecialIds, sampling: Sampling, batch_size: int = 8) -> list[Fill]:

@@ -18,3 +18,21 @@ def pairs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("data") / "train.txt")
+
+
+@pytest.fixture(scope="session")
+def checkpoints(pairs, tmp_path_factory):
+    """ar_type -> checkpoint folder over the tiny pair."""
+    from tiny import make_checkpoint
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {ar_type: make_checkpoint(*pair, root / ar_type) for ar_type, pair in pairs.items()}
+
+
+@pytest.fixture(scope="session")
+def bundles(checkpoints, tmp_path_factory):
+    """ar_type -> fp32 bundle exported from its checkpoint."""
+    from export.bundle import export_bundle
+    root = tmp_path_factory.mktemp("bundles")
+    for ar_type, checkpoint in checkpoints.items():
+        export_bundle(checkpoint, root / ar_type)
+    return {ar_type: root / ar_type for ar_type in checkpoints}

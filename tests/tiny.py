@@ -77,3 +77,19 @@ def make_pair(root: Path, ar_type: str = "olmo", seed: int = 0, ar_tokenizer_see
 def write_corpus(path: Path, count: int = 300, seed: int = 1) -> Path:
     path.write_text("\n".join(corpus(count, seed)) + "\n")
     return path
+
+
+def make_checkpoint(mlm_dir: Path, ar_dir: Path, folder: Path, noise: float = 0.05, seed: int = 0) -> Path:
+    """A checkpoint without training: the product-of-experts head, perturbed so both halves of W matter."""
+    from maria_onnx.backbones import load_backbones
+    from maria_onnx.checkpoint import maria_config, save_checkpoint
+    from maria_onnx.model import FusionHead
+
+    backbones = load_backbones(mlm_dir, ar_dir)
+    head = FusionHead.product_of_experts(backbones)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.linear.weight.add_(noise * torch.randn(head.linear.weight.shape, generator=generator))
+        head.linear.bias.add_(noise * torch.randn(head.linear.bias.shape, generator=generator))
+    save_checkpoint(folder, head, maria_config(backbones, mlm_dir, ar_dir, {}, 0))
+    return Path(folder)

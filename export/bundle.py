@@ -1,0 +1,176 @@
+"""`maria export`: a trained checkpoint -> a self-describing, self-checked bundle folder.
+
+The bundle is written to a temporary folder beside the target and renamed into place only after every graph
+has passed validation, so a failed or interrupted export never leaves a folder that looks complete.
+"""
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from importlib.metadata import version
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import torch
+from rich.console import Console
+
+from maria_onnx.checkpoint import load_maria
+from maria_onnx.reference import special_ids
+from runtime.backend import OnnxBackend
+from runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, GraphSpec, Manifest, sha256
+
+from .graphs import AR_FILE, HEAD_FILE, MLM_FILE, export_backbones, export_fusion_head
+from .validate import validate
+
+DEFAULT_OPSET = 17
+TOKENIZER_FILE, VALIDATION_FILE = "tokenizer.json", "validation.json"
+
+
+@contextmanager
+def stage(console: Console, name: str):
+    began = time.perf_counter()
+    with console.status(name + "..."):
+        yield
+    console.print(f"[green]✓[/green] {name} ({time.perf_counter() - began:.1f}s)")
+
+
+def _target(out: Path, overwrite: bool) -> Path:
+    """Checks that out can be written before any work is done; returns a fresh temporary folder beside it."""
+    out = Path(out).resolve()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as error:
+        raise PermissionError(f"cannot write the bundle to {out} ({error.strerror}); choose another --out") from None
+
+
+def _to_fp16(path: Path) -> None:
+    """Hidden states and the KV cache in fp16; integer inputs untouched."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=False, disable_shape_infer=True)
+    onnx.save(model, str(path))
+
+
+def _to_int8(path: Path) -> None:
+    """Dynamic int8 quantization of the weights (for CPU edge devices); activations stay fp32."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    quantized = path.with_suffix(".int8.onnx")
+    logging.disable(logging.WARNING)      # the quantizer logs advice on every graph through the root logger
+    try:
+        quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8)
+    finally:
+        logging.disable(logging.NOTSET)
+    os.replace(quantized, path)
+
+
+def _optimize(path: Path) -> None:
+    """ONNX Runtime's provider-independent (basic) graph optimizations, done once offline."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
+    ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    os.replace(path.with_suffix(".opt.onnx"), path)
+
+
+def _kv_shape(path: Path) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) read off the exported decoder's past_key_values inputs."""
+    inputs = [i for i in onnx.load(str(path), load_external_data=False).graph.input
+              if i.name.startswith("past_key_values.")]
+    dims = inputs[0].type.tensor_type.shape.dim
+    return len(inputs) // 2, dims[1].dim_value, dims[3].dim_value
+
+
+def _source(config, dtype: str) -> dict:
+    return {"mlm_path": config.mlm_path, "ar_path": config.ar_path, "mlm_model_type": config.mlm_model_type,
+            "ar_model_type": config.ar_model_type, "train": config.train, "trained_steps": config.trained_steps,
+            "versions": {name: version(name) for name in ("torch", "transformers", "onnx", "optimum-onnx",
+                                                          "onnxruntime-gpu" if _has("onnxruntime-gpu") else
+                                                          "onnxruntime")}}
+
+
+def _has(distribution: str) -> bool:
+    try:
+        version(distribution)
+        return True
+    except Exception:
+        return False
+
+
+def export_bundle(checkpoint, out, dtype: str = "fp32", int8: bool = False, opset: int = DEFAULT_OPSET,
+                  overwrite: bool = False, console: Console | None = None) -> Manifest:
+    """Exports a trained checkpoint to a validated bundle at `out`; returns its manifest."""
+    if dtype not in ("fp32", "fp16"):
+        raise ValueError(f"--dtype must be fp32 or fp16, got '{dtype}'")
+    if int8 and dtype != "fp32":
+        raise ValueError("--int8 quantizes an fp32 export for CPUs; use it with --dtype fp32")
+    console = console or Console(stderr=True)
+    variant = "int8" if int8 else dtype
+    staging = _target(out, overwrite)
+    try:
+        with stage(console, f"loading checkpoint {checkpoint}"):
+            backbones, head, config = load_maria(checkpoint)
+        manifest = _build(staging, backbones, head, config, dtype, variant, opset, console)
+        _publish(staging, Path(out).resolve())
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    console.print(f"[green]✓[/green] wrote {out} ({variant})")
+    return manifest
+
+
+def _build(folder: Path, backbones, head, config, dtype, variant, opset, console) -> Manifest:
+    with stage(console, "exporting mlm.onnx and ar_decoder.onnx with Optimum"):
+        specs = export_backbones(backbones, folder, opset)
+    with stage(console, "exporting fusion_head.onnx"):
+        specs["fusion_head"] = export_fusion_head(head, folder, opset,
+                                                  torch.float16 if dtype == "fp16" else torch.float32)
+    for file in (MLM_FILE, AR_FILE):
+        if dtype == "fp16":
+            with stage(console, f"converting {file} to fp16"):
+                _to_fp16(folder / file)
+    if variant == "int8":
+        for file in (MLM_FILE, AR_FILE, HEAD_FILE):
+            with stage(console, f"quantizing {file} to int8"):
+                _to_int8(folder / file)
+    with stage(console, "optimizing graphs offline"):
+        for file in (MLM_FILE, AR_FILE, HEAD_FILE):
+            _optimize(folder / file)
+    backbones.tokenizer.backend_tokenizer.save(str(folder / TOKENIZER_FILE))
+    layers, kv_heads, head_dim = _kv_shape(folder / AR_FILE)
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION, dtype=dtype, quantization="int8-dynamic" if variant == "int8" else "none",
+        opset=opset, mlm_hidden_size=config.mlm_hidden_size, ar_hidden_size=config.ar_hidden_size,
+        num_hidden_layers=layers, num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=config.vocab_size,
+        max_sequence_length=min(backbones.mlm.config.max_position_embeddings - 2,
+                                backbones.ar.config.max_position_embeddings - 1),
+        special_ids=vars(special_ids(backbones)),
+        graphs={name: GraphSpec(file=file, inputs=specs[name][0], outputs=specs[name][1])
+                for name, file in (("mlm", MLM_FILE), ("ar_decoder", AR_FILE), ("fusion_head", HEAD_FILE))},
+        tokenizer=TOKENIZER_FILE, files={}, source=_source(config, dtype))
+    with stage(console, "validating every graph against PyTorch"):
+        report = validate(OnnxBackend(folder, manifest, device="cpu"), backbones, head, manifest.special, variant)
+        (folder / VALIDATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
+    manifest = Manifest(**{**vars(manifest), "files": {name: sha256(folder / name) for name in files}})
+    manifest.save(folder)
+    return manifest
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Moves the finished bundle into place; an existing bundle at out is replaced only now."""
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)        # mkdtemp makes it private; a bundle is an ordinary folder
+    if out.exists():
+        old = staging.with_name(staging.name + ".old")
+        os.replace(out, old)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out)

@@ -1,0 +1,122 @@
+"""Checks an exported bundle against PyTorch before export reports success.
+
+Every graph runs in ONNX Runtime (CPU) on shapes unlike the ones used for tracing (other batch sizes and lengths,
+padding, past lengths from zero up) and is compared with the eager modules; then the whole teacher-forced path
+is compared end to end. fp32 is held to tight bounds; fp16 and int8 by top-1 agreement and looser bounds.
+"""
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from maria_onnx.reference import TorchBackend
+from runtime.decode import SpecialIds, teacher_forced_logits
+
+# variant -> (relative bound on graph outputs and logits, least top-1 agreement of fills end to end)
+TOLERANCE = {"fp32": (1e-4, 1.0), "fp16": (3e-2, 0.95), "int8": (0.25, 0.8)}
+
+
+class ValidationError(ValueError):
+    pass
+
+
+@dataclass
+class Check:
+    graph: str
+    output: str
+    case: str
+    max_abs_diff: float
+    tolerance: float
+
+
+def _compare(checks: list, graph: str, output: str, case: str, got, want, bound: float):
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, f"{graph} {output}: shape {got.shape} vs PyTorch {want.shape} on {case}"
+    tolerance = bound * max(1.0, float(np.abs(want).max()))
+    checks.append(Check(graph, output, case, float(np.abs(got - want).max()), tolerance))
+
+
+def _check_mlm(checks, onnx, torch_backend, rng, vocab, bound):
+    for lengths in ([7], [23, 9, 16]):
+        ids = np.zeros((len(lengths), max(lengths)), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for row, n in enumerate(lengths):
+            ids[row, :n], mask[row, :n] = rng.integers(5, vocab, n), 1
+        got, want = onnx.mlm_hidden(ids, mask), torch_backend.mlm_hidden(ids, mask)
+        real = mask.astype(bool)
+        _compare(checks, "mlm", "hidden_states", f"batch {len(lengths)}, lengths {lengths}", got[real], want[real],
+                 bound)
+
+
+def _check_ar(checks, onnx, torch_backend, rng, vocab, bound):
+    """Chunks of per-row lengths through the KV cache (first with an empty past) against one full pass."""
+    for schedule in ([[6], [1], [1], [4]], [[5, 2, 7], [1, 1, 1], [3, 0, 1], [1, 2, 1]]):
+        batch = len(schedule[0])
+        past, mask, all_ids, all_pos, real = onnx.empty_past(batch), np.zeros((batch, 0), np.int64), [], [], []
+        cursor, steps = np.zeros(batch, np.int64), []
+        for lengths in schedule:
+            width, lengths = max(lengths), np.array(lengths)
+            ids = rng.integers(5, vocab, (batch, width))
+            chunk_mask = (np.arange(width)[None] < lengths[:, None]).astype(np.int64)
+            position_ids = cursor[:, None] + np.arange(width)[None]
+            mask = np.concatenate([mask, chunk_mask], axis=1)
+            hidden, past = onnx.ar_step(ids, mask, position_ids, past)
+            steps.append(hidden)
+            all_ids, all_pos, real = all_ids + [ids], all_pos + [position_ids], real + [chunk_mask.astype(bool)]
+            cursor = cursor + lengths
+        full, _ = torch_backend.ar_step(np.concatenate(all_ids, 1), mask, np.concatenate(all_pos, 1),
+                                        torch_backend.empty_past(batch))
+        got, real = np.concatenate(steps, axis=1), np.concatenate(real, axis=1)
+        _compare(checks, "ar_decoder", "last_hidden_state",
+                 f"batch {batch}, chunks {schedule} from an empty past", got[real], full[real], bound)
+
+
+def _check_head(checks, onnx, torch_backend, rng, bound):
+    m = onnx.manifest
+    for batch in (1, 5):
+        mlm_hidden = rng.standard_normal((batch, m.mlm_hidden_size)).astype(onnx.dtype)
+        ar_hidden = rng.standard_normal((batch, m.ar_hidden_size)).astype(onnx.dtype)
+        _compare(checks, "fusion_head", "logits", f"batch {batch}", onnx.fuse(mlm_hidden, ar_hidden),
+                 torch_backend.fuse(mlm_hidden.astype(np.float32), ar_hidden.astype(np.float32)), bound)
+
+
+def _end_to_end(onnx, torch_backend, special: SpecialIds, rng, vocab, bound, agreement):
+    """Teacher-forced logits at masked positions, mask rate 0.5, a padded batch of 4."""
+    ids = [rng.integers(5, vocab, n) for n in (12, 31, 5, 20)]
+    masked = [rng.random(len(x)) < 0.5 for x in ids]
+    for m in masked:
+        m[0] = True
+    got = np.concatenate(teacher_forced_logits(onnx, ids, masked, special))
+    want = np.concatenate(teacher_forced_logits(torch_backend, ids, masked, special))
+    banned = special.all
+    got[:, banned], want[:, banned] = -np.inf, -np.inf
+    top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
+    finite = np.isfinite(want)
+    diff = float(np.abs(got[finite] - want[finite]).max())
+    return {"top1_agreement": top1, "least_top1_agreement": agreement, "max_abs_logit_diff": diff,
+            "tolerance": bound * max(1.0, float(np.abs(want[finite]).max())), "masked_tokens": int(len(want))}
+
+
+def validate(onnx, backbones, head, special: SpecialIds, variant: str, seed: int = 0) -> dict:
+    """Runs every check, returns the report for validation.json; raises ValidationError on the first failure."""
+    bound, agreement = TOLERANCE[variant]
+    rng = np.random.default_rng(seed)
+    torch_backend = TorchBackend(backbones, head)
+    vocab = onnx.manifest.vocab_size
+    checks = []
+    _check_mlm(checks, onnx, torch_backend, rng, vocab, bound)
+    _check_ar(checks, onnx, torch_backend, rng, vocab, bound)
+    _check_head(checks, onnx, torch_backend, rng, bound)
+    end_to_end = _end_to_end(onnx, torch_backend, special, rng, vocab, bound, agreement)
+    report = {"variant": variant, "checks": [asdict(c) for c in checks], "end_to_end": end_to_end}
+    if variant == "int8":     # int8 weights are judged end to end; graph differences are recorded
+        checks = []
+    for check in checks:
+        if not check.max_abs_diff <= check.tolerance:
+            raise ValidationError(f"{check.graph}.onnx output '{check.output}' differs from PyTorch by "
+                                  f"{check.max_abs_diff:.3g} (tolerance {check.tolerance:.3g}) on {check.case}")
+    if not (end_to_end["top1_agreement"] >= agreement and end_to_end["max_abs_logit_diff"] <= end_to_end["tolerance"]):
+        raise ValidationError(f"fusion_head.onnx output 'logits' end to end: top-1 agreement "
+                              f"{end_to_end['top1_agreement']:.3f} (least {agreement}), largest difference "
+                              f"{end_to_end['max_abs_logit_diff']:.3g} (tolerance {end_to_end['tolerance']:.3g})")
+    return report

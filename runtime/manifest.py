@@ -1,0 +1,115 @@
+"""maria.json: the bundle's manifest, everything the runtime needs and nothing it must guess.
+
+A bundle is one folder:
+    mlm.onnx          input_ids, attention_mask [batch, seq] -> hidden_states [batch, seq, d_mlm]
+    ar_decoder.onnx   input_ids, attention_mask [batch, past + seq], position_ids, past_key_values.{i}.key/value
+                      -> last_hidden_state [batch, seq, d_ar], present.{i}.key/value
+    fusion_head.onnx  mlm_hidden [batch, d_mlm], ar_hidden [batch, d_ar] -> logits [batch, V] (fp32)
+    tokenizer.json    the backbones' shared tokenizer
+    maria.json        this manifest (with the sha256 of every other file)
+    validation.json   the largest differences from PyTorch found when the bundle was made
+"""
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .decode import SpecialIds
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "maria.json"
+GRAPHS = ("mlm", "ar_decoder", "fusion_head")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _from_dict(cls, data, what: str):
+    names = set(cls.__dataclass_fields__)
+    if not isinstance(data, dict) or set(data) != names:
+        found = set(data) if isinstance(data, dict) else set()
+        raise ValueError(f"{what} is malformed: unknown keys {sorted(found - names)}, missing keys "
+                         f"{sorted(names - found)}; re-export the bundle with `maria export`")
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    file: str
+    inputs: list
+    outputs: list
+
+
+@dataclass(frozen=True)
+class Manifest:
+    schema_version: int
+    dtype: str                     # fp32 | fp16: the dtype of hidden states and the KV cache
+    quantization: str              # none | int8-dynamic
+    opset: int
+    mlm_hidden_size: int
+    ar_hidden_size: int
+    num_hidden_layers: int         # AR layers: one past key and value each
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    max_sequence_length: int       # content tokens per text
+    special_ids: dict              # cls, sep, mask, start, pad
+    graphs: dict                   # name -> GraphSpec
+    tokenizer: str
+    files: dict                    # file name -> sha256
+    source: dict                   # backbones, training settings, library versions
+
+    @property
+    def special(self) -> SpecialIds:
+        return SpecialIds(**self.special_ids)
+
+    def graph(self, name: str) -> GraphSpec:
+        return self.graphs[name]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Manifest":
+        if isinstance(data, dict) and isinstance(data.get("schema_version"), int) \
+                and data["schema_version"] > SCHEMA_VERSION:
+            raise ValueError(f"the bundle has manifest schema {data['schema_version']}, newer than the "
+                             f"{SCHEMA_VERSION} this maria-onnx reads; upgrade maria-onnx")
+        manifest = _from_dict(cls, data, MANIFEST_NAME)
+        graphs = {name: _from_dict(GraphSpec, spec, f"{MANIFEST_NAME} graph '{name}'")
+                  for name, spec in manifest.graphs.items()}
+        if set(graphs) != set(GRAPHS):
+            raise ValueError(f"{MANIFEST_NAME} names graphs {sorted(graphs)}, expected {list(GRAPHS)}")
+        return cls(**{**asdict(manifest), "graphs": graphs})
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / MANIFEST_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def load_manifest(folder, verify: bool = True) -> Manifest:
+    """Reads a bundle's manifest; with verify, checks that every file is there with its recorded sha256."""
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not folder.is_dir():
+        raise FileNotFoundError(f"bundle {folder} does not exist; pass a folder written by `maria export`")
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a complete MARIA bundle: {MANIFEST_NAME} is missing; "
+                                "re-run `maria export`")
+    try:
+        manifest = Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); re-run `maria export`") from None
+    if verify:
+        for name, expected in manifest.files.items():
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"bundle {folder} is incomplete: {name} is missing; re-run `maria export`")
+            if sha256(folder / name) != expected:
+                raise ValueError(f"bundle {folder}: {name} fails its sha256 check (changed or corrupted since "
+                                 "export); re-run `maria export`")
+    return manifest

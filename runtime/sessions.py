@@ -1,0 +1,39 @@
+"""ONNX Runtime sessions: the execution provider chosen once, each graph's session created once per bundle."""
+
+import warnings
+from pathlib import Path
+
+import onnxruntime as ort
+
+DEVICES = ("auto", "cuda", "cpu")
+
+
+def providers_for(device: str) -> list[str]:
+    """auto: CUDA where this onnxruntime has it, else CPU. cuda: CUDA or an error. cpu: CPU."""
+    if device not in DEVICES:
+        raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got '{device}'")
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise ValueError("--device cuda: this onnxruntime has no CUDA execution provider (install onnxruntime-gpu "
+                         "with a CUDA runtime); use --device auto or cpu")
+    return ["CPUExecutionProvider"]
+
+
+def make_session(path: Path, providers: list[str], insist: bool = False) -> ort.InferenceSession:
+    """One session on the first provider that loads. Where CUDA cannot load (no driver, no GPU), falls back to
+    CPU with one warning, or fails if the user insisted on CUDA."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    wanted, got = providers[0], session.get_providers()[0]
+    if wanted != got:
+        if insist:
+            raise ValueError(f"--device cuda: the CUDA execution provider could not start here (ONNX Runtime fell "
+                             f"back to {got}); check the GPU driver and CUDA libraries, or use --device cpu")
+        warnings.warn(f"CUDA could not start here; running on {got} instead", RuntimeWarning, stacklevel=2)
+    return session

@@ -1,0 +1,173 @@
+"""Export: three graphs that agree with PyTorch, a manifest that round-trips, checksums, and clear refusals."""
+
+import json
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from export import bundle as bundle_module
+from export import validate as validate_module
+from export.bundle import export_bundle
+from export.validate import ValidationError
+from maria_onnx.checkpoint import load_maria
+from runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
+from tiny import make_checkpoint
+
+AR_TYPES = ["olmo", "olmo2", "llama"]
+
+
+def session(folder, name):
+    return ort.InferenceSession(str(folder / name), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("ar_type", AR_TYPES)
+def test_validation_report_is_within_tolerance(bundles, ar_type):
+    report = json.loads((bundles[ar_type] / "validation.json").read_text())
+    assert {c["graph"] for c in report["checks"]} == {"mlm", "ar_decoder", "fusion_head"}
+    assert all(c["max_abs_diff"] <= c["tolerance"] <= 1e-3 for c in report["checks"])
+    assert report["end_to_end"]["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("ar_type", AR_TYPES)
+def test_mlm_and_head_graphs_match_pytorch(bundles, checkpoints, ar_type):
+    backbones, head, _ = load_maria(checkpoints[ar_type])
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, backbones.vocab_size, (3, 29))
+    mask = np.ones_like(ids)
+    mask[1, 11:], mask[2, 20:] = 0, 0
+    (got,) = session(bundles[ar_type], "mlm.onnx").run(None, {"input_ids": ids, "attention_mask": mask})
+    with torch.no_grad():
+        want = backbones.mlm_hidden(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    np.testing.assert_allclose(got[mask == 1], want[mask == 1], atol=1e-4)
+    for batch in (1, 3):
+        mlm_hidden = rng.standard_normal((batch, head.mlm_hidden_size)).astype(np.float32)
+        ar_hidden = rng.standard_normal((batch, backbones.ar_hidden_size)).astype(np.float32)
+        (logits,) = session(bundles[ar_type], "fusion_head.onnx").run(
+            None, {"mlm_hidden": mlm_hidden, "ar_hidden": ar_hidden})
+        with torch.no_grad():
+            want = head(torch.from_numpy(mlm_hidden), torch.from_numpy(ar_hidden)).numpy()
+        assert logits.dtype == np.float32 and logits.shape == (batch, backbones.vocab_size)
+        np.testing.assert_allclose(logits, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("ar_type", AR_TYPES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cached_decoder_matches_one_full_pass(bundles, checkpoints, ar_type, batch):
+    """Prefill a chunk from an empty past, then decode tokens one by one; rows padded to other lengths."""
+    backbones, _, _ = load_maria(checkpoints[ar_type])
+    manifest = load_manifest(bundles[ar_type])
+    decoder = session(bundles[ar_type], "ar_decoder.onnx")
+    rng = np.random.default_rng(batch)
+    total, prefill = 12, 7
+    ids = rng.integers(5, backbones.vocab_size, (batch, total))
+    mask = np.ones((batch, total), dtype=np.int64)
+    mask[1:, :2] = 0                          # rows 1.. are left-padded by two: holes in the cache
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    past = {name: np.zeros((batch, manifest.num_key_value_heads, 0, manifest.head_dim), np.float32)
+            for name in manifest.graph("ar_decoder").inputs if name.startswith("past_key_values.")}
+    hidden = []
+    for begin, end in [(0, prefill)] + [(t, t + 1) for t in range(prefill, total)]:
+        outputs = dict(zip([o.name for o in decoder.get_outputs()], decoder.run(None, {
+            "input_ids": ids[:, begin:end], "attention_mask": mask[:, :end],
+            "position_ids": positions[:, begin:end], **past})))
+        past = {name: outputs[name.replace("past_key_values.", "present.")] for name in past}
+        hidden.append(outputs["last_hidden_state"])
+        assert outputs["present.0.key"].shape[2] == end
+    with torch.no_grad():
+        full = backbones.ar.base_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                                       position_ids=torch.from_numpy(positions)).last_hidden_state.numpy()
+    real = mask == 1
+    np.testing.assert_allclose(np.concatenate(hidden, axis=1)[real], full[real], atol=1e-4)
+
+
+def test_manifest_round_trips_and_describes_the_graphs(bundles, checkpoints):
+    folder = bundles["llama"]
+    manifest = load_manifest(folder)
+    assert Manifest.from_dict(json.loads(json.dumps(manifest.to_dict()))) == manifest
+    backbones, _, _ = load_maria(checkpoints["llama"])
+    assert manifest.num_key_value_heads == backbones.ar.config.num_key_value_heads == 2    # grouped-query
+    assert manifest.num_hidden_layers == 2 and manifest.vocab_size == backbones.vocab_size
+    assert manifest.special_ids["mask"] == backbones.mask_token_id
+    for name in ("mlm", "ar_decoder", "fusion_head"):
+        spec = manifest.graph(name)
+        graph = session(folder, spec.file)
+        assert [i.name for i in graph.get_inputs()] == spec.inputs
+        assert [o.name for o in graph.get_outputs()] == spec.outputs
+    assert manifest.graph("ar_decoder").outputs[0] == "last_hidden_state"
+    assert set(manifest.files) == {"mlm.onnx", "ar_decoder.onnx", "fusion_head.onnx", "tokenizer.json",
+                                   "validation.json"}
+    assert set(manifest.source["versions"]) >= {"torch", "transformers", "onnx", "optimum-onnx"}
+
+
+@pytest.mark.parametrize("name", ["mlm.onnx", "ar_decoder.onnx", "fusion_head.onnx", "tokenizer.json",
+                                  "validation.json"])
+def test_a_changed_byte_fails_the_checksum(bundles, tmp_path, name):
+    folder = shutil.copytree(bundles["olmo"], tmp_path / "bundle")
+    data = bytearray((folder / name).read_bytes())
+    data[len(data) // 2] ^= 1
+    (folder / name).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{name} fails its sha256 check"):
+        load_manifest(folder)
+
+
+def test_newer_schema_and_missing_manifest_are_refused(bundles, tmp_path):
+    folder = shutil.copytree(bundles["olmo"], tmp_path / "bundle")
+    data = json.loads((folder / MANIFEST_NAME).read_text())
+    (folder / MANIFEST_NAME).write_text(json.dumps({**data, "schema_version": 99}))
+    with pytest.raises(ValueError, match="schema 99, newer than"):
+        load_manifest(folder)
+    (folder / MANIFEST_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match="maria.json is missing"):
+        load_manifest(folder)
+
+
+@pytest.mark.parametrize("dtype, int8", [("fp16", False), ("fp32", True)])
+def test_reduced_precision_exports_are_judged_by_top1(checkpoints, tmp_path, dtype, int8):
+    manifest = export_bundle(checkpoints["olmo"], tmp_path / "b", dtype=dtype, int8=int8)
+    report = json.loads((tmp_path / "b" / "validation.json").read_text())
+    assert report["variant"] == ("int8" if int8 else "fp16")
+    assert report["end_to_end"]["top1_agreement"] >= report["end_to_end"]["least_top1_agreement"]
+    assert manifest.dtype == dtype and manifest.quantization == ("int8-dynamic" if int8 else "none")
+    (logits,) = session(tmp_path / "b", "fusion_head.onnx").run(None, {
+        "mlm_hidden": np.zeros((1, manifest.mlm_hidden_size), np.float16 if dtype == "fp16" else np.float32),
+        "ar_hidden": np.zeros((1, manifest.ar_hidden_size), np.float16 if dtype == "fp16" else np.float32)})
+    assert logits.dtype == np.float32
+
+
+def test_failed_validation_names_the_graph_and_leaves_nothing(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setitem(validate_module.TOLERANCE, "fp32", (1e-12, 1.0))
+    with pytest.raises(ValidationError, match=r"mlm.onnx output 'hidden_states' differs from PyTorch by"):
+        export_bundle(checkpoints["olmo"], tmp_path / "b")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_inputs_are_refused_before_anything_is_written(checkpoints, pairs, tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a MARIA checkpoint"):
+        export_bundle(tmp_path, tmp_path / "b")
+    moved = shutil.copytree(checkpoints["olmo"], tmp_path / "moved")
+    config = json.loads((moved / "maria_config.json").read_text())
+    (moved / "maria_config.json").write_text(json.dumps({**config, "ar_path": str(tmp_path / "gone")}))
+    with pytest.raises(FileNotFoundError, match="AR backbone folder .*gone.* does not exist"):
+        export_bundle(moved, tmp_path / "b")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PermissionError, match="cannot write the bundle"):
+        export_bundle(checkpoints["olmo"], tmp_path / "file" / "b")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        export_bundle(checkpoints["olmo"], tmp_path / "taken")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "moved", "taken"]
+
+
+def test_unsupported_architecture_is_refused(checkpoints, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    ar = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=300)).save_pretrained(ar)
+    folder = shutil.copytree(checkpoints["olmo"], tmp_path / "ckpt")
+    config = json.loads((folder / "maria_config.json").read_text())
+    (folder / "maria_config.json").write_text(json.dumps({**config, "ar_path": str(ar)}))
+    with pytest.raises(ValueError, match="'gpt2' model; supported AR architectures"):
+        export_bundle(folder, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
