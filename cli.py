@@ -5,7 +5,9 @@ commands so that `maria infill` runs with the runtime's dependencies alone.
 """
 
 import functools
+import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -88,6 +90,87 @@ def export_command(
     from export.bundle import export_bundle
 
     export_bundle(checkpoint, out, dtype=dtype, int8=int8, opset=opset, overwrite=overwrite)
+
+
+def read_texts(texts: list[str], input_file: Optional[str]) -> list[str]:
+    """Texts from the arguments, or from --input: one per line, or JSONL with a "text" field; '-' is stdin."""
+    if texts and input_file:
+        raise ValueError("give texts as arguments or with --input, not both")
+    if not input_file:
+        if not texts:
+            raise ValueError("no text given; pass a text with [MASK] markers, or --input FILE ('-' for stdin)")
+        return texts
+    name = "stdin" if input_file == "-" else input_file
+    try:
+        data = sys.stdin.buffer.read() if input_file == "-" else Path(input_file).read_bytes()
+    except OSError as error:
+        raise ValueError(f"cannot read --input {name}: {error.strerror}") from None
+    try:
+        content = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{name} is not valid UTF-8 (byte {error.start}); convert it to UTF-8") from None
+    lines = [(number, line) for number, line in enumerate(content.splitlines(), 1) if line.strip()]
+    if not input_file.endswith(".jsonl"):
+        return [line for _, line in lines]
+    records = []
+    for number, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{name}:{number} is not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f'{name}:{number} has no string field "text"')
+        records.append(record["text"])
+    return records
+
+
+def show(result, as_json: bool, styled: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps({"input": result.input, "text": result.text, "ids": result.ids,
+                               "masked_positions": result.masked_positions, "fills": result.fills,
+                               "fill_logprobs": result.fill_logprobs, "note": result.note}, ensure_ascii=False))
+    elif styled:
+        typer.echo("".join(typer.style(piece, fg=typer.colors.GREEN, bold=True) if fill else piece
+                           for piece, fill in result.segments))
+    else:
+        typer.echo(result.text)
+
+
+@app.command()
+@one_line_errors
+def infill(
+    texts: list[str] = typer.Argument(None, help="Texts with [MASK] (one token) or [MASK:N] (N tokens) markers."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="A bundle folder written by `maria export`."),
+    input_file: Optional[str] = typer.Option(None, "--input", "-i",
+                                             help="One text per line, or .jsonl with a \"text\" field; - for stdin."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per result (ids, positions, log-probs)."),
+    batch_size: int = typer.Option(8, min=1),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_k: int = typer.Option(0, help="Sample from the k most likely tokens (0 = all)."),
+    top_p: float = typer.Option(1.0, help="Sample from the smallest set with this much probability (1 = all)."),
+    seed: int = typer.Option(0, help="Seed for sampling; the same seed repeats a run."),
+    num_samples: int = typer.Option(1, min=1, help="Results per input."),
+    device: str = typer.Option("auto", help="auto | cuda | cpu"),
+):
+    """Fill the masked tokens of each text with a MARIA bundle (no PyTorch needed)."""
+    from runtime.choose import Sampling
+    from runtime.infiller import Infiller
+
+    if model is None:
+        raise ValueError("no --model given; pass a bundle folder written by `maria export`")
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    texts = read_texts(texts or [], input_file)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        infiller = Infiller(model, device=device)
+    for warning in caught:
+        typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
+    results = infiller.infill(texts, sampling, batch_size=batch_size, num_samples=num_samples)
+    styled = sys.stdout.isatty() and not as_json
+    for number, result in enumerate(results, 1):
+        if result.note and not as_json:
+            typer.echo(f"note: input {(number - 1) // num_samples + 1}: {result.note}", err=True)
+        show(result, as_json, styled)
 
 
 def main():

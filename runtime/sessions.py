@@ -1,5 +1,6 @@
 """ONNX Runtime sessions: the execution provider chosen once, each graph's session created once per bundle."""
 
+import shutil
 import warnings
 from pathlib import Path
 
@@ -8,12 +9,18 @@ import onnxruntime as ort
 DEVICES = ("auto", "cuda", "cpu")
 
 
+def gpu_present() -> bool:
+    """An NVIDIA GPU is installed (its driver's device node or tool is there); says nothing of CUDA libraries."""
+    return Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None
+
+
 def providers_for(device: str) -> list[str]:
-    """auto: CUDA where this onnxruntime has it, else CPU. cuda: CUDA or an error. cpu: CPU."""
+    """auto: CUDA where this onnxruntime has it and a GPU is present, else CPU. cuda: CUDA or an error. cpu: CPU."""
     if device not in DEVICES:
         raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got '{device}'")
+    ort.set_default_logger_severity(3)       # our own one-line warning replaces ORT's provider-loading noise
     available = ort.get_available_providers()
-    if device == "cpu":
+    if device == "cpu" or (device == "auto" and not gpu_present()):
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]

@@ -1,0 +1,85 @@
+"""Bundle -> fills, with onnxruntime, numpy and tokenizers only.
+
+`Infiller` loads a bundle's sessions and tokenizer once; each call runs the shared decode loop over a list of
+texts in batches.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .backend import OnnxBackend
+from .choose import Sampling
+from .decode import Fill, infill, score
+from .manifest import load_manifest
+from .text import MaskedText, encode_masked_text, segments
+
+
+@dataclass
+class Infilled:
+    """One filled text: the filled string, its content ids, where the fills are and how likely each was."""
+    input: str
+    text: str
+    ids: list
+    masked_positions: list
+    fill_logprobs: list
+    fills: list                  # each fill token, decoded
+    segments: list = field(repr=False, default_factory=list)    # (piece, is_fill) runs of text
+    note: str = ""
+
+
+class Infiller:
+    def __init__(self, bundle, device: str = "auto", io_binding: bool | None = None):
+        self.bundle = Path(bundle)
+        self.manifest = load_manifest(self.bundle)
+        self.tokenizer = Tokenizer.from_file(str(self.bundle / self.manifest.tokenizer))
+        self.backend = OnnxBackend(self.bundle, self.manifest, device=device, io_binding=io_binding)
+        self.special = self.manifest.special
+
+    @property
+    def device(self) -> str:
+        return self.backend.device
+
+    def encode(self, text: str) -> MaskedText:
+        return encode_masked_text(text, self.tokenizer, self.special.mask, self.manifest.max_sequence_length)
+
+    def fill_ids(self, ids, masked, sampling: Sampling = Sampling(), batch_size: int = 8) -> list[Fill]:
+        """Fills content ids at masked positions; sequences without masked positions come back unchanged."""
+        self._check_ids(ids, masked)
+        return infill(self.backend, ids, masked, self.special, sampling, batch_size)
+
+    def score(self, ids, masked, batch_size: int = 8) -> list[float]:
+        """Summed negative log-likelihood of the given tokens at the masked positions (teacher forced)."""
+        self._check_ids(ids, masked)
+        return [float(n.sum()) for n in score(self.backend, ids, masked, self.special, batch_size)]
+
+    def infill(self, texts: list[str], sampling: Sampling = Sampling(), batch_size: int = 8,
+               num_samples: int = 1) -> list[Infilled]:
+        """Fills every [MASK] / [MASK:N] of each text; num_samples results per text, in input order."""
+        if batch_size < 1 or num_samples < 1:
+            raise ValueError(f"batch size and number of samples must be at least 1, got {batch_size}, {num_samples}")
+        encoded = [self.encode(text) for text in texts]
+        inputs = [(text, e) for text, e in zip(texts, encoded) for _ in range(num_samples)]
+        fills = self.fill_ids([e.ids for _, e in inputs], [e.masked for _, e in inputs], sampling, batch_size)
+        return [self._result(text, e, fill) for (text, e), fill in zip(inputs, fills)]
+
+    def _result(self, text: str, encoded: MaskedText, fill: Fill) -> Infilled:
+        if not encoded.masked.any():
+            return Infilled(input=text, text=text, ids=encoded.ids.tolist(), masked_positions=[], fill_logprobs=[],
+                            fills=[], segments=[(text, False)], note="no [MASK] in the text; returned unchanged")
+        return Infilled(input=text, text=self.tokenizer.decode(fill.ids.tolist(), skip_special_tokens=False),
+                        ids=fill.ids.tolist(), masked_positions=fill.positions.tolist(),
+                        fill_logprobs=[float(p) for p in fill.logprobs],
+                        fills=[self.tokenizer.decode([int(t)]) for t in fill.ids[fill.positions]],
+                        segments=segments(fill.ids, encoded.masked, self.tokenizer))
+
+    def _check_ids(self, ids, masked) -> None:
+        for row, (x, m) in enumerate(zip(ids, masked)):
+            x = np.asarray(x)
+            if len(x) != len(m) or len(x) > self.manifest.max_sequence_length or len(x) == 0:
+                raise ValueError(f"sequence {row}: {len(x)} ids and {len(m)} mask flags; need equal lengths from 1 "
+                                 f"to {self.manifest.max_sequence_length}")
+            if x.min() < 0 or x.max() >= self.manifest.vocab_size:
+                raise ValueError(f"sequence {row} holds ids outside the vocabulary [0, {self.manifest.vocab_size})")

@@ -1,0 +1,55 @@
+"""Masked text <-> content ids and masked positions.
+
+`[MASK]` asks for one token, `[MASK:N]` for N tokens at that place. With byte-level BPE the space before a word
+belongs to that word's token, so one space before a marker is left to the fill: "The [MASK] statement" is
+tokenized as "The" + <mask> + " statement" and the fill comes back as " raise".
+"""
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+MARKER = re.compile(r"\[MASK(?::(\d+))?\]")
+
+
+@dataclass(frozen=True)
+class MaskedText:
+    ids: np.ndarray          # [n] content ids, the mask id at masked positions
+    masked: np.ndarray       # [n] bool
+
+
+def encode_masked_text(text: str, tokenizer, mask_id: int, max_length: int) -> MaskedText:
+    """Splits on markers, tokenizes the pieces without special tokens and inserts mask ids."""
+    if not text.strip():
+        raise ValueError("the text is empty; give text with [MASK] (one token) or [MASK:N] (N tokens) markers")
+    ids, masked, position = [], [], 0
+    for match in MARKER.finditer(text):
+        count = int(match.group(1)) if match.group(1) is not None else 1
+        if not 1 <= count <= max_length:
+            raise ValueError(f"'{match.group(0)}' asks for {count} tokens; ask for 1 to {max_length} "
+                             "(the bundle's maximum length)")
+        piece = text[position:match.start()]
+        piece = piece[:-1] if piece.endswith(" ") else piece       # that space belongs to the fill
+        ids += tokenizer.encode(piece, add_special_tokens=False).ids if piece else []
+        masked += [False] * (len(ids) - len(masked))
+        ids += [mask_id] * count
+        masked += [True] * count
+        position = match.end()
+    tail = text[position:]
+    ids += tokenizer.encode(tail, add_special_tokens=False).ids if tail else []
+    masked += [False] * (len(ids) - len(masked))
+    if len(ids) > max_length:
+        raise ValueError(f"the text is {len(ids)} tokens long, over the bundle's maximum of {max_length}; "
+                         "shorten it or split it")
+    return MaskedText(np.asarray(ids, dtype=np.int64), np.asarray(masked, dtype=bool))
+
+
+def segments(ids: np.ndarray, masked: np.ndarray, tokenizer) -> list[tuple[str, bool]]:
+    """The filled text as (piece, is_fill) runs, for marking the fills on a terminal."""
+    runs, start = [], 0
+    for end in range(1, len(ids) + 1):
+        if end == len(ids) or masked[end] != masked[start]:
+            runs.append((tokenizer.decode(ids[start:end].tolist(), skip_special_tokens=False), bool(masked[start])))
+            start = end
+    return runs

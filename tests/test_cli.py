@@ -1,0 +1,91 @@
+"""`maria infill` and `maria export` through the CLI: output formats and one-line errors for bad input."""
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+
+runner = CliRunner()
+
+
+def infill(*args, input=None):
+    return runner.invoke(app, ["infill", *map(str, args)], input=input)
+
+
+def test_infill_json_output(bundles):
+    result = infill("The [MASK] is [MASK:2].", "plain text", "--model", bundles["olmo"], "--json")
+    assert result.exit_code == 0, result.output
+    first, second = [json.loads(line) for line in result.stdout.splitlines()]
+    assert first["masked_positions"] and len(first["fills"]) == len(first["fill_logprobs"]) == 3
+    assert all(p < 0 for p in first["fill_logprobs"])
+    assert second["text"] == "plain text" and "unchanged" in second["note"]
+
+
+def test_infill_reads_files_and_stdin(bundles, tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"text": "a [MASK] b"}\n{"text": "c [MASK:2]"}\n')
+    result = infill("--input", tmp_path / "in.jsonl", "--model", bundles["olmo"])
+    assert result.exit_code == 0 and len(result.stdout.splitlines()) == 2
+    result = infill("--input", "-", "--model", bundles["olmo"], "--batch-size", "1", input="x [MASK]\n\ny [MASK]\n")
+    assert result.exit_code == 0 and len(result.stdout.splitlines()) == 2
+
+
+def test_export_then_infill_from_the_cli(checkpoints, tmp_path):
+    result = runner.invoke(app, ["export", str(checkpoints["olmo2"]), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "b" / "maria.json").is_file()
+    result = infill("Fill [MASK] here.", "--model", tmp_path / "b", "--device", "cpu")
+    assert result.exit_code == 0 and result.stdout.startswith("Fill") and result.stdout.rstrip().endswith("here.")
+
+
+def broken(bundles, tmp_path, how):
+    folder = shutil.copytree(bundles["olmo"], tmp_path / "bundle")
+    if how == "incomplete":
+        (folder / "ar_decoder.onnx").unlink()
+    if how == "checksum":
+        data = bytearray((folder / "mlm.onnx").read_bytes())
+        data[100] ^= 1
+        (folder / "mlm.onnx").write_bytes(bytes(data))
+    if how == "newer":
+        manifest = json.loads((folder / "maria.json").read_text())
+        (folder / "maria.json").write_text(json.dumps({**manifest, "schema_version": 7}))
+    return folder
+
+
+@pytest.mark.parametrize("args, message", [
+    (["   "], "the text is empty"),
+    (["word " * 600 + "[MASK]"], "over the bundle's maximum of 510"),
+    (["a [MASK:0] b"], "'[MASK:0]' asks for 0 tokens"),
+    (["a [MASK:100000] b"], "asks for 100000 tokens; ask for 1 to 510"),
+    (["a [MASK]", "--temperature", "-1"], "temperature must be"),
+    (["a [MASK]", "--top-k", "-3"], "top-k must be"),
+    (["a [MASK]", "--top-p", "1.5"], "top-p must be in (0, 1]"),
+    (["a [MASK]", "--device", "tpu"], "--device must be one of"),
+    (["--input", "/no/such/file.txt"], "cannot read --input /no/such/file.txt"),
+    ([], "no text given"),
+])
+def test_bad_infill_input_is_one_clear_line(bundles, args, message):
+    result = infill(*args, "--model", bundles["olmo"])
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("how, message", [
+    ("incomplete", "ar_decoder.onnx is missing"),
+    ("checksum", "mlm.onnx fails its sha256 check"),
+    ("newer", "schema 7, newer than the 1 this maria-onnx reads"),
+])
+def test_bad_bundles_are_refused(bundles, tmp_path, how, message):
+    result = infill("a [MASK]", "--model", broken(bundles, tmp_path, how))
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_missing_bundle_and_bad_utf8(tmp_path, bundles):
+    result = infill("a [MASK]", "--model", tmp_path / "none")
+    assert result.exit_code == 2 and "does not exist" in result.output
+    (tmp_path / "bad.txt").write_bytes(b"ok [MASK]\n\xff\xfe\n")
+    result = infill("--input", tmp_path / "bad.txt", "--model", bundles["olmo"])
+    assert result.exit_code == 2 and "is not valid UTF-8 (byte 10)" in result.output

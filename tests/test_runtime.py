@@ -1,0 +1,129 @@
+"""The PyTorch-free runtime: parity with the PyTorch reference, batching, IO binding, text handling."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from maria_onnx.checkpoint import load_maria
+from maria_onnx.reference import reference_infill, reference_score
+from runtime.choose import Sampling
+from runtime.infiller import Infiller
+from runtime.sessions import gpu_present
+
+ROOT = Path(__file__).parent.parent
+
+
+def random_cases(rng, vocab, count, rates=(0.1, 0.3, 0.5, 0.7, 0.9)):
+    cases = []
+    for index in range(count):
+        length = int(rng.integers(2, 40))
+        masked = rng.random(length) < rates[index % len(rates)]
+        masked[rng.integers(length)] = True
+        cases.append((rng.integers(5, vocab, length), masked))
+    return [c[0] for c in cases], [c[1] for c in cases]
+
+
+@pytest.fixture(scope="module", params=["olmo", "llama"])
+def pair(request, bundles, checkpoints):
+    backbones, head, _ = load_maria(checkpoints[request.param])
+    return Infiller(bundles[request.param], device="cpu"), backbones, head
+
+
+def test_greedy_fills_and_logprobs_match_the_reference(pair):
+    infiller, backbones, head = pair
+    ids, masked = random_cases(np.random.default_rng(0), backbones.vocab_size, 30)
+    want = reference_infill(backbones, head, ids, masked, batch_size=1)
+    for batch_size in (1, 4, 7):
+        got = infiller.fill_ids(ids, masked, batch_size=batch_size)
+        for g, w in zip(got, want):
+            assert np.array_equal(g.ids, w.ids) and np.array_equal(g.positions, w.positions)
+            np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-4)
+    scores = infiller.score([w.ids for w in want], masked, batch_size=4)
+    np.testing.assert_allclose(scores, reference_score(backbones, head, [w.ids for w in want], masked), atol=1e-4)
+    np.testing.assert_allclose(scores, [-w.logprobs.sum() for w in want], atol=1e-4)
+
+
+def test_io_binding_gives_the_same_fills_and_keeps_the_cache_in_ortvalues(pair, bundles):
+    infiller, backbones, _ = pair
+    bound = Infiller(infiller.bundle, device="cpu", io_binding=True)
+    seen = []
+    step = bound.backend.ar_step
+
+    def recording_step(input_ids, attention_mask, position_ids, past):
+        seen.append({type(value) for value in past.values()})
+        return step(input_ids, attention_mask, position_ids, past)
+
+    bound.backend.ar_step = recording_step
+    ids, masked = random_cases(np.random.default_rng(1), backbones.vocab_size, 9)
+    plain, binding = infiller.fill_ids(ids, masked, batch_size=4), bound.fill_ids(ids, masked, batch_size=4)
+    for a, b in zip(plain, binding):
+        assert np.array_equal(a.ids, b.ids)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    first_steps = [types for types in seen if np.ndarray in types]
+    assert len(first_steps) == 3 and all(types == {ort.OrtValue} for types in seen if types not in first_steps)
+
+
+def test_sampling_with_a_seed_repeats(pair):
+    infiller, _, _ = pair
+    text = "The quick [MASK:4] fox is a [MASK] error."
+    sampling = Sampling(temperature=1.5, top_k=50, top_p=0.9, seed=11)
+    first = infiller.infill([text] * 2, sampling, num_samples=3)
+    again = infiller.infill([text] * 2, sampling, num_samples=3)
+    assert [r.ids for r in first] == [r.ids for r in again]
+    assert len({tuple(r.ids) for r in first}) > 1
+    special = set(infiller.special.all)
+    assert not special & {t for r in first for t in np.asarray(r.ids)[r.masked_positions]}
+
+
+def test_masked_text_keeps_the_space_with_the_fill(pair):
+    infiller, _, _ = pair
+    tokenizer, mask = infiller.tokenizer, infiller.special.mask
+    encoded = infiller.encode("The [MASK] statement is [MASK:2].")
+    expected = (tokenizer.encode("The").ids + [mask] + tokenizer.encode(" statement is").ids + [mask, mask]
+                + tokenizer.encode(".").ids)
+    assert encoded.ids.tolist() == expected
+    result = infiller.infill(["The [MASK] statement is [MASK:2]."])[0]
+    assert result.text == "".join(piece for piece, _ in result.segments)
+    assert result.text.startswith("The") and result.text.endswith(".") and " statement is" in result.text
+    assert len(result.fills) == 3 and len(result.fill_logprobs) == 3
+
+
+def test_text_without_mask_comes_back_with_a_note(pair):
+    infiller, _, _ = pair
+    result = infiller.infill(["nothing to fill here"])[0]
+    assert result.text == "nothing to fill here" and "no [MASK]" in result.note
+
+
+def test_runtime_runs_with_torch_transformers_and_optimum_unimportable(bundles, tmp_path):
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text(
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'transformers', 'optimum'):\n"
+        "            raise ImportError(f'{name} is blocked in this test')\n"
+        "sys.meta_path.insert(0, Block())\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    code = ("import sys; from cli import app; "
+            f"app(['infill', '--model', {str(bundles['olmo'])!r}, '--json', 'A [MASK:2] of [MASK].'])")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert '"masked_positions"' in run.stdout
+    check = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert "blocked in this test" in check.stderr       # the blocker really blocks
+
+
+@pytest.mark.skipif(not (gpu_present() and "CUDAExecutionProvider" in ort.get_available_providers()),
+                    reason="needs an NVIDIA GPU and onnxruntime-gpu's CUDA execution provider")
+def test_cuda_io_binding_fills_like_cpu(bundles):
+    cpu, cuda = Infiller(bundles["llama"], device="cpu"), Infiller(bundles["llama"], device="cuda")
+    assert cuda.device == "cuda" and cuda.backend.io_binding
+    ids, masked = random_cases(np.random.default_rng(3), cpu.manifest.vocab_size, 12)
+    for a, b in zip(cpu.fill_ids(ids, masked, batch_size=4), cuda.fill_ids(ids, masked, batch_size=4)):
+        assert np.array_equal(a.ids, b.ids)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-3)
