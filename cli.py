@@ -92,6 +92,17 @@ def export_command(
     export_bundle(checkpoint, out, dtype=dtype, int8=int8, opset=opset, overwrite=overwrite)
 
 
+def resolve_model(model: Optional[Path]) -> Path:
+    """The given bundle, or the default model shipped inside the package."""
+    if model is not None:
+        return model
+    from runtime.default_model import DEFAULT_MODEL
+    if not (DEFAULT_MODEL / "maria.json").is_file():
+        raise ValueError("no --model given and this install has no default model; pass a bundle folder "
+                         "written by `maria export`")
+    return DEFAULT_MODEL
+
+
 def read_texts(texts: list[str], input_file: Optional[str]) -> list[str]:
     """Texts from the arguments, or from --input: one per line, or JSONL with a "text" field; '-' is stdin."""
     if texts and input_file:
@@ -156,8 +167,7 @@ def infill(
     from runtime.choose import Sampling
     from runtime.infiller import Infiller
 
-    if model is None:
-        raise ValueError("no --model given; pass a bundle folder written by `maria export`")
+    model = resolve_model(model)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     texts = read_texts(texts or [], input_file)
     with warnings.catch_warnings(record=True) as caught:
@@ -171,6 +181,77 @@ def infill(
         if result.note and not as_json:
             typer.echo(f"note: input {(number - 1) // num_samples + 1}: {result.note}", err=True)
         show(result, as_json, styled)
+
+
+def int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated integers, got '{text}'") from None
+
+
+@app.command()
+@one_line_errors
+def bench(
+    out: Path = typer.Option(Path("bench-results"), help="Folder for bench.json, bench.png (and exported bundles)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="A trained checkpoint (`maria train --out`)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Its bundle; exported into --out if omitted."),
+    shapes: Optional[str] = typer.Option(None, help="Random weights instead: 'default', 'paper' "
+                                                    "(ModernBERT-large + OLMo-1B) or a JSON file of two configs."),
+    dtype: str = typer.Option("fp32", help="fp32 | fp16 (bundle export and PyTorch on CUDA)."),
+    lengths: str = typer.Option("64,128,256,512,1024", help="Input lengths in tokens."),
+    batch_sizes: str = typer.Option("1,8"),
+    mask_rate: float = typer.Option(0.5),
+    repeats: int = typer.Option(3, min=1),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto | cuda | cpu"),
+    mlm_ar: bool = typer.Option(True, help="Include the autoregressive-MLM baseline (quadratic)."),
+):
+    """Infilling throughput against input length: ONNX runtime, PyTorch reference, MLM decoded autoregressively."""
+    from maria_onnx.bench import bench as run_bench
+
+    run_bench(out, checkpoint=checkpoint, bundle=model, shapes=shapes, dtype=dtype,
+              lengths=int_list(lengths, "--lengths"), batch_sizes=int_list(batch_sizes, "--batch-sizes"),
+              mask_rate=mask_rate, repeats=repeats, seed=seed, device=device, mlm_ar=mlm_ar)
+
+
+@app.command("eval")
+@one_line_errors
+def eval_command(
+    text_file: Path = typer.Argument(..., help="UTF-8 text to mask, one document per line."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="A bundle; default: the shipped model."),
+    backbones_from: Optional[Path] = typer.Option(None, help="Checkpoint whose backbones give the baselines."),
+    mask_rate: float = typer.Option(0.5),
+    span: bool = typer.Option(False, help="Mask spans (mean length 4) instead of single tokens."),
+    seq_len: int = typer.Option(128, help="Tokens per evaluation window."),
+    windows: int = typer.Option(64, min=1, help="At most this many windows."),
+    seed: int = typer.Option(0),
+    batch_size: int = typer.Option(16, min=1),
+    as_json: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON here."),
+    device: str = typer.Option("auto", help="auto | cuda | cpu"),
+):
+    """Masked-token perplexity and greedy top-1 accuracy: MARIA (ONNX) and, with the train extra, the baselines."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from runtime.evaluate import evaluate
+    from runtime.infiller import Infiller
+
+    report = evaluate(text_file, Infiller(resolve_model(model), device=device), mask_rate=mask_rate, span=span,
+                      seq_len=seq_len, windows=windows, seed=seed, batch_size=batch_size,
+                      backbones_from=backbones_from)
+    table = Table(title=f"{report['windows']} windows of {seq_len} tokens, mask rate {mask_rate}"
+                        f"{' (spans)' if span else ''}, seed {seed}")
+    for column in ("system", "perplexity", "top-1 accuracy", "masked tokens"):
+        table.add_column(column, justify="right")
+    for row in report["rows"]:
+        table.add_row(row["system"], f"{row['perplexity']:.3f}", f"{row['top1_accuracy']:.3f}",
+                      str(row["masked_tokens"]))
+    Console().print(table)
+    if report["note"]:
+        typer.echo(f"note: {report['note']}", err=True)
+    if as_json:
+        as_json.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def main():

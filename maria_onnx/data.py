@@ -1,4 +1,4 @@
-"""Training text: local files -> documents -> token ids packed into fixed-length windows -> random masks."""
+"""Training text: local files -> documents (packed into windows by runtime.text.pack_windows) -> random masks."""
 
 import json
 from pathlib import Path
@@ -52,19 +52,6 @@ def read_documents(path, text_field: str = "text", line_documents: bool = False)
     if not documents:
         raise ValueError(f"{path} holds no text")
     return documents
-
-
-def pack_windows(documents: list[str], tokenizer, seq_len: int, separator_id: int) -> np.ndarray:
-    """Tokenizes documents (no special tokens), joins them with separator_id and cuts [windows, seq_len]."""
-    ids = []
-    for document in documents:
-        ids.extend(tokenizer.encode(document, add_special_tokens=False))
-        ids.append(separator_id)
-    count = len(ids) // seq_len
-    if count == 0:
-        raise ValueError(f"the data holds {len(ids)} tokens, fewer than one window of --seq-len {seq_len}; "
-                         "add text or lower --seq-len")
-    return np.asarray(ids[: count * seq_len], dtype=np.int64).reshape(count, seq_len)
 
 
 def random_masks(rng: np.random.Generator, batch: int, seq_len: int, rate_min: float, rate_max: float) -> np.ndarray:

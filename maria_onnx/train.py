@@ -20,7 +20,9 @@ from transformers import get_cosine_schedule_with_warmup
 from .backbones import load_backbones
 from .checkpoint import maria_config, save_checkpoint
 from .config import MariaConfig, TrainConfig
-from .data import pack_windows, random_masks, read_documents, split_windows
+from runtime.text import pack_windows, plain_encoder
+
+from .data import random_masks, read_documents, split_windows
 from .model import FusionHead, masked_nll, teacher_forced_hidden
 
 STATE_DIR = "train_state"
@@ -30,7 +32,7 @@ FREE_ON_RESUME = {"steps", "eval_every", "eval_batches", "save_every"}   # setti
 
 def _windows(backbones, config: TrainConfig, data, eval_data):
     read = lambda path: read_documents(path, config.text_field, config.line_documents)
-    pack = lambda docs: pack_windows(docs, backbones.tokenizer, config.seq_len, backbones.start_token_id)
+    pack = lambda docs: pack_windows(docs, plain_encoder(backbones.tokenizer), config.seq_len, backbones.start_token_id)
     train = pack(read(data))
     if eval_data is not None:
         return train, pack(read(eval_data))

@@ -53,3 +53,24 @@ def segments(ids: np.ndarray, masked: np.ndarray, tokenizer) -> list[tuple[str, 
             runs.append((tokenizer.decode(ids[start:end].tolist(), skip_special_tokens=False), bool(masked[start])))
             start = end
     return runs
+
+
+def plain_encoder(tokenizer):
+    """text -> content ids (no special tokens), for a `tokenizers.Tokenizer` or a transformers tokenizer."""
+    if hasattr(tokenizer, "backend_tokenizer"):
+        tokenizer = tokenizer.backend_tokenizer
+    return lambda text: tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def pack_windows(documents: list[str], encode, seq_len: int, separator_id: int) -> np.ndarray:
+    """Tokenizes documents with encode (text -> ids, no special tokens), joins them with separator_id and cuts
+    [windows, seq_len]."""
+    ids = []
+    for document in documents:
+        ids.extend(encode(document))
+        ids.append(separator_id)
+    count = len(ids) // seq_len
+    if count == 0:
+        raise ValueError(f"the text holds {len(ids)} tokens, fewer than one window of {seq_len}; "
+                         "add text or use a shorter sequence length")
+    return np.asarray(ids[: count * seq_len], dtype=np.int64).reshape(count, seq_len)

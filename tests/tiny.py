@@ -4,11 +4,10 @@ import random
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, LlamaConfig, ModernBertConfig, ModernBertForMaskedLM, OlmoConfig,
-                          Olmo2Config, PreTrainedTokenizerFast)
+                          Olmo2Config)
 
-SPECIAL = ["<|endoftext|>", "[PAD]", "[CLS]", "[SEP]", "[MASK]"]
+from maria_onnx.pretrain import save_tokenizer, train_tokenizer
 WORDS = ("the a an of to in is was for on with as by at from raise return import class function value list "
          "error exception statement module string number loop file object method name type data python code "
          "call run use used make new old first last each every other some many small large quick brown fox").split()
@@ -20,24 +19,7 @@ def corpus(count: int, seed: int = 0) -> list[str]:
 
 
 def tokenizer_file(folder: Path, seed: int = 0, vocab_size: int = 300) -> Path:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(corpus(400, seed), trainer)
-    path = Path(folder) / "tokenizer.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(path))
-    return path
-
-
-def save_tokenizer(tokenizer_json: Path, folder: Path, role: str) -> PreTrainedTokenizerFast:
-    roles = dict(mlm=dict(cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", pad_token="[PAD]"),
-                 ar=dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="[PAD]"))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), **roles[role])
-    tokenizer.save_pretrained(folder)
-    return tokenizer
+    return train_tokenizer(corpus(400, seed), vocab_size, Path(folder) / "tokenizer.json")
 
 
 def ar_config(ar_type: str, vocab_size: int, eos: int, pad: int):

@@ -1,0 +1,193 @@
+"""`maria bench`: infilling throughput against input length, every system on the same weights and masked inputs,
+in one process, repetitions interleaved after a warm-up (the paper's Figure 3, at a 0.5 masking rate).
+
+Systems:
+    onnx-cpu / onnx-cuda   the runtime (IO binding on CUDA)
+    pytorch                the PyTorch reference: eager, with the AR's KV cache
+    mlm-ar                 the MLM decoded autoregressively: left to right, the MLM re-run after every fill
+"""
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from runtime.choose import Sampling
+from runtime.decode import SpecialIds, encode_masked
+from runtime.evaluate import draw_masks
+from runtime.infiller import Infiller
+from runtime.manifest import load_manifest
+from runtime.sessions import gpu_present
+
+from .checkpoint import load_maria
+from .reference import TorchBackend, reference_infill, special_ids
+
+
+def mlm_autoregressive(backend: TorchBackend, ids, masked, special: SpecialIds) -> list[np.ndarray]:
+    """One batch: at each step every sequence fills its next masked position from a fresh MLM pass."""
+    current, remaining = [x.copy() for x in ids], [m.copy() for m in masked]
+    targets = [np.flatnonzero(m) for m in masked]
+    decoder, vocab = backend.backbones.mlm_decoder(), backend.backbones.vocab_size
+    for step in range(max(len(t) for t in targets)):
+        hidden = encode_masked(backend, current, remaining, special)          # [batch, n + 2, d_mlm]
+        rows = [row for row, t in enumerate(targets) if step < len(t)]
+        positions = [targets[row][step] for row in rows]
+        with torch.no_grad():
+            logits = decoder(backend._tensor(hidden[rows, np.array(positions) + 1]))[:, :vocab].float()
+        logits[:, special.all] = -float("inf")
+        for row, position, token in zip(rows, positions, logits.argmax(-1).cpu().numpy()):
+            current[row][position], remaining[row][position] = token, False
+    return current
+
+
+def _systems(bundle: Path, checkpoint: Path, device: str, mlm_ar: bool, dtype: str) -> dict:
+    """name -> fill(ids, masked) for one batch."""
+    torch_device = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+    torch_dtype = torch.float16 if dtype == "fp16" and torch_device == "cuda" else torch.float32
+    backbones, head, _ = load_maria(checkpoint, device=torch_device, dtype=torch_dtype)
+    special, backend = special_ids(backbones), TorchBackend(backbones, head)
+    systems = {}
+    onnx_devices = ["cpu"] if device == "cpu" else (["cuda"] if device == "cuda" else
+                                                    (["cpu", "cuda"] if gpu_present() else ["cpu"]))
+    for onnx_device in onnx_devices:
+        infiller = Infiller(bundle, device=onnx_device)
+        systems[f"onnx-{infiller.device}"] = (
+            lambda ids, masked, infiller=infiller: infiller.fill_ids(ids, masked, batch_size=len(ids)))
+    systems["pytorch"] = lambda ids, masked: reference_infill(backbones, head, ids, masked, Sampling(), len(ids))
+    if mlm_ar:
+        systems["mlm-ar"] = lambda ids, masked: mlm_autoregressive(backend, ids, masked, special)
+    return systems, torch_device
+
+
+def _inputs(length: int, batch: int, vocab: int, mask_rate: float, seed: int):
+    rng = np.random.default_rng([seed, length, batch])
+    ids = [rng.integers(6, vocab, length) for _ in range(batch)]
+    return ids, draw_masks(ids, mask_rate, seed)
+
+
+def measure(systems: dict, lengths, batch_sizes, vocab: int, mask_rate: float, repeats: int, seed: int,
+            console: Console) -> list[dict]:
+    """Interleaved repetitions after one warm-up call per system and shape; medians with min and max."""
+    results = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("bench", total=len(lengths) * len(batch_sizes) * (repeats + 1) * len(systems))
+        for length in lengths:
+            for batch in batch_sizes:
+                ids, masked = _inputs(length, batch, vocab, mask_rate, seed)
+                times = {name: [] for name in systems}
+                for repeat in range(repeats + 1):             # repeat 0 is the warm-up
+                    for name, fill in systems.items():
+                        progress.update(task, description=f"length {length}, batch {batch}: {name}")
+                        began = time.perf_counter()
+                        fill(ids, masked)
+                        if repeat:
+                            times[name].append(time.perf_counter() - began)
+                        progress.advance(task)
+                filled = int(sum(m.sum() for m in masked))
+                for name, seconds in times.items():
+                    median = statistics.median(seconds)
+                    results.append({"system": name, "length": length, "batch": batch, "filled_tokens": filled,
+                                    "seconds_median": median, "seconds_min": min(seconds),
+                                    "seconds_max": max(seconds), "tokens_per_s": length * batch / median,
+                                    "filled_tokens_per_s": filled / median, "ms_per_filled_token":
+                                    1000 * median / filled})
+    return results
+
+
+def _ratios(results: list[dict]) -> None:
+    for row in results:
+        onnx = [r for r in results if r["system"].startswith("onnx") and r["length"] == row["length"]
+                and r["batch"] == row["batch"]]
+        best = max(onnx, key=lambda r: r["tokens_per_s"]) if onnx else None
+        row["vs_onnx"] = row["tokens_per_s"] / best["tokens_per_s"] if best else None
+
+
+def table(results: list[dict]) -> Table:
+    out = Table(title="MARIA infilling throughput (median of the repetitions)")
+    for column in ("batch", "length", "system", "tokens/s", "ms/fill", "spread", "x onnx"):
+        out.add_column(column, justify="right")
+    for r in sorted(results, key=lambda r: (r["batch"], r["length"])):
+        spread = (r["seconds_max"] - r["seconds_min"]) / r["seconds_median"]
+        out.add_row(str(r["batch"]), str(r["length"]), r["system"], f"{r['tokens_per_s']:.0f}",
+                    f"{r['ms_per_filled_token']:.3f}", f"{100 * spread:.0f}%", f"{r['vs_onnx']:.2f}")
+    return out
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for system in dict.fromkeys(r["system"] for r in results):
+        for batch in sorted({r["batch"] for r in results}):
+            rows = sorted((r for r in results if r["system"] == system and r["batch"] == batch),
+                          key=lambda r: r["length"])
+            axis.plot([r["length"] for r in rows], [r["tokens_per_s"] for r in rows], marker="o",
+                      label=f"{system}, batch {batch}")
+    axis.set(xscale="log", yscale="log", xlabel="input length (tokens)", ylabel="tokens / s", title=title)
+    axis.set_xticks(sorted({r["length"] for r in results}), labels=[str(x) for x in sorted({r["length"] for r in
+                                                                                             results})])
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def prepare(out: Path, checkpoint=None, bundle=None, shapes=None, dtype: str = "fp32", console=None):
+    """The (checkpoint, bundle) to bench: a trained checkpoint, or random backbones of the named shapes; a bundle
+    is exported from the checkpoint unless one is given."""
+    from export.bundle import export_bundle
+
+    from .shapes import load_shapes, random_checkpoint
+    if (checkpoint is None) == (shapes is None):
+        raise ValueError("give either --checkpoint (trained weights) or --shapes (random weights), not both")
+    if shapes is not None:
+        console.print(f"building random backbones with the '{shapes}' shapes")
+        checkpoint = random_checkpoint(load_shapes(shapes), out / "model")
+    if bundle is None:
+        bundle = out / f"bundle-{dtype}"
+        export_bundle(checkpoint, bundle, dtype=dtype, overwrite=True, console=console)
+    return Path(checkpoint), Path(bundle)
+
+
+def bench(out: Path, checkpoint=None, bundle=None, shapes=None, dtype: str = "fp32",
+          lengths=(64, 128, 256, 512, 1024), batch_sizes=(1, 8), mask_rate: float = 0.5, repeats: int = 3,
+          seed: int = 0, device: str = "auto", mlm_ar: bool = True, console: Console | None = None) -> dict:
+    """Runs every system on every (length, batch); writes out/bench.json and out/bench.png; returns the report."""
+    console = console or Console(stderr=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not 0 < mask_rate <= 1 or repeats < 1 or not lengths or not batch_sizes or min(lengths) < 2:
+        raise ValueError("need a mask rate in (0, 1], at least one repeat, lengths >= 2 and batch sizes")
+    checkpoint, bundle = prepare(out, checkpoint, bundle, shapes, dtype, console)
+    manifest = load_manifest(bundle)
+    too_long = [n for n in lengths if n > manifest.max_sequence_length]
+    if too_long:
+        raise ValueError(f"lengths {too_long} exceed the bundle's maximum of {manifest.max_sequence_length}")
+    systems, torch_device = _systems(bundle, checkpoint, device, mlm_ar, dtype)
+    results = measure(systems, lengths, batch_sizes, manifest.vocab_size, mask_rate, repeats, seed, console)
+    _ratios(results)
+    report = {"bundle": str(bundle), "checkpoint": str(checkpoint), "shapes": shapes, "dtype": manifest.dtype,
+              "mask_rate": mask_rate, "repeats": repeats, "seed": seed, "torch_device": torch_device,
+              "machine": machine(), "results": results}
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(results, out / "bench.png", f"MARIA infilling, mask rate {mask_rate}")
+    console.print(table(results))
+    console.print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    return report

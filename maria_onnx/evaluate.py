@@ -1,0 +1,60 @@
+"""The baselines' side of `maria eval` (PyTorch), on the same masks as MARIA's (runtime/evaluate.py).
+
+Each baseline is a fusion head with one half switched off, so every system runs the same scorer and decode loop:
+    AR alone   W = [0 ; W_ar],          b = b_ar     p(x_i | x_<i): left context only
+    MLM alone  W = [W_mlm ; 0],         b = b_mlm    one MLM pass, masks predicted independently
+    PoE init   W = [W_mlm/2 ; W_ar/2],  b = (b_mlm + b_ar)/2   MARIA's head before training
+"""
+
+import torch
+
+from runtime.choose import Sampling
+from runtime.evaluate import quality_row
+
+from .backbones import Backbones
+from .model import FusionHead
+from .reference import reference_infill, reference_score
+
+BASELINES = ("AR alone", "MLM alone", "PoE init")
+
+
+def baseline_heads(backbones: Backbones) -> dict[str, FusionHead]:
+    poe = FusionHead.product_of_experts(backbones)
+    d_mlm = backbones.mlm_hidden_size
+    heads = {"PoE init": poe}
+    for name, keep in (("AR alone", slice(d_mlm, None)), ("MLM alone", slice(0, d_mlm))):
+        head = FusionHead(d_mlm, backbones.ar_hidden_size, backbones.vocab_size)
+        with torch.no_grad():
+            head.linear.weight.zero_()
+            head.linear.weight[:, keep] = 2 * poe.linear.weight[:, keep]
+            bias = backbones.mlm_decoder().bias if name == "MLM alone" else None
+            head.linear.bias.copy_(bias[: backbones.vocab_size] if bias is not None else
+                                   torch.zeros(backbones.vocab_size))
+        heads[name] = head.eval()
+    return heads
+
+
+def evaluate_baselines(backbones: Backbones, windows, masks, batch_size: int = 16) -> list[dict]:
+    rows = []
+    for name, head in baseline_heads(backbones).items():
+        nll = reference_score(backbones, head, list(windows), masks, batch_size=batch_size)
+        fills = reference_infill(backbones, head, list(windows), masks, Sampling(), batch_size=batch_size)
+        rows.append(quality_row(name, nll, windows, masks, fills))
+    return rows
+
+
+def load_baseline_backbones(manifest, backbones_from=None):
+    """The backbones for the baselines: from a checkpoint folder, else the folders the bundle was exported from.
+    Returns (backbones or None, a note saying why there are none)."""
+    from pathlib import Path
+
+    from .backbones import load_backbones
+    from .config import MariaConfig
+    if backbones_from is not None:
+        config = MariaConfig.load(backbones_from)
+        return load_backbones(config.mlm_path, config.ar_path), ""
+    mlm, ar = manifest.source.get("mlm_path"), manifest.source.get("ar_path")
+    if mlm and ar and Path(mlm).is_dir() and Path(ar).is_dir():
+        return load_backbones(mlm, ar), ""
+    return None, ("the bundle's backbone folders are not on this machine; pass --backbones-from CHECKPOINT "
+                  "for the baselines; MARIA only")

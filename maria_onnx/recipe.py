@@ -1,0 +1,160 @@
+"""The default model, reproducibly, in one command:
+
+    python -m maria_onnx.recipe --work runs/default [--install]
+
+corpus (Python 3.11 docs, split by document) -> BPE tokenizer -> ModernBERT MLM and OLMo AR from scratch
+-> MARIA head (`maria train`) -> bundle (`maria export`) -> quality table on the held-out test documents.
+Each stage writes its output under --work and is skipped when that output is already there, so an interrupted
+run continues. --install copies the bundle and its quality table into runtime/default_model/.
+"""
+
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from export.bundle import export_bundle
+from runtime.default_model import DEFAULT_MODEL
+from runtime.evaluate import draw_masks, evaluate_maria
+from runtime.infiller import Infiller
+
+from .backbones import load_backbones
+from .config import TrainConfig
+from .corpus import build_corpus, download_python_docs
+from runtime.text import pack_windows, plain_encoder
+
+from .data import read_documents
+from .evaluate import evaluate_baselines
+from .pretrain import ar_batch, ar_model, mlm_batch, mlm_model, pretrain, save_tokenizer, train_tokenizer
+from .train import train
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    layers: int = 4
+    heads: int = 4
+    intermediate_size: int = 512
+    max_positions: int = 2048        # RoPE in both: the bundle accepts texts up to 2046 tokens
+    seq_len: int = 128
+    batch_size: int = 32
+    mlm_steps: int = 1600
+    ar_steps: int = 1600
+    learning_rate: float = 1e-3
+    mlm_mask_rate: float = 0.3
+    head_steps: int = 1200
+    head_batch_size: int = 16
+    head_learning_rate: float = 5e-4
+    eval_windows: int = 128
+    eval_rates: tuple = (0.15, 0.5, 0.9)
+    seed: int = 0
+
+
+QUICK = dict(vocab_size=512, hidden_size=32, layers=2, intermediate_size=64, mlm_steps=20, ar_steps=20,
+             head_steps=10, eval_windows=8, batch_size=8)
+
+
+def run(work: Path, recipe: Recipe, log=print) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    timings_path = work / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+
+    def stage(name, body):
+        done = work / f".done-{name}"
+        if done.exists():
+            log(f"[{name}] already done ({timings.get(name, 0):.0f}s)")
+            return
+        log(f"[{name}]")
+        began = time.perf_counter()
+        body()
+        timings[name] = time.perf_counter() - began
+        timings_path.write_text(json.dumps(timings, indent=2))
+        done.touch()
+
+    corpus = work / "corpus"
+    stage("corpus", lambda: log(f"  documents: {build_corpus(download_python_docs(work / 'debian'), corpus)}"))
+    stage("tokenizer", lambda: train_tokenizer(read_documents(corpus / "train"), recipe.vocab_size,
+                                               work / "tokenizer.json"))
+    size = dict(hidden_size=recipe.hidden_size, layers=recipe.layers, heads=recipe.heads,
+                intermediate_size=recipe.intermediate_size, max_positions=recipe.max_positions)
+
+    def backbone(kind: str):
+        tokenizer = save_tokenizer(work / "tokenizer.json", work / kind, kind)
+        separator = tokenizer.sep_token_id if kind == "mlm" else tokenizer.eos_token_id
+        windows, eval_windows = (pack_windows(read_documents(corpus / split), plain_encoder(tokenizer), recipe.seq_len,
+                                              separator)
+                                 for split in ("train", "validation"))
+        torch.manual_seed(recipe.seed)
+        model = (mlm_model if kind == "mlm" else ar_model)(tokenizer, **size)
+        make_batch = ((lambda w, r: mlm_batch(w, r, tokenizer, recipe.mlm_mask_rate)) if kind == "mlm"
+                      else (lambda w, r: ar_batch(w, tokenizer)))
+        steps = recipe.mlm_steps if kind == "mlm" else recipe.ar_steps
+        log(f"  {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {steps} steps of "
+            f"{recipe.batch_size}x{recipe.seq_len} tokens ({len(windows)} training windows)")
+        metrics = pretrain(model, make_batch, windows, eval_windows, steps, recipe.batch_size,
+                           recipe.learning_rate, recipe.seed, log)
+        model.save_pretrained(work / kind)
+        (work / kind / "pretrain.json").write_text(json.dumps(metrics, indent=2))
+
+    stage("mlm", lambda: backbone("mlm"))
+    stage("ar", lambda: backbone("ar"))
+    stage("head", lambda: train(work / "mlm", work / "ar", corpus / "train", work / "maria", TrainConfig(
+        steps=recipe.head_steps, seq_len=recipe.seq_len, batch_size=recipe.head_batch_size,
+        learning_rate=recipe.head_learning_rate, warmup_steps=max(1, recipe.head_steps // 20),
+        eval_every=max(1, recipe.head_steps // 4), save_every=max(1, recipe.head_steps // 4), seed=recipe.seed),
+        eval_data=corpus / "validation", device="cpu"))
+    stage("export", lambda: [export_bundle(work / "maria", work / name, int8=name.endswith("int8"), overwrite=True)
+                             for name in ("bundle", "bundle-int8")])
+    stage("quality", lambda: (work / "quality.json").write_text(json.dumps(quality(work, recipe, log), indent=2)))
+    return {"timings": timings, "recipe": dataclasses.asdict(recipe)}
+
+
+def quality(work: Path, recipe: Recipe, log=print) -> dict:
+    """The model card's table: every system on the same masks of the held-out test documents."""
+    backbones = load_backbones(work / "mlm", work / "ar")
+    windows = pack_windows(read_documents(work / "corpus" / "test"), plain_encoder(backbones.tokenizer), recipe.seq_len,
+                           backbones.start_token_id)[: recipe.eval_windows]
+    infillers = {"MARIA": Infiller(work / "bundle", device="cpu"),
+                 "MARIA int8": Infiller(work / "bundle-int8", device="cpu")}
+    table = {"windows": int(len(windows)), "seq_len": recipe.seq_len, "rates": {}}
+    for rate in recipe.eval_rates:
+        masks = draw_masks(windows, rate, seed=recipe.seed)
+        rows = evaluate_baselines(backbones, windows, masks)
+        for name, infiller in infillers.items():
+            rows.append({**evaluate_maria(infiller, windows, masks), "system": name})
+        table["rates"][str(rate)] = rows
+        log(f"  mask rate {rate}: " + ", ".join(f"{r['system']} {r['perplexity']:.2f}" for r in rows))
+    return table
+
+
+def install(work: Path, target: Path = DEFAULT_MODEL) -> None:
+    """Copies the bundle, its quality table and the recipe's timings into the package (beside its __init__.py)."""
+    for old in target.iterdir():
+        if old.is_file() and old.name != "__init__.py":
+            old.unlink()
+    for new in [*(work / "bundle").iterdir(), work / "quality.json", work / "timings.json"]:
+        shutil.copy(new, target / new.name)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True, help="folder for every stage's output")
+    parser.add_argument("--install", action="store_true", help="copy the bundle into runtime/default_model/")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps, to check the recipe runs")
+    args = parser.parse_args()
+    recipe = Recipe(**QUICK) if args.quick else Recipe()
+    summary = run(args.work, recipe)
+    print(json.dumps(summary["timings"], indent=2))
+    if args.install:
+        install(args.work)
+        print(f"installed {args.work / 'bundle'} as {DEFAULT_MODEL}")
+
+
+if __name__ == "__main__":
+    main()

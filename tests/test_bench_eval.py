@@ -1,0 +1,105 @@
+"""`maria bench` and `maria eval` end to end on tiny models, and the baselines against direct PyTorch."""
+
+import json
+import math
+
+import numpy as np
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+from maria_onnx.bench import mlm_autoregressive
+from maria_onnx.checkpoint import load_maria
+from maria_onnx.evaluate import baseline_heads, evaluate_baselines
+from maria_onnx.model import mlm_input_ids
+from maria_onnx.reference import TorchBackend, special_ids
+from runtime.evaluate import draw_masks, text_windows
+from runtime.infiller import Infiller
+from tiny import corpus
+
+runner = CliRunner()
+
+
+def test_bench_writes_json_and_png(checkpoints, bundles, tmp_path):
+    result = runner.invoke(app, ["bench", "--checkpoint", str(checkpoints["olmo"]), "--model", str(bundles["olmo"]),
+                                 "--out", str(tmp_path), "--lengths", "8,24", "--batch-sizes", "1,2",
+                                 "--repeats", "1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bench.json").read_text())
+    systems = {(r["system"], r["length"], r["batch"]) for r in report["results"]}
+    assert systems == {(s, n, b) for s in ("onnx-cpu", "pytorch", "mlm-ar") for n in (8, 24) for b in (1, 2)}
+    assert all(r["tokens_per_s"] > 0 and r["seconds_min"] <= r["seconds_median"] <= r["seconds_max"]
+               for r in report["results"])
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_on_random_shapes_from_a_config_file(tmp_path):
+    shapes = {"mlm": dict(model_type="modernbert", vocab_size=64, hidden_size=16, intermediate_size=32,
+                          num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64,
+                          pad_token_id=1, cls_token_id=2, sep_token_id=3, mask_token_id=4, bos_token_id=2,
+                          eos_token_id=3),
+              "ar": dict(model_type="llama", vocab_size=64, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=0)}
+    (tmp_path / "shapes.json").write_text(json.dumps(shapes))
+    result = runner.invoke(app, ["bench", "--shapes", str(tmp_path / "shapes.json"), "--out", str(tmp_path / "o"),
+                                 "--lengths", "8", "--batch-sizes", "2", "--repeats", "1", "--no-mlm-ar"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "o" / "bench.json").read_text())
+    assert {r["system"] for r in report["results"]} == {"onnx-cpu", "pytorch"}
+    result = runner.invoke(app, ["bench", "--shapes", "nowhere.json", "--out", str(tmp_path / "p")])
+    assert result.exit_code == 2 and "not 'paper', 'default' or a JSON file" in result.output
+
+
+def test_mlm_autoregressive_fills_with_the_mlm_alone(checkpoints):
+    backbones, head, _ = load_maria(checkpoints["olmo"])
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(6, backbones.vocab_size, 10)]
+    masked = [np.zeros(10, dtype=bool)]
+    masked[0][[2, 7]] = True
+    filled = mlm_autoregressive(TorchBackend(backbones, head), ids, masked, special_ids(backbones))[0]
+    assert np.array_equal(filled[~masked[0]], ids[0][~masked[0]])
+    first = torch.from_numpy(ids[0])[None]
+    with torch.no_grad():          # the first fill is the MLM's argmax with both positions masked
+        logits = backbones.mlm(mlm_input_ids(backbones, first, torch.from_numpy(masked[0])[None])).logits
+    logits = logits[0, 3, : backbones.vocab_size]
+    logits[special_ids(backbones).all] = -float("inf")
+    assert filled[2] == int(logits.argmax())
+
+
+def test_baseline_perplexities_agree_with_direct_pytorch(checkpoints, bundles):
+    backbones, _, _ = load_maria(checkpoints["llama"])
+    rng = np.random.default_rng(1)
+    windows = rng.integers(6, backbones.vocab_size, (5, 16))
+    masks = draw_masks(windows, 0.5, seed=3)
+    rows = {r["system"]: r for r in evaluate_baselines(backbones, windows, masks, batch_size=2)}
+    ids, masked = torch.from_numpy(windows), torch.from_numpy(np.stack(masks))
+    start = torch.full((5, 1), backbones.start_token_id)
+    with torch.no_grad():
+        ar = backbones.ar(torch.cat([start, ids[:, :-1]], 1)).logits.log_softmax(-1)
+        mlm = backbones.mlm(mlm_input_ids(backbones, ids, masked)).logits[:, 1:-1, : backbones.vocab_size]
+        mlm = mlm.log_softmax(-1)
+    truth = ids[masked]
+    direct = {"AR alone": ar[masked].gather(1, truth[:, None]), "MLM alone": mlm[masked].gather(1, truth[:, None])}
+    for name, logprobs in direct.items():
+        assert math.isclose(rows[name]["perplexity"], math.exp(-logprobs.mean().item()), rel_tol=1e-4)
+    assert set(baseline_heads(backbones)) == {"AR alone", "MLM alone", "PoE init"}
+
+
+def test_eval_reports_maria_and_baselines_on_the_same_masks(checkpoints, bundles, tmp_path):
+    (tmp_path / "text.txt").write_text("\n".join(corpus(60, seed=9)))
+    result = runner.invoke(app, ["eval", str(tmp_path / "text.txt"), "--model", str(bundles["olmo"]),
+                                 "--backbones-from", str(checkpoints["olmo"]), "--seq-len", "24", "--windows", "6",
+                                 "--mask-rate", "0.5", "--span", "--json", str(tmp_path / "eval.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "eval.json").read_text())
+    rows = {r["system"]: r for r in report["rows"]}
+    assert set(rows) == {"MARIA", "AR alone", "MLM alone", "PoE init"}
+    assert len({r["masked_tokens"] for r in rows.values()}) == 1
+    # the tiny checkpoint's head is the PoE head plus noise: its perplexity is that of the ONNX scorer
+    infiller = Infiller(bundles["olmo"], device="cpu")
+    windows = text_windows(tmp_path / "text.txt", infiller, 24, 6)
+    masks = draw_masks(windows, 0.5, seed=0, span=True)
+    nll = sum(infiller.score(list(windows), masks))
+    assert math.isclose(rows["MARIA"]["perplexity"], math.exp(nll / sum(m.sum() for m in masks)), rel_tol=1e-9)
+    assert 0 <= rows["MARIA"]["top1_accuracy"] <= 1
