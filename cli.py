@@ -196,7 +196,8 @@ def bench(
     out: Path = typer.Option(Path("bench-results"), help="Folder for bench.json, bench.png (and exported bundles)."),
     checkpoint: Optional[Path] = typer.Option(None, help="A trained checkpoint (`maria train --out`)."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Its bundle; exported into --out if omitted."),
-    shapes: Optional[str] = typer.Option(None, help="Random weights instead: 'default', 'paper' "
+    shapes: Optional[str] = typer.Option(None, help="Random weights instead: 'default' (the shipped model's "
+                                                    "shapes; used when no --checkpoint is given), 'paper' "
                                                     "(ModernBERT-large + OLMo-1B) or a JSON file of two configs."),
     dtype: str = typer.Option("fp32", help="fp32 | fp16 (bundle export and PyTorch on CUDA)."),
     lengths: str = typer.Option("64,128,256,512,1024", help="Input lengths in tokens."),

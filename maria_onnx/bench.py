@@ -121,19 +121,22 @@ def table(results: list[dict]) -> Table:
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
+    """Throughput against input length, a colour per system and a line style per batch size."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for system in dict.fromkeys(r["system"] for r in results):
-        for batch in sorted({r["batch"] for r in results}):
+    lengths = sorted({r["length"] for r in results})
+    for colour, system in enumerate(dict.fromkeys(r["system"] for r in results)):
+        for style, batch in zip(("-", "--", ":", "-."), sorted({r["batch"] for r in results})):
             rows = sorted((r for r in results if r["system"] == system and r["batch"] == batch),
                           key=lambda r: r["length"])
-            axis.plot([r["length"] for r in rows], [r["tokens_per_s"] for r in rows], marker="o",
-                      label=f"{system}, batch {batch}")
+            axis.plot([r["length"] for r in rows], [r["tokens_per_s"] for r in rows], style, marker="o",
+                      color=f"C{colour}", label=f"{system}, batch {batch}")
     axis.set(xscale="log", yscale="log", xlabel="input length (tokens)", ylabel="tokens / s", title=title)
-    axis.set_xticks(sorted({r["length"] for r in results}), labels=[str(x) for x in sorted({r["length"] for r in
-                                                                                             results})])
+    axis.set_xticks(lengths, labels=[str(n) for n in lengths])
+    axis.xaxis.set_minor_formatter(NullFormatter())
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -155,8 +158,10 @@ def prepare(out: Path, checkpoint=None, bundle=None, shapes=None, dtype: str = "
     from export.bundle import export_bundle
 
     from .shapes import load_shapes, random_checkpoint
-    if (checkpoint is None) == (shapes is None):
+    if checkpoint is not None and shapes is not None:
         raise ValueError("give either --checkpoint (trained weights) or --shapes (random weights), not both")
+    if checkpoint is None and shapes is None:
+        shapes = "default"             # the shipped model's shapes: its speed, whatever the weights
     if shapes is not None:
         console.print(f"building random backbones with the '{shapes}' shapes")
         checkpoint = random_checkpoint(load_shapes(shapes), out / "model")

@@ -10,20 +10,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runtime.manifest import from_dict
+
 CONFIG_NAME = "maria_config.json"
 HEAD_NAME = "head.safetensors"
-
-
-def from_dict(cls, data: dict, what: str):
-    """Builds dataclass `cls` from `data`, naming unknown or missing keys instead of failing on a signature."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    required = {f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-    unknown, missing = sorted(set(data) - names), sorted(required - set(data))
-    if unknown or missing:
-        raise ValueError(f"{what}: unknown keys {unknown}, missing keys {missing}; "
-                         f"expected keys {sorted(names)}")
-    return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -84,7 +74,7 @@ class MariaConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "MariaConfig":
-        return from_dict(cls, data, "MARIA config")
+        return from_dict(cls, data, CONFIG_NAME, "re-run `maria train`, or fix the file")
 
     def save_to(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

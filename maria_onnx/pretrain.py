@@ -36,22 +36,24 @@ def save_tokenizer(tokenizer_json: Path, folder: Path, role: str) -> PreTrainedT
     return tokenizer
 
 
-def mlm_model(tokenizer, hidden_size: int, layers: int, heads: int, intermediate_size: int, max_positions: int):
-    return ModernBertForMaskedLM(ModernBertConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=max_positions,
-        global_attn_every_n_layers=2, local_attention=128, pad_token_id=tokenizer.pad_token_id,
-        cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
-        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
-        mask_token_id=tokenizer.mask_token_id, tie_word_embeddings=True))
+def backbone_configs(vocab_size: int, hidden_size: int, layers: int, heads: int, intermediate_size: int,
+                     max_positions: int) -> dict:
+    """Hugging Face config arguments of the pair: a ModernBERT MLM and an OLMo AR of one size, whose special
+    ids are SPECIAL_TOKENS' positions (the BPE trainer puts them first)."""
+    eos, pad, cls, sep, mask = range(len(SPECIAL_TOKENS))
+    size = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=max_positions,
+                tie_word_embeddings=True)
+    return {"mlm": dict(model_type="modernbert", **size, global_attn_every_n_layers=2, local_attention=128,
+                        pad_token_id=pad, cls_token_id=cls, sep_token_id=sep, bos_token_id=cls,
+                        eos_token_id=sep, mask_token_id=mask),
+            "ar": dict(model_type="olmo", **size, bos_token_id=eos, eos_token_id=eos, pad_token_id=pad)}
 
 
-def ar_model(tokenizer, hidden_size: int, layers: int, heads: int, intermediate_size: int, max_positions: int):
-    return OlmoForCausalLM(OlmoConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=max_positions,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True))
+def new_backbone(kind: str, config: dict):
+    """A randomly initialised MLM (kind 'mlm') or AR from backbone_configs' arguments."""
+    config = {k: v for k, v in config.items() if k != "model_type"}
+    return ModernBertForMaskedLM(ModernBertConfig(**config)) if kind == "mlm" else OlmoForCausalLM(OlmoConfig(**config))
 
 
 def mlm_batch(windows: np.ndarray, rng: np.random.Generator, tokenizer, mask_rate: float):

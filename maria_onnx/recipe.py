@@ -15,6 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from export.bundle import export_bundle
@@ -29,7 +30,8 @@ from runtime.text import pack_windows, plain_encoder
 
 from .data import read_documents
 from .evaluate import evaluate_baselines
-from .pretrain import ar_batch, ar_model, mlm_batch, mlm_model, pretrain, save_tokenizer, train_tokenizer
+from .pretrain import (SPECIAL_TOKENS, ar_batch, backbone_configs, mlm_batch, new_backbone, pretrain,
+                       save_tokenizer, train_tokenizer)
 from .train import train
 
 
@@ -55,7 +57,12 @@ class Recipe:
     eval_rates: tuple = (0.15, 0.5, 0.9)
     seed: int = 0
 
+    def backbone_configs(self) -> dict:
+        return backbone_configs(self.vocab_size, self.hidden_size, self.layers, self.heads, self.intermediate_size,
+                                self.max_positions)
 
+
+TEST_WINDOWS = Path(__file__).resolve().parent.parent / "tests" / "data" / "default_model_eval_windows.npy"
 QUICK = dict(vocab_size=512, hidden_size=32, layers=2, intermediate_size=64, mlm_steps=20, ar_steps=20,
              head_steps=10, eval_windows=8, batch_size=8)
 
@@ -81,8 +88,7 @@ def run(work: Path, recipe: Recipe, log=print) -> dict:
     stage("corpus", lambda: log(f"  documents: {build_corpus(download_python_docs(work / 'debian'), corpus)}"))
     stage("tokenizer", lambda: train_tokenizer(read_documents(corpus / "train"), recipe.vocab_size,
                                                work / "tokenizer.json"))
-    size = dict(hidden_size=recipe.hidden_size, layers=recipe.layers, heads=recipe.heads,
-                intermediate_size=recipe.intermediate_size, max_positions=recipe.max_positions)
+    configs = recipe.backbone_configs()
 
     def backbone(kind: str):
         tokenizer = save_tokenizer(work / "tokenizer.json", work / kind, kind)
@@ -90,8 +96,9 @@ def run(work: Path, recipe: Recipe, log=print) -> dict:
         windows, eval_windows = (pack_windows(read_documents(corpus / split), plain_encoder(tokenizer), recipe.seq_len,
                                               separator)
                                  for split in ("train", "validation"))
+        assert tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS) == list(range(len(SPECIAL_TOKENS))), "special ids"
         torch.manual_seed(recipe.seed)
-        model = (mlm_model if kind == "mlm" else ar_model)(tokenizer, **size)
+        model = new_backbone(kind, configs[kind])
         make_batch = ((lambda w, r: mlm_batch(w, r, tokenizer, recipe.mlm_mask_rate)) if kind == "mlm"
                       else (lambda w, r: ar_batch(w, tokenizer)))
         steps = recipe.mlm_steps if kind == "mlm" else recipe.ar_steps
@@ -115,11 +122,16 @@ def run(work: Path, recipe: Recipe, log=print) -> dict:
     return {"timings": timings, "recipe": dataclasses.asdict(recipe)}
 
 
+def test_windows(work: Path, recipe: Recipe, tokenizer, start_id: int):
+    """The first eval_windows windows of the held-out test documents: the quality table's data."""
+    return pack_windows(read_documents(work / "corpus" / "test"), plain_encoder(tokenizer), recipe.seq_len,
+                        start_id)[: recipe.eval_windows]
+
+
 def quality(work: Path, recipe: Recipe, log=print) -> dict:
     """The model card's table: every system on the same masks of the held-out test documents."""
     backbones = load_backbones(work / "mlm", work / "ar")
-    windows = pack_windows(read_documents(work / "corpus" / "test"), plain_encoder(backbones.tokenizer), recipe.seq_len,
-                           backbones.start_token_id)[: recipe.eval_windows]
+    windows = test_windows(work, recipe, backbones.tokenizer, backbones.start_token_id)
     infillers = {"MARIA": Infiller(work / "bundle", device="cpu"),
                  "MARIA int8": Infiller(work / "bundle-int8", device="cpu")}
     table = {"windows": int(len(windows)), "seq_len": recipe.seq_len, "rates": {}}
@@ -133,13 +145,17 @@ def quality(work: Path, recipe: Recipe, log=print) -> dict:
     return table
 
 
-def install(work: Path, target: Path = DEFAULT_MODEL) -> None:
-    """Copies the bundle, its quality table and the recipe's timings into the package (beside its __init__.py)."""
+def install(work: Path, recipe: Recipe, target: Path = DEFAULT_MODEL) -> None:
+    """Copies the bundle, its quality table and the recipe's timings into the package (beside its __init__.py),
+    and the table's test windows into tests/data for the test that guards the table."""
     for old in target.iterdir():
         if old.is_file() and old.name != "__init__.py":
             old.unlink()
     for new in [*(work / "bundle").iterdir(), work / "quality.json", work / "timings.json"]:
         shutil.copy(new, target / new.name)
+    infiller = Infiller(target, device="cpu")
+    windows = test_windows(work, recipe, infiller.tokenizer, infiller.special.start)
+    np.save(TEST_WINDOWS, windows.astype(np.int16 if recipe.vocab_size < 2**15 else np.int32))
 
 
 def main():
@@ -152,7 +168,7 @@ def main():
     summary = run(args.work, recipe)
     print(json.dumps(summary["timings"], indent=2))
     if args.install:
-        install(args.work)
+        install(args.work, recipe)
         print(f"installed {args.work / 'bundle'} as {DEFAULT_MODEL}")
 
 

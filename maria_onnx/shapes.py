@@ -27,23 +27,21 @@ PAPER = {
                max_position_embeddings=2048, rope_theta=10000.0, pad_token_id=1, bos_token_id=None,
                eos_token_id=0, tie_word_embeddings=True),
 }
-# The shipped default model's shapes (maria_onnx.recipe.Recipe).
-DEFAULT = {
-    "mlm": dict(model_type="modernbert", vocab_size=4096, hidden_size=256, intermediate_size=512,
-                num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=2048,
-                global_attn_every_n_layers=2, local_attention=128, pad_token_id=1, cls_token_id=2,
-                sep_token_id=3, mask_token_id=4, bos_token_id=2, eos_token_id=3, tie_word_embeddings=True),
-    "ar": dict(model_type="olmo", vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-               num_attention_heads=4, max_position_embeddings=2048, pad_token_id=1, bos_token_id=0,
-               eos_token_id=0, tie_word_embeddings=True),
-}
-SHAPES = {"paper": PAPER, "default": DEFAULT}
+
+
+def default_shapes() -> dict:
+    """The shipped default model's shapes (maria_onnx.recipe.Recipe)."""
+    from .recipe import Recipe
+    return Recipe().backbone_configs()
+
+
+SHAPES = {"paper": lambda: PAPER, "default": default_shapes}
 
 
 def load_shapes(name_or_file: str) -> dict:
     """'paper', 'default', or a JSON file {"mlm": {...config...}, "ar": {...config...}}."""
     if name_or_file in SHAPES:
-        return SHAPES[name_or_file]
+        return SHAPES[name_or_file]()
     path = Path(name_or_file)
     if not path.is_file():
         raise FileNotFoundError(f"--shapes {name_or_file}: not 'paper', 'default' or a JSON file")

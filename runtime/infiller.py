@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 from .backend import OnnxBackend
 from .choose import Sampling
 from .decode import Fill, infill, score
+from .default_model import DEFAULT_MODEL
 from .manifest import load_manifest
 from .text import MaskedText, encode_masked_text, segments
 
@@ -31,8 +32,9 @@ class Infilled:
 
 
 class Infiller:
-    def __init__(self, bundle, device: str = "auto", io_binding: bool | None = None):
-        self.bundle = Path(bundle)
+    def __init__(self, bundle=None, device: str = "auto", io_binding: bool | None = None):
+        """bundle: a folder written by `maria export`; None for the default model shipped in the package."""
+        self.bundle = Path(bundle) if bundle is not None else DEFAULT_MODEL
         self.manifest = load_manifest(self.bundle)
         self.tokenizer = Tokenizer.from_file(str(self.bundle / self.manifest.tokenizer))
         self.backend = OnnxBackend(self.bundle, self.manifest, device=device, io_binding=io_binding)

@@ -10,6 +10,7 @@ A bundle is one folder:
     validation.json   the largest differences from PyTorch found when the bundle was made
 """
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -20,6 +21,7 @@ from .decode import SpecialIds
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "maria.json"
 GRAPHS = ("mlm", "ar_decoder", "fusion_head")
+REEXPORT = "re-export the bundle with `maria export`"
 
 
 def sha256(path: Path) -> str:
@@ -30,12 +32,16 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _from_dict(cls, data, what: str):
-    names = set(cls.__dataclass_fields__)
-    if not isinstance(data, dict) or set(data) != names:
-        found = set(data) if isinstance(data, dict) else set()
+def from_dict(cls, data, what: str, fix: str):
+    """Builds dataclass `cls` from `data`, naming unknown or missing keys instead of failing on a signature."""
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
+    required = {f.name for f in fields
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    found = set(data) if isinstance(data, dict) else set()
+    if not isinstance(data, dict) or found - names or required - found:
         raise ValueError(f"{what} is malformed: unknown keys {sorted(found - names)}, missing keys "
-                         f"{sorted(names - found)}; re-export the bundle with `maria export`")
+                         f"{sorted(required - found)}; {fix}")
     return cls(**data)
 
 
@@ -81,8 +87,8 @@ class Manifest:
                 and data["schema_version"] > SCHEMA_VERSION:
             raise ValueError(f"the bundle has manifest schema {data['schema_version']}, newer than the "
                              f"{SCHEMA_VERSION} this maria-onnx reads; upgrade maria-onnx")
-        manifest = _from_dict(cls, data, MANIFEST_NAME)
-        graphs = {name: _from_dict(GraphSpec, spec, f"{MANIFEST_NAME} graph '{name}'")
+        manifest = from_dict(cls, data, MANIFEST_NAME, REEXPORT)
+        graphs = {name: from_dict(GraphSpec, spec, f"{MANIFEST_NAME} graph '{name}'", REEXPORT)
                   for name, spec in manifest.graphs.items()}
         if set(graphs) != set(GRAPHS):
             raise ValueError(f"{MANIFEST_NAME} names graphs {sorted(graphs)}, expected {list(GRAPHS)}")
