@@ -207,13 +207,15 @@ def bench(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto | cuda | cpu"),
     mlm_ar: bool = typer.Option(True, help="Include the autoregressive-MLM baseline (quadratic)."),
+    mlm_ar_max_tokens: int = typer.Option(512, help="Run mlm-ar only where batch x length is at most this."),
 ):
     """Infilling throughput against input length: ONNX runtime, PyTorch reference, MLM decoded autoregressively."""
     from maria_onnx.bench import bench as run_bench
 
     run_bench(out, checkpoint=checkpoint, bundle=model, shapes=shapes, dtype=dtype,
               lengths=int_list(lengths, "--lengths"), batch_sizes=int_list(batch_sizes, "--batch-sizes"),
-              mask_rate=mask_rate, repeats=repeats, seed=seed, device=device, mlm_ar=mlm_ar)
+              mask_rate=mask_rate, repeats=repeats, seed=seed, device=device, mlm_ar=mlm_ar,
+              mlm_ar_max_tokens=mlm_ar_max_tokens)
 
 
 @app.command("eval")

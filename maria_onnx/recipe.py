@@ -145,6 +145,21 @@ def quality(work: Path, recipe: Recipe, log=print) -> dict:
     return table
 
 
+def quality_markdown(table: dict) -> str:
+    """The model card's table: perplexity (top-1 accuracy) per system and mask rate."""
+    rates = sorted(table["rates"], key=float)
+    systems = [row["system"] for row in table["rates"][rates[0]]]
+    lines = ["| system | " + " | ".join(f"mask rate {rate}" for rate in rates) + " |",
+             "|---|" + "---:|" * len(rates)]
+    for system in systems:
+        cells = []
+        for rate in rates:
+            row = next(r for r in table["rates"][rate] if r["system"] == system)
+            cells.append(f"{row['perplexity']:.2f} ({100 * row['top1_accuracy']:.1f}%)")
+        lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def install(work: Path, recipe: Recipe, target: Path = DEFAULT_MODEL) -> None:
     """Copies the bundle, its quality table and the recipe's timings into the package (beside its __init__.py),
     and the table's test windows into tests/data for the test that guards the table."""
@@ -167,6 +182,7 @@ def main():
     recipe = Recipe(**QUICK) if args.quick else Recipe()
     summary = run(args.work, recipe)
     print(json.dumps(summary["timings"], indent=2))
+    print(quality_markdown(json.loads((args.work / "quality.json").read_text())))
     if args.install:
         install(args.work, recipe)
         print(f"installed {args.work / 'bundle'} as {DEFAULT_MODEL}")
