@@ -51,11 +51,19 @@ def _target(out: Path, overwrite: bool) -> Path:
         raise PermissionError(f"cannot write the bundle to {out} ({error.strerror}); choose another --out") from None
 
 
+def _external(path: Path) -> Path:
+    """Where Optimum puts the weights of a graph over protobuf's 2 GB limit."""
+    return path.with_name(path.name + "_data")
+
+
 def _to_fp16(path: Path) -> None:
     """Hidden states and the KV cache in fp16; integer inputs untouched."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
     model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=False, disable_shape_infer=True)
-    onnx.save(model, str(path))
+    large = _external(path).exists()
+    _external(path).unlink(missing_ok=True)
+    onnx.save(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
+              location=_external(path).name)
 
 
 def _to_int8(path: Path) -> None:
@@ -71,12 +79,19 @@ def _to_int8(path: Path) -> None:
 
 
 def _optimize(path: Path) -> None:
-    """ONNX Runtime's provider-independent (basic) graph optimizations, done once offline."""
+    """ONNX Runtime's provider-independent (basic) graph optimizations, done once offline. A graph with external
+    weights keeps them external, in <name>.weights (the file name the optimized graph refers to)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
+    large = _external(path).exists()
+    if large:
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         path.name + ".weights")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     os.replace(path.with_suffix(".opt.onnx"), path)
+    _external(path).unlink(missing_ok=True)
 
 
 def _kv_shape(path: Path) -> tuple[int, int, int]:
@@ -87,20 +102,11 @@ def _kv_shape(path: Path) -> tuple[int, int, int]:
     return len(inputs) // 2, dims[1].dim_value, dims[3].dim_value
 
 
-def _source(config, dtype: str) -> dict:
+def _source(config) -> dict:
+    versions = {name: version(name) for name in ("torch", "transformers", "onnx", "optimum-onnx")}
     return {"mlm_path": config.mlm_path, "ar_path": config.ar_path, "mlm_model_type": config.mlm_model_type,
             "ar_model_type": config.ar_model_type, "train": config.train, "trained_steps": config.trained_steps,
-            "versions": {name: version(name) for name in ("torch", "transformers", "onnx", "optimum-onnx",
-                                                          "onnxruntime-gpu" if _has("onnxruntime-gpu") else
-                                                          "onnxruntime")}}
-
-
-def _has(distribution: str) -> bool:
-    try:
-        version(distribution)
-        return True
-    except Exception:
-        return False
+            "versions": {**versions, "onnxruntime": ort.__version__}}
 
 
 def export_bundle(checkpoint, out, dtype: str = "fp32", int8: bool = False, opset: int = DEFAULT_OPSET,
@@ -152,7 +158,7 @@ def _build(folder: Path, backbones, head, config, dtype, variant, opset, console
         special_ids=vars(special_ids(backbones)),
         graphs={name: GraphSpec(file=file, inputs=specs[name][0], outputs=specs[name][1])
                 for name, file in (("mlm", MLM_FILE), ("ar_decoder", AR_FILE), ("fusion_head", HEAD_FILE))},
-        tokenizer=TOKENIZER_FILE, files={}, source=_source(config, dtype))
+        tokenizer=TOKENIZER_FILE, files={}, source=_source(config))
     with stage(console, "validating every graph against PyTorch"):
         report = validate(OnnxBackend(folder, manifest, device="cpu"), backbones, head, manifest.special, variant)
         (folder / VALIDATION_FILE).write_text(json.dumps(report, indent=2) + "\n")

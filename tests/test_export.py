@@ -171,3 +171,30 @@ def test_unsupported_architecture_is_refused(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="'gpt2' model; supported AR architectures"):
         export_bundle(folder, tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_graphs_with_external_weights_export_and_load(checkpoints, tmp_path, monkeypatch, dtype):
+    """Graphs over 2 GB come out of Optimum with their weights in <name>_data; the bundle keeps them external."""
+    import onnx
+
+    from runtime.infiller import Infiller
+    export_backbones = bundle_module.export_backbones
+
+    def as_if_large(backbones, folder, opset):
+        specs = export_backbones(backbones, folder, opset)
+        for name in ("mlm.onnx", "ar_decoder.onnx"):
+            onnx.save(onnx.load(str(folder / name)), str(folder / name), save_as_external_data=True,
+                      all_tensors_to_one_file=True, location=name + "_data", size_threshold=0)
+        return specs
+
+    monkeypatch.setattr(bundle_module, "export_backbones", as_if_large)
+    manifest = export_bundle(checkpoints["llama"], tmp_path / "b", dtype=dtype)
+    referenced = set()
+    for name in ("mlm.onnx", "ar_decoder.onnx"):
+        graph = onnx.load(str(tmp_path / "b" / name), load_external_data=False).graph
+        referenced |= {entry.value for tensor in graph.initializer for entry in tensor.external_data
+                       if entry.key == "location"}
+    assert referenced and referenced <= set(manifest.files)        # external weights ship, checksummed
+    assert not [name for name in manifest.files if name.endswith("_data")]
+    assert len(Infiller(tmp_path / "b", device="cpu").infill(["a [MASK:2] b"])[0].fills) == 2
