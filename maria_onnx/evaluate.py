@@ -15,8 +15,6 @@ from .backbones import Backbones
 from .model import FusionHead
 from .reference import reference_infill, reference_score
 
-BASELINES = ("AR alone", "MLM alone", "PoE init")
-
 
 def baseline_heads(backbones: Backbones) -> dict[str, FusionHead]:
     poe = FusionHead.product_of_experts(backbones)
