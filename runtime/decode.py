@@ -134,28 +134,28 @@ def score_batch(backend, ids, masked, special: SpecialIds) -> list[np.ndarray]:
     return [-log_softmax(l)[np.arange(len(l)), x[np.flatnonzero(m)]] for l, x, m in zip(logits, ids, masked)]
 
 
+def in_batches(run_batch, ids, masked, batch_size: int, unmasked) -> list:
+    """Runs run_batch(ids, masked) over the sequences that have a masked position, batch_size at a time;
+    the others get unmasked(ids). Results come back in input order."""
+    ids, masked = [np.asarray(x, dtype=np.int64) for x in ids], [np.asarray(m, dtype=bool) for m in masked]
+    results = [unmasked(x) for x in ids]
+    todo = [row for row, m in enumerate(masked) if m.any()]
+    for begin in range(0, len(todo), batch_size):
+        rows = todo[begin:begin + batch_size]
+        for row, result in zip(rows, run_batch([ids[r] for r in rows], [masked[r] for r in rows])):
+            results[row] = result
+    return results
+
+
 def infill(backend, ids, masked, special: SpecialIds, sampling: Sampling, batch_size: int = 8) -> list[Fill]:
     """Fills every sequence in batches of batch_size; sequences without a masked position come back unchanged.
     One seeded generator serves the whole list, so a seed repeats a run."""
     rng = np.random.default_rng(sampling.seed)
-    ids, masked = [np.asarray(x, dtype=np.int64) for x in ids], [np.asarray(m, dtype=bool) for m in masked]
-    fills = [Fill(ids=x, positions=np.zeros(0, dtype=np.int64), logprobs=np.zeros(0)) for x in ids]
-    todo = [row for row, m in enumerate(masked) if m.any()]
-    for begin in range(0, len(todo), batch_size):
-        rows = todo[begin:begin + batch_size]
-        batch = infill_batch(backend, [ids[r] for r in rows], [masked[r] for r in rows], special, sampling, rng)
-        for row, fill in zip(rows, batch):
-            fills[row] = fill
-    return fills
+    return in_batches(lambda x, m: infill_batch(backend, x, m, special, sampling, rng), ids, masked, batch_size,
+                      lambda x: Fill(ids=x, positions=np.zeros(0, dtype=np.int64), logprobs=np.zeros(0)))
 
 
 def score(backend, ids, masked, special: SpecialIds, batch_size: int = 8) -> list[np.ndarray]:
     """Per sequence, -log p of the true tokens at its masked positions (empty where nothing is masked)."""
-    ids, masked = [np.asarray(x, dtype=np.int64) for x in ids], [np.asarray(m, dtype=bool) for m in masked]
-    nll = [np.zeros(0) for _ in ids]
-    todo = [row for row, m in enumerate(masked) if m.any()]
-    for begin in range(0, len(todo), batch_size):
-        rows = todo[begin:begin + batch_size]
-        for row, values in zip(rows, score_batch(backend, [ids[r] for r in rows], [masked[r] for r in rows], special)):
-            nll[row] = values
-    return nll
+    return in_batches(lambda x, m: score_batch(backend, x, m, special), ids, masked, batch_size,
+                      lambda x: np.zeros(0))
