@@ -65,9 +65,9 @@ def train(
     """Train the MARIA fusion head (L_MARIA) on frozen MLM + AR backbones."""
     from maria_onnx.config import TrainConfig
     from maria_onnx.train import train as run_train
+    from runtime.device import check_device
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got '{device}'")
+    check_device(device)
     config = TrainConfig(steps=steps, seq_len=seq_len, batch_size=batch_size, learning_rate=learning_rate,
                          warmup_steps=warmup_steps, mask_rate_min=mask_rate_min, mask_rate_max=mask_rate_max,
                          eval_every=eval_every, save_every=save_every, seed=seed, text_field=text_field,
@@ -92,19 +92,10 @@ def export_command(
     export_bundle(checkpoint, out, dtype=dtype, int8=int8, opset=opset, overwrite=overwrite)
 
 
-def resolve_model(model: Optional[Path]) -> Path:
-    """The given bundle, or the default model shipped inside the package."""
-    if model is not None:
-        return model
-    from runtime.default_model import DEFAULT_MODEL
-    if not (DEFAULT_MODEL / "maria.json").is_file():
-        raise ValueError("no --model given and this install has no default model; pass a bundle folder "
-                         "written by `maria export`")
-    return DEFAULT_MODEL
-
-
 def read_texts(texts: list[str], input_file: Optional[str]) -> list[str]:
     """Texts from the arguments, or from --input: one per line, or JSONL with a "text" field; '-' is stdin."""
+    from runtime.text import read_lines, texts_of
+
     if texts and input_file:
         raise ValueError("give texts as arguments or with --input, not both")
     if not input_file:
@@ -120,26 +111,12 @@ def read_texts(texts: list[str], input_file: Optional[str]) -> list[str]:
         content = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ValueError(f"{name} is not valid UTF-8 (byte {error.start}); convert it to UTF-8") from None
-    lines = [(number, line) for number, line in enumerate(content.splitlines(), 1) if line.strip()]
-    if not input_file.endswith(".jsonl"):
-        return [line for _, line in lines]
-    records = []
-    for number, line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{name}:{number} is not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f'{name}:{number} has no string field "text"')
-        records.append(record["text"])
-    return records
+    return texts_of(read_lines(content, name, jsonl=input_file.endswith(".jsonl")))
 
 
 def show(result, as_json: bool, styled: bool) -> None:
     if as_json:
-        typer.echo(json.dumps({"input": result.input, "text": result.text, "ids": result.ids,
-                               "masked_positions": result.masked_positions, "fills": result.fills,
-                               "fill_logprobs": result.fill_logprobs, "note": result.note}, ensure_ascii=False))
+        typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
     elif styled:
         typer.echo("".join(typer.style(piece, fg=typer.colors.GREEN, bold=True) if fill else piece
                            for piece, fill in result.segments))
@@ -165,9 +142,10 @@ def infill(
 ):
     """Fill the masked tokens of each text with a MARIA bundle (no PyTorch needed)."""
     from runtime.choose import Sampling
+    from runtime.device import check_device
     from runtime.infiller import Infiller
 
-    model = resolve_model(model)
+    check_device(device)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     texts = read_texts(texts or [], input_file)
     with warnings.catch_warnings(record=True) as caught:
@@ -210,7 +188,7 @@ def bench(
     mlm_ar_max_tokens: int = typer.Option(512, help="Run mlm-ar only where batch x length is at most this."),
 ):
     """Infilling throughput against input length: ONNX runtime, PyTorch reference, MLM decoded autoregressively."""
-    from maria_onnx.bench import bench as run_bench
+    from tools.bench import bench as run_bench
 
     run_bench(out, checkpoint=checkpoint, bundle=model, shapes=shapes, dtype=dtype,
               lengths=int_list(lengths, "--lengths"), batch_sizes=int_list(batch_sizes, "--batch-sizes"),
@@ -237,10 +215,12 @@ def eval_command(
     from rich.console import Console
     from rich.table import Table
 
-    from runtime.evaluate import evaluate
+    from runtime.device import check_device
     from runtime.infiller import Infiller
+    from tools.evaluate import evaluate
 
-    report = evaluate(text_file, Infiller(resolve_model(model), device=device), mask_rate=mask_rate, span=span,
+    check_device(device)
+    report = evaluate(text_file, Infiller(model, device=device), mask_rate=mask_rate, span=span,
                       seq_len=seq_len, windows=windows, seed=seed, batch_size=batch_size,
                       backbones_from=backbones_from)
     table = Table(title=f"{report['windows']} windows of {seq_len} tokens, mask rate {mask_rate}"

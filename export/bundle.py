@@ -20,8 +20,7 @@ import torch
 from rich.console import Console
 
 from maria_onnx.checkpoint import load_maria
-from maria_onnx.reference import special_ids
-from runtime.backend import OnnxBackend
+from runtime.onnx_backend import OnnxBackend
 from runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, GraphSpec, Manifest, sha256
 
 from .graphs import AR_FILE, HEAD_FILE, MLM_FILE, export_backbones, export_fusion_head
@@ -155,12 +154,12 @@ def _build(folder: Path, backbones, head, config, dtype, variant, opset, console
         num_hidden_layers=layers, num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=config.vocab_size,
         max_sequence_length=min(backbones.mlm.config.max_position_embeddings - 2,
                                 backbones.ar.config.max_position_embeddings - 1),
-        special_ids=vars(special_ids(backbones)),
+        special_ids=backbones.special,
         graphs={name: GraphSpec(file=file, inputs=specs[name][0], outputs=specs[name][1])
                 for name, file in (("mlm", MLM_FILE), ("ar_decoder", AR_FILE), ("fusion_head", HEAD_FILE))},
         tokenizer=TOKENIZER_FILE, files={}, source=_source(config))
     with stage(console, "validating every graph against PyTorch"):
-        report = validate(OnnxBackend(folder, manifest, device="cpu"), backbones, head, manifest.special, variant)
+        report = validate(OnnxBackend(folder, manifest, device="cpu"), backbones, head, manifest.special_ids, variant)
         (folder / VALIDATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
     files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
     manifest = Manifest(**{**vars(manifest), "files": {name: sha256(folder / name) for name in files}})

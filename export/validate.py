@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from maria_onnx.reference import TorchBackend
-from runtime.decode import SpecialIds, teacher_forced_logits
+from runtime.backend import SpecialIds
+from runtime.decode import teacher_forced_logits
 
 # variant -> (relative bound on graph outputs and logits, least top-1 agreement of fills end to end)
 TOLERANCE = {"fp32": (1e-4, 1.0), "fp16": (3e-2, 0.95), "int8": (0.25, 0.8)}

@@ -11,6 +11,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
+from runtime.backend import SpecialIds
+from runtime.device import choose_device
+
 PROBE_TEXT = "MARIA fills masked tokens: the quick brown fox jumps over 13 lazy dogs, doesn't it?\n\tDone."
 
 # MLM families: how to get the prediction-head transform output and the vocabulary decoder.
@@ -33,11 +36,7 @@ class Backbones:
     mlm_model_type: str
     ar_model_type: str
     vocab_size: int
-    cls_token_id: int
-    sep_token_id: int
-    mask_token_id: int
-    start_token_id: int
-    pad_token_id: int
+    special: SpecialIds
 
     def mlm_hidden(self, input_ids, attention_mask):
         """[batch, seq] -> [batch, seq, d_mlm]: the MLM's prediction-head transform output."""
@@ -59,6 +58,11 @@ class Backbones:
     @property
     def ar_hidden_size(self) -> int:
         return self.ar.config.hidden_size
+
+
+def torch_device(device: str) -> str:
+    """'cuda' or 'cpu' for PyTorch, from --device auto|cuda|cpu (runtime.device.choose_device)."""
+    return choose_device(device, None if torch.cuda.is_available() else "PyTorch sees no CUDA device")
 
 
 def _check_folder(path: Path, role: str) -> Path:
@@ -121,5 +125,6 @@ def load_backbones(mlm_path, ar_path, device="cpu", dtype=torch.float32) -> Back
     for model in (mlm, ar):
         model.to(device).eval().requires_grad_(False)
     return Backbones(mlm=mlm, ar=ar, tokenizer=ar_tokenizer, mlm_model_type=mlm_type, ar_model_type=ar_type,
-                     vocab_size=ar.config.vocab_size, cls_token_id=cls_id, sep_token_id=sep_id,
-                     mask_token_id=mlm_tokenizer.mask_token_id, start_token_id=start, pad_token_id=pad)
+                     vocab_size=ar.config.vocab_size,
+                     special=SpecialIds(cls=cls_id, sep=sep_id, mask=mlm_tokenizer.mask_token_id, start=start,
+                                        pad=pad))

@@ -16,9 +16,7 @@ def maria_config(backbones: Backbones, mlm_path, ar_path, train: dict, trained_s
         mlm_path=str(Path(mlm_path).resolve()), ar_path=str(Path(ar_path).resolve()),
         mlm_model_type=backbones.mlm_model_type, ar_model_type=backbones.ar_model_type,
         mlm_hidden_size=backbones.mlm_hidden_size, ar_hidden_size=backbones.ar_hidden_size,
-        vocab_size=backbones.vocab_size, cls_token_id=backbones.cls_token_id,
-        sep_token_id=backbones.sep_token_id, mask_token_id=backbones.mask_token_id,
-        start_token_id=backbones.start_token_id, pad_token_id=backbones.pad_token_id,
+        vocab_size=backbones.vocab_size, special_ids=backbones.special,
         train=train, trained_steps=trained_steps)
 
 

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runtime.backend import SpecialIds
 from runtime.manifest import from_dict
 
 CONFIG_NAME = "maria_config.json"
@@ -46,6 +47,14 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
 
 
+def _with_special_ids(data: dict) -> dict:
+    """Five *_token_id keys -> one special_ids object."""
+    names = {"cls": "cls_token_id", "sep": "sep_token_id", "mask": "mask_token_id", "start": "start_token_id",
+             "pad": "pad_token_id"}
+    rest = {k: v for k, v in data.items() if k not in names.values()}
+    return {**rest, "special_ids": {name: data.get(key) for name, key in names.items()}}
+
+
 @dataclass(frozen=True)
 class MariaConfig:
     """Everything that describes a MARIA model apart from the head's tensors. Keys follow HF config names."""
@@ -56,25 +65,20 @@ class MariaConfig:
     mlm_hidden_size: int
     ar_hidden_size: int
     vocab_size: int                  # V: the AR's vocabulary size
-    cls_token_id: int
-    sep_token_id: int
-    mask_token_id: int
-    start_token_id: int              # AR bos, or eos where it has none
-    pad_token_id: int
+    special_ids: SpecialIds          # cls, sep, mask, start (AR bos, or eos where it has none), pad
     train: dict = field(default_factory=dict)   # TrainConfig.to_dict() of the run that made the head
     trained_steps: int = 0
-
-    @property
-    def special_token_ids(self) -> list[int]:
-        return sorted({self.cls_token_id, self.sep_token_id, self.mask_token_id,
-                       self.start_token_id, self.pad_token_id})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "MariaConfig":
-        return from_dict(cls, data, CONFIG_NAME, "re-run `maria train`, or fix the file")
+        fix = "re-run `maria train`, or fix the file"
+        if isinstance(data, dict) and "special_ids" not in data and "mask_token_id" in data:
+            data = _with_special_ids(data)          # checkpoints written before the ids were grouped
+        config = from_dict(cls, data, CONFIG_NAME, fix)
+        return dataclasses.replace(config, special_ids=SpecialIds.from_dict(config.special_ids))
 
     def save_to(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -1,9 +1,10 @@
 """Training text: local files -> documents (packed into windows by runtime.text.pack_windows) -> random masks."""
 
-import json
 from pathlib import Path
 
 import numpy as np
+
+from runtime.text import read_lines, texts_of
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
 JSONL_SUFFIXES = {".jsonl", ".json"}
@@ -33,19 +34,8 @@ def read_documents(path, text_field: str = "text", line_documents: bool = False)
     documents = []
     for file in _files(path):
         text = _read_text(file)
-        if file.suffix in JSONL_SUFFIXES:
-            for number, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{file}:{number} is not valid JSON ({error.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                    raise ValueError(f"{file}:{number} has no string field '{text_field}'; set --text-field")
-                documents.append(record[text_field])
-        elif line_documents:
-            documents.extend(line for line in text.splitlines() if line.strip())
+        if file.suffix in JSONL_SUFFIXES or line_documents:
+            documents.extend(texts_of(read_lines(text, str(file), file.suffix in JSONL_SUFFIXES, text_field)))
         else:
             documents.append(text)
     documents = [d for d in documents if d.strip()]

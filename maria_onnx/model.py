@@ -43,15 +43,15 @@ class FusionHead(nn.Module):
 def mlm_input_ids(backbones: Backbones, input_ids, masked):
     """[batch, n] content ids, [batch, n] bool -> [batch, n + 2] = [CLS] x~ [SEP]."""
     batch = input_ids.shape[0]
-    tilde = torch.where(masked, torch.full_like(input_ids, backbones.mask_token_id), input_ids)
-    cls = torch.full((batch, 1), backbones.cls_token_id, dtype=input_ids.dtype, device=input_ids.device)
-    sep = torch.full((batch, 1), backbones.sep_token_id, dtype=input_ids.dtype, device=input_ids.device)
+    tilde = torch.where(masked, torch.full_like(input_ids, backbones.special.mask), input_ids)
+    cls = torch.full((batch, 1), backbones.special.cls, dtype=input_ids.dtype, device=input_ids.device)
+    sep = torch.full((batch, 1), backbones.special.sep, dtype=input_ids.dtype, device=input_ids.device)
     return torch.cat([cls, tilde, sep], dim=1)
 
 
 def ar_input_ids(backbones: Backbones, input_ids):
     """[batch, n] -> [batch, n] = [START] x_0 .. x_{n-2}: position i holds the token before x_i."""
-    start = torch.full((input_ids.shape[0], 1), backbones.start_token_id, dtype=input_ids.dtype,
+    start = torch.full((input_ids.shape[0], 1), backbones.special.start, dtype=input_ids.dtype,
                        device=input_ids.device)
     return torch.cat([start, input_ids[:, :-1]], dim=1)
 

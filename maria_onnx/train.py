@@ -17,7 +17,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .backbones import load_backbones
+from .backbones import load_backbones, torch_device
 from .checkpoint import maria_config, save_checkpoint
 from .config import MariaConfig, TrainConfig
 from runtime.text import pack_windows, plain_encoder
@@ -32,7 +32,7 @@ FREE_ON_RESUME = {"steps", "eval_every", "eval_batches", "save_every"}   # setti
 
 def _windows(backbones, config: TrainConfig, data, eval_data):
     read = lambda path: read_documents(path, config.text_field, config.line_documents)
-    pack = lambda docs: pack_windows(docs, plain_encoder(backbones.tokenizer), config.seq_len, backbones.start_token_id)
+    pack = lambda docs: pack_windows(docs, plain_encoder(backbones.tokenizer), config.seq_len, backbones.special.start)
     train = pack(read(data))
     if eval_data is not None:
         return train, pack(read(eval_data))
@@ -94,9 +94,7 @@ def _save(accelerator, head, out: Path, step: int, config: TrainConfig, model_co
 def train(mlm_path, ar_path, data, out, config: TrainConfig, eval_data=None, device: str = "auto",
           log=print) -> MariaConfig:
     """Trains the fusion head with L_MARIA and writes a checkpoint to `out`; returns its config."""
-    on_cpu = device == "cpu" or not torch.cuda.is_available()
-    if device == "cuda" and on_cpu:
-        raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA device; use --device auto or cpu")
+    on_cpu = torch_device(device) == "cpu"
     accelerator = Accelerator(cpu=on_cpu, mixed_precision="no" if on_cpu else "bf16")
     set_seed(config.seed)
     out = Path(out)

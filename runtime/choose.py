@@ -20,6 +20,8 @@ class Sampling:
             raise ValueError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top-p must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be a non-negative integer, got {self.seed}")
 
     @property
     def greedy(self) -> bool:
@@ -49,13 +51,14 @@ def _sample_row(scores: np.ndarray, sampling: Sampling, rng: np.random.Generator
     return int(np.searchsorted(np.cumsum(probs), rng.random() * probs.sum(), side="right").clip(max=probs.size - 1))
 
 
-def choose_tokens(logits: np.ndarray, banned_ids, sampling: Sampling, rng: np.random.Generator):
-    """logits [rows, V] -> (token ids [rows], their log-probabilities under the head's full distribution [rows])."""
+def choose_tokens(logits: np.ndarray, banned_ids, sampling: Sampling, rngs: list[np.random.Generator]):
+    """logits [rows, V] -> (token ids [rows], their log-probabilities under the head's full distribution [rows]).
+    Row r samples with rngs[r]."""
     scores = logits.astype(np.float64).copy()
     scores[:, list(banned_ids)] = -np.inf
     if sampling.greedy:
         tokens = scores.argmax(axis=-1)
     else:
-        tokens = np.array([_sample_row(row, sampling, rng) for row in scores], dtype=np.int64)
+        tokens = np.array([_sample_row(row, sampling, rng) for row, rng in zip(scores, rngs)], dtype=np.int64)
     logprobs = log_softmax(logits)[np.arange(len(tokens)), tokens]
     return tokens.astype(np.int64), logprobs

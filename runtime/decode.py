@@ -7,34 +7,17 @@
     fuse: fusion head on (h_mlm[i], h_ar[i]) at each sequence's masked position -> logits [batch, V]
     choose_tokens: the fill, written into the sequence and fed to the AR with the next chunk
 
-A batch takes as many AR steps as its sequence with the most masked tokens.
-
-A backend provides (numpy arrays in and out; `past` is the backend's own KV cache value):
-    mlm_hidden(input_ids [b, L], attention_mask [b, L]) -> [b, L, d_mlm]
-    empty_past(batch) -> past
-    ar_step(input_ids [b, T], attention_mask [b, P + T], position_ids [b, T], past) -> ([b, T, d_ar], past)
-    fuse(mlm_hidden [r, d_mlm], ar_hidden [r, d_ar]) -> logits [r, V]
+A batch takes as many AR steps as its sequence with the most masked tokens. The loop is written against the
+`Backend` protocol (runtime/backend.py). Randomness comes from the caller: one numpy Generator per sequence,
+so a sequence's samples do not depend on the batch it runs in.
 """
 
 from dataclasses import dataclass
 
 import numpy as np
 
+from .backend import Backend, SpecialIds
 from .choose import Sampling, choose_tokens, log_softmax
-
-
-@dataclass(frozen=True)
-class SpecialIds:
-    cls: int
-    sep: int
-    mask: int
-    start: int
-    pad: int
-
-    @property
-    def all(self) -> list[int]:
-        return sorted({self.cls, self.sep, self.mask, self.start, self.pad})
-
 
 @dataclass
 class Fill:
@@ -44,7 +27,7 @@ class Fill:
     logprobs: np.ndarray
 
 
-def encode_masked(backend, ids: list[np.ndarray], masked: list[np.ndarray], special: SpecialIds) -> np.ndarray:
+def encode_masked(backend: Backend, ids: list[np.ndarray], masked: list[np.ndarray], special: SpecialIds) -> np.ndarray:
     """One MLM pass; returns mlm_hidden [batch, max_n + 2, d_mlm] with h_mlm[b, i + 1] for x_i."""
     width = max(len(x) for x in ids) + 2
     input_ids = np.full((len(ids), width), special.pad, dtype=np.int64)
@@ -78,7 +61,7 @@ def next_chunk(state: DecodeState, step: int, pad_id: int):
     return input_ids, position_ids.astype(np.int64), chunk_mask, lengths
 
 
-def decode_step(backend, state: DecodeState, step: int, special: SpecialIds):
+def decode_step(backend: Backend, state: DecodeState, step: int, special: SpecialIds):
     """Feeds every sequence's next chunk; returns the rows still filling and their ar_hidden [rows, d_ar]."""
     input_ids, position_ids, chunk_mask, lengths = next_chunk(state, step, special.pad)
     state.attention_mask = np.concatenate([state.attention_mask, chunk_mask], axis=1)
@@ -88,9 +71,10 @@ def decode_step(backend, state: DecodeState, step: int, special: SpecialIds):
     return rows, hidden[rows, lengths[rows] - 1]
 
 
-def infill_batch(backend, ids, masked, special: SpecialIds, sampling: Sampling,
-                 rng: np.random.Generator) -> list[Fill]:
-    """Fills the masked positions of each sequence (every one has at least one), all in one batch."""
+def infill_batch(backend: Backend, ids, masked, special: SpecialIds, sampling: Sampling,
+                 rngs: list[np.random.Generator]) -> list[Fill]:
+    """Fills the masked positions of each sequence (every one has at least one), all in one batch;
+    rngs[b] draws sequence b's samples."""
     mlm_hidden = encode_masked(backend, ids, masked, special)
     targets = [np.flatnonzero(m) for m in masked]
     assert all(len(t) for t in targets), f"every sequence needs a masked position, got counts {[len(t) for t in targets]}"
@@ -102,7 +86,7 @@ def infill_batch(backend, ids, masked, special: SpecialIds, sampling: Sampling,
         rows, ar_hidden = decode_step(backend, state, step, special)
         positions = np.array([targets[row][step] for row in rows])
         logits = backend.fuse(mlm_hidden[rows, positions + 1], ar_hidden)
-        tokens, token_logprobs = choose_tokens(logits, special.all, sampling, rng)
+        tokens, token_logprobs = choose_tokens(logits, special.all, sampling, [rngs[row] for row in rows])
         for row, position, token, logprob in zip(rows, positions, tokens, token_logprobs):
             state.ar_tokens[row][position + 1] = token
             logprobs[row][step] = logprob
@@ -110,7 +94,7 @@ def infill_batch(backend, ids, masked, special: SpecialIds, sampling: Sampling,
             for tokens, t, lp in zip(state.ar_tokens, targets, logprobs)]
 
 
-def teacher_forced_logits(backend, ids, masked, special: SpecialIds) -> list[np.ndarray]:
+def teacher_forced_logits(backend: Backend, ids, masked, special: SpecialIds) -> list[np.ndarray]:
     """One MLM pass and one AR pass over the true tokens: fusion-head logits at each sequence's masked positions,
     [masked count, V] per sequence."""
     mlm_hidden = encode_masked(backend, ids, masked, special)
@@ -128,34 +112,43 @@ def teacher_forced_logits(backend, ids, masked, special: SpecialIds) -> list[np.
     return np.split(logits, np.cumsum([int(m.sum()) for m in masked])[:-1])
 
 
-def score_batch(backend, ids, masked, special: SpecialIds) -> list[np.ndarray]:
+def score_batch(backend: Backend, ids, masked, special: SpecialIds) -> list[np.ndarray]:
     """Teacher forced, one pass: -log p(x_i) of the true tokens at each sequence's masked positions."""
     logits = teacher_forced_logits(backend, ids, masked, special)
     return [-log_softmax(l)[np.arange(len(l)), x[np.flatnonzero(m)]] for l, x, m in zip(logits, ids, masked)]
 
 
 def in_batches(run_batch, ids, masked, batch_size: int, unmasked) -> list:
-    """Runs run_batch(ids, masked) over the sequences that have a masked position, batch_size at a time;
-    the others get unmasked(ids). Results come back in input order."""
+    """Runs run_batch(rows, ids, masked) over the sequences that have a masked position, batch_size at a time
+    (rows: their indices in the input); the others get unmasked(ids). Results come back in input order."""
     ids, masked = [np.asarray(x, dtype=np.int64) for x in ids], [np.asarray(m, dtype=bool) for m in masked]
     results = [unmasked(x) for x in ids]
     todo = [row for row, m in enumerate(masked) if m.any()]
     for begin in range(0, len(todo), batch_size):
         rows = todo[begin:begin + batch_size]
-        for row, result in zip(rows, run_batch([ids[r] for r in rows], [masked[r] for r in rows])):
+        for row, result in zip(rows, run_batch(rows, [ids[r] for r in rows], [masked[r] for r in rows])):
             results[row] = result
     return results
 
 
-def infill(backend, ids, masked, special: SpecialIds, sampling: Sampling, batch_size: int = 8) -> list[Fill]:
+def sequence_rngs(seed: int, count: int) -> list[np.random.Generator]:
+    """One generator per sequence, derived from (seed, index of the sequence, sample 0)."""
+    return [np.random.default_rng([seed, index, 0]) for index in range(count)]
+
+
+def infill(backend: Backend, ids, masked, special: SpecialIds, sampling: Sampling, batch_size: int = 8,
+           rngs: list[np.random.Generator] | None = None) -> list[Fill]:
     """Fills every sequence in batches of batch_size; sequences without a masked position come back unchanged.
-    One seeded generator serves the whole list, so a seed repeats a run."""
-    rng = np.random.default_rng(sampling.seed)
-    return in_batches(lambda x, m: infill_batch(backend, x, m, special, sampling, rng), ids, masked, batch_size,
+    rngs[i] draws sequence i's samples (default: sequence_rngs(sampling.seed)), so a sequence's samples are
+    the same whatever batch it runs in."""
+    rngs = sequence_rngs(sampling.seed, len(ids)) if rngs is None else rngs
+    assert len(rngs) == len(ids), f"{len(rngs)} generators for {len(ids)} sequences"
+    return in_batches(lambda rows, x, m: infill_batch(backend, x, m, special, sampling, [rngs[r] for r in rows]),
+                      ids, masked, batch_size,
                       lambda x: Fill(ids=x, positions=np.zeros(0, dtype=np.int64), logprobs=np.zeros(0)))
 
 
-def score(backend, ids, masked, special: SpecialIds, batch_size: int = 8) -> list[np.ndarray]:
+def score(backend: Backend, ids, masked, special: SpecialIds, batch_size: int = 8) -> list[np.ndarray]:
     """Per sequence, -log p of the true tokens at its masked positions (empty where nothing is masked)."""
-    return in_batches(lambda x, m: score_batch(backend, x, m, special), ids, masked, batch_size,
+    return in_batches(lambda rows, x, m: score_batch(backend, x, m, special), ids, masked, batch_size,
                       lambda x: np.zeros(0))

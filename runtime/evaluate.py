@@ -1,4 +1,7 @@
-"""Masked-token perplexity and greedy top-1 accuracy of fills, on fixed masks (torch-free: MARIA's side)."""
+"""Masked-token perplexity and greedy top-1 accuracy of fills, on fixed masks: torch-free, MARIA through ONNX.
+
+The baselines (PyTorch) and the orchestration of `maria eval` live in tools/evaluate.py.
+"""
 
 import math
 
@@ -59,21 +62,3 @@ def text_windows(path, infiller, seq_len: int, count: int) -> np.ndarray:
         raise ValueError(f"--seq-len must be from 2 to the bundle's maximum {infiller.manifest.max_sequence_length}")
     documents = [line for line in text.splitlines() if line.strip()]
     return pack_windows(documents, plain_encoder(infiller.tokenizer), seq_len, infiller.special.start)[:count]
-
-
-def evaluate(text_file, infiller, mask_rate: float = 0.5, span: bool = False, seq_len: int = 128,
-             windows: int = 64, seed: int = 0, batch_size: int = 16, backbones_from=None) -> dict:
-    """MARIA (ONNX) and, where PyTorch and the backbones are at hand, the baselines, on the same masks."""
-    data = text_windows(text_file, infiller, seq_len, windows)
-    masks = draw_masks(data, mask_rate, seed, span)
-    rows, note = [evaluate_maria(infiller, data, masks, batch_size)], ""
-    try:
-        from maria_onnx.evaluate import evaluate_baselines, load_baseline_backbones
-    except ImportError:
-        note = "baselines need the train extra (pip install 'maria-onnx[train]'); MARIA only"
-    else:
-        backbones, note = load_baseline_backbones(infiller.manifest, backbones_from)
-        if backbones is not None:
-            rows += evaluate_baselines(backbones, data, masks, batch_size)
-    return {"text": str(text_file), "mask_rate": mask_rate, "span": span, "seq_len": seq_len,
-            "windows": int(len(data)), "seed": seed, "rows": rows, "note": note}

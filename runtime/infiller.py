@@ -5,16 +5,15 @@ texts in batches.
 """
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from .backend import OnnxBackend
 from .choose import Sampling
 from .decode import Fill, infill, score
-from .default_model import DEFAULT_MODEL
+from .default_model import resolve_bundle
 from .manifest import load_manifest
+from .onnx_backend import OnnxBackend
 from .text import MaskedText, encode_masked_text, segments
 
 
@@ -30,15 +29,20 @@ class Infilled:
     segments: list = field(repr=False, default_factory=list)    # (piece, is_fill) runs of text
     note: str = ""
 
+    def to_dict(self) -> dict:
+        """The JSON object of one result, as `maria infill --json` prints it."""
+        return {"input": self.input, "text": self.text, "ids": self.ids, "masked_positions": self.masked_positions,
+                "fills": self.fills, "fill_logprobs": self.fill_logprobs, "note": self.note}
+
 
 class Infiller:
     def __init__(self, bundle=None, device: str = "auto", io_binding: bool | None = None):
         """bundle: a folder written by `maria export`; None for the default model shipped in the package."""
-        self.bundle = Path(bundle) if bundle is not None else DEFAULT_MODEL
+        self.bundle = resolve_bundle(bundle)
         self.manifest = load_manifest(self.bundle)
         self.tokenizer = Tokenizer.from_file(str(self.bundle / self.manifest.tokenizer))
         self.backend = OnnxBackend(self.bundle, self.manifest, device=device, io_binding=io_binding)
-        self.special = self.manifest.special
+        self.special = self.manifest.special_ids
 
     @property
     def device(self) -> str:
@@ -47,10 +51,12 @@ class Infiller:
     def encode(self, text: str) -> MaskedText:
         return encode_masked_text(text, self.tokenizer, self.special.mask, self.manifest.max_sequence_length)
 
-    def fill_ids(self, ids, masked, sampling: Sampling = Sampling(), batch_size: int = 8) -> list[Fill]:
-        """Fills content ids at masked positions; sequences without masked positions come back unchanged."""
+    def fill_ids(self, ids, masked, sampling: Sampling = Sampling(), batch_size: int = 8,
+                 rngs: list[np.random.Generator] | None = None) -> list[Fill]:
+        """Fills content ids at masked positions; sequences without masked positions come back unchanged.
+        rngs[i] draws sequence i's samples; by default one generator per sequence from (seed, i, 0)."""
         self._check_ids(ids, masked)
-        return infill(self.backend, ids, masked, self.special, sampling, batch_size)
+        return infill(self.backend, ids, masked, self.special, sampling, batch_size, rngs)
 
     def score(self, ids, masked, batch_size: int = 8) -> list[float]:
         """Summed negative log-likelihood of the given tokens at the masked positions (teacher forced)."""
@@ -64,7 +70,10 @@ class Infiller:
             raise ValueError(f"batch size and number of samples must be at least 1, got {batch_size}, {num_samples}")
         encoded = [self.encode(text) for text in texts]
         inputs = [(text, e) for text, e in zip(texts, encoded) for _ in range(num_samples)]
-        fills = self.fill_ids([e.ids for _, e in inputs], [e.masked for _, e in inputs], sampling, batch_size)
+        rngs = [np.random.default_rng([sampling.seed, index, sample])       # text index, sample index
+                for index in range(len(texts)) for sample in range(num_samples)]
+        fills = self.fill_ids([e.ids for _, e in inputs], [e.masked for _, e in inputs], sampling, batch_size,
+                              rngs)
         return [self._result(text, e, fill) for (text, e), fill in zip(inputs, fills)]
 
     def _result(self, text: str, encoded: MaskedText, fill: Fill) -> Infilled:

@@ -16,7 +16,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .decode import SpecialIds
+from .backend import SpecialIds
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "maria.json"
@@ -65,15 +65,11 @@ class Manifest:
     head_dim: int
     vocab_size: int
     max_sequence_length: int       # content tokens per text
-    special_ids: dict              # cls, sep, mask, start, pad
+    special_ids: SpecialIds        # cls, sep, mask, start, pad
     graphs: dict                   # name -> GraphSpec
     tokenizer: str
     files: dict                    # file name -> sha256
     source: dict                   # backbones, training settings, library versions
-
-    @property
-    def special(self) -> SpecialIds:
-        return SpecialIds(**self.special_ids)
 
     def graph(self, name: str) -> GraphSpec:
         return self.graphs[name]
@@ -92,7 +88,8 @@ class Manifest:
                   for name, spec in manifest.graphs.items()}
         if set(graphs) != set(GRAPHS):
             raise ValueError(f"{MANIFEST_NAME} names graphs {sorted(graphs)}, expected {list(GRAPHS)}")
-        return cls(**{**asdict(manifest), "graphs": graphs})
+        special = SpecialIds.from_dict(manifest.special_ids)
+        return cls(**{**vars(manifest), "graphs": graphs, "special_ids": special})
 
     def save(self, folder: Path) -> None:
         (Path(folder) / MANIFEST_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

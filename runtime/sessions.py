@@ -6,7 +6,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-DEVICES = ("auto", "cuda", "cpu")
+from .device import choose_device
 
 
 def gpu_present() -> bool:
@@ -14,19 +14,21 @@ def gpu_present() -> bool:
     return Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None
 
 
+def cuda_missing() -> str | None:
+    """Why ONNX Runtime cannot run on CUDA here, or None where it can try."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return ("this onnxruntime has no CUDA execution provider (install onnxruntime-gpu with a CUDA "
+                "runtime)")
+    if not gpu_present():
+        return "no NVIDIA GPU was found (no /dev/nvidiactl and no nvidia-smi)"
+    return None
+
+
 def providers_for(device: str) -> list[str]:
     """auto: CUDA where this onnxruntime has it and a GPU is present, else CPU. cuda: CUDA or an error. cpu: CPU."""
-    if device not in DEVICES:
-        raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got '{device}'")
     ort.set_default_logger_severity(3)       # our own one-line warning replaces ORT's provider-loading noise
-    available = ort.get_available_providers()
-    if device == "cpu" or (device == "auto" and not gpu_present()):
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in available:
+    if choose_device(device, cuda_missing()) == "cuda":
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device == "cuda":
-        raise ValueError("--device cuda: this onnxruntime has no CUDA execution provider (install onnxruntime-gpu "
-                         "with a CUDA runtime); use --device auto or cpu")
     return ["CPUExecutionProvider"]
 
 

@@ -5,6 +5,7 @@ belongs to that word's token, so one space before a marker is left to the fill: 
 tokenized as "The" + <mask> + " statement" and the fill comes back as " raise".
 """
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -74,3 +75,43 @@ def pack_windows(documents: list[str], encode, seq_len: int, separator_id: int) 
         raise ValueError(f"the text holds {len(ids)} tokens, fewer than one window of {seq_len}; "
                          "add text or use a shorter sequence length")
     return np.asarray(ids[: count * seq_len], dtype=np.int64).reshape(count, seq_len)
+
+
+@dataclass(frozen=True)
+class Line:
+    """One non-blank input line: its 1-based number and its text, or why it holds no text."""
+    number: int
+    text: str | None
+    error: str = ""
+
+
+def read_lines(content: str, name: str, jsonl: bool, field: str = "text") -> list[Line]:
+    """Splits content on newlines only (a U+2028 or form feed inside a line stays in it) and skips blank lines.
+    Plain text: each line is a text. JSONL: each line is an object whose string `field` is the text; a line
+    that is not comes back with an error naming it (name:number) instead of stopping the read."""
+    lines = []
+    for number, raw in enumerate(content.split("\n"), 1):
+        line = raw[:-1] if raw.endswith("\r") else raw
+        if not line.strip():
+            continue
+        if not jsonl:
+            lines.append(Line(number, line))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            lines.append(Line(number, None, f"{name}:{number} is not valid JSON ({error.msg})"))
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            lines.append(Line(number, None, f"{name}:{number} has no string field '{field}'"))
+            continue
+        lines.append(Line(number, record[field]))
+    return lines
+
+
+def texts_of(lines: list[Line]) -> list[str]:
+    """The texts, or a ValueError naming the first line that has none."""
+    for line in lines:
+        if line.error:
+            raise ValueError(line.error)
+    return [line.text for line in lines]

@@ -8,11 +8,9 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from maria_onnx.bench import mlm_autoregressive
 from maria_onnx.checkpoint import load_maria
-from maria_onnx.evaluate import baseline_heads, evaluate_baselines
+from tools.baselines import baseline_heads, evaluate_baselines, mlm_autoregressive
 from maria_onnx.model import mlm_input_ids
-from maria_onnx.reference import TorchBackend, special_ids
 from runtime.evaluate import draw_masks, text_windows
 from runtime.infiller import Infiller
 from tiny import corpus
@@ -57,13 +55,13 @@ def test_mlm_autoregressive_fills_with_the_mlm_alone(checkpoints):
     ids = [rng.integers(6, backbones.vocab_size, 10)]
     masked = [np.zeros(10, dtype=bool)]
     masked[0][[2, 7]] = True
-    filled = mlm_autoregressive(TorchBackend(backbones, head), ids, masked, special_ids(backbones))[0]
+    filled = mlm_autoregressive(backbones, ids, masked)[0]
     assert np.array_equal(filled[~masked[0]], ids[0][~masked[0]])
     first = torch.from_numpy(ids[0])[None]
     with torch.no_grad():          # the first fill is the MLM's argmax with both positions masked
         logits = backbones.mlm(mlm_input_ids(backbones, first, torch.from_numpy(masked[0])[None])).logits
     logits = logits[0, 3, : backbones.vocab_size]
-    logits[special_ids(backbones).all] = -float("inf")
+    logits[backbones.special.all] = -float("inf")
     assert filled[2] == int(logits.argmax())
 
 
@@ -74,7 +72,7 @@ def test_baseline_perplexities_agree_with_direct_pytorch(checkpoints, bundles):
     masks = draw_masks(windows, 0.5, seed=3)
     rows = {r["system"]: r for r in evaluate_baselines(backbones, windows, masks, batch_size=2)}
     ids, masked = torch.from_numpy(windows), torch.from_numpy(np.stack(masks))
-    start = torch.full((5, 1), backbones.start_token_id)
+    start = torch.full((5, 1), backbones.special.start)
     with torch.no_grad():
         ar = backbones.ar(torch.cat([start, ids[:, :-1]], 1)).logits.log_softmax(-1)
         mlm = backbones.mlm(mlm_input_ids(backbones, ids, masked)).logits[:, 1:-1, : backbones.vocab_size]

@@ -1,6 +1,6 @@
 """The default model's corpus: reStructuredText stripped to prose, documents split stably."""
 
-from maria_onnx.corpus import rst_to_prose, split_of
+from tools.corpus import rst_to_prose, split_of
 
 SOURCE = """\
 .. _bltin-exceptions:

@@ -90,7 +90,7 @@ def test_manifest_round_trips_and_describes_the_graphs(bundles, checkpoints):
     backbones, _, _ = load_maria(checkpoints["llama"])
     assert manifest.num_key_value_heads == backbones.ar.config.num_key_value_heads == 2    # grouped-query
     assert manifest.num_hidden_layers == 2 and manifest.vocab_size == backbones.vocab_size
-    assert manifest.special_ids["mask"] == backbones.mask_token_id
+    assert manifest.special_ids.mask == backbones.special.mask
     for name in ("mlm", "ar_decoder", "fusion_head"):
         spec = manifest.graph(name)
         graph = session(folder, spec.file)

@@ -61,8 +61,8 @@ def test_cached_infill_agrees_with_a_teacher_forced_pass(model):
         logits = head(*(h[:, first] for h in teacher_forced_hidden(
             backbones, torch.from_numpy(fill.ids)[None], torch.from_numpy(masked)[None])))[0]
         logits = logits.detach()
-        logits[[backbones.mask_token_id, backbones.pad_token_id, backbones.cls_token_id,
-                backbones.sep_token_id, backbones.start_token_id]] = -float("inf")
+        logits[[backbones.special.mask, backbones.special.pad, backbones.special.cls,
+                backbones.special.sep, backbones.special.start]] = -float("inf")
         assert int(logits.argmax()) == fill.ids[first]
 
 
@@ -90,8 +90,8 @@ def test_sampling_is_repeatable_and_never_picks_special_tokens(model):
     other = reference_infill(backbones, head, [ids] * 3, [masked] * 3, Sampling(temperature=5.0, seed=8))
     assert all(np.array_equal(a.ids, b.ids) for a, b in zip(first, again))
     assert any(not np.array_equal(a.ids, b.ids) for a, b in zip(first, other))
-    special = {backbones.mask_token_id, backbones.pad_token_id, backbones.cls_token_id, backbones.sep_token_id,
-               backbones.start_token_id}
+    special = {backbones.special.mask, backbones.special.pad, backbones.special.cls, backbones.special.sep,
+               backbones.special.start}
     assert not special & {int(t) for f in first for t in f.ids[f.positions]}
     top1 = reference_infill(backbones, head, [ids], [masked], Sampling(temperature=1.0, top_k=1, seed=3))[0]
     assert np.array_equal(top1.ids, reference_infill(backbones, head, [ids], [masked])[0].ids)

@@ -10,10 +10,11 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
-from .backbones import load_backbones
-from .checkpoint import maria_config, save_checkpoint
-from .model import FusionHead
-from .pretrain import SPECIAL_TOKENS, save_tokenizer
+from maria_onnx.backbones import load_backbones
+from maria_onnx.checkpoint import maria_config, save_checkpoint
+from maria_onnx.model import FusionHead
+
+from .pretrain import DEFAULT_SIZE, SPECIAL_TOKENS, backbone_configs, save_tokenizer
 
 # The paper's pairing at its smallest size: ModernBERT-large and OLMo-1B (their Hugging Face configs' shapes).
 PAPER = {
@@ -29,13 +30,7 @@ PAPER = {
 }
 
 
-def default_shapes() -> dict:
-    """The shipped default model's shapes (maria_onnx.recipe.Recipe)."""
-    from .recipe import Recipe
-    return Recipe().backbone_configs()
-
-
-SHAPES = {"paper": lambda: PAPER, "default": default_shapes}
+SHAPES = {"paper": lambda: PAPER, "default": lambda: backbone_configs(**DEFAULT_SIZE)}   # default: the shipped model
 
 
 def load_shapes(name_or_file: str) -> dict:

@@ -1,6 +1,6 @@
 """The default model, reproducibly, in one command:
 
-    python -m maria_onnx.recipe --work runs/default [--install]
+    python -m tools.recipe --work runs/default [--install]
 
 corpus (Python 3.11 docs, split by document) -> BPE tokenizer -> ModernBERT MLM and OLMo AR from scratch
 -> MARIA head (`maria train`) -> bundle (`maria export`) -> quality table on the held-out test documents.
@@ -19,31 +19,29 @@ import numpy as np
 import torch
 
 from export.bundle import export_bundle
+from maria_onnx.backbones import load_backbones
+from maria_onnx.config import TrainConfig
+from maria_onnx.data import read_documents
+from maria_onnx.train import train
 from runtime.default_model import DEFAULT_MODEL
 from runtime.evaluate import draw_masks, evaluate_maria
 from runtime.infiller import Infiller
-
-from .backbones import load_backbones
-from .config import TrainConfig
-from .corpus import build_corpus, download_python_docs
 from runtime.text import pack_windows, plain_encoder
 
-from .data import read_documents
-from .evaluate import evaluate_baselines
-from .pretrain import (SPECIAL_TOKENS, ar_batch, backbone_configs, mlm_batch, new_backbone, pretrain,
+from .baselines import evaluate_baselines
+from .corpus import build_corpus, download_python_docs
+from .pretrain import (DEFAULT_SIZE, SPECIAL_TOKENS, ar_batch, backbone_configs, mlm_batch, new_backbone, pretrain,
                        save_tokenizer, train_tokenizer)
-from .train import train
-
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    vocab_size: int = 4096
-    hidden_size: int = 256
-    layers: int = 4
-    heads: int = 4
-    intermediate_size: int = 512
-    max_positions: int = 2048        # RoPE in both: the bundle accepts texts up to 2046 tokens
+    vocab_size: int = DEFAULT_SIZE["vocab_size"]
+    hidden_size: int = DEFAULT_SIZE["hidden_size"]
+    layers: int = DEFAULT_SIZE["layers"]
+    heads: int = DEFAULT_SIZE["heads"]
+    intermediate_size: int = DEFAULT_SIZE["intermediate_size"]
+    max_positions: int = DEFAULT_SIZE["max_positions"]      # RoPE in both: the bundle accepts up to 2046 tokens
     seq_len: int = 128
     batch_size: int = 32
     mlm_steps: int = 1600
@@ -131,7 +129,7 @@ def test_windows(work: Path, recipe: Recipe, tokenizer, start_id: int):
 def quality(work: Path, recipe: Recipe, log=print) -> dict:
     """The model card's table: every system on the same masks of the held-out test documents."""
     backbones = load_backbones(work / "mlm", work / "ar")
-    windows = test_windows(work, recipe, backbones.tokenizer, backbones.start_token_id)
+    windows = test_windows(work, recipe, backbones.tokenizer, backbones.special.start)
     infillers = {"MARIA": Infiller(work / "bundle", device="cpu"),
                  "MARIA int8": Infiller(work / "bundle-int8", device="cpu")}
     table = {"windows": int(len(windows)), "seq_len": recipe.seq_len, "rates": {}}

@@ -1,19 +1,26 @@
-"""The baselines' side of `maria eval` (PyTorch), on the same masks as MARIA's (runtime/evaluate.py).
+"""The PyTorch baselines of `maria eval` and `maria bench`, on the same masks and inputs as MARIA's.
 
-Each baseline is a fusion head with one half switched off, so every system runs the same scorer and decode loop:
+Each quality baseline is a fusion head with one half switched off, so every system runs the same scorer and
+decode loop:
     AR alone   W = [0 ; W_ar],          b = b_ar     p(x_i | x_<i): left context only
     MLM alone  W = [W_mlm ; 0],         b = b_mlm    one MLM pass, masks predicted independently
     PoE init   W = [W_mlm/2 ; W_ar/2],  b = (b_mlm + b_ar)/2   MARIA's head before training
+
+The speed baseline `mlm_autoregressive` decodes with the MLM alone, left to right, re-running it after every fill.
 """
 
+from pathlib import Path
+
+import numpy as np
 import torch
 
+from maria_onnx.backbones import Backbones, load_backbones
+from maria_onnx.config import MariaConfig
+from maria_onnx.model import FusionHead
+from maria_onnx.reference import TorchBackend, reference_infill, reference_score
 from runtime.choose import Sampling
+from runtime.decode import encode_masked
 from runtime.evaluate import quality_row
-
-from .backbones import Backbones
-from .model import FusionHead
-from .reference import reference_infill, reference_score
 
 
 def baseline_heads(backbones: Backbones) -> dict[str, FusionHead]:
@@ -44,10 +51,6 @@ def evaluate_baselines(backbones: Backbones, windows, masks, batch_size: int = 1
 def load_baseline_backbones(manifest, backbones_from=None):
     """The backbones for the baselines: from a checkpoint folder, else the folders the bundle was exported from.
     Returns (backbones or None, a note saying why there are none)."""
-    from pathlib import Path
-
-    from .backbones import load_backbones
-    from .config import MariaConfig
     if backbones_from is not None:
         config = MariaConfig.load(backbones_from)
         return load_backbones(config.mlm_path, config.ar_path), ""
@@ -56,3 +59,21 @@ def load_baseline_backbones(manifest, backbones_from=None):
         return load_backbones(mlm, ar), ""
     return None, ("the bundle's backbone folders are not on this machine; pass --backbones-from CHECKPOINT "
                   "for the baselines; MARIA only")
+
+
+@torch.no_grad()
+def mlm_autoregressive(backbones: Backbones, ids, masked) -> list[np.ndarray]:
+    """One batch: at each step every sequence fills its next masked position (greedy) from a fresh MLM pass."""
+    backend, special = TorchBackend(backbones, None), backbones.special
+    current, remaining = [x.copy() for x in ids], [m.copy() for m in masked]
+    targets = [np.flatnonzero(m) for m in masked]
+    decoder, vocab = backbones.mlm_decoder(), backbones.vocab_size
+    for step in range(max(len(t) for t in targets)):
+        hidden = encode_masked(backend, current, remaining, special)          # [batch, n + 2, d_mlm]
+        rows = [row for row, t in enumerate(targets) if step < len(t)]
+        positions = [targets[row][step] for row in rows]
+        logits = decoder(backend.tensor(hidden[rows, np.array(positions) + 1]))[:, :vocab].float()  # [rows, V]
+        logits[:, special.all] = -float("inf")
+        for row, position, token in zip(rows, positions, logits.argmax(-1).cpu().numpy()):
+            current[row][position], remaining[row][position] = token, False
+    return current

@@ -36,6 +36,10 @@ def save_tokenizer(tokenizer_json: Path, folder: Path, role: str) -> PreTrainedT
     return tokenizer
 
 
+# The shipped default model's size (tools/recipe.py trains it; `--shapes default` benchmarks it).
+DEFAULT_SIZE = dict(vocab_size=4096, hidden_size=256, layers=4, heads=4, intermediate_size=512, max_positions=2048)
+
+
 def backbone_configs(vocab_size: int, hidden_size: int, layers: int, heads: int, intermediate_size: int,
                      max_positions: int) -> dict:
     """Hugging Face config arguments of the pair: a ModernBERT MLM and an OLMo AR of one size, whose special

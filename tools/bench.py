@@ -19,50 +19,36 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from export.bundle import export_bundle
+from maria_onnx.backbones import torch_device as choose_torch_device
+from maria_onnx.checkpoint import load_maria
+from maria_onnx.reference import reference_infill
 from runtime.choose import Sampling
-from runtime.decode import SpecialIds, encode_masked
+from runtime.device import check_device
 from runtime.evaluate import draw_masks
 from runtime.infiller import Infiller
 from runtime.manifest import load_manifest
-from runtime.sessions import gpu_present
+from runtime.sessions import cuda_missing
 
-from .checkpoint import load_maria
-from .reference import TorchBackend, reference_infill, special_ids
-
-
-def mlm_autoregressive(backend: TorchBackend, ids, masked, special: SpecialIds) -> list[np.ndarray]:
-    """One batch: at each step every sequence fills its next masked position from a fresh MLM pass."""
-    current, remaining = [x.copy() for x in ids], [m.copy() for m in masked]
-    targets = [np.flatnonzero(m) for m in masked]
-    decoder, vocab = backend.backbones.mlm_decoder(), backend.backbones.vocab_size
-    for step in range(max(len(t) for t in targets)):
-        hidden = encode_masked(backend, current, remaining, special)          # [batch, n + 2, d_mlm]
-        rows = [row for row, t in enumerate(targets) if step < len(t)]
-        positions = [targets[row][step] for row in rows]
-        with torch.no_grad():
-            logits = decoder(backend._tensor(hidden[rows, np.array(positions) + 1]))[:, :vocab].float()
-        logits[:, special.all] = -float("inf")
-        for row, position, token in zip(rows, positions, logits.argmax(-1).cpu().numpy()):
-            current[row][position], remaining[row][position] = token, False
-    return current
+from .baselines import mlm_autoregressive
+from .shapes import load_shapes, random_checkpoint
 
 
 def _systems(bundle: Path, checkpoint: Path, device: str, mlm_ar: bool, dtype: str) -> dict:
     """name -> fill(ids, masked) for one batch."""
-    torch_device = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+    torch_device = choose_torch_device(device)
     torch_dtype = torch.float16 if dtype == "fp16" and torch_device == "cuda" else torch.float32
     backbones, head, _ = load_maria(checkpoint, device=torch_device, dtype=torch_dtype)
-    special, backend = special_ids(backbones), TorchBackend(backbones, head)
     systems = {}
     onnx_devices = ["cpu"] if device == "cpu" else (["cuda"] if device == "cuda" else
-                                                    (["cpu", "cuda"] if gpu_present() else ["cpu"]))
+                                                    (["cpu", "cuda"] if cuda_missing() is None else ["cpu"]))
     for onnx_device in onnx_devices:
         infiller = Infiller(bundle, device=onnx_device)
         systems[f"onnx-{infiller.device}"] = (
             lambda ids, masked, infiller=infiller: infiller.fill_ids(ids, masked, batch_size=len(ids)))
     systems["pytorch"] = lambda ids, masked: reference_infill(backbones, head, ids, masked, Sampling(), len(ids))
     if mlm_ar:
-        systems["mlm-ar"] = lambda ids, masked: mlm_autoregressive(backend, ids, masked, special)
+        systems["mlm-ar"] = lambda ids, masked: mlm_autoregressive(backbones, ids, masked)
     return systems, torch_device
 
 
@@ -158,9 +144,6 @@ def machine() -> dict:
 def prepare(out: Path, checkpoint=None, bundle=None, shapes=None, dtype: str = "fp32", console=None):
     """The (checkpoint, bundle) to bench: a trained checkpoint, or random backbones of the named shapes; a bundle
     is exported from the checkpoint unless one is given."""
-    from export.bundle import export_bundle
-
-    from .shapes import load_shapes, random_checkpoint
     if checkpoint is not None and shapes is not None:
         raise ValueError("give either --checkpoint (trained weights) or --shapes (random weights), not both")
     if checkpoint is None and shapes is None:
@@ -179,6 +162,7 @@ def bench(out: Path, checkpoint=None, bundle=None, shapes=None, dtype: str = "fp
           seed: int = 0, device: str = "auto", mlm_ar: bool = True, mlm_ar_max_tokens: int = 512,
           console: Console | None = None) -> dict:
     """Runs every system on every (length, batch); writes out/bench.json and out/bench.png; returns the report."""
+    check_device(device)
     console = console or Console(stderr=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
