@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="MARIA: fill masked tokens with an autoregressive model, on ONNX Runtime.")
 
 
@@ -57,7 +57,7 @@ def train(
     mask_rate_max: float = typer.Option(1.0),
     eval_every: int = typer.Option(100, min=1),
     save_every: int = typer.Option(100, min=1),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0),
     text_field: str = typer.Option("text", help="JSONL field holding the text."),
     line_documents: bool = typer.Option(False, help="Plain text: one document per line instead of per file."),
     device: str = typer.Option("auto", help="auto | cpu | cuda (under `accelerate launch`, its settings)."),
@@ -89,19 +89,31 @@ def export_command(
     """Export a trained checkpoint to a validated ONNX bundle (mlm, ar_decoder, fusion_head)."""
     from export.bundle import export_bundle
 
-    export_bundle(checkpoint, out, dtype=dtype, int8=int8, opset=opset, overwrite=overwrite)
+    try:
+        export_bundle(checkpoint, out, dtype=dtype, int8=int8, opset=opset, overwrite=overwrite)
+    except KeyboardInterrupt:
+        fail(f"interrupted; nothing was written to {out} (a bundle already there is unchanged)", code=130)
 
 
-def read_texts(texts: list[str], input_file: Optional[str]) -> list[str]:
-    """Texts from the arguments, or from --input: one per line, or JSONL with a "text" field; '-' is stdin."""
-    from runtime.text import read_lines, texts_of
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
+
+def read_input(texts: list[str], input_file: Optional[str], input_format: Optional[str]) -> list:
+    """runtime.text.Line per text: the arguments, or --input's lines (plain text, or JSONL with a "text" field;
+    '-' is stdin). The format is --format, else guessed from the file's suffix; plain text that is evidently
+    JSONL is refused."""
+    from runtime.text import Line, read_lines
+
+    if input_format not in (None, "text", "jsonl"):
+        raise ValueError(f"--format must be text or jsonl, got '{input_format}'")
     if texts and input_file:
         raise ValueError("give texts as arguments or with --input, not both")
     if not input_file:
         if not texts:
             raise ValueError("no text given; pass a text with [MASK] markers, or --input FILE ('-' for stdin)")
-        return texts
+        if input_format:
+            raise ValueError("--format describes --input; texts given as arguments are plain text")
+        return [Line(number, text) for number, text in enumerate(texts, 1)]
     name = "stdin" if input_file == "-" else input_file
     try:
         data = sys.stdin.buffer.read() if input_file == "-" else Path(input_file).read_bytes()
@@ -111,17 +123,48 @@ def read_texts(texts: list[str], input_file: Optional[str]) -> list[str]:
         content = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ValueError(f"{name} is not valid UTF-8 (byte {error.start}); convert it to UTF-8") from None
-    return texts_of(read_lines(content, name, jsonl=input_file.endswith(".jsonl")))
+    jsonl = (input_format or ("jsonl" if input_file.lower().endswith(JSONL_SUFFIXES) else "text")) == "jsonl"
+    lines = read_lines(content, name, jsonl)
+    if not jsonl and input_format is None and lines:
+        first = read_lines(lines[0].text, name, jsonl=True)[0]
+        if not first.error:
+            raise ValueError(f"{name}:{lines[0].number} is a JSON object with a \"text\" field, so the input looks "
+                             "like JSONL; pass --format jsonl (or --format text to fill it as plain text)")
+    return lines
+
+
+NEWLINES = str.maketrans({"\n": "\\n", "\r": "\\r"})
 
 
 def show(result, as_json: bool, styled: bool) -> None:
+    """One line per result: JSON exact; plain text with a newline inside a fill shown escaped (\\n)."""
     if as_json:
         typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
     elif styled:
-        typer.echo("".join(typer.style(piece, fg=typer.colors.GREEN, bold=True) if fill else piece
-                           for piece, fill in result.segments))
+        typer.echo("".join(typer.style(piece.translate(NEWLINES), fg=typer.colors.GREEN, bold=True) if fill
+                           else piece.translate(NEWLINES) for piece, fill in result.segments))
     else:
-        typer.echo(result.text)
+        typer.echo(result.text.translate(NEWLINES))
+
+
+def checked_lines(lines: list, infiller, skip_invalid: bool, where) -> list:
+    """The lines whose text encodes; a bad line stops the run (naming it) unless skip_invalid, which reports it
+    on stderr and leaves it out."""
+    good = []
+    for line in lines:
+        error = line.error
+        if not error:
+            try:
+                infiller.encode(line.text)
+            except ValueError as problem:
+                error = f"{where(line)}: {problem}"
+        if not error:
+            good.append(line)
+        elif skip_invalid:
+            typer.secho(f"skipped: {error}", fg=typer.colors.YELLOW, err=True)
+        else:
+            raise ValueError(f"{error} (--skip-invalid fills the other lines)")
+    return good
 
 
 @app.command()
@@ -130,13 +173,18 @@ def infill(
     texts: list[str] = typer.Argument(None, help="Texts with [MASK] (one token) or [MASK:N] (N tokens) markers."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="A bundle folder written by `maria export`."),
     input_file: Optional[str] = typer.Option(None, "--input", "-i",
-                                             help="One text per line, or .jsonl with a \"text\" field; - for stdin."),
+                                             help="One text per line, or JSONL with a \"text\" field; - for stdin."),
+    input_format: Optional[str] = typer.Option(None, "--format", help="text | jsonl (default: from --input's "
+                                                                      "suffix, .jsonl/.ndjson = jsonl)."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Report bad input lines on stderr and fill "
+                                                                    "the rest (default: stop at the first)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per result (ids, positions, log-probs)."),
     batch_size: int = typer.Option(8, min=1),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_k: int = typer.Option(0, help="Sample from the k most likely tokens (0 = all)."),
     top_p: float = typer.Option(1.0, help="Sample from the smallest set with this much probability (1 = all)."),
-    seed: int = typer.Option(0, help="Seed for sampling; the same seed repeats a run."),
+    seed: int = typer.Option(0, help="Seed for sampling: a text's samples depend only on the seed and its "
+                                            "line, whatever the batching."),
     num_samples: int = typer.Option(1, min=1, help="Results per input."),
     device: str = typer.Option("auto", help="auto | cuda | cpu"),
 ):
@@ -147,17 +195,24 @@ def infill(
 
     check_device(device)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    texts = read_texts(texts or [], input_file)
+    lines = read_input(texts or [], input_file, input_format)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         infiller = Infiller(model, device=device)
     for warning in caught:
         typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
-    results = infiller.infill(texts, sampling, batch_size=batch_size, num_samples=num_samples)
+    name = "stdin" if input_file == "-" else input_file
+    where = (lambda line: f"{name}:{line.number}") if input_file else (lambda line: f"text {line.number}")
+    lines = checked_lines(lines, infiller, skip_invalid, where)
+    if num_samples > 1 and sampling.greedy:
+        typer.echo(f"note: --temperature 0 is greedy: the {num_samples} samples of each text are identical",
+                   err=True)
+    results = infiller.infill([line.text for line in lines], sampling, batch_size=batch_size,
+                              num_samples=num_samples, indices=[line.number - 1 for line in lines])
     styled = sys.stdout.isatty() and not as_json
-    for number, result in enumerate(results, 1):
+    for number, result in enumerate(results):
         if result.note and not as_json:
-            typer.echo(f"note: input {(number - 1) // num_samples + 1}: {result.note}", err=True)
+            typer.echo(f"note: {where(lines[number // num_samples])}: {result.note}", err=True)
         show(result, as_json, styled)
 
 
@@ -182,13 +237,17 @@ def bench(
     batch_sizes: str = typer.Option("1,8"),
     mask_rate: float = typer.Option(0.5),
     repeats: int = typer.Option(3, min=1),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0),
     device: str = typer.Option("auto", help="auto | cuda | cpu"),
     mlm_ar: bool = typer.Option(True, help="Include the autoregressive-MLM baseline (quadratic)."),
     mlm_ar_max_tokens: int = typer.Option(512, help="Run mlm-ar only where batch x length is at most this."),
 ):
     """Infilling throughput against input length: ONNX runtime, PyTorch reference, MLM decoded autoregressively."""
     from tools.bench import bench as run_bench
+
+    if model is not None and checkpoint is None:
+        raise ValueError("--model needs --checkpoint, the checkpoint it was exported from: the PyTorch systems "
+                         "must run the same weights as the bundle")
 
     run_bench(out, checkpoint=checkpoint, bundle=model, shapes=shapes, dtype=dtype,
               lengths=int_list(lengths, "--lengths"), batch_sizes=int_list(batch_sizes, "--batch-sizes"),
@@ -206,7 +265,7 @@ def eval_command(
     span: bool = typer.Option(False, help="Mask spans (mean length 4) instead of single tokens."),
     seq_len: int = typer.Option(128, help="Tokens per evaluation window."),
     windows: int = typer.Option(64, min=1, help="At most this many windows."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, min=0),
     batch_size: int = typer.Option(16, min=1),
     as_json: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON here."),
     device: str = typer.Option("auto", help="auto | cuda | cpu"),
@@ -220,6 +279,8 @@ def eval_command(
     from tools.evaluate import evaluate
 
     check_device(device)
+    if as_json is not None and (as_json.is_dir() or not as_json.parent.is_dir()):
+        raise ValueError(f"--json {as_json}: give a file path in an existing folder")
     report = evaluate(text_file, Infiller(model, device=device), mask_rate=mask_rate, span=span,
                       seq_len=seq_len, windows=windows, seed=seed, batch_size=batch_size,
                       backbones_from=backbones_from)

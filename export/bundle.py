@@ -1,7 +1,9 @@
 """`maria export`: a trained checkpoint -> a self-describing, self-checked bundle folder.
 
-The bundle is written to a temporary folder beside the target and renamed into place only after every graph
-has passed validation, so a failed or interrupted export never leaves a folder that looks complete.
+The bundle is written to a temporary folder beside the target (`.NAME.partial-PID-*`) and renamed into place
+only after every graph has passed validation, so a failed or interrupted export never leaves a folder that looks
+complete. `overwrite` replaces only an existing bundle, never the checkpoint being exported or a folder holding
+it; partial folders left by a killed export of the same target are removed by the next one.
 """
 
 import json
@@ -11,6 +13,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
+from glob import escape as glob_escape
 from importlib.metadata import version
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from .graphs import AR_FILE, HEAD_FILE, MLM_FILE, export_backbones, export_fusio
 from .validate import validate
 
 DEFAULT_OPSET = 17
+OPSETS = range(17, 21)          # from the opset the graphs need to the newest torch.onnx's exporter writes
 TOKENIZER_FILE, VALIDATION_FILE = "tokenizer.json", "validation.json"
 
 
@@ -38,14 +42,56 @@ def stage(console: Console, name: str):
     console.print(f"[green]✓[/green] {name} ({time.perf_counter() - began:.1f}s)")
 
 
-def _target(out: Path, overwrite: bool) -> Path:
+def is_bundle(folder: Path) -> bool:
+    """A folder whose manifest says it is a MARIA bundle (of any schema version)."""
+    try:
+        data = json.loads((Path(folder) / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"schema_version", "graphs", "files"} <= set(data)
+
+
+def _check_target(out: Path, checkpoint: Path, overwrite: bool) -> None:
+    """Refuses an --out that is, or holds, the checkpoint, and one that exists unless it is a bundle to replace."""
+    checkpoint = Path(checkpoint).resolve()
+    if out == checkpoint or out in checkpoint.parents:
+        what = "is the checkpoint" if out == checkpoint else "holds the checkpoint"
+        raise ValueError(f"--out {out} {what} being exported; choose another --out")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    if not out.is_dir() or out.is_symlink() or not is_bundle(out):
+        raise FileExistsError(f"{out} exists and is not a MARIA bundle (no {MANIFEST_NAME}); --overwrite replaces "
+                              "only a bundle: remove it yourself or choose another --out")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Removes the partial folders of earlier exports to `out` whose process is gone (killed mid-export)."""
+    for partial in out.parent.glob(f".{glob_escape(out.name)}.partial-*"):
+        pid = partial.name[len(f".{out.name}.partial-"):].split("-")[0]
+        if not (pid.isdigit() and _alive(int(pid))) and partial.is_dir() and not partial.is_symlink():
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _target(out: Path, checkpoint: Path, overwrite: bool) -> Path:
     """Checks that out can be written before any work is done; returns a fresh temporary folder beside it."""
     out = Path(out).resolve()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    _check_target(out, checkpoint, overwrite)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        _remove_stale_partials(out)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     except OSError as error:
         raise PermissionError(f"cannot write the bundle to {out} ({error.strerror}); choose another --out") from None
 
@@ -115,9 +161,12 @@ def export_bundle(checkpoint, out, dtype: str = "fp32", int8: bool = False, opse
         raise ValueError(f"--dtype must be fp32 or fp16, got '{dtype}'")
     if int8 and dtype != "fp32":
         raise ValueError("--int8 quantizes an fp32 export for CPUs; use it with --dtype fp32")
+    if opset not in OPSETS:
+        raise ValueError(f"--opset {opset} is not supported; use {OPSETS.start} to {OPSETS.stop - 1} "
+                         f"(default {DEFAULT_OPSET})")
     console = console or Console(stderr=True)
     variant = "int8" if int8 else dtype
-    staging = _target(out, overwrite)
+    staging = _target(out, checkpoint, overwrite)
     try:
         with stage(console, f"loading checkpoint {checkpoint}"):
             backbones, head, config = load_maria(checkpoint)

@@ -27,9 +27,21 @@ def save_checkpoint(folder, head: FusionHead, config: MariaConfig) -> None:
     tensors = {"weight": head.linear.weight.detach().float().cpu().contiguous(),
                "bias": head.linear.bias.detach().float().cpu().contiguous()}
     save_file(tensors, folder / (HEAD_NAME + ".tmp"))
+    fsync_path(folder / (HEAD_NAME + ".tmp"))
     os.replace(folder / (HEAD_NAME + ".tmp"), folder / HEAD_NAME)
     config.save_to(folder / (CONFIG_NAME + ".tmp"))
+    fsync_path(folder / (CONFIG_NAME + ".tmp"))
     os.replace(folder / (CONFIG_NAME + ".tmp"), folder / CONFIG_NAME)
+    fsync_path(folder)
+
+
+def fsync_path(path: Path) -> None:
+    """Flushes a file or folder to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def load_head(folder, config: MariaConfig) -> FusionHead:

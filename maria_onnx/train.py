@@ -2,11 +2,15 @@
 
 Runs on one CPU or GPU, or on many GPUs / nodes under `accelerate launch` (Hugging Face Accelerate).
 Batches are drawn from a generator seeded by (seed, step), so a run is repeatable and resumes exactly.
+The training state is saved atomically: written beside the last one, synced, then swapped in by renames, so a
+run killed during a save resumes from the previous save.
 """
 
 import dataclasses
 import json
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -18,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .backbones import load_backbones, torch_device
-from .checkpoint import maria_config, save_checkpoint
+from .checkpoint import fsync_path, maria_config, save_checkpoint
 from .config import MariaConfig, TrainConfig
 from runtime.text import pack_windows, plain_encoder
 
@@ -69,26 +73,73 @@ def evaluate(backbones, head, windows, config: TrainConfig, accelerator) -> floa
     return math.exp(total / count)
 
 
+def _sync_folder(folder: Path) -> None:
+    """Flushes every file of folder, and the folder itself, to disk."""
+    for path in [*sorted(p for p in folder.rglob("*") if p.is_file()), folder]:
+        fsync_path(path)
+
+
+def _swap_in(new: Path, state: Path) -> None:
+    """Replaces state by the complete folder new; the old state is kept until new is in place."""
+    old = state.with_name(f".{STATE_DIR}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if state.exists():
+        os.replace(state, old)
+    os.replace(new, state)
+    _sync_folder(state.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _damaged(state: Path, reason: str) -> ValueError:
+    return ValueError(f"the training state in {state} is damaged ({reason}); delete that folder to restart "
+                      "training from step 0, or pass a new --out")
+
+
 def _resume(accelerator, state: Path, config: TrainConfig) -> int:
     """Loads optimizer/scheduler/head state if an earlier run left one; returns the step to start at."""
+    old = state.with_name(f".{STATE_DIR}.old")
+    if not state.exists() and old.is_dir() and accelerator.is_main_process:
+        os.replace(old, state)                # a run killed between the two renames of a save
+    accelerator.wait_for_everyone()
     info = state / "step.json"
-    if not info.is_file():
+    if not state.exists():
         return 0
-    saved = json.loads(info.read_text())
+    if not info.is_file():
+        raise _damaged(state, "step.json is missing")
+    empty = sorted(p.name for p in state.rglob("*") if p.is_file() and p.stat().st_size == 0)
+    if empty:
+        raise _damaged(state, f"{', '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty")
+    try:
+        saved = json.loads(info.read_text())
+    except ValueError as error:
+        raise _damaged(state, f"step.json is not valid JSON: {error}") from None
     changed = {k for k, v in dataclasses.asdict(config).items() if k not in FREE_ON_RESUME and saved["train"].get(k) != v}
     if changed:
         raise ValueError(f"{state.parent} holds an interrupted run with other settings ({', '.join(sorted(changed))}); "
                          "pass the same settings to resume, or a new --out to start afresh")
-    accelerator.load_state(str(state))
+    try:
+        accelerator.load_state(str(state))
+    except Exception as error:        # torch and safetensors raise many types for a torn file
+        first_line = (str(error).splitlines() or [""])[0]
+        raise _damaged(state, f"{type(error).__name__}: {first_line}") from None
     return saved["step"]
 
 
 def _save(accelerator, head, out: Path, step: int, config: TrainConfig, model_config: MariaConfig):
+    """Writes the state beside the last one, then swaps it in; the head and config files are replaced atomically."""
+    new = out / f".{STATE_DIR}.new"
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(out / STATE_DIR))
     if accelerator.is_main_process:
+        shutil.rmtree(new, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(new))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (new / "step.json").write_text(json.dumps({"step": step, "train": dataclasses.asdict(config)}))
+        _sync_folder(new)
+        _swap_in(new, out / STATE_DIR)
         save_checkpoint(out, accelerator.unwrap_model(head), dataclasses.replace(model_config, trained_steps=step))
-        (out / STATE_DIR / "step.json").write_text(json.dumps({"step": step, "train": dataclasses.asdict(config)}))
+    accelerator.wait_for_everyone()
 
 
 def train(mlm_path, ar_path, data, out, config: TrainConfig, eval_data=None, device: str = "auto",
@@ -99,6 +150,10 @@ def train(mlm_path, ar_path, data, out, config: TrainConfig, eval_data=None, dev
     set_seed(config.seed)
     out = Path(out)
     backbones = load_backbones(mlm_path, ar_path, device=accelerator.device)
+    longest = min(backbones.mlm.config.max_position_embeddings - 2, backbones.ar.config.max_position_embeddings)
+    if config.seq_len > longest:
+        raise ValueError(f"--seq-len {config.seq_len} is over the backbones' maximum of {longest} tokens "
+                         "(the MLM also sees [CLS] and [SEP]); lower --seq-len")
     train_windows, eval_windows = _windows(backbones, config, data, eval_data)
     model_config = maria_config(backbones, mlm_path, ar_path, dataclasses.asdict(config), 0)
     head = FusionHead.product_of_experts(backbones).to(accelerator.device)

@@ -43,6 +43,7 @@ class Infiller:
         self.tokenizer = Tokenizer.from_file(str(self.bundle / self.manifest.tokenizer))
         self.backend = OnnxBackend(self.bundle, self.manifest, device=device, io_binding=io_binding)
         self.special = self.manifest.special_ids
+        self._check_mask_token()
 
     @property
     def device(self) -> str:
@@ -64,14 +65,21 @@ class Infiller:
         return [float(n.sum()) for n in score(self.backend, ids, masked, self.special, batch_size)]
 
     def infill(self, texts: list[str], sampling: Sampling = Sampling(), batch_size: int = 8,
-               num_samples: int = 1) -> list[Infilled]:
-        """Fills every [MASK] / [MASK:N] of each text; num_samples results per text, in input order."""
-        if batch_size < 1 or num_samples < 1:
-            raise ValueError(f"batch size and number of samples must be at least 1, got {batch_size}, {num_samples}")
+               num_samples: int = 1, indices: list[int] | None = None) -> list[Infilled]:
+        """Fills every [MASK] / [MASK:N] of each text; num_samples results per text, in input order.
+        Sample j of texts[i] is drawn from a generator of (seed, indices[i], j) (indices default to 0, 1, ...),
+        so it is the same whatever the batch size or the other texts."""
+        if isinstance(texts, (str, bytes)):
+            raise ValueError("infill takes a list of texts, got a single string; pass [text]")
+        texts = list(texts)
+        indices = list(range(len(texts))) if indices is None else list(indices)
+        if batch_size < 1 or num_samples < 1 or len(indices) != len(texts):
+            raise ValueError(f"batch size and number of samples must be at least 1 (got {batch_size}, "
+                             f"{num_samples}), and indices one per text ({len(indices)} for {len(texts)})")
         encoded = [self.encode(text) for text in texts]
         inputs = [(text, e) for text, e in zip(texts, encoded) for _ in range(num_samples)]
-        rngs = [np.random.default_rng([sampling.seed, index, sample])       # text index, sample index
-                for index in range(len(texts)) for sample in range(num_samples)]
+        rngs = [np.random.default_rng([sampling.seed, index, sample])
+                for index in indices for sample in range(num_samples)]
         fills = self.fill_ids([e.ids for _, e in inputs], [e.masked for _, e in inputs], sampling, batch_size,
                               rngs)
         return [self._result(text, e, fill) for (text, e), fill in zip(inputs, fills)]
@@ -85,6 +93,14 @@ class Infiller:
                         fill_logprobs=[float(p) for p in fill.logprobs],
                         fills=[self.tokenizer.decode([int(t)]) for t in fill.ids[fill.positions]],
                         segments=segments(fill.ids, encoded.masked, self.tokenizer))
+
+    def _check_mask_token(self) -> None:
+        """The mask id must name a mask token in the tokenizer, or none (an id only the MLM knows)."""
+        token = self.tokenizer.id_to_token(self.special.mask)
+        if token is not None and "mask" not in token.lower():
+            raise ValueError(f"{self.bundle / 'maria.json'}: the mask id {self.special.mask} is the token "
+                             f"{token!r} in the bundle's tokenizer, not a mask token; re-export the bundle with "
+                             "`maria export`")
 
     def _check_ids(self, ids, masked) -> None:
         for row, (x, m) in enumerate(zip(ids, masked)):

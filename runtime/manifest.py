@@ -21,6 +21,8 @@ from .backend import SpecialIds
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "maria.json"
 GRAPHS = ("mlm", "ar_decoder", "fusion_head")
+DTYPES = ("fp32", "fp16")
+QUANTIZATIONS = ("none", "int8-dynamic")
 REEXPORT = "re-export the bundle with `maria export`"
 
 
@@ -42,6 +44,11 @@ def from_dict(cls, data, what: str, fix: str):
     if not isinstance(data, dict) or found - names or required - found:
         raise ValueError(f"{what} is malformed: unknown keys {sorted(found - names)}, missing keys "
                          f"{sorted(required - found)}; {fix}")
+    for f in fields:
+        value = data.get(f.name)
+        if f.name in data and f.type in (int, str, dict, list, float, bool) and not (
+                isinstance(value, f.type) and (f.type is bool or not isinstance(value, bool))):
+            raise ValueError(f"{what}: '{f.name}' must be {f.type.__name__}, got {value!r}; {fix}")
     return cls(**data)
 
 
@@ -79,17 +86,42 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Manifest":
-        if isinstance(data, dict) and isinstance(data.get("schema_version"), int) \
-                and data["schema_version"] > SCHEMA_VERSION:
-            raise ValueError(f"the bundle has manifest schema {data['schema_version']}, newer than the "
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+            raise ValueError(f"the bundle has manifest schema {version}, newer than the "
                              f"{SCHEMA_VERSION} this maria-onnx reads; upgrade maria-onnx")
         manifest = from_dict(cls, data, MANIFEST_NAME, REEXPORT)
+        if manifest.schema_version != SCHEMA_VERSION:
+            raise ValueError(f"{MANIFEST_NAME}: schema_version {manifest.schema_version!r} is not one this "
+                             f"maria-onnx reads ({SCHEMA_VERSION}); {REEXPORT}")
         graphs = {name: from_dict(GraphSpec, spec, f"{MANIFEST_NAME} graph '{name}'", REEXPORT)
                   for name, spec in manifest.graphs.items()}
         if set(graphs) != set(GRAPHS):
             raise ValueError(f"{MANIFEST_NAME} names graphs {sorted(graphs)}, expected {list(GRAPHS)}")
-        special = SpecialIds.from_dict(manifest.special_ids)
-        return cls(**{**vars(manifest), "graphs": graphs, "special_ids": special})
+        try:
+            special = SpecialIds.from_dict(manifest.special_ids)
+        except ValueError as error:
+            raise ValueError(f"{MANIFEST_NAME}: {error}; {REEXPORT}") from None
+        manifest = cls(**{**vars(manifest), "graphs": graphs, "special_ids": special})
+        manifest.check()
+        return manifest
+
+    def check(self) -> None:
+        """Refuses values no bundle can have: the shape of each field, not yet the graphs (see OnnxBackend)."""
+        problems = [f"'{name}' must be at least 1, got {getattr(self, name)}" for name in (
+            "opset", "mlm_hidden_size", "ar_hidden_size", "num_hidden_layers", "num_key_value_heads", "head_dim",
+            "vocab_size", "max_sequence_length") if getattr(self, name) < 1]
+        if self.dtype not in DTYPES:
+            problems.append(f"'dtype' must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            problems.append(f"'quantization' must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        problems += [f"special id '{name}' ({value}) is outside the AR vocabulary of {self.vocab_size}"
+                     for name, value in (("start", self.special_ids.start), ("pad", self.special_ids.pad))
+                     if value >= self.vocab_size]
+        named = [spec.file for spec in self.graphs.values()] + [self.tokenizer]
+        problems += [f"'{file}' has no sha256 in 'files'" for file in named if file not in self.files]
+        if problems:
+            raise ValueError(f"{MANIFEST_NAME}: {problems[0]}; {REEXPORT}")
 
     def save(self, folder: Path) -> None:
         (Path(folder) / MANIFEST_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -99,6 +131,8 @@ def load_manifest(folder, verify: bool = True) -> Manifest:
     """Reads a bundle's manifest; with verify, checks that every file is there with its recorded sha256."""
     folder = Path(folder)
     path = folder / MANIFEST_NAME
+    if folder.is_file():
+        raise ValueError(f"{folder} is a file; a bundle is the folder written by `maria export`")
     if not folder.is_dir():
         raise FileNotFoundError(f"bundle {folder} does not exist; pass a folder written by `maria export`")
     if not path.is_file():

@@ -12,10 +12,46 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .manifest import Manifest
+from .manifest import REEXPORT, Manifest
 from .sessions import make_session, providers_for
 
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
+ELEMENTS = {"fp32": "tensor(float)", "fp16": "tensor(float16)"}
+
+
+def _declared(session) -> dict:
+    """name -> (element type, shape) of every input and output a session declares."""
+    return {value.name: (value.type, value.shape) for value in [*session.get_inputs(), *session.get_outputs()]}
+
+
+def check_graphs(manifest: Manifest, sessions: dict) -> None:
+    """Checks the manifest against what the graphs declare (names, element types, fixed dimensions); raises
+    ValueError naming the first difference."""
+    m, element = manifest, ELEMENTS[manifest.dtype]
+    expected = {"mlm": {"hidden_states": (element, {-1: m.mlm_hidden_size})},
+                "ar_decoder": {"last_hidden_state": (element, {-1: m.ar_hidden_size})},
+                "fusion_head": {"mlm_hidden": (element, {-1: m.mlm_hidden_size}),
+                                "ar_hidden": (element, {-1: m.ar_hidden_size}),
+                                "logits": ("tensor(float)", {-1: m.vocab_size})}}
+    for name in (n for n in m.graph("ar_decoder").inputs if n.startswith("past_key_values.")):
+        expected["ar_decoder"][name] = (element, {1: m.num_key_value_heads, 3: m.head_dim})
+    for graph, session in sessions.items():
+        declared, spec = _declared(session), m.graph(graph)
+        names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+        if names != (list(spec.inputs), list(spec.outputs)):
+            raise ValueError(f"{spec.file} takes {names[0]} and gives {names[1]}, but the manifest says "
+                             f"{spec.inputs} and {spec.outputs}; {REEXPORT}")
+        for tensor, (kind, dims) in expected[graph].items():
+            found_kind, shape = declared[tensor]
+            wrong = {axis: shape[axis] for axis, size in dims.items()
+                     if isinstance(shape[axis], int) and shape[axis] != size}
+            if found_kind != kind or wrong:
+                raise ValueError(f"{spec.file} '{tensor}' is {found_kind} {shape}, but the manifest describes "
+                                 f"{kind} with sizes {dims} (axis: size); {REEXPORT}")
+    layers = sum(n.startswith("past_key_values.") for n in m.graph("ar_decoder").inputs) // 2
+    if layers != m.num_hidden_layers:
+        raise ValueError(f"ar_decoder has the KV cache of {layers} layers, but the manifest says "
+                         f"{m.num_hidden_layers}; {REEXPORT}")
 
 
 class OnnxBackend:
@@ -26,6 +62,7 @@ class OnnxBackend:
         providers = self.mlm.get_providers()       # after a CUDA fallback, the rest start on CPU directly
         self.ar = make_session(Path(folder) / manifest.graph("ar_decoder").file, providers)
         self.head = make_session(Path(folder) / manifest.graph("fusion_head").file, providers)
+        check_graphs(manifest, {"mlm": self.mlm, "ar_decoder": self.ar, "fusion_head": self.head})
         self.device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
         self.dtype = DTYPES[manifest.dtype]

@@ -1,7 +1,11 @@
 """ONNX Runtime sessions: the execution provider chosen once, each graph's session created once per bundle."""
 
+import ctypes
+import io
 import shutil
 import warnings
+from contextlib import redirect_stderr, redirect_stdout
+from functools import cache
 from pathlib import Path
 
 import onnxruntime as ort
@@ -14,20 +18,45 @@ def gpu_present() -> bool:
     return Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None
 
 
+@cache
+def cuda_libraries_missing() -> str | None:
+    """Loads CUDA and cuDNN (from pip's nvidia-* packages where installed, else the system's) and the CUDA
+    execution provider's library; returns which library is missing, or None when all load."""
+    provider = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    if not provider.exists():
+        return None                          # another platform's layout: ONNX Runtime itself will tell
+    if hasattr(ort, "preload_dlls"):
+        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+            ort.preload_dlls()
+    try:
+        ctypes.CDLL(str(provider))
+    except OSError as error:
+        return str(error).split(":")[0]
+    return None
+
+
 def cuda_missing() -> str | None:
     """Why ONNX Runtime cannot run on CUDA here, or None where it can try."""
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return ("this onnxruntime has no CUDA execution provider (install onnxruntime-gpu with a CUDA "
-                "runtime)")
+        return ("this onnxruntime has no CUDA execution provider (pip install 'maria-onnx[cuda]' on Linux x86-64 "
+                "or Windows)")
     if not gpu_present():
         return "no NVIDIA GPU was found (no /dev/nvidiactl and no nvidia-smi)"
+    missing = cuda_libraries_missing()
+    if missing:
+        return (f"the CUDA library {missing} cannot be loaded; pip install 'maria-onnx[cuda]' for CUDA and cuDNN "
+                "from pip, or install them system-wide")
     return None
 
 
 def providers_for(device: str) -> list[str]:
     """auto: CUDA where this onnxruntime has it and a GPU is present, else CPU. cuda: CUDA or an error. cpu: CPU."""
     ort.set_default_logger_severity(3)       # our own one-line warning replaces ORT's provider-loading noise
-    if choose_device(device, cuda_missing()) == "cuda":
+    missing = cuda_missing()
+    if device == "auto" and missing and gpu_present():
+        warnings.warn(f"a GPU is present but CUDA cannot run ({missing}); running on CPU", RuntimeWarning,
+                      stacklevel=2)
+    if choose_device(device, missing) == "cuda":
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MARKER = re.compile(r"\[MASK(?::(\d+))?\]")
+MARKER = re.compile(r"\[MASK(?::([0-9]+))?\]")
+MARKER_LIKE = re.compile(r"\[MASK\b[^\]\s]{0,20}\]?")       # anything that starts like a marker
 
 
 @dataclass(frozen=True)
@@ -22,8 +23,18 @@ class MaskedText:
 
 def encode_masked_text(text: str, tokenizer, mask_id: int, max_length: int) -> MaskedText:
     """Splits on markers, tokenizes the pieces without special tokens and inserts mask ids."""
+    if not isinstance(text, str):
+        raise ValueError(f"a text must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"the text is not valid Unicode (a lone surrogate at character {error.start}); "
+                         "pass UTF-8 text") from None
     if not text.strip():
         raise ValueError("the text is empty; give text with [MASK] (one token) or [MASK:N] (N tokens) markers")
+    for like in MARKER_LIKE.finditer(text):
+        if not MARKER.fullmatch(like.group(0)):
+            raise ValueError(f"'{like.group(0)}' is not a marker; write [MASK] for one token or [MASK:N] for N")
     ids, masked, position = [], [], 0
     for match in MARKER.finditer(text):
         count = int(match.group(1)) if match.group(1) is not None else 1

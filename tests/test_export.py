@@ -14,7 +14,6 @@ from export.bundle import export_bundle
 from export.validate import ValidationError
 from maria_onnx.checkpoint import load_maria
 from runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
-from tiny import make_checkpoint
 
 AR_TYPES = ["olmo", "olmo2", "llama"]
 

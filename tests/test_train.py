@@ -1,6 +1,7 @@
 """L_MARIA training: it learns, it repeats with a seed, it resumes exactly, and the CLI drives it."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,7 +74,8 @@ def test_cli_train_writes_a_checkpoint(pairs, corpus_file, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--mask-rate-min", "0.8", "--mask-rate-max", "0.2"], "mask rate range"),
     (["--data", "/nowhere/text.txt"], "does not exist"),
-    (["--seq-len", "100000"], "fewer than one window"),
+    (["--seq-len", "100000"], "over the backbones' maximum"),
+    (["--seq-len", "500", "--data", str(Path(__file__).parent.parent / ".gitignore")], "fewer than one window"),
 ])
 def test_cli_train_bad_input_is_one_line(pairs, corpus_file, tmp_path, args, message):
     mlm, ar = pairs["olmo"]

@@ -1,0 +1,340 @@
+"""Nothing lost and one line for every bad input: export, training state, input lines, manifests, sampling."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli import NEWLINES, app, show
+from export.bundle import export_bundle
+from runtime.choose import Sampling
+from runtime.default_model import DEFAULT_MODEL
+from runtime.infiller import Infilled, Infiller
+
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def cli(*args, input=None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+def one_line_error(result, message, code=2):
+    assert result.exit_code == code, result.output
+    assert message in result.output and "Traceback" not in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+@pytest.fixture(scope="module")
+def default():
+    return Infiller(DEFAULT_MODEL, device="cpu")
+
+
+# -- export: --overwrite replaces only a bundle, never the checkpoint; partials are cleaned up -------------------
+
+def test_overwrite_refuses_what_is_not_a_bundle_and_the_checkpoint(checkpoints, tmp_path):
+    checkpoint = shutil.copytree(checkpoints["olmo"], tmp_path / "ckpt")
+    before = sorted(p.name for p in checkpoint.iterdir())
+    one_line_error(cli("export", checkpoint, "--out", checkpoint, "--overwrite"), "is the checkpoint being exported")
+    one_line_error(cli("export", checkpoint, "--out", tmp_path, "--overwrite"), "holds the checkpoint")
+    assert sorted(p.name for p in checkpoint.iterdir()) == before
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"meow")
+    one_line_error(cli("export", checkpoint, "--out", tmp_path / "photos", "--overwrite"), "is not a MARIA bundle")
+    assert (tmp_path / "photos" / "cat.jpg").read_bytes() == b"meow"
+    (tmp_path / "notes.txt").write_text("keep")
+    one_line_error(cli("export", checkpoint, "--out", tmp_path / "notes.txt", "--overwrite"), "is not a MARIA bundle")
+    assert (tmp_path / "notes.txt").read_text() == "keep"
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_overwrite_replaces_a_bundle(checkpoints, bundles, tmp_path):
+    target = shutil.copytree(bundles["olmo"], tmp_path / "b")
+    (target / "stale.txt").write_text("from the old bundle")
+    export_bundle(checkpoints["olmo"], target, overwrite=True)
+    assert (target / "maria.json").is_file() and not (target / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def start_export(checkpoint, out) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "export", str(checkpoint), "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_partial(out: Path, process, seconds: float = 60) -> Path:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        partials = list(out.parent.glob(f".{out.name}.partial-*"))
+        if partials and any(partials[0].iterdir()):
+            return partials[0]
+        time.sleep(0.05)
+    process.kill()
+    pytest.fail("the export never started writing its partial folder")
+
+
+def test_a_killed_export_leaves_a_partial_that_the_next_export_removes(checkpoints, tmp_path):
+    process = start_export(checkpoints["llama"], tmp_path / "b")
+    partial = wait_for_partial(tmp_path / "b", process)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    assert partial.exists() and not (tmp_path / "b").exists()
+    export_bundle(checkpoints["llama"], tmp_path / "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_an_interrupted_export_says_so_in_one_line_and_leaves_nothing(checkpoints, tmp_path):
+    process = start_export(checkpoints["olmo"], tmp_path / "b")
+    wait_for_partial(tmp_path / "b", process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "interrupted; nothing was written" in stderr and "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- training state: saves are atomic, damage is named --------------------------------------------------------
+
+def train_args(pairs, corpus_file, out, steps):
+    mlm, ar = pairs["olmo"]
+    return ["train", "--mlm", mlm, "--ar", ar, "--data", corpus_file, "--out", out, "--steps", steps,
+            "--seq-len", "16", "--batch-size", "2", "--save-every", "1", "--eval-every", "100", "--device", "cpu"]
+
+
+def test_a_save_cut_short_resumes_from_the_previous_one(pairs, corpus_file, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+    out = tmp_path / "run"
+    assert cli(*train_args(pairs, corpus_file, out, 2)).exit_code == 0
+    save_state = Accelerator.save_state
+
+    def torn_save(self, output_dir=None, **kwargs):
+        save_state(self, output_dir, **kwargs)
+        (Path(output_dir) / "optimizer.bin").write_bytes(b"")      # killed while the optimizer was written
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Accelerator, "save_state", torn_save)
+    with pytest.raises(KeyboardInterrupt):
+        from maria_onnx.config import TrainConfig
+        from maria_onnx.train import train
+        mlm, ar = pairs["olmo"]
+        train(mlm, ar, corpus_file, out, TrainConfig(steps=4, seq_len=16, batch_size=2, save_every=1,
+                                                     eval_every=100), device="cpu")
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    assert json.loads((out / "train_state" / "step.json").read_text())["step"] == 2     # the last complete save
+    result = cli(*train_args(pairs, corpus_file, out, 4))
+    assert result.exit_code == 0, result.output
+    assert "starting at step 2 of 4" in result.output
+
+
+def test_a_damaged_state_is_named_with_the_fix(pairs, corpus_file, tmp_path):
+    out = tmp_path / "run"
+    assert cli(*train_args(pairs, corpus_file, out, 1)).exit_code == 0
+    (out / "train_state" / "optimizer.bin").write_bytes(b"")
+    result = cli(*train_args(pairs, corpus_file, out, 2))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "is damaged (optimizer.bin is empty); delete that folder" in result.output
+
+
+def test_train_seq_len_over_the_backbones_maximum_is_refused(pairs, corpus_file, tmp_path):
+    args = train_args(pairs, corpus_file, tmp_path / "run", 1)
+    args[args.index("--seq-len") + 1] = "600"
+    result = cli(*args)
+    assert result.exit_code == 2 and "--seq-len 600 is over the backbones' maximum of 510" in result.output
+    assert not (tmp_path / "run" / "train_state").exists()
+
+
+# -- input lines: one in, one out; formats explicit; bad lines named; --skip-invalid ----------------------------
+
+def test_separators_inside_a_line_do_not_split_it(tmp_path):
+    (tmp_path / "in.txt").write_text("a [MASK] b\u2028c\nd\x0ce [MASK]\nf\x85g [MASK]\n")
+    result = cli("infill", "--input", tmp_path / "in.txt", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.split("\n")) == 4 and result.stdout.endswith("\n")        # 3 lines in, 3 out
+
+
+def test_a_newline_inside_a_fill_is_escaped_in_plain_text(capsys):
+    result = Infilled(input="a [MASK] b", text="a\n b", ids=[1, 2, 3], masked_positions=[1], fill_logprobs=[-1.0],
+                      fills=["\n"], segments=[("a", False), ("\n", True), (" b", False)])
+    show(result, as_json=False, styled=False)
+    show(result, as_json=False, styled=True)
+    show(result, as_json=True, styled=False)
+    plain, styled, as_json = capsys.readouterr().out.split("\n")[:3]
+    assert plain == "a\\n b" and "\\n" in styled and json.loads(as_json)["fills"] == ["\n"]
+    assert "\n".translate(NEWLINES) == "\\n"
+
+
+def test_jsonl_is_found_by_suffix_or_format_and_a_mismatch_is_refused(tmp_path):
+    line = '{"text": "a [MASK] b"}\n'
+    for name in ("in.JSONL", "in.ndjson"):
+        (tmp_path / name).write_text(line)
+        result = cli("infill", "--input", tmp_path / name, "--device", "cpu", "--json")
+        assert result.exit_code == 0 and json.loads(result.stdout)["input"] == "a [MASK] b", result.output
+    result = cli("infill", "--input", "-", "--format", "jsonl", "--device", "cpu", "--json", input=line)
+    assert result.exit_code == 0 and json.loads(result.stdout)["input"] == "a [MASK] b"
+    one_line_error(cli("infill", "--input", "-", "--device", "cpu", input=line), "looks like JSONL; pass --format")
+    result = cli("infill", "--input", "-", "--format", "text", "--device", "cpu", input=line)
+    assert result.exit_code == 0 and result.stdout.startswith('{"text":')
+    one_line_error(cli("infill", "--input", "-", "--format", "xml", input=line), "--format must be text or jsonl")
+
+
+def test_a_bad_line_is_named_and_skip_invalid_keeps_the_rest(tmp_path):
+    (tmp_path / "in.txt").write_text("a [MASK] b\n\nc [MASK:0] d\ne [MASK] f\n")
+    one_line_error(cli("infill", "--input", tmp_path / "in.txt", "--device", "cpu"), "in.txt:3: '[MASK:0]' asks")
+    result = cli("infill", "--input", tmp_path / "in.txt", "--device", "cpu", "--skip-invalid")
+    assert result.exit_code == 0
+    assert len(result.stdout.splitlines()) == 2 and "skipped: " in result.stderr and "in.txt:3" in result.stderr
+    (tmp_path / "in.jsonl").write_text('{"text": "a [MASK]"}\n{"txt": "b"}\nnot json\n{"text": "c [MASK]"}\n')
+    one_line_error(cli("infill", "--input", tmp_path / "in.jsonl", "--device", "cpu"),
+                   "in.jsonl:2 has no string field 'text'")
+    result = cli("infill", "--input", tmp_path / "in.jsonl", "--device", "cpu", "--skip-invalid", "--json")
+    assert [json.loads(x)["input"] for x in result.stdout.splitlines()] == ["a [MASK]", "c [MASK]"]
+    assert "in.jsonl:2" in result.stderr and "in.jsonl:3 is not valid JSON" in result.stderr
+
+
+def test_a_string_is_not_a_list_of_texts(default):
+    with pytest.raises(ValueError, match="got a single string; pass \\[text\\]"):
+        default.infill("a [MASK] b")
+
+
+# -- sampling: a text's samples do not depend on its batch ---------------------------------------------------
+
+def test_samples_do_not_depend_on_the_batch(default):
+    texts = [f"Use the [MASK] module to [MASK:2] files number {i}." for i in range(10)]
+    sampling = Sampling(temperature=1.0, seed=5)
+    by_4 = default.infill(texts, sampling, batch_size=4, num_samples=2)
+    by_8 = default.infill(texts, sampling, batch_size=8, num_samples=2)
+    assert [r.ids for r in by_4] == [r.ids for r in by_8]
+    alone = default.infill([texts[7]], sampling, num_samples=2, indices=[7])
+    assert [r.ids for r in alone] == [r.ids for r in by_4[14:16]]
+    assert len({tuple(r.ids) for r in by_4}) > 10          # the samples do differ from one another
+
+
+def test_greedy_samples_are_said_to_be_identical():
+    result = cli("infill", "a [MASK] b", "--num-samples", "3", "--device", "cpu")
+    assert result.exit_code == 0 and len(result.stdout.splitlines()) == 3
+    assert result.stderr.count("samples of each text are identical") == 1
+
+
+# -- manifests: checked against the graphs, every file checksummed, fields typed ---------------------------------
+
+def edited_bundle(bundles, tmp_path, edit) -> Path:
+    folder = shutil.copytree(bundles["olmo"], tmp_path / "bundle")
+    manifest = json.loads((folder / "maria.json").read_text())
+    edit(manifest, folder)
+    (folder / "maria.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def setter(key, value):
+    def edit(manifest, folder):
+        manifest[key] = value
+    return edit
+
+
+def special(name, value):
+    def edit(manifest, folder):
+        manifest["special_ids"][name] = value
+    return edit
+
+
+def drop_special(manifest, folder):
+    del manifest["special_ids"]["pad"]
+
+
+def drop_graph_file(manifest, folder):
+    (folder / "fusion_head.onnx").unlink()
+    del manifest["files"]["fusion_head.onnx"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (setter("head_dim", 3), "'past_key_values.0.key' is tensor(float)"),
+    (setter("num_key_value_heads", 9), "'past_key_values.0.key' is tensor(float)"),
+    (setter("dtype", "fp16"), "'hidden_states' is tensor(float)"),
+    (setter("dtype", "int4"), "'dtype' must be one of fp32, fp16"),
+    (setter("vocab_size", 17), "'logits' is tensor(float)"),
+    (setter("num_hidden_layers", 5), "the KV cache of 2 layers, but the manifest says 5"),
+    (setter("files", {}), "has no sha256 in 'files'"),
+    (setter("schema_version", "1"), "'schema_version' must be int"),
+    (setter("schema_version", 0), "schema_version 0 is not one this maria-onnx reads"),
+    (setter("head_dim", "64"), "'head_dim' must be int"),
+    (drop_special, "special ids must be an object with keys"),
+    (special("mask", 7), "is the token"),
+    (special("start", 10 ** 6), "outside the AR vocabulary"),
+    (drop_graph_file, "'fusion_head.onnx' has no sha256 in 'files'"),
+])
+def test_a_wrong_manifest_is_refused_in_one_line(bundles, tmp_path, edit, message):
+    one_line_error(cli("infill", "a [MASK]", "--model", edited_bundle(bundles, tmp_path, edit), "--device", "cpu"),
+                   message)
+
+
+def test_the_layer_count_check_reads_the_graph(bundles):
+    assert json.loads((bundles["olmo"] / "maria.json").read_text())["num_hidden_layers"] == 2
+
+
+# -- one line instead of a traceback ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["infill", "a [MASK] \udcff"], "not valid Unicode"),
+    (["infill", "a [MASK:x] b"], "'[MASK:x]' is not a marker"),
+    (["infill", "a [MASK]", "--seed", "-1"], "--seed must be a non-negative integer"),
+    (["infill", "a [MASK]", "--model", "cli.py"], "is a file; a bundle is the folder"),
+    (["infill", "a [MASK]", "--device", "cuda"], "--device cuda: "),
+    (["eval", "README.md", "--json", "docs"], "--json docs: give a file path in an existing folder"),
+    (["bench", "--model", "runtime/default_model"], "--model needs --checkpoint"),
+])
+def test_bad_arguments_get_one_line_before_any_work(args, message, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    one_line_error(cli(*args), message)
+
+
+@pytest.mark.parametrize("opset", ["5", "99"])
+def test_an_unsupported_opset_is_one_line(checkpoints, tmp_path, opset):
+    one_line_error(cli("export", checkpoints["olmo"], "--out", tmp_path / "b", "--opset", opset),
+                   f"--opset {opset} is not supported; use 17 to 20")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_invalid_utf8_in_an_argument_is_one_line():
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "infill", b"a [MASK] \xff", "--device", "cpu"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "not valid Unicode" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_shows_flags_as_flags():
+    result = cli("export", "--help")
+    assert "--int8 " in result.output and "<bool>" not in result.output
+
+
+def fuzz_texts(count: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    pieces = ["[MASK]", "[MASK:2]", "[MASK:0]", "[MASK:99999]", "[MASK:-1]", "[MASK:x]", "[MASK", "MASK]", "[",
+              "]", " ", "\t", "\r", "\x00", "\x0c", "\x1b", "\u2028", "\u2029", "\x85", "\ufeff", "\ud800",
+              "\udfff", "é", "漢字", "🙂", "\u0301", "word", " the", "import", "{", '"text"', "\\", "\n"]
+    return ["".join(rng.choice(pieces, size=rng.integers(0, 12))) for _ in range(count)]
+
+
+def test_fuzzed_texts_fill_or_raise_value_error(default):
+    outcomes = {"filled": 0, "refused": 0}
+    for text in fuzz_texts(300, seed=0):
+        try:
+            default.infill([text])
+            outcomes["filled"] += 1
+        except ValueError:
+            outcomes["refused"] += 1
+    assert outcomes["filled"] > 20 and outcomes["refused"] > 20
+
+
+def test_fuzzed_texts_never_give_the_cli_a_traceback(tmp_path):
+    texts = [t.replace("\n", " ") for t in fuzz_texts(300, seed=1)]
+    for text in texts[:25]:
+        result = cli("infill", text, "--device", "cpu")
+        assert result.exit_code in (0, 2) and "Traceback" not in result.output, (text, result.output)
+    (tmp_path / "in.txt").write_text("\n".join(texts), encoding="utf-8", errors="surrogatepass")
+    result = cli("infill", "--input", tmp_path / "in.txt", "--device", "cpu", "--skip-invalid")
+    assert result.exit_code in (0, 2) and "Traceback" not in result.output
