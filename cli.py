@@ -298,6 +298,48 @@ def eval_command(
         as_json.write_text(json.dumps(report, indent=2) + "\n")
 
 
+@app.command()
+@one_line_errors
+def serve(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="A bundle; default: the shipped model."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback unless told otherwise)."),
+    port: int = typer.Option(8000, min=0, max=65535, help="Port (0: any free port, printed at start)."),
+    device: str = typer.Option("auto", help="auto | cuda | cpu"),
+    model_name: str = typer.Option("maria", help="The model's name in the protocol's paths."),
+    max_batch_size: int = typer.Option(8, min=1, help="Texts (x samples) per decode batch."),
+    max_batch_delay_ms: float = typer.Option(5.0, min=0, help="How long a batch waits for more requests."),
+    max_queue: int = typer.Option(256, min=1, help="Requests waiting for the model; beyond it, 503."),
+    max_body_bytes: int = typer.Option(1 << 20, min=1, help="Largest request body; beyond it, 413."),
+    max_texts: int = typer.Option(64, min=1, help="Texts x samples per request; beyond it, 413."),
+    timeout: float = typer.Option(60.0, min=0.001, help="Seconds a request may take; beyond it, 504."),
+    api_key: Optional[str] = typer.Option(None, envvar="MARIA_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' (health routes stay open)."),
+    grace: float = typer.Option(30.0, min=0, help="Seconds in-flight requests get to finish on SIGTERM."),
+):
+    """Serve a bundle over HTTP: the Open Inference Protocol (KServe v2 / Triton), /v1/infill and its SSE stream."""
+    try:
+        from serve.app import ServeSettings
+        from serve.run import serve as run_serve
+    except ImportError as error:
+        raise ValueError(f"{error.name}: `maria serve` needs the serve extra; pip install 'maria-onnx[serve]'") \
+            from None
+    from runtime.device import check_device
+    from runtime.infiller import Infiller
+
+    check_device(device)
+    if not model_name or "/" in model_name:
+        raise ValueError(f"--model-name must be a non-empty name without '/', got '{model_name}'")
+    settings = ServeSettings(model_name=model_name, max_batch_size=max_batch_size,
+                             max_batch_delay_ms=max_batch_delay_ms, max_queue=max_queue,
+                             max_body_bytes=max_body_bytes, max_texts=max_texts, timeout_s=timeout, api_key=api_key)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        infiller = Infiller(model, device=device)
+    for warning in caught:
+        typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
+    run_serve(infiller, settings, host=host, port=port, grace_s=grace)
+
+
 def main():
     app(prog_name="maria")
 

@@ -13,6 +13,7 @@ so a sequence's samples do not depend on the batch it runs in.
 """
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -71,10 +72,13 @@ def decode_step(backend: Backend, state: DecodeState, step: int, special: Specia
     return rows, hidden[rows, lengths[rows] - 1]
 
 
+OnToken = Callable[[int, int, int, float], None]      # (sequence, position, token, log-probability)
+
+
 def infill_batch(backend: Backend, ids, masked, special: SpecialIds, sampling: Sampling,
-                 rngs: list[np.random.Generator]) -> list[Fill]:
+                 rngs: list[np.random.Generator], on_token: OnToken | None = None) -> list[Fill]:
     """Fills the masked positions of each sequence (every one has at least one), all in one batch;
-    rngs[b] draws sequence b's samples."""
+    rngs[b] draws sequence b's samples; on_token(b, position, token, logprob) hears each fill as it is chosen."""
     mlm_hidden = encode_masked(backend, ids, masked, special)
     targets = [np.flatnonzero(m) for m in masked]
     assert all(len(t) for t in targets), f"every sequence needs a masked position, got counts {[len(t) for t in targets]}"
@@ -90,6 +94,8 @@ def infill_batch(backend: Backend, ids, masked, special: SpecialIds, sampling: S
         for row, position, token, logprob in zip(rows, positions, tokens, token_logprobs):
             state.ar_tokens[row][position + 1] = token
             logprobs[row][step] = logprob
+            if on_token is not None:
+                on_token(int(row), int(position), int(token), float(logprob))
     return [Fill(ids=tokens[1:].copy(), positions=t, logprobs=lp)
             for tokens, t, lp in zip(state.ar_tokens, targets, logprobs)]
 
@@ -137,14 +143,17 @@ def sequence_rngs(seed: int, count: int) -> list[np.random.Generator]:
 
 
 def infill(backend: Backend, ids, masked, special: SpecialIds, sampling: Sampling, batch_size: int = 8,
-           rngs: list[np.random.Generator] | None = None) -> list[Fill]:
+           rngs: list[np.random.Generator] | None = None, on_token: OnToken | None = None) -> list[Fill]:
     """Fills every sequence in batches of batch_size; sequences without a masked position come back unchanged.
     rngs[i] draws sequence i's samples (default: sequence_rngs(sampling.seed)), so a sequence's samples are
-    the same whatever batch it runs in."""
+    the same whatever batch it runs in. on_token(i, position, token, logprob) hears each fill of sequence i."""
     rngs = sequence_rngs(sampling.seed, len(ids)) if rngs is None else rngs
     assert len(rngs) == len(ids), f"{len(rngs)} generators for {len(ids)} sequences"
-    return in_batches(lambda rows, x, m: infill_batch(backend, x, m, special, sampling, [rngs[r] for r in rows]),
-                      ids, masked, batch_size,
+    def run_batch(rows, x, m):
+        hear = None if on_token is None else lambda b, *fill: on_token(rows[b], *fill)
+        return infill_batch(backend, x, m, special, sampling, [rngs[r] for r in rows], hear)
+
+    return in_batches(run_batch, ids, masked, batch_size,
                       lambda x: Fill(ids=x, positions=np.zeros(0, dtype=np.int64), logprobs=np.zeros(0)))
 
 

@@ -53,11 +53,11 @@ class Infiller:
         return encode_masked_text(text, self.tokenizer, self.special.mask, self.manifest.max_sequence_length)
 
     def fill_ids(self, ids, masked, sampling: Sampling = Sampling(), batch_size: int = 8,
-                 rngs: list[np.random.Generator] | None = None) -> list[Fill]:
+                 rngs: list[np.random.Generator] | None = None, on_token=None) -> list[Fill]:
         """Fills content ids at masked positions; sequences without masked positions come back unchanged.
         rngs[i] draws sequence i's samples; by default one generator per sequence from (seed, i, 0)."""
         self._check_ids(ids, masked)
-        return infill(self.backend, ids, masked, self.special, sampling, batch_size, rngs)
+        return infill(self.backend, ids, masked, self.special, sampling, batch_size, rngs, on_token)
 
     def score(self, ids, masked, batch_size: int = 8) -> list[float]:
         """Summed negative log-likelihood of the given tokens at the masked positions (teacher forced)."""
@@ -82,9 +82,10 @@ class Infiller:
                 for index in indices for sample in range(num_samples)]
         fills = self.fill_ids([e.ids for _, e in inputs], [e.masked for _, e in inputs], sampling, batch_size,
                               rngs)
-        return [self._result(text, e, fill) for (text, e), fill in zip(inputs, fills)]
+        return [self.result(text, e, fill) for (text, e), fill in zip(inputs, fills)]
 
-    def _result(self, text: str, encoded: MaskedText, fill: Fill) -> Infilled:
+    def result(self, text: str, encoded: MaskedText, fill: Fill) -> Infilled:
+        """The result of one text from its encoding and its fill."""
         if not encoded.masked.any():
             return Infilled(input=text, text=text, ids=encoded.ids.tolist(), masked_positions=[], fill_logprobs=[],
                             fills=[], segments=[(text, False)], note="no [MASK] in the text; returned unchanged")

@@ -1,0 +1,261 @@
+"""`maria serve`: MARIA over HTTP. The Open Inference Protocol (KServe v2, as Triton speaks it, binary tensor data
+included), a plain JSON route and a server-sent-event stream, all fed to one dynamic batcher.
+
+    GET  /v2/health/live  /v2/health/ready  /v2  /v2/models/{name}  /v2/models/{name}/ready
+    POST /v2/models/{name}/infer       OIP: text (BYTES) -> text, result (BYTES)
+    POST /v1/infill                    {"text": [...], "temperature": ...} -> {"results": [maria infill --json]}
+    POST /v1/infill/stream             SSE: one "token" event per chosen fill token, then one "result" event
+    GET  /metrics                      Prometheus text format
+
+Client errors get one line in {"error": ...}: 400 unreadable request, 401 bad token, 404 unknown model,
+413 body or texts over the bounds, 422 a text or setting the model refuses, 503 queue full, 504 deadline passed.
+"""
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from runtime.choose import Sampling
+
+from .batcher import Batcher, Job, QueueFull
+from .metrics import Metrics
+from .protocol import BadRequest, InferRequest, infer_response, metadata, parse_infer
+
+access_log = logging.getLogger("maria.access")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    model_name: str = "maria"
+    max_batch_size: int = 8
+    max_batch_delay_ms: float = 5.0
+    max_queue: int = 256              # requests waiting; beyond it, 503
+    max_body_bytes: int = 1 << 20
+    max_texts: int = 64               # texts x samples per request
+    timeout_s: float = 60.0           # per request, from arrival to answer
+    api_key: str | None = None
+
+
+class ClientError(Exception):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.headers = status, headers or {}
+
+
+def sampling_of(settings: dict) -> tuple[Sampling, int]:
+    """Sampling and num_samples from request settings; 400 for a wrong type, 422 for a refused value."""
+    kinds = {"temperature": float, "top_p": float, "top_k": int, "seed": int, "num_samples": int}
+    values = {}
+    for name, value in settings.items():
+        kind = kinds[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            raise ClientError(400, f"parameter '{name}' must be {'an integer' if kind is int else 'a number'}, "
+                                   f"got {value!r}")
+        values[name] = kind(value)
+    num_samples = values.pop("num_samples", 1)
+    if num_samples < 1:
+        raise ClientError(422, f"num_samples must be at least 1, got {num_samples}")
+    try:
+        return Sampling(**values), num_samples
+    except ValueError as error:
+        raise ClientError(422, str(error).replace("--", "")) from None
+
+
+class Server:
+    """The routes, over one Infiller and one Batcher."""
+
+    def __init__(self, infiller, settings: ServeSettings):
+        self.infiller, self.settings, self.metrics = infiller, settings, Metrics()
+        self.batcher = Batcher(infiller, settings.max_batch_size, settings.max_batch_delay_ms / 1000,
+                               settings.max_queue, self.metrics.batch_size.observe)
+
+    async def body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.settings.max_body_bytes:
+            raise ClientError(413, f"the body is {declared} bytes, over the limit of {self.settings.max_body_bytes}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.settings.max_body_bytes:
+                raise ClientError(413, f"the body is over the limit of {self.settings.max_body_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def job(self, texts: list, settings: dict, on_token=None) -> Job:
+        """Checks every text and setting before anything is queued."""
+        if not texts:
+            raise ClientError(400, "no text given; send at least one text with [MASK] markers")
+        sampling, num_samples = sampling_of(settings)
+        if len(texts) * num_samples > self.settings.max_texts:
+            raise ClientError(413, f"{len(texts)} texts x {num_samples} samples is over the limit of "
+                                   f"{self.settings.max_texts} per request; split the request")
+        encoded = []
+        for number, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise ClientError(400, f"text {number}: must be a string, got {type(text).__name__}")
+            try:
+                encoded.append(self.infiller.encode(text))
+            except ValueError as error:
+                raise ClientError(422, f"text {number}: {error}") from None
+        loop = asyncio.get_running_loop()
+        return Job(texts, encoded, sampling, num_samples, loop, loop.create_future(), on_token)
+
+    async def run(self, job: Job, began: float) -> list:
+        try:
+            self.batcher.submit(job)
+        except QueueFull:
+            raise ClientError(503, "the server is busy: its queue is full; retry later",
+                              {"Retry-After": "1"}) from None
+        self.metrics.queue_depth.set(self.batcher.depth)
+        try:
+            results = await asyncio.wait_for(asyncio.shield(job.future),
+                                             self.settings.timeout_s - (time.monotonic() - began))
+        except asyncio.TimeoutError:
+            job.cancelled = True
+            raise ClientError(504, f"no answer within the deadline of {self.settings.timeout_s:g} s") from None
+        finally:
+            self.metrics.queue_depth.set(self.batcher.depth)
+        self.metrics.tokens_filled.inc(sum(len(r.masked_positions) for r in results))
+        return results
+
+    # -- routes ---------------------------------------------------------------------------------------------
+
+    async def live(self, request):
+        return JSONResponse({"live": True})
+
+    async def ready(self, request):
+        ready = self.batcher.worker.is_alive()
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    async def server_metadata(self, request):
+        from importlib.metadata import version
+        return JSONResponse({"name": "maria-onnx", "version": version("maria-onnx"),
+                             "extensions": ["binary_tensor_data"]})
+
+    def model(self, request) -> str:
+        name = request.path_params["name"]
+        if name != self.settings.model_name:
+            raise ClientError(404, f"no model '{name}' here; this server serves '{self.settings.model_name}'")
+        return name
+
+    async def model_metadata(self, request):
+        return JSONResponse(metadata(self.model(request)))
+
+    async def model_ready(self, request):
+        self.model(request)
+        return await self.ready(request)
+
+    async def infer(self, request):
+        began, name = time.monotonic(), self.model(request)
+        header = request.headers.get("inference-header-content-length")
+        if header is not None and not header.isdigit():
+            raise ClientError(400, f"Inference-Header-Content-Length must be a number of bytes, got {header!r}")
+        try:
+            parsed: InferRequest = parse_infer(await self.body(request), int(header) if header else None)
+        except BadRequest as error:
+            raise ClientError(400, str(error)) from None
+        results = await self.run(self.job(parsed.texts, parsed.settings), began)
+        body, headers = infer_response(name, parsed, results)
+        return Response(body, headers=headers)
+
+    async def json_request(self, request) -> tuple[list, dict]:
+        try:
+            payload = json.loads(await self.body(request))
+        except ValueError as error:
+            raise ClientError(400, f"the request is not valid JSON ({error})") from None
+        if not isinstance(payload, dict) or "text" not in payload:
+            raise ClientError(400, 'send a JSON object {"text": [...], ...}')
+        texts = payload.pop("text")
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list):
+            raise ClientError(400, '"text" must be a string or a list of strings')
+        unknown = set(payload) - {"temperature", "top_k", "top_p", "seed", "num_samples"}
+        if unknown:
+            raise ClientError(400, f"unknown fields {sorted(unknown)}; fields are text, temperature, top_k, top_p, "
+                                   "seed, num_samples")
+        return texts, payload
+
+    async def infill(self, request):
+        began = time.monotonic()
+        texts, settings = await self.json_request(request)
+        results = await self.run(self.job(texts, settings), began)
+        return JSONResponse({"results": [r.to_dict() for r in results]})
+
+    async def stream(self, request):
+        began = time.monotonic()
+        texts, settings = await self.json_request(request)
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_token(index, sample, position, token, logprob):
+            events.put_nowait({"event": "token", "data": {"text": index, "sample": sample, "position": position,
+                                                          "token": token, "piece": self.infiller.tokenizer.decode(
+                                                              [token], skip_special_tokens=False),
+                                                          "logprob": logprob}})
+
+        job = self.job(texts, settings, on_token)
+        task = asyncio.ensure_future(self.run(job, began))
+        task.add_done_callback(lambda _: events.put_nowait(None))
+
+        async def lines():
+            while (event := await events.get()) is not None:
+                yield f"event: {event['event']}\ndata: {json.dumps(event['data'], ensure_ascii=False)}\n\n"
+            try:
+                results = task.result()
+            except ClientError as error:
+                yield f"event: error\ndata: {json.dumps({'error': str(error), 'status': error.status})}\n\n"
+                return
+            payload = {"results": [r.to_dict() for r in results]}
+            yield f"event: result\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        return StreamingResponse(lines(), media_type="text/event-stream")
+
+    async def metrics_route(self, request):
+        self.metrics.queue_depth.set(self.batcher.depth)
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(infiller, settings: ServeSettings = ServeSettings()) -> Starlette:
+    """The ASGI application serving `infiller`."""
+    server = Server(infiller, settings)
+    routes = {"/v2/health/live": ("GET", server.live), "/v2/health/ready": ("GET", server.ready),
+              "/v2": ("GET", server.server_metadata), "/v2/models/{name}": ("GET", server.model_metadata),
+              "/v2/models/{name}/ready": ("GET", server.model_ready),
+              "/v2/models/{name}/infer": ("POST", server.infer), "/v1/infill": ("POST", server.infill),
+              "/v1/infill/stream": ("POST", server.stream), "/metrics": ("GET", server.metrics_route)}
+    app = Starlette(routes=[Route(path, guarded(server, path, handler), methods=[method])
+                            for path, (method, handler) in routes.items()])
+    app.state.server = server
+    return app
+
+
+def guarded(server: Server, path: str, handler):
+    """Wraps a route: the bearer token (health routes stay open), one-line errors, metrics, an access log line."""
+    open_route = path.startswith("/v2/health")
+
+    async def route(request: Request):
+        began = time.monotonic()
+        try:
+            if server.settings.api_key and not open_route and \
+                    request.headers.get("authorization") != f"Bearer {server.settings.api_key}":
+                raise ClientError(401, "missing or wrong bearer token; send 'Authorization: Bearer <api key>'",
+                                  {"WWW-Authenticate": "Bearer"})
+            response = await handler(request)
+        except ClientError as error:
+            response = JSONResponse({"error": str(error)}, status_code=error.status, headers=error.headers)
+        server.metrics.requests.labels(path, str(response.status_code)).inc()
+        server.metrics.latency.labels(path).observe(time.monotonic() - began)
+        access_log.info(json.dumps({"method": request.method, "path": request.url.path,
+                                    "status": response.status_code,
+                                    "ms": round(1000 * (time.monotonic() - began), 2),
+                                    "client": request.client.host if request.client else None}))
+        return response
+
+    return route

@@ -1,0 +1,22 @@
+"""Prometheus metrics of the server, in their own registry (served at GET /metrics)."""
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self):
+        r = self.registry
+        self.requests = Counter("maria_requests", "HTTP requests by route and status code", ["route", "status"],
+                                registry=r)
+        self.queue_depth = Gauge("maria_queue_depth", "Requests waiting for the decode worker", registry=r)
+        self.batch_size = Histogram("maria_batch_size", "Texts (times samples) per decode batch", registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.latency = Histogram("maria_request_latency_seconds", "Time from request to response, by route",
+                                 ["route"], registry=r,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.tokens_filled = Counter("maria_tokens_filled", "Masked tokens filled", registry=r)

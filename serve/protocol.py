@@ -1,0 +1,155 @@
+"""The Open Inference Protocol (KServe v2) for MARIA: request parsing and response building, JSON and binary.
+
+An infer request carries the tensor `text` (BYTES, one element per text) and optional sampling settings, as
+request `parameters` or as tensors (temperature FP32, top_k INT32, top_p FP32, seed INT64, num_samples INT32).
+The response carries `text` (BYTES, one filled text per sample, text-major) and `result` (BYTES, the JSON object
+`maria infill --json` prints, per sample).
+
+Binary tensor data extension: the body is a JSON header of `Inference-Header-Content-Length` bytes, then the
+raw tensors in order; a BYTES element is a 4-byte little-endian length followed by its bytes.
+"""
+
+import json
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+INPUTS = {"text": "BYTES", "temperature": "FP32", "top_k": "INT32", "top_p": "FP32", "seed": "INT64",
+          "num_samples": "INT32"}
+OUTPUTS = {"text": "BYTES", "result": "BYTES"}
+NUMERIC = {"FP32": "<f4", "FP64": "<f8", "INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",
+           "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8"}
+SETTINGS = ("temperature", "top_k", "top_p", "seed", "num_samples")
+
+
+class BadRequest(ValueError):
+    """A request the protocol cannot read (HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    id: str | None
+    texts: list[str]
+    settings: dict             # temperature, top_k, top_p, seed, num_samples: those given
+    binary_outputs: set        # output names asked for as binary data
+
+
+def metadata(model_name: str, platform: str = "maria_onnx") -> dict:
+    """Model metadata: the tensors' names, datatypes and shapes (-1: any length)."""
+    return {"name": model_name, "versions": ["1"], "platform": platform,
+            "inputs": [{"name": name, "datatype": kind, "shape": [-1] if name == "text" else [1]}
+                       for name, kind in INPUTS.items()],
+            "outputs": [{"name": name, "datatype": kind, "shape": [-1]} for name, kind in OUTPUTS.items()]}
+
+
+def _bytes_elements(raw: bytes) -> list[bytes]:
+    elements, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise BadRequest("a BYTES tensor's binary data ends inside an element's 4-byte length")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        if offset + 4 + length > len(raw):
+            raise BadRequest("a BYTES tensor's binary data is shorter than its element lengths say")
+        elements.append(raw[offset + 4: offset + 4 + length])
+        offset += 4 + length
+    return elements
+
+
+def _decode_text(element) -> str:
+    if isinstance(element, str):
+        return element
+    try:
+        return element.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise BadRequest(f"a text is not valid UTF-8 (byte {error.start})") from None
+
+
+def _tensor_values(spec: dict, binary: bytes | None, offset: int) -> tuple[list, int]:
+    """The flat values of one input tensor, and the offset of the next tensor's binary data."""
+    kind, name = spec.get("datatype"), spec.get("name")
+    size = (spec.get("parameters") or {}).get("binary_data_size")
+    if size is not None:
+        if binary is None or not isinstance(size, int) or offset + size > len(binary):
+            raise BadRequest(f"input '{name}' says binary_data_size {size}, but the binary data is shorter")
+        raw, offset = binary[offset: offset + size], offset + size
+        if kind == "BYTES":
+            return _bytes_elements(raw), offset
+        if kind not in NUMERIC:
+            raise BadRequest(f"input '{name}' has datatype {kind!r}; expected {INPUTS.get(name, 'a number')}")
+        return np.frombuffer(raw, dtype=NUMERIC[kind]).tolist(), offset
+    data = spec.get("data")
+    if not isinstance(data, list):
+        raise BadRequest(f"input '{name}' has neither 'data' nor binary data")
+    return list(np.asarray(data, dtype=object).reshape(-1)) if data and isinstance(data[0], list) else data, offset
+
+
+def parse_infer(body: bytes, header_length: int | None) -> InferRequest:
+    """Reads an infer request (JSON, or JSON header + binary data); raises BadRequest naming what is wrong."""
+    if header_length is not None and not 0 <= header_length <= len(body):
+        raise BadRequest(f"Inference-Header-Content-Length {header_length} is outside the body of {len(body)} bytes")
+    head, binary = (body, None) if header_length is None else (body[:header_length], body[header_length:])
+    try:
+        request = json.loads(head)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise BadRequest(f"the request is not valid JSON ({error})") from None
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
+        raise BadRequest('the request must be a JSON object with an "inputs" list')
+    settings = dict(request.get("parameters") or {})
+    texts, offset = None, 0
+    for spec in request["inputs"]:
+        if not isinstance(spec, dict) or spec.get("name") not in INPUTS:
+            raise BadRequest(f"unknown input {spec.get('name') if isinstance(spec, dict) else spec!r}; "
+                             f"inputs are {', '.join(INPUTS)}")
+        name, kind = spec["name"], spec.get("datatype")
+        if (name == "text") != (kind == "BYTES") or (name != "text" and kind not in NUMERIC):
+            raise BadRequest(f"input '{name}' has datatype {kind!r}; expected {INPUTS[name]}")
+        values, offset = _tensor_values(spec, binary, offset)
+        if name == "text":
+            texts = [_decode_text(v) if isinstance(v, (bytes, str)) else _not_text(v) for v in values]
+        elif len(values) != 1:
+            raise BadRequest(f"input '{name}' must hold one value, got {len(values)}")
+        else:
+            settings[name] = values[0]
+    if texts is None:
+        raise BadRequest("the request has no 'text' input (BYTES, one element per text)")
+    unknown = set(settings) - set(SETTINGS)
+    if unknown:
+        raise BadRequest(f"unknown parameters {sorted(unknown)}; parameters are {', '.join(SETTINGS)}")
+    binary_outputs = {o.get("name") for o in request.get("outputs") or []
+                      if isinstance(o, dict) and (o.get("parameters") or {}).get("binary_data")}
+    if (request.get("parameters") or {}).get("binary_data_output"):
+        binary_outputs |= set(OUTPUTS)
+    return InferRequest(id=request.get("id"), texts=texts, settings=settings, binary_outputs=binary_outputs)
+
+
+def _not_text(value):
+    raise BadRequest(f"the 'text' input holds {type(value).__name__} elements; send strings")
+
+
+def _bytes_tensor(elements: list[str]) -> bytes:
+    return b"".join(struct.pack("<I", len(e.encode("utf-8"))) + e.encode("utf-8") for e in elements)
+
+
+def infer_response(model_name: str, request: InferRequest, results: list) -> tuple[bytes, dict]:
+    """The response body and extra headers: outputs as JSON data, or as binary data where the client asked."""
+    values = {"text": [r.text for r in results],
+              "result": [json.dumps(r.to_dict(), ensure_ascii=False) for r in results]}
+    outputs, blobs = [], []
+    for name, kind in OUTPUTS.items():
+        output = {"name": name, "datatype": kind, "shape": [len(results)]}
+        if name in request.binary_outputs:
+            blob = _bytes_tensor(values[name])
+            output["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            output["data"] = values[name]
+        outputs.append(output)
+    head = {"model_name": model_name, "model_version": "1", "outputs": outputs}
+    if request.id is not None:
+        head["id"] = request.id
+    head_bytes = json.dumps(head, ensure_ascii=False).encode("utf-8")
+    if not blobs:
+        return head_bytes, {"content-type": "application/json"}
+    return head_bytes + b"".join(blobs), {"content-type": "application/octet-stream",
+                                          "inference-header-content-length": str(len(head_bytes))}
