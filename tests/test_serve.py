@@ -1,0 +1,242 @@
+"""`maria serve` for real: a server process on 127.0.0.1 (ephemeral port) with the shipped model, driven by
+urllib, curl-like JSON, binary tensors and tritonclient. Every request loop is bounded; each test stops the server
+it started, by its process id."""
+
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.choose import Sampling
+from runtime.default_model import DEFAULT_MODEL
+from runtime.infiller import Infiller
+
+pytest.importorskip("starlette", reason="the serve extra (starlette, uvicorn, prometheus-client) is not installed")
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXTS = ["The [MASK] statement is used to [MASK] an exception.", "Use the [MASK] module to read [MASK:2] files."]
+SLOW = "[MASK:300]"                      # 300 AR steps: long enough to still be running when we act
+
+
+@contextmanager
+def server(*args, seconds: float = 60):
+    """Starts `maria serve --port 0`, yields (base url, process); stops it by pid with SIGTERM (then SIGKILL)."""
+    process = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "--port", "0", "--device", "cpu",
+                                *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        deadline, url = time.monotonic() + seconds, None
+        while url is None and time.monotonic() < deadline and process.poll() is None:
+            match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", process.stderr.readline())
+            url = match.group(1) if match else None
+        assert url, f"the server did not start: {process.stderr.read() if process.poll() is not None else ''}"
+        yield url, process
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+
+
+def call(url, path, payload=None, headers=None, raw: bytes | None = None, timeout: float = 60):
+    """(status, headers, body bytes) of one request."""
+    data = raw if raw is not None else (json.dumps(payload).encode() if payload is not None else None)
+    request = urllib.request.Request(url + path, data=data, headers=headers or {},
+                                     method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def oip(texts, **parameters):
+    return {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}],
+            "parameters": parameters}
+
+
+@pytest.fixture(scope="module")
+def running():
+    with server("--max-batch-delay-ms", "50", "--max-batch-size", "16") as (url, process):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return Infiller(DEFAULT_MODEL, device="cpu")
+
+
+def test_health_and_metadata(running):
+    assert call(running, "/v2/health/live")[0] == 200
+    assert json.loads(call(running, "/v2/health/ready")[2]) == {"ready": True}
+    assert call(running, "/v2/models/maria/ready")[0] == 200
+    meta = json.loads(call(running, "/v2/models/maria")[2])
+    assert {(t["name"], t["datatype"]) for t in meta["inputs"]} >= {("text", "BYTES"), ("seed", "INT64")}
+    assert [(t["name"], t["datatype"]) for t in meta["outputs"]] == [("text", "BYTES"), ("result", "BYTES")]
+    assert "binary_tensor_data" in json.loads(call(running, "/v2")[2])["extensions"]
+
+
+def test_infer_in_json_fills_like_maria_infill(running, reference):
+    sampling = Sampling(temperature=1.0, seed=11)
+    want = reference.infill(TEXTS, sampling, num_samples=2)
+    status, _, body = call(running, "/v2/models/maria/infer", oip(TEXTS, temperature=1.0, seed=11, num_samples=2))
+    assert status == 200
+    outputs = {o["name"]: o for o in json.loads(body)["outputs"]}
+    assert outputs["text"]["data"] == [r.text for r in want]
+    assert [json.loads(r) for r in outputs["result"]["data"]] == [r.to_dict() for r in want]
+    status, _, body = call(running, "/v1/infill", {"text": TEXTS, "temperature": 1.0, "seed": 11, "num_samples": 2})
+    assert status == 200 and json.loads(body)["results"] == [r.to_dict() for r in want]
+
+
+def test_infer_with_binary_tensors(running, reference):
+    texts = [t.encode() for t in TEXTS]
+    blob = b"".join(struct.pack("<I", len(t)) + t for t in texts)
+    head = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2],
+                                   "parameters": {"binary_data_size": len(blob)}}],
+                       "outputs": [{"name": "text", "parameters": {"binary_data": True}}]}).encode()
+    status, headers, body = call(running, "/v2/models/maria/infer", raw=head + blob,
+                                 headers={"Inference-Header-Content-Length": str(len(head))})
+    assert status == 200
+    length = int({k.lower(): v for k, v in headers.items()}["inference-header-content-length"])
+    outputs = json.loads(body[:length])["outputs"]
+    text_output = next(o for o in outputs if o["name"] == "text")
+    raw, filled = body[length:length + text_output["parameters"]["binary_data_size"]], []
+    while raw:
+        (size,) = struct.unpack_from("<I", raw)
+        filled.append(raw[4:4 + size].decode())
+        raw = raw[4 + size:]
+    assert filled == [r.text for r in reference.infill(TEXTS)]
+
+
+def test_tritonclient_binary_infer(running, reference):
+    httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed")
+    client = httpclient.InferenceServerClient(running.removeprefix("http://"), concurrency=2)
+    try:
+        assert client.is_server_live() and client.is_model_ready("maria")
+        text = httpclient.InferInput("text", [2], "BYTES")
+        text.set_data_from_numpy(np.array([t.encode() for t in TEXTS], dtype=np.object_), binary_data=True)
+        seed = httpclient.InferInput("seed", [1], "INT64")
+        seed.set_data_from_numpy(np.array([5], dtype=np.int64))
+        temperature = httpclient.InferInput("temperature", [1], "FP32")
+        temperature.set_data_from_numpy(np.array([0.8], dtype=np.float32))
+        outputs = [httpclient.InferRequestedOutput("text", binary_data=True),
+                   httpclient.InferRequestedOutput("result", binary_data=False)]
+        result = client.async_infer("maria", [text, seed, temperature], outputs=outputs).get_result(timeout=60)
+        want = reference.infill(TEXTS, Sampling(temperature=0.8, seed=5))
+        assert [t.decode() for t in result.as_numpy("text")] == [r.text for r in want]
+        assert [json.loads(r)["fills"] for r in result.as_numpy("result")] == [r.fills for r in want]
+    finally:
+        client.close()
+
+
+def test_the_stream_sends_each_fill_then_the_result(running, reference):
+    request = urllib.request.Request(running + "/v1/infill/stream", data=json.dumps({"text": TEXTS[0]}).encode(),
+                                     method="POST")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [block for block in response.read().decode().split("\n\n") if block.strip()]
+    kinds = [block.split("\n")[0].removeprefix("event: ") for block in events]
+    data = [json.loads(block.split("\n")[1].removeprefix("data: ")) for block in events]
+    want = reference.infill([TEXTS[0]])[0]
+    assert kinds == ["token"] * len(want.fills) + ["result"]
+    assert [d["piece"] for d in data[:-1]] == want.fills and data[-1]["results"] == [want.to_dict()]
+
+
+def test_concurrent_requests_form_batches_and_do_not_change_results(running, reference):
+    texts = [f"Use the [MASK] module to [MASK:2] file number {i}." for i in range(32)]
+    want = reference.infill(texts, Sampling(temperature=1.0, seed=3))
+    before = batches(running)
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(lambda text: call(running, "/v1/infill", {"text": [text], "temperature": 1.0,
+                                                                          "seed": 3}), texts))
+    assert all(status == 200 for status, _, _ in answers)
+    # each request holds one text (index 0): its samples match a one-text run with the same seed
+    alone = [reference.infill([t], Sampling(temperature=1.0, seed=3))[0] for t in texts]
+    assert [json.loads(body)["results"][0]["text"] for _, _, body in answers] == [r.text for r in alone]
+    assert len(want) == 32
+    after = batches(running)
+    formed, texts_in_batches = after[0] - before[0], after[1] - before[1]
+    assert formed < 32 and texts_in_batches == 32          # fewer batches than requests: some held several
+
+
+def batches(url) -> tuple[float, float]:
+    metrics = call(url, "/metrics")[2].decode()
+    count = float(re.search(r"^maria_batch_size_count (\S+)$", metrics, re.M).group(1))
+    total = float(re.search(r"^maria_batch_size_sum (\S+)$", metrics, re.M).group(1))
+    return count, total
+
+
+def test_metrics_in_prometheus_format(running):
+    call(running, "/v1/infill", {"text": ["a [MASK] b"]})
+    metrics = call(running, "/metrics")[2].decode()
+    for name in ("maria_requests_total", "maria_queue_depth", "maria_batch_size_bucket",
+                 "maria_request_latency_seconds_bucket", "maria_tokens_filled_total"):
+        assert re.search(rf"^{name}", metrics, re.M), name
+    assert re.search(r'^maria_requests_total\{route="/v1/infill",status="200"\} [1-9]', metrics, re.M)
+
+
+BOUNDS = [
+    ("/v1/infill", None, b"{not json", 400, "not valid JSON"),
+    ("/v1/infill", {"txt": ["a"]}, None, 400, 'send a JSON object {"text"'),
+    ("/v1/infill", {"text": ["a [MASK:0] b"]}, None, 422, "text 0: '[MASK:0]' asks for 0 tokens"),
+    ("/v1/infill", {"text": ["word " * 2100 + "[MASK]"]}, None, 422, "over the bundle's maximum"),
+    ("/v1/infill", {"text": ["a [MASK:x]"]}, None, 422, "is not a marker"),
+    ("/v1/infill", {"text": ["a [MASK]"], "temperature": "hot"}, None, 400, "parameter 'temperature' must be"),
+    ("/v1/infill", {"text": ["a [MASK]"], "top_p": 3}, None, 422, "top-p must be in (0, 1]"),
+    ("/v1/infill", {"text": ["a [MASK]"] * 9}, None, 413, "over the limit of 8 per request"),
+    ("/v1/infill", {"text": ["a [MASK]" + " x" * 10000]}, None, 413, "over the limit of 16384"),
+    ("/v2/models/maria/infer", {"inputs": [{"name": "text", "datatype": "INT32", "shape": [1], "data": [1]}]},
+     None, 400, "input 'text' has datatype 'INT32'; expected BYTES"),
+    ("/v2/models/maria/infer", None, b'{"inputs": []}xx', 400, "not valid JSON"),
+    ("/v2/models/other/infer", oip(["a [MASK]"]), None, 404, "no model 'other' here"),
+]
+
+
+def test_each_bound_gives_its_status_and_one_line():
+    with server("--max-body-bytes", "16384", "--max-texts", "8", "--api-key", "secret") as (url, _):
+        auth = {"Authorization": "Bearer secret"}
+        status, headers, body = call(url, "/v1/infill", {"text": ["a [MASK]"]})
+        assert status == 401 and "bearer token" in json.loads(body)["error"]
+        assert call(url, "/v2/health/ready")[0] == 200                               # health stays open
+        assert call(url, "/v1/infill", {"text": ["a [MASK]"]}, headers=auth)[0] == 200
+        for path, payload, raw, status, message in BOUNDS:
+            got, _, body = call(url, path, payload, headers=auth, raw=raw)
+            assert got == status and message in json.loads(body)["error"], (path, payload, body)
+            assert "\n" not in json.loads(body)["error"] and "Traceback" not in body.decode()
+
+
+def test_a_full_queue_gives_503_and_a_deadline_504():
+    with server("--max-queue", "1", "--max-batch-size", "1", "--timeout", "30") as (url, _):
+        with ThreadPoolExecutor(12) as pool:
+            statuses = list(pool.map(lambda _: call(url, "/v1/infill", {"text": [SLOW]})[:2], range(12)))
+        busy = [headers for status, headers in statuses if status == 503]
+        assert busy and all({k.lower(): v for k, v in h.items()}.get("retry-after") == "1" for h in busy) and any(s == 200 for s, _ in statuses)
+    with server("--timeout", "0.05") as (url, _):
+        status, _, body = call(url, "/v1/infill", {"text": [SLOW]})
+        assert status == 504 and "deadline of 0.05 s" in json.loads(body)["error"]
+
+
+def test_sigterm_lets_requests_in_flight_finish():
+    with server("--max-batch-size", "4", "--grace", "60") as (url, process):
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(call, url, "/v1/infill", {"text": [SLOW]}) for _ in range(4)]
+            time.sleep(0.5)
+            os.kill(process.pid, signal.SIGTERM)
+            statuses = [future.result(timeout=120)[0] for future in futures]
+        assert statuses == [200] * 4
+        assert process.wait(timeout=60) == 0
