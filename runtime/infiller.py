@@ -35,6 +35,20 @@ class Infilled:
                 "fills": self.fills, "fill_logprobs": self.fill_logprobs, "note": self.note}
 
 
+@dataclass(frozen=True)
+class FillRequest:
+    """Texts that share sampling settings, already encoded (Infiller.encode); text i's sample j draws from a
+    generator of (sampling.seed, i, j)."""
+    texts: list
+    encoded: list
+    sampling: Sampling = Sampling()
+    num_samples: int = 1
+
+    @property
+    def size(self) -> int:
+        return len(self.texts) * self.num_samples
+
+
 class Infiller:
     def __init__(self, bundle=None, device: str = "auto", io_binding: bool | None = None):
         """bundle: a folder written by `maria export`; None for the default model shipped in the package."""
@@ -83,6 +97,30 @@ class Infiller:
         fills = self.fill_ids([e.ids for _, e in inputs], [e.masked for _, e in inputs], sampling, batch_size,
                               rngs)
         return [self.result(text, e, fill) for (text, e), fill in zip(inputs, fills)]
+
+    def infill_requests(self, requests: list[FillRequest], on_token=None) -> list[list[Infilled]]:
+        """Several requests in one decode batch per temperature / top-k / top-p; each keeps its own seed, so its
+        results do not depend on the others. on_token(request, text, sample, position, token, logprob) hears
+        each fill as it is chosen."""
+        results = [[] for _ in requests]
+        groups = {}
+        for number, request in enumerate(requests):
+            key = (request.sampling.temperature, request.sampling.top_k, request.sampling.top_p)
+            groups.setdefault(key, []).append(number)
+        for numbers in groups.values():
+            rows = [(number, index, sample) for number in numbers for index in range(len(requests[number].texts))
+                    for sample in range(requests[number].num_samples)]
+            encoded = [requests[number].encoded[index] for number, index, _ in rows]
+            rngs = [np.random.default_rng([requests[number].sampling.seed, index, sample])
+                    for number, index, sample in rows]
+            hear = None if on_token is None else lambda row, *fill: on_token(*rows[row], *fill)
+            fills = self.fill_ids([e.ids for e in encoded], [e.masked for e in encoded],
+                                  requests[numbers[0]].sampling, batch_size=max(1, len(rows)), rngs=rngs,
+                                  on_token=hear)
+            for (number, index, _), fill in zip(rows, fills):
+                results[number].append(self.result(requests[number].texts[index], requests[number].encoded[index],
+                                                   fill))
+        return results
 
     def result(self, text: str, encoded: MaskedText, fill: Fill) -> Infilled:
         """The result of one text from its encoding and its fill."""

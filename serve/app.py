@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from runtime.choose import Sampling
+from runtime.infiller import FillRequest
 
 from .batcher import Batcher, Job, QueueFull
 from .metrics import Metrics
@@ -106,7 +107,7 @@ class Server:
             except ValueError as error:
                 raise ClientError(422, f"text {number}: {error}") from None
         loop = asyncio.get_running_loop()
-        return Job(texts, encoded, sampling, num_samples, loop, loop.create_future(), on_token)
+        return Job(FillRequest(texts, encoded, sampling, num_samples), loop, loop.create_future(), on_token)
 
     async def run(self, job: Job, began: float) -> list:
         try:

@@ -5,7 +5,8 @@
 
 Jobs join a batch only with jobs of the same temperature / top-k / top-p (the decode loop takes one Sampling);
 others wait for the next batch. Each text draws from its own generator of (request seed, index of the text in
-its request, sample), so a request's result does not depend on what it was batched with.
+its request, sample) (Infiller.infill_requests), so a request's result does not depend on what it was batched
+with.
 """
 
 import asyncio
@@ -16,9 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
-
-from runtime.choose import Sampling
+from runtime.infiller import FillRequest
 
 
 class QueueFull(Exception):
@@ -27,23 +26,17 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    """One request: its encoded texts, settings, and where its result goes."""
-    texts: list[str]
-    encoded: list                     # runtime.text.MaskedText per text
-    sampling: Sampling                # its seed is the request's seed
-    num_samples: int
+    """One HTTP request: what to fill, and where its result goes."""
+    request: FillRequest
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     on_token: Callable | None = None  # (text index, sample, position, token, logprob), called on the loop
     cancelled: bool = False
 
     @property
-    def size(self) -> int:
-        return len(self.texts) * self.num_samples
-
-    @property
     def sampling_key(self) -> tuple:
-        return self.sampling.temperature, self.sampling.top_k, self.sampling.top_p
+        sampling = self.request.sampling
+        return sampling.temperature, sampling.top_k, sampling.top_p
 
     def finish(self, setter, value) -> None:
         def set_once():
@@ -88,17 +81,17 @@ class Batcher:
     def _gather(self) -> list[Job]:
         """The first waiting job and those that join it within max_batch_delay_s, up to max_batch_size texts."""
         first = self._next(timeout=None)
-        batch, size, other = [first], first.size, []
+        batch, size, other = [first], first.request.size, []
         until = time.monotonic() + self.max_batch_delay_s
         while size < self.max_batch_size:
             job = self._next(timeout=until - time.monotonic())
             if job is None:
                 break
-            if job.sampling_key != first.sampling_key or size + job.size > self.max_batch_size:
+            if job.sampling_key != first.sampling_key or size + job.request.size > self.max_batch_size:
                 other.append(job)
                 continue
             batch.append(job)
-            size += job.size
+            size += job.request.size
         self.held.extend(other)
         return [job for job in batch if not job.cancelled]
 
@@ -109,27 +102,18 @@ class Batcher:
                 self._run(batch)
 
     def _run(self, batch: list[Job]) -> None:
-        rows = [(job, index, sample) for job in batch for index in range(len(job.texts))
-                for sample in range(job.num_samples)]
-        self.observe_batch(len(rows))
-        ids = [job.encoded[index].ids for job, index, _ in rows]
-        masked = [job.encoded[index].masked for job, index, _ in rows]
-        rngs = [np.random.default_rng([job.sampling.seed, index, sample]) for job, index, sample in rows]
+        self.observe_batch(sum(job.request.size for job in batch))
 
-        def on_token(row, position, token, logprob):
-            job, index, sample = rows[row]
+        def on_token(number, index, sample, position, token, logprob):
+            job = batch[number]
             if job.on_token is not None:
                 job.loop.call_soon_threadsafe(job.on_token, index, sample, position, token, logprob)
 
         try:
-            fills = self.infiller.fill_ids(ids, masked, batch[0].sampling, batch_size=max(1, len(rows)),
-                                           rngs=rngs, on_token=on_token)
+            results = self.infiller.infill_requests([job.request for job in batch], on_token)
         except Exception as error:           # handed to each request's handler, which answers for it
             for job in batch:
                 job.finish(job.future.set_exception, error)
             return
-        results = collections.defaultdict(list)
-        for (job, index, _), fill in zip(rows, fills):
-            results[id(job)].append(self.infiller.result(job.texts[index], job.encoded[index], fill))
-        for job in batch:
-            job.finish(job.future.set_result, results[id(job)])
+        for job, result in zip(batch, results):
+            job.finish(job.future.set_result, result)
