@@ -340,6 +340,30 @@ def serve(
     run_serve(infiller, settings, host=host, port=port, grace_s=grace)
 
 
+@app.command("triton-repo")
+@one_line_errors
+def triton_repo(
+    bundle: Optional[Path] = typer.Argument(None, help="A bundle folder; default: the shipped model."),
+    out: Path = typer.Option(..., help="The model repository folder to write."),
+    model_name: str = typer.Option("maria", help="The model's name in the repository and the protocol's paths."),
+    kind: str = typer.Option("gpu", help="gpu | cpu: where Triton runs the model's instances."),
+    instances: int = typer.Option(1, min=1, help="Instances per GPU (or on the CPU)."),
+    max_batch_size: int = typer.Option(8, min=1, help="Texts per dynamic batch."),
+    max_queue_delay_us: int = typer.Option(5000, min=0, help="How long Triton waits to grow a batch."),
+    max_queue: int = typer.Option(256, min=1, help="Requests waiting; beyond it Triton rejects."),
+    timeout_us: int = typer.Option(60_000_000, min=1, help="How long a request may wait in the queue."),
+    link: bool = typer.Option(False, "--link", help="Link the bundle instead of copying it."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a repository this command wrote."),
+):
+    """Write a Triton Inference Server model repository (Python backend) serving a bundle."""
+    from runtime.default_model import resolve_bundle
+    from serve.triton import write_repository
+
+    folder = write_repository(resolve_bundle(bundle), out, model_name, kind, instances, max_batch_size,
+                              max_queue_delay_us, max_queue, timeout_us, link, overwrite)
+    typer.echo(f"wrote {folder}; run: tritonserver --model-repository {out}")
+
+
 def main():
     app(prog_name="maria")
 

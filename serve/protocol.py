@@ -1,9 +1,10 @@
 """The Open Inference Protocol (KServe v2) for MARIA: request parsing and response building, JSON and binary.
 
-An infer request carries the tensor `text` (BYTES, one element per text) and optional sampling settings, as
-request `parameters` or as tensors (temperature FP32, top_k INT32, top_p FP32, seed INT64, num_samples INT32).
-The response carries `text` (BYTES, one filled text per sample, text-major) and `result` (BYTES, the JSON object
-`maria infill --json` prints, per sample).
+An infer request carries the tensor `text` (BYTES [n, 1] as Triton's batching wants it, or [n]) and optional
+sampling settings, as request `parameters` or as tensors (temperature FP32, top_k INT32, top_p FP32, seed INT64,
+num_samples INT32). The response carries `text` (BYTES [n, num_samples], the filled texts) and `result` (BYTES
+[n, num_samples], the JSON object `maria infill --json` prints). A Triton model repository written by
+`maria triton-repo` declares the same tensors.
 
 Binary tensor data extension: the body is a JSON header of `Inference-Header-Content-Length` bytes, then the
 raw tensors in order; a BYTES element is a 4-byte little-endian length followed by its bytes.
@@ -38,9 +39,9 @@ class InferRequest:
 def metadata(model_name: str, platform: str = "maria_onnx") -> dict:
     """Model metadata: the tensors' names, datatypes and shapes (-1: any length)."""
     return {"name": model_name, "versions": ["1"], "platform": platform,
-            "inputs": [{"name": name, "datatype": kind, "shape": [-1] if name == "text" else [1]}
+            "inputs": [{"name": name, "datatype": kind, "shape": [-1, 1] if name == "text" else [1]}
                        for name, kind in INPUTS.items()],
-            "outputs": [{"name": name, "datatype": kind, "shape": [-1]} for name, kind in OUTPUTS.items()]}
+            "outputs": [{"name": name, "datatype": kind, "shape": [-1, -1]} for name, kind in OUTPUTS.items()]}
 
 
 def _bytes_elements(raw: bytes) -> list[bytes]:
@@ -137,7 +138,7 @@ def infer_response(model_name: str, request: InferRequest, results: list) -> tup
               "result": [json.dumps(r.to_dict(), ensure_ascii=False) for r in results]}
     outputs, blobs = [], []
     for name, kind in OUTPUTS.items():
-        output = {"name": name, "datatype": kind, "shape": [len(results)]}
+        output = {"name": name, "datatype": kind, "shape": [len(request.texts), len(results) // len(request.texts)]}
         if name in request.binary_outputs:
             blob = _bytes_tensor(values[name])
             output["parameters"] = {"binary_data_size": len(blob)}

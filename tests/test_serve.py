@@ -128,8 +128,8 @@ def test_tritonclient_binary_infer(running, reference):
     client = httpclient.InferenceServerClient(running.removeprefix("http://"), concurrency=2)
     try:
         assert client.is_server_live() and client.is_model_ready("maria")
-        text = httpclient.InferInput("text", [2], "BYTES")
-        text.set_data_from_numpy(np.array([t.encode() for t in TEXTS], dtype=np.object_), binary_data=True)
+        text = httpclient.InferInput("text", [2, 1], "BYTES")                  # Triton's [batch, 1]
+        text.set_data_from_numpy(np.array([[t.encode()] for t in TEXTS], dtype=np.object_), binary_data=True)
         seed = httpclient.InferInput("seed", [1], "INT64")
         seed.set_data_from_numpy(np.array([5], dtype=np.int64))
         temperature = httpclient.InferInput("temperature", [1], "FP32")
@@ -138,8 +138,9 @@ def test_tritonclient_binary_infer(running, reference):
                    httpclient.InferRequestedOutput("result", binary_data=False)]
         result = client.async_infer("maria", [text, seed, temperature], outputs=outputs).get_result(timeout=60)
         want = reference.infill(TEXTS, Sampling(temperature=0.8, seed=5))
-        assert [t.decode() for t in result.as_numpy("text")] == [r.text for r in want]
-        assert [json.loads(r)["fills"] for r in result.as_numpy("result")] == [r.fills for r in want]
+        assert result.as_numpy("text").shape == (2, 1)
+        assert [t.decode() for t in result.as_numpy("text").reshape(-1)] == [r.text for r in want]
+        assert [json.loads(r)["fills"] for r in result.as_numpy("result").reshape(-1)] == [r.fills for r in want]
     finally:
         client.close()
 

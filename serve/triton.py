@@ -1,0 +1,88 @@
+"""`maria triton-repo`: a Triton Inference Server model repository serving a bundle through the Python backend.
+
+    REPO/NAME/config.pbtxt        the tensors of `maria serve`, dynamic batching with a queue policy, instances
+    REPO/NAME/1/model.py          serve/triton_model.py
+    REPO/NAME/1/runtime/          this project's runtime package (onnxruntime, numpy, tokenizers only)
+    REPO/NAME/1/bundle/           the bundle, copied (or linked with link=True)
+
+The repository is written beside its target and renamed into place, so it appears complete or not at all.
+"""
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import runtime
+from runtime.manifest import load_manifest
+
+MODEL_FILE = Path(__file__).resolve().parent / "triton_model.py"
+KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
+
+
+def _source_only(folder, names) -> list[str]:
+    """copytree's ignore: the runtime's Python files only (not the shipped default model's weights)."""
+    return [n for n in names if n == "__pycache__" or ((Path(folder) / n).is_file() and not n.endswith(".py"))]
+
+
+def config_pbtxt(name: str, kind: str, instances: int, max_batch_size: int, max_queue_delay_us: int,
+                 max_queue: int, timeout_us: int) -> str:
+    """config.pbtxt: text [batch, 1] -> text, result [batch, num_samples], all BYTES."""
+    return f'''name: "{name}"
+backend: "python"
+max_batch_size: {max_batch_size}
+input [
+  {{ name: "text" data_type: TYPE_STRING dims: [ 1 ] }}
+]
+output [
+  {{ name: "text" data_type: TYPE_STRING dims: [ -1 ] }},
+  {{ name: "result" data_type: TYPE_STRING dims: [ -1 ] }}
+]
+dynamic_batching {{
+  max_queue_delay_microseconds: {max_queue_delay_us}
+  default_queue_policy {{
+    timeout_action: REJECT
+    default_timeout_microseconds: {timeout_us}
+    allow_timeout_override: true
+    max_queue_size: {max_queue}
+  }}
+}}
+instance_group [ {{ count: {instances} kind: {KINDS[kind]} }} ]
+parameters {{ key: "device" value: {{ string_value: "{'cuda' if kind == 'gpu' else 'cpu'}" }} }}
+'''
+
+
+def write_repository(bundle, out, name: str = "maria", kind: str = "gpu", instances: int = 1,
+                     max_batch_size: int = 8, max_queue_delay_us: int = 5000, max_queue: int = 256,
+                     timeout_us: int = 60_000_000, link: bool = False, overwrite: bool = False) -> Path:
+    """Writes the repository at `out`; returns the model's folder."""
+    bundle, out = Path(bundle).resolve(), Path(out).resolve()
+    load_manifest(bundle)                                   # a complete, intact bundle, or a clear error
+    if kind not in KINDS:
+        raise ValueError(f"--kind must be gpu or cpu, got '{kind}'")
+    if not name or "/" in name:
+        raise ValueError(f"--model-name must be a non-empty name without '/', got '{name}'")
+    if min(instances, max_batch_size, max_queue) < 1 or max_queue_delay_us < 0 or timeout_us < 1:
+        raise ValueError("instances, max batch size and queue size must be at least 1; delays non-negative")
+    if out.exists() and not (overwrite and (out / name / "config.pbtxt").is_file()):
+        raise FileExistsError(f"{out} already exists; choose another --out (--overwrite replaces only a "
+                              "repository this command wrote)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        version = staging / name / "1"
+        version.mkdir(parents=True)
+        (staging / name / "config.pbtxt").write_text(
+            config_pbtxt(name, kind, instances, max_batch_size, max_queue_delay_us, max_queue, timeout_us))
+        shutil.copy(MODEL_FILE, version / "model.py")
+        shutil.copytree(Path(runtime.__file__).parent, version / "runtime", ignore=_source_only)
+        if link:
+            (version / "bundle").symlink_to(bundle, target_is_directory=True)
+        else:
+            shutil.copytree(bundle, version / "bundle")
+        staging.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out / name

@@ -1,0 +1,71 @@
+"""A Triton Inference Server Python-backend model that fills masked text with a MARIA bundle.
+
+`maria triton-repo` copies this file as `<repo>/<name>/1/model.py`, beside a copy of the `runtime` package and
+the bundle (`bundle/`). ONNX Runtime runs inside the backend, so the decode loop keeps its KV cache on the
+device between steps. With dynamic batching Triton hands several requests to one `execute` call; they are filled
+in one decode batch, each with its own seed (request parameters: temperature, top_k, top_p, seed, num_samples).
+
+Tensors, as `maria serve` declares them: input `text` BYTES [batch, 1]; outputs `text` and `result` (the JSON of
+`maria infill --json`) BYTES [batch, num_samples].
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))           # the runtime package copied beside this file
+
+from runtime.choose import Sampling  # noqa: E402
+from runtime.infiller import FillRequest, Infiller  # noqa: E402
+
+SETTINGS = {"temperature": float, "top_k": int, "top_p": float, "seed": int, "num_samples": int}
+
+
+def settings_of(request) -> tuple[Sampling, int]:
+    """Sampling and num_samples from the request's parameters; ValueError naming a bad one."""
+    given = json.loads(request.parameters() or "{}")
+    unknown = set(given) - set(SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown parameters {sorted(unknown)}; parameters are {', '.join(SETTINGS)}")
+    values = {name: SETTINGS[name](value) for name, value in given.items()}
+    num_samples = values.pop("num_samples", 1)
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    return Sampling(**values), num_samples
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        parameters = json.loads(args["model_config"]).get("parameters", {})
+        device = parameters.get("device", {}).get("string_value", "auto")
+        if args.get("model_instance_kind") == "CPU":
+            device = "cpu"
+        self.infiller = Infiller(HERE / "bundle", device=device)
+
+    def read(self, request) -> FillRequest:
+        texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t)
+                 for t in pb_utils.get_input_tensor_by_name(request, "text").as_numpy().reshape(-1)]
+        sampling, num_samples = settings_of(request)
+        return FillRequest(texts, [self.infiller.encode(text) for text in texts], sampling, num_samples)
+
+    def execute(self, requests):
+        responses, readable = [None] * len(requests), []
+        for number, request in enumerate(requests):
+            try:
+                readable.append((number, self.read(request)))
+            except (ValueError, UnicodeDecodeError) as error:
+                responses[number] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))        # HTTP 400
+        results = self.infiller.infill_requests([fill for _, fill in readable]) if readable else []
+        for (number, fill), filled in zip(readable, results):
+            shape = (len(fill.texts), fill.num_samples)
+            texts = np.array([r.text.encode() for r in filled], dtype=np.object_).reshape(shape)
+            objects = np.array([json.dumps(r.to_dict(), ensure_ascii=False).encode() for r in filled],
+                               dtype=np.object_).reshape(shape)
+            responses[number] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("text", texts),
+                                                                           pb_utils.Tensor("result", objects)])
+        return responses

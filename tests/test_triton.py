@@ -1,0 +1,108 @@
+"""`maria triton-repo` for real: the repository served by the `tritonserver` (2.51, Python backend) that the
+nvidia-pytriton wheel ships, on 127.0.0.1, called with tritonclient like `maria serve`. That wheel needs numpy < 2,
+so it lives in its own environment, named by MARIA_TRITON_PYTHON (.ci/run builds one)."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.choose import Sampling
+from runtime.default_model import DEFAULT_MODEL
+from runtime.infiller import Infiller
+from serve.triton import write_repository
+
+TRITON_PYTHON = os.environ.get("MARIA_TRITON_PYTHON")
+pytestmark = pytest.mark.skipif(not TRITON_PYTHON, reason="MARIA_TRITON_PYTHON names no Python environment with "
+                                "nvidia-pytriton 0.7.0, numpy<2, onnxruntime and tokenizers (.ci/run builds one)")
+httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed")
+
+TEXTS = ["The [MASK] statement is used to [MASK] an exception.", "Use the [MASK] module to read [MASK:2] files."]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def tritonserver(workdir: Path) -> tuple[list[str], dict]:
+    """The command prefix and environment that run pytriton's tritonserver with the Python backend."""
+    probe = ("import pathlib, sys, sysconfig, pytriton; print(pathlib.Path(pytriton.__file__).parent); "
+             "print(sysconfig.get_config_var('LIBDIR')); print(f'{sys.version_info[0]}.{sys.version_info[1]}')")
+    package, libdir, version = subprocess.check_output([TRITON_PYTHON, "-c", probe], text=True).split()
+    server = shutil.copytree(Path(package) / "tritonserver", workdir / "tritonserver",
+                             ignore=shutil.ignore_patterns("python_backend_stubs"))
+    shutil.copy(Path(package) / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub",
+                server / "backends" / "python")
+    environment = {**os.environ,
+                   # the backend stub takes its site-packages from the first python3 on PATH
+                   "PATH": f"{Path(TRITON_PYTHON).parent}{os.pathsep}{os.environ['PATH']}",
+                   # its libraries and, under a pyenv-built Python, libpython
+                   "LD_LIBRARY_PATH": os.pathsep.join([str(Path(package).parent / "nvidia_pytriton.libs"), libdir])}
+    return [str(server / "bin" / "tritonserver"), "--backend-directory", str(server / "backends")], environment
+
+
+def test_triton_serves_the_repository_like_maria_serve(tmp_path):
+    repository = tmp_path / "repo"
+    write_repository(DEFAULT_MODEL, repository, kind="cpu", max_queue_delay_us=20_000)
+    assert (repository / "maria" / "1" / "runtime" / "decode.py").is_file()
+    command, environment = tritonserver(tmp_path)
+    port = free_port()
+    process = subprocess.Popen([*command, "--model-repository", str(repository), "--http-port", str(port),
+                                "--allow-grpc", "false", "--allow-metrics", "false"], env=environment,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = None
+    try:
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{port}", concurrency=4)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if client.is_model_ready("maria"):
+                    break
+            except Exception:                      # not listening yet
+                pass
+            time.sleep(0.25)
+        assert process.poll() is None and client.is_model_ready("maria"), "tritonserver did not load the model"
+        metadata = client.get_model_metadata("maria")
+        assert metadata["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1, 1]}]
+        reference = Infiller(DEFAULT_MODEL, device="cpu")
+
+        def request(texts, **parameters):
+            text = httpclient.InferInput("text", [len(texts), 1], "BYTES")
+            text.set_data_from_numpy(np.array([[t.encode()] for t in texts], dtype=np.object_), binary_data=True)
+            outputs = [httpclient.InferRequestedOutput(name, binary_data=True) for name in ("text", "result")]
+            return client.async_infer("maria", [text], outputs=outputs, parameters=parameters or None)
+
+        result = request(TEXTS, temperature=0.8, seed=5, num_samples=2).get_result(timeout=60)
+        want = reference.infill(TEXTS, Sampling(temperature=0.8, seed=5), num_samples=2)
+        assert result.as_numpy("text").shape == (2, 2)
+        assert [t.decode() for t in result.as_numpy("text").reshape(-1)] == [r.text for r in want]
+        got = [json.loads(r) for r in result.as_numpy("result").reshape(-1)]
+        for one, other in zip(got, [r.to_dict() for r in want]):     # ONNX Runtime there may be another build
+            assert one["fill_logprobs"] == pytest.approx(other.pop("fill_logprobs"), abs=1e-4)
+            assert {k: v for k, v in one.items() if k != "fill_logprobs"} == other
+
+        pending = [request([f"Use the [MASK] module number {i}."]) for i in range(8)]      # dynamic batching
+        filled = [p.get_result(timeout=60).as_numpy("text")[0, 0].decode() for p in pending]
+        assert filled == [r.text for r in reference.infill([f"Use the [MASK] module number {i}." for i in range(8)])]
+
+        with pytest.raises(Exception, match="asks for 0 tokens"):
+            request(["bad [MASK:0]"]).get_result(timeout=60)
+    finally:
+        if client is not None:
+            client.close()
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
