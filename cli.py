@@ -255,6 +255,29 @@ def bench(
               mlm_ar_max_tokens=mlm_ar_max_tokens)
 
 
+@app.command("bench-serve")
+@one_line_errors
+def bench_serve(
+    out: Path = typer.Option(Path("bench-results"), help="Folder for bench-serve.json."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="A bundle; default: the shipped model."),
+    clients: int = typer.Option(32, min=1, help="Concurrent clients."),
+    requests: int = typer.Option(256, min=1, help="Requests in all, one text each."),
+    max_batch_sizes: str = typer.Option("1,16", help="Server --max-batch-size settings to compare (1: none)."),
+    delay_ms: float = typer.Option(5.0, min=0, help="Server --max-batch-delay-ms."),
+    stagger_ms: float = typer.Option(10.0, min=0, help="Each client starts this long after the last."),
+    repeats: int = typer.Option(1, min=1, help="Runs per setting, interleaved."),
+    device: str = typer.Option("cpu", help="auto | cuda | cpu"),
+):
+    """Load on a real `maria serve`: throughput, p50/p99 latency and batch sizes, with and without batching."""
+    from runtime.device import check_device
+    from tools.bench_serve import bench_serve as run_bench_serve
+
+    check_device(device)
+    run_bench_serve(out, model=model, clients=clients, requests=requests,
+                    max_batch_sizes=int_list(max_batch_sizes, "--max-batch-sizes"), delay_ms=delay_ms,
+                    stagger_ms=stagger_ms, repeats=repeats, device=device)
+
+
 @app.command("eval")
 @one_line_errors
 def eval_command(

@@ -1,0 +1,24 @@
+"""`maria bench-serve` drives a real server and reports what it measured (no timing is asserted)."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+
+pytest.importorskip("starlette", reason="the serve extra (starlette, uvicorn, prometheus-client) is not installed")
+
+
+def test_bench_serve_reports_both_settings(tmp_path):
+    result = CliRunner().invoke(app, ["bench-serve", "--out", str(tmp_path), "--clients", "4", "--requests", "8",
+                                      "--max-batch-sizes", "1,8", "--delay-ms", "20"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bench-serve.json").read_text())
+    runs = {run["max_batch_size"]: run for run in report["runs"]}
+    assert set(runs) == {1, 8}
+    for run in runs.values():
+        assert run["requests"] == 8 and run["ok"] == 8 and run["errors"] == 0
+        assert run["p50_ms"] <= run["p99_ms"] and run["requests_per_s"] > 0
+    assert runs[1]["mean_batch_size"] == 1.0                       # without batching every batch holds one text
+    assert runs[1]["batches"] == 8

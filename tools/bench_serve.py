@@ -1,0 +1,145 @@
+"""`maria bench-serve`: load on a real `maria serve` process, with and without dynamic batching, side by side.
+
+For each --max-batch-size setting (1 = no batching) a server starts on 127.0.0.1 (ephemeral port); N clients, each
+starting a little after the last (staggered), send a fixed number of /v1/infill requests of one text each; the
+run reports throughput, p50/p99 latency, the batch sizes the server formed (from its /metrics) and errors. The
+server is stopped by its process id after each run.
+"""
+
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXTS = ["The [MASK] statement is used to [MASK] an exception.", "Use the [MASK] module to read [MASK:2] files.",
+         "A [MASK:3] is a function defined inside a class.", "The [MASK] keyword defines a [MASK]."]
+
+
+def start_server(model, max_batch_size: int, delay_ms: float, device: str, seconds: float = 120):
+    args = [sys.executable, str(ROOT / "cli.py"), "serve", "--port", "0", "--device", device, "--max-batch-size",
+            str(max_batch_size), "--max-batch-delay-ms", str(delay_ms), "--max-queue", "4096"]
+    process = subprocess.Popen(args + (["--model", str(model)] if model else []), cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        match = re.search(r"listening on (http://\S+)", process.stderr.readline())
+        if match:
+            return match.group(1), process
+    stop(process)
+    raise RuntimeError("the server did not start")
+
+
+def stop(process) -> None:
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+def post(url: str, text: str, timeout: float) -> tuple[int, float]:
+    """(status, seconds) of one /v1/infill request."""
+    began = time.perf_counter()
+    request = urllib.request.Request(url + "/v1/infill", data=json.dumps({"text": [text]}).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
+            status = response.status
+    except urllib.error.HTTPError as error:
+        status = error.code
+    except OSError:
+        status = 0
+    return status, time.perf_counter() - began
+
+
+def batch_metrics(url: str) -> tuple[float, float]:
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
+        metrics = response.read().decode()
+    read = lambda name: float(re.search(rf"^{name} (\S+)$", metrics, re.M).group(1))
+    return read("maria_batch_size_count"), read("maria_batch_size_sum")
+
+
+def load(url: str, clients: int, requests: int, stagger_s: float, timeout: float) -> list[tuple[int, float]]:
+    """Each client sends its share of the requests one after another, starting stagger_s after the last."""
+    shares = [requests // clients + (c < requests % clients) for c in range(clients)]
+
+    def client(number: int):
+        time.sleep(number * stagger_s)
+        return [post(url, TEXTS[(number + i) % len(TEXTS)], timeout) for i in range(shares[number])]
+
+    with ThreadPoolExecutor(clients) as pool:
+        return [answer for answers in pool.map(client, range(clients)) for answer in answers]
+
+
+def run_one(model, max_batch_size: int, delay_ms: float, device: str, clients: int, requests: int,
+            stagger_s: float, timeout: float) -> dict:
+    url, process = start_server(model, max_batch_size, delay_ms, device)
+    try:
+        for text in TEXTS:                                   # warm-up, not counted
+            post(url, text, timeout)
+        before = batch_metrics(url)
+        began = time.perf_counter()
+        answers = load(url, clients, requests, stagger_s, timeout)
+        wall = time.perf_counter() - began
+        after = batch_metrics(url)
+    finally:
+        stop(process)
+    latencies = sorted(seconds for status, seconds in answers if status == 200)
+    batches = after[0] - before[0]
+    return {"max_batch_size": max_batch_size, "max_batch_delay_ms": delay_ms, "clients": clients,
+            "requests": len(answers), "ok": len(latencies), "errors": len(answers) - len(latencies),
+            "seconds": wall, "requests_per_s": len(latencies) / wall,
+            "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
+            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else None,
+            "batches": batches, "mean_batch_size": (after[1] - before[1]) / batches if batches else None}
+
+
+def bench_serve(out: Path, model=None, clients: int = 32, requests: int = 256, max_batch_sizes=(1, 16),
+                delay_ms: float = 5.0, stagger_ms: float = 10.0, repeats: int = 1, device: str = "cpu",
+                timeout: float = 120.0, console: Console | None = None) -> dict:
+    """Runs the load once per setting and repeat (settings interleaved); writes out/bench-serve.json."""
+    console = console or Console(stderr=True)
+    if clients < 1 or requests < clients or repeats < 1 or not max_batch_sizes or min(max_batch_sizes) < 1:
+        raise ValueError("need at least one client, at least as many requests as clients, one repeat and "
+                         "batch sizes >= 1")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for repeat in range(repeats):
+        for size in max_batch_sizes:
+            console.print(f"repeat {repeat + 1}: --max-batch-size {size}, {clients} clients, {requests} requests")
+            runs.append({"repeat": repeat, **run_one(model, size, delay_ms, device, clients, requests,
+                                                     stagger_ms / 1000, timeout)})
+    report = {"model": str(model) if model else "default", "device": device, "clients": clients,
+              "requests": requests, "stagger_ms": stagger_ms, "texts": TEXTS, "cpu_count": os.cpu_count(),
+              "runs": runs}
+    (out / "bench-serve.json").write_text(json.dumps(report, indent=2) + "\n")
+    console.print(table(runs))
+    console.print(f"wrote {out / 'bench-serve.json'}")
+    return report
+
+
+def table(runs: list[dict]) -> Table:
+    out = Table(title="maria serve under load (one text per request)")
+    for column in ("repeat", "max batch", "req/s", "p50 ms", "p99 ms", "mean batch", "errors"):
+        out.add_column(column, justify="right")
+    for r in runs:
+        out.add_row(str(r["repeat"] + 1), str(r["max_batch_size"]), f"{r['requests_per_s']:.1f}",
+                    f"{r['p50_ms']:.0f}" if r["p50_ms"] is not None else "-",
+                    f"{r['p99_ms']:.0f}" if r["p99_ms"] is not None else "-",
+                    f"{r['mean_batch_size']:.2f}" if r["mean_batch_size"] else "-", str(r["errors"]))
+    return out
