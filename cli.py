@@ -186,7 +186,7 @@ def infill(
     seed: int = typer.Option(0, help="Seed for sampling: a text's samples depend only on the seed and its "
                                             "line, whatever the batching."),
     num_samples: int = typer.Option(1, min=1, help="Results per input."),
-    device: str = typer.Option("auto", help="auto | cuda | cpu"),
+    device: str = typer.Option("auto", help="auto | cuda | cuda:N (GPU N) | cpu"),
 ):
     """Fill the masked tokens of each text with a MARIA bundle (no PyTorch needed)."""
     from runtime.choose import Sampling
@@ -238,7 +238,7 @@ def bench(
     mask_rate: float = typer.Option(0.5),
     repeats: int = typer.Option(3, min=1),
     seed: int = typer.Option(0, min=0),
-    device: str = typer.Option("auto", help="auto | cuda | cpu"),
+    device: str = typer.Option("auto", help="auto | cuda | cuda:N (GPU N) | cpu"),
     mlm_ar: bool = typer.Option(True, help="Include the autoregressive-MLM baseline (quadratic)."),
     mlm_ar_max_tokens: int = typer.Option(512, help="Run mlm-ar only where batch x length is at most this."),
 ):
@@ -291,7 +291,7 @@ def eval_command(
     seed: int = typer.Option(0, min=0),
     batch_size: int = typer.Option(16, min=1),
     as_json: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON here."),
-    device: str = typer.Option("auto", help="auto | cuda | cpu"),
+    device: str = typer.Option("auto", help="auto | cuda | cuda:N (GPU N) | cpu"),
 ):
     """Masked-token perplexity and greedy top-1 accuracy: MARIA (ONNX) and, with the train extra, the baselines."""
     from rich.console import Console
@@ -327,7 +327,7 @@ def serve(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="A bundle; default: the shipped model."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback unless told otherwise)."),
     port: int = typer.Option(8000, min=0, max=65535, help="Port (0: any free port, printed at start)."),
-    device: str = typer.Option("auto", help="auto | cuda | cpu"),
+    device: str = typer.Option("auto", help="auto | cuda | cuda:N (GPU N) | cpu"),
     model_name: str = typer.Option("maria", help="The model's name in the protocol's paths."),
     max_batch_size: int = typer.Option(8, min=1, help="Texts (x samples) per decode batch."),
     max_batch_delay_ms: float = typer.Option(5.0, min=0, help="How long a batch waits for more requests."),

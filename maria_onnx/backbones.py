@@ -61,8 +61,9 @@ class Backbones:
 
 
 def torch_device(device: str) -> str:
-    """'cuda' or 'cpu' for PyTorch, from --device auto|cuda|cpu (runtime.device.choose_device)."""
-    return choose_device(device, None if torch.cuda.is_available() else "PyTorch sees no CUDA device")
+    """'cuda', 'cuda:N' or 'cpu' for PyTorch, from --device auto|cuda|cuda:N|cpu (runtime.device.choose_device)."""
+    chosen = choose_device(device, None if torch.cuda.is_available() else "PyTorch sees no CUDA device")
+    return device if chosen == "cuda" and device.startswith("cuda:") else chosen
 
 
 def _check_folder(path: Path, role: str) -> Path:

@@ -13,7 +13,8 @@ import numpy as np
 import onnxruntime as ort
 
 from .manifest import REEXPORT, Manifest
-from .sessions import make_session, providers_for
+from .device import gpu_index
+from .sessions import make_session, provider_name, providers_for
 
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
 ELEMENTS = {"fp32": "tensor(float)", "fp16": "tensor(float16)"}
@@ -58,12 +59,15 @@ class OnnxBackend:
     def __init__(self, folder: Path, manifest: Manifest, device: str = "auto", io_binding: bool | None = None):
         providers = providers_for(device)
         self.manifest = manifest
-        self.mlm = make_session(Path(folder) / manifest.graph("mlm").file, providers, insist=device == "cuda")
-        providers = self.mlm.get_providers()       # after a CUDA fallback, the rest start on CPU directly
+        self.mlm = make_session(Path(folder) / manifest.graph("mlm").file, providers,
+                                insist=device not in ("auto", "cpu"))
+        if self.mlm.get_providers()[0] != provider_name(providers[0]):
+            providers = ["CPUExecutionProvider"]   # after a CUDA fallback, the rest start on CPU directly
         self.ar = make_session(Path(folder) / manifest.graph("ar_decoder").file, providers)
         self.head = make_session(Path(folder) / manifest.graph("fusion_head").file, providers)
         check_graphs(manifest, {"mlm": self.mlm, "ar_decoder": self.ar, "fusion_head": self.head})
-        self.device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
+        self.device = "cuda" if provider_name(providers[0]) == "CUDAExecutionProvider" else "cpu"
+        self.device_id = gpu_index(device) if self.device == "cuda" else 0
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
         self.dtype = DTYPES[manifest.dtype]
         self.past_names = [n for n in manifest.graph("ar_decoder").inputs if n.startswith("past_key_values.")]
@@ -82,7 +86,10 @@ class OnnxBackend:
             else:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in names:
-            binding.bind_output(name, self.device if name in device_outputs else "cpu")
+            if name in device_outputs:
+                binding.bind_output(name, self.device, self.device_id)
+            else:
+                binding.bind_output(name, "cpu")
         session.run_with_iobinding(binding)
         values = binding.get_outputs()
         return {name: value if name in device_outputs else value.numpy() for name, value in zip(names, values)}

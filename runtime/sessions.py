@@ -10,7 +10,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from .device import choose_device
+from .device import choose_device, gpu_index
 
 
 def gpu_present() -> bool:
@@ -49,26 +49,37 @@ def cuda_missing() -> str | None:
     return None
 
 
-def providers_for(device: str) -> list[str]:
-    """auto: CUDA where this onnxruntime has it and a GPU is present, else CPU. cuda: CUDA or an error. cpu: CPU."""
+def cuda_providers(device_id: int) -> list:
+    """The CUDA execution provider on GPU device_id, with the CPU one for what CUDA has no kernel for."""
+    return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+
+
+def providers_for(device: str) -> list:
+    """auto: CUDA where this onnxruntime has it and a GPU is present, else CPU. cuda / cuda:N: CUDA on GPU 0 / N,
+    or an error. cpu: CPU."""
     ort.set_default_logger_severity(3)       # our own one-line warning replaces ORT's provider-loading noise
     missing = cuda_missing()
     if device == "auto" and missing and gpu_present():
         warnings.warn(f"a GPU is present but CUDA cannot run ({missing}); running on CPU", RuntimeWarning,
                       stacklevel=2)
     if choose_device(device, missing) == "cuda":
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return cuda_providers(gpu_index(device))
     return ["CPUExecutionProvider"]
 
 
-def make_session(path: Path, providers: list[str], insist: bool = False) -> ort.InferenceSession:
+def provider_name(provider) -> str:
+    """A provider as ONNX Runtime takes it (a name, or a (name, options) pair) -> its name."""
+    return provider if isinstance(provider, str) else provider[0]
+
+
+def make_session(path: Path, providers: list, insist: bool = False) -> ort.InferenceSession:
     """One session on the first provider that loads. Where CUDA cannot load (no driver, no GPU), falls back to
     CPU with one warning, or fails if the user insisted on CUDA."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    wanted, got = providers[0], session.get_providers()[0]
+    wanted, got = provider_name(providers[0]), session.get_providers()[0]
     if wanted != got:
         if insist:
             raise ValueError(f"--device cuda: the CUDA execution provider could not start here (ONNX Runtime fell "

@@ -338,3 +338,17 @@ def test_fuzzed_texts_never_give_the_cli_a_traceback(tmp_path):
     (tmp_path / "in.txt").write_text("\n".join(texts), encoding="utf-8", errors="surrogatepass")
     result = cli("infill", "--input", tmp_path / "in.txt", "--device", "cpu", "--skip-invalid")
     assert result.exit_code in (0, 2) and "Traceback" not in result.output
+
+
+def test_device_names_and_the_gpu_they_pick():
+    from runtime.device import check_device, choose_device, gpu_index
+    from runtime.sessions import cuda_providers, providers_for
+    assert [gpu_index(d) for d in ("auto", "cuda", "cuda:0", "cuda:3")] == [0, 0, 0, 3]
+    for bad in ("gpu", "cuda:", "cuda:x", "cuda:1:2", "CUDA"):
+        with pytest.raises(ValueError, match="--device must be one of auto, cuda, cuda:N, cpu"):
+            check_device(bad)
+    assert choose_device("cuda:2", None) == "cuda" and choose_device("auto", "no GPU") == "cpu"
+    with pytest.raises(ValueError, match="--device cuda:2: no GPU; use --device auto or cpu"):
+        choose_device("cuda:2", "no GPU")
+    assert cuda_providers(2) == [("CUDAExecutionProvider", {"device_id": 2}), "CPUExecutionProvider"]
+    assert providers_for("cpu") == ["CPUExecutionProvider"]
