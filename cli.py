@@ -85,12 +85,15 @@ def export_command(
     int8: bool = typer.Option(False, "--int8", help="Dynamically quantize the weights to int8 (CPU edge devices)."),
     opset: int = typer.Option(17, help="ONNX opset."),
     overwrite: bool = typer.Option(False, help="Replace an existing bundle at --out (only once the new one passed)."),
+    baseline_heads: bool = typer.Option(True, help="Include the AR's LM head and the MLM's decoder (whole-text "
+                                                   "scores, baselines); --no-baseline-heads for very large bundles."),
 ):
     """Export a trained checkpoint to a validated ONNX bundle (mlm, ar_decoder, fusion_head)."""
     from export.bundle import export_bundle
 
     try:
-        export_bundle(checkpoint, out, dtype=dtype, int8=int8, opset=opset, overwrite=overwrite)
+        export_bundle(checkpoint, out, dtype=dtype, int8=int8, opset=opset, overwrite=overwrite,
+                      baseline_heads=baseline_heads)
     except KeyboardInterrupt:
         fail(f"interrupted; nothing was written to {out} (a bundle already there is unchanged)", code=130)
 

@@ -26,7 +26,8 @@ from maria_onnx.checkpoint import load_maria
 from runtime.onnx_backend import OnnxBackend
 from runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, GraphSpec, Manifest, sha256
 
-from .graphs import AR_FILE, HEAD_FILE, MLM_FILE, export_backbones, export_fusion_head
+from .graphs import (AR_FILE, AR_LM_HEAD_FILE, HEAD_FILE, MLM_DECODER_FILE, MLM_FILE, export_backbones,
+                     export_baseline_heads, export_fusion_head)
 from .validate import validate
 
 DEFAULT_OPSET = 17
@@ -155,8 +156,9 @@ def _source(config) -> dict:
 
 
 def export_bundle(checkpoint, out, dtype: str = "fp32", int8: bool = False, opset: int = DEFAULT_OPSET,
-                  overwrite: bool = False, console: Console | None = None) -> Manifest:
-    """Exports a trained checkpoint to a validated bundle at `out`; returns its manifest."""
+                  overwrite: bool = False, console: Console | None = None, baseline_heads: bool = True) -> Manifest:
+    """Exports a trained checkpoint to a validated bundle at `out`; returns its manifest. baseline_heads adds the
+    AR's LM head and the MLM's decoder (ar_lm_head.onnx, mlm_decoder.onnx)."""
     if dtype not in ("fp32", "fp16"):
         raise ValueError(f"--dtype must be fp32 or fp16, got '{dtype}'")
     if int8 and dtype != "fp32":
@@ -170,7 +172,7 @@ def export_bundle(checkpoint, out, dtype: str = "fp32", int8: bool = False, opse
     try:
         with stage(console, f"loading checkpoint {checkpoint}"):
             backbones, head, config = load_maria(checkpoint)
-        manifest = _build(staging, backbones, head, config, dtype, variant, opset, console)
+        manifest = _build(staging, backbones, head, config, dtype, variant, opset, console, baseline_heads)
         _publish(staging, Path(out).resolve())
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -178,22 +180,27 @@ def export_bundle(checkpoint, out, dtype: str = "fp32", int8: bool = False, opse
     return manifest
 
 
-def _build(folder: Path, backbones, head, config, dtype, variant, opset, console) -> Manifest:
+def _build(folder: Path, backbones, head, config, dtype, variant, opset, console, baseline_heads) -> Manifest:
+    hidden_dtype = torch.float16 if dtype == "fp16" else torch.float32
     with stage(console, "exporting mlm.onnx and ar_decoder.onnx with Optimum"):
         specs = export_backbones(backbones, folder, opset)
     with stage(console, "exporting fusion_head.onnx"):
-        specs["fusion_head"] = export_fusion_head(head, folder, opset,
-                                                  torch.float16 if dtype == "fp16" else torch.float32)
+        specs["fusion_head"] = export_fusion_head(head, folder, opset, hidden_dtype)
+    files = {"mlm": MLM_FILE, "ar_decoder": AR_FILE, "fusion_head": HEAD_FILE}
+    if baseline_heads:
+        with stage(console, "exporting the baseline heads (ar_lm_head.onnx, mlm_decoder.onnx)"):
+            specs.update(export_baseline_heads(backbones, folder, opset, hidden_dtype))
+        files.update(ar_lm_head=AR_LM_HEAD_FILE, mlm_decoder=MLM_DECODER_FILE)
     for file in (MLM_FILE, AR_FILE):
         if dtype == "fp16":
             with stage(console, f"converting {file} to fp16"):
                 _to_fp16(folder / file)
     if variant == "int8":
-        for file in (MLM_FILE, AR_FILE, HEAD_FILE):
+        for file in files.values():
             with stage(console, f"quantizing {file} to int8"):
                 _to_int8(folder / file)
     with stage(console, "optimizing graphs offline"):
-        for file in (MLM_FILE, AR_FILE, HEAD_FILE):
+        for file in files.values():
             _optimize(folder / file)
     backbones.tokenizer.backend_tokenizer.save(str(folder / TOKENIZER_FILE))
     layers, kv_heads, head_dim = _kv_shape(folder / AR_FILE)
@@ -205,7 +212,7 @@ def _build(folder: Path, backbones, head, config, dtype, variant, opset, console
                                 backbones.ar.config.max_position_embeddings - 1),
         special_ids=backbones.special,
         graphs={name: GraphSpec(file=file, inputs=specs[name][0], outputs=specs[name][1])
-                for name, file in (("mlm", MLM_FILE), ("ar_decoder", AR_FILE), ("fusion_head", HEAD_FILE))},
+                for name, file in files.items()},
         tokenizer=TOKENIZER_FILE, files={}, source=_source(config))
     with stage(console, "validating every graph against PyTorch"):
         report = validate(OnnxBackend(folder, manifest, device="cpu"), backbones, head, manifest.special_ids, variant)

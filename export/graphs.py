@@ -1,10 +1,13 @@
-"""The three graphs of a bundle, each declared once: its module, its inputs and outputs, its dynamic axes.
+"""The graphs of a bundle, each declared once: its module, its inputs and outputs, its dynamic axes.
 
 The backbones go through Optimum's ONNX exporter (optimum-onnx), so every architecture Optimum knows
 exports through one path; only two things are ours:
   - the outputs: hidden states instead of the vocabulary projection (the MLM's head transform output; the AR
     base model's last_hidden_state with its KV cache: Optimum's "feature-extraction-with-past" task);
-  - the fusion head, a single linear layer Optimum has no config for, exported with torch.onnx.
+  - the fusion head, a single linear layer Optimum has no config for, exported with torch.onnx;
+  - the baseline heads (optional): the AR's LM head and the MLM's vocabulary decoder, each a linear layer over
+    the hidden states the other graphs already give, so the runtime has the AR's own likelihood and the
+    MLM-alone and product-of-experts predictions without PyTorch.
 """
 
 import warnings
@@ -19,6 +22,7 @@ from maria_onnx.backbones import Backbones
 from maria_onnx.model import FusionHead
 
 MLM_FILE, AR_FILE, HEAD_FILE = "mlm.onnx", "ar_decoder.onnx", "fusion_head.onnx"
+AR_LM_HEAD_FILE, MLM_DECODER_FILE = "ar_lm_head.onnx", "mlm_decoder.onnx"
 
 
 class MlmHidden(torch.nn.Module):
@@ -98,3 +102,32 @@ def export_fusion_head(head: FusionHead, folder: Path, opset: int, hidden_dtype=
                       input_names=inputs, output_names=outputs, opset_version=opset, dynamo=False,
                       dynamic_axes={name: {0: "batch_size"} for name in inputs + outputs})
     return inputs, outputs
+
+
+class VocabularyHead(torch.nn.Module):
+    """A backbone's own projection to the shared vocabulary: hidden [batch, d] -> logits [batch, V], fp32."""
+
+    def __init__(self, linear: torch.nn.Linear, vocab_size: int):
+        super().__init__()
+        self.linear, self.vocab_size = linear, vocab_size
+
+    def forward(self, hidden):
+        weight = self.linear.weight[: self.vocab_size].float()
+        bias = self.linear.bias[: self.vocab_size].float() if self.linear.bias is not None else None
+        return torch.nn.functional.linear(hidden.float(), weight, bias)
+
+
+def export_baseline_heads(backbones: Backbones, folder: Path, opset: int, hidden_dtype=torch.float32) -> dict:
+    """Writes ar_lm_head.onnx (ar_hidden -> logits) and mlm_decoder.onnx (mlm_hidden -> logits), logits fp32 over
+    the AR's vocabulary; returns graph name -> (inputs, outputs)."""
+    specs = {}
+    for name, file, linear, input_name, width in (
+            ("ar_lm_head", AR_LM_HEAD_FILE, backbones.ar.get_output_embeddings(), "ar_hidden",
+             backbones.ar_hidden_size),
+            ("mlm_decoder", MLM_DECODER_FILE, backbones.mlm_decoder(), "mlm_hidden", backbones.mlm_hidden_size)):
+        module = VocabularyHead(linear, backbones.vocab_size).float().eval()
+        torch.onnx.export(module, (torch.zeros(2, width, dtype=hidden_dtype),), str(Path(folder) / file),
+                          input_names=[input_name], output_names=["logits"], opset_version=opset, dynamo=False,
+                          dynamic_axes={input_name: {0: "batch_size"}, "logits": {0: "batch_size"}})
+        specs[name] = ([input_name], ["logits"])
+    return specs

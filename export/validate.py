@@ -81,6 +81,17 @@ def _check_head(checks, onnx, torch_backend, rng, bound):
                  torch_backend.fuse(mlm_hidden.astype(np.float32), ar_hidden.astype(np.float32)), bound)
 
 
+def _check_baseline_heads(checks, onnx, torch_backend, rng, bound):
+    m = onnx.manifest
+    for batch in (1, 5):
+        ar_hidden = rng.standard_normal((batch, m.ar_hidden_size)).astype(onnx.dtype)
+        mlm_hidden = rng.standard_normal((batch, m.mlm_hidden_size)).astype(onnx.dtype)
+        _compare(checks, "ar_lm_head", "logits", f"batch {batch}", onnx.ar_logits(ar_hidden),
+                 torch_backend.ar_logits(ar_hidden.astype(np.float32)), bound)
+        _compare(checks, "mlm_decoder", "logits", f"batch {batch}", onnx.mlm_logits(mlm_hidden),
+                 torch_backend.mlm_logits(mlm_hidden.astype(np.float32)), bound)
+
+
 def _end_to_end(onnx, torch_backend, special: SpecialIds, rng, vocab, bound, agreement):
     """Teacher-forced logits at masked positions, mask rate 0.5, a padded batch of 4."""
     ids = [rng.integers(5, vocab, n) for n in (12, 31, 5, 20)]
@@ -108,6 +119,8 @@ def validate(onnx, backbones, head, special: SpecialIds, variant: str, seed: int
     _check_mlm(checks, onnx, torch_backend, rng, vocab, bound)
     _check_ar(checks, onnx, torch_backend, rng, vocab, bound)
     _check_head(checks, onnx, torch_backend, rng, bound)
+    if onnx.manifest.has_baseline_heads:
+        _check_baseline_heads(checks, onnx, torch_backend, rng, bound)
     end_to_end = _end_to_end(onnx, torch_backend, special, rng, vocab, bound, agreement)
     report = {"variant": variant, "checks": [asdict(c) for c in checks], "end_to_end": end_to_end}
     if variant == "int8":     # int8 weights are judged end to end; graph differences are recorded

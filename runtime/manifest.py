@@ -18,9 +18,11 @@ from pathlib import Path
 
 from .backend import SpecialIds
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2          # 2: the optional baseline heads
+READABLE_SCHEMAS = (1, 2)
 MANIFEST_NAME = "maria.json"
 GRAPHS = ("mlm", "ar_decoder", "fusion_head")
+BASELINE_GRAPHS = ("ar_lm_head", "mlm_decoder")         # optional: ar_hidden / mlm_hidden -> logits over V
 DTYPES = ("fp32", "fp16")
 QUANTIZATIONS = ("none", "int8-dynamic")
 REEXPORT = "re-export the bundle with `maria export`"
@@ -81,6 +83,10 @@ class Manifest:
     def graph(self, name: str) -> GraphSpec:
         return self.graphs[name]
 
+    @property
+    def has_baseline_heads(self) -> bool:
+        return set(BASELINE_GRAPHS) <= set(self.graphs)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -91,13 +97,15 @@ class Manifest:
             raise ValueError(f"the bundle has manifest schema {version}, newer than the "
                              f"{SCHEMA_VERSION} this maria-onnx reads; upgrade maria-onnx")
         manifest = from_dict(cls, data, MANIFEST_NAME, REEXPORT)
-        if manifest.schema_version != SCHEMA_VERSION:
+        if manifest.schema_version not in READABLE_SCHEMAS:
             raise ValueError(f"{MANIFEST_NAME}: schema_version {manifest.schema_version!r} is not one this "
-                             f"maria-onnx reads ({SCHEMA_VERSION}); {REEXPORT}")
+                             f"maria-onnx reads ({', '.join(map(str, READABLE_SCHEMAS))}); {REEXPORT}")
         graphs = {name: from_dict(GraphSpec, spec, f"{MANIFEST_NAME} graph '{name}'", REEXPORT)
                   for name, spec in manifest.graphs.items()}
-        if set(graphs) != set(GRAPHS):
-            raise ValueError(f"{MANIFEST_NAME} names graphs {sorted(graphs)}, expected {list(GRAPHS)}")
+        if not set(GRAPHS) <= set(graphs) <= set(GRAPHS + BASELINE_GRAPHS) or \
+                set(graphs) & set(BASELINE_GRAPHS) not in (set(), set(BASELINE_GRAPHS)):
+            raise ValueError(f"{MANIFEST_NAME} names graphs {sorted(graphs)}, expected {list(GRAPHS)} and "
+                             f"optionally both of {list(BASELINE_GRAPHS)}")
         try:
             special = SpecialIds.from_dict(manifest.special_ids)
         except ValueError as error:

@@ -34,6 +34,11 @@ def check_graphs(manifest: Manifest, sessions: dict) -> None:
                 "fusion_head": {"mlm_hidden": (element, {-1: m.mlm_hidden_size}),
                                 "ar_hidden": (element, {-1: m.ar_hidden_size}),
                                 "logits": ("tensor(float)", {-1: m.vocab_size})}}
+    if m.has_baseline_heads:
+        expected["ar_lm_head"] = {"ar_hidden": (element, {-1: m.ar_hidden_size}),
+                                  "logits": ("tensor(float)", {-1: m.vocab_size})}
+        expected["mlm_decoder"] = {"mlm_hidden": (element, {-1: m.mlm_hidden_size}),
+                                   "logits": ("tensor(float)", {-1: m.vocab_size})}
     for name in (n for n in m.graph("ar_decoder").inputs if n.startswith("past_key_values.")):
         expected["ar_decoder"][name] = (element, {1: m.num_key_value_heads, 3: m.head_dim})
     for graph, session in sessions.items():
@@ -65,7 +70,13 @@ class OnnxBackend:
             providers = ["CPUExecutionProvider"]   # after a CUDA fallback, the rest start on CPU directly
         self.ar = make_session(Path(folder) / manifest.graph("ar_decoder").file, providers)
         self.head = make_session(Path(folder) / manifest.graph("fusion_head").file, providers)
-        check_graphs(manifest, {"mlm": self.mlm, "ar_decoder": self.ar, "fusion_head": self.head})
+        self.ar_lm_head = self.mlm_decoder = None
+        if manifest.has_baseline_heads:
+            self.ar_lm_head = make_session(Path(folder) / manifest.graph("ar_lm_head").file, providers)
+            self.mlm_decoder = make_session(Path(folder) / manifest.graph("mlm_decoder").file, providers)
+        check_graphs(manifest, {"mlm": self.mlm, "ar_decoder": self.ar, "fusion_head": self.head,
+                                **({"ar_lm_head": self.ar_lm_head, "mlm_decoder": self.mlm_decoder}
+                                   if manifest.has_baseline_heads else {})})
         self.device = "cuda" if provider_name(providers[0]) == "CUDAExecutionProvider" else "cpu"
         self.device_id = gpu_index(device) if self.device == "cuda" else 0
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
@@ -112,3 +123,20 @@ class OnnxBackend:
         feeds = {"mlm_hidden": np.ascontiguousarray(mlm_hidden, dtype=self.dtype),
                  "ar_hidden": np.ascontiguousarray(ar_hidden, dtype=self.dtype)}
         return self._run(self.head, feeds)["logits"]
+
+    def ar_logits(self, ar_hidden):
+        """The AR's own next-token logits: ar_hidden [r, d_ar] -> [r, V] (fp32); needs the baseline heads."""
+        return self._run(self._baseline("ar_lm_head"), {"ar_hidden": np.ascontiguousarray(ar_hidden,
+                                                                                           dtype=self.dtype)})["logits"]
+
+    def mlm_logits(self, mlm_hidden):
+        """The MLM's own logits: mlm_hidden [r, d_mlm] -> [r, V] (fp32); needs the baseline heads."""
+        return self._run(self._baseline("mlm_decoder"), {"mlm_hidden": np.ascontiguousarray(mlm_hidden,
+                                                                                             dtype=self.dtype)})["logits"]
+
+    def _baseline(self, name: str):
+        session = self.ar_lm_head if name == "ar_lm_head" else self.mlm_decoder
+        if session is None:
+            raise ValueError(f"this bundle has no {name}.onnx (exported with --no-baseline-heads); re-export it "
+                             "with `maria export` to score whole texts")
+        return session

@@ -25,7 +25,8 @@ def session(folder, name):
 @pytest.mark.parametrize("ar_type", AR_TYPES)
 def test_validation_report_is_within_tolerance(bundles, ar_type):
     report = json.loads((bundles[ar_type] / "validation.json").read_text())
-    assert {c["graph"] for c in report["checks"]} == {"mlm", "ar_decoder", "fusion_head"}
+    assert {c["graph"] for c in report["checks"]} == {"mlm", "ar_decoder", "fusion_head", "ar_lm_head",
+                                                      "mlm_decoder"}
     assert all(c["max_abs_diff"] <= c["tolerance"] <= 1e-3 for c in report["checks"])
     assert report["end_to_end"]["top1_agreement"] == 1.0
 
@@ -90,14 +91,14 @@ def test_manifest_round_trips_and_describes_the_graphs(bundles, checkpoints):
     assert manifest.num_key_value_heads == backbones.ar.config.num_key_value_heads == 2    # grouped-query
     assert manifest.num_hidden_layers == 2 and manifest.vocab_size == backbones.vocab_size
     assert manifest.special_ids.mask == backbones.special.mask
-    for name in ("mlm", "ar_decoder", "fusion_head"):
+    for name in ("mlm", "ar_decoder", "fusion_head", "ar_lm_head", "mlm_decoder"):
         spec = manifest.graph(name)
         graph = session(folder, spec.file)
         assert [i.name for i in graph.get_inputs()] == spec.inputs
         assert [o.name for o in graph.get_outputs()] == spec.outputs
     assert manifest.graph("ar_decoder").outputs[0] == "last_hidden_state"
-    assert set(manifest.files) == {"mlm.onnx", "ar_decoder.onnx", "fusion_head.onnx", "tokenizer.json",
-                                   "validation.json"}
+    assert set(manifest.files) == {"mlm.onnx", "ar_decoder.onnx", "fusion_head.onnx", "ar_lm_head.onnx",
+                                   "mlm_decoder.onnx", "tokenizer.json", "validation.json"}
     assert set(manifest.source["versions"]) >= {"torch", "transformers", "onnx", "optimum-onnx"}
 
 
@@ -197,3 +198,26 @@ def test_graphs_with_external_weights_export_and_load(checkpoints, tmp_path, mon
     assert referenced and referenced <= set(manifest.files)        # external weights ship, checksummed
     assert not [name for name in manifest.files if name.endswith("_data")]
     assert len(Infiller(tmp_path / "b", device="cpu").infill(["a [MASK:2] b"])[0].fills) == 2
+
+
+def test_baseline_heads_match_the_backbones_and_can_be_left_out(bundles, checkpoints, tmp_path):
+    backbones, _, _ = load_maria(checkpoints["olmo"])
+    manifest = load_manifest(bundles["olmo"])
+    assert {"ar_lm_head.onnx", "mlm_decoder.onnx"} <= set(manifest.files) and manifest.has_baseline_heads
+    rng = np.random.default_rng(2)
+    ar_hidden = rng.standard_normal((3, manifest.ar_hidden_size)).astype(np.float32)
+    mlm_hidden = rng.standard_normal((3, manifest.mlm_hidden_size)).astype(np.float32)
+    (ar_logits,) = session(bundles["olmo"], "ar_lm_head.onnx").run(None, {"ar_hidden": ar_hidden})
+    (mlm_logits,) = session(bundles["olmo"], "mlm_decoder.onnx").run(None, {"mlm_hidden": mlm_hidden})
+    with torch.no_grad():
+        want_ar = backbones.ar.lm_head(torch.from_numpy(ar_hidden))[:, : backbones.vocab_size]
+        want_mlm = backbones.mlm.decoder(torch.from_numpy(mlm_hidden))[:, : backbones.vocab_size]
+    np.testing.assert_allclose(ar_logits, want_ar.numpy(), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(mlm_logits, want_mlm.numpy(), atol=1e-4, rtol=1e-4)
+    lean = export_bundle(checkpoints["olmo"], tmp_path / "lean", baseline_heads=False)
+    assert not lean.has_baseline_heads and "ar_lm_head.onnx" not in lean.files
+    from runtime.infiller import Infiller
+    infiller = Infiller(tmp_path / "lean", device="cpu")
+    assert infiller.infill(["a [MASK] b"])[0].fills
+    with pytest.raises(ValueError, match="has no ar_lm_head.onnx .*re-export"):
+        infiller.backend.ar_logits(ar_hidden)
