@@ -150,7 +150,7 @@ def show(result, as_json: bool, styled: bool) -> None:
         typer.echo(result.text.translate(NEWLINES))
 
 
-def checked_lines(lines: list, infiller, skip_invalid: bool, where) -> list:
+def checked_lines(lines: list, infiller, skip_invalid: bool, where, rerank: bool = False) -> list:
     """The lines whose text encodes; a bad line stops the run (naming it) unless skip_invalid, which reports it
     on stderr and leaves it out."""
     good = []
@@ -158,7 +158,7 @@ def checked_lines(lines: list, infiller, skip_invalid: bool, where) -> list:
         error = line.error
         if not error:
             try:
-                infiller.encode(line.text)
+                infiller.prepare(line.text, rerank)
             except ValueError as problem:
                 error = f"{where(line)}: {problem}"
         if not error:
@@ -189,9 +189,11 @@ def infill(
     seed: int = typer.Option(0, help="Seed for sampling: a text's samples depend only on the seed and its "
                                             "line, whatever the batching."),
     num_samples: int = typer.Option(1, min=1, help="Results per input."),
+    rerank: bool = typer.Option(False, "--rerank", help="Order each text's samples by the AR's whole-text score."),
     device: str = typer.Option("auto", help="auto | cuda | cuda:N (GPU N) | cpu"),
 ):
-    """Fill the masked tokens of each text with a MARIA bundle (no PyTorch needed)."""
+    """Fill the masked tokens of each text with a MARIA bundle (no PyTorch needed). [MASK] is one token,
+    [MASK:N] N tokens, [MASK:?] 1 to 8 and [MASK:a-b] a to b tokens (the model chooses the length)."""
     from runtime.choose import Sampling
     from runtime.device import check_device
     from runtime.infiller import Infiller
@@ -206,12 +208,12 @@ def infill(
         typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
     name = "stdin" if input_file == "-" else input_file
     where = (lambda line: f"{name}:{line.number}") if input_file else (lambda line: f"text {line.number}")
-    lines = checked_lines(lines, infiller, skip_invalid, where)
+    lines = checked_lines(lines, infiller, skip_invalid, where, rerank)
     if num_samples > 1 and sampling.greedy:
         typer.echo(f"note: --temperature 0 is greedy: the {num_samples} samples of each text are identical",
                    err=True)
     results = infiller.infill([line.text for line in lines], sampling, batch_size=batch_size,
-                              num_samples=num_samples, indices=[line.number - 1 for line in lines])
+                              num_samples=num_samples, indices=[line.number - 1 for line in lines], rerank=rerank)
     styled = sys.stdout.isatty() and not as_json
     for number, result in enumerate(results):
         if result.note and not as_json:

@@ -3,6 +3,9 @@
 `[MASK]` asks for one token, `[MASK:N]` for N tokens at that place. With byte-level BPE the space before a word
 belongs to that word's token, so one space before a marker is left to the fill: "The [MASK] statement" is
 tokenized as "The" + <mask> + " statement" and the fill comes back as " raise".
+
+`[MASK:?]` (1 to 8 tokens) and `[MASK:a-b]` (a to b tokens) leave the length to the model: `span_candidates`
+expands a text into one fixed-length text per combination of lengths (bounded by MAX_CANDIDATES).
 """
 
 import json
@@ -12,6 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 MARKER = re.compile(r"\[MASK(?::([0-9]+))?\]")
+SPAN = re.compile(r"\[MASK:(\?|([0-9]+)-([0-9]+))\]")
+ANY_LENGTH = (1, 8)                   # what [MASK:?] allows
+MAX_CANDIDATES = 64                   # combinations of span lengths one text may ask for
 MARKER_LIKE = re.compile(r"\[MASK\b[^\]\s]{0,20}\]?")       # anything that starts like a marker
 
 
@@ -33,8 +39,10 @@ def encode_masked_text(text: str, tokenizer, mask_id: int, max_length: int) -> M
     if not text.strip():
         raise ValueError("the text is empty; give text with [MASK] (one token) or [MASK:N] (N tokens) markers")
     for like in MARKER_LIKE.finditer(text):
-        if not MARKER.fullmatch(like.group(0)):
+        if not MARKER.fullmatch(like.group(0)) and not SPAN.fullmatch(like.group(0)):
             raise ValueError(f"'{like.group(0)}' is not a marker; write [MASK] for one token or [MASK:N] for N")
+    if SPAN.search(text):
+        raise ValueError("the text has [MASK:?] or [MASK:a-b] markers; expand it with span_candidates first")
     ids, masked, position = [], [], 0
     for match in MARKER.finditer(text):
         count = int(match.group(1)) if match.group(1) is not None else 1
@@ -55,6 +63,29 @@ def encode_masked_text(text: str, tokenizer, mask_id: int, max_length: int) -> M
         raise ValueError(f"the text is {len(ids)} tokens long, over the bundle's maximum of {max_length}; "
                          "shorten it or split it")
     return MaskedText(np.asarray(ids, dtype=np.int64), np.asarray(masked, dtype=bool))
+
+
+def span_candidates(text: str, max_length: int) -> list[tuple[tuple[int, ...], str]]:
+    """(lengths, text with [MASK:length] at each span marker) for every combination of the allowed lengths, or
+    [((), text)] when the text has no span marker. Raises ValueError for a bad range or too many combinations."""
+    ranges = []
+    for match in SPAN.finditer(text):
+        low, high = ANY_LENGTH if match.group(1) == "?" else (int(match.group(2)), int(match.group(3)))
+        if not 1 <= low <= high <= max_length:
+            raise ValueError(f"'{match.group(0)}' asks for a span of {low} to {high} tokens; use 1 <= a <= b <= "
+                             f"{max_length}")
+        ranges.append(range(low, high + 1))
+    if not ranges:
+        return [((), text)]
+    count = int(np.prod([len(r) for r in ranges]))
+    if count > MAX_CANDIDATES:
+        raise ValueError(f"the span markers allow {count} combinations of lengths, over {MAX_CANDIDATES}; narrow "
+                         "them with [MASK:a-b] or fix some lengths with [MASK:N]")
+    candidates = []
+    for lengths in np.array(np.meshgrid(*ranges, indexing="ij")).reshape(len(ranges), -1).T:
+        pieces = iter(f"[MASK:{int(n)}]" for n in lengths)
+        candidates.append((tuple(int(n) for n in lengths), SPAN.sub(lambda _: next(pieces), text)))
+    return candidates
 
 
 def segments(ids: np.ndarray, masked: np.ndarray, tokenizer) -> list[tuple[str, bool]]:

@@ -51,9 +51,13 @@ class ClientError(Exception):
         self.status, self.headers = status, headers or {}
 
 
-def sampling_of(settings: dict) -> tuple[Sampling, int]:
-    """Sampling and num_samples from request settings; 400 for a wrong type, 422 for a refused value."""
+def sampling_of(settings: dict) -> tuple[Sampling, int, bool]:
+    """Sampling, num_samples and rerank from request settings; 400 for a wrong type, 422 for a refused value."""
     kinds = {"temperature": float, "top_p": float, "top_k": int, "seed": int, "num_samples": int}
+    settings = dict(settings)
+    rerank = settings.pop("rerank", False)
+    if not isinstance(rerank, bool):
+        raise ClientError(400, f"parameter 'rerank' must be true or false, got {rerank!r}")
     values = {}
     for name, value in settings.items():
         kind = kinds[name]
@@ -65,7 +69,7 @@ def sampling_of(settings: dict) -> tuple[Sampling, int]:
     if num_samples < 1:
         raise ClientError(422, f"num_samples must be at least 1, got {num_samples}")
     try:
-        return Sampling(**values), num_samples
+        return Sampling(**values), num_samples, rerank
     except ValueError as error:
         raise ClientError(422, str(error).replace("--", "")) from None
 
@@ -94,20 +98,24 @@ class Server:
         """Checks every text and setting before anything is queued."""
         if not texts:
             raise ClientError(400, "no text given; send at least one text with [MASK] markers")
-        sampling, num_samples = sampling_of(settings)
+        sampling, num_samples, rerank = sampling_of(settings)
         if len(texts) * num_samples > self.settings.max_texts:
             raise ClientError(413, f"{len(texts)} texts x {num_samples} samples is over the limit of "
                                    f"{self.settings.max_texts} per request; split the request")
-        encoded = []
+        prepared = []
         for number, text in enumerate(texts):
             if not isinstance(text, str):
                 raise ClientError(400, f"text {number}: must be a string, got {type(text).__name__}")
             try:
-                encoded.append(self.infiller.encode(text))
+                prepared.append(self.infiller.prepare(text, rerank))
             except ValueError as error:
                 raise ClientError(422, f"text {number}: {error}") from None
+        request = FillRequest(prepared, sampling, num_samples, rerank)
+        if request.size > self.settings.max_texts:
+            raise ClientError(413, f"the request needs {request.size} decode rows (texts x samples x span "
+                                   f"candidates), over the limit of {self.settings.max_texts}; split the request")
         loop = asyncio.get_running_loop()
-        return Job(FillRequest(texts, encoded, sampling, num_samples), loop, loop.create_future(), on_token)
+        return Job(request, loop, loop.create_future(), on_token)
 
     async def run(self, job: Job, began: float) -> list:
         try:
@@ -178,10 +186,10 @@ class Server:
         texts = [texts] if isinstance(texts, str) else texts
         if not isinstance(texts, list):
             raise ClientError(400, '"text" must be a string or a list of strings')
-        unknown = set(payload) - {"temperature", "top_k", "top_p", "seed", "num_samples"}
+        unknown = set(payload) - {"temperature", "top_k", "top_p", "seed", "num_samples", "rerank"}
         if unknown:
             raise ClientError(400, f"unknown fields {sorted(unknown)}; fields are text, temperature, top_k, top_p, "
-                                   "seed, num_samples")
+                                   "seed, num_samples, rerank")
         return texts, payload
 
     async def infill(self, request):

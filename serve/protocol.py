@@ -21,7 +21,7 @@ INPUTS = {"text": "BYTES", "temperature": "FP32", "top_k": "INT32", "top_p": "FP
 OUTPUTS = {"text": "BYTES", "result": "BYTES"}
 NUMERIC = {"FP32": "<f4", "FP64": "<f8", "INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",
            "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8"}
-SETTINGS = ("temperature", "top_k", "top_p", "seed", "num_samples")
+SETTINGS = ("temperature", "top_k", "top_p", "seed", "num_samples", "rerank")
 
 
 class BadRequest(ValueError):

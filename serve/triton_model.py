@@ -22,20 +22,20 @@ sys.path.insert(0, str(HERE))           # the runtime package copied beside this
 from runtime.choose import Sampling  # noqa: E402
 from runtime.infiller import FillRequest, Infiller  # noqa: E402
 
-SETTINGS = {"temperature": float, "top_k": int, "top_p": float, "seed": int, "num_samples": int}
+SETTINGS = {"temperature": float, "top_k": int, "top_p": float, "seed": int, "num_samples": int, "rerank": bool}
 
 
-def settings_of(request) -> tuple[Sampling, int]:
-    """Sampling and num_samples from the request's parameters; ValueError naming a bad one."""
+def settings_of(request) -> tuple[Sampling, int, bool]:
+    """Sampling, num_samples and rerank from the request's parameters; ValueError naming a bad one."""
     given = json.loads(request.parameters() or "{}")
     unknown = set(given) - set(SETTINGS)
     if unknown:
         raise ValueError(f"unknown parameters {sorted(unknown)}; parameters are {', '.join(SETTINGS)}")
     values = {name: SETTINGS[name](value) for name, value in given.items()}
-    num_samples = values.pop("num_samples", 1)
+    num_samples, rerank = values.pop("num_samples", 1), values.pop("rerank", False)
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-    return Sampling(**values), num_samples
+    return Sampling(**values), num_samples, rerank
 
 
 class TritonPythonModel:
@@ -49,8 +49,8 @@ class TritonPythonModel:
     def read(self, request) -> FillRequest:
         texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t)
                  for t in pb_utils.get_input_tensor_by_name(request, "text").as_numpy().reshape(-1)]
-        sampling, num_samples = settings_of(request)
-        return FillRequest(texts, [self.infiller.encode(text) for text in texts], sampling, num_samples)
+        sampling, num_samples, rerank = settings_of(request)
+        return FillRequest([self.infiller.prepare(text, rerank) for text in texts], sampling, num_samples, rerank)
 
     def execute(self, requests):
         responses, readable = [None] * len(requests), []
@@ -62,7 +62,7 @@ class TritonPythonModel:
                     error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))        # HTTP 400
         results = self.infiller.infill_requests([fill for _, fill in readable]) if readable else []
         for (number, fill), filled in zip(readable, results):
-            shape = (len(fill.texts), fill.num_samples)
+            shape = (len(fill.texts), fill.num_samples)         # [batch, num_samples]
             texts = np.array([r.text.encode() for r in filled], dtype=np.object_).reshape(shape)
             objects = np.array([json.dumps(r.to_dict(), ensure_ascii=False).encode() for r in filled],
                                dtype=np.object_).reshape(shape)

@@ -1,0 +1,46 @@
+"""The result of filling one text, and how it prints as JSON (`maria infill --json`, the servers)."""
+
+from dataclasses import dataclass, field
+
+from .decode import Fill
+from .text import MaskedText, segments
+
+
+@dataclass
+class Infilled:
+    """One filled text: the filled string, its content ids, where the fills are and how likely each was.
+    score: log p_AR of the whole filled text, where it was computed (span choice, --rerank). span_lengths and
+    candidates: for [MASK:?] / [MASK:a-b] markers, the lengths chosen and every candidate with its score."""
+    input: str
+    text: str
+    ids: list
+    masked_positions: list
+    fill_logprobs: list
+    fills: list                  # each fill token, decoded
+    segments: list = field(repr=False, default_factory=list)    # (piece, is_fill) runs of text
+    note: str = ""
+    score: float | None = None
+    span_lengths: list = field(default_factory=list)
+    candidates: list = field(default_factory=list)       # {"lengths", "score", "text", "ids"} per candidate
+
+    def to_dict(self) -> dict:
+        """The JSON object of one result, as `maria infill --json` prints it."""
+        out = {"input": self.input, "text": self.text, "ids": self.ids, "masked_positions": self.masked_positions,
+               "fills": self.fills, "fill_logprobs": self.fill_logprobs, "note": self.note}
+        if self.score is not None:
+            out["score"] = self.score
+        if self.candidates:
+            out.update(span_lengths=self.span_lengths, candidates=self.candidates)
+        return out
+
+
+def build_result(tokenizer, text: str, encoded: MaskedText, fill: Fill) -> Infilled:
+    """The result of one text from its encoding and its fill."""
+    if not encoded.masked.any():
+        return Infilled(input=text, text=text, ids=encoded.ids.tolist(), masked_positions=[], fill_logprobs=[],
+                        fills=[], segments=[(text, False)], note="no [MASK] in the text; returned unchanged")
+    return Infilled(input=text, text=tokenizer.decode(fill.ids.tolist(), skip_special_tokens=False),
+                    ids=fill.ids.tolist(), masked_positions=fill.positions.tolist(),
+                    fill_logprobs=[float(p) for p in fill.logprobs],
+                    fills=[tokenizer.decode([int(t)]) for t in fill.ids[fill.positions]],
+                    segments=segments(fill.ids, encoded.masked, tokenizer))
