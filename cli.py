@@ -221,6 +221,55 @@ def infill(
         show(result, as_json, styled)
 
 
+@app.command()
+@one_line_errors
+def generate(
+    length: int = typer.Option(..., min=1, help="Tokens to generate between --prefix and --suffix."),
+    prefix: str = typer.Option("", help="Text before the generated tokens."),
+    suffix: str = typer.Option("", help="Text after them."),
+    steps: int = typer.Option(16, min=0, help="Annealing steps after the one-shot MARIA fill (0: one-shot)."),
+    num_samples: int = typer.Option(1, min=1, help="Samples, advanced together."),
+    fraction_start: float = typer.Option(0.5, help="Share of the generated tokens re-masked at the first step."),
+    fraction_end: float = typer.Option(0.1, help="... and at the last (geometric in between)."),
+    anneal_start: float = typer.Option(1.0, help="Metropolis temperature (nats) at the first step."),
+    anneal_end: float = typer.Option(0.05, help="... and at the last."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature of MARIA's fills."),
+    top_p: float = typer.Option(1.0, help="Top-p of MARIA's fills."),
+    seed: int = typer.Option(0, help="Seed: sample j's draws at step k come from (seed, j, k)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="A bundle; default: the shipped model."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per sample, with the energy per step."),
+    device: str = typer.Option("auto", help="auto | cuda | cuda:N (GPU N) | cpu"),
+):
+    """Generate text by simulated annealing with MARIA (energy: -log p under the AR), optionally between a prefix
+    and a suffix."""
+    import numpy as np
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from runtime.anneal import Schedule, anneal
+    from runtime.choose import Sampling
+    from runtime.device import check_device
+    from runtime.infiller import Infiller
+
+    check_device(device)
+    schedule = Schedule(steps, fraction_start, fraction_end, anneal_start, anneal_end)
+    sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
+    infiller = Infiller(model, device=device)
+    if not infiller.manifest.has_baseline_heads:
+        raise ValueError("generation needs the AR's whole-text score, and this bundle has no ar_lm_head.onnx; "
+                         "re-export it with `maria export`")
+    encode = lambda text: infiller.encode(text).ids if text else np.zeros(0, dtype=np.int64)
+    if "[MASK" in prefix + suffix:
+        raise ValueError("--prefix and --suffix are plain text; the generated tokens go between them")
+    with Progress(transient=True, console=Console(stderr=True)) as progress:
+        task = progress.add_task("annealing", total=steps + 1)
+        results = anneal(infiller, encode(prefix), encode(suffix), length, num_samples, schedule, sampling, seed,
+                         on_step=lambda step, energies: progress.update(
+                             task, completed=step + 1, description=f"step {step}: mean energy {energies.mean():.1f}"))
+    for result in results:
+        typer.echo(json.dumps(result.to_dict(), ensure_ascii=False) if as_json else result.text.translate(NEWLINES))
+
+
 def int_list(text: str, option: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]

@@ -1,0 +1,61 @@
+"""Annealing's rules with a fixed seed: energies are the AR's, the best kept never rises, zero steps is one-shot
+MARIA sampling, and a seed repeats a run."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from runtime.anneal import Schedule, anneal
+from runtime.choose import Sampling
+from runtime.infiller import Infiller
+from runtime.likelihood import ar_loglikelihood
+
+
+@pytest.fixture(scope="module")
+def infiller(bundles):
+    return Infiller(bundles["llama"], device="cpu")
+
+
+def test_energies_are_the_ar_and_the_best_never_rises(infiller):
+    prefix, suffix = np.array([7, 8]), np.array([9])
+    results = anneal(infiller, prefix, suffix, 6, 3, Schedule(steps=12, temperature_start=5.0),
+                     Sampling(temperature=1.5), seed=2)
+    for result in results:
+        assert result.ids[:2] == [7, 8] and result.ids[-1] == 9 and len(result.ids) == 9
+        assert len(result.energies) == len(result.best_energies) == 13
+        assert all(b <= a + 1e-9 for a, b in zip(result.best_energies, result.best_energies[1:]))
+        assert result.best_energies == pytest.approx(np.minimum.accumulate(result.energies).tolist())
+        assert result.energy == pytest.approx(min(result.energies))
+        assert -ar_loglikelihood(infiller.backend, [np.array(result.ids)], infiller.special)[0] == \
+            pytest.approx(result.energy)
+    assert sum(r.accepted for r in results) > 0
+
+
+def test_zero_steps_is_one_shot_maria_sampling(infiller):
+    sampling = Sampling(temperature=1.0)
+    results = anneal(infiller, np.zeros(0, np.int64), np.zeros(0, np.int64), 5, 4, Schedule(steps=0), sampling,
+                     seed=3)
+    template = np.full(5, infiller.special.mask)
+    one_shot = infiller.fill_ids([template] * 4, [np.ones(5, bool)] * 4, sampling, 4,
+                                 [np.random.default_rng([3, sample, 0]) for sample in range(4)])
+    assert [r.ids for r in results] == [f.ids.tolist() for f in one_shot]
+
+
+def test_a_seed_repeats_a_run_and_the_cli_reports_energies(bundles):
+    args = ["generate", "--length", "4", "--steps", "3", "--num-samples", "2", "--seed", "5", "--json",
+            "--model", str(bundles["llama"]), "--device", "cpu", "--prefix", "the value"]
+    first, second = (CliRunner().invoke(app, args) for _ in range(2))
+    assert first.exit_code == 0, first.output
+    assert first.stdout == second.stdout
+    rows = [json.loads(line) for line in first.stdout.splitlines()]
+    assert len(rows) == 2 and all(len(r["energies"]) == 4 and r["text"].startswith("the value") for r in rows)
+
+
+def test_bad_schedules_are_refused():
+    with pytest.raises(ValueError, match="fractions must be in"):
+        Schedule(fraction_start=0)
+    with pytest.raises(ValueError, match="temperatures must be positive"):
+        Schedule(temperature_end=0)
