@@ -335,7 +335,8 @@ def bench_serve(
 @app.command("eval")
 @one_line_errors
 def eval_command(
-    text_file: Path = typer.Argument(..., help="UTF-8 text to mask, one document per line."),
+    text_file: Path = typer.Argument(..., help="UTF-8 text to mask: a file (one document per line) or a folder "
+                                                "(one document per file)."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="A bundle; default: the shipped model."),
     backbones_from: Optional[Path] = typer.Option(None, help="Checkpoint whose backbones give the baselines."),
     mask_rate: float = typer.Option(0.5),

@@ -1,6 +1,11 @@
-"""Masked-token perplexity and greedy top-1 accuracy of fills, on fixed masks: torch-free, MARIA through ONNX.
+"""Masked-token perplexity and greedy top-1 accuracy of fills, on fixed masks: torch-free, through ONNX Runtime.
 
-The baselines (PyTorch) and the orchestration of `maria eval` live in tools/evaluate.py.
+The baselines are the same decode loop and scorer with the fusion head replaced by the bundle's own heads
+(ar_lm_head.onnx, mlm_decoder.onnx), so every system is judged by one piece of code:
+    AR alone    logits = ar_lm_head(h_ar)                      p(x_i | x_<i): left context only
+    MLM alone   logits = mlm_decoder(h_mlm)                    one MLM pass, masks predicted independently
+    PoE init    logits = (ar_lm_head(h_ar) + mlm_decoder(h_mlm)) / 2   MARIA's head before training
+    MARIA       logits = fusion_head(h_mlm, h_ar)
 """
 
 import math
@@ -8,6 +13,7 @@ import math
 import numpy as np
 
 from .choose import Sampling
+from .decode import infill, score
 
 
 def draw_masks(windows, mask_rate: float, seed: int, span: bool = False) -> list[np.ndarray]:
@@ -62,3 +68,40 @@ def text_windows(path, infiller, seq_len: int, count: int) -> np.ndarray:
         raise ValueError(f"--seq-len must be from 2 to the bundle's maximum {infiller.manifest.max_sequence_length}")
     documents = [line for line in text.splitlines() if line.strip()]
     return pack_windows(documents, plain_encoder(infiller.tokenizer), seq_len, infiller.special.start)[:count]
+
+
+class BaselineBackend:
+    """A Backend whose fusion is one of the baselines' (over an OnnxBackend with the baseline heads)."""
+
+    def __init__(self, backend, system: str):
+        self.backend, self.system = backend, system
+
+    def mlm_hidden(self, input_ids, attention_mask):
+        return self.backend.mlm_hidden(input_ids, attention_mask)
+
+    def empty_past(self, batch: int):
+        return self.backend.empty_past(batch)
+
+    def ar_step(self, input_ids, attention_mask, position_ids, past):
+        return self.backend.ar_step(input_ids, attention_mask, position_ids, past)
+
+    def fuse(self, mlm_hidden, ar_hidden):
+        if self.system == "AR alone":
+            return self.backend.ar_logits(ar_hidden)
+        if self.system == "MLM alone":
+            return self.backend.mlm_logits(mlm_hidden)
+        return (self.backend.ar_logits(ar_hidden) + self.backend.mlm_logits(mlm_hidden)) / 2
+
+
+BASELINES = ("AR alone", "MLM alone", "PoE init")
+
+
+def evaluate_baselines(infiller, windows, masks, batch_size: int = 16) -> list[dict]:
+    """The three baselines through ONNX Runtime, on the same masks (the bundle needs its baseline heads)."""
+    rows = []
+    for system in BASELINES:
+        backend = BaselineBackend(infiller.backend, system)
+        nll = [float(n.sum()) for n in score(backend, list(windows), masks, infiller.special, batch_size)]
+        fills = infill(backend, list(windows), masks, infiller.special, Sampling(), batch_size)
+        rows.append(quality_row(system, nll, windows, masks, fills))
+    return rows

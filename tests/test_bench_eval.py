@@ -4,6 +4,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -101,3 +102,18 @@ def test_eval_reports_maria_and_baselines_on_the_same_masks(checkpoints, bundles
     nll = sum(infiller.score(list(windows), masks))
     assert math.isclose(rows["MARIA"]["perplexity"], math.exp(nll / sum(m.sum() for m in masks)), rel_tol=1e-9)
     assert 0 <= rows["MARIA"]["top1_accuracy"] <= 1
+
+
+def test_onnx_baselines_match_the_pytorch_ones(checkpoints, bundles):
+    from runtime.evaluate import evaluate_baselines as onnx_baselines
+    backbones, _, _ = load_maria(checkpoints["olmo2"])
+    rng = np.random.default_rng(4)
+    windows = rng.integers(6, backbones.vocab_size, (6, 20))
+    masks = draw_masks(windows, 0.5, seed=1)
+    want = {r["system"]: r for r in evaluate_baselines(backbones, windows, masks, batch_size=4)}
+    got = {r["system"]: r for r in onnx_baselines(Infiller(bundles["olmo2"], device="cpu"), windows, masks, 4)}
+    assert set(got) == set(want) == {"AR alone", "MLM alone", "PoE init"}
+    for system in got:
+        assert got[system]["perplexity"] == pytest.approx(want[system]["perplexity"], rel=1e-4)
+        assert got[system]["top1_accuracy"] == want[system]["top1_accuracy"]
+        assert got[system]["masked_tokens"] == want[system]["masked_tokens"]

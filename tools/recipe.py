@@ -19,16 +19,15 @@ import numpy as np
 import torch
 
 from export.bundle import export_bundle
-from maria_onnx.backbones import load_backbones
 from maria_onnx.config import TrainConfig
 from maria_onnx.data import read_documents
 from maria_onnx.train import train
 from runtime.default_model import DEFAULT_MODEL
 from runtime.evaluate import draw_masks, evaluate_maria
+from runtime.evaluate import evaluate_baselines as onnx_baselines
 from runtime.infiller import Infiller
 from runtime.text import pack_windows, plain_encoder
 
-from .baselines import evaluate_baselines
 from .corpus import build_corpus, download_python_docs
 from .pretrain import (DEFAULT_SIZE, SPECIAL_TOKENS, ar_batch, backbone_configs, mlm_batch, new_backbone, pretrain,
                        save_tokenizer, train_tokenizer)
@@ -127,15 +126,15 @@ def test_windows(work: Path, recipe: Recipe, tokenizer, start_id: int):
 
 
 def quality(work: Path, recipe: Recipe, log=print) -> dict:
-    """The model card's table: every system on the same masks of the held-out test documents."""
-    backbones = load_backbones(work / "mlm", work / "ar")
-    windows = test_windows(work, recipe, backbones.tokenizer, backbones.special.start)
+    """The model card's table: every system on the same masks of the held-out test documents, all through ONNX
+    Runtime (what `maria eval runs/default/corpus/test --seq-len 128 --windows 128` computes)."""
     infillers = {"MARIA": Infiller(work / "bundle", device="cpu"),
                  "MARIA int8": Infiller(work / "bundle-int8", device="cpu")}
+    windows = test_windows(work, recipe, infillers["MARIA"].tokenizer, infillers["MARIA"].special.start)
     table = {"windows": int(len(windows)), "seq_len": recipe.seq_len, "rates": {}}
     for rate in recipe.eval_rates:
         masks = draw_masks(windows, rate, seed=recipe.seed)
-        rows = evaluate_baselines(backbones, windows, masks)
+        rows = onnx_baselines(infillers["MARIA"], windows, masks)
         for name, infiller in infillers.items():
             rows.append({**evaluate_maria(infiller, windows, masks), "system": name})
         table["rates"][str(rate)] = rows
