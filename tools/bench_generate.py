@@ -1,0 +1,114 @@
+"""Unconditional generation: generative perplexity under the AR against wall-clock time (the paper's Figure 5).
+
+    python -m tools.bench_generate --out docs/bench-generate-cpu --length 32 --samples 16 --steps 0,4,16,64
+
+Systems, each generating `samples` texts of `length` tokens from nothing, in one batch, the same seeds:
+    AR sampling        the AR alone, left to right (its LM head), temperature 1
+    MARIA, K steps     one-shot MARIA sampling (K = 0), then K steps of simulated annealing (runtime/anneal.py)
+Generative perplexity: exp of the mean over samples of -log p_AR(text) / length. Each system runs `repeats`
+times, interleaved; times are medians.
+"""
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from runtime.anneal import Schedule, anneal
+from runtime.choose import Sampling
+from runtime.infiller import Infiller
+from runtime.likelihood import ar_loglikelihood, ar_sample
+
+
+def generative_perplexity(infiller, ids: list) -> float:
+    """exp of the mean per-token negative log-likelihood under the AR, averaged over texts."""
+    lengths = np.array([len(x) for x in ids])
+    loglik = np.array(ar_loglikelihood(infiller.backend, [np.asarray(x) for x in ids], infiller.special))
+    return float(np.exp(np.mean(-loglik / lengths)))
+
+
+def run_ar(infiller, length: int, samples: int, seed: int) -> list:
+    rngs = [np.random.default_rng([seed, sample]) for sample in range(samples)]
+    return ar_sample(infiller.backend, [np.zeros(0, np.int64)] * samples, length, infiller.special,
+                     Sampling(temperature=1.0), rngs)
+
+
+def run_maria(infiller, length: int, samples: int, steps: int, seed: int, schedule: dict) -> list:
+    results = anneal(infiller, np.zeros(0, np.int64), np.zeros(0, np.int64), length, samples,
+                     Schedule(steps=steps, **schedule), Sampling(temperature=1.0), seed)
+    return [np.array(r.ids) for r in results]
+
+
+def measure(infiller, length: int, samples: int, steps: list[int], repeats: int, seed: int,
+            schedule: dict) -> list[dict]:
+    systems = {"AR sampling": lambda: run_ar(infiller, length, samples, seed)}
+    for k in steps:
+        systems[f"MARIA, K={k}"] = lambda k=k: run_maria(infiller, length, samples, k, seed, schedule)
+    systems["AR sampling"]()                          # warm-up: sessions and allocations, not counted
+    systems[f"MARIA, K={steps[0]}"]()
+    times, outputs = {name: [] for name in systems}, {}
+    for _ in range(repeats):
+        for name, fill in systems.items():
+            began = time.perf_counter()
+            outputs[name] = fill()
+            times[name].append(time.perf_counter() - began)
+    rows = []
+    for name in systems:
+        rows.append({"system": name, "seconds_median": statistics.median(times[name]),
+                     "seconds_min": min(times[name]), "seconds_max": max(times[name]),
+                     "generative_perplexity": generative_perplexity(infiller, outputs[name]),
+                     "example": infiller.tokenizer.decode(np.asarray(outputs[name][0]).tolist())})
+    return rows
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    maria = [r for r in rows if r["system"].startswith("MARIA")]
+    axis.plot([r["seconds_median"] for r in maria], [r["generative_perplexity"] for r in maria], "-o",
+              label="MARIA + annealing")
+    for r in maria:
+        axis.annotate(r["system"].split(", ")[1], (r["seconds_median"], r["generative_perplexity"]),
+                      textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ar = next(r for r in rows if r["system"] == "AR sampling")
+    axis.plot([ar["seconds_median"]], [ar["generative_perplexity"]], "s", color="C3", label="AR sampling")
+    axis.set(xscale="log", xlabel="wall-clock seconds (median)", ylabel="generative perplexity (AR)", title=title)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help="a bundle; default: the shipped model")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--length", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--steps", default="0,4,16,64")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--schedule", default="{}", help="JSON of runtime.anneal.Schedule fields other than steps")
+    args = parser.parse_args()
+    infiller = Infiller(args.model, device="cpu")
+    schedule = json.loads(args.schedule)
+    rows = measure(infiller, args.length, args.samples, [int(k) for k in args.steps.split(",")], args.repeats,
+                   args.seed, schedule)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"length": args.length, "samples": args.samples, "repeats": args.repeats, "seed": args.seed,
+              "schedule": {**dataclasses.asdict(Schedule()), **schedule}, "rows": rows}
+    (args.out / "bench-generate.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(rows, args.out / "bench-generate.png", f"{args.samples} texts of {args.length} tokens")
+    for r in rows:
+        print(f"{r['system']:>14}  {r['seconds_median']:8.2f} s  generative perplexity {r['generative_perplexity']:.1f}")
+
+
+if __name__ == "__main__":
+    main()

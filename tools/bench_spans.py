@@ -1,0 +1,117 @@
+"""How well MARIA picks the length of a gap: mask one whole word (1 to 4 tokens) of held-out text at a time,
+ask for [MASK:?] (1 to 8 tokens), and compare the chosen length and fill with the truth.
+
+    python -m tools.bench_spans --windows tests/data/default_model_eval_windows.npy --words 300 --out spans.json
+
+Criteria compared on the same candidates (every length decoded greedily, one batch per word):
+    AR total        log p_AR of the whole filled text (what `[MASK:?]` uses)
+    MARIA fills     the sum of MARIA's own log-probabilities of the fill tokens
+    most common     always the length that is most common among the masked words (a baseline)
+"""
+
+import argparse
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+
+from runtime.infiller import Infiller
+from runtime.requests import FillRequest, Prepared, run_requests
+from runtime.text import ANY_LENGTH, MaskedText
+
+
+def whole_words(tokenizer, window: np.ndarray, longest: int = 4) -> list[tuple[int, int]]:
+    """(start, end) of each whole word in a window of byte-level BPE ids: a token that begins with a space and
+    a letter, and the letter-only tokens that continue it; words of 1 to `longest` tokens."""
+    pieces = [tokenizer.id_to_token(int(t)) or "" for t in window]
+    words, start = [], None
+    for position, piece in enumerate(pieces + ["Ġ"]):
+        begins = piece.startswith("Ġ") and piece[1:2].isalpha()
+        continues = start is not None and not piece.startswith("Ġ") and piece.isalpha()
+        if start is not None and not continues:
+            if position - start <= longest and position < len(pieces) and pieces[position][:1] in ("Ġ", ".", ",",
+                                                                                                    ":", ";", ")"):
+                words.append((start, position))
+            start = None
+        if begins:
+            start = position
+    return words
+
+
+def pick(windows: np.ndarray, tokenizer, count: int, seed: int) -> list[tuple[int, int, int]]:
+    """(window, start, end) of `count` words drawn without replacement, seeded."""
+    every = [(w, s, e) for w, window in enumerate(windows) for s, e in whole_words(tokenizer, window)]
+    order = np.random.default_rng(seed).permutation(len(every))[:count]
+    return [every[i] for i in sorted(order)]
+
+
+def measure(infiller: Infiller, windows: np.ndarray, count: int, seed: int = 0, batch: int = 4) -> dict:
+    words = pick(windows, infiller.tokenizer, count, seed)
+    low, high = ANY_LENGTH
+    rows = []
+    for begin in range(0, len(words), batch):
+        requests = []
+        for w, start, end in words[begin:begin + batch]:
+            window = windows[w]
+            candidates = []
+            for length in range(low, high + 1):
+                ids = np.concatenate([window[:start], np.full(length, infiller.special.mask), window[end:]])
+                masked = np.zeros(len(ids), dtype=bool)
+                masked[start:start + length] = True
+                candidates.append(((length,), MaskedText(ids.astype(np.int64), masked)))
+            requests.append(FillRequest([Prepared(f"window {w}, tokens {start}-{end}", candidates)]))
+        for (w, start, end), (result,) in zip(words[begin:begin + batch], run_requests(infiller, requests)):
+            true = windows[w][start:end].tolist()
+            by_fills = max(result.candidates, key=lambda c: sum(_fill_logprobs(infiller, c, start)))
+            rows.append({"window": w, "start": start, "true_length": end - start, "true": true,
+                         "ar_total_length": result.span_lengths[0],
+                         "ar_total_exact": result.ids[start:start + result.span_lengths[0]] == true
+                         and result.span_lengths[0] == end - start,
+                         "maria_fills_length": by_fills["lengths"][0],
+                         "maria_fills_exact": by_fills["ids"][start:start + by_fills["lengths"][0]] == true
+                         and by_fills["lengths"][0] == end - start})
+    return summarize(rows)
+
+
+def _fill_logprobs(infiller, candidate: dict, start: int) -> list[float]:
+    """MARIA's log-probabilities of a candidate's fill tokens, teacher forced through its scorer."""
+    ids = np.asarray(candidate["ids"])
+    masked = np.zeros(len(ids), dtype=bool)
+    masked[start:start + candidate["lengths"][0]] = True
+    return [-infiller.score([ids], [masked])[0]]
+
+
+def summarize(rows: list[dict]) -> dict:
+    lengths = collections.Counter(r["true_length"] for r in rows)
+    common = lengths.most_common(1)[0][0]
+    share = lambda key: sum(bool(r[key]) for r in rows) / len(rows)
+    return {"words": len(rows), "true_lengths": dict(sorted(lengths.items())), "most_common_length": common,
+            "length_accuracy": {"AR total": sum(r["ar_total_length"] == r["true_length"] for r in rows) / len(rows),
+                                "MARIA fills": sum(r["maria_fills_length"] == r["true_length"] for r in rows)
+                                / len(rows),
+                                "most common": lengths[common] / len(rows)},
+            "exact_match": {"AR total": share("ar_total_exact"), "MARIA fills": share("maria_fills_exact")},
+            "chosen_lengths": {"AR total": dict(sorted(collections.Counter(r["ar_total_length"] for r in rows)
+                                                       .items())),
+                               "MARIA fills": dict(sorted(collections.Counter(r["maria_fills_length"]
+                                                                              for r in rows).items()))},
+            "rows": rows}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--windows", type=Path, required=True, help=".npy of token-id windows of held-out text")
+    parser.add_argument("--model", type=Path, default=None, help="a bundle; default: the shipped model")
+    parser.add_argument("--words", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    report = measure(Infiller(args.model, device="cpu"), np.load(args.windows).astype(np.int64), args.words,
+                     args.seed)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
