@@ -352,3 +352,20 @@ def test_device_names_and_the_gpu_they_pick():
         choose_device("cuda:2", "no GPU")
     assert cuda_providers(2) == [("CUDAExecutionProvider", {"device_id": 2}), "CPUExecutionProvider"]
     assert providers_for("cpu") == ["CPUExecutionProvider"]
+
+
+def test_missing_cuda_libraries_are_named_in_one_line(monkeypatch):
+    from runtime import sessions
+    missing = sessions.cuda_libraries_missing()
+    assert missing is None or missing.startswith("lib") and ".so" in missing     # what this machine lacks, if any
+    monkeypatch.setattr(sessions, "gpu_present", lambda: True)                   # as on a GPU machine...
+    monkeypatch.setattr(sessions, "cuda_libraries_missing", lambda: "libcublasLt.so.13")    # ...without CUDA
+    monkeypatch.setattr(sessions.ort, "get_available_providers", lambda: ["CUDAExecutionProvider",
+                                                                          "CPUExecutionProvider"])
+    with pytest.raises(ValueError) as refused:
+        sessions.providers_for("cuda")
+    assert str(refused.value) == ("--device cuda: the CUDA library libcublasLt.so.13 cannot be loaded; pip install "
+                                  "'maria-onnx[cuda]' for CUDA and cuDNN from pip, or install them system-wide; "
+                                  "use --device auto or cpu")
+    with pytest.warns(RuntimeWarning, match="a GPU is present but CUDA cannot run"):
+        assert sessions.providers_for("auto") == ["CPUExecutionProvider"]
