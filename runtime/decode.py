@@ -100,10 +100,9 @@ def infill_batch(backend: Backend, ids, masked, special: SpecialIds, sampling: S
             for tokens, t, lp in zip(state.ar_tokens, targets, logprobs)]
 
 
-def teacher_forced_logits(backend: Backend, ids, masked, special: SpecialIds) -> list[np.ndarray]:
-    """One MLM pass and one AR pass over the true tokens: fusion-head logits at each sequence's masked positions,
-    [masked count, V] per sequence."""
-    mlm_hidden = encode_masked(backend, ids, masked, special)
+def teacher_forced_ar(backend: Backend, ids, special: SpecialIds) -> tuple[np.ndarray, np.ndarray]:
+    """One AR pass over [START] x_0 .. x_{n-2} per sequence, right-padded: ar_hidden [batch, max_n, d_ar] with
+    h_ar[b, i] predicting x_i, and the attention mask [batch, max_n] of the real positions."""
     width = max(len(x) for x in ids)
     input_ids = np.full((len(ids), width), special.pad, dtype=np.int64)
     attention_mask = np.zeros((len(ids), width), dtype=np.int64)
@@ -112,6 +111,14 @@ def teacher_forced_logits(backend: Backend, ids, masked, special: SpecialIds) ->
         attention_mask[row, : len(x)] = 1
     position_ids = np.broadcast_to(np.arange(width, dtype=np.int64), input_ids.shape).copy()
     ar_hidden, _ = backend.ar_step(input_ids, attention_mask, position_ids, backend.empty_past(len(ids)))
+    return ar_hidden, attention_mask
+
+
+def teacher_forced_logits(backend: Backend, ids, masked, special: SpecialIds) -> list[np.ndarray]:
+    """One MLM pass and one AR pass over the true tokens: fusion-head logits at each sequence's masked positions,
+    [masked count, V] per sequence."""
+    mlm_hidden = encode_masked(backend, ids, masked, special)
+    ar_hidden, _ = teacher_forced_ar(backend, ids, special)
     rows = np.concatenate([np.full(int(m.sum()), row) for row, m in enumerate(masked)])
     positions = np.concatenate([np.flatnonzero(m) for m in masked])
     logits = backend.fuse(mlm_hidden[rows, positions + 1], ar_hidden[rows, positions])

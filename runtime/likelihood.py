@@ -10,6 +10,7 @@ import numpy as np
 
 from .backend import SpecialIds
 from .choose import Sampling, choose_tokens, log_softmax
+from .decode import teacher_forced_ar
 
 
 def ar_token_logprobs(backend, ids: list[np.ndarray], special: SpecialIds, batch_size: int = 16) -> list[np.ndarray]:
@@ -17,14 +18,7 @@ def ar_token_logprobs(backend, ids: list[np.ndarray], special: SpecialIds, batch
     out = []
     for begin in range(0, len(ids), batch_size):
         batch = [np.asarray(x, dtype=np.int64) for x in ids[begin:begin + batch_size]]
-        width = max(len(x) for x in batch)
-        input_ids = np.full((len(batch), width), special.pad, dtype=np.int64)
-        attention_mask = np.zeros((len(batch), width), dtype=np.int64)
-        for row, x in enumerate(batch):
-            input_ids[row, : len(x)] = [special.start, *x[:-1]]          # position i holds the token before x_i
-            attention_mask[row, : len(x)] = 1
-        position_ids = np.broadcast_to(np.arange(width, dtype=np.int64), input_ids.shape).copy()
-        hidden, _ = backend.ar_step(input_ids, attention_mask, position_ids, backend.empty_past(len(batch)))
+        hidden, attention_mask = teacher_forced_ar(backend, batch, special)
         real = attention_mask.astype(bool)
         logprobs = log_softmax(backend.ar_logits(hidden[real]))             # [tokens, V]
         targets = np.concatenate(batch)

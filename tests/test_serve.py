@@ -22,6 +22,7 @@ import pytest
 from runtime.choose import Sampling
 from runtime.default_model import DEFAULT_MODEL
 from runtime.infiller import Infiller
+from tools.bench_serve import stop
 
 pytest.importorskip("starlette", reason="the serve extra (starlette, uvicorn, prometheus-client) is not installed")
 
@@ -44,13 +45,7 @@ def server(*args, seconds: float = 60):
         assert url, f"the server did not start: {process.stderr.read() if process.poll() is not None else ''}"
         yield url, process
     finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+        stop(process)
 
 
 def call(url, path, payload=None, headers=None, raw: bytes | None = None, timeout: float = 60):

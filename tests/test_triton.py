@@ -5,7 +5,6 @@ so it lives in its own environment, named by MARIA_TRITON_PYTHON (.ci/run builds
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -17,6 +16,7 @@ import pytest
 from runtime.choose import Sampling
 from runtime.default_model import DEFAULT_MODEL
 from runtime.infiller import Infiller
+from tools.bench_serve import stop
 from serve.triton import write_repository
 
 TRITON_PYTHON = os.environ.get("MARIA_TRITON_PYTHON")
@@ -99,10 +99,4 @@ def test_triton_serves_the_repository_like_maria_serve(tmp_path):
     finally:
         if client is not None:
             client.close()
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+        stop(process)

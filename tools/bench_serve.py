@@ -42,6 +42,7 @@ def start_server(model, max_batch_size: int, delay_ms: float, device: str, secon
 
 
 def stop(process) -> None:
+    """Stops a server by its process id: SIGTERM (a graceful stop), then SIGKILL if it has not gone in 60 s."""
     if process.poll() is None:
         os.kill(process.pid, signal.SIGTERM)
         try:
