@@ -221,6 +221,10 @@ class Server:
             except ClientError as error:
                 yield f"event: error\ndata: {json.dumps({'error': str(error), 'status': error.status})}\n\n"
                 return
+            except Exception as error:             # the model failed: logged, and the stream says so
+                logging.getLogger("maria.serve").exception("the stream's fill failed")
+                yield f"event: error\ndata: {json.dumps({'error': f'the model failed: {error}', 'status': 500})}\n\n"
+                return
             payload = {"results": [r.to_dict() for r in results]}
             yield f"event: result\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -259,6 +263,9 @@ def guarded(server: Server, path: str, handler):
             response = await handler(request)
         except ClientError as error:
             response = JSONResponse({"error": str(error)}, status_code=error.status, headers=error.headers)
+        except Exception:                          # not the client's doing: logged with its traceback here
+            logging.getLogger("maria.serve").exception("%s %s failed", request.method, request.url.path)
+            response = JSONResponse({"error": "the server failed on this request; see its log"}, status_code=500)
         server.metrics.requests.labels(path, str(response.status_code)).inc()
         server.metrics.latency.labels(path).observe(time.monotonic() - began)
         access_log.info(json.dumps({"method": request.method, "path": request.url.path,
