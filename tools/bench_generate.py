@@ -103,7 +103,8 @@ def main():
                    args.seed, schedule)
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"length": args.length, "samples": args.samples, "repeats": args.repeats, "seed": args.seed,
-              "schedule": {**dataclasses.asdict(Schedule()), **schedule}, "rows": rows}
+              "steps": [int(k) for k in args.steps.split(",")],
+              "schedule": {k: v for k, v in {**dataclasses.asdict(Schedule()), **schedule}.items() if k != "steps"}, "rows": rows}
     (args.out / "bench-generate.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(rows, args.out / "bench-generate.png", f"{args.samples} texts of {args.length} tokens")
     for r in rows:
