@@ -14,6 +14,7 @@ from maria_onnx.reference import reference_infill, reference_score
 from runtime.choose import Sampling
 from runtime.infiller import Infiller
 from runtime.sessions import gpu_present
+from tiny import corpus
 
 ROOT = Path(__file__).parent.parent
 
@@ -99,7 +100,8 @@ def test_text_without_mask_comes_back_with_a_note(pair):
     assert result.text == "nothing to fill here" and "no [MASK]" in result.note
 
 
-def test_runtime_runs_with_torch_transformers_and_optimum_unimportable(bundles, tmp_path):
+def run_blocked(args: list, tmp_path):
+    """Runs the `maria` CLI in a subprocess where torch, transformers and optimum cannot be imported."""
     blocker = tmp_path / "sitecustomize.py"
     blocker.write_text(
         "import sys\n"
@@ -109,13 +111,26 @@ def test_runtime_runs_with_torch_transformers_and_optimum_unimportable(bundles, 
         "            raise ImportError(f'{name} is blocked in this test')\n"
         "sys.meta_path.insert(0, Block())\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
-    code = ("import sys; from cli import app; "
-            f"app(['infill', '--model', {str(bundles['olmo'])!r}, '--json', 'A [MASK:2] of [MASK].'])")
+    code = f"import sys; from cli import app; app({[str(a) for a in args]!r})"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
-    assert run.returncode == 0, run.stderr
-    assert '"masked_positions"' in run.stdout
     check = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
     assert "blocked in this test" in check.stderr       # the blocker really blocks
+    return run
+
+
+@pytest.mark.parametrize("args, shows", [
+    (["infill", "--json", "A [MASK:2] of [MASK]."], '"masked_positions"'),
+    (["infill", "--json", "the [MASK:?] value"], '"span_lengths"'),
+    (["infill", "--json", "--num-samples", "2", "--temperature", "1", "--rerank", "a [MASK] b"], '"score"'),
+    (["generate", "--length", "3", "--steps", "2", "--json"], '"energies"'),
+    (["eval", "CORPUS", "--seq-len", "16", "--windows", "4"], "AR alone"),
+])
+def test_runtime_runs_with_torch_transformers_and_optimum_unimportable(bundles, tmp_path, args, shows):
+    (tmp_path / "corpus.txt").write_text("\n".join(corpus(40, seed=5)) + "\n")
+    args = [str(tmp_path / "corpus.txt") if a == "CORPUS" else a for a in args]
+    run = run_blocked([args[0], "--model", bundles["olmo"], "--device", "cpu", *args[1:]], tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert shows in run.stdout and "Traceback" not in run.stderr
 
 
 @pytest.mark.skipif(not (gpu_present() and "CUDAExecutionProvider" in ort.get_available_providers()),
