@@ -5,7 +5,7 @@ Two backends implement `Backend`: `runtime.onnx_backend.OnnxBackend` (ONNX Runti
 against this protocol only, so both run the same orchestration and parity tests compare like with like.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -32,9 +32,6 @@ class SpecialIds:
     @property
     def all(self) -> list[int]:
         return sorted({self.cls, self.sep, self.mask, self.start, self.pad})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, data) -> "SpecialIds":

@@ -58,7 +58,7 @@ def providers_for(device: str) -> list:
     """auto: CUDA where this onnxruntime has it and a GPU is present, else CPU. cuda / cuda:N: CUDA on GPU 0 / N,
     or an error. cpu: CPU."""
     ort.set_default_logger_severity(3)       # our own one-line warning replaces ORT's provider-loading noise
-    missing = cuda_missing()
+    missing = None if device == "cpu" else cuda_missing()      # --device cpu loads no CUDA library
     if device == "auto" and missing and gpu_present():
         warnings.warn(f"a GPU is present but CUDA cannot run ({missing}); running on CPU", RuntimeWarning,
                       stacklevel=2)

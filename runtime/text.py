@@ -8,7 +8,9 @@ tokenized as "The" + <mask> + " statement" and the fill comes back as " raise".
 expands a text into one fixed-length text per combination of lengths (bounded by MAX_CANDIDATES).
 """
 
+import itertools
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -77,14 +79,14 @@ def span_candidates(text: str, max_length: int) -> list[tuple[tuple[int, ...], s
         ranges.append(range(low, high + 1))
     if not ranges:
         return [((), text)]
-    count = int(np.prod([len(r) for r in ranges]))
+    count = math.prod(len(r) for r in ranges)
     if count > MAX_CANDIDATES:
         raise ValueError(f"the span markers allow {count} combinations of lengths, over {MAX_CANDIDATES}; narrow "
                          "them with [MASK:a-b] or fix some lengths with [MASK:N]")
     candidates = []
-    for lengths in np.array(np.meshgrid(*ranges, indexing="ij")).reshape(len(ranges), -1).T:
-        pieces = iter(f"[MASK:{int(n)}]" for n in lengths)
-        candidates.append((tuple(int(n) for n in lengths), SPAN.sub(lambda _: next(pieces), text)))
+    for lengths in itertools.product(*ranges):
+        pieces = iter(f"[MASK:{n}]" for n in lengths)
+        candidates.append((lengths, SPAN.sub(lambda _: next(pieces), text)))
     return candidates
 
 
