@@ -53,21 +53,26 @@ def evaluate_maria(infiller, windows, masks, batch_size: int = 16) -> dict:
     return quality_row("MARIA", nll, windows, masks, fills)
 
 
+def document_windows(documents: list[str], infiller, seq_len: int, count: int) -> np.ndarray:
+    """The first `count` windows of seq_len tokens of the documents, tokenized with the bundle's tokenizer and
+    joined by its start token."""
+    from .text import pack_windows, plain_encoder
+    if not 2 <= seq_len <= infiller.manifest.max_sequence_length:
+        raise ValueError(f"--seq-len must be from 2 to the bundle's maximum {infiller.manifest.max_sequence_length}")
+    return pack_windows(documents, plain_encoder(infiller.tokenizer), seq_len, infiller.special.start)[:count]
+
+
 def text_windows(path, infiller, seq_len: int, count: int) -> np.ndarray:
-    """The first `count` windows of seq_len tokens of a UTF-8 text file, tokenized with the bundle's tokenizer."""
+    """document_windows of a UTF-8 text file, one document per line."""
     from pathlib import Path
 
-    from .text import pack_windows, plain_encoder
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise ValueError(f"{path} is not valid UTF-8 (byte {error.start}); convert it to UTF-8") from None
     except OSError as error:
         raise ValueError(f"cannot read {path}: {error.strerror}") from None
-    if not 2 <= seq_len <= infiller.manifest.max_sequence_length:
-        raise ValueError(f"--seq-len must be from 2 to the bundle's maximum {infiller.manifest.max_sequence_length}")
-    documents = [line for line in text.splitlines() if line.strip()]
-    return pack_windows(documents, plain_encoder(infiller.tokenizer), seq_len, infiller.special.start)[:count]
+    return document_windows([line for line in text.splitlines() if line.strip()], infiller, seq_len, count)
 
 
 class BaselineBackend:

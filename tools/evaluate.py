@@ -7,7 +7,7 @@ backbone folders are at hand.
 
 from pathlib import Path
 
-from runtime.evaluate import draw_masks, evaluate_maria, text_windows
+from runtime.evaluate import document_windows, draw_masks, evaluate_maria, text_windows
 from runtime.evaluate import evaluate_baselines as onnx_baselines
 
 
@@ -15,12 +15,7 @@ def windows_of(path, infiller, seq_len: int, count: int):
     """A folder: one document per file, as training reads it (the recipe's test split); a file: one per line."""
     if Path(path).is_dir():
         from maria_onnx.data import read_documents
-        from runtime.text import pack_windows, plain_encoder
-        if not 2 <= seq_len <= infiller.manifest.max_sequence_length:
-            raise ValueError(f"--seq-len must be from 2 to the bundle's maximum "
-                             f"{infiller.manifest.max_sequence_length}")
-        return pack_windows(read_documents(path), plain_encoder(infiller.tokenizer), seq_len,
-                            infiller.special.start)[:count]
+        return document_windows(read_documents(path), infiller, seq_len, count)
     return text_windows(path, infiller, seq_len, count)
 
 

@@ -23,7 +23,7 @@ from maria_onnx.config import TrainConfig
 from maria_onnx.data import read_documents
 from maria_onnx.train import train
 from runtime.default_model import DEFAULT_MODEL
-from runtime.evaluate import draw_masks, evaluate_maria
+from runtime.evaluate import document_windows, draw_masks, evaluate_maria
 from runtime.evaluate import evaluate_baselines as onnx_baselines
 from runtime.infiller import Infiller
 from runtime.text import pack_windows, plain_encoder
@@ -119,10 +119,10 @@ def run(work: Path, recipe: Recipe, log=print) -> dict:
     return {"timings": timings, "recipe": dataclasses.asdict(recipe)}
 
 
-def test_windows(work: Path, recipe: Recipe, tokenizer, start_id: int):
-    """The first eval_windows windows of the held-out test documents: the quality table's data."""
-    return pack_windows(read_documents(work / "corpus" / "test"), plain_encoder(tokenizer), recipe.seq_len,
-                        start_id)[: recipe.eval_windows]
+def test_windows(work: Path, recipe: Recipe, infiller):
+    """The first eval_windows windows of the held-out test documents: the quality table's data (what
+    `maria eval runs/default/corpus/test --seq-len 128 --windows 128` masks)."""
+    return document_windows(read_documents(work / "corpus" / "test"), infiller, recipe.seq_len, recipe.eval_windows)
 
 
 def quality(work: Path, recipe: Recipe, log=print) -> dict:
@@ -130,7 +130,7 @@ def quality(work: Path, recipe: Recipe, log=print) -> dict:
     Runtime (what `maria eval runs/default/corpus/test --seq-len 128 --windows 128` computes)."""
     infillers = {"MARIA": Infiller(work / "bundle", device="cpu"),
                  "MARIA int8": Infiller(work / "bundle-int8", device="cpu")}
-    windows = test_windows(work, recipe, infillers["MARIA"].tokenizer, infillers["MARIA"].special.start)
+    windows = test_windows(work, recipe, infillers["MARIA"])
     table = {"windows": int(len(windows)), "seq_len": recipe.seq_len, "rates": {}}
     for rate in recipe.eval_rates:
         masks = draw_masks(windows, rate, seed=recipe.seed)
@@ -166,7 +166,7 @@ def install(work: Path, recipe: Recipe, target: Path = DEFAULT_MODEL) -> None:
     for new in [*(work / "bundle").iterdir(), work / "quality.json", work / "timings.json"]:
         shutil.copy(new, target / new.name)
     infiller = Infiller(target, device="cpu")
-    windows = test_windows(work, recipe, infiller.tokenizer, infiller.special.start)
+    windows = test_windows(work, recipe, infiller)
     np.save(TEST_WINDOWS, windows.astype(np.int16 if recipe.vocab_size < 2**15 else np.int32))
 
 
