@@ -151,22 +151,20 @@ def show(result, as_json: bool, styled: bool) -> None:
 
 
 def checked_lines(lines: list, infiller, skip_invalid: bool, where, rerank: bool = False) -> list:
-    """The lines whose text encodes; a bad line stops the run (naming it) unless skip_invalid, which reports it
-    on stderr and leaves it out."""
+    """(line, its text prepared by Infiller.prepare) for the lines whose text encodes; a bad line stops the run
+    (naming it) unless skip_invalid, which reports it on stderr and leaves it out."""
     good = []
     for line in lines:
         error = line.error
         if not error:
             try:
-                infiller.prepare(line.text, rerank)
+                good.append((line, infiller.prepare(line.text, rerank)))
+                continue
             except ValueError as problem:
                 error = f"{where(line)}: {problem}"
-        if not error:
-            good.append(line)
-        elif skip_invalid:
-            typer.secho(f"skipped: {error}", fg=typer.colors.YELLOW, err=True)
-        else:
+        if not skip_invalid:
             raise ValueError(f"{error} (--skip-invalid fills the other lines)")
+        typer.secho(f"skipped: {error}", fg=typer.colors.YELLOW, err=True)
     return good
 
 
@@ -196,7 +194,7 @@ def infill(
     [MASK:N] N tokens, [MASK:?] 1 to 8 and [MASK:a-b] a to b tokens (the model chooses the length)."""
     from runtime.choose import Sampling
     from runtime.device import check_device
-    from runtime.infiller import Infiller
+    from runtime.infiller import FillRequest, Infiller
 
     check_device(device)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
@@ -208,12 +206,14 @@ def infill(
         typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
     name = "stdin" if input_file == "-" else input_file
     where = (lambda line: f"{name}:{line.number}") if input_file else (lambda line: f"text {line.number}")
-    lines = checked_lines(lines, infiller, skip_invalid, where, rerank)
+    checked = checked_lines(lines, infiller, skip_invalid, where, rerank)
+    lines = [line for line, _ in checked]
     if num_samples > 1 and sampling.greedy:
         typer.echo(f"note: --temperature 0 is greedy: the {num_samples} samples of each text are identical",
                    err=True)
-    results = infiller.infill([line.text for line in lines], sampling, batch_size=batch_size,
-                              num_samples=num_samples, indices=[line.number - 1 for line in lines], rerank=rerank)
+    request = FillRequest([prepared for _, prepared in checked], sampling, num_samples, rerank,
+                          indices=[line.number - 1 for line in lines])
+    results = infiller.infill_requests([request], batch_size=batch_size)[0]
     styled = sys.stdout.isatty() and not as_json
     for number, result in enumerate(results):
         if result.note and not as_json:
