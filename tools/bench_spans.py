@@ -63,7 +63,8 @@ def measure(infiller: Infiller, windows: np.ndarray, count: int, seed: int = 0, 
             requests.append(FillRequest([Prepared(f"window {w}, tokens {start}-{end}", candidates)]))
         for (w, start, end), (result,) in zip(words[begin:begin + batch], run_requests(infiller, requests)):
             true = windows[w][start:end].tolist()
-            by_fills = max(result.candidates, key=lambda c: sum(_fill_logprobs(infiller, c, start)))
+            fill_scores = _fill_scores(infiller, result.candidates, start)
+            by_fills = result.candidates[int(np.argmax(fill_scores))]
             rows.append({"window": w, "start": start, "true_length": end - start, "true": true,
                          "ar_total_length": result.span_lengths[0],
                          "ar_total_exact": result.ids[start:start + result.span_lengths[0]] == true
@@ -74,12 +75,13 @@ def measure(infiller: Infiller, windows: np.ndarray, count: int, seed: int = 0, 
     return summarize(rows)
 
 
-def _fill_logprobs(infiller, candidate: dict, start: int) -> list[float]:
-    """MARIA's log-probabilities of a candidate's fill tokens, teacher forced through its scorer."""
-    ids = np.asarray(candidate["ids"])
-    masked = np.zeros(len(ids), dtype=bool)
-    masked[start:start + candidate["lengths"][0]] = True
-    return [-infiller.score([ids], [masked])[0]]
+def _fill_scores(infiller, candidates: list[dict], start: int) -> list[float]:
+    """Per candidate, the sum of MARIA's log-probabilities of its fill tokens, teacher forced (one scorer call)."""
+    ids = [np.asarray(c["ids"]) for c in candidates]
+    masked = [np.zeros(len(x), dtype=bool) for x in ids]
+    for flags, candidate in zip(masked, candidates):
+        flags[start:start + candidate["lengths"][0]] = True
+    return [-nll for nll in infiller.score(ids, masked, batch_size=len(ids))]
 
 
 def summarize(rows: list[dict]) -> dict:
