@@ -19,7 +19,7 @@ from optimum.exporters.onnx.convert import export as optimum_export
 from optimum.exporters.tasks import TasksManager
 
 from maria_onnx.backbones import Backbones
-from maria_onnx.model import FusionHead
+from maria_onnx.model import FusionHead, VocabularyHead
 
 MLM_FILE, AR_FILE, HEAD_FILE = "mlm.onnx", "ar_decoder.onnx", "fusion_head.onnx"
 AR_LM_HEAD_FILE, MLM_DECODER_FILE = "ar_lm_head.onnx", "mlm_decoder.onnx"
@@ -104,19 +104,6 @@ def export_fusion_head(head: FusionHead, folder: Path, opset: int, hidden_dtype=
     return inputs, outputs
 
 
-class VocabularyHead(torch.nn.Module):
-    """A backbone's own projection to the shared vocabulary: hidden [batch, d] -> logits [batch, V], fp32."""
-
-    def __init__(self, linear: torch.nn.Linear, vocab_size: int):
-        super().__init__()
-        self.linear, self.vocab_size = linear, vocab_size
-
-    def forward(self, hidden):
-        weight = self.linear.weight[: self.vocab_size].float()
-        bias = self.linear.bias[: self.vocab_size].float() if self.linear.bias is not None else None
-        return torch.nn.functional.linear(hidden.float(), weight, bias)
-
-
 def export_baseline_heads(backbones: Backbones, folder: Path, opset: int, hidden_dtype=torch.float32) -> dict:
     """Writes ar_lm_head.onnx (ar_hidden -> logits) and mlm_decoder.onnx (mlm_hidden -> logits), logits fp32 over
     the AR's vocabulary; returns graph name -> (inputs, outputs)."""
@@ -125,7 +112,7 @@ def export_baseline_heads(backbones: Backbones, folder: Path, opset: int, hidden
             ("ar_lm_head", AR_LM_HEAD_FILE, backbones.ar.get_output_embeddings(), "ar_hidden",
              backbones.ar_hidden_size),
             ("mlm_decoder", MLM_DECODER_FILE, backbones.mlm_decoder(), "mlm_hidden", backbones.mlm_hidden_size)):
-        module = VocabularyHead(linear, backbones.vocab_size).float().eval()
+        module = VocabularyHead(linear, backbones.vocab_size).eval()           # computes in fp32 itself
         torch.onnx.export(module, (torch.zeros(2, width, dtype=hidden_dtype),), str(Path(folder) / file),
                           input_names=[input_name], output_names=["logits"], opset_version=opset, dynamo=False,
                           dynamic_axes={input_name: {0: "batch_size"}, "logits": {0: "batch_size"}})

@@ -40,6 +40,20 @@ class FusionHead(nn.Module):
         return head
 
 
+class VocabularyHead(nn.Module):
+    """A backbone's own projection to the shared vocabulary (the AR's LM head, the MLM's decoder):
+    hidden [..., d] -> logits [..., V], computed in fp32 over the first V rows."""
+
+    def __init__(self, linear: nn.Linear, vocab_size: int):
+        super().__init__()
+        self.linear, self.vocab_size = linear, vocab_size
+
+    def forward(self, hidden):
+        weight = self.linear.weight[: self.vocab_size].float()
+        bias = self.linear.bias[: self.vocab_size].float() if self.linear.bias is not None else None
+        return F.linear(hidden.float(), weight, bias)
+
+
 def mlm_input_ids(backbones: Backbones, input_ids, masked):
     """[batch, n] content ids, [batch, n] bool -> [batch, n + 2] = [CLS] x~ [SEP]."""
     batch = input_ids.shape[0]

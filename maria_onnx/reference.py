@@ -11,7 +11,7 @@ from runtime.choose import Sampling
 from runtime.decode import Fill, infill, score
 
 from .backbones import Backbones
-from .model import FusionHead
+from .model import FusionHead, VocabularyHead
 
 
 class TorchBackend:
@@ -41,16 +41,14 @@ class TorchBackend:
     @torch.no_grad()
     def ar_logits(self, ar_hidden):
         """The AR's own LM head: [r, d_ar] -> [r, V] (fp32)."""
-        weight = self.backbones.ar.get_output_embeddings().weight[: self.backbones.vocab_size]
-        return torch.nn.functional.linear(self.tensor(ar_hidden).float(), weight.float()).cpu().numpy()
+        head = VocabularyHead(self.backbones.ar.get_output_embeddings(), self.backbones.vocab_size)
+        return head(self.tensor(ar_hidden)).cpu().numpy()
 
     @torch.no_grad()
     def mlm_logits(self, mlm_hidden):
         """The MLM's own decoder: [r, d_mlm] -> [r, V] (fp32)."""
-        decoder, vocab = self.backbones.mlm_decoder(), self.backbones.vocab_size
-        bias = decoder.bias[:vocab].float() if decoder.bias is not None else None
-        return torch.nn.functional.linear(self.tensor(mlm_hidden).float(), decoder.weight[:vocab].float(),
-                                          bias).cpu().numpy()
+        head = VocabularyHead(self.backbones.mlm_decoder(), self.backbones.vocab_size)
+        return head(self.tensor(mlm_hidden)).cpu().numpy()
 
     @torch.no_grad()
     def fuse(self, mlm_hidden, ar_hidden):
