@@ -87,13 +87,16 @@ def export_command(
     overwrite: bool = typer.Option(False, help="Replace an existing bundle at --out (only once the new one passed)."),
     baseline_heads: bool = typer.Option(True, help="Include the AR's LM head and the MLM's decoder (whole-text "
                                                    "scores, baselines); --no-baseline-heads for very large bundles."),
+    concat_decoder: bool = typer.Option(True, help="Include Optimum's decoder (ar_decoder.onnx) for --decoder "
+                                                   "concat beside the engine's step graph; --no-concat-decoder "
+                                                   "halves the AR's share of the bundle."),
 ):
-    """Export a trained checkpoint to a validated ONNX bundle (mlm, ar_decoder, fusion_head)."""
+    """Export a trained checkpoint to a validated ONNX bundle (mlm, ar_step, ar_decoder, fusion_head)."""
     from export.bundle import export_bundle
 
     try:
         export_bundle(checkpoint, out, dtype=dtype, int8=int8, opset=opset, overwrite=overwrite,
-                      baseline_heads=baseline_heads)
+                      baseline_heads=baseline_heads, concat_decoder=concat_decoder)
     except KeyboardInterrupt:
         fail(f"interrupted; nothing was written to {out} (a bundle already there is unchanged)", code=130)
 
@@ -189,6 +192,9 @@ def infill(
     num_samples: int = typer.Option(1, min=1, help="Results per input."),
     rerank: bool = typer.Option(False, "--rerank", help="Order each text's samples by the AR's whole-text score."),
     device: str = typer.Option("auto", help="auto | cuda | cuda:N (GPU N) | cpu"),
+    decoder: str = typer.Option("auto", help="engine (the KV cache written in place, texts joining as others "
+                                             "finish) | concat (Optimum's decoder, the cache copied each step) | "
+                                             "auto (the engine where the bundle has it)."),
 ):
     """Fill the masked tokens of each text with a MARIA bundle (no PyTorch needed). [MASK] is one token,
     [MASK:N] N tokens, [MASK:?] 1 to 8 and [MASK:a-b] a to b tokens (the model chooses the length)."""
@@ -201,7 +207,7 @@ def infill(
     lines = read_input(texts or [], input_file, input_format)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        infiller = Infiller(model, device=device)
+        infiller = Infiller(model, device=device, decoder=decoder)
     for warning in caught:
         typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
     name = "stdin" if input_file == "-" else input_file
@@ -393,6 +399,9 @@ def serve(
     api_key: Optional[str] = typer.Option(None, envvar="MARIA_API_KEY",
                                           help="Require 'Authorization: Bearer KEY' (health routes stay open)."),
     grace: float = typer.Option(30.0, min=0, help="Seconds in-flight requests get to finish on SIGTERM."),
+    decoder: str = typer.Option("auto", help="engine (the KV cache written in place, texts joining as others "
+                                             "finish) | concat (Optimum's decoder, the cache copied each step) | "
+                                             "auto (the engine where the bundle has it)."),
 ):
     """Serve a bundle over HTTP: the Open Inference Protocol (KServe v2 / Triton), /v1/infill and its SSE stream."""
     try:
@@ -412,7 +421,7 @@ def serve(
                              max_body_bytes=max_body_bytes, max_texts=max_texts, timeout_s=timeout, api_key=api_key)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        infiller = Infiller(model, device=device)
+        infiller = Infiller(model, device=device, decoder=decoder)
     for warning in caught:
         typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
     run_serve(infiller, settings, host=host, port=port, grace_s=grace)

@@ -28,6 +28,7 @@ from runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, GraphSpec, Manifest,
 
 from .graphs import (AR_FILE, AR_LM_HEAD_FILE, HEAD_FILE, MLM_DECODER_FILE, MLM_FILE, export_backbones,
                      export_baseline_heads, export_fusion_head)
+from .step import STEP_FILE, export_step
 from .validate import validate
 
 DEFAULT_OPSET = 17
@@ -141,10 +142,9 @@ def _optimize(path: Path) -> None:
 
 
 def _kv_shape(path: Path) -> tuple[int, int, int]:
-    """(layers, kv heads, head dim) read off the exported decoder's past_key_values inputs."""
-    inputs = [i for i in onnx.load(str(path), load_external_data=False).graph.input
-              if i.name.startswith("past_key_values.")]
-    dims = inputs[0].type.tensor_type.shape.dim
+    """(layers, kv heads, head dim) read off the step graph's cache inputs (values: [b, kv, C, head_dim])."""
+    inputs = [i for i in onnx.load(str(path), load_external_data=False).graph.input if i.name.startswith("cache.")]
+    dims = inputs[1].type.tensor_type.shape.dim
     return len(inputs) // 2, dims[1].dim_value, dims[3].dim_value
 
 
@@ -156,9 +156,11 @@ def _source(config) -> dict:
 
 
 def export_bundle(checkpoint, out, dtype: str = "fp32", int8: bool = False, opset: int = DEFAULT_OPSET,
-                  overwrite: bool = False, console: Console | None = None, baseline_heads: bool = True) -> Manifest:
+                  overwrite: bool = False, console: Console | None = None, baseline_heads: bool = True,
+                  concat_decoder: bool = True) -> Manifest:
     """Exports a trained checkpoint to a validated bundle at `out`; returns its manifest. baseline_heads adds the
-    AR's LM head and the MLM's decoder (ar_lm_head.onnx, mlm_decoder.onnx)."""
+    AR's LM head and the MLM's decoder (ar_lm_head.onnx, mlm_decoder.onnx); concat_decoder adds Optimum's decoder
+    (ar_decoder.onnx) for the concat path beside the engine's step graph (ar_step.onnx)."""
     if dtype not in ("fp32", "fp16"):
         raise ValueError(f"--dtype must be fp32 or fp16, got '{dtype}'")
     if int8 and dtype != "fp32":
@@ -172,7 +174,8 @@ def export_bundle(checkpoint, out, dtype: str = "fp32", int8: bool = False, opse
     try:
         with stage(console, f"loading checkpoint {checkpoint}"):
             backbones, head, config = load_maria(checkpoint)
-        manifest = _build(staging, backbones, head, config, dtype, variant, opset, console, baseline_heads)
+        manifest = _build(staging, backbones, head, config, dtype, variant, opset, console, baseline_heads,
+                          concat_decoder)
         _publish(staging, Path(out).resolve())
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -180,18 +183,22 @@ def export_bundle(checkpoint, out, dtype: str = "fp32", int8: bool = False, opse
     return manifest
 
 
-def _build(folder: Path, backbones, head, config, dtype, variant, opset, console, baseline_heads) -> Manifest:
+def _build(folder: Path, backbones, head, config, dtype, variant, opset, console, baseline_heads,
+           concat_decoder) -> Manifest:
     hidden_dtype = torch.float16 if dtype == "fp16" else torch.float32
-    with stage(console, "exporting mlm.onnx and ar_decoder.onnx with Optimum"):
-        specs = export_backbones(backbones, folder, opset)
+    with stage(console, f"exporting mlm.onnx{' and ar_decoder.onnx' if concat_decoder else ''} with Optimum"):
+        specs = export_backbones(backbones, folder, opset, concat_decoder)
+    with stage(console, "exporting ar_step.onnx (the KV cache written in place)"):
+        specs["ar_step"] = export_step(backbones.ar, folder, opset)
     with stage(console, "exporting fusion_head.onnx"):
         specs["fusion_head"] = export_fusion_head(head, folder, opset, hidden_dtype)
-    files = {"mlm": MLM_FILE, "ar_decoder": AR_FILE, "fusion_head": HEAD_FILE}
+    files = {"mlm": MLM_FILE, "ar_step": STEP_FILE, **({"ar_decoder": AR_FILE} if concat_decoder else {}),
+             "fusion_head": HEAD_FILE}
     if baseline_heads:
         with stage(console, "exporting the baseline heads (ar_lm_head.onnx, mlm_decoder.onnx)"):
             specs.update(export_baseline_heads(backbones, folder, opset, hidden_dtype))
         files.update(ar_lm_head=AR_LM_HEAD_FILE, mlm_decoder=MLM_DECODER_FILE)
-    for file in (MLM_FILE, AR_FILE):
+    for file in (MLM_FILE, STEP_FILE, *([AR_FILE] if concat_decoder else [])):
         if dtype == "fp16":
             with stage(console, f"converting {file} to fp16"):
                 _to_fp16(folder / file)
@@ -203,7 +210,7 @@ def _build(folder: Path, backbones, head, config, dtype, variant, opset, console
         for file in files.values():
             _optimize(folder / file)
     backbones.tokenizer.backend_tokenizer.save(str(folder / TOKENIZER_FILE))
-    layers, kv_heads, head_dim = _kv_shape(folder / AR_FILE)
+    layers, kv_heads, head_dim = _kv_shape(folder / STEP_FILE)
     manifest = Manifest(
         schema_version=SCHEMA_VERSION, dtype=dtype, quantization="int8-dynamic" if variant == "int8" else "none",
         opset=opset, mlm_hidden_size=config.mlm_hidden_size, ar_hidden_size=config.ar_hidden_size,

@@ -71,12 +71,14 @@ def ar_onnx_config(backbones: Backbones):
     return ArDecoderOnnxConfig(backbones.ar.config, task="feature-extraction", use_past=True, use_past_in_inputs=True)
 
 
-def export_backbones(backbones: Backbones, folder: Path, opset: int) -> dict:
-    """Writes mlm.onnx and ar_decoder.onnx (fp32) with Optimum; returns graph name -> (inputs, outputs)."""
+def export_backbones(backbones: Backbones, folder: Path, opset: int, concat_decoder: bool = True) -> dict:
+    """Writes mlm.onnx and (with concat_decoder) ar_decoder.onnx, fp32, with Optimum; returns graph name ->
+    (inputs, outputs)."""
     specs = {}
-    for name, file, module, config in (
-            ("mlm", MLM_FILE, MlmHidden(backbones).eval(), mlm_onnx_config(backbones)),
-            ("ar_decoder", AR_FILE, backbones.ar.base_model.eval(), ar_onnx_config(backbones))):
+    graphs = [("mlm", MLM_FILE, MlmHidden(backbones).eval(), mlm_onnx_config(backbones))]
+    if concat_decoder:
+        graphs.append(("ar_decoder", AR_FILE, backbones.ar.base_model.eval(), ar_onnx_config(backbones)))
+    for name, file, module, config in graphs:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             inputs, outputs = optimum_export(module, config, Path(folder) / file, opset=opset)

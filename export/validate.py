@@ -9,9 +9,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from maria_onnx.reference import TorchBackend
+from maria_onnx.reference import TorchBackend, reference_infill
 from runtime.backend import SpecialIds
-from runtime.decode import teacher_forced_logits
+from runtime.choose import Sampling
+from runtime.decode import sequence_rngs, teacher_forced_logits
+from runtime.engine import engine_infill
 
 # variant -> (relative bound on graph outputs and logits, least top-1 agreement of fills end to end)
 TOLERANCE = {"fp32": (1e-4, 1.0), "fp16": (3e-2, 0.95), "int8": (0.25, 0.8)}
@@ -68,8 +70,34 @@ def _check_ar(checks, onnx, torch_backend, rng, vocab, bound):
         full, _ = torch_backend.ar_step(np.concatenate(all_ids, 1), mask, np.concatenate(all_pos, 1),
                                         torch_backend.empty_past(batch))
         got, real = np.concatenate(steps, axis=1), np.concatenate(real, axis=1)
-        _compare(checks, "ar_decoder", "last_hidden_state",
+        _compare(checks, "ar_decoder" if onnx.ar is not None else "ar_step", "last_hidden_state",
                  f"batch {batch}, chunks {schedule} from an empty past", got[real], full[real], bound)
+
+
+def _check_step(checks, onnx, torch_backend, rng, vocab, bound):
+    """Ragged chunks per row through the slot cache, the first rows of 4 slots, the cache resized midway; each
+    row against one full pass over its own tokens."""
+    lengths = np.array([[5, 2, 7], [1, 1, 1], [3, 1, 1], [1, 2, 9]])
+    batch, cache = lengths.shape[1], onnx.new_cache(4, 8)
+    tokens = rng.integers(5, vocab, (batch, int(lengths.sum(0).max())))
+    cursor, got = np.zeros(batch, np.int64), [[] for _ in range(batch)]
+    for chunk in lengths:
+        width = int(chunk.max())
+        if int(cursor.max()) + width > cache.capacity:
+            cache.resize(int(cursor.max()) + width)
+        ids = np.full((batch, width), 1, np.int64)
+        for row in range(batch):
+            ids[row, : chunk[row]] = tokens[row, cursor[row]: cursor[row] + chunk[row]]
+        hidden = onnx.cache_step(ids, cursor[:, None] + np.arange(width)[None], cache)
+        for row in range(batch):
+            got[row].append(hidden[row, : chunk[row]])
+        cursor += chunk
+    for row in range(batch):
+        n = int(cursor[row])
+        full, _ = torch_backend.ar_step(tokens[row: row + 1, :n], np.ones((1, n), np.int64),
+                                        np.arange(n)[None], torch_backend.empty_past(1))
+        _compare(checks, "ar_step", "last_hidden_state", f"row {row} of 3 in 4 slots, chunks {lengths[:, row]}",
+                 np.concatenate(got[row]), full[0], bound)
 
 
 def _check_head(checks, onnx, torch_backend, rng, bound):
@@ -105,8 +133,12 @@ def _end_to_end(onnx, torch_backend, special: SpecialIds, rng, vocab, bound, agr
     top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
     finite = np.isfinite(want)
     diff = float(np.abs(got[finite] - want[finite]).max())
+    fills = [f.ids for f in engine_infill(onnx, ids, masked, special, Sampling(), 2, sequence_rngs(0, len(ids)))]
+    wanted = [f.ids for f in reference_infill(torch_backend.backbones, torch_backend.head, ids, masked)]
+    same = float(np.mean(np.concatenate([a[m] == b[m] for a, b, m in zip(fills, wanted, masked)])))
     return {"top1_agreement": top1, "least_top1_agreement": agreement, "max_abs_logit_diff": diff,
-            "tolerance": bound * max(1.0, float(np.abs(want[finite]).max())), "masked_tokens": int(len(want))}
+            "tolerance": bound * max(1.0, float(np.abs(want[finite]).max())), "masked_tokens": int(len(want)),
+            "engine_greedy_fill_agreement": same}
 
 
 def validate(onnx, backbones, head, special: SpecialIds, variant: str, seed: int = 0) -> dict:
@@ -118,6 +150,7 @@ def validate(onnx, backbones, head, special: SpecialIds, variant: str, seed: int
     checks = []
     _check_mlm(checks, onnx, torch_backend, rng, vocab, bound)
     _check_ar(checks, onnx, torch_backend, rng, vocab, bound)
+    _check_step(checks, onnx, torch_backend, rng, vocab, bound)
     _check_head(checks, onnx, torch_backend, rng, bound)
     if onnx.manifest.has_baseline_heads:
         _check_baseline_heads(checks, onnx, torch_backend, rng, bound)
@@ -129,6 +162,10 @@ def validate(onnx, backbones, head, special: SpecialIds, variant: str, seed: int
         if not check.max_abs_diff <= check.tolerance:
             raise ValidationError(f"{check.graph}.onnx output '{check.output}' differs from PyTorch by "
                                   f"{check.max_abs_diff:.3g} (tolerance {check.tolerance:.3g}) on {check.case}")
+    if not end_to_end["engine_greedy_fill_agreement"] >= agreement:
+        raise ValidationError(f"greedy fills through ar_step.onnx (the decode engine, 2 slots for 4 sequences) agree "
+                              f"with PyTorch on {end_to_end['engine_greedy_fill_agreement']:.3f} of the masked "
+                              f"tokens (least {agreement})")
     if not (end_to_end["top1_agreement"] >= agreement and end_to_end["max_abs_logit_diff"] <= end_to_end["tolerance"]):
         raise ValidationError(f"fusion_head.onnx output 'logits' end to end: top-1 agreement "
                               f"{end_to_end['top1_agreement']:.3f} (least {agreement}), largest difference "

@@ -61,3 +61,25 @@ class Backend(Protocol):
 
     def fuse(self, mlm_hidden: np.ndarray, ar_hidden: np.ndarray) -> np.ndarray:
         """mlm_hidden [r, d_mlm], ar_hidden [r, d_ar] -> the fusion head's logits [r, V] (fp32)."""
+
+
+class SlotBackend(Protocol):
+    """What the decode engine (runtime/engine.py) needs: the step graph over a KV cache of slots, written in place
+    (runtime/slots.py), beside the MLM pass and the fusion head of `Backend`.
+
+    Shapes: rows <= slots sequences (the cache's first rows slots), T new tokens per row, C cache positions.
+    """
+
+    def mlm_hidden(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """As in Backend."""
+
+    def new_cache(self, slots: int, capacity: int) -> Any:
+        """An empty cache of `slots` slots with `capacity` positions each (a runtime.slots.SlotCache)."""
+
+    def cache_step(self, input_ids: np.ndarray, position_ids: np.ndarray, cache: Any) -> np.ndarray:
+        """input_ids, position_ids [rows, T] (a row's tokens at its positions; right padding at positions the row
+        has not reached) -> the AR's last hidden state [rows, T, d_ar]; the chunk's keys and values are written
+        into the first rows slots of the cache at position_ids. A token sees the positions <= its own."""
+
+    def fuse(self, mlm_hidden: np.ndarray, ar_hidden: np.ndarray) -> np.ndarray:
+        """As in Backend."""

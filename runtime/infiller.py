@@ -1,15 +1,18 @@
 """Bundle -> fills, with onnxruntime, numpy and tokenizers only.
 
-`Infiller` loads a bundle's sessions and tokenizer once; each call runs the shared decode loop over a list of
-texts in batches (runtime/requests.py: span candidates, reranking, per-text seeds).
+`Infiller` loads a bundle's sessions and tokenizer once; each call fills a list of texts through the decode
+engine (runtime/engine.py: batch_size slots, texts joining as others finish), or with decoder="concat" through
+the batch loop over Optimum's decoder (runtime/decode.py); runtime/requests.py adds span candidates, reranking and
+per-text seeds.
 """
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from .choose import Sampling
-from .decode import Fill, infill, score
+from .decode import Fill, infill, score, sequence_rngs
 from .default_model import resolve_bundle
+from .engine import engine_infill
 from .manifest import load_manifest
 from .onnx_backend import OnnxBackend
 from .requests import FillRequest, Prepared, run_requests
@@ -17,13 +20,27 @@ from .results import Infilled
 from .text import MaskedText, encode_masked_text, span_candidates
 
 __all__ = ["FillRequest", "Infilled", "Infiller", "Prepared"]
+DECODERS = ("auto", "engine", "concat")
 
 
 class Infiller:
-    def __init__(self, bundle=None, device: str = "auto", io_binding: bool | None = None):
-        """bundle: a folder written by `maria export`; None for the default model shipped in the package."""
+    def __init__(self, bundle=None, device: str = "auto", io_binding: bool | None = None, decoder: str = "auto"):
+        """bundle: a folder written by `maria export`; None for the default model shipped in the package.
+        decoder: engine (ar_step.onnx, the KV cache written in place), concat (ar_decoder.onnx, today's path), or
+        auto: the engine where the bundle has it."""
+        if decoder not in DECODERS:
+            raise ValueError(f"--decoder must be one of {', '.join(DECODERS)}, got '{decoder}'")
         self.bundle = resolve_bundle(bundle)
         self.manifest = load_manifest(self.bundle)
+        graphs = self.manifest.graphs
+        if decoder == "auto":
+            decoder = "engine" if "ar_step" in graphs else "concat"
+        needed = {"engine": "ar_step", "concat": "ar_decoder"}[decoder]
+        if needed not in graphs:
+            raise ValueError(f"--decoder {decoder} needs {needed}.onnx, which this bundle lacks; re-export it with "
+                             f"`maria export`{' --concat-decoder' if decoder == 'concat' else ''}, or use "
+                             "--decoder auto")
+        self.decoder = decoder
         self.tokenizer = Tokenizer.from_file(str(self.bundle / self.manifest.tokenizer))
         self.backend = OnnxBackend(self.bundle, self.manifest, device=device, io_binding=io_binding)
         self.special = self.manifest.special_ids
@@ -41,7 +58,11 @@ class Infiller:
         """Fills content ids at masked positions; sequences without masked positions come back unchanged.
         rngs[i] draws sequence i's samples; by default one generator per sequence from (seed, i, 0)."""
         self._check_ids(ids, masked)
-        return infill(self.backend, ids, masked, self.special, sampling, batch_size, rngs, on_token)
+        if self.decoder == "concat":
+            return infill(self.backend, ids, masked, self.special, sampling, batch_size, rngs, on_token)
+        rngs = sequence_rngs(sampling.seed, len(ids)) if rngs is None else rngs
+        return engine_infill(self.backend, ids, masked, self.special, sampling, batch_size, rngs, on_token,
+                             reserve_full=self.device == "cuda")
 
     def score(self, ids, masked, batch_size: int = 8) -> list[float]:
         """Summed negative log-likelihood of the given tokens at the masked positions (teacher forced)."""

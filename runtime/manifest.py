@@ -2,8 +2,10 @@
 
 A bundle is one folder:
     mlm.onnx          input_ids, attention_mask [batch, seq] -> hidden_states [batch, seq, d_mlm]
-    ar_decoder.onnx   input_ids, attention_mask [batch, past + seq], position_ids, past_key_values.{i}.key/value
-                      -> last_hidden_state [batch, seq, d_ar], present.{i}.key/value
+    ar_step.onnx      input_ids, position_ids [batch, seq], cache.{i}.key/value (a KV cache of slots written in
+                      place) -> last_hidden_state [batch, seq, d_ar], cache_out.{i}.key/value (export/step.py)
+    ar_decoder.onnx   (optional, the concat decoder) input_ids, attention_mask [batch, past + seq], position_ids,
+                      past_key_values.{i}.key/value -> last_hidden_state [batch, seq, d_ar], present.{i}.key/value
     fusion_head.onnx  mlm_hidden [batch, d_mlm], ar_hidden [batch, d_ar] -> logits [batch, V] (fp32)
     tokenizer.json    the backbones' shared tokenizer
     maria.json        this manifest (with the sha256 of every other file)
@@ -18,10 +20,12 @@ from pathlib import Path
 
 from .backend import SpecialIds
 
-SCHEMA_VERSION = 2          # 2: the optional baseline heads
-READABLE_SCHEMAS = (1, 2)
+SCHEMA_VERSION = 3          # 2: the optional baseline heads; 3: the step graph, ar_decoder optional
+READABLE_SCHEMAS = (1, 2, 3)
 MANIFEST_NAME = "maria.json"
-GRAPHS = ("mlm", "ar_decoder", "fusion_head")
+GRAPHS = ("mlm", "fusion_head")
+AR_GRAPHS = ("ar_step", "ar_decoder")                   # at least one
+
 BASELINE_GRAPHS = ("ar_lm_head", "mlm_decoder")         # optional: ar_hidden / mlm_hidden -> logits over V
 DTYPES = ("fp32", "fp16")
 QUANTIZATIONS = ("none", "int8-dynamic")
@@ -102,10 +106,11 @@ class Manifest:
                              f"maria-onnx reads ({', '.join(map(str, READABLE_SCHEMAS))}); {REEXPORT}")
         graphs = {name: from_dict(GraphSpec, spec, f"{MANIFEST_NAME} graph '{name}'", REEXPORT)
                   for name, spec in manifest.graphs.items()}
-        if not set(GRAPHS) <= set(graphs) <= set(GRAPHS + BASELINE_GRAPHS) or \
+        if not set(GRAPHS) <= set(graphs) <= set(GRAPHS + AR_GRAPHS + BASELINE_GRAPHS) or \
+                not set(graphs) & set(AR_GRAPHS) or \
                 set(graphs) & set(BASELINE_GRAPHS) not in (set(), set(BASELINE_GRAPHS)):
-            raise ValueError(f"{MANIFEST_NAME} names graphs {sorted(graphs)}, expected {list(GRAPHS)} and "
-                             f"optionally both of {list(BASELINE_GRAPHS)}")
+            raise ValueError(f"{MANIFEST_NAME} names graphs {sorted(graphs)}, expected {list(GRAPHS)}, one or both "
+                             f"of {list(AR_GRAPHS)}, and optionally both of {list(BASELINE_GRAPHS)}")
         try:
             special = SpecialIds.from_dict(manifest.special_ids)
         except ValueError as error:

@@ -1,4 +1,10 @@
-"""The decode loop's `Backend` (runtime/backend.py) on ONNX Runtime: three sessions, created once per bundle.
+"""The decode loop's `Backend` and the engine's `SlotBackend` (runtime/backend.py) on ONNX Runtime: one session
+per graph, created once per bundle.
+
+The engine's step graph (ar_step.onnx) writes the KV cache in place (runtime/slots.py). Today's path, Optimum's
+ar_decoder.onnx, takes the cache as `past_key_values.*` and returns it grown by the chunk as `present.*`: the
+loop in runtime/decode.py, kept as `decoder="concat"`. A bundle without ar_decoder.onnx runs that loop on the step
+graph too (see `ar_step`).
 
 With io_binding (the default on CUDA), the KV cache lives in OrtValues on the device between steps: each
 step's `present.*` outputs are bound as the next step's `past_key_values.*` inputs, never copied to the host.
@@ -15,6 +21,7 @@ import onnxruntime as ort
 from .manifest import REEXPORT, Manifest
 from .device import gpu_index
 from .sessions import make_session, provider_name, providers_for
+from .slots import SlotCache, capacity_for
 
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
 ELEMENTS = {"fp32": "tensor(float)", "fp16": "tensor(float16)"}
@@ -39,8 +46,14 @@ def check_graphs(manifest: Manifest, sessions: dict) -> None:
                                   "logits": ("tensor(float)", {-1: m.vocab_size})}
         expected["mlm_decoder"] = {"mlm_hidden": (element, {-1: m.mlm_hidden_size}),
                                    "logits": ("tensor(float)", {-1: m.vocab_size})}
-    for name in (n for n in m.graph("ar_decoder").inputs if n.startswith("past_key_values.")):
-        expected["ar_decoder"][name] = (element, {1: m.num_key_value_heads, 3: m.head_dim})
+    if "ar_decoder" in m.graphs:
+        for name in (n for n in m.graph("ar_decoder").inputs if n.startswith("past_key_values.")):
+            expected["ar_decoder"][name] = (element, {1: m.num_key_value_heads, 3: m.head_dim})
+    if "ar_step" in m.graphs:
+        expected["ar_step"] = {"last_hidden_state": (element, {-1: m.ar_hidden_size})}
+        for name in (n for n in m.graph("ar_step").inputs if n.startswith("cache.")):
+            expected["ar_step"][name] = (element, {1: m.num_key_value_heads,
+                                                   2 if name.endswith(".key") else 3: m.head_dim})
     for graph, session in sessions.items():
         declared, spec = _declared(session), m.graph(graph)
         names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
@@ -54,10 +67,11 @@ def check_graphs(manifest: Manifest, sessions: dict) -> None:
             if found_kind != kind or wrong:
                 raise ValueError(f"{spec.file} '{tensor}' is {found_kind} {shape}, but the manifest describes "
                                  f"{kind} with sizes {dims} (axis: size); {REEXPORT}")
-    layers = sum(n.startswith("past_key_values.") for n in m.graph("ar_decoder").inputs) // 2
-    if layers != m.num_hidden_layers:
-        raise ValueError(f"ar_decoder has the KV cache of {layers} layers, but the manifest says "
-                         f"{m.num_hidden_layers}; {REEXPORT}")
+    for graph, prefix in (("ar_decoder", "past_key_values."), ("ar_step", "cache.")):
+        layers = sum(n.startswith(prefix) for n in m.graph(graph).inputs) // 2 if graph in m.graphs else None
+        if layers not in (None, m.num_hidden_layers):
+            raise ValueError(f"{graph} has the KV cache of {layers} layers, but the manifest says "
+                             f"{m.num_hidden_layers}; {REEXPORT}")
 
 
 class OnnxBackend:
@@ -68,21 +82,31 @@ class OnnxBackend:
                                 insist=device not in ("auto", "cpu"))
         if self.mlm.get_providers()[0] != provider_name(providers[0]):
             providers = ["CPUExecutionProvider"]   # after a CUDA fallback, the rest start on CPU directly
-        self.ar = make_session(Path(folder) / manifest.graph("ar_decoder").file, providers)
+        self.ar = self.step = None
+        if "ar_decoder" in manifest.graphs:
+            self.ar = make_session(Path(folder) / manifest.graph("ar_decoder").file, providers)
+        if "ar_step" in manifest.graphs:      # a scale fused into attention's MatMul makes ORT repack the keys
+            self.step = make_session(Path(folder) / manifest.graph("ar_step").file, providers,
+                                     disabled_optimizers=("MatMulScaleFusion",))
         self.head = make_session(Path(folder) / manifest.graph("fusion_head").file, providers)
         self.ar_lm_head = self.mlm_decoder = None
         if manifest.has_baseline_heads:
             self.ar_lm_head = make_session(Path(folder) / manifest.graph("ar_lm_head").file, providers)
             self.mlm_decoder = make_session(Path(folder) / manifest.graph("mlm_decoder").file, providers)
-        check_graphs(manifest, {"mlm": self.mlm, "ar_decoder": self.ar, "fusion_head": self.head,
-                                **({"ar_lm_head": self.ar_lm_head, "mlm_decoder": self.mlm_decoder}
-                                   if manifest.has_baseline_heads else {})})
+        sessions = {"mlm": self.mlm, "ar_decoder": self.ar, "ar_step": self.step, "fusion_head": self.head,
+                    "ar_lm_head": self.ar_lm_head, "mlm_decoder": self.mlm_decoder}
+        check_graphs(manifest, {name: session for name, session in sessions.items() if session is not None})
         self.device = "cuda" if provider_name(providers[0]) == "CUDAExecutionProvider" else "cpu"
         self.device_id = gpu_index(device) if self.device == "cuda" else 0
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
         self.dtype = DTYPES[manifest.dtype]
-        self.past_names = [n for n in manifest.graph("ar_decoder").inputs if n.startswith("past_key_values.")]
-        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        if self.ar is not None:
+            self.past_names = [n for n in manifest.graph("ar_decoder").inputs if n.startswith("past_key_values.")]
+            self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        if self.step is not None:
+            self.cache_names = (manifest.graph("ar_step").inputs[2:], manifest.graph("ar_step").outputs[1:])
+        self._binding = (None, None)         # the step's IOBinding, kept while its cache buffers stay the same
+        self.cache_in_ortvalues = self.device != "cpu"
 
     def _run(self, session, feeds: dict, device_outputs=()) -> dict:
         """Runs a session. Outputs named in device_outputs come back as OrtValues left where the session put
@@ -108,16 +132,49 @@ class OnnxBackend:
     def mlm_hidden(self, input_ids, attention_mask):
         return self._run(self.mlm, {"input_ids": input_ids, "attention_mask": attention_mask})["hidden_states"]
 
-    def empty_past(self, batch: int) -> dict:
+    def empty_past(self, batch: int):
+        if self.ar is None:
+            return self.new_cache(batch, 0)
         m = self.manifest
         empty = np.zeros((batch, m.num_key_value_heads, 0, m.head_dim), dtype=self.dtype)
         return {name: empty for name in self.past_names}
 
     def ar_step(self, input_ids, attention_mask, position_ids, past):
+        """Backend.ar_step. Without ar_decoder.onnx, on the step graph: position p's keys and values go to slot
+        position p, so attention_mask is not read; that is the same attention wherever a row's padding sits at
+        positions it has not reached yet (right padding, as every caller in the runtime feeds)."""
+        if self.ar is None:
+            needed = int(position_ids.max()) + 1
+            if needed > past.capacity:
+                past.resize(capacity_for(needed))
+            return self.cache_step(input_ids, position_ids, past), past
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **past}
         outputs = self._run(self.ar, feeds, device_outputs=self.present_names)
         past = {p: outputs[q] for p, q in zip(self.past_names, self.present_names)}
         return outputs["last_hidden_state"], past
+
+    def new_cache(self, slots: int, capacity: int) -> SlotCache:
+        m = self.manifest
+        if self.step is None:
+            raise ValueError("this bundle has no ar_step.onnx (exported before the decode engine); re-export it "
+                             "with `maria export`, or use the concat decoder")
+        return SlotCache(m.num_hidden_layers, m.num_key_value_heads, m.head_dim, self.dtype, slots, capacity,
+                         self.device, self.device_id, self.cache_in_ortvalues)
+
+    def cache_step(self, input_ids, position_ids, cache: SlotCache):
+        key = (id(cache), tuple(cache.pointer(i) for i in range(len(cache.buffers))), len(input_ids),
+               cache.capacity)
+        if self._binding[0] != key:
+            binding = self.step.io_binding()
+            binding.bind_output("last_hidden_state", "cpu")
+            cache.bind(binding, *self.cache_names, len(input_ids))
+            self._binding = (key, binding)
+        binding = self._binding[1]
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        binding.bind_output("last_hidden_state", "cpu")
+        self.step.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
 
     def fuse(self, mlm_hidden, ar_hidden):
         feeds = {"mlm_hidden": np.ascontiguousarray(mlm_hidden, dtype=self.dtype),

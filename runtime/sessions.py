@@ -72,13 +72,15 @@ def provider_name(provider) -> str:
     return provider if isinstance(provider, str) else provider[0]
 
 
-def make_session(path: Path, providers: list, insist: bool = False) -> ort.InferenceSession:
+def make_session(path: Path, providers: list, insist: bool = False,
+                 disabled_optimizers: tuple = ()) -> ort.InferenceSession:
     """One session on the first provider that loads. Where CUDA cannot load (no driver, no GPU), falls back to
     CPU with one warning, or fails if the user insisted on CUDA."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    session = ort.InferenceSession(str(path), sess_options=options, providers=providers,
+                                   disabled_optimizers=list(disabled_optimizers))
     wanted, got = provider_name(providers[0]), session.get_providers()[0]
     if wanted != got:
         if insist:

@@ -12,7 +12,7 @@ from tiny import make_pair, write_corpus  # noqa: E402
 def pairs(tmp_path_factory):
     """ar_type -> (mlm_dir, ar_dir) of tiny random backbones, built once per session."""
     root = tmp_path_factory.mktemp("backbones")
-    return {ar_type: make_pair(root, ar_type) for ar_type in ("olmo", "olmo2", "llama")}
+    return {ar_type: make_pair(root, ar_type) for ar_type in ("olmo", "olmo2", "llama", "qwen2")}
 
 
 @pytest.fixture(scope="session")

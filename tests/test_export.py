@@ -25,10 +25,11 @@ def session(folder, name):
 @pytest.mark.parametrize("ar_type", AR_TYPES)
 def test_validation_report_is_within_tolerance(bundles, ar_type):
     report = json.loads((bundles[ar_type] / "validation.json").read_text())
-    assert {c["graph"] for c in report["checks"]} == {"mlm", "ar_decoder", "fusion_head", "ar_lm_head",
+    assert {c["graph"] for c in report["checks"]} == {"mlm", "ar_decoder", "ar_step", "fusion_head", "ar_lm_head",
                                                       "mlm_decoder"}
     assert all(c["max_abs_diff"] <= c["tolerance"] <= 1e-3 for c in report["checks"])
     assert report["end_to_end"]["top1_agreement"] == 1.0
+    assert report["end_to_end"]["engine_greedy_fill_agreement"] == 1.0
 
 
 @pytest.mark.parametrize("ar_type", AR_TYPES)
@@ -91,14 +92,14 @@ def test_manifest_round_trips_and_describes_the_graphs(bundles, checkpoints):
     assert manifest.num_key_value_heads == backbones.ar.config.num_key_value_heads == 2    # grouped-query
     assert manifest.num_hidden_layers == 2 and manifest.vocab_size == backbones.vocab_size
     assert manifest.special_ids.mask == backbones.special.mask
-    for name in ("mlm", "ar_decoder", "fusion_head", "ar_lm_head", "mlm_decoder"):
+    for name in ("mlm", "ar_decoder", "ar_step", "fusion_head", "ar_lm_head", "mlm_decoder"):
         spec = manifest.graph(name)
         graph = session(folder, spec.file)
         assert [i.name for i in graph.get_inputs()] == spec.inputs
         assert [o.name for o in graph.get_outputs()] == spec.outputs
     assert manifest.graph("ar_decoder").outputs[0] == "last_hidden_state"
-    assert set(manifest.files) == {"mlm.onnx", "ar_decoder.onnx", "fusion_head.onnx", "ar_lm_head.onnx",
-                                   "mlm_decoder.onnx", "tokenizer.json", "validation.json"}
+    assert set(manifest.files) == {"mlm.onnx", "ar_decoder.onnx", "ar_step.onnx", "fusion_head.onnx",
+                                   "ar_lm_head.onnx", "mlm_decoder.onnx", "tokenizer.json", "validation.json"}
     assert set(manifest.source["versions"]) >= {"torch", "transformers", "onnx", "optimum-onnx"}
 
 
@@ -181,8 +182,8 @@ def test_graphs_with_external_weights_export_and_load(checkpoints, tmp_path, mon
     from runtime.infiller import Infiller
     export_backbones = bundle_module.export_backbones
 
-    def as_if_large(backbones, folder, opset):
-        specs = export_backbones(backbones, folder, opset)
+    def as_if_large(backbones, folder, opset, concat_decoder):
+        specs = export_backbones(backbones, folder, opset, concat_decoder)
         for name in ("mlm.onnx", "ar_decoder.onnx"):
             onnx.save(onnx.load(str(folder / name)), str(folder / name), save_as_external_data=True,
                       all_tensors_to_one_file=True, location=name + "_data", size_threshold=0)

@@ -51,7 +51,8 @@ def test_greedy_fills_and_logprobs_match_the_reference(pair):
 
 def test_io_binding_gives_the_same_fills_and_keeps_the_cache_in_ortvalues(pair, bundles):
     infiller, backbones, _ = pair
-    bound = Infiller(infiller.bundle, device="cpu", io_binding=True)
+    infiller = Infiller(infiller.bundle, device="cpu", decoder="concat")
+    bound = Infiller(infiller.bundle, device="cpu", io_binding=True, decoder="concat")
     seen = []
     step = bound.backend.ar_step
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 from transformers import (AutoModelForCausalLM, LlamaConfig, ModernBertConfig, ModernBertForMaskedLM, OlmoConfig,
-                          Olmo2Config)
+                          Olmo2Config, Qwen2Config)
 
 from tools.pretrain import save_tokenizer, train_tokenizer
 WORDS = ("the a an of to in is was for on with as by at from raise return import class function value list "
@@ -32,6 +32,8 @@ def ar_config(ar_type: str, vocab_size: int, eos: int, pad: int):
         return Olmo2Config(**common)
     if ar_type == "llama":
         return LlamaConfig(num_key_value_heads=2, **common)     # grouped-query attention
+    if ar_type == "qwen2":
+        return Qwen2Config(num_key_value_heads=2, **common)     # grouped-query attention, q/k/v biases
     raise ValueError(ar_type)
 
 

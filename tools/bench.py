@@ -2,7 +2,9 @@
 in one process, repetitions interleaved after a warm-up (the paper's Figure 3, at a 0.5 masking rate).
 
 Systems:
-    onnx-cpu / onnx-cuda   the runtime (IO binding on CUDA)
+    onnx-cpu / onnx-cuda   the runtime's decode engine (ar_step.onnx: the KV cache written in place)
+    onnx-*-concat          the runtime's concat decoder (Optimum's ar_decoder.onnx: the cache copied each step),
+                           where the bundle has it
     pytorch                the PyTorch reference: eager, with the AR's KV cache
     mlm-ar                 the MLM decoded autoregressively: left to right, the MLM re-run after every fill
 """
@@ -42,10 +44,12 @@ def _systems(bundle: Path, checkpoint: Path, device: str, mlm_ar: bool, dtype: s
     systems = {}
     onnx_devices = ["cpu"] if device == "cpu" else (["cuda"] if device == "cuda" else
                                                     (["cpu", "cuda"] if cuda_missing() is None else ["cpu"]))
+    graphs = load_manifest(bundle).graphs
     for onnx_device in onnx_devices:
-        infiller = Infiller(bundle, device=onnx_device)
-        systems[f"onnx-{infiller.device}"] = (
-            lambda ids, masked, infiller=infiller: infiller.fill_ids(ids, masked, batch_size=len(ids)))
+        for decoder in [d for d, graph in (("engine", "ar_step"), ("concat", "ar_decoder")) if graph in graphs]:
+            infiller = Infiller(bundle, device=onnx_device, decoder=decoder)
+            name = f"onnx-{infiller.device}" + ("-concat" if decoder == "concat" else "")
+            systems[name] = lambda ids, masked, infiller=infiller: infiller.fill_ids(ids, masked, batch_size=len(ids))
     systems["pytorch"] = lambda ids, masked: reference_infill(backbones, head, ids, masked, Sampling(), len(ids))
     if mlm_ar:
         systems["mlm-ar"] = lambda ids, masked: mlm_autoregressive(backbones, ids, masked)

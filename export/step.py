@@ -1,0 +1,134 @@
+"""The AR step graph over a preallocated KV cache (ar_step.onnx), exported from the Hugging Face model itself.
+
+    input_ids     [b, T]          the chunk of each row, right-padded
+    position_ids  [b, T]          each token's position in its sequence, which is also its slot in the cache
+    cache.N.key / cache.N.value   [b, kv_heads, C, head_dim]: the cache of layer N, C positions per row
+ -> last_hidden_state [b, T, d_ar], and cache_out.N.key / cache_out.N.value: the same buffers with the chunk's
+    keys and values written at position_ids (ScatterElements)
+
+The runtime binds cache_out.* to the very memory of cache.*, and ONNX Runtime's scatter skips its copy when input
+and output are one buffer: the cache is written in place and never copied. Attention reads the whole buffer and
+masks what a query may not see: key j is visible to the token at position p when j <= p, so each row reads its own
+history (slots past a row's length hold stale values and stay masked), and no attention mask is fed. The
+decoder layers, norms and rotary embeddings are the model's own modules; only the cache and the attention function
+are ours, so every family whose layers take (position_embeddings, past_key_values) exports through one path.
+"""
+
+from pathlib import Path
+
+import torch
+from transformers import AttentionInterface
+
+STEP_FILE = "ar_step.onnx"
+ATTENTION = "maria_slots"
+
+
+class SlotCache:
+    """The Hugging Face Cache interface over given buffers: update() scatters the chunk at position_ids. Keys are
+    kept transposed, [b, kv, head_dim, C], so attention multiplies by them without transposing the buffer."""
+
+    def __init__(self, buffers: list, position_ids: torch.Tensor, kv_heads: int, head_dim: int):
+        self.buffers = list(buffers)
+        batch, width = position_ids.shape
+        self.value_index = position_ids[:, None, :, None].expand(batch, kv_heads, width, head_dim)
+        self.key_index = position_ids[:, None, None, :].expand(batch, kv_heads, head_dim, width)
+
+    def update(self, key, value, layer_idx: int, cache_kwargs=None):
+        keys, values = 2 * layer_idx, 2 * layer_idx + 1
+        self.buffers[keys] = self.buffers[keys].scatter(3, self.key_index, key.transpose(2, 3).to(
+            self.buffers[keys].dtype))
+        self.buffers[values] = self.buffers[values].scatter(2, self.value_index, value.to(self.buffers[values].dtype))
+        return self.buffers[keys], self.buffers[values]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+def slot_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Eager attention without repeating the shared key/value heads: the query heads of one group are folded
+    into its rows. query [b, h, T, d], key [b, kv, d, C], value [b, kv, C, d], attention_mask [b, 1, T, C]
+    additive (already repeated for the groups, see ArStep)."""
+    groups = module.num_key_value_groups
+    if groups > 1:
+        batch, heads, width, dim = query.shape
+        query = query.reshape(batch, heads // groups, groups * width, dim)
+    scores = torch.matmul(query * scaling, key)
+    weights = torch.softmax(scores + attention_mask, dim=-1, dtype=torch.float32).to(query.dtype)
+    output = torch.matmul(weights, value)
+    if groups > 1:
+        output = output.reshape(batch, heads, width, dim)
+    return output.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, slot_attention)
+
+
+def _sliding_window(config) -> int | None:
+    """The window a model's attention is limited to, where one applies (Mistral, Qwen2 with use_sliding_window)."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or (hasattr(config, "use_sliding_window") and not config.use_sliding_window):
+        return None
+    return window if window < config.max_position_embeddings else None
+
+
+class ArStep(torch.nn.Module):
+    """The AR base model (embeddings, decoder layers, final norm) as one step over the slot cache."""
+
+    def __init__(self, base_model):
+        super().__init__()
+        if _sliding_window(base_model.config) is not None:
+            raise ValueError(f"the AR uses sliding-window attention (window {base_model.config.sliding_window}); "
+                             "the step graph supports full attention only")
+        self.base = base_model
+        config = base_model.config
+        self.kv_heads = config.num_key_value_heads or config.num_attention_heads
+        self.groups = config.num_attention_heads // self.kv_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    def forward(self, input_ids, position_ids, *cache):
+        base = self.base
+        hidden = base.embed_tokens(input_ids)
+        slots = torch.arange(cache[1].shape[2], device=input_ids.device)
+        visible = slots[None, None, :] <= position_ids[:, :, None]                   # [b, T, C]
+        mask = torch.zeros(visible.shape, dtype=hidden.dtype, device=hidden.device)
+        mask = mask.masked_fill(~visible, torch.finfo(hidden.dtype).min)[:, None]     # [b, 1, T, C]
+        if self.groups > 1:                                                            # [b, 1, groups * T, C]
+            mask = mask[:, :, None].expand(-1, -1, self.groups, -1, -1).flatten(2, 3)
+        position_embeddings = base.rotary_emb(hidden, position_ids)
+        slot_cache = SlotCache(cache, position_ids, self.kv_heads, self.head_dim)
+        for layer in base.layers:
+            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=slot_cache,
+                           position_embeddings=position_embeddings)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        return (base.norm(hidden), *slot_cache.buffers)
+
+
+def step_names(layers: int) -> tuple[list[str], list[str]]:
+    """The step graph's input and output names."""
+    cache = [f"cache.{n}.{kind}" for n in range(layers) for kind in ("key", "value")]
+    return (["input_ids", "position_ids", *cache],
+            ["last_hidden_state", *[name.replace("cache.", "cache_out.") for name in cache]])
+
+
+def export_step(ar_model, folder: Path, opset: int) -> tuple[list[str], list[str]]:
+    """Writes ar_step.onnx (fp32) from the AR's base model; returns (inputs, outputs)."""
+    base = ar_model.base_model
+    config = base.config
+    layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    inputs, outputs = step_names(layers)
+    cache = [torch.zeros(2, kv_heads, *((head_dim, 8) if n % 2 == 0 else (8, head_dim))) for n in range(2 * layers)]
+    example = (torch.tensor([[5, 6, 7], [8, 9, 1]]), torch.tensor([[0, 1, 2], [0, 1, 2]]), *cache)
+    dynamic = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+               "position_ids": {0: "batch_size", 1: "sequence_length"},
+               "last_hidden_state": {0: "batch_size", 1: "sequence_length"},
+               **{name: {0: "batch_size", 3 if name.endswith("key") else 2: "capacity"} for name in inputs[2:] + outputs[1:]}}
+    previous = config._attn_implementation
+    config._attn_implementation = ATTENTION
+    try:
+        with torch.no_grad():
+            torch.onnx.export(ArStep(base).eval(), example, str(Path(folder) / STEP_FILE), input_names=inputs,
+                              output_names=outputs, dynamic_axes=dynamic, opset_version=opset, dynamo=False)
+    finally:
+        config._attn_implementation = previous
+    return inputs, outputs

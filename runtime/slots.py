@@ -1,0 +1,82 @@
+"""The KV cache of the step graph (ar_step.onnx): one preallocated buffer per layer for keys and one for values,
+a row (slot) per sequence, written in place by the graph and never copied between steps.
+
+    keys   [slots, kv_heads, head_dim, capacity]   (transposed: attention multiplies by them as they lie)
+    values [slots, kv_heads, capacity, head_dim]
+
+Position p of a sequence lives at index p of its slot. A step over the first `rows` slots binds each buffer's
+first rows (a contiguous prefix) as both the graph's cache.* input and its cache_out.* output, so ONNX Runtime's
+scatter writes the new keys and values into the buffer itself. On CUDA the buffers are device memory that no step
+copies to the host. `resize` changes the capacity of every slot, keeping what each holds (the one copy, made when
+the longest sequence outgrows the buffer, amortized over many steps by growing in blocks).
+"""
+
+import numpy as np
+import onnxruntime as ort
+
+
+def capacity_for(positions: int) -> int:
+    """A capacity that holds `positions`, rounded up to a block of 1/16 to 1/8 of it (at least 16): a resize every
+    so many positions, and attention reads at most 1/8 more than it needs."""
+    block = max(16, 1 << max(0, positions.bit_length() - 4))
+    return -(-positions // block) * block
+
+
+class SlotCache:
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype, slots: int, capacity: int,
+                 device: str = "cpu", device_id: int = 0, ortvalues: bool | None = None):
+        """ortvalues: the buffers are OrtValues (device memory; the default off the CPU) rather than numpy
+        arrays (CPU memory numpy can resize in place)."""
+        self.layers, self.kv_heads, self.head_dim, self.dtype = layers, kv_heads, head_dim, np.dtype(dtype)
+        self.slots, self.device, self.device_id = slots, device, device_id
+        self.ortvalues = device != "cpu" if ortvalues is None else ortvalues
+        self.capacity, self.buffers = 0, []
+        self.resize(capacity)
+
+    def shapes(self, rows: int, capacity: int) -> list[tuple]:
+        """The shape of every buffer (key, value per layer) over `rows` slots."""
+        key, value = (rows, self.kv_heads, self.head_dim, capacity), (rows, self.kv_heads, capacity, self.head_dim)
+        return [key, value] * self.layers
+
+    def resize(self, capacity: int) -> None:
+        """Every slot gets `capacity` positions; the first min(old, new) of each are kept."""
+        if capacity == self.capacity:
+            return
+        keep = min(capacity, self.capacity)
+        fresh = []
+        for index, shape in enumerate(self.shapes(self.slots, capacity)):
+            axis = 3 if index % 2 == 0 else 2                   # keys: positions last; values: third
+            if not self.ortvalues:
+                buffer = np.zeros(shape, dtype=self.dtype)
+                if keep:
+                    _copy_prefix(buffer, self.buffers[index], axis, keep)
+            else:                   # device memory, zeroed (masked positions must hold finite values: 0 x NaN is
+                host = np.zeros(shape, dtype=self.dtype)        # NaN); resized through the host, once per resize
+                if keep:
+                    _copy_prefix(host, self.buffers[index].numpy(), axis, keep)
+                buffer = ort.OrtValue.ortvalue_from_numpy(host, self.device, self.device_id)
+            fresh.append(buffer)
+        self.buffers, self.capacity = fresh, capacity
+
+    def pointer(self, index: int) -> int:
+        buffer = self.buffers[index]
+        return buffer.data_ptr() if self.ortvalues else buffer.ctypes.data
+
+    def bind(self, binding: ort.IOBinding, inputs: list[str], outputs: list[str], rows: int) -> None:
+        """Binds the first `rows` slots of every buffer as both input and output of one step."""
+        for index, (name, out, shape) in enumerate(zip(inputs, outputs, self.shapes(rows, self.capacity))):
+            pointer = self.pointer(index)
+            binding.bind_input(name, self.device, self.device_id, self.dtype, list(shape), pointer)
+            binding.bind_output(out, self.device, self.device_id, self.dtype, list(shape), pointer)
+
+    def read(self, index: int) -> np.ndarray:
+        """A copy of one buffer on the host (for tests and inspection)."""
+        buffer = self.buffers[index]
+        return np.array(buffer.numpy() if self.ortvalues else buffer)
+
+
+def _copy_prefix(target: np.ndarray, source: np.ndarray, axis: int, keep: int) -> None:
+    """target[..., :keep along axis] = source[..., :keep along axis]."""
+    index = [slice(None)] * 4
+    index[axis] = slice(0, keep)
+    target[tuple(index)] = source[tuple(index)]
