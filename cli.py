@@ -327,15 +327,20 @@ def bench_serve(
     stagger_ms: float = typer.Option(10.0, min=0, help="Each client starts this long after the last."),
     repeats: int = typer.Option(1, min=1, help="Runs per setting, interleaved."),
     device: str = typer.Option("cpu", help="auto | cuda | cpu"),
+    decoders: str = typer.Option("auto", help="Server --decoder settings to compare: engine (continuous batching), "
+                                              "concat (batch at a time), auto."),
 ):
     """Load on a real `maria serve`: throughput, p50/p99 latency and batch sizes, with and without batching."""
     from runtime.device import check_device
     from tools.bench_serve import bench_serve as run_bench_serve
 
     check_device(device)
+    chosen = [d.strip() for d in decoders.split(",") if d.strip()]
+    if not chosen or set(chosen) - {"auto", "engine", "concat"}:
+        raise ValueError(f"--decoders takes a comma-separated list of auto, engine, concat; got '{decoders}'")
     run_bench_serve(out, model=model, clients=clients, requests=requests,
                     max_batch_sizes=int_list(max_batch_sizes, "--max-batch-sizes"), delay_ms=delay_ms,
-                    stagger_ms=stagger_ms, repeats=repeats, device=device)
+                    stagger_ms=stagger_ms, repeats=repeats, device=device, decoders=chosen)
 
 
 @app.command("eval")

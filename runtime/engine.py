@@ -60,6 +60,7 @@ class Engine:
     active: dict = field(default_factory=dict)          # slot -> Sequence
     cache: object = None
     steps: int = 0
+    last_batch: int = 0               # sequences in the last step
 
     def submit(self, ids, masked, sampling: Sampling = Sampling(), rng: np.random.Generator | None = None,
                on_token: Callable | None = None) -> Sequence:
@@ -106,6 +107,7 @@ class Engine:
     def step(self) -> list[Sequence]:
         """One AR step for every sequence in a slot; returns the sequences finished by it."""
         self._admit()
+        self.last_batch = len(self.active)
         if not self.active:
             return []
         ends = {slot: s.chunk_end for slot, s in self.active.items()}

@@ -48,7 +48,7 @@ class FillRequest:
         return text if self.indices is None else self.indices[text]
 
 
-def _rows(requests: list[FillRequest], numbers: list[int]) -> list[tuple]:
+def request_rows(requests: list[FillRequest], numbers: list[int]) -> list[tuple]:
     """(request, text, sample, candidate, generator) for every decode row of these requests."""
     rows = []
     for number in numbers:
@@ -62,18 +62,32 @@ def _rows(requests: list[FillRequest], numbers: list[int]) -> list[tuple]:
     return rows
 
 
+def row_encoding(requests: list[FillRequest], row: tuple) -> MaskedText:
+    number, text, _, candidate, _ = row
+    return requests[number].texts[text].candidates[candidate][1]
+
+
+def empty_results(requests: list[FillRequest]) -> list:
+    return [[[None] * r.num_samples for _ in r.texts] for r in requests]
+
+
+def flat_results(results: list) -> list[list[Infilled]]:
+    """Per request, its results: num_samples per text, text-major."""
+    return [[result for samples in texts for result in samples] for texts in results]
+
+
 def run_requests(infiller, requests: list[FillRequest], batch_size: int | None = None,
                  on_token=None) -> list[list[Infilled]]:
     """Per request, its results: num_samples per text, text-major (reranked where asked).
     on_token(request, text, sample, position, token, logprob) hears each fill of the fixed-marker texts."""
-    results = [[[None] * r.num_samples for _ in r.texts] for r in requests]
+    results = empty_results(requests)
     groups = {}
     for number, request in enumerate(requests):
         groups.setdefault((request.sampling.temperature, request.sampling.top_k, request.sampling.top_p),
                           []).append(number)
     for numbers in groups.values():
-        rows = _rows(requests, numbers)
-        encoded: list[MaskedText] = [requests[n].texts[t].candidates[c][1] for n, t, _, c, _ in rows]
+        rows = request_rows(requests, numbers)
+        encoded: list[MaskedText] = [row_encoding(requests, row) for row in rows]
 
         def hear(row, *fill):
             number, text, sample, _, _ = rows[row]
@@ -83,13 +97,20 @@ def run_requests(infiller, requests: list[FillRequest], batch_size: int | None =
         fills = infiller.fill_ids([e.ids for e in encoded], [e.masked for e in encoded],
                                   requests[numbers[0]].sampling, batch_size=batch_size or max(1, len(rows)),
                                   rngs=[row[-1] for row in rows], on_token=hear if on_token else None)
-        filled = {}
-        for (number, text, sample, candidate, _), e, fill in zip(rows, encoded, fills):
-            prepared = requests[number].texts[text]
-            filled.setdefault((number, text, sample), []).append(build_result(infiller.tokenizer, prepared.text,
-                                                                              e, fill))
-        _choose(infiller, requests, filled, results)
-    return [[result for samples in texts for result in samples] for texts in results]
+        collect(infiller, requests, rows, fills, results)
+    return flat_results(results)
+
+
+def collect(infiller, requests: list[FillRequest], rows: list[tuple], fills: list, results: list) -> None:
+    """Puts each row's fill into results[request][text][sample]: the best candidate of span texts, samples
+    reranked where asked."""
+    filled = {}
+    for row, fill in zip(rows, fills):
+        number, text, sample, _, _ = row
+        prepared = requests[number].texts[text]
+        filled.setdefault((number, text, sample), []).append(build_result(infiller.tokenizer, prepared.text,
+                                                                          row_encoding(requests, row), fill))
+    _choose(infiller, requests, filled, results)
 
 
 def _choose(infiller, requests, filled: dict, results) -> None:

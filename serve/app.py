@@ -1,5 +1,6 @@
 """`maria serve`: MARIA over HTTP. The Open Inference Protocol (KServe v2, as Triton speaks it, binary tensor data
-included), a plain JSON route and a server-sent-event stream, all fed to one dynamic batcher.
+included), a plain JSON route and a server-sent-event stream, all fed to one batcher: continuous batching through
+the decode engine (serve/continuous.py), or batch at a time with --decoder concat (serve/batcher.py).
 
     GET  /v2/health/live  /v2/health/ready  /v2  /v2/models/{name}  /v2/models/{name}/ready
     POST /v2/models/{name}/infer       OIP: text (BYTES) -> text, result (BYTES)
@@ -27,6 +28,7 @@ from runtime.choose import Sampling
 from runtime.infiller import FillRequest
 
 from .batcher import Batcher, Job, QueueFull
+from .continuous import ContinuousBatcher
 from .metrics import Metrics
 from .protocol import BadRequest, InferRequest, infer_response, metadata, parse_infer
 
@@ -75,12 +77,17 @@ def sampling_of(settings: dict) -> tuple[Sampling, int, bool]:
 
 
 class Server:
-    """The routes, over one Infiller and one Batcher."""
+    """The routes, over one Infiller and its batcher: continuous (the decode engine) or, with the concat decoder,
+    batch at a time."""
 
     def __init__(self, infiller, settings: ServeSettings):
         self.infiller, self.settings, self.metrics = infiller, settings, Metrics()
-        self.batcher = Batcher(infiller, settings.max_batch_size, settings.max_batch_delay_ms / 1000,
-                               settings.max_queue, self.metrics.batch_size.observe)
+        if infiller.decoder == "engine":
+            self.batcher = ContinuousBatcher(infiller, settings.max_batch_size, settings.max_queue,
+                                             self.metrics.batch_size.observe)
+        else:
+            self.batcher = Batcher(infiller, settings.max_batch_size, settings.max_batch_delay_ms / 1000,
+                                   settings.max_queue, self.metrics.batch_size.observe)
 
     async def body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")

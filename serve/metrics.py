@@ -14,7 +14,7 @@ class Metrics:
         self.requests = Counter("maria_requests", "HTTP requests by route and status code", ["route", "status"],
                                 registry=r)
         self.queue_depth = Gauge("maria_queue_depth", "Requests waiting for the decode worker", registry=r)
-        self.batch_size = Histogram("maria_batch_size", "Texts (times samples) per decode batch", registry=r,
+        self.batch_size = Histogram("maria_batch_size", "Decode rows (texts x samples x span candidates) per batch or engine step", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         self.latency = Histogram("maria_request_latency_seconds", "Time from request to response, by route",
                                  ["route"], registry=r,

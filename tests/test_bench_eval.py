@@ -26,7 +26,8 @@ def test_bench_writes_json_and_png(checkpoints, bundles, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "bench.json").read_text())
     systems = {(r["system"], r["length"], r["batch"]) for r in report["results"]}
-    assert systems == {(s, n, b) for s in ("onnx-cpu", "pytorch", "mlm-ar") for n in (8, 24) for b in (1, 2)}
+    assert systems == {(s, n, b) for s in ("onnx-cpu", "onnx-cpu-concat", "pytorch", "mlm-ar") for n in (8, 24)
+                       for b in (1, 2)}
     assert all(r["tokens_per_s"] > 0 and r["seconds_min"] <= r["seconds_median"] <= r["seconds_max"]
                for r in report["results"])
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -45,7 +46,7 @@ def test_bench_on_random_shapes_from_a_config_file(tmp_path):
                                  "--lengths", "8", "--batch-sizes", "2", "--repeats", "1", "--no-mlm-ar"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "o" / "bench.json").read_text())
-    assert {r["system"] for r in report["results"]} == {"onnx-cpu", "pytorch"}
+    assert {r["system"] for r in report["results"]} == {"onnx-cpu", "onnx-cpu-concat", "pytorch"}
     result = runner.invoke(app, ["bench", "--shapes", "nowhere.json", "--out", str(tmp_path / "p")])
     assert result.exit_code == 2 and "not 'paper', 'default' or a JSON file" in result.output
 

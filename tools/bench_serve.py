@@ -1,6 +1,7 @@
-"""`maria bench-serve`: load on a real `maria serve` process, with and without dynamic batching, side by side.
+"""`maria bench-serve`: load on a real `maria serve` process, with and without batching, side by side.
 
-For each --max-batch-size setting (1 = no batching) a server starts on 127.0.0.1 (ephemeral port); N clients, each
+For each --max-batch-size setting (1 = no batching) and --decoder (engine: continuous batching; concat: batch at a
+time) a server starts on 127.0.0.1 (ephemeral port); N clients, each
 starting a little after the last (staggered), send a fixed number of /v1/infill requests of one text each; the
 run reports throughput, p50/p99 latency, the batch sizes the server formed (from its /metrics) and errors. The
 server is stopped by its process id after each run.
@@ -27,9 +28,10 @@ TEXTS = ["The [MASK] statement is used to [MASK] an exception.", "Use the [MASK]
          "A [MASK:3] is a function defined inside a class.", "The [MASK] keyword defines a [MASK]."]
 
 
-def start_server(model, max_batch_size: int, delay_ms: float, device: str, seconds: float = 120):
+def start_server(model, max_batch_size: int, delay_ms: float, device: str, seconds: float = 120,
+                 decoder: str = "auto"):
     args = [sys.executable, str(ROOT / "cli.py"), "serve", "--port", "0", "--device", device, "--max-batch-size",
-            str(max_batch_size), "--max-batch-delay-ms", str(delay_ms), "--max-queue", "4096"]
+            str(max_batch_size), "--max-batch-delay-ms", str(delay_ms), "--max-queue", "4096", "--decoder", decoder]
     process = subprocess.Popen(args + (["--model", str(model)] if model else []), cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + seconds
@@ -87,8 +89,8 @@ def load(url: str, clients: int, requests: int, stagger_s: float, timeout: float
 
 
 def run_one(model, max_batch_size: int, delay_ms: float, device: str, clients: int, requests: int,
-            stagger_s: float, timeout: float) -> dict:
-    url, process = start_server(model, max_batch_size, delay_ms, device)
+            stagger_s: float, timeout: float, decoder: str = "auto") -> dict:
+    url, process = start_server(model, max_batch_size, delay_ms, device, decoder=decoder)
     try:
         for text in TEXTS:                                   # warm-up, not counted
             post(url, text, timeout)
@@ -101,7 +103,7 @@ def run_one(model, max_batch_size: int, delay_ms: float, device: str, clients: i
         stop(process)
     latencies = sorted(seconds for status, seconds in answers if status == 200)
     batches = after[0] - before[0]
-    return {"max_batch_size": max_batch_size, "max_batch_delay_ms": delay_ms, "clients": clients,
+    return {"decoder": decoder, "max_batch_size": max_batch_size, "max_batch_delay_ms": delay_ms, "clients": clients,
             "requests": len(answers), "ok": len(latencies), "errors": len(answers) - len(latencies),
             "seconds": wall, "requests_per_s": len(latencies) / wall,
             "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
@@ -111,7 +113,7 @@ def run_one(model, max_batch_size: int, delay_ms: float, device: str, clients: i
 
 def bench_serve(out: Path, model=None, clients: int = 32, requests: int = 256, max_batch_sizes=(1, 16),
                 delay_ms: float = 5.0, stagger_ms: float = 10.0, repeats: int = 1, device: str = "cpu",
-                timeout: float = 120.0, console: Console | None = None) -> dict:
+                timeout: float = 120.0, console: Console | None = None, decoders=("auto",)) -> dict:
     """Runs the load once per setting and repeat (settings interleaved); writes out/bench-serve.json."""
     console = console or Console(stderr=True)
     if clients < 1 or requests < clients or repeats < 1 or not max_batch_sizes or min(max_batch_sizes) < 1:
@@ -121,10 +123,12 @@ def bench_serve(out: Path, model=None, clients: int = 32, requests: int = 256, m
     out.mkdir(parents=True, exist_ok=True)
     runs = []
     for repeat in range(repeats):
-        for size in max_batch_sizes:
-            console.print(f"repeat {repeat + 1}: --max-batch-size {size}, {clients} clients, {requests} requests")
-            runs.append({"repeat": repeat, **run_one(model, size, delay_ms, device, clients, requests,
-                                                     stagger_ms / 1000, timeout)})
+        for decoder in decoders:
+            for size in max_batch_sizes:
+                console.print(f"repeat {repeat + 1}: --decoder {decoder} --max-batch-size {size}, {clients} clients, "
+                              f"{requests} requests")
+                runs.append({"repeat": repeat, **run_one(model, size, delay_ms, device, clients, requests,
+                                                         stagger_ms / 1000, timeout, decoder)})
     report = {"model": str(model) if model else "default", "device": device, "clients": clients,
               "requests": requests, "stagger_ms": stagger_ms, "texts": TEXTS, "cpu_count": os.cpu_count(),
               "runs": runs}
@@ -136,10 +140,10 @@ def bench_serve(out: Path, model=None, clients: int = 32, requests: int = 256, m
 
 def table(runs: list[dict]) -> Table:
     out = Table(title="maria serve under load (one text per request)")
-    for column in ("repeat", "max batch", "req/s", "p50 ms", "p99 ms", "mean batch", "errors"):
+    for column in ("repeat", "decoder", "max batch", "req/s", "p50 ms", "p99 ms", "mean batch", "errors"):
         out.add_column(column, justify="right")
     for r in runs:
-        out.add_row(str(r["repeat"] + 1), str(r["max_batch_size"]), f"{r['requests_per_s']:.1f}",
+        out.add_row(str(r["repeat"] + 1), r["decoder"], str(r["max_batch_size"]), f"{r['requests_per_s']:.1f}",
                     f"{r['p50_ms']:.0f}" if r["p50_ms"] is not None else "-",
                     f"{r['p99_ms']:.0f}" if r["p99_ms"] is not None else "-",
                     f"{r['mean_batch_size']:.2f}" if r["mean_batch_size"] else "-", str(r["errors"]))

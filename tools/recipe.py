@@ -113,7 +113,8 @@ def run(work: Path, recipe: Recipe, log=print) -> dict:
         learning_rate=recipe.head_learning_rate, warmup_steps=max(1, recipe.head_steps // 20),
         eval_every=max(1, recipe.head_steps // 4), save_every=max(1, recipe.head_steps // 4), seed=recipe.seed),
         eval_data=corpus / "validation", device="cpu"))
-    stage("export", lambda: [export_bundle(work / "maria", work / name, int8=name.endswith("int8"), overwrite=True)
+    stage("export", lambda: [export_bundle(work / "maria", work / name, int8=name.endswith("int8"), overwrite=True,
+                                           concat_decoder=False)          # the engine's graph only: under 50 MB
                              for name in ("bundle", "bundle-int8")])
     stage("quality", lambda: (work / "quality.json").write_text(json.dumps(quality(work, recipe, log), indent=2)))
     return {"timings": timings, "recipe": dataclasses.asdict(recipe)}

@@ -1,0 +1,117 @@
+"""Continuous batching: requests join the running decode batch between steps instead of waiting for it to finish.
+
+    event loop: submit(job) ──▶ bounded queue ──▶ worker thread: each job's rows (texts x samples x span
+    candidates) go into the decode engine (runtime/engine.py) as soon as it has room ──▶ engine.step() ──▶ a job
+    whose rows are all filled gets its results (span choice, reranking) and its future set on the loop
+
+The engine has max_batch_size slots; a row takes a free slot at the next step, so a short request is not held
+behind a long one, and rows of different temperatures share steps (each draws from its own generator of
+(request seed, text, sample), so a result does not depend on what it ran with). Jobs are taken from the queue only
+while fewer rows than slots wait, so the queue bound (503) still applies.
+"""
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+from runtime.decode import Fill
+from runtime.engine import Engine
+from runtime.requests import collect, empty_results, flat_results, request_rows, row_encoding
+
+from .batcher import Job, QueueFull
+
+
+@dataclass
+class Running:
+    """A job in the engine: its rows and, per row, the sequence filling it (None where nothing is masked)."""
+    job: Job
+    rows: list
+    sequences: list
+    fills: list
+
+
+@dataclass
+class ContinuousBatcher:
+    infiller: object
+    max_batch_size: int = 8
+    max_queue: int = 256
+    observe_batch: Callable[[int], None] = lambda size: None
+    jobs: queue.Queue = field(init=False)
+
+    def __post_init__(self):
+        self.jobs = queue.Queue(maxsize=self.max_queue)
+        self.engine = Engine(self.infiller.backend, self.infiller.special, slots=self.max_batch_size,
+                             reserve_full=self.infiller.device == "cuda")
+        self.running: list[Running] = []
+        self.worker = threading.Thread(target=self._work, name="maria-engine", daemon=True)
+        self.worker.start()
+
+    @property
+    def depth(self) -> int:
+        return self.jobs.qsize()
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise QueueFull from None
+
+    def _admit(self, job: Job) -> None:
+        if job.cancelled:
+            return
+        rows = request_rows([job.request], [0])
+        running = Running(job, rows, [], [None] * len(rows))
+        for index, row in enumerate(rows):
+            _, text, sample, _, rng = row
+            encoded = row_encoding([job.request], row)
+            if not encoded.masked.any():
+                running.fills[index] = Fill(ids=encoded.ids, positions=encoded.masked.nonzero()[0],
+                                            logprobs=encoded.masked[:0].astype(float))
+                running.sequences.append(None)
+                continue
+            hear = None
+            if job.on_token is not None and not job.request.texts[text].spans:
+                hear = (lambda position, token, logprob, text=text, sample=sample:
+                        job.loop.call_soon_threadsafe(job.on_token, text, sample, position, token, logprob))
+            running.sequences.append(self.engine.submit(encoded.ids, encoded.masked, job.request.sampling, rng,
+                                                        hear))
+        self.running.append(running)
+
+    def _take_jobs(self) -> None:
+        """Blocks for a job while the engine is idle; otherwise takes jobs while fewer rows than slots wait."""
+        if not self.engine.busy and not self.running:
+            self._admit(self.jobs.get())
+        while len(self.engine.waiting) < self.engine.slots:
+            try:
+                self._admit(self.jobs.get_nowait())
+            except queue.Empty:
+                break
+
+    def _finish(self) -> None:
+        for running in [r for r in self.running if all(s is None or s.done for s in r.sequences)]:
+            self.running.remove(running)
+            job = running.job
+            try:
+                fills = [fill if s is None else s.fill() for fill, s in zip(running.fills, running.sequences)]
+                results = empty_results([job.request])
+                collect(self.infiller, [job.request], running.rows, fills, results)
+                job.finish(job.future.set_result, flat_results(results)[0])
+            except Exception as error:        # handed to the request's handler, which answers for it
+                job.finish(job.future.set_exception, error)
+
+    def _work(self) -> None:
+        while True:
+            self._take_jobs()
+            try:
+                if self.engine.busy:
+                    self.engine.step()
+                    self.observe_batch(self.engine.last_batch)
+            except Exception as error:
+                for running in self.running:
+                    running.job.finish(running.job.future.set_exception, error)
+                self.running.clear()
+                self.engine = Engine(self.infiller.backend, self.infiller.special, slots=self.max_batch_size,
+                                     reserve_full=self.infiller.device == "cuda")
+                continue
+            self._finish()
