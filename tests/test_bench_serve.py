@@ -1,6 +1,7 @@
 """`maria bench-serve` drives a real server and reports what it measured (no timing is asserted)."""
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -20,5 +21,8 @@ def test_bench_serve_reports_both_settings(tmp_path):
     for run in runs.values():
         assert run["requests"] == 8 and run["ok"] == 8 and run["errors"] == 0
         assert run["p50_ms"] <= run["p99_ms"] and run["requests_per_s"] > 0
-    assert runs[1]["mean_batch_size"] == 1.0                       # without batching every batch holds one text
-    assert runs[1]["batches"] == 8
+    assert runs[1]["mean_batch_size"] == 1.0                       # without batching every step holds one text
+    # the engine takes one step per masked token: the 8 requests' texts hold 20 masked tokens in all
+    from tools.bench_serve import TEXTS
+    masked = [sum(int(n or 1) for n in re.findall(r"\[MASK(?::(\d+))?\]", text)) for text in TEXTS]
+    assert runs[1]["batches"] == sum(masked[(client + i) % len(TEXTS)] for client in range(4) for i in range(2)) == 20
