@@ -142,9 +142,9 @@ def _optimize(path: Path) -> None:
 
 
 def _kv_shape(path: Path) -> tuple[int, int, int]:
-    """(layers, kv heads, head dim) read off the step graph's cache inputs (values: [b, kv, C, head_dim])."""
+    """(layers, kv heads, head dim) read off the step graph's cache inputs ([b, kv, C, head_dim])."""
     inputs = [i for i in onnx.load(str(path), load_external_data=False).graph.input if i.name.startswith("cache.")]
-    dims = inputs[1].type.tensor_type.shape.dim
+    dims = inputs[0].type.tensor_type.shape.dim
     return len(inputs) // 2, dims[1].dim_value, dims[3].dim_value
 
 

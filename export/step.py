@@ -4,7 +4,7 @@
     position_ids  [b, T]          each token's position in its sequence, which is also its slot in the cache
     cache.N.key / cache.N.value   [b, kv_heads, C, head_dim]: the cache of layer N, C positions per row
  -> last_hidden_state [b, T, d_ar], and cache_out.N.key / cache_out.N.value: the same buffers with the chunk's
-    keys and values written at position_ids (ScatterElements)
+    keys and values written at position_ids (ScatterND: one head_dim row per token and head)
 
 The runtime binds cache_out.* to the very memory of cache.*, and ONNX Runtime's scatter skips its copy when input
 and output are one buffer: the cache is written in place and never copied. Attention reads the whole buffer and
@@ -24,21 +24,19 @@ ATTENTION = "maria_slots"
 
 
 class SlotCache:
-    """The Hugging Face Cache interface over given buffers: update() scatters the chunk at position_ids. Keys are
-    kept transposed, [b, kv, head_dim, C], so attention multiplies by them without transposing the buffer."""
+    """The Hugging Face Cache interface over given buffers [b, kv, C, head_dim]: update() writes the chunk's keys
+    and values at position_ids (ScatterND: one contiguous head_dim row per token and head)."""
 
     def __init__(self, buffers: list, position_ids: torch.Tensor, kv_heads: int, head_dim: int):
         self.buffers = list(buffers)
-        batch, width = position_ids.shape
-        self.value_index = position_ids[:, None, :, None].expand(batch, kv_heads, width, head_dim)
-        self.key_index = position_ids[:, None, None, :].expand(batch, kv_heads, head_dim, width)
+        batch = position_ids.shape[0]
+        self.index = (torch.arange(batch, device=position_ids.device)[:, None, None],
+                      torch.arange(kv_heads, device=position_ids.device)[None, :, None], position_ids[:, None, :])
 
     def update(self, key, value, layer_idx: int, cache_kwargs=None):
-        keys, values = 2 * layer_idx, 2 * layer_idx + 1
-        self.buffers[keys] = self.buffers[keys].scatter(3, self.key_index, key.transpose(2, 3).to(
-            self.buffers[keys].dtype))
-        self.buffers[values] = self.buffers[values].scatter(2, self.value_index, value.to(self.buffers[values].dtype))
-        return self.buffers[keys], self.buffers[values]
+        for slot, states in ((2 * layer_idx, key), (2 * layer_idx + 1, value)):
+            self.buffers[slot] = self.buffers[slot].index_put(self.index, states.to(self.buffers[slot].dtype))
+        return self.buffers[2 * layer_idx], self.buffers[2 * layer_idx + 1]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
@@ -46,13 +44,13 @@ class SlotCache:
 
 def slot_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Eager attention without repeating the shared key/value heads: the query heads of one group are folded
-    into its rows. query [b, h, T, d], key [b, kv, d, C], value [b, kv, C, d], attention_mask [b, 1, T, C]
+    into its rows. query [b, h, T, d], key and value [b, kv, C, d], attention_mask [b, 1, T, C]
     additive (already repeated for the groups, see ArStep)."""
     groups = module.num_key_value_groups
     if groups > 1:
         batch, heads, width, dim = query.shape
         query = query.reshape(batch, heads // groups, groups * width, dim)
-    scores = torch.matmul(query * scaling, key)
+    scores = torch.matmul(query * scaling, key.transpose(2, 3))
     weights = torch.softmax(scores + attention_mask, dim=-1, dtype=torch.float32).to(query.dtype)
     output = torch.matmul(weights, value)
     if groups > 1:
@@ -117,12 +115,12 @@ def export_step(ar_model, folder: Path, opset: int) -> tuple[list[str], list[str
     layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     inputs, outputs = step_names(layers)
-    cache = [torch.zeros(2, kv_heads, *((head_dim, 8) if n % 2 == 0 else (8, head_dim))) for n in range(2 * layers)]
+    cache = [torch.zeros(2, kv_heads, 8, head_dim) for _ in range(2 * layers)]
     example = (torch.tensor([[5, 6, 7], [8, 9, 1]]), torch.tensor([[0, 1, 2], [0, 1, 2]]), *cache)
     dynamic = {"input_ids": {0: "batch_size", 1: "sequence_length"},
                "position_ids": {0: "batch_size", 1: "sequence_length"},
                "last_hidden_state": {0: "batch_size", 1: "sequence_length"},
-               **{name: {0: "batch_size", 3 if name.endswith("key") else 2: "capacity"} for name in inputs[2:] + outputs[1:]}}
+               **{name: {0: "batch_size", 2: "capacity"} for name in inputs[2:] + outputs[1:]}}
     previous = config._attn_implementation
     config._attn_implementation = ATTENTION
     try:

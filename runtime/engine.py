@@ -55,7 +55,8 @@ class Engine:
     backend: SlotBackend
     special: SpecialIds
     slots: int = 8
-    reserve_full: bool = False        # size the cache for whole sequences when they join (no resize mid-run)
+    fixed_shapes: bool = False        # CUDA graphs: every step over all slots, chunks padded to a power of two,
+                                      # the cache sized for whole sequences when they join (no resize mid-run)
     waiting: collections.deque = field(default_factory=collections.deque)
     active: dict = field(default_factory=dict)          # slot -> Sequence
     cache: object = None
@@ -98,10 +99,10 @@ class Engine:
     def _ensure_capacity(self, width: int) -> None:
         """The cache holds every position this step writes (chunks are right-padded to `width`)."""
         sequences = self.active.values()
-        need = max((len(s.tokens) if self.reserve_full else s.cursor) + width for s in sequences)
+        need = max((len(s.tokens) if self.fixed_shapes else s.cursor) + width for s in sequences)
         if self.cache is None:
             self.cache = self.backend.new_cache(self.slots, capacity_for(need))
-        elif need > self.cache.capacity or capacity_for(need) * 2 <= self.cache.capacity:
+        elif need > self.cache.capacity or (capacity_for(need) * 2 <= self.cache.capacity and not self.fixed_shapes):
             self.cache.resize(capacity_for(need))        # grow, or shrink once the longest sequences have left
 
     def step(self) -> list[Sequence]:
@@ -112,8 +113,10 @@ class Engine:
             return []
         ends = {slot: s.chunk_end for slot, s in self.active.items()}
         width = max(ends[slot] - s.cursor for slot, s in self.active.items())
+        if self.fixed_shapes:
+            width = 1 << (width - 1).bit_length()       # few shapes, so few graphs to capture
         self._ensure_capacity(width)
-        rows = max(self.active) + 1
+        rows = self.slots if self.fixed_shapes else max(self.active) + 1
         input_ids = np.full((rows, width), self.special.pad, dtype=np.int64)
         position_ids = np.broadcast_to(np.arange(width, dtype=np.int64), (rows, width)).copy()
         for slot, s in self.active.items():          # free slots in range feed padding into themselves
@@ -157,10 +160,10 @@ class Engine:
 
 
 def engine_infill(backend: SlotBackend, ids, masked, special: SpecialIds, sampling: Sampling, slots: int,
-                  rngs: list[np.random.Generator], on_token=None, reserve_full: bool = False) -> list[Fill]:
+                  rngs: list[np.random.Generator], on_token=None, fixed_shapes: bool = False) -> list[Fill]:
     """Fills every sequence through one engine of `slots` slots, sequences joining as others finish; sequences
     without a masked position come back unchanged. on_token(i, position, token, logprob) as in decode.infill."""
-    engine = Engine(backend, special, slots=slots, reserve_full=reserve_full)
+    engine = Engine(backend, special, slots=slots, fixed_shapes=fixed_shapes)
     results, sequences = [], {}
     for index, (x, m) in enumerate(zip(ids, masked)):
         x, m = np.asarray(x, dtype=np.int64), np.asarray(m, dtype=bool)

@@ -24,10 +24,11 @@ DECODERS = ("auto", "engine", "concat")
 
 
 class Infiller:
-    def __init__(self, bundle=None, device: str = "auto", io_binding: bool | None = None, decoder: str = "auto"):
+    def __init__(self, bundle=None, device: str = "auto", io_binding: bool | None = None, decoder: str = "auto",
+                 cuda_graph: bool = False):
         """bundle: a folder written by `maria export`; None for the default model shipped in the package.
         decoder: engine (ar_step.onnx, the KV cache written in place), concat (ar_decoder.onnx, today's path), or
-        auto: the engine where the bundle has it."""
+        auto: the engine where the bundle has it. cuda_graph: on CUDA, capture the engine's steps as CUDA graphs."""
         if decoder not in DECODERS:
             raise ValueError(f"--decoder must be one of {', '.join(DECODERS)}, got '{decoder}'")
         self.bundle = resolve_bundle(bundle)
@@ -42,7 +43,8 @@ class Infiller:
                              "--decoder auto")
         self.decoder = decoder
         self.tokenizer = Tokenizer.from_file(str(self.bundle / self.manifest.tokenizer))
-        self.backend = OnnxBackend(self.bundle, self.manifest, device=device, io_binding=io_binding)
+        self.backend = OnnxBackend(self.bundle, self.manifest, device=device, io_binding=io_binding,
+                                   cuda_graph=cuda_graph)
         self.special = self.manifest.special_ids
         self._check_mask_token()
 
@@ -62,7 +64,7 @@ class Infiller:
             return infill(self.backend, ids, masked, self.special, sampling, batch_size, rngs, on_token)
         rngs = sequence_rngs(sampling.seed, len(ids)) if rngs is None else rngs
         return engine_infill(self.backend, ids, masked, self.special, sampling, batch_size, rngs, on_token,
-                             reserve_full=self.device == "cuda")
+                             fixed_shapes=self.backend.fixed_shapes)
 
     def score(self, ids, masked, batch_size: int = 8) -> list[float]:
         """Summed negative log-likelihood of the given tokens at the masked positions (teacher forced)."""

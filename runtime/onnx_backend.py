@@ -13,6 +13,7 @@ What crosses to the host per step is small: the step's last_hidden_state rows an
 path around `_run`, so tests compare them.
 """
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +53,7 @@ def check_graphs(manifest: Manifest, sessions: dict) -> None:
     if "ar_step" in m.graphs:
         expected["ar_step"] = {"last_hidden_state": (element, {-1: m.ar_hidden_size})}
         for name in (n for n in m.graph("ar_step").inputs if n.startswith("cache.")):
-            expected["ar_step"][name] = (element, {1: m.num_key_value_heads,
-                                                   2 if name.endswith(".key") else 3: m.head_dim})
+            expected["ar_step"][name] = (element, {1: m.num_key_value_heads, 3: m.head_dim})
     for graph, session in sessions.items():
         declared, spec = _declared(session), m.graph(graph)
         names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
@@ -75,7 +75,9 @@ def check_graphs(manifest: Manifest, sessions: dict) -> None:
 
 
 class OnnxBackend:
-    def __init__(self, folder: Path, manifest: Manifest, device: str = "auto", io_binding: bool | None = None):
+    def __init__(self, folder: Path, manifest: Manifest, device: str = "auto", io_binding: bool | None = None,
+                 cuda_graph: bool = False):
+        """cuda_graph: capture the engine's step as CUDA graphs (one per shape) and replay them; CUDA only."""
         providers = providers_for(device)
         self.manifest = manifest
         self.mlm = make_session(Path(folder) / manifest.graph("mlm").file, providers,
@@ -83,10 +85,15 @@ class OnnxBackend:
         if self.mlm.get_providers()[0] != provider_name(providers[0]):
             providers = ["CPUExecutionProvider"]   # after a CUDA fallback, the rest start on CPU directly
         self.ar = self.step = None
+        self.cuda_graph = False
         if "ar_decoder" in manifest.graphs:
             self.ar = make_session(Path(folder) / manifest.graph("ar_decoder").file, providers)
         if "ar_step" in manifest.graphs:      # a scale fused into attention's MatMul makes ORT repack the keys
-            self.step = make_session(Path(folder) / manifest.graph("ar_step").file, providers,
+            cuda = provider_name(providers[0]) == "CUDAExecutionProvider"
+            self.cuda_graph = cuda_graph and cuda
+            step_providers = [(providers[0][0], {**providers[0][1], "enable_cuda_graph": "1"}), *providers[1:]] \
+                if self.cuda_graph else providers
+            self.step = make_session(Path(folder) / manifest.graph("ar_step").file, step_providers,
                                      disabled_optimizers=("MatMulScaleFusion",))
         self.head = make_session(Path(folder) / manifest.graph("fusion_head").file, providers)
         self.ar_lm_head = self.mlm_decoder = None
@@ -106,7 +113,11 @@ class OnnxBackend:
         if self.step is not None:
             self.cache_names = (manifest.graph("ar_step").inputs[2:], manifest.graph("ar_step").outputs[1:])
         self._binding = (None, None)         # the step's IOBinding, kept while its cache buffers stay the same
-        self.cache_in_ortvalues = self.device != "cpu"
+        # on a device: the cache in device memory, the step's inputs and output in persistent device buffers (one
+        # set per shape) and the engine's shapes fixed, so each shape's step can be captured as a CUDA graph
+        self.cache_in_ortvalues = self.device_inputs = self.fixed_shapes = self.device != "cpu"
+        self._shapes = {}                    # (rows, width) -> (input_ids, position_ids, hidden, binding, options)
+        self._shapes_cache, self._graph_ids = None, itertools.count(1)
 
     def _run(self, session, feeds: dict, device_outputs=()) -> dict:
         """Runs a session. Outputs named in device_outputs come back as OrtValues left where the session put
@@ -162,6 +173,8 @@ class OnnxBackend:
                          self.device, self.device_id, self.cache_in_ortvalues)
 
     def cache_step(self, input_ids, position_ids, cache: SlotCache):
+        if self.device_inputs:
+            return self._cache_step_in_place(input_ids, position_ids, cache)
         key = (id(cache), tuple(cache.pointer(i) for i in range(len(cache.buffers))), len(input_ids),
                cache.capacity)
         if self._binding[0] != key:
@@ -175,6 +188,36 @@ class OnnxBackend:
         binding.bind_output("last_hidden_state", "cpu")
         self.step.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
+
+    def _cache_step_in_place(self, input_ids, position_ids, cache: SlotCache):
+        """The step with its inputs and output in persistent buffers on the device, one set per (rows, width): a
+        CUDA graph captured for a shape replays on the same addresses. The host copies the ids in and the hidden
+        states out; the cache stays where it is."""
+        buffers = (id(cache), cache.capacity, tuple(cache.pointer(i) for i in range(len(cache.buffers))))
+        if buffers != self._shapes_cache:
+            self._shapes, self._shapes_cache = {}, buffers
+        rows, width = input_ids.shape
+        if (rows, width) not in self._shapes:
+            on_device = [ort.OrtValue.ortvalue_from_numpy(np.array(a, dtype=np.int64), self.device, self.device_id)
+                         for a in (input_ids, position_ids)]
+            hidden = ort.OrtValue.ortvalue_from_shape_and_type([rows, width, self.manifest.ar_hidden_size],
+                                                               self.dtype, self.device, self.device_id)
+            binding = self.step.io_binding()
+            binding.bind_ortvalue_input("input_ids", on_device[0])
+            binding.bind_ortvalue_input("position_ids", on_device[1])
+            binding.bind_ortvalue_output("last_hidden_state", hidden)
+            cache.bind(binding, *self.cache_names, rows)
+            options = ort.RunOptions()
+            if self.cuda_graph:
+                options.add_run_config_entry("gpu_graph_id", str(next(self._graph_ids)))     # captured on first run
+            self._shapes[rows, width] = (*on_device, hidden, binding, options)
+        else:
+            on_device = self._shapes[rows, width][:2]
+            on_device[0].update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))
+            on_device[1].update_inplace(np.ascontiguousarray(position_ids, dtype=np.int64))
+        _, _, hidden, binding, options = self._shapes[rows, width]
+        self.step.run_with_iobinding(binding, options)
+        return hidden.numpy()
 
     def fuse(self, mlm_hidden, ar_hidden):
         feeds = {"mlm_hidden": np.ascontiguousarray(mlm_hidden, dtype=self.dtype),

@@ -1,8 +1,7 @@
 """The KV cache of the step graph (ar_step.onnx): one preallocated buffer per layer for keys and one for values,
 a row (slot) per sequence, written in place by the graph and never copied between steps.
 
-    keys   [slots, kv_heads, head_dim, capacity]   (transposed: attention multiplies by them as they lie)
-    values [slots, kv_heads, capacity, head_dim]
+    keys, values [slots, kv_heads, capacity, head_dim]
 
 Position p of a sequence lives at index p of its slot. A step over the first `rows` slots binds each buffer's
 first rows (a contiguous prefix) as both the graph's cache.* input and its cache_out.* output, so ONNX Runtime's
@@ -35,8 +34,7 @@ class SlotCache:
 
     def shapes(self, rows: int, capacity: int) -> list[tuple]:
         """The shape of every buffer (key, value per layer) over `rows` slots."""
-        key, value = (rows, self.kv_heads, self.head_dim, capacity), (rows, self.kv_heads, capacity, self.head_dim)
-        return [key, value] * self.layers
+        return [(rows, self.kv_heads, capacity, self.head_dim)] * (2 * self.layers)
 
     def resize(self, capacity: int) -> None:
         """Every slot gets `capacity` positions; the first min(old, new) of each are kept."""
@@ -45,15 +43,14 @@ class SlotCache:
         keep = min(capacity, self.capacity)
         fresh = []
         for index, shape in enumerate(self.shapes(self.slots, capacity)):
-            axis = 3 if index % 2 == 0 else 2                   # keys: positions last; values: third
             if not self.ortvalues:
                 buffer = np.zeros(shape, dtype=self.dtype)
                 if keep:
-                    _copy_prefix(buffer, self.buffers[index], axis, keep)
+                    buffer[:, :, :keep] = self.buffers[index][:, :, :keep]
             else:                   # device memory, zeroed (masked positions must hold finite values: 0 x NaN is
                 host = np.zeros(shape, dtype=self.dtype)        # NaN); resized through the host, once per resize
                 if keep:
-                    _copy_prefix(host, self.buffers[index].numpy(), axis, keep)
+                    host[:, :, :keep] = self.buffers[index].numpy()[:, :, :keep]
                 buffer = ort.OrtValue.ortvalue_from_numpy(host, self.device, self.device_id)
             fresh.append(buffer)
         self.buffers, self.capacity = fresh, capacity
@@ -74,9 +71,3 @@ class SlotCache:
         buffer = self.buffers[index]
         return np.array(buffer.numpy() if self.ortvalues else buffer)
 
-
-def _copy_prefix(target: np.ndarray, source: np.ndarray, axis: int, keep: int) -> None:
-    """target[..., :keep along axis] = source[..., :keep along axis]."""
-    index = [slice(None)] * 4
-    index[axis] = slice(0, keep)
-    target[tuple(index)] = source[tuple(index)]

@@ -42,7 +42,7 @@ class ContinuousBatcher:
     def __post_init__(self):
         self.jobs = queue.Queue(maxsize=self.max_queue)
         self.engine = Engine(self.infiller.backend, self.infiller.special, slots=self.max_batch_size,
-                             reserve_full=self.infiller.device == "cuda")
+                             fixed_shapes=self.infiller.backend.fixed_shapes)
         self.running: list[Running] = []
         self.worker = threading.Thread(target=self._work, name="maria-engine", daemon=True)
         self.worker.start()
@@ -112,6 +112,6 @@ class ContinuousBatcher:
                     running.job.finish(running.job.future.set_exception, error)
                 self.running.clear()
                 self.engine = Engine(self.infiller.backend, self.infiller.special, slots=self.max_batch_size,
-                                     reserve_full=self.infiller.device == "cuda")
+                                     fixed_shapes=self.infiller.backend.fixed_shapes)
                 continue
             self._finish()

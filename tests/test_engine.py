@@ -75,7 +75,7 @@ def test_the_step_writes_the_cache_in_place(bundles):
     position_ids = np.array([[0, 1, 2], [0, 1, 2]])
     backend.cache_step(np.array([[7, 8, 9], [10, 11, 12]]), position_ids, cache)
     assert [cache.pointer(i) for i in range(len(cache.buffers))] == before
-    keys, values = cache.read(0), cache.read(1)                    # [slots, kv, d, C], [slots, kv, C, d]
+    keys, values = cache.read(0), cache.read(1)                    # [slots, kv, C, d]
     assert np.abs(values[:2, :, :3]).min(axis=-1).max() > 0 and not values[:2, :, 3:].any()
     assert not values[2].any() and not keys[2].any()               # the third slot was not in the step
     backend.cache_step(np.array([[13], [14]]), np.array([[3], [3]]), cache)
@@ -84,22 +84,36 @@ def test_the_step_writes_the_cache_in_place(bundles):
 
 def test_cache_resize_keeps_each_slot_and_device_buffers_work_the_same(bundles):
     cache = SlotCache(layers=1, kv_heads=2, head_dim=4, dtype=np.float32, slots=2, capacity=3)
-    cache.buffers[0][:] = np.arange(2 * 2 * 4 * 3).reshape(2, 2, 4, 3)
-    cache.buffers[1][:] = np.arange(2 * 2 * 3 * 4).reshape(2, 2, 3, 4)
+    cache.buffers[0][:] = np.arange(2 * 2 * 3 * 4).reshape(2, 2, 3, 4)
+    cache.buffers[1][:] = -np.arange(2 * 2 * 3 * 4).reshape(2, 2, 3, 4)
     keys, values = cache.read(0), cache.read(1)
     cache.resize(5)
-    assert np.array_equal(cache.read(0)[..., :3], keys) and np.array_equal(cache.read(1)[:, :, :3], values)
+    assert np.array_equal(cache.read(0)[:, :, :3], keys) and np.array_equal(cache.read(1)[:, :, :3], values)
+    assert not cache.read(0)[:, :, 3:].any()
     cache.resize(2)
-    assert np.array_equal(cache.read(0), keys[..., :2]) and np.array_equal(cache.read(1), values[:, :, :2])
+    assert np.array_equal(cache.read(0), keys[:, :, :2]) and np.array_equal(cache.read(1), values[:, :, :2])
     assert [capacity_for(n) for n in (1, 16, 17, 100, 1000, 1025)] == [16, 16, 32, 112, 1024, 1152]
-    # OrtValue buffers (what CUDA uses), exercised on the CPU: same fills as numpy buffers
+
+
+
+def test_the_device_path_on_the_cpu_gives_the_same_fills(bundles):
+    """What runs on CUDA, exercised on the CPU execution provider: the cache in OrtValues, the step's inputs and
+    output in persistent OrtValues per shape, every step over all slots with chunks padded to a power of two."""
     infiller = Infiller(bundles["olmo2"], device="cpu")
     ids, masked = random_cases(np.random.default_rng(6), 200, 5)
-    plain = infiller.fill_ids(ids, masked, batch_size=2)
-    infiller.backend.cache_in_ortvalues = True
-    device_like = infiller.fill_ids(ids, masked, batch_size=2)
+    plain = infiller.fill_ids(ids, masked, batch_size=3)
+    backend = infiller.backend
+    backend.cache_in_ortvalues = backend.device_inputs = backend.fixed_shapes = True
+    shapes, step = [], backend.cache_step
+    backend.cache_step = lambda x, p, cache: shapes.append((x.shape, cache.capacity)) or step(x, p, cache)
+    device_like = infiller.fill_ids(ids, masked, batch_size=3)
     for a, b in zip(plain, device_like):
         assert np.array_equal(a.ids, b.ids)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    assert all(rows == 3 and width & (width - 1) == 0 for (rows, width), _ in shapes)
+    capacities = [capacity for _, capacity in shapes]
+    assert capacities == sorted(capacities)                      # sized when sequences join, never shrunk
+    assert len(backend._shapes) < len(shapes)                    # buffers reused across steps of one shape
 
 
 def test_decoder_switch_names_what_a_bundle_lacks(bundles, checkpoints, tmp_path):

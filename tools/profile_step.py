@@ -41,7 +41,7 @@ def old_once(s, st):
 def new_once(s, st):
     if not st:
         C = P + 64
-        st["c"] = [np.random.rand(*((b, kv, hd, C) if i % 2 == 0 else (b, kv, C, hd))).astype(np.float32) for i in range(2 * L)]
+        st["c"] = [np.random.rand(b, kv, C, hd).astype(np.float32) for i in range(2 * L)]
         bd = s.io_binding()
         for i, a in enumerate(st["c"]):
             n = f"cache.{i // 2}.{'key' if i % 2 == 0 else 'value'}"
