@@ -329,6 +329,8 @@ def bench_serve(
     device: str = typer.Option("cpu", help="auto | cuda | cpu"),
     decoders: str = typer.Option("auto", help="Server --decoder settings to compare: engine (continuous batching), "
                                               "concat (batch at a time), auto."),
+    texts_file: Optional[Path] = typer.Option(None, "--texts", help="The texts the clients send, one per line "
+                                                                    "(default: four short texts)."),
 ):
     """Load on a real `maria serve`: throughput, p50/p99 latency and batch sizes, with and without batching."""
     from runtime.device import check_device
@@ -338,9 +340,18 @@ def bench_serve(
     chosen = [d.strip() for d in decoders.split(",") if d.strip()]
     if not chosen or set(chosen) - {"auto", "engine", "concat"}:
         raise ValueError(f"--decoders takes a comma-separated list of auto, engine, concat; got '{decoders}'")
+    from tools.bench_serve import TEXTS
+    texts = TEXTS
+    if texts_file is not None:
+        try:
+            texts = [line for line in texts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"--texts {texts_file}: cannot be read ({error}); give a UTF-8 text file") from None
+        if not texts:
+            raise ValueError(f"--texts {texts_file} holds no text; give one text with [MASK] markers per line")
     run_bench_serve(out, model=model, clients=clients, requests=requests,
                     max_batch_sizes=int_list(max_batch_sizes, "--max-batch-sizes"), delay_ms=delay_ms,
-                    stagger_ms=stagger_ms, repeats=repeats, device=device, decoders=chosen)
+                    stagger_ms=stagger_ms, repeats=repeats, device=device, decoders=chosen, texts=texts)
 
 
 @app.command("eval")

@@ -26,3 +26,12 @@ def test_bench_serve_reports_both_settings(tmp_path):
     from tools.bench_serve import TEXTS
     masked = [sum(int(n or 1) for n in re.findall(r"\[MASK(?::(\d+))?\]", text)) for text in TEXTS]
     assert runs[1]["batches"] == sum(masked[(client + i) % len(TEXTS)] for client in range(4) for i in range(2)) == 20
+
+
+def test_bench_serve_names_a_bad_texts_file(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    for path, message in ((tmp_path / "none.txt", "cannot be read"), (tmp_path / "empty.txt", "holds no text")):
+        result = CliRunner().invoke(app, ["bench-serve", "--out", str(tmp_path), "--texts", str(path)])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["bench-serve", "--out", str(tmp_path), "--decoders", "fast"])
+    assert result.exit_code == 2 and "--decoders takes" in result.output

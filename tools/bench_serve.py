@@ -76,27 +76,29 @@ def batch_metrics(url: str) -> tuple[float, float]:
     return read("maria_batch_size_count"), read("maria_batch_size_sum")
 
 
-def load(url: str, clients: int, requests: int, stagger_s: float, timeout: float) -> list[tuple[int, float]]:
-    """Each client sends its share of the requests one after another, starting stagger_s after the last."""
+def load(url: str, clients: int, requests: int, stagger_s: float, timeout: float,
+         texts: list[str] = TEXTS) -> list[tuple[int, float]]:
+    """Each client sends its share of the requests one after another, starting stagger_s after the last; client c's
+    i-th request is texts[(c + i) % len(texts)]."""
     shares = [requests // clients + (c < requests % clients) for c in range(clients)]
 
     def client(number: int):
         time.sleep(number * stagger_s)
-        return [post(url, TEXTS[(number + i) % len(TEXTS)], timeout) for i in range(shares[number])]
+        return [post(url, texts[(number + i) % len(texts)], timeout) for i in range(shares[number])]
 
     with ThreadPoolExecutor(clients) as pool:
         return [answer for answers in pool.map(client, range(clients)) for answer in answers]
 
 
 def run_one(model, max_batch_size: int, delay_ms: float, device: str, clients: int, requests: int,
-            stagger_s: float, timeout: float, decoder: str = "auto") -> dict:
+            stagger_s: float, timeout: float, decoder: str = "auto", texts: list[str] = TEXTS) -> dict:
     url, process = start_server(model, max_batch_size, delay_ms, device, decoder=decoder)
     try:
-        for text in TEXTS:                                   # warm-up, not counted
+        for text in texts:                                   # warm-up, not counted
             post(url, text, timeout)
         before = batch_metrics(url)
         began = time.perf_counter()
-        answers = load(url, clients, requests, stagger_s, timeout)
+        answers = load(url, clients, requests, stagger_s, timeout, texts)
         wall = time.perf_counter() - began
         after = batch_metrics(url)
     finally:
@@ -113,7 +115,8 @@ def run_one(model, max_batch_size: int, delay_ms: float, device: str, clients: i
 
 def bench_serve(out: Path, model=None, clients: int = 32, requests: int = 256, max_batch_sizes=(1, 16),
                 delay_ms: float = 5.0, stagger_ms: float = 10.0, repeats: int = 1, device: str = "cpu",
-                timeout: float = 120.0, console: Console | None = None, decoders=("auto",)) -> dict:
+                timeout: float = 120.0, console: Console | None = None, decoders=("auto",),
+                texts: list[str] = TEXTS) -> dict:
     """Runs the load once per setting and repeat (settings interleaved); writes out/bench-serve.json."""
     console = console or Console(stderr=True)
     if clients < 1 or requests < clients or repeats < 1 or not max_batch_sizes or min(max_batch_sizes) < 1:
@@ -128,9 +131,9 @@ def bench_serve(out: Path, model=None, clients: int = 32, requests: int = 256, m
                 console.print(f"repeat {repeat + 1}: --decoder {decoder} --max-batch-size {size}, {clients} clients, "
                               f"{requests} requests")
                 runs.append({"repeat": repeat, **run_one(model, size, delay_ms, device, clients, requests,
-                                                         stagger_ms / 1000, timeout, decoder)})
+                                                         stagger_ms / 1000, timeout, decoder, texts)})
     report = {"model": str(model) if model else "default", "device": device, "clients": clients,
-              "requests": requests, "stagger_ms": stagger_ms, "texts": TEXTS, "cpu_count": os.cpu_count(),
+              "requests": requests, "stagger_ms": stagger_ms, "texts": texts, "cpu_count": os.cpu_count(),
               "runs": runs}
     (out / "bench-serve.json").write_text(json.dumps(report, indent=2) + "\n")
     console.print(table(runs))
