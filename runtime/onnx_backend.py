@@ -175,8 +175,7 @@ class OnnxBackend:
     def cache_step(self, input_ids, position_ids, cache: SlotCache):
         if self.device_inputs:
             return self._cache_step_in_place(input_ids, position_ids, cache)
-        key = (id(cache), tuple(cache.pointer(i) for i in range(len(cache.buffers))), len(input_ids),
-               cache.capacity)
+        key = (id(cache), cache.version, len(input_ids))
         if self._binding[0] != key:
             binding = self.step.io_binding()
             binding.bind_output("last_hidden_state", "cpu")
@@ -185,7 +184,7 @@ class OnnxBackend:
         binding = self._binding[1]
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
-        binding.bind_output("last_hidden_state", "cpu")
+        binding.bind_output("last_hidden_state", "cpu")       # a fresh output each step (its shape changes)
         self.step.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
 
@@ -193,7 +192,7 @@ class OnnxBackend:
         """The step with its inputs and output in persistent buffers on the device, one set per (rows, width): a
         CUDA graph captured for a shape replays on the same addresses. The host copies the ids in and the hidden
         states out; the cache stays where it is."""
-        buffers = (id(cache), cache.capacity, tuple(cache.pointer(i) for i in range(len(cache.buffers))))
+        buffers = (id(cache), cache.version)
         if buffers != self._shapes_cache:
             self._shapes, self._shapes_cache = {}, buffers
         rows, width = input_ids.shape
