@@ -76,6 +76,13 @@ class Engine:
         self.waiting.append(sequence)
         return sequence
 
+    def cancel(self, sequence: Sequence) -> None:
+        """Drops a sequence, waiting or in a slot (its slot is free at the next step)."""
+        if sequence in self.waiting:
+            self.waiting.remove(sequence)
+        elif self.active.get(sequence.slot) is sequence:
+            del self.active[sequence.slot]
+
     @property
     def busy(self) -> bool:
         return bool(self.waiting or self.active)

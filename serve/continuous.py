@@ -88,6 +88,14 @@ class ContinuousBatcher:
             except queue.Empty:
                 break
 
+    def _drop_cancelled(self) -> None:
+        """Frees the slots of requests whose client was answered with 504 (their deadline passed)."""
+        for running in [r for r in self.running if r.job.cancelled]:
+            self.running.remove(running)
+            for sequence in running.sequences:
+                if sequence is not None:
+                    self.engine.cancel(sequence)
+
     def _finish(self) -> None:
         for running in [r for r in self.running if all(s is None or s.done for s in r.sequences)]:
             self.running.remove(running)
@@ -103,6 +111,7 @@ class ContinuousBatcher:
     def _work(self) -> None:
         while True:
             self._take_jobs()
+            self._drop_cancelled()
             try:
                 if self.engine.busy:
                     self.engine.step()

@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -89,3 +90,15 @@ def test_missing_bundle_and_bad_utf8(tmp_path, bundles):
     (tmp_path / "bad.txt").write_bytes(b"ok [MASK]\n\xff\xfe\n")
     result = infill("--input", tmp_path / "bad.txt", "--model", bundles["olmo"])
     assert result.exit_code == 2 and "is not valid UTF-8 (byte 10)" in result.output
+
+
+def test_the_decoder_switch_from_the_cli(bundles):
+    engine = infill("a [MASK] b [MASK:2] c", "--model", bundles["llama"], "--json")
+    concat = infill("a [MASK] b [MASK:2] c", "--model", bundles["llama"], "--json", "--decoder", "concat")
+    assert engine.exit_code == concat.exit_code == 0
+    a, b = json.loads(engine.stdout), json.loads(concat.stdout)
+    np.testing.assert_allclose(a.pop("fill_logprobs"), b.pop("fill_logprobs"), atol=1e-4)
+    assert a == b
+    result = infill("a [MASK]", "--decoder", "concat")            # the shipped model carries the engine's graph only
+    assert result.exit_code == 2 and "needs ar_decoder.onnx" in result.output
+    assert len(result.output.strip().splitlines()) == 1

@@ -130,3 +130,17 @@ def test_decoder_switch_names_what_a_bundle_lacks(bundles, checkpoints, tmp_path
     np.testing.assert_allclose(infiller.score(ids, masked), full.score(ids, masked), atol=1e-4)
     assert [f.ids.tolist() for f in infiller.fill_ids(ids, masked)] == \
         [f.ids.tolist() for f in full.fill_ids(ids, masked)]
+
+
+def test_a_cancelled_sequence_frees_its_slot_and_leaves_the_others_unchanged(bundles):
+    infiller = Infiller(bundles["llama"], device="cpu")
+    ids, masked = random_cases(np.random.default_rng(8), 200, 3, rates=(0.6,))
+    alone = engine_infill(infiller.backend, ids[:1], masked[:1], infiller.special, Sampling(), 1, sequence_rngs(0, 1))
+    engine = Engine(infiller.backend, infiller.special, slots=2)
+    kept, dropped, waiting = [engine.submit(x, m) for x, m in zip(ids, masked)]
+    engine.step()
+    engine.cancel(dropped)
+    engine.cancel(waiting)
+    assert list(engine.active.values()) == [kept] and not engine.waiting
+    engine.run()
+    assert np.array_equal(kept.fill().ids, alone[0].ids) and not dropped.done
