@@ -144,3 +144,21 @@ def test_a_cancelled_sequence_frees_its_slot_and_leaves_the_others_unchanged(bun
     assert list(engine.active.values()) == [kept] and not engine.waiting
     engine.run()
     assert np.array_equal(kept.fill().ids, alone[0].ids) and not dropped.done
+
+
+def test_a_bundle_from_before_the_engine_fills_through_the_concat_decoder(bundles, tmp_path):
+    """A schema-2 bundle (no ar_step.onnx) still loads: auto picks the concat decoder, the engine is refused."""
+    import json
+    import shutil
+    folder = shutil.copytree(bundles["olmo"], tmp_path / "old")
+    (folder / "ar_step.onnx").unlink()
+    manifest = json.loads((folder / "maria.json").read_text())
+    del manifest["graphs"]["ar_step"], manifest["files"]["ar_step.onnx"]
+    (folder / "maria.json").write_text(json.dumps({**manifest, "schema_version": 2}))
+    old = Infiller(folder, device="cpu")
+    assert old.decoder == "concat"
+    ids, masked = random_cases(np.random.default_rng(9), 200, 4)
+    want = Infiller(bundles["olmo"], device="cpu").fill_ids(ids, masked)
+    assert [f.ids.tolist() for f in old.fill_ids(ids, masked)] == [f.ids.tolist() for f in want]
+    with pytest.raises(ValueError, match="--decoder engine needs ar_step.onnx"):
+        Infiller(folder, device="cpu", decoder="engine")
