@@ -25,7 +25,7 @@ class SlotCache:
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype, slots: int, capacity: int,
                  device: str = "cpu", device_id: int = 0, ortvalues: bool | None = None):
         """ortvalues: the buffers are OrtValues (device memory; the default off the CPU) rather than numpy
-        arrays (CPU memory numpy can resize in place)."""
+        arrays."""
         self.layers, self.kv_heads, self.head_dim, self.dtype = layers, kv_heads, head_dim, np.dtype(dtype)
         self.slots, self.device, self.device_id = slots, device, device_id
         self.ortvalues = device != "cpu" if ortvalues is None else ortvalues
