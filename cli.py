@@ -406,8 +406,10 @@ def serve(
     port: int = typer.Option(8000, min=0, max=65535, help="Port (0: any free port, printed at start)."),
     device: str = typer.Option("auto", help="auto | cuda | cuda:N (GPU N) | cpu"),
     model_name: str = typer.Option("maria", help="The model's name in the protocol's paths."),
-    max_batch_size: int = typer.Option(8, min=1, help="Texts (x samples) per decode batch."),
-    max_batch_delay_ms: float = typer.Option(5.0, min=0, help="How long a batch waits for more requests."),
+    max_batch_size: int = typer.Option(8, min=1, help="Texts (x samples) decoded at once: the engine's slots, or "
+                                                      "the size of a batch with --decoder concat."),
+    max_batch_delay_ms: float = typer.Option(5.0, min=0, help="With --decoder concat, how long a batch waits for "
+                                                              "more requests (the engine takes them between steps)."),
     max_queue: int = typer.Option(256, min=1, help="Requests waiting for the model; beyond it, 503."),
     max_body_bytes: int = typer.Option(1 << 20, min=1, help="Largest request body; beyond it, 413."),
     max_texts: int = typer.Option(64, min=1, help="Texts x samples per request; beyond it, 413."),
