@@ -87,10 +87,6 @@ class Engine:
     def busy(self) -> bool:
         return bool(self.waiting or self.active)
 
-    @property
-    def free_slots(self) -> int:
-        return self.slots - len(self.active)
-
     def _admit(self) -> None:
         """Moves waiting sequences into free slots (lowest first) with one MLM pass over them."""
         free = [slot for slot in range(self.slots) if slot not in self.active]
