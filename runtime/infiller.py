@@ -38,9 +38,9 @@ class Infiller:
             decoder = "engine" if "ar_step" in graphs else "concat"
         needed = {"engine": "ar_step", "concat": "ar_decoder"}[decoder]
         if needed not in graphs:
-            raise ValueError(f"--decoder {decoder} needs {needed}.onnx, which this bundle lacks; re-export it with "
-                             f"`maria export`{' --concat-decoder' if decoder == 'concat' else ''}, or use "
-                             "--decoder auto")
+            how = "without --no-concat-decoder" if decoder == "concat" else "with this maria-onnx"
+            raise ValueError(f"--decoder {decoder} needs {needed}.onnx, which this bundle lacks; re-export it "
+                             f"with `maria export` {how}, or use --decoder auto")
         self.decoder = decoder
         self.tokenizer = Tokenizer.from_file(str(self.bundle / self.manifest.tokenizer))
         self.backend = OnnxBackend(self.bundle, self.manifest, device=device, io_binding=io_binding,
