@@ -23,7 +23,7 @@ STEP_FILE = "ar_step.onnx"
 ATTENTION = "maria_slots"
 
 
-class SlotCache:
+class StepCache:
     """The Hugging Face Cache interface over given buffers [b, kv, C, head_dim]: update() writes the chunk's keys
     and values at position_ids (ScatterND: one contiguous head_dim row per token and head)."""
 
@@ -93,12 +93,12 @@ class ArStep(torch.nn.Module):
         if self.groups > 1:                                                            # [b, 1, groups * T, C]
             mask = mask[:, :, None].expand(-1, -1, self.groups, -1, -1).flatten(2, 3)
         position_embeddings = base.rotary_emb(hidden, position_ids)
-        slot_cache = SlotCache(cache, position_ids, self.kv_heads, self.head_dim)
+        step_cache = StepCache(cache, position_ids, self.kv_heads, self.head_dim)
         for layer in base.layers:
-            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=slot_cache,
+            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=step_cache,
                            position_embeddings=position_embeddings)
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        return (base.norm(hidden), *slot_cache.buffers)
+        return (base.norm(hidden), *step_cache.buffers)
 
 
 def step_names(layers: int) -> tuple[list[str], list[str]]:
@@ -110,12 +110,10 @@ def step_names(layers: int) -> tuple[list[str], list[str]]:
 
 def export_step(ar_model, folder: Path, opset: int) -> tuple[list[str], list[str]]:
     """Writes ar_step.onnx (fp32) from the AR's base model; returns (inputs, outputs)."""
-    base = ar_model.base_model
-    config = base.config
-    layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    inputs, outputs = step_names(layers)
-    cache = [torch.zeros(2, kv_heads, 8, head_dim) for _ in range(2 * layers)]
+    step = ArStep(ar_model.base_model).eval()
+    config = step.base.config
+    inputs, outputs = step_names(config.num_hidden_layers)
+    cache = [torch.zeros(2, step.kv_heads, 8, step.head_dim) for _ in range(2 * config.num_hidden_layers)]
     example = (torch.tensor([[5, 6, 7], [8, 9, 1]]), torch.tensor([[0, 1, 2], [0, 1, 2]]), *cache)
     dynamic = {"input_ids": {0: "batch_size", 1: "sequence_length"},
                "position_ids": {0: "batch_size", 1: "sequence_length"},
@@ -125,7 +123,7 @@ def export_step(ar_model, folder: Path, opset: int) -> tuple[list[str], list[str
     config._attn_implementation = ATTENTION
     try:
         with torch.no_grad():
-            torch.onnx.export(ArStep(base).eval(), example, str(Path(folder) / STEP_FILE), input_names=inputs,
+            torch.onnx.export(step, example, str(Path(folder) / STEP_FILE), input_names=inputs,
                               output_names=outputs, dynamic_axes=dynamic, opset_version=opset, dynamo=False)
     finally:
         config._attn_implementation = previous

@@ -27,6 +27,11 @@ class Fill:
     positions: np.ndarray
     logprobs: np.ndarray
 
+    @classmethod
+    def unchanged(cls, ids) -> "Fill":
+        """A sequence with nothing masked: its ids as they are."""
+        return cls(ids=np.asarray(ids, dtype=np.int64), positions=np.zeros(0, dtype=np.int64), logprobs=np.zeros(0))
+
 
 def encode_masked(backend: Backend, ids: list[np.ndarray], masked: list[np.ndarray], special: SpecialIds) -> np.ndarray:
     """One MLM pass; returns mlm_hidden [batch, max_n + 2, d_mlm] with h_mlm[b, i + 1] for x_i."""
@@ -161,7 +166,7 @@ def infill(backend: Backend, ids, masked, special: SpecialIds, sampling: Samplin
         return infill_batch(backend, x, m, special, sampling, [rngs[r] for r in rows], hear)
 
     return in_batches(run_batch, ids, masked, batch_size,
-                      lambda x: Fill(ids=x, positions=np.zeros(0, dtype=np.int64), logprobs=np.zeros(0)))
+                      Fill.unchanged)
 
 
 def score(backend: Backend, ids, masked, special: SpecialIds, batch_size: int = 8) -> list[np.ndarray]:

@@ -170,7 +170,7 @@ def engine_infill(backend: SlotBackend, ids, masked, special: SpecialIds, sampli
     results, sequences = [], {}
     for index, (x, m) in enumerate(zip(ids, masked)):
         x, m = np.asarray(x, dtype=np.int64), np.asarray(m, dtype=bool)
-        results.append(Fill(ids=x, positions=np.zeros(0, dtype=np.int64), logprobs=np.zeros(0)))
+        results.append(Fill.unchanged(x))
         if m.any():
             hear = None if on_token is None else (lambda *fill, index=index: on_token(index, *fill))
             sequences[index] = engine.submit(x, m, sampling, rngs[index], hear)

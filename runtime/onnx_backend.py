@@ -178,7 +178,7 @@ class OnnxBackend:
         key = (id(cache), cache.version, len(input_ids))
         if self._binding[0] != key:
             binding = self.step.io_binding()
-            binding.bind_output("last_hidden_state", "cpu")
+            binding.bind_output("last_hidden_state", "cpu")     # bound first: get_outputs()[0] below
             cache.bind(binding, *self.cache_names, len(input_ids))
             self._binding = (key, binding)
         binding = self._binding[1]

@@ -28,7 +28,6 @@ class Running:
     job: Job
     rows: list
     sequences: list
-    fills: list
 
 
 @dataclass
@@ -41,11 +40,14 @@ class ContinuousBatcher:
 
     def __post_init__(self):
         self.jobs = queue.Queue(maxsize=self.max_queue)
-        self.engine = Engine(self.infiller.backend, self.infiller.special, slots=self.max_batch_size,
-                             fixed_shapes=self.infiller.backend.fixed_shapes)
+        self.engine = self._new_engine()
         self.running: list[Running] = []
         self.worker = threading.Thread(target=self._work, name="maria-engine", daemon=True)
         self.worker.start()
+
+    def _new_engine(self) -> Engine:
+        return Engine(self.infiller.backend, self.infiller.special, slots=self.max_batch_size,
+                      fixed_shapes=self.infiller.backend.fixed_shapes)
 
     @property
     def depth(self) -> int:
@@ -61,13 +63,11 @@ class ContinuousBatcher:
         if job.cancelled:
             return
         rows = request_rows([job.request], [0])
-        running = Running(job, rows, [], [None] * len(rows))
-        for index, row in enumerate(rows):
+        running = Running(job, rows, [])
+        for row in rows:
             _, text, sample, _, rng = row
             encoded = row_encoding([job.request], row)
             if not encoded.masked.any():
-                running.fills[index] = Fill(ids=encoded.ids, positions=encoded.masked.nonzero()[0],
-                                            logprobs=encoded.masked[:0].astype(float))
                 running.sequences.append(None)
                 continue
             hear = None
@@ -101,7 +101,8 @@ class ContinuousBatcher:
             self.running.remove(running)
             job = running.job
             try:
-                fills = [fill if s is None else s.fill() for fill, s in zip(running.fills, running.sequences)]
+                fills = [Fill.unchanged(row_encoding([job.request], row).ids) if s is None else s.fill()
+                         for row, s in zip(running.rows, running.sequences)]
                 results = empty_results([job.request])
                 collect(self.infiller, [job.request], running.rows, fills, results)
                 job.finish(job.future.set_result, flat_results(results)[0])
@@ -120,7 +121,6 @@ class ContinuousBatcher:
                 for running in self.running:
                     running.job.finish(running.job.future.set_exception, error)
                 self.running.clear()
-                self.engine = Engine(self.infiller.backend, self.infiller.special, slots=self.max_batch_size,
-                                     fixed_shapes=self.infiller.backend.fixed_shapes)
+                self.engine = self._new_engine()
                 continue
             self._finish()

@@ -36,15 +36,14 @@ from .baselines import mlm_autoregressive
 from .shapes import load_shapes, random_checkpoint
 
 
-def _systems(bundle: Path, checkpoint: Path, device: str, mlm_ar: bool, dtype: str) -> dict:
-    """name -> fill(ids, masked) for one batch."""
+def _systems(bundle: Path, graphs: dict, checkpoint: Path, device: str, mlm_ar: bool, dtype: str) -> dict:
+    """name -> fill(ids, masked) for one batch; graphs: the bundle's manifest's."""
     torch_device = choose_torch_device(device)
     torch_dtype = torch.float16 if dtype == "fp16" and torch_device == "cuda" else torch.float32
     backbones, head, _ = load_maria(checkpoint, device=torch_device, dtype=torch_dtype)
     systems = {}
     onnx_devices = ["cpu"] if device == "cpu" else (["cuda"] if device == "cuda" else
                                                     (["cpu", "cuda"] if cuda_missing() is None else ["cpu"]))
-    graphs = load_manifest(bundle).graphs
     for onnx_device in onnx_devices:
         for decoder in [d for d, graph in (("engine", "ar_step"), ("concat", "ar_decoder")) if graph in graphs]:
             infiller = Infiller(bundle, device=onnx_device, decoder=decoder)
@@ -177,7 +176,7 @@ def bench(out: Path, checkpoint=None, bundle=None, shapes=None, dtype: str = "fp
     too_long = [n for n in lengths if n > manifest.max_sequence_length]
     if too_long:
         raise ValueError(f"lengths {too_long} exceed the bundle's maximum of {manifest.max_sequence_length}")
-    systems, torch_device = _systems(bundle, checkpoint, device, mlm_ar, dtype)
+    systems, torch_device = _systems(bundle, manifest.graphs, checkpoint, device, mlm_ar, dtype)
     results = measure(systems, lengths, batch_sizes, manifest.vocab_size, mask_rate, repeats, seed, console,
                       mlm_ar_max_tokens)
     _ratios(results)
