@@ -112,12 +112,10 @@ class OnnxBackend:
             self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         if self.step is not None:
             self.cache_names = (manifest.graph("ar_step").inputs[2:], manifest.graph("ar_step").outputs[1:])
-        self._binding = (None, None)         # the step's IOBinding, kept while its cache buffers stay the same
         # on a device: the cache in device memory, the step's inputs and output in persistent device buffers (one
         # set per shape) and the engine's shapes fixed, so each shape's step can be captured as a CUDA graph
         self.cache_in_ortvalues = self.device_inputs = self.fixed_shapes = self.device != "cpu"
-        self._shapes = {}                    # (rows, width) -> (input_ids, position_ids, hidden, binding, options)
-        self._shapes_cache, self._graph_ids = None, itertools.count(1)
+        self._graph_ids = itertools.count(1)
 
     def _run(self, session, feeds: dict, device_outputs=()) -> dict:
         """Runs a session. Outputs named in device_outputs come back as OrtValues left where the session put
@@ -175,13 +173,11 @@ class OnnxBackend:
     def cache_step(self, input_ids, position_ids, cache: SlotCache):
         if self.device_inputs:
             return self._cache_step_in_place(input_ids, position_ids, cache)
-        key = (id(cache), cache.version, len(input_ids))
-        if self._binding[0] != key:
-            binding = self.step.io_binding()
+        binding = cache.bindings.get(len(input_ids))     # kept with the buffers it binds (runtime/slots.py)
+        if binding is None:
+            binding = cache.bindings[len(input_ids)] = self.step.io_binding()
             binding.bind_output("last_hidden_state", "cpu")     # bound first: get_outputs()[0] below
             cache.bind(binding, *self.cache_names, len(input_ids))
-            self._binding = (key, binding)
-        binding = self._binding[1]
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
         binding.bind_output("last_hidden_state", "cpu")       # a fresh output each step (its shape changes)
@@ -192,11 +188,8 @@ class OnnxBackend:
         """The step with its inputs and output in persistent buffers on the device, one set per (rows, width): a
         CUDA graph captured for a shape replays on the same addresses. The host copies the ids in and the hidden
         states out; the cache stays where it is."""
-        buffers = (id(cache), cache.version)
-        if buffers != self._shapes_cache:
-            self._shapes, self._shapes_cache = {}, buffers
         rows, width = input_ids.shape
-        if (rows, width) not in self._shapes:
+        if (rows, width) not in cache.bindings:
             on_device = [ort.OrtValue.ortvalue_from_numpy(np.array(a, dtype=np.int64), self.device, self.device_id)
                          for a in (input_ids, position_ids)]
             hidden = ort.OrtValue.ortvalue_from_shape_and_type([rows, width, self.manifest.ar_hidden_size],
@@ -209,12 +202,12 @@ class OnnxBackend:
             options = ort.RunOptions()
             if self.cuda_graph:
                 options.add_run_config_entry("gpu_graph_id", str(next(self._graph_ids)))     # captured on first run
-            self._shapes[rows, width] = (*on_device, hidden, binding, options)
+            cache.bindings[rows, width] = (*on_device, hidden, binding, options)
         else:
-            on_device = self._shapes[rows, width][:2]
+            on_device = cache.bindings[rows, width][:2]
             on_device[0].update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))
             on_device[1].update_inplace(np.ascontiguousarray(position_ids, dtype=np.int64))
-        _, _, hidden, binding, options = self._shapes[rows, width]
+        _, _, hidden, binding, options = cache.bindings[rows, width]
         self.step.run_with_iobinding(binding, options)
         return hidden.numpy()
 

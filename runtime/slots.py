@@ -29,7 +29,10 @@ class SlotCache:
         self.layers, self.kv_heads, self.head_dim, self.dtype = layers, kv_heads, head_dim, np.dtype(dtype)
         self.slots, self.device, self.device_id = slots, device, device_id
         self.ortvalues = device != "cpu" if ortvalues is None else ortvalues
-        self.capacity, self.buffers, self.version = 0, [], 0        # version: counts the buffers' reallocations
+        self.capacity, self.buffers = 0, []
+        # the IOBindings that point at these buffers, made by the backend and kept with them: a binding must never
+        # outlive the memory it names, so a resize drops them and they go when the cache does
+        self.bindings = {}
         self.resize(capacity)
 
     def shapes(self, rows: int, capacity: int) -> list[tuple]:
@@ -53,7 +56,7 @@ class SlotCache:
                     host[:, :, :keep] = self.buffers[index].numpy()[:, :, :keep]
                 buffer = ort.OrtValue.ortvalue_from_numpy(host, self.device, self.device_id)
             fresh.append(buffer)
-        self.buffers, self.capacity, self.version = fresh, capacity, self.version + 1
+        self.buffers, self.capacity, self.bindings = fresh, capacity, {}
 
     def pointer(self, index: int) -> int:
         buffer = self.buffers[index]

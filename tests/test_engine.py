@@ -104,8 +104,9 @@ def test_the_device_path_on_the_cpu_gives_the_same_fills(bundles):
     plain = infiller.fill_ids(ids, masked, batch_size=3)
     backend = infiller.backend
     backend.cache_in_ortvalues = backend.device_inputs = backend.fixed_shapes = True
-    shapes, step = [], backend.cache_step
-    backend.cache_step = lambda x, p, cache: shapes.append((x.shape, cache.capacity)) or step(x, p, cache)
+    shapes, caches, step = [], [], backend.cache_step
+    backend.cache_step = lambda x, p, cache: shapes.append((x.shape, cache.capacity)) or caches.append(cache) or \
+        step(x, p, cache)
     device_like = infiller.fill_ids(ids, masked, batch_size=3)
     for a, b in zip(plain, device_like):
         assert np.array_equal(a.ids, b.ids)
@@ -113,7 +114,8 @@ def test_the_device_path_on_the_cpu_gives_the_same_fills(bundles):
     assert all(rows == 3 and width & (width - 1) == 0 for (rows, width), _ in shapes)
     capacities = [capacity for _, capacity in shapes]
     assert capacities == sorted(capacities)                      # sized when sequences join, never shrunk
-    assert len(backend._shapes) < len(shapes)                    # buffers reused across steps of one shape
+    final = [shape for shape in shapes if shape[1] == capacities[-1]]
+    assert len(caches[-1].bindings) < len(final)                 # one binding per shape, reused across its steps
 
 
 def test_decoder_switch_names_what_a_bundle_lacks(bundles, checkpoints, tmp_path):
@@ -162,3 +164,21 @@ def test_a_bundle_from_before_the_engine_fills_through_the_concat_decoder(bundle
     assert [f.ids.tolist() for f in old.fill_ids(ids, masked)] == [f.ids.tolist() for f in want]
     with pytest.raises(ValueError, match="--decoder engine needs ar_step.onnx"):
         Infiller(folder, device="cpu", decoder="engine")
+
+
+def test_step_bindings_live_with_the_cache_they_point_at(bundles):
+    """A binding names the cache's memory: it is kept on the cache, dropped by a resize, and never reused for
+    another cache (one freed and replaced at the same id() once got the old, freed buffers)."""
+    backend = Infiller(bundles["olmo"], device="cpu").backend
+    ids, positions = np.array([[7, 8, 9]]), np.array([[0, 1, 2]])
+    first = backend.new_cache(1, 16)
+    want = backend.cache_step(ids, positions, first)
+    assert list(first.bindings) == [1]
+    first.resize(32)
+    assert first.bindings == {}
+    del first
+    for capacity in (16, 48, 32, 80) * 10:                        # each cache freed before the next is made, so
+        cache = backend.new_cache(1, capacity)                    # a new one often takes the old one's id()
+        np.testing.assert_allclose(backend.cache_step(ids, positions, cache), want, atol=1e-6)
+        assert cache.read(0)[:, :, :3].any() and not cache.read(0)[:, :, 3:].any()
+        del cache
