@@ -22,7 +22,7 @@ import onnxruntime as ort
 from .manifest import REEXPORT, Manifest
 from .device import gpu_index
 from .sessions import make_session, provider_name, providers_for
-from .slots import SlotCache, capacity_for
+from .slots import CAPACITY_AXIS, SlotCache, capacity_for
 
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
 ELEMENTS = {"fp32": "tensor(float)", "fp16": "tensor(float16)"}
@@ -50,10 +50,12 @@ def check_graphs(manifest: Manifest, sessions: dict) -> None:
     if "ar_decoder" in m.graphs:
         for name in (n for n in m.graph("ar_decoder").inputs if n.startswith("past_key_values.")):
             expected["ar_decoder"][name] = (element, {1: m.num_key_value_heads, 3: m.head_dim})
-    if "ar_step" in m.graphs:
+    if "ar_step" in m.graphs:     # a fixed size where the capacity belongs is another layout (an earlier export)
         expected["ar_step"] = {"last_hidden_state": (element, {-1: m.ar_hidden_size})}
         for name in (n for n in m.graph("ar_step").inputs if n.startswith("cache.")):
-            expected["ar_step"][name] = (element, {1: m.num_key_value_heads, 3: m.head_dim})
+            capacity = CAPACITY_AXIS[name.rsplit(".", 1)[1]]
+            expected["ar_step"][name] = (element, {1: m.num_key_value_heads, 5 - capacity: m.head_dim,
+                                                   capacity: "capacity"})
     for graph, session in sessions.items():
         declared, spec = _declared(session), m.graph(graph)
         names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])

@@ -1,17 +1,20 @@
 """The KV cache of the step graph (ar_step.onnx): one preallocated buffer per layer for keys and one for values,
 a row (slot) per sequence, written in place by the graph and never copied between steps.
 
-    keys, values [slots, kv_heads, capacity, head_dim]
+    keys   [slots, kv_heads, capacity, head_dim]
+    values [slots, kv_heads, head_dim, capacity]      (transposed: see export/step.py)
 
-Position p of a sequence lives at index p of its slot. A step over the first `rows` slots binds each buffer's
-first rows (a contiguous prefix) as both the graph's cache.* input and its cache_out.* output, so ONNX Runtime's
-scatter writes the new keys and values into the buffer itself. On CUDA the buffers are device memory that no step
+Position p of a sequence lives at index p of its slot's capacity axis. A step over the first `rows` slots binds
+each buffer's first rows (a contiguous prefix) as both the graph's cache.* input and its cache_out.* output, so
+ONNX Runtime's scatters write the new keys and values into the buffer itself. On CUDA the buffers are device memory that no step
 copies to the host. `resize` changes the capacity of every slot, keeping what each holds (the one copy, made when
 the longest sequence outgrows the buffer, amortized over many steps by growing in blocks).
 """
 
 import numpy as np
 import onnxruntime as ort
+
+CAPACITY_AXIS = {"key": 2, "value": 3}          # of the step graph's cache.N.key and cache.N.value
 
 
 def capacity_for(positions: int) -> int:
@@ -37,23 +40,25 @@ class SlotCache:
 
     def shapes(self, rows: int, capacity: int) -> list[tuple]:
         """The shape of every buffer (key, value per layer) over `rows` slots."""
-        return [(rows, self.kv_heads, capacity, self.head_dim)] * (2 * self.layers)
+        return [(rows, self.kv_heads, capacity, self.head_dim), (rows, self.kv_heads, self.head_dim, capacity)] \
+            * self.layers
 
     def resize(self, capacity: int) -> None:
         """Every slot gets `capacity` positions; the first min(old, new) of each are kept."""
         if capacity == self.capacity:
             return
         keep = min(capacity, self.capacity)
+        kept = (np.s_[:, :, :keep], np.s_[:, :, :, :keep])         # of a key buffer, of a value buffer
         fresh = []
         for index, shape in enumerate(self.shapes(self.slots, capacity)):
             if not self.ortvalues:
                 buffer = np.zeros(shape, dtype=self.dtype)
                 if keep:
-                    buffer[:, :, :keep] = self.buffers[index][:, :, :keep]
+                    buffer[kept[index % 2]] = self.buffers[index][kept[index % 2]]
             else:                   # device memory, zeroed (masked positions must hold finite values: 0 x NaN is
                 host = np.zeros(shape, dtype=self.dtype)        # NaN); resized through the host, once per resize
                 if keep:
-                    host[:, :, :keep] = self.buffers[index].numpy()[:, :, :keep]
+                    host[kept[index % 2]] = self.buffers[index].numpy()[kept[index % 2]]
                 buffer = ort.OrtValue.ortvalue_from_numpy(host, self.device, self.device_id)
             fresh.append(buffer)
         self.buffers, self.capacity, self.bindings = fresh, capacity, {}
@@ -70,7 +75,9 @@ class SlotCache:
             binding.bind_output(out, self.device, self.device_id, self.dtype, list(shape), pointer)
 
     def read(self, index: int) -> np.ndarray:
-        """A copy of one buffer on the host (for tests and inspection)."""
+        """A copy of one buffer on the host as [slots, kv_heads, capacity, head_dim], values too (for tests and
+        inspection)."""
         buffer = self.buffers[index]
-        return np.array(buffer.numpy() if self.ortvalues else buffer)
+        buffer = np.array(buffer.numpy() if self.ortvalues else buffer)
+        return buffer if index % 2 == 0 else buffer.transpose(0, 1, 3, 2).copy()
 

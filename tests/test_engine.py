@@ -84,9 +84,10 @@ def test_the_step_writes_the_cache_in_place(bundles):
 
 def test_cache_resize_keeps_each_slot_and_device_buffers_work_the_same(bundles):
     cache = SlotCache(layers=1, kv_heads=2, head_dim=4, dtype=np.float32, slots=2, capacity=3)
-    cache.buffers[0][:] = np.arange(2 * 2 * 3 * 4).reshape(2, 2, 3, 4)
-    cache.buffers[1][:] = -np.arange(2 * 2 * 3 * 4).reshape(2, 2, 3, 4)
+    cache.buffers[0][:] = np.arange(2 * 2 * 3 * 4).reshape(2, 2, 3, 4)                       # [slots, kv, C, d]
+    cache.buffers[1][:] = -np.arange(2 * 2 * 3 * 4).reshape(2, 2, 4, 3)                      # [slots, kv, d, C]
     keys, values = cache.read(0), cache.read(1)
+    assert np.array_equal(values, cache.buffers[1].transpose(0, 1, 3, 2))          # read: positions on axis 2
     cache.resize(5)
     assert np.array_equal(cache.read(0)[:, :, :3], keys) and np.array_equal(cache.read(1)[:, :, :3], values)
     assert not cache.read(0)[:, :, 3:].any()
@@ -164,6 +165,29 @@ def test_a_bundle_from_before_the_engine_fills_through_the_concat_decoder(bundle
     assert [f.ids.tolist() for f in old.fill_ids(ids, masked)] == [f.ids.tolist() for f in want]
     with pytest.raises(ValueError, match="--decoder engine needs ar_step.onnx"):
         Infiller(folder, device="cpu", decoder="engine")
+
+
+def test_a_step_graph_with_the_earlier_cache_layout_is_refused_in_one_line(bundles, tmp_path):
+    """Values stored [b, kv, C, d] (before they were stored transposed) would fill wrong: the declared shapes name
+    it, and loading says to re-export."""
+    import json
+    import shutil
+    import onnx
+    from runtime.manifest import sha256
+    folder = shutil.copytree(bundles["olmo"], tmp_path / "earlier")
+    graph = onnx.load(str(folder / "ar_step.onnx"))
+    for value in [*graph.graph.input, *graph.graph.output]:
+        if value.name.endswith(".value"):
+            dims = value.type.tensor_type.shape.dim
+            dims[2].dim_param, dims[3].dim_value = "capacity", int(dims[2].dim_value)
+    onnx.save(graph, str(folder / "ar_step.onnx"))
+    manifest = json.loads((folder / "maria.json").read_text())
+    manifest["files"]["ar_step.onnx"] = sha256(folder / "ar_step.onnx")
+    (folder / "maria.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"ar_step.onnx 'cache.0.value' is .*'capacity', \d+\], but the manifest "
+                                         r"describes .* re-export the bundle") as error:
+        Infiller(folder, device="cpu")
+    assert "\n" not in str(error.value)
 
 
 def test_step_bindings_live_with_the_cache_they_point_at(bundles):

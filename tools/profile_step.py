@@ -1,6 +1,7 @@
 """Operator profile of one decoder step, the concat decoder (ar_decoder.onnx) and the engine's step (ar_step.onnx,
-the cache written in place): batch 8, 1,024 tokens in the cache, one new token; ONNX Runtime's own profiler over
-35 runs. A bundle with both graphs (what `maria bench` exports):
+the cache written in place): batch 8, 1,024 tokens in the cache, 1 and 4 new tokens (a batch's chunk is as wide
+as its longest row's); ONNX Runtime's own profiler, kernel time averaged over 30 runs after 5 warm-up runs. A
+bundle with both graphs (what `maria bench` exports):
 
     python -m tools.profile_step BUNDLE OUT.json
 """
@@ -13,43 +14,84 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-bundle, out = sys.argv[1], sys.argv[2]
-m = json.load(open(f"{bundle}/maria.json"))
-L, kv, hd = m["num_hidden_layers"], m["num_key_value_heads"], m["head_dim"]
-b, P, T, runs = 8, 1024, 1, 30
-def profile(path, disabled, run_once):
-    o = ort.SessionOptions(); o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    o.enable_profiling = True; o.profile_file_prefix = str(Path(out).with_suffix("")) + "-ort"
-    s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
-    state = {}
-    for _ in range(5 + runs): run_once(s, state)
-    trace = s.end_profiling()
-    ev = json.load(open(trace))
+BATCH, CACHED, WARMUP, RUNS = 8, 1024, 5, 30
+CAPACITY = CACHED + 64                  # the engine's buffer holds what the step writes, and a block more
+
+
+def kernel_times(session, run_once) -> dict:
+    for _ in range(WARMUP + RUNS):
+        run_once()
+    trace = session.end_profiling()
+    events = json.loads(Path(trace).read_text())
     os.remove(trace)
-    node = [e for e in ev if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    agg = collections.Counter(); total = 0
-    for e in node: agg[e["args"]["op_name"]] += e["dur"]; total += e["dur"]
-    per_run = {k: v / (5 + runs) / 1000 for k, v in agg.most_common()}
-    return {"ms_per_step_in_kernels": total / (5 + runs) / 1000,
-            "share": {k: round(v / total, 3) for k, v in agg.most_common(8)}, "ms_by_op": {k: round(v, 3) for k, v in list(per_run.items())[:8]}}
-def old_once(s, st):
-    if not st:
-        st["f"] = dict(input_ids=np.full((b, T), 7), attention_mask=np.ones((b, P + T), np.int64),
-                       position_ids=np.tile(np.arange(P, P + T), (b, 1)),
-                       **{f"past_key_values.{l}.{k}": np.random.rand(b, kv, P, hd).astype(np.float32) for l in range(L) for k in ("key", "value")})
-    s.run(None, st["f"])
-def new_once(s, st):
-    if not st:
-        C = P + 64
-        st["c"] = [np.random.rand(b, kv, C, hd).astype(np.float32) for i in range(2 * L)]
-        bd = s.io_binding()
-        for i, a in enumerate(st["c"]):
-            n = f"cache.{i // 2}.{'key' if i % 2 == 0 else 'value'}"
-            bd.bind_input(n, "cpu", 0, np.float32, a.shape, a.ctypes.data); bd.bind_output(n.replace("cache.", "cache_out."), "cpu", 0, np.float32, a.shape, a.ctypes.data)
-        st["b"] = bd
-    bd = st["b"]; bd.bind_cpu_input("input_ids", np.full((b, T), 7)); bd.bind_cpu_input("position_ids", np.tile(np.arange(P, P + T), (b, 1)))
-    bd.bind_output("last_hidden_state", "cpu"); s.run_with_iobinding(bd)
-report = {"shape": {"batch": b, "cached_tokens": P, "new_tokens": T, "layers": L, "kv_heads": kv, "head_dim": hd},
-          "ar_decoder (concat)": profile(f"{bundle}/ar_decoder.onnx", [], old_once),
-          "ar_step (in place, capacity 1088)": profile(f"{bundle}/ar_step.onnx", ["MatMulScaleFusion"], new_once)}
-json.dump(report, open(out, "w"), indent=2); print(json.dumps(report, indent=2))
+    by_op, total = collections.Counter(), 0
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            by_op[event["args"]["op_name"]] += event["dur"]
+            total += event["dur"]
+    ms = 1000 * (WARMUP + RUNS)
+    return {"ms_per_step_in_kernels": round(total / ms, 3),
+            "share": {op: round(t / total, 3) for op, t in by_op.most_common(8)},
+            "ms_by_op": {op: round(t / ms, 3) for op, t in by_op.most_common(8)}}
+
+
+def session(path: Path, prefix: str, disabled=()) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.enable_profiling, options.profile_file_prefix = True, prefix
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(disabled))
+
+
+def chunk(new: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((BATCH, new), 7, dtype=np.int64), np.tile(np.arange(CACHED, CACHED + new), (BATCH, 1))
+
+
+def profile_concat(bundle: Path, prefix: str, new: int) -> dict:
+    s = session(bundle / "ar_decoder.onnx", prefix)
+    rng = np.random.default_rng(0)
+    input_ids, position_ids = chunk(new)
+    feeds = {"input_ids": input_ids, "attention_mask": np.ones((BATCH, CACHED + new), np.int64),
+             "position_ids": position_ids}
+    for value in s.get_inputs()[3:]:
+        shape = [BATCH if d == "batch_size" else CACHED if isinstance(d, str) else d for d in value.shape]
+        feeds[value.name] = rng.random(shape, dtype=np.float32)
+    return kernel_times(s, lambda: s.run(None, feeds))
+
+
+def profile_step(bundle: Path, prefix: str, new: int) -> dict:
+    s = session(bundle / "ar_step.onnx", prefix, disabled=("MatMulScaleFusion",))     # as runtime/onnx_backend.py
+    rng = np.random.default_rng(0)
+    binding = s.io_binding()
+    binding.bind_output("last_hidden_state", "cpu")
+    cache = []
+    for value in s.get_inputs()[2:]:
+        shape = [BATCH if d == "batch_size" else CAPACITY if d == "capacity" else d for d in value.shape]
+        cache.append(rng.random(shape, dtype=np.float32))
+        binding.bind_input(value.name, "cpu", 0, np.float32, shape, cache[-1].ctypes.data)
+        binding.bind_output(value.name.replace("cache.", "cache_out."), "cpu", 0, np.float32, shape,
+                            cache[-1].ctypes.data)
+    input_ids, position_ids = chunk(new)
+
+    def run_once():
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("position_ids", position_ids)
+        binding.bind_output("last_hidden_state", "cpu")
+        s.run_with_iobinding(binding)
+    return kernel_times(s, run_once)
+
+
+def main(bundle: Path, out: Path) -> None:
+    m = json.loads((bundle / "maria.json").read_text())
+    prefix = str(out.with_suffix("")) + "-ort"
+    report = {"shape": {"batch": BATCH, "cached_tokens": CACHED, "step_capacity": CAPACITY,
+                        "layers": m["num_hidden_layers"], "kv_heads": m["num_key_value_heads"],
+                        "head_dim": m["head_dim"]}}
+    for new in (1, 4):
+        report[f"{new} new tokens"] = {"ar_decoder (concat)": profile_concat(bundle, prefix, new),
+                                       "ar_step (in place)": profile_step(bundle, prefix, new)}
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
