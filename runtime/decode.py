@@ -33,15 +33,38 @@ class Fill:
         return cls(ids=np.asarray(ids, dtype=np.int64), positions=np.zeros(0, dtype=np.int64), logprobs=np.zeros(0))
 
 
+def length_groups(lengths: list[int], waste: float = 0.5) -> list[list[int]]:
+    """Indices in groups of similar length, longest first: padding a group to its longest adds at most `waste`
+    times its real tokens."""
+    groups = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        group = groups[-1] if groups else None
+        if group and lengths[group[0]] * (len(group) + 1) <= (1 + waste) * (sum(lengths[i] for i in group)
+                                                                            + lengths[index]):
+            group.append(index)
+        else:
+            groups.append([index])
+    return groups
+
+
 def encode_masked(backend: Backend, ids: list[np.ndarray], masked: list[np.ndarray], special: SpecialIds) -> np.ndarray:
-    """One MLM pass; returns mlm_hidden [batch, max_n + 2, d_mlm] with h_mlm[b, i + 1] for x_i."""
-    width = max(len(x) for x in ids) + 2
-    input_ids = np.full((len(ids), width), special.pad, dtype=np.int64)
-    attention_mask = np.zeros((len(ids), width), dtype=np.int64)
-    for row, (x, m) in enumerate(zip(ids, masked)):
-        input_ids[row, : len(x) + 2] = [special.cls, *np.where(m, special.mask, x), special.sep]
-        attention_mask[row, : len(x) + 2] = 1
-    return backend.mlm_hidden(input_ids, attention_mask)
+    """The MLM pass; returns mlm_hidden [batch, max_n + 2, d_mlm] with h_mlm[b, i + 1] for x_i (what lies past
+    a sequence's end is not defined). Sequences of very different lengths run in separate calls (length_groups): padded to the
+    longest, a short text costs as much as a long one."""
+    mlm_hidden = None
+    for group in length_groups([len(ids[row]) + 2 for row in range(len(ids))]):
+        width = len(ids[group[0]]) + 2
+        input_ids = np.full((len(group), width), special.pad, dtype=np.int64)
+        attention_mask = np.zeros((len(group), width), dtype=np.int64)
+        for at, row in enumerate(group):
+            x, m = ids[row], masked[row]
+            input_ids[at, : len(x) + 2] = [special.cls, *np.where(m, special.mask, x), special.sep]
+            attention_mask[at, : len(x) + 2] = 1
+        hidden = backend.mlm_hidden(input_ids, attention_mask)
+        if mlm_hidden is None:                  # the first group holds the longest sequence
+            mlm_hidden = np.zeros((len(ids), width, hidden.shape[-1]), dtype=hidden.dtype)
+        mlm_hidden[group, :width] = hidden
+    return mlm_hidden
 
 
 @dataclass

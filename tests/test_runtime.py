@@ -12,6 +12,7 @@ import pytest
 from maria_onnx.checkpoint import load_maria
 from maria_onnx.reference import reference_infill, reference_score
 from runtime.choose import Sampling
+from runtime.decode import encode_masked, length_groups
 from runtime.infiller import Infiller
 from runtime.sessions import gpu_present
 from tiny import corpus
@@ -143,3 +144,28 @@ def test_cuda_io_binding_fills_like_cpu(bundles):
     for a, b in zip(cpu.fill_ids(ids, masked, batch_size=4), cuda.fill_ids(ids, masked, batch_size=4)):
         assert np.array_equal(a.ids, b.ids)
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-3)
+
+
+def test_length_groups_bound_the_padding_and_keep_every_sequence():
+    lengths = [248, 12, 12, 248, 248, 10, 248, 12, 12, 12, 12, 9, 12, 60]
+    groups = length_groups(lengths)
+    assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
+    for group in groups:
+        longest = max(lengths[i] for i in group)
+        assert lengths[group[0]] == longest and longest * len(group) <= 1.5 * sum(lengths[i] for i in group)
+    assert len(groups) > 1 and set(groups[0]) >= {0, 3, 4, 6}                   # the long ones run together
+
+
+def test_the_mlm_pass_in_length_groups_equals_each_text_alone(bundles):
+    infiller = Infiller(bundles["olmo"], device="cpu")
+    rng = np.random.default_rng(5)
+    ids = [rng.integers(6, infiller.manifest.vocab_size, n) for n in (150, 4, 6, 140, 5)]
+    masked = [rng.random(len(x)) < 0.3 for x in ids]
+    shapes = []
+    run = infiller.backend.mlm_hidden
+    infiller.backend.mlm_hidden = lambda input_ids, mask: shapes.append(input_ids.shape) or run(input_ids, mask)
+    hidden = encode_masked(infiller.backend, ids, masked, infiller.special)
+    assert hidden.shape[:2] == (5, 152) and sum(r * w for r, w in shapes) < 5 * 152      # less padding than one call
+    for row, (x, m) in enumerate(zip(ids, masked)):
+        alone = encode_masked(infiller.backend, [x], [m], infiller.special)[0]
+        np.testing.assert_allclose(hidden[row, : len(x) + 2], alone, atol=1e-5)
