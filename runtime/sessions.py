@@ -79,6 +79,11 @@ def make_session(path: Path, providers: list, insist: bool = False,
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    # ONNX Runtime's pool threads spin between calls by default, taking the cores that the Python between the
+    # decode loop's many small calls (and a server's event loop) needs. Without spinning, on the 2-core CPU
+    # machine, fills took 18-24% less time (batch 8 x 512 and batch 1 x 128, both decoders, one run each) and
+    # `maria serve` answered 1.4-1.7x the requests under the uneven load of docs/benchmarks.md (two runs each)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), sess_options=options, providers=providers,
                                    disabled_optimizers=list(disabled_optimizers))
     wanted, got = provider_name(providers[0]), session.get_providers()[0]
