@@ -121,14 +121,14 @@ class Engine:
         self._ensure_capacity(width)
         rows = self.slots if self.fixed_shapes else max(self.active) + 1
         input_ids = np.full((rows, width), self.special.pad, dtype=np.int64)
-        position_ids = np.broadcast_to(np.arange(width, dtype=np.int64), (rows, width)).copy()
-        for slot, s in self.active.items():          # free slots in range feed padding into themselves
+        cursors = np.zeros(rows, dtype=np.int64)       # free slots in range feed padding into themselves
+        for slot, s in self.active.items():
             input_ids[slot, : ends[slot] - s.cursor] = s.tokens[s.cursor:ends[slot]]
-            position_ids[slot] += s.cursor
-        hidden = self.backend.cache_step(input_ids, position_ids, self.cache)
+            cursors[slot] = s.cursor
+        hidden = self.backend.cache_step(input_ids, cursors[:, None] + np.arange(width), self.cache)
         order = sorted(self.active)
         sequences = [self.active[slot] for slot in order]
-        ar_hidden = np.stack([hidden[slot, ends[slot] - self.active[slot].cursor - 1] for slot in order])
+        ar_hidden = hidden[order, [ends[slot] - 1 for slot in order] - cursors[order]]
         mlm_hidden = np.stack([s.mlm_hidden[s.targets[s.filled] + 1] for s in sequences])
         logits = self.backend.fuse(mlm_hidden, ar_hidden)
         self._choose(sequences, logits)

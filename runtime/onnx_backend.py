@@ -178,13 +178,13 @@ class OnnxBackend:
         binding = cache.bindings.get(len(input_ids))     # kept with the buffers it binds (runtime/slots.py)
         if binding is None:
             binding = cache.bindings[len(input_ids)] = self.step.io_binding()
-            binding.bind_output("last_hidden_state", "cpu")     # bound first: get_outputs()[0] below
             cache.bind(binding, *self.cache_names, len(input_ids))
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
-        binding.bind_output("last_hidden_state", "cpu")       # a fresh output each step (its shape changes)
+        hidden = np.empty((*input_ids.shape, self.manifest.ar_hidden_size), dtype=self.dtype)     # written by the
+        binding.bind_output("last_hidden_state", "cpu", 0, self.dtype, list(hidden.shape), hidden.ctypes.data)  # run
         self.step.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()
+        return hidden
 
     def _cache_step_in_place(self, input_ids, position_ids, cache: SlotCache):
         """The step with its inputs and output in persistent buffers on the device, one set per (rows, width): a
