@@ -96,6 +96,29 @@ def test_cache_resize_keeps_each_slot_and_device_buffers_work_the_same(bundles):
     assert [capacity_for(n) for n in (1, 16, 17, 100, 1000, 1025)] == [16, 16, 32, 112, 1024, 1152]
 
 
+@pytest.mark.parametrize("ortvalues", [False, True])
+def test_resizes_in_turn_keep_what_each_slot_holds_and_zero_the_rest(ortvalues):
+    """Host buffers take turns in two arenas, so a resize writes over what an earlier one left there: every
+    position past what is kept must come back zeroed, whatever the arena held."""
+    cache = SlotCache(layers=2, kv_heads=2, head_dim=4, dtype=np.float32, slots=3, capacity=4, ortvalues=ortvalues)
+    rng = np.random.default_rng(0)
+    kept = 4
+    written = [rng.random(cache.read(i).shape, dtype=np.float32) + 1 for i in range(4)]    # never zero
+    for index, values in enumerate(written):
+        host = values if index % 2 == 0 else values.transpose(0, 1, 3, 2).copy()
+        if ortvalues:
+            cache.buffers[index].update_inplace(host)
+        else:
+            cache.buffers[index][:] = host
+    for capacity in (6, 9, 3, 12, 13, 5, 40):
+        cache.resize(capacity)
+        kept = min(kept, capacity)
+        for index, values in enumerate(written):
+            now = cache.read(index)
+            assert now.shape == (3, 2, capacity, 4)
+            assert np.array_equal(now[:, :, :kept], values[:, :, :kept]) and not now[:, :, kept:].any()
+
+
 
 def test_the_device_path_on_the_cpu_gives_the_same_fills(bundles):
     """What runs on CUDA, exercised on the CPU execution provider: the cache in OrtValues, the step's inputs and
