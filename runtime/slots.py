@@ -36,6 +36,7 @@ class SlotCache:
         # the IOBindings that point at these buffers, made by the backend and kept with them: a binding must never
         # outlive the memory it names, so a resize drops them and they go when the cache does
         self.bindings = {}
+        self._arenas, self._turn = [np.empty(0, self.dtype), np.empty(0, self.dtype)], 1     # host buffers' memory
         self.resize(capacity)
 
     def shapes(self, rows: int, capacity: int) -> list[tuple]:
@@ -68,12 +69,11 @@ class SlotCache:
         copy itself (a resize of 8 slots x 1,024 positions: 30 ms fresh, 4 ms reused). Host memory: up to 2.5x
         the buffers' own."""
         sizes = [int(np.prod(shape)) for shape in shapes]
-        self._turn = 1 - getattr(self, "_turn", 1)
-        arenas = self.__dict__.setdefault("_arenas", [np.empty(0, self.dtype), np.empty(0, self.dtype)])
-        if not sum(sizes) <= arenas[self._turn].size <= 2 * sum(sizes):     # too small, or far too large
-            arenas[self._turn] = np.empty(sum(sizes) * 5 // 4, self.dtype)   # room for a few resizes more
+        self._turn = 1 - self._turn
+        if not sum(sizes) <= self._arenas[self._turn].size <= 2 * sum(sizes):     # too small, or far too large
+            self._arenas[self._turn] = np.empty(sum(sizes) * 5 // 4, self.dtype)   # room for a few resizes more
         offsets = np.cumsum([0, *sizes])
-        return [arenas[self._turn][start:start + size].reshape(shape)
+        return [self._arenas[self._turn][start:start + size].reshape(shape)
                 for start, size, shape in zip(offsets, sizes, shapes)]
 
     def pointer(self, index: int) -> int:
