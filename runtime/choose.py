@@ -28,11 +28,13 @@ class Sampling:
         return self.temperature == 0
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """[rows, V] -> [rows, V], in float64 for stable sums."""
-    logits = logits.astype(np.float64)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+def token_logprobs(logits: np.ndarray, tokens) -> np.ndarray:
+    """log p(tokens[r]) under softmax(logits[r]) for each row of logits [rows, V] -> [rows] float64: the token's
+    logit less the row's log-sum-exp, the exponentials in the logits' own precision (fast) and summed in float64."""
+    top = logits.max(axis=-1, keepdims=True)
+    total = np.exp(logits - top).sum(axis=-1, dtype=np.float64)
+    picked = logits[np.arange(len(logits)), np.asarray(tokens, dtype=np.int64)].astype(np.float64)
+    return picked - top[:, 0] - np.log(total)
 
 
 def _sample_row(scores: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
@@ -54,11 +56,11 @@ def _sample_row(scores: np.ndarray, sampling: Sampling, rng: np.random.Generator
 def choose_tokens(logits: np.ndarray, banned_ids, sampling: Sampling, rngs: list[np.random.Generator]):
     """logits [rows, V] -> (token ids [rows], their log-probabilities under the head's full distribution [rows]).
     Row r samples with rngs[r]."""
-    scores = logits.astype(np.float64).copy()
+    scores = logits.copy()
     scores[:, list(banned_ids)] = -np.inf
     if sampling.greedy:
         tokens = scores.argmax(axis=-1)
     else:
-        tokens = np.array([_sample_row(row, sampling, rng) for row, rng in zip(scores, rngs)], dtype=np.int64)
-    logprobs = log_softmax(logits)[np.arange(len(tokens)), tokens]
-    return tokens.astype(np.int64), logprobs
+        tokens = np.array([_sample_row(row.astype(np.float64), sampling, rng) for row, rng in zip(scores, rngs)],
+                          dtype=np.int64)
+    return tokens.astype(np.int64), token_logprobs(logits, tokens)

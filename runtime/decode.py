@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from .backend import Backend, SpecialIds
-from .choose import Sampling, choose_tokens, log_softmax
+from .choose import Sampling, choose_tokens, token_logprobs
 
 @dataclass
 class Fill:
@@ -156,7 +156,7 @@ def teacher_forced_logits(backend: Backend, ids, masked, special: SpecialIds) ->
 def score_batch(backend: Backend, ids, masked, special: SpecialIds) -> list[np.ndarray]:
     """Teacher forced, one pass: -log p(x_i) of the true tokens at each sequence's masked positions."""
     logits = teacher_forced_logits(backend, ids, masked, special)
-    return [-log_softmax(l)[np.arange(len(l)), x[np.flatnonzero(m)]] for l, x, m in zip(logits, ids, masked)]
+    return [-token_logprobs(l, x[np.flatnonzero(m)]) for l, x, m in zip(logits, ids, masked)]
 
 
 def in_batches(run_batch, ids, masked, batch_size: int, unmasked) -> list:

@@ -9,7 +9,7 @@ Both need a backend with `ar_logits` (OnnxBackend on a bundle with ar_lm_head.on
 import numpy as np
 
 from .backend import SpecialIds
-from .choose import Sampling, choose_tokens, log_softmax
+from .choose import Sampling, choose_tokens, token_logprobs
 from .decode import teacher_forced_ar
 
 
@@ -20,9 +20,7 @@ def ar_token_logprobs(backend, ids: list[np.ndarray], special: SpecialIds, batch
         batch = [np.asarray(x, dtype=np.int64) for x in ids[begin:begin + batch_size]]
         hidden, attention_mask = teacher_forced_ar(backend, batch, special)
         real = attention_mask.astype(bool)
-        logprobs = log_softmax(backend.ar_logits(hidden[real]))             # [tokens, V]
-        targets = np.concatenate(batch)
-        picked = logprobs[np.arange(len(targets)), targets]
+        picked = token_logprobs(backend.ar_logits(hidden[real]), np.concatenate(batch))       # [tokens]
         out += np.split(picked, np.cumsum([len(x) for x in batch])[:-1])
     return out
 

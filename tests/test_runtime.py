@@ -11,7 +11,7 @@ import pytest
 
 from maria_onnx.checkpoint import load_maria
 from maria_onnx.reference import reference_infill, reference_score
-from runtime.choose import Sampling
+from runtime.choose import Sampling, token_logprobs
 from runtime.decode import encode_masked, length_groups
 from runtime.infiller import Infiller
 from runtime.sessions import gpu_present
@@ -169,3 +169,12 @@ def test_the_mlm_pass_in_length_groups_equals_each_text_alone(bundles):
     for row, (x, m) in enumerate(zip(ids, masked)):
         alone = encode_masked(infiller.backend, [x], [m], infiller.special)[0]
         np.testing.assert_allclose(hidden[row, : len(x) + 2], alone, atol=1e-5)
+
+
+def test_token_logprobs_equal_a_float64_log_softmax():
+    rng = np.random.default_rng(2)
+    logits = (rng.standard_normal((6, 50_000)) * 30).astype(np.float32)     # wide range: exp would overflow
+    tokens = rng.integers(0, 50_000, 6)
+    wide = logits.astype(np.float64)
+    exact = wide[np.arange(6), tokens] - wide.max(-1) - np.log(np.exp(wide - wide.max(-1, keepdims=True)).sum(-1))
+    np.testing.assert_allclose(token_logprobs(logits, tokens), exact, atol=1e-6, rtol=0)
