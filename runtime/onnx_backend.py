@@ -54,7 +54,8 @@ def check_graphs(manifest: Manifest, sessions: dict) -> None:
         expected["ar_step"] = {"last_hidden_state": (element, {-1: m.ar_hidden_size})}
         for name in (n for n in m.graph("ar_step").inputs if n.startswith("cache.")):
             capacity = CAPACITY_AXIS[name.rsplit(".", 1)[1]]
-            expected["ar_step"][name] = (element, {1: m.num_key_value_heads, 5 - capacity: m.head_dim,
+            head_dim = 5 - capacity                               # the other of axes 2 and 3
+            expected["ar_step"][name] = (element, {1: m.num_key_value_heads, head_dim: m.head_dim,
                                                    capacity: "capacity"})
     for graph, session in sessions.items():
         declared, spec = _declared(session), m.graph(graph)
@@ -181,8 +182,8 @@ class OnnxBackend:
             cache.bind(binding, *self.cache_names, len(input_ids))
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
-        hidden = np.empty((*input_ids.shape, self.manifest.ar_hidden_size), dtype=self.dtype)     # written by the
-        binding.bind_output("last_hidden_state", "cpu", 0, self.dtype, list(hidden.shape), hidden.ctypes.data)  # run
+        hidden = np.empty((*input_ids.shape, self.manifest.ar_hidden_size), dtype=self.dtype)    # the run writes it
+        binding.bind_output("last_hidden_state", "cpu", 0, self.dtype, list(hidden.shape), hidden.ctypes.data)
         self.step.run_with_iobinding(binding)
         return hidden
 

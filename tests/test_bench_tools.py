@@ -1,5 +1,7 @@
 """The span-length and generation measurements run and report consistent numbers (quality is not asserted)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -38,3 +40,16 @@ def test_generation_bench_reports_each_system(infiller, tmp_path):
     assert all(r["generative_perplexity"] > 1 and r["seconds_median"] > 0 for r in rows)
     bench_generate.plot(rows, tmp_path / "g.png", "tiny")
     assert (tmp_path / "g.png").stat().st_size > 1000
+
+
+def test_the_step_profile_names_the_cache_copy_and_the_in_place_writes(bundles, tmp_path):
+    from tools import profile_step
+    profile_step.main(bundles["olmo"], tmp_path / "profile.json")
+    report = json.loads((tmp_path / "profile.json").read_text())
+    assert report["shape"]["cached_tokens"] == 1024 and report["shape"]["layers"] == 2
+    for new in ("1 new tokens", "4 new tokens"):
+        concat, step = report[new]["ar_decoder (concat)"], report[new]["ar_step (in place)"]
+        assert concat["ms_per_step_in_kernels"] > 0 and step["ms_per_step_in_kernels"] > 0
+        assert "Concat" in concat["ms_by_op"]                     # the cache copied into present.*
+        assert 0 < sum(step["share"].values()) <= 1.001
+    assert list(tmp_path.iterdir()) == [tmp_path / "profile.json"]     # ONNX Runtime's traces removed
