@@ -91,13 +91,12 @@ class OnnxBackend:
         self.cuda_graph = False
         if "ar_decoder" in manifest.graphs:
             self.ar = make_session(Path(folder) / manifest.graph("ar_decoder").file, providers)
-        if "ar_step" in manifest.graphs:      # a scale fused into attention's MatMul makes ORT repack the keys
+        if "ar_step" in manifest.graphs:
             cuda = provider_name(providers[0]) == "CUDAExecutionProvider"
             self.cuda_graph = cuda_graph and cuda
             step_providers = [(providers[0][0], {**providers[0][1], "enable_cuda_graph": "1"}), *providers[1:]] \
                 if self.cuda_graph else providers
-            self.step = make_session(Path(folder) / manifest.graph("ar_step").file, step_providers,
-                                     disabled_optimizers=("MatMulScaleFusion",))
+            self.step = make_session(Path(folder) / manifest.graph("ar_step").file, step_providers)
         self.head = make_session(Path(folder) / manifest.graph("fusion_head").file, providers)
         self.ar_lm_head = self.mlm_decoder = None
         if manifest.has_baseline_heads:

@@ -72,8 +72,7 @@ def provider_name(provider) -> str:
     return provider if isinstance(provider, str) else provider[0]
 
 
-def make_session(path: Path, providers: list, insist: bool = False,
-                 disabled_optimizers: tuple = ()) -> ort.InferenceSession:
+def make_session(path: Path, providers: list, insist: bool = False) -> ort.InferenceSession:
     """One session on the first provider that loads. Where CUDA cannot load (no driver, no GPU), falls back to
     CPU with one warning, or fails if the user insisted on CUDA."""
     options = ort.SessionOptions()
@@ -84,8 +83,7 @@ def make_session(path: Path, providers: list, insist: bool = False,
     # machine, fills took 18-24% less time (batch 8 x 512 and batch 1 x 128, both decoders, one run each) and
     # `maria serve` answered 1.4-1.7x the requests under the uneven load of docs/benchmarks.md (two runs each)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), sess_options=options, providers=providers,
-                                   disabled_optimizers=list(disabled_optimizers))
+    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     wanted, got = provider_name(providers[0]), session.get_providers()[0]
     if wanted != got:
         if insist:

@@ -35,11 +35,11 @@ def kernel_times(session, run_once) -> dict:
             "ms_by_op": {op: round(t / ms, 3) for op, t in by_op.most_common(8)}}
 
 
-def session(path: Path, prefix: str, disabled=()) -> ort.InferenceSession:
-    options = ort.SessionOptions()
+def session(path: Path, prefix: str) -> ort.InferenceSession:
+    options = ort.SessionOptions()                      # as runtime/sessions.py makes them
     options.enable_profiling, options.profile_file_prefix = True, prefix
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=list(disabled))
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def chunk(new: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,7 +59,7 @@ def profile_concat(bundle: Path, prefix: str, new: int) -> dict:
 
 
 def profile_step(bundle: Path, prefix: str, new: int) -> dict:
-    s = session(bundle / "ar_step.onnx", prefix, disabled=("MatMulScaleFusion",))     # as runtime/onnx_backend.py
+    s = session(bundle / "ar_step.onnx", prefix)
     rng = np.random.default_rng(0)
     binding = s.io_binding()
     binding.bind_output("last_hidden_state", "cpu")
