@@ -49,10 +49,10 @@ def length_groups(lengths: list[int], waste: float = 0.5) -> list[list[int]]:
 
 def encode_masked(backend: Backend, ids: list[np.ndarray], masked: list[np.ndarray], special: SpecialIds) -> np.ndarray:
     """The MLM pass; returns mlm_hidden [batch, max_n + 2, d_mlm] with h_mlm[b, i + 1] for x_i (what lies past
-    a sequence's end is not defined). Sequences of very different lengths run in separate calls (length_groups): padded to the
-    longest, a short text costs as much as a long one."""
+    a sequence's end is not defined). Sequences of very different lengths run in separate calls (length_groups):
+    padded to the longest, a short text costs as much as a long one."""
     mlm_hidden = None
-    for group in length_groups([len(ids[row]) + 2 for row in range(len(ids))]):
+    for group in length_groups([len(x) + 2 for x in ids]):
         width = len(ids[group[0]]) + 2
         input_ids = np.full((len(group), width), special.pad, dtype=np.int64)
         attention_mask = np.zeros((len(group), width), dtype=np.int64)

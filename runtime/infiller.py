@@ -64,7 +64,7 @@ class Infiller:
             return infill(self.backend, ids, masked, self.special, sampling, batch_size, rngs, on_token)
         rngs = sequence_rngs(sampling.seed, len(ids)) if rngs is None else rngs
         return engine_infill(self.backend, ids, masked, self.special, sampling, batch_size, rngs, on_token,
-                             fixed_shapes=self.backend.fixed_shapes)
+                             fixed_shapes=self.backend.on_device)
 
     def score(self, ids, masked, batch_size: int = 8) -> list[float]:
         """Summed negative log-likelihood of the given tokens at the masked positions (teacher forced)."""

@@ -116,7 +116,7 @@ class OnnxBackend:
             self.cache_names = (manifest.graph("ar_step").inputs[2:], manifest.graph("ar_step").outputs[1:])
         # on a device: the cache in device memory, the step's inputs and output in persistent device buffers (one
         # set per shape) and the engine's shapes fixed, so each shape's step can be captured as a CUDA graph
-        self.cache_in_ortvalues = self.device_inputs = self.fixed_shapes = self.device != "cpu"
+        self.on_device = self.device != "cpu"
         self._graph_ids = itertools.count(1)
 
     def _run(self, session, feeds: dict, device_outputs=()) -> dict:
@@ -170,10 +170,10 @@ class OnnxBackend:
             raise ValueError("this bundle has no ar_step.onnx (exported before the decode engine); re-export it "
                              "with `maria export`, or use the concat decoder")
         return SlotCache(m.num_hidden_layers, m.num_key_value_heads, m.head_dim, self.dtype, slots, capacity,
-                         self.device, self.device_id, self.cache_in_ortvalues)
+                         self.device, self.device_id, self.on_device)
 
     def cache_step(self, input_ids, position_ids, cache: SlotCache):
-        if self.device_inputs:
+        if self.on_device:
             return self._cache_step_in_place(input_ids, position_ids, cache)
         binding = cache.bindings.get(len(input_ids))     # kept with the buffers it binds (runtime/slots.py)
         if binding is None:
@@ -191,7 +191,8 @@ class OnnxBackend:
         CUDA graph captured for a shape replays on the same addresses. The host copies the ids in and the hidden
         states out; the cache stays where it is."""
         rows, width = input_ids.shape
-        if (rows, width) not in cache.bindings:
+        entry = cache.bindings.get((rows, width))
+        if entry is None:
             on_device = [ort.OrtValue.ortvalue_from_numpy(np.array(a, dtype=np.int64), self.device, self.device_id)
                          for a in (input_ids, position_ids)]
             hidden = ort.OrtValue.ortvalue_from_shape_and_type([rows, width, self.manifest.ar_hidden_size],
@@ -204,12 +205,11 @@ class OnnxBackend:
             options = ort.RunOptions()
             if self.cuda_graph:
                 options.add_run_config_entry("gpu_graph_id", str(next(self._graph_ids)))     # captured on first run
-            cache.bindings[rows, width] = (*on_device, hidden, binding, options)
+            entry = cache.bindings[rows, width] = (*on_device, hidden, binding, options)
         else:
-            on_device = cache.bindings[rows, width][:2]
-            on_device[0].update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))
-            on_device[1].update_inplace(np.ascontiguousarray(position_ids, dtype=np.int64))
-        _, _, hidden, binding, options = cache.bindings[rows, width]
+            for value, array in zip(entry[:2], (input_ids, position_ids)):
+                value.update_inplace(np.ascontiguousarray(array, dtype=np.int64))
+        _, _, hidden, binding, options = entry
         self.step.run_with_iobinding(binding, options)
         return hidden.numpy()
 

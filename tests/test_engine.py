@@ -127,7 +127,7 @@ def test_the_device_path_on_the_cpu_gives_the_same_fills(bundles):
     ids, masked = random_cases(np.random.default_rng(6), 200, 5)
     plain = infiller.fill_ids(ids, masked, batch_size=3)
     backend = infiller.backend
-    backend.cache_in_ortvalues = backend.device_inputs = backend.fixed_shapes = True
+    backend.on_device = True
     shapes, caches, step = [], [], backend.cache_step
     backend.cache_step = lambda x, p, cache: shapes.append((x.shape, cache.capacity)) or caches.append(cache) or \
         step(x, p, cache)
