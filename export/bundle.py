@@ -30,6 +30,7 @@ from .graphs import (AR_FILE, AR_LM_HEAD_FILE, HEAD_FILE, MLM_DECODER_FILE, MLM_
                      export_baseline_heads, export_fusion_head)
 from .step import STEP_FILE, export_step
 from .validate import validate
+from .weights import external_data
 
 DEFAULT_OPSET = 17
 OPSETS = range(17, 21)          # from the opset the graphs need to the newest torch.onnx's exporter writes
@@ -98,19 +99,14 @@ def _target(out: Path, checkpoint: Path, overwrite: bool) -> Path:
         raise PermissionError(f"cannot write the bundle to {out} ({error.strerror}); choose another --out") from None
 
 
-def _external(path: Path) -> Path:
-    """Where Optimum puts the weights of a graph over protobuf's 2 GB limit."""
-    return path.with_name(path.name + "_data")
-
-
 def _to_fp16(path: Path) -> None:
     """Hidden states and the KV cache in fp16; integer inputs untouched."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
     model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=False, disable_shape_infer=True)
-    large = _external(path).exists()
-    _external(path).unlink(missing_ok=True)
+    large = external_data(path).exists()
+    external_data(path).unlink(missing_ok=True)
     onnx.save(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
-              location=_external(path).name)
+              location=external_data(path).name)
 
 
 def _to_int8(path: Path) -> None:
@@ -131,14 +127,14 @@ def _optimize(path: Path) -> None:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
-    large = _external(path).exists()
+    large = external_data(path).exists()
     if large:
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                          path.name + ".weights")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     os.replace(path.with_suffix(".opt.onnx"), path)
-    _external(path).unlink(missing_ok=True)
+    external_data(path).unlink(missing_ok=True)
 
 
 def _kv_shape(path: Path) -> tuple[int, int, int]:

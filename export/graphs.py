@@ -21,6 +21,8 @@ from optimum.exporters.tasks import TasksManager
 from maria_onnx.backbones import Backbones
 from maria_onnx.model import FusionHead, VocabularyHead
 
+from .weights import exporting
+
 MLM_FILE, AR_FILE, HEAD_FILE = "mlm.onnx", "ar_decoder.onnx", "fusion_head.onnx"
 AR_LM_HEAD_FILE, MLM_DECODER_FILE = "ar_lm_head.onnx", "mlm_decoder.onnx"
 
@@ -81,7 +83,8 @@ def export_backbones(backbones: Backbones, folder: Path, opset: int, concat_deco
     for name, file, module, config in graphs:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            inputs, outputs = optimum_export(module, config, Path(folder) / file, opset=opset)
+            with exporting(folder, file) as path:
+                inputs, outputs = optimum_export(module, config, path, opset=opset)
         specs[name] = (list(inputs), list(outputs))
     return specs
 
@@ -100,9 +103,10 @@ def export_fusion_head(head: FusionHead, folder: Path, opset: int, hidden_dtype=
     mlm_hidden = torch.zeros(2, head.mlm_hidden_size, dtype=hidden_dtype)
     ar_hidden = torch.zeros(2, head.linear.in_features - head.mlm_hidden_size, dtype=hidden_dtype)
     inputs, outputs = ["mlm_hidden", "ar_hidden"], ["logits"]
-    torch.onnx.export(FusionHeadGraph(head.float().eval()), (mlm_hidden, ar_hidden), str(Path(folder) / HEAD_FILE),
-                      input_names=inputs, output_names=outputs, opset_version=opset, dynamo=False,
-                      dynamic_axes={name: {0: "batch_size"} for name in inputs + outputs})
+    with exporting(folder, HEAD_FILE) as path:
+        torch.onnx.export(FusionHeadGraph(head.float().eval()), (mlm_hidden, ar_hidden), str(path),
+                          input_names=inputs, output_names=outputs, opset_version=opset, dynamo=False,
+                          dynamic_axes={name: {0: "batch_size"} for name in inputs + outputs})
     return inputs, outputs
 
 
@@ -115,8 +119,9 @@ def export_baseline_heads(backbones: Backbones, folder: Path, opset: int, hidden
              backbones.ar_hidden_size),
             ("mlm_decoder", MLM_DECODER_FILE, backbones.mlm_decoder(), "mlm_hidden", backbones.mlm_hidden_size)):
         module = VocabularyHead(linear, backbones.vocab_size).eval()           # computes in fp32 itself
-        torch.onnx.export(module, (torch.zeros(2, width, dtype=hidden_dtype),), str(Path(folder) / file),
-                          input_names=[input_name], output_names=["logits"], opset_version=opset, dynamo=False,
-                          dynamic_axes={input_name: {0: "batch_size"}, "logits": {0: "batch_size"}})
+        with exporting(folder, file) as path:
+            torch.onnx.export(module, (torch.zeros(2, width, dtype=hidden_dtype),), str(path),
+                              input_names=[input_name], output_names=["logits"], opset_version=opset, dynamo=False,
+                              dynamic_axes={input_name: {0: "batch_size"}, "logits": {0: "batch_size"}})
         specs[name] = ([input_name], ["logits"])
     return specs

@@ -29,6 +29,8 @@ from transformers import AttentionInterface
 
 from runtime.slots import CAPACITY_AXIS
 
+from .weights import exporting
+
 STEP_FILE = "ar_step.onnx"
 ATTENTION = "maria_slots"
 
@@ -138,8 +140,8 @@ def export_step(ar_model, folder: Path, opset: int) -> tuple[list[str], list[str
     previous = config._attn_implementation
     config._attn_implementation = ATTENTION
     try:
-        with torch.no_grad():
-            torch.onnx.export(step, example, str(Path(folder) / STEP_FILE), input_names=inputs,
+        with torch.no_grad(), exporting(folder, STEP_FILE) as path:
+            torch.onnx.export(step, example, str(path), input_names=inputs,
                               output_names=outputs, dynamic_axes=dynamic, opset_version=opset, dynamo=False)
     finally:
         config._attn_implementation = previous

@@ -201,6 +201,32 @@ def test_graphs_with_external_weights_export_and_load(checkpoints, tmp_path, mon
     assert len(Infiller(tmp_path / "b", device="cpu").infill(["a [MASK:2] b"])[0].fills) == 2
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_tensors_written_one_file_each_end_up_in_one_weights_file_per_graph(checkpoints, tmp_path, monkeypatch,
+                                                                           dtype):
+    """torch.onnx writes a graph over 2 GB with each tensor in a file of its own, named after the tensor (Optimum
+    gathers only the initializers among them): at OLMo-1B size the bundle held 293 loose files, and fp16 failed
+    to save a 2.4 GB graph. Every graph is made to come out that way here."""
+    import onnx
+
+    from runtime.infiller import Infiller
+    export = torch.onnx.export
+
+    def scattered(model, args, f, **options):
+        export(model, args, f, **options)
+        onnx.save(onnx.load(str(f)), str(f), save_as_external_data=True, all_tensors_to_one_file=False,
+                  size_threshold=0)
+
+    monkeypatch.setattr(torch.onnx, "export", scattered)
+    manifest = export_bundle(checkpoints["llama"], tmp_path / "b", dtype=dtype)
+    graphs = {spec.file for spec in manifest.graphs.values()}
+    weights = {name for name in manifest.files if name.endswith(".weights")}
+    assert weights and weights <= {graph + ".weights" for graph in graphs}
+    assert set(manifest.files) == graphs | weights | {"tokenizer.json", "validation.json"}
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted({*manifest.files, MANIFEST_NAME})
+    assert len(Infiller(tmp_path / "b", device="cpu").infill(["a [MASK:2] b"])[0].fills) == 2
+
+
 def test_baseline_heads_match_the_backbones_and_can_be_left_out(bundles, checkpoints, tmp_path):
     backbones, _, _ = load_maria(checkpoints["olmo"])
     manifest = load_manifest(bundles["olmo"])
