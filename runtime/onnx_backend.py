@@ -14,6 +14,7 @@ path around `_run`, so tests compare them.
 """
 
 import itertools
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,24 @@ def check_graphs(manifest: Manifest, sessions: dict) -> None:
                              f"{m.num_hidden_layers}; {REEXPORT}")
 
 
+def _step_session(path: Path, providers: list, cuda_graph: bool):
+    """(the step graph's session, whether it captures CUDA graphs). ONNX Runtime captures only a graph whose nodes
+    all run on CUDA, and it places shape arithmetic on the CPU; where it refuses, the step runs without capture,
+    with one warning."""
+    if not cuda_graph:
+        return make_session(path, providers), False
+    try:
+        return make_session(path, [(providers[0][0], {**providers[0][1], "enable_cuda_graph": "1"}),
+                                   *providers[1:]]), True
+    except Exception as error:                   # ONNX Runtime's Fail, raised while the session is created
+        if "graph capture" not in str(error):
+            raise
+        reason = str(error).strip().splitlines()[-1]
+        warnings.warn(f"CUDA graphs: ONNX Runtime does not capture this step graph ({reason}); running without "
+                      "capture", RuntimeWarning, stacklevel=3)
+        return make_session(path, providers), False
+
+
 class OnnxBackend:
     def __init__(self, folder: Path, manifest: Manifest, device: str = "auto", io_binding: bool | None = None,
                  cuda_graph: bool = False):
@@ -93,10 +112,8 @@ class OnnxBackend:
             self.ar = make_session(Path(folder) / manifest.graph("ar_decoder").file, providers)
         if "ar_step" in manifest.graphs:
             cuda = provider_name(providers[0]) == "CUDAExecutionProvider"
-            self.cuda_graph = cuda_graph and cuda
-            step_providers = [(providers[0][0], {**providers[0][1], "enable_cuda_graph": "1"}), *providers[1:]] \
-                if self.cuda_graph else providers
-            self.step = make_session(Path(folder) / manifest.graph("ar_step").file, step_providers)
+            self.step, self.cuda_graph = _step_session(Path(folder) / manifest.graph("ar_step").file, providers,
+                                                       cuda_graph and cuda)
         self.head = make_session(Path(folder) / manifest.graph("fusion_head").file, providers)
         self.ar_lm_head = self.mlm_decoder = None
         if manifest.has_baseline_heads:

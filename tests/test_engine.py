@@ -142,6 +142,47 @@ def test_the_device_path_on_the_cpu_gives_the_same_fills(bundles):
     assert len(caches[-1].bindings) < len(final)                 # one binding per shape, reused across its steps
 
 
+REFUSED = ("[ONNXRuntimeError] : 1 : FAIL : This session cannot use the graph capture feature as requested by the "
+           "user as all compute graph nodes have not been partitioned to the CUDAExecutionProvider")
+
+
+@pytest.mark.parametrize("error, refused", [(REFUSED, True), ("CUDA failure 2: out of memory", False)])
+def test_a_refused_cuda_graph_capture_runs_the_step_without_it(bundles, monkeypatch, error, refused):
+    """ONNX Runtime captures a CUDA graph only where every node runs on CUDA; where it refuses (shape arithmetic on
+    the CPU), the step runs without capture and one warning says why. Any other error still stops."""
+    from runtime import onnx_backend
+    from runtime.manifest import load_manifest
+    from runtime.sessions import cuda_providers, make_session
+
+    class OnCuda:                   # a CPU session that reports the CUDA provider, as it would on a GPU
+        def __init__(self, session):
+            self.session = session
+
+        def get_providers(self):
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+    def session(path, providers, insist=False):
+        if "enable_cuda_graph" in providers[0][1]:
+            raise RuntimeError(error)
+        return OnCuda(make_session(path, ["CPUExecutionProvider"]))
+
+    monkeypatch.setattr(onnx_backend, "providers_for", lambda device: cuda_providers(0))
+    monkeypatch.setattr(onnx_backend, "make_session", session)
+    make = lambda: onnx_backend.OnnxBackend(bundles["olmo"], load_manifest(bundles["olmo"]), device="cuda",
+                                           cuda_graph=True)
+    if not refused:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            make()
+        return
+    with pytest.warns(RuntimeWarning, match=r"CUDA graphs: ONNX Runtime does not capture this step graph \(.*"
+                                            r"partitioned to the CUDAExecutionProvider\); running without capture"):
+        backend = make()
+    assert backend.device == "cuda" and backend.step is not None and not backend.cuda_graph
+
+
 def test_decoder_switch_names_what_a_bundle_lacks(bundles, checkpoints, tmp_path):
     from export.bundle import export_bundle
     with pytest.raises(ValueError, match="--decoder must be one of"):
