@@ -44,7 +44,7 @@ class Infiller:
         self.decoder = decoder
         self.tokenizer = Tokenizer.from_file(str(self.bundle / self.manifest.tokenizer))
         self.backend = OnnxBackend(self.bundle, self.manifest, device=device, io_binding=io_binding,
-                                   cuda_graph=cuda_graph)
+                                   cuda_graph=cuda_graph, decoder=decoder)
         self.special = self.manifest.special_ids
         self._check_mask_token()
 

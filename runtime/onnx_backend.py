@@ -98,8 +98,10 @@ def _step_session(path: Path, providers: list, cuda_graph: bool):
 
 class OnnxBackend:
     def __init__(self, folder: Path, manifest: Manifest, device: str = "auto", io_binding: bool | None = None,
-                 cuda_graph: bool = False):
-        """cuda_graph: capture the engine's step as CUDA graphs (one per shape) and replay them; CUDA only."""
+                 cuda_graph: bool = False, decoder: str | None = None):
+        """cuda_graph: capture the engine's step as CUDA graphs (one per shape) and replay them; CUDA only.
+        decoder: "engine" loads only the step graph (scores then run on it too), "concat" only ar_decoder.onnx,
+        None both: the two hold the same weights, so one alone halves the AR's memory and load time."""
         providers = providers_for(device)
         self.manifest = manifest
         self.mlm = make_session(Path(folder) / manifest.graph("mlm").file, providers,
@@ -108,9 +110,9 @@ class OnnxBackend:
             providers = ["CPUExecutionProvider"]   # after a CUDA fallback, the rest start on CPU directly
         self.ar = self.step = None
         self.cuda_graph = False
-        if "ar_decoder" in manifest.graphs:
+        if "ar_decoder" in manifest.graphs and decoder != "engine":
             self.ar = make_session(Path(folder) / manifest.graph("ar_decoder").file, providers)
-        if "ar_step" in manifest.graphs:
+        if "ar_step" in manifest.graphs and decoder != "concat":
             cuda = provider_name(providers[0]) == "CUDAExecutionProvider"
             self.step, self.cuda_graph = _step_session(Path(folder) / manifest.graph("ar_step").file, providers,
                                                        cuda_graph and cuda)

@@ -10,6 +10,8 @@ from runtime.choose import Sampling
 from runtime.decode import sequence_rngs
 from runtime.engine import Engine, engine_infill
 from runtime.infiller import Infiller
+from runtime.manifest import load_manifest
+from runtime.onnx_backend import OnnxBackend
 from runtime.slots import SlotCache, capacity_for
 
 from test_runtime import random_cases
@@ -151,7 +153,6 @@ def test_a_refused_cuda_graph_capture_runs_the_step_without_it(bundles, monkeypa
     """ONNX Runtime captures a CUDA graph only where every node runs on CUDA; where it refuses (shape arithmetic on
     the CPU), the step runs without capture and one warning says why. Any other error still stops."""
     from runtime import onnx_backend
-    from runtime.manifest import load_manifest
     from runtime.sessions import cuda_providers, make_session
 
     class OnCuda:                   # a CPU session that reports the CUDA provider, as it would on a GPU
@@ -181,6 +182,20 @@ def test_a_refused_cuda_graph_capture_runs_the_step_without_it(bundles, monkeypa
                                             r"partitioned to the CUDAExecutionProvider\); running without capture"):
         backend = make()
     assert backend.device == "cuda" and backend.step is not None and not backend.cuda_graph
+
+
+def test_each_decoder_loads_only_its_own_graph_of_the_ar(bundles):
+    """ar_step.onnx and ar_decoder.onnx hold the same weights: an Infiller loads the one its decoder runs, and
+    scores and fills come out as with both loaded."""
+    both = OnnxBackend(bundles["olmo"], load_manifest(bundles["olmo"]), device="cpu")
+    engine, concat = Infiller(bundles["olmo"], device="cpu"), Infiller(bundles["olmo"], device="cpu", decoder="concat")
+    assert both.ar is not None and both.step is not None
+    assert engine.backend.ar is None and engine.backend.step is not None
+    assert concat.backend.step is None and concat.backend.ar is not None
+    ids, masked = random_cases(np.random.default_rng(8), 200, 6)
+    np.testing.assert_allclose(engine.score(ids, masked), concat.score(ids, masked), atol=1e-4)
+    assert [f.ids.tolist() for f in engine.fill_ids(ids, masked)] == \
+        [f.ids.tolist() for f in concat.fill_ids(ids, masked)]
 
 
 def test_decoder_switch_names_what_a_bundle_lacks(bundles, checkpoints, tmp_path):

@@ -253,8 +253,8 @@ def drop_graph_file(manifest, folder):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (setter("head_dim", 3), "'past_key_values.0.key' is tensor(float)"),
-    (setter("num_key_value_heads", 9), "'past_key_values.0.key' is tensor(float)"),
+    (setter("head_dim", 3), "ar_step.onnx 'cache.0.key' is tensor(float)"),
+    (setter("num_key_value_heads", 9), "ar_step.onnx 'cache.0.key' is tensor(float)"),
     (setter("dtype", "fp16"), "'hidden_states' is tensor(float)"),
     (setter("dtype", "int4"), "'dtype' must be one of fp32, fp16"),
     (setter("vocab_size", 17), "'logits' is tensor(float)"),
