@@ -301,6 +301,8 @@ def bench(
     device: str = typer.Option("auto", help="auto | cuda | cuda:N (GPU N) | cpu"),
     mlm_ar: bool = typer.Option(True, help="Include the autoregressive-MLM baseline (quadratic)."),
     mlm_ar_max_tokens: int = typer.Option(512, help="Run mlm-ar only where batch x length is at most this."),
+    concat: bool = typer.Option(True, help="Include the concat decoder beside the engine; --no-concat holds one "
+                                           "copy of the AR in memory instead of two (large shapes)."),
 ):
     """Infilling throughput against input length: ONNX runtime, PyTorch reference, MLM decoded autoregressively."""
     from tools.bench import bench as run_bench
@@ -312,7 +314,7 @@ def bench(
     run_bench(out, checkpoint=checkpoint, bundle=model, shapes=shapes, dtype=dtype,
               lengths=int_list(lengths, "--lengths"), batch_sizes=int_list(batch_sizes, "--batch-sizes"),
               mask_rate=mask_rate, repeats=repeats, seed=seed, device=device, mlm_ar=mlm_ar,
-              mlm_ar_max_tokens=mlm_ar_max_tokens)
+              mlm_ar_max_tokens=mlm_ar_max_tokens, concat=concat)
 
 
 @app.command("bench-serve")

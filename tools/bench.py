@@ -36,16 +36,20 @@ from .baselines import mlm_autoregressive
 from .shapes import load_shapes, random_checkpoint
 
 
-def _systems(bundle: Path, graphs: dict, checkpoint: Path, device: str, mlm_ar: bool, dtype: str) -> dict:
-    """name -> fill(ids, masked) for one batch; graphs: the bundle's manifest's."""
+def _systems(bundle: Path, graphs: dict, checkpoint: Path, device: str, mlm_ar: bool, dtype: str,
+             concat: bool = True) -> dict:
+    """name -> fill(ids, masked) for one batch; graphs: the bundle's manifest's. concat: the concat decoder beside
+    the engine (each holds its own copy of the AR)."""
     torch_device = choose_torch_device(device)
     torch_dtype = torch.float16 if dtype == "fp16" and torch_device == "cuda" else torch.float32
     backbones, head, _ = load_maria(checkpoint, device=torch_device, dtype=torch_dtype)
     systems = {}
-    onnx_devices = ["cpu"] if device == "cpu" else (["cuda"] if device == "cuda" else
+    onnx_devices = ["cpu"] if device == "cpu" else ([device] if device.startswith("cuda") else
                                                     (["cpu", "cuda"] if cuda_missing() is None else ["cpu"]))
+    decoders = [d for d, graph in (("engine", "ar_step"), ("concat", "ar_decoder"))
+                if graph in graphs and (concat or d != "concat")]
     for onnx_device in onnx_devices:
-        for decoder in [d for d, graph in (("engine", "ar_step"), ("concat", "ar_decoder")) if graph in graphs]:
+        for decoder in decoders:
             infiller = Infiller(bundle, device=onnx_device, decoder=decoder)
             name = f"onnx-{infiller.device}" + ("-concat" if decoder == "concat" else "")
             systems[name] = lambda ids, masked, infiller=infiller: infiller.fill_ids(ids, masked, batch_size=len(ids))
@@ -163,7 +167,7 @@ def prepare(out: Path, checkpoint=None, bundle=None, shapes=None, dtype: str = "
 def bench(out: Path, checkpoint=None, bundle=None, shapes=None, dtype: str = "fp32",
           lengths=(64, 128, 256, 512, 1024), batch_sizes=(1, 8), mask_rate: float = 0.5, repeats: int = 3,
           seed: int = 0, device: str = "auto", mlm_ar: bool = True, mlm_ar_max_tokens: int = 512,
-          console: Console | None = None) -> dict:
+          console: Console | None = None, concat: bool = True) -> dict:
     """Runs every system on every (length, batch); writes out/bench.json and out/bench.png; returns the report."""
     check_device(device)
     console = console or Console(stderr=True)
@@ -176,7 +180,7 @@ def bench(out: Path, checkpoint=None, bundle=None, shapes=None, dtype: str = "fp
     too_long = [n for n in lengths if n > manifest.max_sequence_length]
     if too_long:
         raise ValueError(f"lengths {too_long} exceed the bundle's maximum of {manifest.max_sequence_length}")
-    systems, torch_device = _systems(bundle, manifest.graphs, checkpoint, device, mlm_ar, dtype)
+    systems, torch_device = _systems(bundle, manifest.graphs, checkpoint, device, mlm_ar, dtype, concat)
     results = measure(systems, lengths, batch_sizes, manifest.vocab_size, mask_rate, repeats, seed, console,
                       mlm_ar_max_tokens)
     _ratios(results)
