@@ -37,19 +37,18 @@ def kernel_times(session, run_once) -> dict:
     trace = session.end_profiling()
     events = json.loads(Path(trace).read_text())
     os.remove(trace)
-    by_op, providers, total = collections.Counter(), collections.Counter(), 0
+    by_op, nodes, providers, total = collections.Counter(), collections.Counter(), collections.Counter(), 0
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
             by_op[event["args"]["op_name"]] += event["dur"]
+            nodes[event["args"]["op_name"]] += 1
             providers[event["args"].get("provider", "?")] += 1
             total += event["dur"]
     ms, runs = 1000 * (WARMUP + RUNS), WARMUP + RUNS
     return {"ms_per_step_in_kernels": round(total / ms, 3),
             "share": {op: round(t / total, 3) for op, t in by_op.most_common(8)},
             "ms_by_op": {op: round(t / ms, 3) for op, t in by_op.most_common(8)},
-            "memcpy_nodes": sum(n for op, n in collections.Counter(
-                e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})
-                and e["name"].endswith("_kernel_time")).items() if op.startswith("Memcpy")) // runs,
+            "memcpy_nodes": sum(n for op, n in nodes.items() if op.startswith("Memcpy")) // runs,
             "nodes_by_provider": {p: n // runs for p, n in providers.items()}}
 
 
@@ -108,8 +107,8 @@ def concat_step(bundle: Path, device: str, dtype, batch: int, cached: int, new: 
     for value in s.session.get_inputs()[3:]:
         shape = [batch if d == "batch_size" else cached if isinstance(d, str) else d for d in value.shape]
         s.bind(value.name, rng.random(shape, dtype=np.float32).astype(dtype))
+    kv_heads, head_dim = s.session.get_inputs()[3].shape[1], s.session.get_inputs()[3].shape[3]
     for value in s.session.get_outputs():
-        kv_heads, head_dim = s.session.get_inputs()[3].shape[1], s.session.get_inputs()[3].shape[3]
         s.bind_output(value.name, [batch, kv_heads, cached + new, head_dim] if value.name.startswith("present")
                       else [batch, new, value.shape[-1]])
     return s
