@@ -48,6 +48,42 @@ class FillRequest:
         return text if self.indices is None else self.indices[text]
 
 
+SETTINGS = {"temperature": float, "top_k": int, "top_p": float, "seed": int, "num_samples": int, "rerank": bool}
+KIND_NAMES = {float: "a number", int: "an integer", bool: "true or false"}
+
+
+class SettingTypeError(ValueError):
+    """A request setting that is unknown or of the wrong type (a server answers 400; a refused value, 422)."""
+
+
+def _fits(value, kind) -> bool:
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    return isinstance(value, int) or (isinstance(value, float) and (kind is float or value.is_integer()))
+
+
+def read_settings(given: dict) -> tuple[Sampling, int, bool]:
+    """Sampling, num_samples and rerank from a request's settings as JSON gives them. An integer setting takes an
+    integral number (2.0), never 2.5, NaN or a string; rerank takes only true or false. SettingTypeError for an
+    unknown setting or a wrong type, ValueError for a refused value (a negative seed, top_p over 1)."""
+    unknown = set(given) - set(SETTINGS)
+    if unknown:
+        raise SettingTypeError(f"unknown parameters {sorted(unknown)}; parameters are {', '.join(SETTINGS)}")
+    values = {}
+    for name, value in given.items():
+        kind = SETTINGS[name]
+        if not _fits(value, kind):
+            raise SettingTypeError(f"parameter '{name}' must be {KIND_NAMES[kind]}, got {value!r}")
+        values[name] = kind(value)
+    num_samples, rerank = values.pop("num_samples", 1), values.pop("rerank", False)
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    try:
+        return Sampling(**values), num_samples, rerank
+    except ValueError as error:
+        raise ValueError(str(error).replace("--", "")) from None         # the CLI's message, without its flag
+
+
 def request_rows(requests: list[FillRequest], numbers: list[int]) -> list[tuple]:
     """(request, text, sample, candidate, generator) for every decode row of these requests."""
     rows = []

@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from runtime.choose import Sampling
 from runtime.infiller import FillRequest
+from runtime.requests import SETTINGS, SettingTypeError, read_settings
 
 from .batcher import Batcher, Job, QueueFull
 from .continuous import ContinuousBatcher
@@ -55,25 +56,12 @@ class ClientError(Exception):
 
 def sampling_of(settings: dict) -> tuple[Sampling, int, bool]:
     """Sampling, num_samples and rerank from request settings; 400 for a wrong type, 422 for a refused value."""
-    kinds = {"temperature": float, "top_p": float, "top_k": int, "seed": int, "num_samples": int}
-    settings = dict(settings)
-    rerank = settings.pop("rerank", False)
-    if not isinstance(rerank, bool):
-        raise ClientError(400, f"parameter 'rerank' must be true or false, got {rerank!r}")
-    values = {}
-    for name, value in settings.items():
-        kind = kinds[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-            raise ClientError(400, f"parameter '{name}' must be {'an integer' if kind is int else 'a number'}, "
-                                   f"got {value!r}")
-        values[name] = kind(value)
-    num_samples = values.pop("num_samples", 1)
-    if num_samples < 1:
-        raise ClientError(422, f"num_samples must be at least 1, got {num_samples}")
     try:
-        return Sampling(**values), num_samples, rerank
+        return read_settings(settings)
+    except SettingTypeError as error:
+        raise ClientError(400, str(error)) from None
     except ValueError as error:
-        raise ClientError(422, str(error).replace("--", "")) from None
+        raise ClientError(422, str(error)) from None
 
 
 class Server:
@@ -193,10 +181,9 @@ class Server:
         texts = [texts] if isinstance(texts, str) else texts
         if not isinstance(texts, list):
             raise ClientError(400, '"text" must be a string or a list of strings')
-        unknown = set(payload) - {"temperature", "top_k", "top_p", "seed", "num_samples", "rerank"}
+        unknown = set(payload) - set(SETTINGS)
         if unknown:
-            raise ClientError(400, f"unknown fields {sorted(unknown)}; fields are text, temperature, top_k, top_p, "
-                                   "seed, num_samples, rerank")
+            raise ClientError(400, f"unknown fields {sorted(unknown)}; fields are text, {', '.join(SETTINGS)}")
         return texts, payload
 
     async def infill(self, request):

@@ -11,17 +11,19 @@ raw tensors in order; a BYTES element is a 4-byte little-endian length followed 
 """
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 
 import numpy as np
+
+from runtime.requests import SETTINGS
 
 INPUTS = {"text": "BYTES", "temperature": "FP32", "top_k": "INT32", "top_p": "FP32", "seed": "INT64",
           "num_samples": "INT32"}
 OUTPUTS = {"text": "BYTES", "result": "BYTES"}
 NUMERIC = {"FP32": "<f4", "FP64": "<f8", "INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",
            "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8"}
-SETTINGS = ("temperature", "top_k", "top_p", "seed", "num_samples", "rerank")
 
 
 class BadRequest(ValueError):
@@ -66,18 +68,31 @@ def _decode_text(element) -> str:
         raise BadRequest(f"a text is not valid UTF-8 (byte {error.start})") from None
 
 
+def _element_count(spec: dict) -> int:
+    """The number of elements an input's shape says it holds."""
+    shape = spec.get("shape")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise BadRequest(f"input '{spec.get('name')}' needs a 'shape', a list of non-negative integers "
+                         f"([n] or [n, 1] for n texts, [1] for a setting), got {shape!r}")
+    return math.prod(shape)
+
+
 def _tensor_values(spec: dict, binary: bytes | None, offset: int) -> tuple[list, int]:
     """The flat values of one input tensor, and the offset of the next tensor's binary data."""
     kind, name = spec.get("datatype"), spec.get("name")
     size = (spec.get("parameters") or {}).get("binary_data_size")
     if size is not None:
-        if binary is None or not isinstance(size, int) or offset + size > len(binary):
+        if binary is None or type(size) is not int or size < 0 or offset + size > len(binary):
             raise BadRequest(f"input '{name}' says binary_data_size {size}, but the binary data is shorter")
         raw, offset = binary[offset: offset + size], offset + size
         if kind == "BYTES":
             return _bytes_elements(raw), offset
         if kind not in NUMERIC:
             raise BadRequest(f"input '{name}' has datatype {kind!r}; expected {INPUTS.get(name, 'a number')}")
+        width = np.dtype(NUMERIC[kind]).itemsize
+        if size % width:
+            raise BadRequest(f"input '{name}' has {size} bytes of binary data, not a whole number of {kind} values "
+                             f"({width} bytes each)")
         return np.frombuffer(raw, dtype=NUMERIC[kind]).tolist(), offset
     data = spec.get("data")
     if not isinstance(data, list):
@@ -105,7 +120,11 @@ def parse_infer(body: bytes, header_length: int | None) -> InferRequest:
         name, kind = spec["name"], spec.get("datatype")
         if (name == "text") != (kind == "BYTES") or (name != "text" and kind not in NUMERIC):
             raise BadRequest(f"input '{name}' has datatype {kind!r}; expected {INPUTS[name]}")
+        count = _element_count(spec)
         values, offset = _tensor_values(spec, binary, offset)
+        if len(values) != count:
+            raise BadRequest(f"input '{name}' has shape {spec['shape']} ({count} elements) but holds {len(values)}; "
+                             "make the shape match the data")
         if name == "text":
             texts = [_decode_text(v) if isinstance(v, (bytes, str)) else _not_text(v) for v in values]
         elif len(values) != 1:
@@ -114,6 +133,9 @@ def parse_infer(body: bytes, header_length: int | None) -> InferRequest:
             settings[name] = values[0]
     if texts is None:
         raise BadRequest("the request has no 'text' input (BYTES, one element per text)")
+    if binary is not None and offset != len(binary):
+        raise BadRequest(f"the body holds {len(binary) - offset} bytes after the inputs' binary data; each input's "
+                         "binary_data_size must cover its bytes")
     unknown = set(settings) - set(SETTINGS)
     if unknown:
         raise BadRequest(f"unknown parameters {sorted(unknown)}; parameters are {', '.join(SETTINGS)}")

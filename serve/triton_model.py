@@ -19,23 +19,8 @@ import triton_python_backend_utils as pb_utils
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))           # the runtime package copied beside this file
 
-from runtime.choose import Sampling  # noqa: E402
 from runtime.infiller import FillRequest, Infiller  # noqa: E402
-
-SETTINGS = {"temperature": float, "top_k": int, "top_p": float, "seed": int, "num_samples": int, "rerank": bool}
-
-
-def settings_of(request) -> tuple[Sampling, int, bool]:
-    """Sampling, num_samples and rerank from the request's parameters; ValueError naming a bad one."""
-    given = json.loads(request.parameters() or "{}")
-    unknown = set(given) - set(SETTINGS)
-    if unknown:
-        raise ValueError(f"unknown parameters {sorted(unknown)}; parameters are {', '.join(SETTINGS)}")
-    values = {name: SETTINGS[name](value) for name, value in given.items()}
-    num_samples, rerank = values.pop("num_samples", 1), values.pop("rerank", False)
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-    return Sampling(**values), num_samples, rerank
+from runtime.requests import read_settings  # noqa: E402
 
 
 class TritonPythonModel:
@@ -49,7 +34,7 @@ class TritonPythonModel:
     def read(self, request) -> FillRequest:
         texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t)
                  for t in pb_utils.get_input_tensor_by_name(request, "text").as_numpy().reshape(-1)]
-        sampling, num_samples, rerank = settings_of(request)
+        sampling, num_samples, rerank = read_settings(json.loads(request.parameters() or "{}"))
         return FillRequest([self.infiller.prepare(text, rerank) for text in texts], sampling, num_samples, rerank)
 
     def execute(self, requests):

@@ -96,6 +96,10 @@ def test_triton_serves_the_repository_like_maria_serve(tmp_path):
 
         with pytest.raises(Exception, match="asks for 0 tokens"):
             request(["bad [MASK:0]"]).get_result(timeout=60)
+        with pytest.raises(Exception, match="parameter 'rerank' must be true or false, got 'false'"):
+            request(TEXTS, rerank="false").get_result(timeout=60)                # never read as true
+        with pytest.raises(Exception, match="parameter 'num_samples' must be an integer, got 2.5"):
+            request(TEXTS, num_samples=2.5).get_result(timeout=60)                # never truncated to 2
     finally:
         if client is not None:
             client.close()

@@ -1,0 +1,81 @@
+"""Reading requests (Open Inference Protocol tensors, sampling settings): what a malformed one is told, without a
+server."""
+
+import json
+import struct
+
+import pytest
+
+from serve.app import ClientError, sampling_of
+from serve.protocol import BadRequest, parse_infer
+
+
+def text_input(texts: list[str], shape=None) -> dict:
+    return {"name": "text", "datatype": "BYTES", "shape": [len(texts)] if shape is None else shape, "data": texts}
+
+
+def binary_request(inputs: list[tuple[dict, bytes]], trailing: bytes = b"") -> tuple[bytes, int]:
+    """A body of a JSON header and the inputs' binary data; returns (body, header length)."""
+    head = json.dumps({"inputs": [dict(spec, parameters={"binary_data_size": len(raw)}) for spec, raw in inputs]})
+    head = head.encode()
+    return head + b"".join(raw for _, raw in inputs) + trailing, len(head)
+
+
+def bytes_tensor(texts: list[str]) -> bytes:
+    return b"".join(struct.pack("<I", len(t.encode())) + t.encode() for t in texts)
+
+
+def test_well_formed_requests_are_read():
+    body = json.dumps({"inputs": [text_input(["a [MASK]", "b [MASK]"], shape=[2, 1]),
+                                  {"name": "seed", "datatype": "INT64", "shape": [1], "data": [3]}]}).encode()
+    parsed = parse_infer(body, None)
+    assert parsed.texts == ["a [MASK]", "b [MASK]"] and parsed.settings == {"seed": 3}
+    nested = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2, 1],
+                                     "data": [["a [MASK]"], ["b [MASK]"]]}]}).encode()
+    assert parse_infer(nested, None).texts == ["a [MASK]", "b [MASK]"]
+    body, length = binary_request([({"name": "text", "datatype": "BYTES", "shape": [1]}, bytes_tensor(["c [MASK]"])),
+                                   ({"name": "temperature", "datatype": "FP32", "shape": [1]},
+                                    struct.pack("<f", 0.5))])
+    parsed = parse_infer(body, length)
+    assert parsed.texts == ["c [MASK]"] and parsed.settings == {"temperature": 0.5}
+
+
+@pytest.mark.parametrize("spec, message", [
+    (text_input(["a [MASK]"], shape=[3]), "input 'text' has shape [3] (3 elements) but holds 1; make the shape"),
+    (text_input(["a [MASK]", "b [MASK]"], shape=[1, 1]), "has shape [1, 1] (1 elements) but holds 2"),
+    ({"name": "text", "datatype": "BYTES", "data": ["a [MASK]"]}, "input 'text' needs a 'shape'"),
+    (text_input(["a [MASK]"], shape=[-1]), "a list of non-negative integers"),
+    (text_input(["a [MASK]"], shape=["1"]), "a list of non-negative integers"),
+])
+def test_a_shape_that_does_not_match_the_data_is_refused(spec, message):
+    with pytest.raises(BadRequest) as refused:
+        parse_infer(json.dumps({"inputs": [spec]}).encode(), None)
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_malformed_binary_data_is_refused():
+    text = ({"name": "text", "datatype": "BYTES", "shape": [1]}, bytes_tensor(["a [MASK]"]))
+    body, length = binary_request([text, ({"name": "temperature", "datatype": "FP32", "shape": [1]}, b"abc")])
+    with pytest.raises(BadRequest, match=r"input 'temperature' has 3 bytes of binary data, not a whole number of "
+                                         r"FP32 values \(4 bytes each\)"):
+        parse_infer(body, length)
+    body, length = binary_request([text], trailing=b"extra")
+    with pytest.raises(BadRequest, match="the body holds 5 bytes after the inputs' binary data"):
+        parse_infer(body, length)
+    body, length = binary_request([({"name": "text", "datatype": "BYTES", "shape": [2]},
+                                    bytes_tensor(["a [MASK]"]))])
+    with pytest.raises(BadRequest, match=r"shape \[2\] \(2 elements\) but holds 1"):
+        parse_infer(body, length)
+
+
+@pytest.mark.parametrize("name, value", [("seed", float("nan")), ("seed", float("inf")), ("top_k", float("-inf")),
+                                         ("num_samples", 2.5), ("seed", "1"), ("top_k", True)])
+def test_a_setting_that_is_not_an_integer_is_refused(name, value):
+    with pytest.raises(ClientError) as refused:
+        sampling_of({name: value})
+    assert refused.value.status == 400 and str(refused.value) == f"parameter '{name}' must be an integer, got {value!r}"
+
+
+def test_integral_numbers_are_integers():
+    sampling, num_samples, rerank = sampling_of({"seed": 7.0, "top_k": 5, "num_samples": 2.0})
+    assert (sampling.seed, sampling.top_k, num_samples, rerank) == (7, 5, 2, False)
