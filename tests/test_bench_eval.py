@@ -57,6 +57,23 @@ def test_bench_on_random_shapes_from_a_config_file(tmp_path):
     assert result.exit_code == 2 and "not 'paper', 'default' or a JSON file" in result.output
 
 
+@pytest.mark.parametrize("args, message", [
+    (["bench", "--batch-sizes", "0"], "--batch-sizes takes batch sizes of at least 1, got [0]"),
+    (["bench", "--lengths", "8,1"], "--lengths takes input lengths of at least 2 tokens, got [8, 1]"),
+    (["bench", "--mask-rate", "1.5"], "--mask-rate must be in (0, 1], got 1.5"),
+    (["bench", "--shapes", "SHAPES"], "cannot be read as JSON"),
+    (["bench", "--shapes", "paper", "--checkpoint", "x"], "give either --checkpoint (trained weights) or --shapes"),
+    (["bench-serve", "--clients", "8", "--requests", "4"], "--requests must be at least --clients"),
+    (["bench-serve", "--max-batch-sizes", "4,0"], "--max-batch-sizes takes batch sizes of at least 1, got [4, 0]"),
+])
+def test_bad_bench_settings_are_one_line_and_write_nothing(tmp_path, args, message):
+    (tmp_path / "shapes.json").write_text("{not json")
+    args = [str(tmp_path / "shapes.json") if a == "SHAPES" else a for a in args]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 def test_mlm_autoregressive_fills_with_the_mlm_alone(checkpoints):
     backbones, head, _ = load_maria(checkpoints["olmo"])
     rng = np.random.default_rng(0)

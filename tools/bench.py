@@ -148,20 +148,38 @@ def machine() -> dict:
     return info
 
 
-def prepare(out: Path, checkpoint=None, bundle=None, shapes=None, dtype: str = "fp32", console=None):
-    """The (checkpoint, bundle) to bench: a trained checkpoint, or random backbones of the named shapes; a bundle
-    is exported from the checkpoint unless one is given."""
+def random_shapes(checkpoint=None, shapes=None) -> dict | None:
+    """The backbone configs to build random weights from (None: bench the trained checkpoint)."""
     if checkpoint is not None and shapes is not None:
         raise ValueError("give either --checkpoint (trained weights) or --shapes (random weights), not both")
     if checkpoint is None and shapes is None:
         shapes = "default"             # the shipped model's shapes: its speed, whatever the weights
-    if shapes is not None:
-        console.print(f"building random backbones with the '{shapes}' shapes")
-        checkpoint = random_checkpoint(load_shapes(shapes), out / "model")
+    return None if shapes is None else load_shapes(shapes)
+
+
+def prepare(out: Path, checkpoint=None, bundle=None, shapes=None, dtype: str = "fp32", console=None):
+    """The (checkpoint, bundle) to bench: a trained checkpoint, or random backbones of the named shapes; a bundle
+    is exported from the checkpoint unless one is given."""
+    configs = random_shapes(checkpoint, shapes)
+    if configs is not None:
+        console.print(f"building random backbones with the '{shapes or 'default'}' shapes")
+        checkpoint = random_checkpoint(configs, out / "model")
     if bundle is None:
         bundle = out / f"bundle-{dtype}"
         export_bundle(checkpoint, bundle, dtype=dtype, overwrite=True, console=console)
     return Path(checkpoint), Path(bundle)
+
+
+def check_settings(mask_rate: float, repeats: int, lengths, batch_sizes) -> None:
+    """Names the first setting maria bench cannot run with."""
+    if not 0 < mask_rate <= 1:
+        raise ValueError(f"--mask-rate must be in (0, 1], got {mask_rate}")
+    if repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {repeats}")
+    if not lengths or min(lengths) < 2:
+        raise ValueError(f"--lengths takes input lengths of at least 2 tokens, got {list(lengths)}")
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError(f"--batch-sizes takes batch sizes of at least 1, got {list(batch_sizes)}")
 
 
 def bench(out: Path, checkpoint=None, bundle=None, shapes=None, dtype: str = "fp32",
@@ -171,10 +189,10 @@ def bench(out: Path, checkpoint=None, bundle=None, shapes=None, dtype: str = "fp
     """Runs every system on every (length, batch); writes out/bench.json and out/bench.png; returns the report."""
     check_device(device)
     console = console or Console(stderr=True)
+    check_settings(mask_rate, repeats, lengths, batch_sizes)
+    random_shapes(checkpoint, shapes)            # a bad --shapes is named before --out is made
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if not 0 < mask_rate <= 1 or repeats < 1 or not lengths or not batch_sizes or min(lengths) < 2:
-        raise ValueError("need a mask rate in (0, 1], at least one repeat, lengths >= 2 and batch sizes")
     checkpoint, bundle = prepare(out, checkpoint, bundle, shapes, dtype, console)
     manifest = load_manifest(bundle)
     too_long = [n for n in lengths if n > manifest.max_sequence_length]

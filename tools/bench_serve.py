@@ -119,9 +119,15 @@ def bench_serve(out: Path, model=None, clients: int = 32, requests: int = 256, m
                 texts: list[str] = TEXTS) -> dict:
     """Runs the load once per setting and repeat (settings interleaved); writes out/bench-serve.json."""
     console = console or Console(stderr=True)
-    if clients < 1 or requests < clients or repeats < 1 or not max_batch_sizes or min(max_batch_sizes) < 1:
-        raise ValueError("need at least one client, at least as many requests as clients, one repeat and "
-                         "batch sizes >= 1")
+    if clients < 1:
+        raise ValueError(f"--clients must be at least 1, got {clients}")
+    if requests < clients:
+        raise ValueError(f"--requests must be at least --clients (each client sends one or more), got {requests} "
+                         f"requests for {clients} clients")
+    if repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {repeats}")
+    if not max_batch_sizes or min(max_batch_sizes) < 1:
+        raise ValueError(f"--max-batch-sizes takes batch sizes of at least 1, got {list(max_batch_sizes)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = []

@@ -40,8 +40,11 @@ def load_shapes(name_or_file: str) -> dict:
     path = Path(name_or_file)
     if not path.is_file():
         raise FileNotFoundError(f"--shapes {name_or_file}: not 'paper', 'default' or a JSON file")
-    shapes = json.loads(path.read_text())
-    if set(shapes) != {"mlm", "ar"} or not all("model_type" in shapes[k] for k in shapes):
+    try:
+        shapes = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"--shapes {path}: cannot be read as JSON ({error})") from None
+    if not isinstance(shapes, dict) or set(shapes) != {"mlm", "ar"} or not all(isinstance(shapes[k], dict) and "model_type" in shapes[k] for k in shapes):
         raise ValueError(f"{path} must hold {{\"mlm\": {{...}}, \"ar\": {{...}}}} Hugging Face configs with model_type")
     return shapes
 
