@@ -6,6 +6,7 @@ commands so that `maria infill` runs with the runtime's dependencies alone.
 
 import functools
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -33,6 +34,9 @@ def one_line_errors(command):
     def run(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except BrokenPipeError:                    # the reader left (`| head`): stop quietly, as other tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())      # nothing more to flush at exit
+            raise typer.Exit(141) from None        # 128 + SIGPIPE, the status a shell gives such a tool
         except (ValueError, OSError) as error:     # FileNotFoundError, PermissionError, UnicodeDecodeError...
             fail(str(error))
         except ImportError as error:

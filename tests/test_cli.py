@@ -2,6 +2,9 @@
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,3 +105,14 @@ def test_the_decoder_switch_from_the_cli(bundles):
     result = infill("a [MASK]", "--decoder", "concat")            # the shipped model carries the engine's graph only
     assert result.exit_code == 2 and "needs ar_decoder.onnx" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_reader_that_leaves_early_stops_the_fill_quietly(bundles, tmp_path):
+    """`maria infill ... | head -1`: no error line, and the status a shell gives a tool stopped by SIGPIPE."""
+    (tmp_path / "in.txt").write_text("".join(f"Text {i} with a [MASK] in it.\n" for i in range(400)))
+    process = subprocess.Popen([sys.executable, "-c", "from cli import app; app()", "infill", "--json",
+                                "--input", str(tmp_path / "in.txt"), "--model", str(bundles["olmo"])],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).parent.parent)
+    assert json.loads(process.stdout.readline())["input"] == "Text 0 with a [MASK] in it."
+    process.stdout.close()                             # 400 JSON lines are more than a pipe holds
+    assert process.wait(timeout=300) == 141 and process.stderr.read().decode() == ""
