@@ -17,7 +17,7 @@ from .manifest import load_manifest
 from .onnx_backend import OnnxBackend
 from .requests import FillRequest, Prepared, run_requests
 from .results import Infilled
-from .text import MaskedText, encode_masked_text, span_candidates
+from .text import MaskedText, encode_masked_text, literal, span_candidates
 
 __all__ = ["FillRequest", "Infilled", "Infiller", "Prepared"]
 DECODERS = ("auto", "engine", "concat")
@@ -42,7 +42,7 @@ class Infiller:
             raise ValueError(f"--decoder {decoder} needs {needed}.onnx, which this bundle lacks; re-export it "
                              f"with `maria export` {how}, or use --decoder auto")
         self.decoder = decoder
-        self.tokenizer = Tokenizer.from_file(str(self.bundle / self.manifest.tokenizer))
+        self.tokenizer = literal(Tokenizer.from_file(str(self.bundle / self.manifest.tokenizer)))
         self.backend = OnnxBackend(self.bundle, self.manifest, device=device, io_binding=io_binding,
                                    cuda_graph=cuda_graph, decoder=decoder)
         self.special = self.manifest.special_ids

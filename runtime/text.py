@@ -100,10 +100,23 @@ def segments(ids: np.ndarray, masked: np.ndarray, tokenizer) -> list[tuple[str, 
     return runs
 
 
+def literal(tokenizer):
+    """A copy of a `tokenizers.Tokenizer` (or a transformers tokenizer's) that encodes text as text: the spelling of
+    a special token typed in it ("[SEP]", "<|endoftext|>") becomes the ids of those characters, never the special
+    token, so no input text can place a separator or an end of text where the writer wrote characters. The
+    markers are split off before encoding, so they alone give special ids."""
+    from tokenizers import Tokenizer
+
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.encode_special_tokens = True
+    return copy
+
+
 def plain_encoder(tokenizer):
-    """text -> content ids (no special tokens), for a `tokenizers.Tokenizer` or a transformers tokenizer."""
-    if hasattr(tokenizer, "backend_tokenizer"):
-        tokenizer = tokenizer.backend_tokenizer
+    """text -> content ids (no special tokens, special tokens' spellings as text), for a `tokenizers.Tokenizer`
+    or a transformers tokenizer."""
+    tokenizer = literal(tokenizer)
     return lambda text: tokenizer.encode(text, add_special_tokens=False).ids
 
 

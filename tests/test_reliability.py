@@ -204,6 +204,24 @@ def test_a_string_is_not_a_list_of_texts(default):
 
 # -- sampling: a text's samples do not depend on its batch ---------------------------------------------------
 
+def test_a_special_tokens_spelling_in_the_text_is_text(default):
+    """"[SEP]" or "<|endoftext|>" typed in a text are its characters: the model never sees a separator or an end of
+    text there, and the filled text gives them back as typed."""
+    special = {token.content for token in default.tokenizer.get_added_tokens_decoder().values() if token.special}
+    assert {"[SEP]", "<|endoftext|>", "[CLS]", "[MASK]"} <= special
+    text = "Split on [SEP] or <|endoftext|> and [CLS], then [MASK] the rest."
+    result = default.infill([text])[0]
+    special_ids = {default.tokenizer.token_to_id(token) for token in special}
+    assert not special_ids & set(result.ids)
+    fill = result.fills[0]
+    assert result.text == f"Split on [SEP] or <|endoftext|> and [CLS], then{fill} the rest."
+    from runtime.text import plain_encoder
+    from transformers import PreTrainedTokenizerFast
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(DEFAULT_MODEL / "tokenizer.json"))   # training reads text alike
+    assert not special_ids & set(plain_encoder(hf)(text))
+    assert special_ids & set(hf.encode(text, add_special_tokens=False))       # and leaves the tokenizer as it was
+
+
 def test_samples_do_not_depend_on_the_batch(default):
     texts = [f"Use the [MASK] module to [MASK:2] files number {i}." for i in range(10)]
     sampling = Sampling(temperature=1.0, seed=5)
