@@ -112,7 +112,10 @@ class Server:
         loop = asyncio.get_running_loop()
         return Job(request, loop, loop.create_future(), on_token)
 
-    async def run(self, job: Job, began: float) -> list:
+    async def run(self, job: Job, began: float, request: Request | None = None) -> list:
+        """Queues the job and waits for its results, its deadline (504) or, given its request, its client leaving
+        (499). A job that ends any way but with its results is dropped from the decode worker: its rows free their
+        slots at the next step instead of being filled for nobody."""
         try:
             self.batcher.submit(job)
         except QueueFull:
@@ -120,15 +123,30 @@ class Server:
                               {"Retry-After": "1"}) from None
         self.metrics.queue_depth.set(self.batcher.depth)
         try:
-            results = await asyncio.wait_for(asyncio.shield(job.future),
+            results = await asyncio.wait_for(self.answer(job, request),
                                              self.settings.timeout_s - (time.monotonic() - began))
         except asyncio.TimeoutError:
-            job.cancelled = True
             raise ClientError(504, f"no answer within the deadline of {self.settings.timeout_s:g} s") from None
         finally:
+            if not job.future.done():          # the deadline passed, the client left, or this task was cancelled
+                job.cancelled = True
             self.metrics.queue_depth.set(self.batcher.depth)
         self.metrics.tokens_filled.inc(sum(len(r.masked_positions) for r in results))
         return results
+
+    @staticmethod
+    async def answer(job: Job, request: Request | None) -> list:
+        """The job's results; ClientError 499 if the client of request disconnects first."""
+        if request is None:
+            return await asyncio.shield(job.future)
+        left = asyncio.ensure_future(client_left(request))
+        try:
+            done, _ = await asyncio.wait({job.future, left}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            left.cancel()
+        if job.future not in done:
+            raise ClientError(499, "the client closed the connection before the answer")
+        return job.future.result()
 
     # -- routes ---------------------------------------------------------------------------------------------
 
@@ -166,7 +184,7 @@ class Server:
             parsed: InferRequest = parse_infer(await self.body(request), int(header) if header else None)
         except BadRequest as error:
             raise ClientError(400, str(error)) from None
-        results = await self.run(self.job(parsed.texts, parsed.settings), began)
+        results = await self.run(self.job(parsed.texts, parsed.settings), began, request)
         body, headers = infer_response(name, parsed, results)
         return Response(body, headers=headers)
 
@@ -189,7 +207,7 @@ class Server:
     async def infill(self, request):
         began = time.monotonic()
         texts, settings = await self.json_request(request)
-        results = await self.run(self.job(texts, settings), began)
+        results = await self.run(self.job(texts, settings), began, request)
         return JSONResponse({"results": [r.to_dict() for r in results]})
 
     async def stream(self, request):
@@ -208,8 +226,12 @@ class Server:
         task.add_done_callback(lambda _: events.put_nowait(None))
 
         async def lines():
-            while (event := await events.get()) is not None:
-                yield f"event: {event['event']}\ndata: {json.dumps(event['data'], ensure_ascii=False)}\n\n"
+            try:
+                while (event := await events.get()) is not None:
+                    yield f"event: {event['event']}\ndata: {json.dumps(event['data'], ensure_ascii=False)}\n\n"
+            finally:                               # the client left mid-stream: run() drops the job
+                if not task.done():
+                    task.cancel()
             try:
                 results = task.result()
             except ClientError as error:
@@ -227,6 +249,12 @@ class Server:
     async def metrics_route(self, request):
         self.metrics.queue_depth.set(self.batcher.depth)
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def client_left(request: Request) -> None:
+    """Returns when the client disconnects. The body has been read, so the next ASGI message is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def create_app(infiller, settings: ServeSettings = ServeSettings()) -> Starlette:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -255,6 +256,44 @@ def test_a_full_queue_gives_503_and_a_deadline_504():
     with server("--timeout", "0.05") as (url, _):
         status, _, body = call(url, "/v1/infill", {"text": [SLOW]})
         assert status == 504 and "deadline of 0.05 s" in json.loads(body)["error"]
+
+
+def engine_steps(url) -> int:
+    return int(float(re.search(r"^maria_batch_size_count (\S+)", call(url, "/metrics")[2].decode(), re.M).group(1)))
+
+
+def test_a_client_that_leaves_frees_its_slot():
+    """A client that disconnects before its answer (plain or streaming) is logged as 499 or ends its stream, and its
+    rows leave the engine at once instead of being filled for nobody."""
+    long_text = "[MASK:2000]"                      # 2,000 steps each if they were run to the end
+    with server("--max-batch-size", "1") as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        for path in ("/v1/infill", "/v1/infill/stream"):
+            before, body = engine_steps(url), json.dumps({"text": [long_text]}).encode()
+            client = socket.create_connection((host, int(port)), timeout=60)
+            client.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                           f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            for _ in range(400):                   # until its rows are in the engine
+                if engine_steps(url) > before:
+                    break
+                time.sleep(0.025)
+            client.close()
+        for _ in range(400):
+            if '/v1/infill",status="499"} 1.0' in call(url, "/metrics")[2].decode():
+                break
+            time.sleep(0.025)
+        steps = engine_steps(url)
+        for _ in range(50):                        # the stream's rows leave at its next token's failed send
+            time.sleep(0.2)
+            if engine_steps(url) == steps:
+                break
+            steps = engine_steps(url)
+        time.sleep(1.0)                            # an engine still filling for them would step on meanwhile
+        assert engine_steps(url) == steps < 2000, steps
+        status, _, body = call(url, "/v1/infill", {"text": ["a [MASK] b"]})
+        assert status == 200 and json.loads(body)["results"][0]["text"].startswith("a")
+        metrics = call(url, "/metrics")[2].decode()
+        assert re.search(r'^maria_requests_total\{route="/v1/infill",status="499"\} 1', metrics, re.M)
 
 
 def test_sigterm_lets_requests_in_flight_finish():
