@@ -7,6 +7,7 @@ A trained checkpoint is a folder:
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,8 +44,8 @@ class TrainConfig:
         for name in ("steps", "seq_len", "batch_size", "eval_every", "save_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
+            raise ValueError(f"--learning-rate must be a positive number, got {self.learning_rate}")
 
 
 def _with_special_ids(data: dict) -> dict:

@@ -305,6 +305,8 @@ def test_the_layer_count_check_reads_the_graph(bundles):
     (["infill", "a [MASK]", "--device", "cuda"], "--device cuda: "),
     (["eval", "README.md", "--json", "docs"], "--json docs: give a file path in an existing folder"),
     (["bench", "--model", "runtime/default_model"], "--model needs --checkpoint"),
+    (["train", "--mlm", "x", "--ar", "y", "--data", "README.md", "--out", "never", "--learning-rate", "inf"],
+     "--learning-rate must be a positive number, got inf"),
 ])
 def test_bad_arguments_get_one_line_before_any_work(args, message, monkeypatch):
     monkeypatch.chdir(ROOT)
