@@ -218,7 +218,8 @@ def _build(folder: Path, backbones, head, config, dtype, variant, opset, console
                 for name, file in files.items()},
         tokenizer=TOKENIZER_FILE, files={}, source=_source(config))
     with stage(console, "validating every graph against PyTorch"):
-        report = validate(OnnxBackend(folder, manifest, device="cpu"), backbones, head, manifest.special_ids, variant)
+        report = validate(lambda decoder: OnnxBackend(folder, manifest, device="cpu", decoder=decoder),
+                          concat_decoder, backbones, head, manifest.special_ids, variant)
         (folder / VALIDATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
     files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
     manifest = Manifest(**{**vars(manifest), "files": {name: sha256(folder / name) for name in files}})

@@ -5,6 +5,7 @@ padding, past lengths from zero up) and is compared with the eager modules; then
 is compared end to end. fp32 is held to tight bounds; fp16 and int8 by top-1 agreement and looser bounds.
 """
 
+import gc
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -141,15 +142,23 @@ def _end_to_end(onnx, torch_backend, special: SpecialIds, rng, vocab, bound, agr
             "engine_greedy_fill_agreement": same}
 
 
-def validate(onnx, backbones, head, special: SpecialIds, variant: str, seed: int = 0) -> dict:
-    """Runs every check, returns the report for validation.json; raises ValidationError on the first failure."""
+def validate(open_backend, concat: bool, backbones, head, special: SpecialIds, variant: str, seed: int = 0) -> dict:
+    """Runs every check, returns the report for validation.json; raises ValidationError on the first failure.
+    open_backend(decoder) gives the bundle's ONNX backend with one AR graph: "concat" (ar_decoder.onnx, which the
+    bundle has where concat is true) or "engine" (ar_step.onnx). ar_decoder.onnx is checked first and its backend
+    released before the step graph's is made, so one copy of the AR's weights is in ONNX Runtime at a time."""
     bound, agreement = TOLERANCE[variant]
     rng = np.random.default_rng(seed)
     torch_backend = TorchBackend(backbones, head)
+    onnx = open_backend("concat" if concat else "engine")
     vocab = onnx.manifest.vocab_size
     checks = []
     _check_mlm(checks, onnx, torch_backend, rng, vocab, bound)
     _check_ar(checks, onnx, torch_backend, rng, vocab, bound)
+    if concat:
+        del onnx
+        gc.collect()
+        onnx = open_backend("engine")
     _check_step(checks, onnx, torch_backend, rng, vocab, bound)
     _check_head(checks, onnx, torch_backend, rng, bound)
     if onnx.manifest.has_baseline_heads:

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import weakref
 
 import numpy as np
 import onnxruntime as ort
@@ -136,6 +137,27 @@ def test_reduced_precision_exports_are_judged_by_top1(checkpoints, tmp_path, dty
         "mlm_hidden": np.zeros((1, manifest.mlm_hidden_size), np.float16 if dtype == "fp16" else np.float32),
         "ar_hidden": np.zeros((1, manifest.ar_hidden_size), np.float16 if dtype == "fp16" else np.float32)})
     assert logits.dtype == np.float32
+
+
+def test_validation_holds_one_ar_graph_at_a_time(checkpoints, tmp_path, monkeypatch):
+    """ar_decoder.onnx is validated on a backend of its own, gone before ar_step.onnx's is made: at OLMo-1B shapes
+    each AR graph is 4.7 GB in fp32."""
+    live, opened = weakref.WeakSet(), []
+    real = bundle_module.OnnxBackend
+
+    def tracked(*args, **kwargs):
+        assert not live, "a backend was still alive when the next one was made"
+        backend = real(*args, **kwargs)
+        opened.append((backend.ar is not None, backend.step is not None))
+        live.add(backend)
+        return backend
+
+    monkeypatch.setattr(bundle_module, "OnnxBackend", tracked)
+    export_bundle(checkpoints["olmo"], tmp_path / "b")
+    assert opened == [(True, False), (False, True)]
+    opened.clear()
+    export_bundle(checkpoints["olmo"], tmp_path / "c", concat_decoder=False)
+    assert opened == [(False, True)]
 
 
 def test_failed_validation_names_the_graph_and_leaves_nothing(checkpoints, tmp_path, monkeypatch):
