@@ -37,12 +37,31 @@ OPSETS = range(17, 21)          # from the opset the graphs need to the newest t
 TOKENIZER_FILE, VALIDATION_FILE = "tokenizer.json", "validation.json"
 
 
+def _reset_peak_memory() -> bool:
+    """Resets this process's resident-memory high-water mark (Linux); False where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_memory_gb() -> float:
+    """This process's resident-memory high-water mark (VmHWM), in GB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    raise OSError("no VmHWM in /proc/self/status")
+
+
 @contextmanager
 def stage(console: Console, name: str):
-    began = time.perf_counter()
+    """Runs a stage under a spinner, then prints its time and, on Linux, its peak resident memory."""
+    began, measured = time.perf_counter(), _reset_peak_memory()
     with console.status(name + "..."):
         yield
-    console.print(f"[green]✓[/green] {name} ({time.perf_counter() - began:.1f}s)")
+    peak = f", peak {_peak_memory_gb():.2f} GB" if measured else ""
+    console.print(f"[green]✓[/green] {name} ({time.perf_counter() - began:.1f}s{peak})")
 
 
 def is_bundle(folder: Path) -> bool:

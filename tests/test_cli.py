@@ -1,6 +1,7 @@
 """`maria infill` and `maria export` through the CLI: output formats and one-line errors for bad input."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,10 @@ def test_export_then_infill_from_the_cli(checkpoints, tmp_path):
     result = runner.invoke(app, ["export", str(checkpoints["olmo2"]), "--out", str(tmp_path / "b")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "b" / "maria.json").is_file()
+    if sys.platform == "linux":                    # each stage's time and peak resident memory
+        peaks = re.findall(r"validating every graph against PyTorch \(\d+\.\ds, peak (\d+\.\d\d) GB\)",
+                           " ".join(result.output.split()))
+        assert len(peaks) == 1 and 0 < float(peaks[0]) < 64
     result = infill("Fill [MASK] here.", "--model", tmp_path / "b", "--device", "cpu")
     assert result.exit_code == 0 and result.stdout.startswith("Fill") and result.stdout.rstrip().endswith("here.")
 
