@@ -288,12 +288,32 @@ def guarded(server: Server, path: str, handler):
         except Exception:                          # not the client's doing: logged with its traceback here
             logging.getLogger("maria.serve").exception("%s %s failed", request.method, request.url.path)
             response = JSONResponse({"error": "the server failed on this request; see its log"}, status_code=500)
-        server.metrics.requests.labels(path, str(response.status_code)).inc()
-        server.metrics.latency.labels(path).observe(time.monotonic() - began)
-        access_log.info(json.dumps({"method": request.method, "path": request.url.path,
-                                    "status": response.status_code,
-                                    "ms": round(1000 * (time.monotonic() - began), 2),
-                                    "client": request.client.host if request.client else None}))
+        if isinstance(response, StreamingResponse):        # counted and logged when its stream ends
+            response.body_iterator = logged_stream(server, path, request, began, response.body_iterator)
+        else:
+            record(server, path, request, response.status_code, began)
         return response
 
     return route
+
+
+def record(server: Server, path: str, request: Request, status: int, began: float) -> None:
+    """A finished request: its count and latency in the metrics, its access-log line."""
+    server.metrics.requests.labels(path, str(status)).inc()
+    server.metrics.latency.labels(path).observe(time.monotonic() - began)
+    access_log.info(json.dumps({"method": request.method, "path": request.url.path, "status": status,
+                                "ms": round(1000 * (time.monotonic() - began), 2),
+                                "client": request.client.host if request.client else None}))
+
+
+async def logged_stream(server: Server, path: str, request: Request, began: float, events):
+    """The stream's events; when it ends, the request is recorded with its whole time, as 499 if the client left
+    before the last event."""
+    status = 499
+    try:
+        async for event in events:
+            yield event
+        status = 200
+    finally:
+        await events.aclose()                  # the stream's own cleanup runs now, not when it is collected
+        record(server, path, request, status, began)

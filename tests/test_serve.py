@@ -273,13 +273,19 @@ def test_a_client_that_leaves_frees_its_slot():
             client = socket.create_connection((host, int(port)), timeout=60)
             client.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
                            f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-            for _ in range(400):                   # until its rows are in the engine
-                if engine_steps(url) > before:
-                    break
-                time.sleep(0.025)
+            if path.endswith("stream"):            # its first token: its rows are in the engine
+                received = b""
+                while b"event: token" not in received and len(received) < 65536:
+                    received += client.recv(4096)
+            else:
+                for _ in range(400):               # the engine steps: its rows are in
+                    if engine_steps(url) > before:
+                        break
+                    time.sleep(0.025)
             client.close()
-        for _ in range(400):
-            if '/v1/infill",status="499"} 1.0' in call(url, "/metrics")[2].decode():
+        for _ in range(400):                       # both are logged as 499 (the stream when it notices)
+            metrics = call(url, "/metrics")[2].decode()
+            if all(f'{path}",status="499"}} 1.0' in metrics for path in ("/v1/infill", "/v1/infill/stream")):
                 break
             time.sleep(0.025)
         steps = engine_steps(url)
@@ -293,7 +299,8 @@ def test_a_client_that_leaves_frees_its_slot():
         status, _, body = call(url, "/v1/infill", {"text": ["a [MASK] b"]})
         assert status == 200 and json.loads(body)["results"][0]["text"].startswith("a")
         metrics = call(url, "/metrics")[2].decode()
-        assert re.search(r'^maria_requests_total\{route="/v1/infill",status="499"\} 1', metrics, re.M)
+        for path in ("/v1/infill", "/v1/infill/stream"):
+            assert re.search(rf'^maria_requests_total\{{route="{path}",status="499"\}} 1', metrics, re.M), path
 
 
 def test_sigterm_lets_requests_in_flight_finish():
