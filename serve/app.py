@@ -31,7 +31,7 @@ from runtime.requests import SETTINGS, SettingTypeError, read_settings
 from .batcher import Batcher, Job, QueueFull
 from .continuous import ContinuousBatcher
 from .metrics import Metrics
-from .protocol import BadRequest, InferRequest, infer_response, metadata, parse_infer
+from .protocol import VERSION, BadRequest, InferRequest, infer_response, metadata, parse_infer
 
 access_log = logging.getLogger("maria.access")
 
@@ -163,9 +163,12 @@ class Server:
                              "extensions": ["binary_tensor_data"]})
 
     def model(self, request) -> str:
-        name = request.path_params["name"]
+        """The model a route names, with its version where the route has one: the served model, version 1."""
+        name, version = request.path_params["name"], request.path_params.get("version", VERSION)
         if name != self.settings.model_name:
             raise ClientError(404, f"no model '{name}' here; this server serves '{self.settings.model_name}'")
+        if version != VERSION:
+            raise ClientError(404, f"no version '{version}' of model '{name}' here; it has version {VERSION}")
         return name
 
     async def model_metadata(self, request):
@@ -263,8 +266,12 @@ def create_app(infiller, settings: ServeSettings = ServeSettings()) -> Starlette
     routes = {"/v2/health/live": ("GET", server.live), "/v2/health/ready": ("GET", server.ready),
               "/v2": ("GET", server.server_metadata), "/v2/models/{name}": ("GET", server.model_metadata),
               "/v2/models/{name}/ready": ("GET", server.model_ready),
-              "/v2/models/{name}/infer": ("POST", server.infer), "/v1/infill": ("POST", server.infill),
-              "/v1/infill/stream": ("POST", server.stream), "/metrics": ("GET", server.metrics_route)}
+              "/v2/models/{name}/infer": ("POST", server.infer),
+              "/v2/models/{name}/versions/{version}": ("GET", server.model_metadata),
+              "/v2/models/{name}/versions/{version}/ready": ("GET", server.model_ready),
+              "/v2/models/{name}/versions/{version}/infer": ("POST", server.infer),
+              "/v1/infill": ("POST", server.infill), "/v1/infill/stream": ("POST", server.stream),
+              "/metrics": ("GET", server.metrics_route)}
     app = Starlette(routes=[Route(path, guarded(server, path, handler), methods=[method])
                             for path, (method, handler) in routes.items()])
     app.state.server = server

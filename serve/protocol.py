@@ -22,6 +22,7 @@ from runtime.requests import SETTINGS
 INPUTS = {"text": "BYTES", "temperature": "FP32", "top_k": "INT32", "top_p": "FP32", "seed": "INT64",
           "num_samples": "INT32"}
 OUTPUTS = {"text": "BYTES", "result": "BYTES"}
+VERSION = "1"                  # the one model version a server serves
 NUMERIC = {"FP32": "<f4", "FP64": "<f8", "INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",
            "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8"}
 
@@ -40,7 +41,7 @@ class InferRequest:
 
 def metadata(model_name: str, platform: str = "maria_onnx") -> dict:
     """Model metadata: the tensors' names, datatypes and shapes (-1: any length)."""
-    return {"name": model_name, "versions": ["1"], "platform": platform,
+    return {"name": model_name, "versions": [VERSION], "platform": platform,
             "inputs": [{"name": name, "datatype": kind, "shape": [-1, 1] if name == "text" else [1]}
                        for name, kind in INPUTS.items()],
             "outputs": [{"name": name, "datatype": kind, "shape": [-1, -1]} for name, kind in OUTPUTS.items()]}
@@ -168,7 +169,7 @@ def infer_response(model_name: str, request: InferRequest, results: list) -> tup
         else:
             output["data"] = values[name]
         outputs.append(output)
-    head = {"model_name": model_name, "model_version": "1", "outputs": outputs}
+    head = {"model_name": model_name, "model_version": VERSION, "outputs": outputs}
     if request.id is not None:
         head["id"] = request.id
     head_bytes = json.dumps(head, ensure_ascii=False).encode("utf-8")

@@ -137,6 +137,12 @@ def test_tritonclient_binary_infer(running, reference):
         assert result.as_numpy("text").shape == (2, 1)
         assert [t.decode() for t in result.as_numpy("text").reshape(-1)] == [r.text for r in want]
         assert [json.loads(r)["fills"] for r in result.as_numpy("result").reshape(-1)] == [r.fills for r in want]
+        assert client.is_model_ready("maria", model_version="1")                # /v2/models/maria/versions/1/...
+        assert client.get_model_metadata("maria", model_version="1")["versions"] == ["1"]
+        pinned = client.infer("maria", [text, seed, temperature], model_version="1", outputs=outputs)
+        assert [t.decode() for t in pinned.as_numpy("text").reshape(-1)] == [r.text for r in want]
+        with pytest.raises(Exception, match="no version '2' of model 'maria' here; it has version 1"):
+            client.infer("maria", [text], model_version="2")
     finally:
         client.close()
 
