@@ -37,6 +37,7 @@ class InferRequest:
     texts: list[str]
     settings: dict             # temperature, top_k, top_p, seed, num_samples: those given
     binary_outputs: set        # output names asked for as binary data
+    outputs: tuple = tuple(OUTPUTS)    # the outputs asked for (all where the request names none)
 
 
 def metadata(model_name: str, platform: str = "maria_onnx") -> dict:
@@ -140,11 +141,15 @@ def parse_infer(body: bytes, header_length: int | None) -> InferRequest:
     unknown = set(settings) - set(SETTINGS)
     if unknown:
         raise BadRequest(f"unknown parameters {sorted(unknown)}; parameters are {', '.join(SETTINGS)}")
-    binary_outputs = {o.get("name") for o in request.get("outputs") or []
-                      if isinstance(o, dict) and (o.get("parameters") or {}).get("binary_data")}
+    asked = request.get("outputs") or []
+    if not isinstance(asked, list) or not all(isinstance(o, dict) and o.get("name") in OUTPUTS for o in asked):
+        raise BadRequest(f"'outputs' must list outputs by name; outputs are {', '.join(OUTPUTS)}")
+    binary_outputs = {o["name"] for o in asked if (o.get("parameters") or {}).get("binary_data")}
     if (request.get("parameters") or {}).get("binary_data_output"):
         binary_outputs |= set(OUTPUTS)
-    return InferRequest(id=request.get("id"), texts=texts, settings=settings, binary_outputs=binary_outputs)
+    outputs = tuple(dict.fromkeys(o["name"] for o in asked)) or tuple(OUTPUTS)
+    return InferRequest(id=request.get("id"), texts=texts, settings=settings, binary_outputs=binary_outputs,
+                        outputs=outputs)
 
 
 def _not_text(value):
@@ -156,18 +161,20 @@ def _bytes_tensor(elements: list[str]) -> bytes:
 
 
 def infer_response(model_name: str, request: InferRequest, results: list) -> tuple[bytes, dict]:
-    """The response body and extra headers: outputs as JSON data, or as binary data where the client asked."""
-    values = {"text": [r.text for r in results],
-              "result": [json.dumps(r.to_dict(), ensure_ascii=False) for r in results]}
+    """The response body and extra headers: the outputs asked for (all where none were named), as JSON data or as
+    binary data where the client asked."""
     outputs, blobs = [], []
-    for name, kind in OUTPUTS.items():
-        output = {"name": name, "datatype": kind, "shape": [len(request.texts), len(results) // len(request.texts)]}
+    for name in request.outputs:
+        values = ([r.text for r in results] if name == "text" else
+                  [json.dumps(r.to_dict(), ensure_ascii=False) for r in results])
+        output = {"name": name, "datatype": OUTPUTS[name],
+                  "shape": [len(request.texts), len(results) // len(request.texts)]}
         if name in request.binary_outputs:
-            blob = _bytes_tensor(values[name])
+            blob = _bytes_tensor(values)
             output["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            output["data"] = values[name]
+            output["data"] = values
         outputs.append(output)
     head = {"model_name": model_name, "model_version": VERSION, "outputs": outputs}
     if request.id is not None:

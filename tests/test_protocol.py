@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from serve.app import ClientError, sampling_of
-from serve.protocol import BadRequest, parse_infer
+from serve.protocol import BadRequest, infer_response, parse_infer
 
 
 def text_input(texts: list[str], shape=None) -> dict:
@@ -79,3 +79,19 @@ def test_a_setting_that_is_not_an_integer_is_refused(name, value):
 def test_integral_numbers_are_integers():
     sampling, num_samples, rerank = sampling_of({"seed": 7.0, "top_k": 5, "num_samples": 2.0})
     assert (sampling.seed, sampling.top_k, num_samples, rerank) == (7, 5, 2, False)
+
+
+def test_only_the_outputs_asked_for_come_back():
+    from runtime.results import Infilled
+
+    def request(outputs):
+        body = {"inputs": [text_input(["a [MASK]"])], **({"outputs": outputs} if outputs is not None else {})}
+        return parse_infer(json.dumps(body).encode(), None)
+
+    assert request(None).outputs == ("text", "result") and request([{"name": "result"}]).outputs == ("result",)
+    with pytest.raises(BadRequest, match="'outputs' must list outputs by name; outputs are text, result"):
+        request([{"name": "logits"}])
+    filled = Infilled(input="a [MASK]", text="a b", ids=[1, 2], masked_positions=[1], fill_logprobs=[-0.5],
+                      fills=[" b"])
+    body, headers = infer_response("maria", request([{"name": "text"}]), [filled])
+    assert json.loads(body)["outputs"] == [{"name": "text", "datatype": "BYTES", "shape": [1, 1], "data": ["a b"]}]
