@@ -53,11 +53,15 @@ def _sample_row(scores: np.ndarray, sampling: Sampling, rng: np.random.Generator
     return int(np.searchsorted(np.cumsum(probs), rng.random() * probs.sum(), side="right").clip(max=probs.size - 1))
 
 
-def choose_tokens(logits: np.ndarray, banned_ids, sampling: Sampling, rngs: list[np.random.Generator]):
+def choose_tokens(logits: np.ndarray, banned_ids, sampling: Sampling, rngs: list[np.random.Generator],
+                  refused: list | None = None):
     """logits [rows, V] -> (token ids [rows], their log-probabilities under the head's full distribution [rows]).
-    Row r samples with rngs[r]."""
+    Row r samples with rngs[r], never a banned id nor one of the ids refused[r] (where that is not None)."""
     scores = logits.copy()
     scores[:, list(banned_ids)] = -np.inf
+    for row, ids in enumerate(refused or []):
+        if ids is not None:
+            scores[row, ids] = -np.inf
     if sampling.greedy:
         tokens = scores.argmax(axis=-1)
     else:

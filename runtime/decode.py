@@ -19,6 +19,7 @@ import numpy as np
 
 from .backend import Backend, SpecialIds
 from .choose import Sampling, choose_tokens, token_logprobs
+from .utf8 import Utf8Rule
 
 @dataclass
 class Fill:
@@ -104,9 +105,11 @@ OnToken = Callable[[int, int, int, float], None]      # (sequence, position, tok
 
 
 def infill_batch(backend: Backend, ids, masked, special: SpecialIds, sampling: Sampling,
-                 rngs: list[np.random.Generator], on_token: OnToken | None = None) -> list[Fill]:
+                 rngs: list[np.random.Generator], on_token: OnToken | None = None,
+                 utf8: Utf8Rule | None = None) -> list[Fill]:
     """Fills the masked positions of each sequence (every one has at least one), all in one batch;
-    rngs[b] draws sequence b's samples; on_token(b, position, token, logprob) hears each fill as it is chosen."""
+    rngs[b] draws sequence b's samples; on_token(b, position, token, logprob) hears each fill as it is chosen;
+    utf8 keeps the fills valid UTF-8 (None: free)."""
     mlm_hidden = encode_masked(backend, ids, masked, special)
     targets = [np.flatnonzero(m) for m in masked]
     assert all(len(t) for t in targets), f"every sequence needs a masked position, got counts {[len(t) for t in targets]}"
@@ -118,7 +121,9 @@ def infill_batch(backend: Backend, ids, masked, special: SpecialIds, sampling: S
         rows, ar_hidden = decode_step(backend, state, step, special)
         positions = np.array([targets[row][step] for row in rows])
         logits = backend.fuse(mlm_hidden[rows, positions + 1], ar_hidden)
-        tokens, token_logprobs = choose_tokens(logits, special.all, sampling, [rngs[row] for row in rows])
+        refused = None if utf8 is None else [utf8.refused(state.ar_tokens[row][1:], targets[row], step)
+                                             for row in rows]
+        tokens, token_logprobs = choose_tokens(logits, special.all, sampling, [rngs[row] for row in rows], refused)
         for row, position, token, logprob in zip(rows, positions, tokens, token_logprobs):
             state.ar_tokens[row][position + 1] = token
             logprobs[row][step] = logprob
@@ -178,15 +183,17 @@ def sequence_rngs(seed: int, count: int) -> list[np.random.Generator]:
 
 
 def infill(backend: Backend, ids, masked, special: SpecialIds, sampling: Sampling, batch_size: int = 8,
-           rngs: list[np.random.Generator] | None = None, on_token: OnToken | None = None) -> list[Fill]:
+           rngs: list[np.random.Generator] | None = None, on_token: OnToken | None = None,
+           utf8: Utf8Rule | None = None) -> list[Fill]:
     """Fills every sequence in batches of batch_size; sequences without a masked position come back unchanged.
     rngs[i] draws sequence i's samples (default: sequence_rngs(sampling.seed)), so a sequence's samples are
-    the same whatever batch it runs in. on_token(i, position, token, logprob) hears each fill of sequence i."""
+    the same whatever batch it runs in. on_token(i, position, token, logprob) hears each fill of sequence i.
+    utf8: fills keep the text valid UTF-8 (runtime/utf8.py); None leaves them free."""
     rngs = sequence_rngs(sampling.seed, len(ids)) if rngs is None else rngs
     assert len(rngs) == len(ids), f"{len(rngs)} generators for {len(ids)} sequences"
     def run_batch(rows, x, m):
         hear = None if on_token is None else lambda b, *fill: on_token(rows[b], *fill)
-        return infill_batch(backend, x, m, special, sampling, [rngs[r] for r in rows], hear)
+        return infill_batch(backend, x, m, special, sampling, [rngs[r] for r in rows], hear, utf8)
 
     return in_batches(run_batch, ids, masked, batch_size,
                       Fill.unchanged)

@@ -21,6 +21,7 @@ from .backend import SlotBackend, SpecialIds
 from .choose import Sampling, choose_tokens
 from .decode import Fill, encode_masked
 from .slots import capacity_for
+from .utf8 import Utf8Rule
 
 
 @dataclass(eq=False)
@@ -57,6 +58,7 @@ class Engine:
     slots: int = 8
     fixed_shapes: bool = False        # CUDA graphs: every step over all slots, chunks padded to a power of two,
                                       # the cache sized for whole sequences when they join (no resize mid-run)
+    utf8: Utf8Rule | None = None      # fills keep the text valid UTF-8 (runtime/utf8.py); None: free
     waiting: collections.deque = field(default_factory=collections.deque)
     active: dict = field(default_factory=dict)          # slot -> Sequence
     cache: object = None
@@ -146,8 +148,11 @@ class Engine:
         for row, s in enumerate(sequences):
             groups[s.sampling].append(row)
         for sampling, rows in groups.items():
+            refused = None if self.utf8 is None else [
+                self.utf8.refused(sequences[row].tokens[1:], sequences[row].targets, sequences[row].filled)
+                for row in rows]
             tokens, logprobs = choose_tokens(logits[rows], self.special.all, sampling,
-                                             [sequences[row].rng for row in rows])
+                                             [sequences[row].rng for row in rows], refused)
             for row, token, logprob in zip(rows, tokens, logprobs):
                 s = sequences[row]
                 position = int(s.targets[s.filled])
@@ -163,10 +168,12 @@ class Engine:
 
 
 def engine_infill(backend: SlotBackend, ids, masked, special: SpecialIds, sampling: Sampling, slots: int,
-                  rngs: list[np.random.Generator], on_token=None, fixed_shapes: bool = False) -> list[Fill]:
+                  rngs: list[np.random.Generator], on_token=None, fixed_shapes: bool = False,
+                  utf8: Utf8Rule | None = None) -> list[Fill]:
     """Fills every sequence through one engine of `slots` slots, sequences joining as others finish; sequences
-    without a masked position come back unchanged. on_token(i, position, token, logprob) as in decode.infill."""
-    engine = Engine(backend, special, slots=slots, fixed_shapes=fixed_shapes)
+    without a masked position come back unchanged. on_token(i, position, token, logprob) and utf8 as in
+    decode.infill."""
+    engine = Engine(backend, special, slots=slots, fixed_shapes=fixed_shapes, utf8=utf8)
     results, sequences = [], {}
     for index, (x, m) in enumerate(zip(ids, masked)):
         x, m = np.asarray(x, dtype=np.int64), np.asarray(m, dtype=bool)

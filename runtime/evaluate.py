@@ -107,6 +107,6 @@ def evaluate_baselines(infiller, windows, masks, batch_size: int = 16) -> list[d
     for system in BASELINES:
         backend = BaselineBackend(infiller.backend, system)
         nll = [float(n.sum()) for n in score(backend, list(windows), masks, infiller.special, batch_size)]
-        fills = infill(backend, list(windows), masks, infiller.special, Sampling(), batch_size)
+        fills = infill(backend, list(windows), masks, infiller.special, Sampling(), batch_size, utf8=infiller.utf8)
         rows.append(quality_row(system, nll, windows, masks, fills))
     return rows

@@ -18,6 +18,7 @@ from .onnx_backend import OnnxBackend
 from .requests import FillRequest, Prepared, run_requests
 from .results import Infilled
 from .text import MaskedText, encode_masked_text, literal, span_candidates
+from .utf8 import Utf8Rule
 
 __all__ = ["FillRequest", "Infilled", "Infiller", "Prepared"]
 DECODERS = ("auto", "engine", "concat")
@@ -47,6 +48,7 @@ class Infiller:
                                    cuda_graph=cuda_graph, decoder=decoder)
         self.special = self.manifest.special_ids
         self._check_mask_token()
+        self.utf8 = Utf8Rule.from_tokenizer(self.tokenizer, self.manifest.vocab_size, self.special.all)
 
     @property
     def device(self) -> str:
@@ -61,10 +63,10 @@ class Infiller:
         rngs[i] draws sequence i's samples; by default one generator per sequence from (seed, i, 0)."""
         self._check_ids(ids, masked)
         if self.decoder == "concat":
-            return infill(self.backend, ids, masked, self.special, sampling, batch_size, rngs, on_token)
+            return infill(self.backend, ids, masked, self.special, sampling, batch_size, rngs, on_token, self.utf8)
         rngs = sequence_rngs(sampling.seed, len(ids)) if rngs is None else rngs
         return engine_infill(self.backend, ids, masked, self.special, sampling, batch_size, rngs, on_token,
-                             fixed_shapes=self.backend.on_device)
+                             fixed_shapes=self.backend.on_device, utf8=self.utf8)
 
     def score(self, ids, masked, batch_size: int = 8) -> list[float]:
         """Summed negative log-likelihood of the given tokens at the masked positions (teacher forced)."""

@@ -47,7 +47,7 @@ class ContinuousBatcher:
 
     def _new_engine(self) -> Engine:
         return Engine(self.infiller.backend, self.infiller.special, slots=self.max_batch_size,
-                      fixed_shapes=self.infiller.backend.on_device)
+                      fixed_shapes=self.infiller.backend.on_device, utf8=self.infiller.utf8)
 
     @property
     def depth(self) -> int:

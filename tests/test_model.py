@@ -6,7 +6,7 @@ import torch
 
 from maria_onnx.backbones import load_backbones
 from maria_onnx.model import FusionHead, ar_input_ids, masked_nll, mlm_input_ids, teacher_forced_hidden
-from maria_onnx.reference import reference_infill, reference_score
+from maria_onnx.reference import reference_infill, reference_score, utf8_rule
 from runtime.choose import Sampling
 from tiny import make_pair
 
@@ -56,13 +56,16 @@ def test_cached_infill_agrees_with_a_teacher_forced_pass(model):
                                                           torch.from_numpy(masked)[None]),
                              torch.from_numpy(fill.ids)[None], torch.from_numpy(masked)[None])
         np.testing.assert_allclose(-fill.logprobs, nll.numpy(), atol=1e-4)
-        # greedy: no token scores higher than the chosen one at the first masked position
+        # greedy: no token the UTF-8 rule allows scores higher than the chosen one at the first masked position
         first = np.flatnonzero(masked)[0]
         logits = head(*(h[:, first] for h in teacher_forced_hidden(
             backbones, torch.from_numpy(fill.ids)[None], torch.from_numpy(masked)[None])))[0]
         logits = logits.detach()
         logits[[backbones.special.mask, backbones.special.pad, backbones.special.cls,
                 backbones.special.sep, backbones.special.start]] = -float("inf")
+        allowed = utf8_rule(backbones).allowed(ids, np.flatnonzero(masked), 0)
+        if allowed is not None:
+            logits[torch.from_numpy(~allowed)] = -float("inf")
         assert int(logits.argmax()) == fill.ids[first]
 
 
