@@ -23,6 +23,12 @@ def maria():
     """MARIA: fill masked tokens with an autoregressive model, on ONNX Runtime."""
 
 
+# maria infill fills this many batches of texts at a time and prints their results before the next: on the 2-core
+# CPU, 2,000 lines at batch 8 gave their first line after 0.9-1.0 s instead of 8.1-8.6 s, in the same total time
+# (8.1-8.5 s against 8.2-8.6 s, three interleaved runs; 64 batches: 2.3-2.6 s to the first line)
+CHUNK_BATCHES = 16
+
+
 def fail(message: str, code: int = 2):
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
@@ -217,18 +223,20 @@ def infill(
     name = "stdin" if input_file == "-" else input_file
     where = (lambda line: f"{name}:{line.number}") if input_file else (lambda line: f"text {line.number}")
     checked = checked_lines(lines, infiller, skip_invalid, where, rerank)
-    lines = [line for line, _ in checked]
     if num_samples > 1 and sampling.greedy:
         typer.echo(f"note: --temperature 0 is greedy: the {num_samples} samples of each text are identical",
                    err=True)
-    request = FillRequest([prepared for _, prepared in checked], sampling, num_samples, rerank,
-                          indices=[line.number - 1 for line in lines])
-    results = infiller.infill_requests([request], batch_size=batch_size)[0]
     styled = sys.stdout.isatty() and not as_json
-    for number, result in enumerate(results):
-        if result.note and not as_json:
-            typer.echo(f"note: {where(lines[number // num_samples])}: {result.note}", err=True)
-        show(result, as_json, styled)
+    size = CHUNK_BATCHES * batch_size
+    for begin in range(0, len(checked), size):     # each chunk's results are printed before the next is filled
+        chunk = checked[begin:begin + size]
+        request = FillRequest([prepared for _, prepared in chunk], sampling, num_samples, rerank,
+                              indices=[line.number - 1 for line, _ in chunk])
+        for number, result in enumerate(infiller.infill_requests([request], batch_size=batch_size)[0]):
+            if result.note and not as_json:
+                typer.echo(f"note: {where(chunk[number // num_samples][0])}: {result.note}", err=True)
+            show(result, as_json, styled)
+        sys.stdout.flush()
 
 
 @app.command()

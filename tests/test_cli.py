@@ -121,3 +121,30 @@ def test_a_reader_that_leaves_early_stops_the_fill_quietly(bundles, tmp_path):
     assert json.loads(process.stdout.readline())["input"] == "Text 0 with a [MASK] in it."
     process.stdout.close()                             # 400 JSON lines are more than a pipe holds
     assert process.wait(timeout=300) == 141 and process.stderr.read().decode() == ""
+
+
+def test_results_are_printed_chunk_by_chunk_as_they_are_filled(bundles, tmp_path, monkeypatch, capsys):
+    """A long input's first results are out before the rest is filled, and chunking changes no result."""
+    from cli import CHUNK_BATCHES
+    from runtime.infiller import Infiller
+
+    lines = "".join(f"Line {i} has a [MASK] to fill.\n" for i in range(3 * CHUNK_BATCHES + 1))
+    (tmp_path / "in.txt").write_text(lines)
+    whole = infill("--input", tmp_path / "in.txt", "--model", bundles["olmo"], "--batch-size", "64",
+                   "--temperature", "1", "--seed", "4")
+    assert whole.exit_code == 0 and len(whole.stdout.splitlines()) == 3 * CHUNK_BATCHES + 1
+    calls, printed, fill = [], [], Infiller.infill_requests
+
+    def counted(self, requests, *args, **kwargs):
+        printed.append(capsys.readouterr().out)                      # what was out before this chunk was filled
+        calls.append((len(requests[0].texts), len(printed[-1].splitlines())))
+        return fill(self, requests, *args, **kwargs)
+
+    monkeypatch.setattr(Infiller, "infill_requests", counted)
+    with pytest.raises(SystemExit) as ended:
+        app(["infill", "--input", str(tmp_path / "in.txt"), "--model", str(bundles["olmo"]), "--batch-size", "1",
+             "--temperature", "1", "--seed", "4"])
+    assert ended.value.code == 0
+    chunk = CHUNK_BATCHES                                            # texts per chunk at batch size 1
+    assert calls == [(chunk, 0), (chunk, chunk), (chunk, chunk), (1, chunk)]
+    assert "".join(printed) + capsys.readouterr().out == whole.stdout
