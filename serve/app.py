@@ -13,6 +13,7 @@ Client errors get one line in {"error": ...}: 400 unreadable request, 401 bad to
 """
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -285,8 +286,8 @@ def guarded(server: Server, path: str, handler):
     async def route(request: Request):
         began = time.monotonic()
         try:
-            if server.settings.api_key and not open_route and \
-                    request.headers.get("authorization") != f"Bearer {server.settings.api_key}":
+            if server.settings.api_key and not open_route and not hmac.compare_digest(
+                    request.headers.get("authorization", "").encode(), f"Bearer {server.settings.api_key}".encode()):
                 raise ClientError(401, "missing or wrong bearer token; send 'Authorization: Bearer <api key>'",
                                   {"WWW-Authenticate": "Bearer"})
             response = await handler(request)
