@@ -4,12 +4,14 @@ the decode engine (serve/continuous.py), or batch at a time with --decoder conca
 
     GET  /v2/health/live  /v2/health/ready  /v2  /v2/models/{name}  /v2/models/{name}/ready
     POST /v2/models/{name}/infer       OIP: text (BYTES) -> text, result (BYTES)
+         (the model's three routes also under /v2/models/{name}/versions/1/)
     POST /v1/infill                    {"text": [...], "temperature": ...} -> {"results": [maria infill --json]}
     POST /v1/infill/stream             SSE: one "token" event per chosen fill token, then one "result" event
     GET  /metrics                      Prometheus text format
 
 Client errors get one line in {"error": ...}: 400 unreadable request, 401 bad token, 404 unknown model,
-413 body or texts over the bounds, 422 a text or setting the model refuses, 503 queue full, 504 deadline passed.
+413 body or texts over the bounds, 422 a text or setting the model refuses, 503 queue full, 504 deadline passed;
+a client that leaves before its answer is logged as 499, and its rows leave the decode worker.
 """
 
 import asyncio
