@@ -456,7 +456,22 @@ def serve(
         infiller = Infiller(model, device=device, decoder=decoder)
     for warning in caught:
         typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
+    if not api_key and not is_loopback(host):
+        typer.secho(f"warning: --host {host} takes requests from other machines and no --api-key is set: anyone who "
+                    "reaches the port can use the model; set --api-key or MARIA_API_KEY", fg=typer.colors.YELLOW,
+                    err=True)
     run_serve(infiller, settings, host=host, port=port, grace_s=grace)
+
+
+def is_loopback(host: str) -> bool:
+    """A host name or address that only this machine reaches."""
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @app.command("triton-repo")

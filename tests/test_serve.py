@@ -319,3 +319,22 @@ def test_sigterm_lets_requests_in_flight_finish():
             statuses = [future.result(timeout=120)[0] for future in futures]
         assert statuses == [200] * 4
         assert process.wait(timeout=60) == 0
+
+
+def test_listening_beyond_loopback_without_a_key_is_warned(monkeypatch):
+    """Nothing is bound here: the server's start is replaced, so only the warning before it is seen."""
+    from typer.testing import CliRunner
+
+    import serve.run
+    from cli import app, is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("example.org")
+    started = []
+    monkeypatch.setattr(serve.run, "serve", lambda *args, **kwargs: started.append(kwargs["host"]))
+    open_host = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--device", "cpu"])
+    assert open_host.exit_code == 0 and started == ["0.0.0.0"]
+    assert "warning: --host 0.0.0.0 takes requests from other machines and no --api-key is set" in open_host.output
+    keyed = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--device", "cpu", "--api-key", "k"])
+    local = CliRunner().invoke(app, ["serve", "--device", "cpu"])
+    assert keyed.exit_code == local.exit_code == 0 and "warning" not in keyed.output + local.output
