@@ -14,7 +14,6 @@ are not told apart from valid ones: the rule guards the structure, not every cod
 
 import json
 import re
-from functools import lru_cache
 
 import numpy as np
 
@@ -98,6 +97,7 @@ class Utf8Rule:
         for _ in range(REACH):
             reach.append((steps.astype(np.int64) @ reach[-1].astype(np.int64)) > 0)
         self.reach = reach
+        self._masks, self._refusals = {}, {}       # per (state, fills left, awaited): at most 4 x 5 x 4 each
 
     @classmethod
     def from_tokenizer(cls, tokenizer, vocab_size: int, banned) -> "Utf8Rule":
@@ -152,14 +152,17 @@ class Utf8Rule:
         key = (state, min(end - index, REACH), self.awaited_after(ids, int(targets[end]) + 1))
         return key if self._mask(*key).any() else None
 
-    @lru_cache(maxsize=STATES * (REACH + 1) * STATES)
     def _mask(self, state: int, left: int, awaited: int) -> np.ndarray:
-        """Ids valid after `state` from which `left` more tokens can end in `awaited`."""
-        after = self.next[state]
-        valid = after != FREE
-        ok = self.reach[left][np.where(valid, after, 0), awaited]
-        return valid & ok
+        """Ids valid after `state` from which `left` more tokens can end in `awaited` (computed once per key)."""
+        key = (state, left, awaited)
+        if key not in self._masks:
+            after = self.next[state]
+            valid = after != FREE
+            self._masks[key] = valid & self.reach[left][np.where(valid, after, 0), awaited]
+        return self._masks[key]
 
-    @lru_cache(maxsize=STATES * (REACH + 1) * STATES)
     def _refused(self, state: int, left: int, awaited: int) -> np.ndarray:
-        return np.flatnonzero(~self._mask(state, left, awaited))
+        key = (state, left, awaited)
+        if key not in self._refusals:
+            self._refusals[key] = np.flatnonzero(~self._mask(state, left, awaited))
+        return self._refusals[key]

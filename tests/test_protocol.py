@@ -93,5 +93,5 @@ def test_only_the_outputs_asked_for_come_back():
         request([{"name": "logits"}])
     filled = Infilled(input="a [MASK]", text="a b", ids=[1, 2], masked_positions=[1], fill_logprobs=[-0.5],
                       fills=[" b"])
-    body, headers = infer_response("maria", request([{"name": "text"}]), [filled])
+    body, _ = infer_response("maria", request([{"name": "text"}]), [filled])
     assert json.loads(body)["outputs"] == [{"name": "text", "datatype": "BYTES", "shape": [1, 1], "data": ["a b"]}]
