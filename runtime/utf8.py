@@ -143,9 +143,9 @@ class Utf8Rule:
 
     def _key(self, ids, targets, index: int) -> tuple | None:
         """(state before the fill, fills left in its span after it, bytes the text after the span awaits)."""
-        position, end = int(targets[index]), index
-        while end + 1 < len(targets) and targets[end + 1] == targets[end] + 1:
-            end += 1                                           # the span runs to targets[end]
+        position = int(targets[index])
+        gaps = np.flatnonzero(np.diff(targets[index:]) != 1)
+        end = index + int(gaps[0]) if len(gaps) else len(targets) - 1      # the span runs to targets[end]
         state = self.state_before(ids, position)
         if state == FREE:
             return None
