@@ -11,7 +11,8 @@ the decode engine (serve/continuous.py), or batch at a time with --decoder conca
 
 Client errors get one line in {"error": ...}: 400 unreadable request, 401 bad token, 404 unknown model,
 413 body or texts over the bounds, 422 a text or setting the model refuses, 503 queue full, 504 deadline passed;
-a client that leaves before its answer is logged as 499, and its rows leave the decode worker.
+a client that leaves before its answer is logged as 499, and its rows leave the decode worker. Bodies may come
+gzip- or deflate-compressed, and answers go compressed where the client accepts it (serve/encoding.py).
 """
 
 import asyncio
@@ -33,6 +34,7 @@ from runtime.requests import SETTINGS, SettingTypeError, read_settings
 
 from .batcher import Batcher, Job, QueueFull
 from .continuous import ContinuousBatcher
+from .encoding import EncodingError, accepted, compress, decompress
 from .metrics import Metrics
 from .protocol import VERSION, BadRequest, InferRequest, infer_response, metadata, parse_infer
 
@@ -90,7 +92,10 @@ class Server:
             if size > self.settings.max_body_bytes:
                 raise ClientError(413, f"the body is over the limit of {self.settings.max_body_bytes} bytes")
             chunks.append(chunk)
-        return b"".join(chunks)
+        try:
+            return decompress(b"".join(chunks), request.headers.get("content-encoding"), self.settings.max_body_bytes)
+        except EncodingError as error:
+            raise ClientError(error.status, str(error)) from None
 
     def job(self, texts: list, settings: dict, on_token=None) -> Job:
         """Checks every text and setting before anything is queued."""
@@ -300,11 +305,20 @@ def guarded(server: Server, path: str, handler):
             response = JSONResponse({"error": "the server failed on this request; see its log"}, status_code=500)
         if isinstance(response, StreamingResponse):        # counted and logged when its stream ends
             response.body_iterator = logged_stream(server, path, request, began, response.body_iterator)
-        else:
-            record(server, path, request, response.status_code, began)
-        return response
+            return response
+        record(server, path, request, response.status_code, began)
+        return encoded(response, accepted(request.headers.get("accept-encoding")))
 
     return route
+
+
+def encoded(response: Response, encoding: str | None) -> Response:
+    """The response compressed with encoding (gzip or deflate), where the client accepts one."""
+    if encoding is None or not response.body:
+        return response
+    headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-encoding")}
+    return Response(compress(response.body, encoding), status_code=response.status_code,
+                    headers={**headers, "content-encoding": encoding, "vary": "Accept-Encoding"})
 
 
 def record(server: Server, path: str, request: Request, status: int, began: float) -> None:

@@ -144,6 +144,10 @@ def test_tritonclient_binary_infer(running, reference):
         assert [t.decode() for t in pinned.as_numpy("text").reshape(-1)] == [r.text for r in want]
         with pytest.raises(Exception, match="no version '2' of model 'maria' here; it has version 1"):
             client.infer("maria", [text], model_version="2")
+        for request, response in (("gzip", "deflate"), ("deflate", "gzip")):      # compressed both ways
+            packed = client.infer("maria", [text, seed, temperature], outputs=outputs,
+                                  request_compression_algorithm=request, response_compression_algorithm=response)
+            assert [t.decode() for t in packed.as_numpy("text").reshape(-1)] == [r.text for r in want]
     finally:
         client.close()
 
@@ -338,3 +342,29 @@ def test_listening_beyond_loopback_without_a_key_is_warned(monkeypatch):
     keyed = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--device", "cpu", "--api-key", "k"])
     local = CliRunner().invoke(app, ["serve", "--device", "cpu"])
     assert keyed.exit_code == local.exit_code == 0 and "warning" not in keyed.output + local.output
+
+
+def test_compressed_bodies_are_read_within_the_limit_and_answers_compressed_where_accepted():
+    import gzip
+    import zlib
+    with server("--max-body-bytes", "16384") as (url, _):
+        body = json.dumps({"text": ["a [MASK] b"]}).encode()
+        status, headers, answer = call(url, "/v1/infill", raw=gzip.compress(body),
+                                       headers={"Content-Encoding": "gzip", "Accept-Encoding": "gzip"})
+        headers = {k.lower(): v for k, v in headers.items()}
+        assert status == 200 and headers["content-encoding"] == "gzip"
+        plain = json.loads(call(url, "/v1/infill", {"text": ["a [MASK] b"]})[2])
+        assert json.loads(gzip.decompress(answer)) == plain
+        status, headers, answer = call(url, "/v1/infill", raw=zlib.compress(body),
+                                       headers={"Content-Encoding": "deflate", "Accept-Encoding": "br, gzip;q=0"})
+        assert status == 200 and "content-encoding" not in {k.lower() for k in headers}
+        assert json.loads(answer) == plain
+        bomb = gzip.compress(json.dumps({"text": ["a [MASK] " + "x " * 20000]}).encode())
+        for raw, encoding, want, message in (
+                (bomb, "gzip", 413, "over the limit of 16384 bytes once decompressed"),
+                (body, "gzip", 400, "the body is not valid gzip data"),
+                (gzip.compress(body)[:-12], "gzip", 400, "the gzip body ends before its data does"),
+                (body, "br", 415, "Content-Encoding 'br' is not supported; send gzip, deflate or none")):
+            assert len(raw) < 16384
+            status, _, answer = call(url, "/v1/infill", raw=raw, headers={"Content-Encoding": encoding})
+            assert status == want and message in json.loads(answer)["error"], (encoding, answer)
