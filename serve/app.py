@@ -120,21 +120,22 @@ class Server:
         loop = asyncio.get_running_loop()
         return Job(request, loop, loop.create_future(), on_token)
 
-    async def run(self, job: Job, began: float, request: Request | None = None) -> list:
+    async def run(self, job: Job, began: float, request: Request | None = None, timeout_s: float | None = None) -> list:
         """Queues the job and waits for its results, its deadline (504) or, given its request, its client leaving
         (499). A job that ends any way but with its results is dropped from the decode worker: its rows free their
-        slots at the next step instead of being filled for nobody."""
+        slots at the next step instead of being filled for nobody. The deadline is the server's --timeout, or the
+        request's own timeout_s where that is shorter."""
         try:
             self.batcher.submit(job)
         except QueueFull:
             raise ClientError(503, "the server is busy: its queue is full; retry later",
                               {"Retry-After": "1"}) from None
         self.metrics.queue_depth.set(self.batcher.depth)
+        deadline = min(self.settings.timeout_s, self.settings.timeout_s if timeout_s is None else timeout_s)
         try:
-            results = await asyncio.wait_for(self.answer(job, request),
-                                             self.settings.timeout_s - (time.monotonic() - began))
+            results = await asyncio.wait_for(self.answer(job, request), deadline - (time.monotonic() - began))
         except asyncio.TimeoutError:
-            raise ClientError(504, f"no answer within the deadline of {self.settings.timeout_s:g} s") from None
+            raise ClientError(504, f"no answer within the deadline of {deadline:g} s") from None
         finally:
             if not job.future.done():          # the deadline passed, the client left, or this task was cancelled
                 job.cancelled = True
@@ -195,7 +196,7 @@ class Server:
             parsed: InferRequest = parse_infer(await self.body(request), int(header) if header else None)
         except BadRequest as error:
             raise ClientError(400, str(error)) from None
-        results = await self.run(self.job(parsed.texts, parsed.settings), began, request)
+        results = await self.run(self.job(parsed.texts, parsed.settings), began, request, parsed.timeout_s)
         body, headers = infer_response(name, parsed, results)
         return Response(body, headers=headers)
 

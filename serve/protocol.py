@@ -23,6 +23,10 @@ INPUTS = {"text": "BYTES", "temperature": "FP32", "top_k": "INT32", "top_p": "FP
           "num_samples": "INT32"}
 OUTPUTS = {"text": "BYTES", "result": "BYTES"}
 VERSION = "1"                  # the one model version a server serves
+# Triton's own request parameters, which tritonclient sends: binary_data_output (all outputs binary), priority
+# (taken and ignored: one queue), timeout (microseconds: the request's deadline where shorter than the server's)
+PROTOCOL_PARAMETERS = ("binary_data_output", "priority", "timeout", "sequence_id", "sequence_start", "sequence_end")
+SEQUENCE_PARAMETERS = PROTOCOL_PARAMETERS[3:]
 NUMERIC = {"FP32": "<f4", "FP64": "<f8", "INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",
            "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8"}
 
@@ -38,6 +42,7 @@ class InferRequest:
     settings: dict             # temperature, top_k, top_p, seed, num_samples: those given
     binary_outputs: set        # output names asked for as binary data
     outputs: tuple = tuple(OUTPUTS)    # the outputs asked for (all where the request names none)
+    timeout_s: float | None = None     # the request's own deadline, where it gave one
 
 
 def metadata(model_name: str, platform: str = "maria_onnx") -> dict:
@@ -70,6 +75,16 @@ def _decode_text(element) -> str:
         raise BadRequest(f"a text is not valid UTF-8 (byte {error.start})") from None
 
 
+def parameters(part: dict, what: str) -> dict:
+    """The 'parameters' object of a request, an input or an output ({} where there is none)."""
+    found = part.get("parameters")
+    if found is None:
+        return {}
+    if not isinstance(found, dict):
+        raise BadRequest(f"'parameters' of {what} must be a JSON object, got {type(found).__name__}")
+    return found
+
+
 def _element_count(spec: dict) -> int:
     """The number of elements an input's shape says it holds."""
     shape = spec.get("shape")
@@ -82,7 +97,7 @@ def _element_count(spec: dict) -> int:
 def _tensor_values(spec: dict, binary: bytes | None, offset: int) -> tuple[list, int]:
     """The flat values of one input tensor, and the offset of the next tensor's binary data."""
     kind, name = spec.get("datatype"), spec.get("name")
-    size = (spec.get("parameters") or {}).get("binary_data_size")
+    size = parameters(spec, f"input '{name}'").get("binary_data_size")
     if size is not None:
         if binary is None or type(size) is not int or size < 0 or offset + size > len(binary):
             raise BadRequest(f"input '{name}' says binary_data_size {size}, but the binary data is shorter")
@@ -113,7 +128,13 @@ def parse_infer(body: bytes, header_length: int | None) -> InferRequest:
         raise BadRequest(f"the request is not valid JSON ({error})") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise BadRequest('the request must be a JSON object with an "inputs" list')
-    settings = dict(request.get("parameters") or {})
+    given = parameters(request, "the request")
+    if any(given.get(name) for name in SEQUENCE_PARAMETERS):
+        raise BadRequest(f"this model is not a sequence model; leave out {', '.join(SEQUENCE_PARAMETERS)}")
+    timeout = given.get("timeout")
+    if timeout is not None and (type(timeout) is not int or timeout < 0):
+        raise BadRequest(f"parameter 'timeout' is in microseconds, a non-negative integer; got {timeout!r}")
+    settings = {name: value for name, value in given.items() if name not in PROTOCOL_PARAMETERS}
     texts, offset = None, 0
     for spec in request["inputs"]:
         if not isinstance(spec, dict) or spec.get("name") not in INPUTS:
@@ -144,12 +165,12 @@ def parse_infer(body: bytes, header_length: int | None) -> InferRequest:
     asked = request.get("outputs") or []
     if not isinstance(asked, list) or not all(isinstance(o, dict) and o.get("name") in OUTPUTS for o in asked):
         raise BadRequest(f"'outputs' must list outputs by name; outputs are {', '.join(OUTPUTS)}")
-    binary_outputs = {o["name"] for o in asked if (o.get("parameters") or {}).get("binary_data")}
-    if (request.get("parameters") or {}).get("binary_data_output"):
+    binary_outputs = {o["name"] for o in asked if parameters(o, f"output '{o['name']}'").get("binary_data")}
+    if given.get("binary_data_output"):
         binary_outputs |= set(OUTPUTS)
     outputs = tuple(dict.fromkeys(o["name"] for o in asked)) or tuple(OUTPUTS)
     return InferRequest(id=request.get("id"), texts=texts, settings=settings, binary_outputs=binary_outputs,
-                        outputs=outputs)
+                        outputs=outputs, timeout_s=None if timeout is None else timeout / 1e6)
 
 
 def _not_text(value):

@@ -2,6 +2,7 @@
 server."""
 
 import json
+import re
 import struct
 
 import pytest
@@ -95,3 +96,22 @@ def test_only_the_outputs_asked_for_come_back():
                       fills=[" b"])
     body, _ = infer_response("maria", request([{"name": "text"}]), [filled])
     assert json.loads(body)["outputs"] == [{"name": "text", "datatype": "BYTES", "shape": [1, 1], "data": ["a b"]}]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"parameters": 3}, "'parameters' of the request must be a JSON object, got int"),
+    ({"parameters": {"sequence_id": 7}}, "this model is not a sequence model; leave out sequence_id"),
+    ({"parameters": {"timeout": -1}}, "parameter 'timeout' is in microseconds, a non-negative integer; got -1"),
+    ({"outputs": [{"name": "text", "parameters": [1]}]}, "'parameters' of output 'text' must be a JSON object"),
+])
+def test_protocol_parameters_are_read_or_refused(extra, message):
+    with pytest.raises(BadRequest, match=re.escape(message)):
+        parse_infer(json.dumps({"inputs": [text_input(["a [MASK]"])], **extra}).encode(), None)
+
+
+def test_tritons_own_parameters_are_not_sampling_settings():
+    body = {"inputs": [text_input(["a [MASK]"])],
+            "parameters": {"binary_data_output": True, "priority": 2, "timeout": 250_000, "seed": 4}}
+    parsed = parse_infer(json.dumps(body).encode(), None)
+    assert parsed.settings == {"seed": 4} and parsed.binary_outputs == {"text", "result"}
+    assert parsed.timeout_s == 0.25

@@ -144,6 +144,13 @@ def test_tritonclient_binary_infer(running, reference):
         assert [t.decode() for t in pinned.as_numpy("text").reshape(-1)] == [r.text for r in want]
         with pytest.raises(Exception, match="no version '2' of model 'maria' here; it has version 1"):
             client.infer("maria", [text], model_version="2")
+        plain = client.infer("maria", [text, seed, temperature], priority=1, timeout=60_000_000)   # no outputs named
+        assert [t.decode() for t in plain.as_numpy("text").reshape(-1)] == [r.text for r in want]
+        assert [json.loads(r)["fills"] for r in plain.as_numpy("result").reshape(-1)] == [r.fills for r in want]
+        slow = httpclient.InferInput("text", [1, 1], "BYTES")
+        slow.set_data_from_numpy(np.array([[SLOW.encode()]], dtype=np.object_))
+        with pytest.raises(Exception, match=r"\[504\] no answer within the deadline of 0.001 s"):
+            client.infer("maria", [slow], timeout=1000)                         # the request's own, in µs
         for request, response in (("gzip", "deflate"), ("deflate", "gzip")):      # compressed both ways
             packed = client.infer("maria", [text, seed, temperature], outputs=outputs,
                                   request_compression_algorithm=request, response_compression_algorithm=response)
@@ -368,3 +375,47 @@ def test_compressed_bodies_are_read_within_the_limit_and_answers_compressed_wher
             assert len(raw) < 16384
             status, _, answer = call(url, "/v1/infill", raw=raw, headers={"Content-Encoding": encoding})
             assert status == want and message in json.loads(answer)["error"], (encoding, answer)
+
+
+def test_fuzzed_requests_get_an_answer_or_one_line_never_a_5xx():
+    """300 seeded random requests (nested JSON of the protocol's keys, truncated compressed bodies, binary headers
+    that do not add up): each is filled or refused with a 4xx and one line."""
+    import gzip
+    import random
+    rng = random.Random(0)
+    atoms = [None, True, False, 0, -1, 2.5, 1e300, "", "a [MASK]", "[MASK:?]", "[MASK:0]", [], {}]
+    keys = ["text", "inputs", "name", "datatype", "shape", "data", "parameters", "seed", "temperature", "outputs",
+            "binary_data_size", "timeout", "sequence_id"]
+
+    def rand(depth=0):
+        pick = rng.random()
+        if depth > 2 or pick < 0.5:
+            return rng.choice(atoms)
+        if pick < 0.75:
+            return [rand(depth + 1) for _ in range(rng.randint(0, 3))]
+        return {rng.choice(keys): rand(depth + 1) for _ in range(rng.randint(0, 4))}
+
+    with server("--max-texts", "8") as (url, _):
+        for _ in range(300):
+            kind, headers = rng.random(), {}
+            if kind < 0.3:
+                path, raw = "/v1/infill", json.dumps({"text": rand(), "seed": rand()}).encode()
+            elif kind < 0.75:
+                spec = {"name": rng.choice(["text", "seed", "x"]), "datatype": rng.choice(["BYTES", "FP32", None]),
+                        "shape": rng.choice([[1], [2], [1, 1], None]), "data": rand(), "parameters": rand()}
+                path = "/v2/models/maria/infer"
+                raw = json.dumps({"inputs": rng.choice([[spec], spec, rand()]), "outputs": rand(),
+                                  "parameters": rand()}).encode()
+            elif kind < 0.85:
+                path, headers = "/v1/infill", {"Content-Encoding": rng.choice(["gzip", "deflate", "zstd"])}
+                raw = gzip.compress(json.dumps({"text": [rand()]}).encode())[: rng.randint(0, 60)]
+            else:
+                head = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "parameters": {
+                    "binary_data_size": rng.choice([0, 4, 12, -1])}}]}).encode()
+                path, raw = "/v2/models/maria/infer", head + bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 20)))
+                headers = {"Inference-Header-Content-Length": str(len(head) + rng.choice([0, -1, 5]))}
+            status, _, body = call(url, path, raw=raw, headers=headers)
+            assert 200 <= status < 500, (path, raw[:200], body[:200])
+            if status >= 400:
+                error = json.loads(body)["error"]
+                assert error and "\n" not in error, (path, raw[:200], error)
