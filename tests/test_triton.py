@@ -90,6 +90,11 @@ def test_triton_serves_the_repository_like_maria_serve(tmp_path):
             assert one["fill_logprobs"] == pytest.approx(other.pop("fill_logprobs"), abs=1e-4)
             assert {k: v for k, v in one.items() if k != "fill_logprobs"} == other
 
+        text = httpclient.InferInput("text", [1, 1], "BYTES")                        # no outputs named: all
+        text.set_data_from_numpy(np.array([[TEXTS[0].encode()]], dtype=np.object_), binary_data=True)
+        plain = client.infer("maria", [text], priority=1, timeout=60_000_000)
+        assert plain.as_numpy("text")[0, 0].decode() == reference.infill(TEXTS[:1])[0].text
+
         pending = [request([f"Use the [MASK] module number {i}."]) for i in range(8)]      # dynamic batching
         filled = [p.get_result(timeout=60).as_numpy("text")[0, 0].decode() for p in pending]
         assert filled == [r.text for r in reference.infill([f"Use the [MASK] module number {i}." for i in range(8)])]
