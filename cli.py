@@ -82,6 +82,10 @@ def train(
                          warmup_steps=warmup_steps, mask_rate_min=mask_rate_min, mask_rate_max=mask_rate_max,
                          eval_every=eval_every, save_every=save_every, seed=seed, text_field=text_field,
                          line_documents=line_documents)
+    if warmup_steps >= steps:
+        typer.secho(f"warning: --warmup-steps {warmup_steps} is not below --steps {steps}: the learning rate rises for "
+                    f"the whole run and never reaches --learning-rate {learning_rate:g}", fg=typer.colors.YELLOW,
+                    err=True)
     result = run_train(mlm, ar, data, out, config, eval_data=eval_data, device=device)
     typer.echo(f"wrote {out} (step {result.trained_steps})")
 

@@ -69,6 +69,8 @@ def test_cli_train_writes_a_checkpoint(pairs, corpus_file, tmp_path):
     assert result.exit_code == 0, result.output
     config = MariaConfig.from_dict(json.loads((out / "maria_config.json").read_text()))
     assert config.ar_model_type == "olmo2" and config.trained_steps == 3
+    assert "warning: --warmup-steps 50 is not below --steps 3: the learning rate rises for the whole run" in \
+        result.output                                                    # the default warmup outlasts 3 steps
 
 
 @pytest.mark.parametrize("args, message", [
