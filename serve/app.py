@@ -3,8 +3,9 @@ included), a plain JSON route and a server-sent-event stream, all fed to one bat
 the decode engine (serve/continuous.py), or batch at a time with --decoder concat (serve/batcher.py).
 
     GET  /v2/health/live  /v2/health/ready  /v2  /v2/models/{name}  /v2/models/{name}/ready
+         /v2/models/{name}/config          Triton's model-configuration extension
     POST /v2/models/{name}/infer       OIP: text (BYTES) -> text, result (BYTES)
-         (the model's three routes also under /v2/models/{name}/versions/1/)
+         (the model's four routes also under /v2/models/{name}/versions/1/)
     POST /v1/infill                    {"text": [...], "temperature": ...} -> {"results": [maria infill --json]}
     POST /v1/infill/stream             SSE: one "token" event per chosen fill token, then one "result" event
     GET  /metrics                      Prometheus text format
@@ -36,7 +37,7 @@ from .batcher import Batcher, Job, QueueFull
 from .continuous import ContinuousBatcher
 from .encoding import EncodingError, accepted, compress, decompress
 from .metrics import Metrics
-from .protocol import VERSION, BadRequest, InferRequest, infer_response, metadata, parse_infer
+from .protocol import VERSION, BadRequest, InferRequest, infer_response, metadata, model_config, parse_infer
 
 access_log = logging.getLogger("maria.access")
 
@@ -169,7 +170,7 @@ class Server:
     async def server_metadata(self, request):
         from importlib.metadata import version
         return JSONResponse({"name": "maria-onnx", "version": version("maria-onnx"),
-                             "extensions": ["binary_tensor_data"]})
+                             "extensions": ["binary_tensor_data", "model_configuration"]})
 
     def model(self, request) -> str:
         """The model a route names, with its version where the route has one: the served model, version 1."""
@@ -182,6 +183,9 @@ class Server:
 
     async def model_metadata(self, request):
         return JSONResponse(metadata(self.model(request)))
+
+    async def model_config(self, request):
+        return JSONResponse(model_config(self.model(request), self.settings.max_batch_size))
 
     async def model_ready(self, request):
         self.model(request)
@@ -275,9 +279,11 @@ def create_app(infiller, settings: ServeSettings = ServeSettings()) -> Starlette
     routes = {"/v2/health/live": ("GET", server.live), "/v2/health/ready": ("GET", server.ready),
               "/v2": ("GET", server.server_metadata), "/v2/models/{name}": ("GET", server.model_metadata),
               "/v2/models/{name}/ready": ("GET", server.model_ready),
+              "/v2/models/{name}/config": ("GET", server.model_config),
               "/v2/models/{name}/infer": ("POST", server.infer),
               "/v2/models/{name}/versions/{version}": ("GET", server.model_metadata),
               "/v2/models/{name}/versions/{version}/ready": ("GET", server.model_ready),
+              "/v2/models/{name}/versions/{version}/config": ("GET", server.model_config),
               "/v2/models/{name}/versions/{version}/infer": ("POST", server.infer),
               "/v1/infill": ("POST", server.infill), "/v1/infill/stream": ("POST", server.stream),
               "/metrics": ("GET", server.metrics_route)}

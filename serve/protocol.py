@@ -53,6 +53,17 @@ def metadata(model_name: str, platform: str = "maria_onnx") -> dict:
             "outputs": [{"name": name, "datatype": kind, "shape": [-1, -1]} for name, kind in OUTPUTS.items()]}
 
 
+def model_config(model_name: str, max_batch_size: int, platform: str = "maria_onnx") -> dict:
+    """The model configuration in Triton's JSON form (its model-configuration extension, what tritonclient's
+    get_model_config reads): the same tensors as the metadata, the batch dimension left out of dims as Triton
+    does for a model with max_batch_size > 0."""
+    triton_types = {"BYTES": "TYPE_STRING", "FP32": "TYPE_FP32", "INT32": "TYPE_INT32", "INT64": "TYPE_INT64"}
+    return {"name": model_name, "platform": platform, "backend": platform, "max_batch_size": max_batch_size,
+            "input": [{"name": name, "data_type": triton_types[kind], "dims": [1], "optional": name != "text"}
+                      for name, kind in INPUTS.items()],
+            "output": [{"name": name, "data_type": triton_types[kind], "dims": [-1]} for name, kind in OUTPUTS.items()]}
+
+
 def _bytes_elements(raw: bytes) -> list[bytes]:
     elements, offset = [], 0
     while offset < len(raw):

@@ -140,6 +140,11 @@ def test_tritonclient_binary_infer(running, reference):
         assert [json.loads(r)["fills"] for r in result.as_numpy("result").reshape(-1)] == [r.fills for r in want]
         assert client.is_model_ready("maria", model_version="1")                # /v2/models/maria/versions/1/...
         assert client.get_model_metadata("maria", model_version="1")["versions"] == ["1"]
+        config = client.get_model_config("maria")                                # Triton's configuration form
+        assert config == client.get_model_config("maria", model_version="1")
+        assert config["max_batch_size"] == 16 and [i["name"] for i in config["input"] if not i["optional"]] == ["text"]
+        assert [(o["name"], o["data_type"]) for o in config["output"]] == [("text", "TYPE_STRING"),
+                                                                         ("result", "TYPE_STRING")]
         pinned = client.infer("maria", [text, seed, temperature], model_version="1", outputs=outputs)
         assert [t.decode() for t in pinned.as_numpy("text").reshape(-1)] == [r.text for r in want]
         with pytest.raises(Exception, match="no version '2' of model 'maria' here; it has version 1"):
