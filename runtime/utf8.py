@@ -150,15 +150,17 @@ class Utf8Rule:
         if state == FREE:
             return None
         key = (state, min(end - index, REACH), self.awaited_after(ids, int(targets[end]) + 1))
-        return key if self._mask(*key).any() else None
+        return key if self._mask(*key) is not None else None
 
-    def _mask(self, state: int, left: int, awaited: int) -> np.ndarray:
-        """Ids valid after `state` from which `left` more tokens can end in `awaited` (computed once per key)."""
+    def _mask(self, state: int, left: int, awaited: int) -> np.ndarray | None:
+        """Ids valid after `state` from which `left` more tokens can end in `awaited`; None where no id is (the
+        fill is then free). Computed once per key."""
         key = (state, left, awaited)
         if key not in self._masks:
             after = self.next[state]
             valid = after != FREE
-            self._masks[key] = valid & self.reach[left][np.where(valid, after, 0), awaited]
+            mask = valid & self.reach[left][np.where(valid, after, 0), awaited]
+            self._masks[key] = mask if mask.any() else None
         return self._masks[key]
 
     def _refused(self, state: int, left: int, awaited: int) -> np.ndarray:
