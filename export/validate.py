@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from maria_onnx.reference import TorchBackend, reference_infill, utf8_rule
+from maria_onnx.reference import TorchBackend, reference_infill
 from runtime.backend import SpecialIds
 from runtime.choose import Sampling
 from runtime.decode import sequence_rngs, teacher_forced_logits
@@ -134,9 +134,8 @@ def _end_to_end(onnx, torch_backend, special: SpecialIds, rng, vocab, bound, agr
     top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
     finite = np.isfinite(want)
     diff = float(np.abs(got[finite] - want[finite]).max())
-    rule = utf8_rule(torch_backend.backbones)              # the runtime's own rule for fills, on both sides
     fills = [f.ids for f in engine_infill(onnx, ids, masked, special, Sampling(), 2, sequence_rngs(0, len(ids)),
-                                          utf8=rule)]
+                                          utf8=torch_backend.backbones.utf8)]     # the reference's rule too
     wanted = [f.ids for f in reference_infill(torch_backend.backbones, torch_backend.head, ids, masked)]
     same = float(np.mean(np.concatenate([a[m] == b[m] for a, b, m in zip(fills, wanted, masked)])))
     return {"top1_agreement": top1, "least_top1_agreement": agreement, "max_abs_logit_diff": diff,

@@ -6,6 +6,7 @@ Each family differs only in where its pieces live; one small adapter per family 
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM,
 
 from runtime.backend import SpecialIds
 from runtime.device import choose_device
+from runtime.utf8 import Utf8Rule
 
 PROBE_TEXT = "MARIA fills masked tokens: the quick brown fox jumps over 13 lazy dogs, doesn't it?\n\tDone."
 
@@ -58,6 +60,11 @@ class Backbones:
     @property
     def ar_hidden_size(self) -> int:
         return self.ar.config.hidden_size
+
+    @cached_property
+    def utf8(self) -> Utf8Rule:
+        """The rule for whole-character fills that the runtime builds from the bundle's tokenizer (the AR's)."""
+        return Utf8Rule.from_tokenizer(self.tokenizer, self.vocab_size, self.special.all)
 
 
 def torch_device(device: str) -> str:

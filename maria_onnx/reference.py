@@ -9,7 +9,6 @@ from transformers import DynamicCache
 
 from runtime.choose import Sampling
 from runtime.decode import Fill, infill, score
-from runtime.utf8 import Utf8Rule
 
 from .backbones import Backbones
 from .model import FusionHead, VocabularyHead
@@ -60,14 +59,8 @@ def reference_infill(backbones: Backbones, head: FusionHead, ids, masked, sampli
                      batch_size: int = 8, rngs=None, utf8: bool = True) -> list[Fill]:
     """Fills the masked positions of each (ids, masked) pair with the eager PyTorch modules; rngs as in
     runtime.decode.infill; utf8: the fills keep the text valid UTF-8, as the runtime's do."""
-    rule = utf8_rule(backbones) if utf8 else None
     return infill(TorchBackend(backbones, head), ids, masked, backbones.special, sampling, batch_size, rngs,
-                  utf8=rule)
-
-
-def utf8_rule(backbones: Backbones) -> Utf8Rule:
-    """The rule the runtime builds from the bundle's tokenizer (the AR's), for these backbones."""
-    return Utf8Rule.from_tokenizer(backbones.tokenizer, backbones.vocab_size, backbones.special.all)
+                  utf8=backbones.utf8 if utf8 else None)
 
 
 def reference_score(backbones: Backbones, head: FusionHead, ids, masked, batch_size: int = 8) -> list[float]:

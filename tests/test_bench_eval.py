@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 
 from cli import app
 from maria_onnx.checkpoint import load_maria
-from maria_onnx.reference import utf8_rule
 from tools.baselines import baseline_heads, evaluate_baselines, mlm_autoregressive
 from maria_onnx.model import mlm_input_ids
 from runtime.evaluate import draw_masks, text_windows
@@ -88,7 +87,7 @@ def test_mlm_autoregressive_fills_with_the_mlm_alone(checkpoints):
         logits = backbones.mlm(mlm_input_ids(backbones, first, torch.from_numpy(masked[0])[None])).logits
     logits = logits[0, 3, : backbones.vocab_size]
     logits[backbones.special.all] = -float("inf")
-    allowed = utf8_rule(backbones).allowed(ids[0], np.array([2, 7]), 0)          # as every decoder's fills
+    allowed = backbones.utf8.allowed(ids[0], np.array([2, 7]), 0)          # as every decoder's fills
     if allowed is not None:
         logits[torch.from_numpy(~allowed)] = -float("inf")
     assert filled[2] == int(logits.argmax())

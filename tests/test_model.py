@@ -6,7 +6,7 @@ import torch
 
 from maria_onnx.backbones import load_backbones
 from maria_onnx.model import FusionHead, ar_input_ids, masked_nll, mlm_input_ids, teacher_forced_hidden
-from maria_onnx.reference import reference_infill, reference_score, utf8_rule
+from maria_onnx.reference import reference_infill, reference_score
 from runtime.choose import Sampling
 from tiny import make_pair
 
@@ -63,7 +63,7 @@ def test_cached_infill_agrees_with_a_teacher_forced_pass(model):
         logits = logits.detach()
         logits[[backbones.special.mask, backbones.special.pad, backbones.special.cls,
                 backbones.special.sep, backbones.special.start]] = -float("inf")
-        allowed = utf8_rule(backbones).allowed(ids, np.flatnonzero(masked), 0)
+        allowed = backbones.utf8.allowed(ids, np.flatnonzero(masked), 0)
         if allowed is not None:
             logits[torch.from_numpy(~allowed)] = -float("inf")
         assert int(logits.argmax()) == fill.ids[first]

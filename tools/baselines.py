@@ -17,7 +17,7 @@ import torch
 from maria_onnx.backbones import Backbones, load_backbones
 from maria_onnx.config import MariaConfig
 from maria_onnx.model import FusionHead
-from maria_onnx.reference import TorchBackend, reference_infill, reference_score, utf8_rule
+from maria_onnx.reference import TorchBackend, reference_infill, reference_score
 from runtime.choose import Sampling
 from runtime.decode import encode_masked
 from runtime.evaluate import quality_row
@@ -67,7 +67,7 @@ def mlm_autoregressive(backbones: Backbones, ids, masked) -> list[np.ndarray]:
     backend, special = TorchBackend(backbones, None), backbones.special
     current, remaining = [x.copy() for x in ids], [m.copy() for m in masked]
     targets = [np.flatnonzero(m) for m in masked]
-    decoder, vocab, rule = backbones.mlm_decoder(), backbones.vocab_size, utf8_rule(backbones)
+    decoder, vocab = backbones.mlm_decoder(), backbones.vocab_size
     for step in range(max(len(t) for t in targets)):
         hidden = encode_masked(backend, current, remaining, special)          # [batch, n + 2, d_mlm]
         rows = [row for row, t in enumerate(targets) if step < len(t)]
@@ -75,9 +75,9 @@ def mlm_autoregressive(backbones: Backbones, ids, masked) -> list[np.ndarray]:
         logits = decoder(backend.tensor(hidden[rows, np.array(positions) + 1]))[:, :vocab].float()  # [rows, V]
         logits[:, special.all] = -float("inf")
         for index, row in enumerate(rows):                 # fills keep the text valid UTF-8, as MARIA's do
-            allowed = rule.allowed(current[row], targets[row], step)
-            if allowed is not None:
-                logits[index, torch.from_numpy(~allowed)] = -float("inf")
+            refused = backbones.utf8.refused(current[row], targets[row], step)
+            if refused is not None:
+                logits[index, torch.from_numpy(refused)] = -float("inf")
         for row, position, token in zip(rows, positions, logits.argmax(-1).cpu().numpy()):
             current[row][position], remaining[row][position] = token, False
     return current
