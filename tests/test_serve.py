@@ -252,6 +252,8 @@ BOUNDS = [
      None, 400, "input 'text' has datatype 'INT32'; expected BYTES"),
     ("/v2/models/maria/infer", {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [3], "data": ["a [MASK]"]}]},
      None, 400, "input 'text' has shape [3] (3 elements) but holds 1"),
+    ("/v2/models/maria/infer", {**oip(["a [MASK]"]), "parameters": {"tempx": 1}}, None, 400,
+     "unknown parameters ['tempx']; parameters are temperature, top_k"),
     ("/v2/models/maria/infer", None, b'{"inputs": []}xx', 400, "not valid JSON"),
     ("/v2/models/other/infer", oip(["a [MASK]"]), None, 404, "no model 'other' here"),
 ]
