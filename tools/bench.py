@@ -157,10 +157,10 @@ def random_shapes(checkpoint=None, shapes=None) -> dict | None:
     return None if shapes is None else load_shapes(shapes)
 
 
-def prepare(out: Path, checkpoint=None, bundle=None, shapes=None, dtype: str = "fp32", console=None):
-    """The (checkpoint, bundle) to bench: a trained checkpoint, or random backbones of the named shapes; a bundle
-    is exported from the checkpoint unless one is given."""
-    configs = random_shapes(checkpoint, shapes)
+def prepare(out: Path, checkpoint=None, bundle=None, configs: dict | None = None, shapes: str | None = None,
+            dtype: str = "fp32", console=None):
+    """The (checkpoint, bundle) to bench: a trained checkpoint, or random backbones of the configs random_shapes
+    read (named `shapes`); a bundle is exported from the checkpoint unless one is given."""
     if configs is not None:
         console.print(f"building random backbones with the '{shapes or 'default'}' shapes")
         checkpoint = random_checkpoint(configs, out / "model")
@@ -190,10 +190,10 @@ def bench(out: Path, checkpoint=None, bundle=None, shapes=None, dtype: str = "fp
     check_device(device)
     console = console or Console(stderr=True)
     check_settings(mask_rate, repeats, lengths, batch_sizes)
-    random_shapes(checkpoint, shapes)            # a bad --shapes is named before --out is made
+    configs = random_shapes(checkpoint, shapes)  # a bad --shapes is named before --out is made
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint, bundle = prepare(out, checkpoint, bundle, shapes, dtype, console)
+    checkpoint, bundle = prepare(out, checkpoint, bundle, configs, shapes, dtype, console)
     manifest = load_manifest(bundle)
     too_long = [n for n in lengths if n > manifest.max_sequence_length]
     if too_long:
