@@ -132,7 +132,7 @@ class Server:
             raise ClientError(503, "the server is busy: its queue is full; retry later",
                               {"Retry-After": "1"}) from None
         self.metrics.queue_depth.set(self.batcher.depth)
-        deadline = min(self.settings.timeout_s, self.settings.timeout_s if timeout_s is None else timeout_s)
+        deadline = self.settings.timeout_s if timeout_s is None else min(self.settings.timeout_s, timeout_s)
         try:
             results = await asyncio.wait_for(self.answer(job, request), deadline - (time.monotonic() - began))
         except asyncio.TimeoutError:
@@ -276,15 +276,12 @@ async def client_left(request: Request) -> None:
 def create_app(infiller, settings: ServeSettings = ServeSettings()) -> Starlette:
     """The ASGI application serving `infiller`."""
     server = Server(infiller, settings)
+    model = {"": ("GET", server.model_metadata), "/ready": ("GET", server.model_ready),
+             "/config": ("GET", server.model_config), "/infer": ("POST", server.infer)}
     routes = {"/v2/health/live": ("GET", server.live), "/v2/health/ready": ("GET", server.ready),
-              "/v2": ("GET", server.server_metadata), "/v2/models/{name}": ("GET", server.model_metadata),
-              "/v2/models/{name}/ready": ("GET", server.model_ready),
-              "/v2/models/{name}/config": ("GET", server.model_config),
-              "/v2/models/{name}/infer": ("POST", server.infer),
-              "/v2/models/{name}/versions/{version}": ("GET", server.model_metadata),
-              "/v2/models/{name}/versions/{version}/ready": ("GET", server.model_ready),
-              "/v2/models/{name}/versions/{version}/config": ("GET", server.model_config),
-              "/v2/models/{name}/versions/{version}/infer": ("POST", server.infer),
+              "/v2": ("GET", server.server_metadata),
+              **{prefix + suffix: route for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}")
+                 for suffix, route in model.items()},
               "/v1/infill": ("POST", server.infill), "/v1/infill/stream": ("POST", server.stream),
               "/metrics": ("GET", server.metrics_route)}
     app = Starlette(routes=[Route(path, guarded(server, path, handler), methods=[method])
