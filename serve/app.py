@@ -4,14 +4,16 @@ the decode engine (serve/continuous.py), or batch at a time with --decoder conca
 
     GET  /v2/health/live  /v2/health/ready  /v2  /v2/models/{name}  /v2/models/{name}/ready
          /v2/models/{name}/config          Triton's model-configuration extension
+         /v2/models/{name}/stats           Triton's statistics extension (serve/stats.py); /v2/models/stats too
     POST /v2/models/{name}/infer       OIP: text (BYTES) -> text, result (BYTES)
-         (the model's four routes also under /v2/models/{name}/versions/1/)
+         (the model's five routes also under /v2/models/{name}/versions/1/)
     POST /v1/infill                    {"text": [...], "temperature": ...} -> {"results": [maria infill --json]}
     POST /v1/infill/stream             SSE: one "token" event per chosen fill token, then one "result" event
     GET  /metrics                      Prometheus text format
 
 Client errors get one line in {"error": ...}: 400 unreadable request, 401 bad token, 404 unknown model,
-413 body or texts over the bounds, 422 a text or setting the model refuses, 503 queue full, 504 deadline passed;
+413 body or texts over the bounds, 422 a text or setting the model refuses, 503 queue full, 504 deadline passed
+(and 404 / 405 for a path or method no route has);
 a client that leaves before its answer is logged as 499, and its rows leave the decode worker. Bodies may come
 gzip- or deflate-compressed, and answers go compressed where the client accepts it (serve/encoding.py).
 """
@@ -38,6 +40,7 @@ from .continuous import ContinuousBatcher
 from .encoding import EncodingError, accepted, compress, decompress
 from .metrics import Metrics
 from .protocol import VERSION, BadRequest, InferRequest, infer_response, metadata, model_config, parse_infer
+from .stats import Statistics, Timings
 
 access_log = logging.getLogger("maria.access")
 
@@ -75,13 +78,17 @@ class Server:
     batch at a time."""
 
     def __init__(self, infiller, settings: ServeSettings):
-        self.infiller, self.settings, self.metrics = infiller, settings, Metrics()
+        self.infiller, self.settings, self.metrics, self.stats = infiller, settings, Metrics(), Statistics()
         if infiller.decoder == "engine":
-            self.batcher = ContinuousBatcher(infiller, settings.max_batch_size, settings.max_queue,
-                                             self.metrics.batch_size.observe)
+            self.batcher = ContinuousBatcher(infiller, settings.max_batch_size, settings.max_queue, self.executed)
         else:
             self.batcher = Batcher(infiller, settings.max_batch_size, settings.max_batch_delay_ms / 1000,
-                                   settings.max_queue, self.metrics.batch_size.observe)
+                                   settings.max_queue, self.executed)
+
+    def executed(self, rows: int, ns: int) -> None:
+        """One engine step or batch over `rows` decode rows, run by the decode worker in ns."""
+        self.metrics.batch_size.observe(rows)
+        self.stats.executed(rows, ns)
 
     async def body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -98,8 +105,9 @@ class Server:
         except EncodingError as error:
             raise ClientError(error.status, str(error)) from None
 
-    def job(self, texts: list, settings: dict, on_token=None) -> Job:
-        """Checks every text and setting before anything is queued."""
+    def job(self, texts: list, settings: dict, began: float, on_token=None) -> Job:
+        """Checks every text and setting before anything is queued; began: when the request arrived
+        (time.monotonic)."""
         if not texts:
             raise ClientError(400, "no text given; send at least one text with [MASK] markers")
         sampling, num_samples, rerank = sampling_of(settings)
@@ -119,9 +127,21 @@ class Server:
             raise ClientError(413, f"the request needs {request.size} decode rows (texts x samples x span "
                                    f"candidates), over the limit of {self.settings.max_texts}; split the request")
         loop = asyncio.get_running_loop()
-        return Job(request, loop, loop.create_future(), on_token)
+        return Job(request, loop, loop.create_future(), Timings(arrived=int(began * 1e9)), on_token)
 
-    async def run(self, job: Job, began: float, request: Request | None = None, timeout_s: float | None = None) -> list:
+    async def run(self, job: Job, request: Request | None = None, timeout_s: float | None = None) -> list:
+        """The job's results (see queued), counted in the statistics whether it gets them or not."""
+        job.timings.queued, results = time.monotonic_ns(), None
+        try:
+            results = await self.queued(job, request, timeout_s)
+        finally:
+            if results is None:
+                self.stats.failed(job.timings)
+        self.stats.answered(job.timings, len(job.request.texts))
+        self.metrics.tokens_filled.inc(sum(len(r.masked_positions) for r in results))
+        return results
+
+    async def queued(self, job: Job, request: Request | None, timeout_s: float | None) -> list:
         """Queues the job and waits for its results, its deadline (504) or, given its request, its client leaving
         (499). A job that ends any way but with its results is dropped from the decode worker: its rows free their
         slots at the next step instead of being filled for nobody. The deadline is the server's --timeout, or the
@@ -134,15 +154,14 @@ class Server:
         self.metrics.queue_depth.set(self.batcher.depth)
         deadline = self.settings.timeout_s if timeout_s is None else min(self.settings.timeout_s, timeout_s)
         try:
-            results = await asyncio.wait_for(self.answer(job, request), deadline - (time.monotonic() - began))
+            waited = (time.monotonic_ns() - job.timings.arrived) / 1e9
+            return await asyncio.wait_for(self.answer(job, request), deadline - waited)
         except asyncio.TimeoutError:
             raise ClientError(504, f"no answer within the deadline of {deadline:g} s") from None
         finally:
             if not job.future.done():          # the deadline passed, the client left, or this task was cancelled
                 job.cancelled = True
             self.metrics.queue_depth.set(self.batcher.depth)
-        self.metrics.tokens_filled.inc(sum(len(r.masked_positions) for r in results))
-        return results
 
     @staticmethod
     async def answer(job: Job, request: Request | None) -> list:
@@ -170,7 +189,7 @@ class Server:
     async def server_metadata(self, request):
         from importlib.metadata import version
         return JSONResponse({"name": "maria-onnx", "version": version("maria-onnx"),
-                             "extensions": ["binary_tensor_data", "model_configuration"]})
+                             "extensions": ["binary_tensor_data", "model_configuration", "statistics"]})
 
     def model(self, request) -> str:
         """The model a route names, with its version where the route has one: the served model, version 1."""
@@ -187,6 +206,11 @@ class Server:
     async def model_config(self, request):
         return JSONResponse(model_config(self.model(request), self.settings.max_batch_size))
 
+    async def model_statistics(self, request):
+        """The model's statistics; without a model in the path (/v2/models/stats), those of every model: one."""
+        name = self.model(request) if "name" in request.path_params else self.settings.model_name
+        return JSONResponse({"model_stats": [self.stats.model_stats(name, VERSION)]})
+
     async def model_ready(self, request):
         self.model(request)
         return await self.ready(request)
@@ -200,7 +224,7 @@ class Server:
             parsed: InferRequest = parse_infer(await self.body(request), int(header) if header else None)
         except BadRequest as error:
             raise ClientError(400, str(error)) from None
-        results = await self.run(self.job(parsed.texts, parsed.settings), began, request, parsed.timeout_s)
+        results = await self.run(self.job(parsed.texts, parsed.settings, began), request, parsed.timeout_s)
         body, headers = infer_response(name, parsed, results)
         return Response(body, headers=headers)
 
@@ -223,7 +247,7 @@ class Server:
     async def infill(self, request):
         began = time.monotonic()
         texts, settings = await self.json_request(request)
-        results = await self.run(self.job(texts, settings), began, request)
+        results = await self.run(self.job(texts, settings, began), request)
         return JSONResponse({"results": [r.to_dict() for r in results]})
 
     async def stream(self, request):
@@ -237,8 +261,8 @@ class Server:
                                                               [token], skip_special_tokens=False),
                                                           "logprob": logprob}})
 
-        job = self.job(texts, settings, on_token)
-        task = asyncio.ensure_future(self.run(job, began))
+        job = self.job(texts, settings, began, on_token)
+        task = asyncio.ensure_future(self.run(job))
         task.add_done_callback(lambda _: events.put_nowait(None))
 
         async def lines():
@@ -277,17 +301,35 @@ def create_app(infiller, settings: ServeSettings = ServeSettings()) -> Starlette
     """The ASGI application serving `infiller`."""
     server = Server(infiller, settings)
     model = {"": ("GET", server.model_metadata), "/ready": ("GET", server.model_ready),
-             "/config": ("GET", server.model_config), "/infer": ("POST", server.infer)}
+             "/config": ("GET", server.model_config), "/stats": ("GET", server.model_statistics),
+             "/infer": ("POST", server.infer)}
     routes = {"/v2/health/live": ("GET", server.live), "/v2/health/ready": ("GET", server.ready),
-              "/v2": ("GET", server.server_metadata),
+              "/v2": ("GET", server.server_metadata), "/v2/models/stats": ("GET", server.model_statistics),
               **{prefix + suffix: route for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}")
                  for suffix, route in model.items()},
               "/v1/infill": ("POST", server.infill), "/v1/infill/stream": ("POST", server.stream),
               "/metrics": ("GET", server.metrics_route)}
     app = Starlette(routes=[Route(path, guarded(server, path, handler), methods=[method])
-                            for path, (method, handler) in routes.items()])
+                            for path, (method, handler) in routes.items()],
+                    exception_handlers={404: unrouted(server), 405: unrouted(server)})
     app.state.server = server
     return app
+
+
+def unrouted(server: Server):
+    """The answer to a path no route has (404) or a method its route does not take (405): one line in JSON, as
+    every other error, so a client's error decoding reads it."""
+    async def answer(request: Request, error):
+        began, path = time.monotonic(), request.url.path
+        if error.status_code == 405:
+            allowed = error.headers.get("Allow", "")
+            message = f"{path} takes {allowed}, not {request.method}"
+        else:
+            message = f"no route {path}; the routes are /v2/..., /v1/infill, /v1/infill/stream and /metrics"
+        response = JSONResponse({"error": message}, status_code=error.status_code, headers=error.headers)
+        record(server, "(unrouted)", request, error.status_code, began)       # one label: paths are the client's
+        return response
+    return answer
 
 
 def guarded(server: Server, path: str, handler):

@@ -19,6 +19,8 @@ from typing import Callable
 
 from runtime.infiller import FillRequest
 
+from .stats import Timings
+
 
 class QueueFull(Exception):
     pass
@@ -30,6 +32,7 @@ class Job:
     request: FillRequest
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
+    timings: Timings
     on_token: Callable | None = None  # (text index, sample, position, token, logprob), called on the loop
     cancelled: bool = False
 
@@ -51,7 +54,7 @@ class Batcher:
     max_batch_size: int = 8
     max_batch_delay_s: float = 0.005
     max_queue: int = 256
-    observe_batch: Callable[[int], None] = lambda size: None
+    observe_batch: Callable[[int, int], None] = lambda size, ns: None    # rows, ns: after each batch
     jobs: queue.Queue = field(init=False)
     held: collections.deque = field(init=False, default_factory=collections.deque)
 
@@ -102,18 +105,22 @@ class Batcher:
                 self._run(batch)
 
     def _run(self, batch: list[Job]) -> None:
-        self.observe_batch(sum(job.request.size for job in batch))
-
         def on_token(number, index, sample, position, token, logprob):
             job = batch[number]
             if job.on_token is not None:
                 job.loop.call_soon_threadsafe(job.on_token, index, sample, position, token, logprob)
 
+        started = time.monotonic_ns()
+        for job in batch:
+            job.timings.started = started
         try:
             results = self.infiller.infill_requests([job.request for job in batch], on_token)
         except Exception as error:           # handed to each request's handler, which answers for it
             for job in batch:
                 job.finish(job.future.set_exception, error)
             return
+        filled = time.monotonic_ns()
+        self.observe_batch(sum(job.request.size for job in batch), filled - started)
         for job, result in zip(batch, results):
+            job.timings.filled = filled
             job.finish(job.future.set_result, result)

@@ -12,6 +12,7 @@ while fewer rows than slots wait, so the queue bound (503) still applies.
 
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -35,7 +36,7 @@ class ContinuousBatcher:
     infiller: object
     max_batch_size: int = 8
     max_queue: int = 256
-    observe_batch: Callable[[int], None] = lambda size: None
+    observe_batch: Callable[[int, int], None] = lambda size, ns: None     # rows, ns: after each engine step
     jobs: queue.Queue = field(init=False)
 
     def __post_init__(self):
@@ -62,6 +63,7 @@ class ContinuousBatcher:
     def _admit(self, job: Job) -> None:
         if job.cancelled:
             return
+        job.timings.started = time.monotonic_ns()
         rows = request_rows([job.request], [0])
         running = Running(job, rows, [])
         for row in rows:
@@ -100,6 +102,7 @@ class ContinuousBatcher:
         for running in [r for r in self.running if all(s is None or s.done for s in r.sequences)]:
             self.running.remove(running)
             job = running.job
+            job.timings.filled = time.monotonic_ns()
             try:
                 fills = [Fill.unchanged(row_encoding([job.request], row).ids) if s is None else s.fill()
                          for row, s in zip(running.rows, running.sequences)]
@@ -115,8 +118,9 @@ class ContinuousBatcher:
             self._drop_cancelled()
             try:
                 if self.engine.busy:
+                    started = time.monotonic_ns()
                     self.engine.step()
-                    self.observe_batch(self.engine.last_batch)
+                    self.observe_batch(self.engine.last_batch, time.monotonic_ns() - started)
             except Exception as error:
                 for running in self.running:
                     running.job.finish(running.job.future.set_exception, error)

@@ -272,6 +272,46 @@ def test_each_bound_gives_its_status_and_one_line():
             assert "\n" not in json.loads(body)["error"] and "Traceback" not in body.decode()
 
 
+def test_tritonclient_reads_the_statistics_of_each_request():
+    """Triton's statistics extension: texts and requests counted, a request's phases adding up to its whole time,
+    the engine's steps by batch size, a request past its deadline as a failure; a route the server lacks answers
+    one line that tritonclient reads."""
+    httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed")
+    with server("--max-batch-size", "4") as (url, _):
+        client = httpclient.InferenceServerClient(url.removeprefix("http://"))
+        try:
+            empty = client.get_inference_statistics("maria")["model_stats"][0]
+            assert (empty["inference_count"], empty["execution_count"], empty["batch_stats"]) == (0, 0, [])
+            text = httpclient.InferInput("text", [2, 1], "BYTES")
+            text.set_data_from_numpy(np.array([[t.encode()] for t in TEXTS], dtype=np.object_))
+            before = time.time() * 1000
+            client.infer("maria", [text])
+            assert call(url, "/v1/infill", {"text": ["a [MASK] b"]})[0] == 200
+            after = time.time() * 1000
+            slow = httpclient.InferInput("text", [1, 1], "BYTES")
+            slow.set_data_from_numpy(np.array([[SLOW.encode()]], dtype=np.object_))
+            with pytest.raises(Exception, match="deadline"):
+                client.infer("maria", [slow], timeout=1000)
+            stats = client.get_inference_statistics("maria", model_version="1")["model_stats"][0]
+            every = client.get_inference_statistics()["model_stats"]                      # /v2/models/stats
+            assert [(m["name"], m["inference_stats"]) for m in every] == [("maria", stats["inference_stats"])]
+            phases = stats["inference_stats"]
+            assert stats["inference_count"] == 3 and phases["success"]["count"] == 2 and phases["fail"]["count"] == 1
+            assert before <= stats["last_inference"] <= after
+            parts = ("compute_input", "queue", "compute_infer", "compute_output")
+            assert all(phases[p]["count"] == 2 for p in parts)
+            assert sum(phases[p]["ns"] for p in parts) == phases["success"]["ns"] > 0
+            steps = stats["batch_stats"]
+            assert stats["execution_count"] == sum(b["compute_infer"]["count"] for b in steps) > 0
+            assert {b["batch_size"] for b in steps} <= {1, 2} and all(b["compute_infer"]["ns"] > 0 for b in steps)
+            with pytest.raises(Exception, match="no route /v2/repository/models/maria/load"):
+                client.load_model("maria")
+        finally:
+            client.close()
+        status, headers, body = call(url, "/v2/models/maria/infer")                       # GET, not POST
+        assert status == 405 and json.loads(body) == {"error": "/v2/models/maria/infer takes POST, not GET"}
+
+
 def test_a_full_queue_gives_503_and_a_deadline_504():
     with server("--max-queue", "1", "--max-batch-size", "1", "--timeout", "30") as (url, _):
         with ThreadPoolExecutor(12) as pool:
