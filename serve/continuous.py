@@ -63,7 +63,6 @@ class ContinuousBatcher:
     def _admit(self, job: Job) -> None:
         if job.cancelled:
             return
-        job.timings.started = time.monotonic_ns()
         rows = request_rows([job.request], [0])
         running = Running(job, rows, [])
         for row in rows:
@@ -98,11 +97,18 @@ class ContinuousBatcher:
                 if sequence is not None:
                     self.engine.cancel(sequence)
 
+    def _mark_started(self, step_began: int) -> None:
+        """Jobs whose first rows took slots in the step begun at step_began: their queueing ended then."""
+        for running in self.running:
+            if not running.job.timings.started and any(s is not None and s.slot >= 0 for s in running.sequences):
+                running.job.timings.started = step_began
+
     def _finish(self) -> None:
         for running in [r for r in self.running if all(s is None or s.done for s in r.sequences)]:
             self.running.remove(running)
             job = running.job
             job.timings.filled = time.monotonic_ns()
+            job.timings.started = job.timings.started or job.timings.filled       # nothing masked: no step
             try:
                 fills = [Fill.unchanged(row_encoding([job.request], row).ids) if s is None else s.fill()
                          for row, s in zip(running.rows, running.sequences)]
@@ -121,6 +127,7 @@ class ContinuousBatcher:
                     started = time.monotonic_ns()
                     self.engine.step()
                     self.observe_batch(self.engine.last_batch, time.monotonic_ns() - started)
+                    self._mark_started(started)
             except Exception as error:
                 for running in self.running:
                     running.job.finish(running.job.future.set_exception, error)

@@ -1,8 +1,10 @@
 """Triton's statistics extension (GET /v2/models/{name}/stats): cumulative counts and durations of the model's
 inference since the server started, in the JSON that tritonclient's get_inference_statistics reads.
 
-    a request: arrives ── read, checked, tokenized ──▶ queued ──▶ its rows start ──▶ filled ──▶ results built
-                         compute_input               queue       compute_infer           compute_output
+    a request:  arrived ─────────▶ queued ───▶ started ─────────▶ filled ──────────▶ answered
+                        compute_input        queue       compute_infer      compute_output
+                (read, checked, tokenized)         (its first row takes a slot, or its batch starts,
+                                                    to its last fill)
     an execution: one step of the decode engine (or one batch of the concat decoder) over `batch_size` rows
 
 Requests count from when they reach the queue: one refused before it (unreadable, a bad setting) is not an
