@@ -67,6 +67,7 @@ serve() {
         curl -s --max-time 120 "$url/v2/models/maria/infer" \
             -d '{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["w10 w11 [MASK] w12"]}]}' \
             | tee /dev/stderr | grep -q '"outputs"' && status=0
+        curl -s --max-time 30 "$url/v2/models/maria/stats" > "$OUT/serve-stats.json"     # the request's phases
     fi
     kill -TERM $server 2> /dev/null; wait $server
     return $status
