@@ -21,6 +21,8 @@ def test_bench_serve_reports_both_settings(tmp_path):
     for run in runs.values():
         assert run["requests"] == 8 and run["ok"] == 8 and run["errors"] == 0
         assert run["p50_ms"] <= run["p99_ms"] and run["requests_per_s"] > 0
+        assert run["queue_ms"] >= 0 and run["infer_ms"] > 0          # the server's own split of a request's time
+        assert run["queue_ms"] + run["infer_ms"] < run["p99_ms"]
     assert runs[1]["mean_batch_size"] == 1.0                       # without batching every step holds one text
     # the engine takes one step per masked token: the 8 requests' texts hold 20 masked tokens in all
     from tools.bench_serve import TEXTS

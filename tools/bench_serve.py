@@ -3,7 +3,8 @@
 For each --max-batch-size setting (1 = no batching) and --decoder (engine: continuous batching; concat: batch at a
 time) a server starts on 127.0.0.1 (ephemeral port); N clients, each
 starting a little after the last (staggered), send a fixed number of /v1/infill requests of one text each; the
-run reports throughput, p50/p99 latency, the batch sizes the server formed (from its /metrics) and errors. The
+run reports throughput, p50/p99 latency, errors, and from the server's own statistics (GET /v2/models/stats) the
+batch sizes it formed and where a request's time went: waiting for a slot (queue) or being filled (infer). The
 server is stopped by its process id after each run.
 """
 
@@ -69,11 +70,16 @@ def post(url: str, text: str, timeout: float) -> tuple[int, float]:
     return status, time.perf_counter() - began
 
 
-def batch_metrics(url: str) -> tuple[float, float]:
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
-        metrics = response.read().decode()
-    read = lambda name: float(re.search(rf"^{name} (\S+)$", metrics, re.M).group(1))
-    return read("maria_batch_size_count"), read("maria_batch_size_sum")
+def server_stats(url: str) -> dict:
+    """The server's counts so far (Triton's statistics extension): engine steps or batches, the rows they held,
+    requests answered and their queue and infer nanoseconds."""
+    with urllib.request.urlopen(url + "/v2/models/stats", timeout=30) as response:
+        (stats,) = json.loads(response.read())["model_stats"]
+    phases = stats["inference_stats"]
+    return {"batches": stats["execution_count"],
+            "rows": sum(b["batch_size"] * b["compute_infer"]["count"] for b in stats["batch_stats"]),
+            "answered": phases["success"]["count"], "queue_ns": phases["queue"]["ns"],
+            "infer_ns": phases["compute_infer"]["ns"]}
 
 
 def load(url: str, clients: int, requests: int, stagger_s: float, timeout: float,
@@ -96,21 +102,24 @@ def run_one(model, max_batch_size: int, delay_ms: float, device: str, clients: i
     try:
         for text in texts:                                   # warm-up, not counted
             post(url, text, timeout)
-        before = batch_metrics(url)
+        before = server_stats(url)
         began = time.perf_counter()
         answers = load(url, clients, requests, stagger_s, timeout, texts)
         wall = time.perf_counter() - began
-        after = batch_metrics(url)
+        after = server_stats(url)
     finally:
         stop(process)
     latencies = sorted(seconds for status, seconds in answers if status == 200)
-    batches = after[0] - before[0]
+    served = {key: after[key] - before[key] for key in after}
+    batches, answered = served["batches"], served["answered"]
     return {"decoder": decoder, "max_batch_size": max_batch_size, "max_batch_delay_ms": delay_ms, "clients": clients,
             "requests": len(answers), "ok": len(latencies), "errors": len(answers) - len(latencies),
             "seconds": wall, "requests_per_s": len(latencies) / wall,
             "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
             "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else None,
-            "batches": batches, "mean_batch_size": (after[1] - before[1]) / batches if batches else None}
+            "batches": batches, "mean_batch_size": served["rows"] / batches if batches else None,
+            "queue_ms": served["queue_ns"] / answered / 1e6 if answered else None,
+            "infer_ms": served["infer_ns"] / answered / 1e6 if answered else None}
 
 
 def bench_serve(out: Path, model=None, clients: int = 32, requests: int = 256, max_batch_sizes=(1, 16),
@@ -149,11 +158,12 @@ def bench_serve(out: Path, model=None, clients: int = 32, requests: int = 256, m
 
 def table(runs: list[dict]) -> Table:
     out = Table(title="maria serve under load (one text per request)")
-    for column in ("repeat", "decoder", "max batch", "req/s", "p50 ms", "p99 ms", "mean batch", "errors"):
+    for column in ("repeat", "decoder", "max batch", "req/s", "p50 ms", "p99 ms", "queue ms", "infer ms",
+                   "mean batch", "errors"):
         out.add_column(column, justify="right")
     for r in runs:
+        shown = lambda key, form: form.format(r[key]) if r[key] is not None else "-"
         out.add_row(str(r["repeat"] + 1), r["decoder"], str(r["max_batch_size"]), f"{r['requests_per_s']:.1f}",
-                    f"{r['p50_ms']:.0f}" if r["p50_ms"] is not None else "-",
-                    f"{r['p99_ms']:.0f}" if r["p99_ms"] is not None else "-",
-                    f"{r['mean_batch_size']:.2f}" if r["mean_batch_size"] else "-", str(r["errors"]))
+                    shown("p50_ms", "{:.0f}"), shown("p99_ms", "{:.0f}"), shown("queue_ms", "{:.1f}"),
+                    shown("infer_ms", "{:.1f}"), shown("mean_batch_size", "{:.2f}"), str(r["errors"]))
     return out
