@@ -21,6 +21,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -157,10 +158,10 @@ def bench_serve(out: Path, model=None, clients: int = 32, requests: int = 256, m
 
 
 def table(runs: list[dict]) -> Table:
-    out = Table(title="maria serve under load (one text per request)")
-    for column in ("repeat", "decoder", "max batch", "req/s", "p50 ms", "p99 ms", "queue ms", "infer ms",
-                   "mean batch", "errors"):
-        out.add_column(column, justify="right")
+    out = Table(title="maria serve under load (one text per request; times in ms, queue and infer: the server's mean "
+                      "per request)", box=box.SIMPLE_HEAD)
+    for column in ("run", "decoder", "max batch", "req/s", "p50", "p99", "queue", "infer", "mean batch", "errors"):
+        out.add_column(column, justify="right", min_width=max(map(len, column.split())))     # no word cut
     for r in runs:
         shown = lambda key, form: form.format(r[key]) if r[key] is not None else "-"
         out.add_row(str(r["repeat"] + 1), r["decoder"], str(r["max_batch_size"]), f"{r['requests_per_s']:.1f}",
