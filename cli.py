@@ -280,12 +280,19 @@ def generate(
     if not infiller.manifest.has_baseline_heads:
         raise ValueError("generation needs the AR's whole-text score, and this bundle has no ar_lm_head.onnx; "
                          "re-export it with `maria export`")
-    encode = lambda text: infiller.encode(text).ids if text else np.zeros(0, dtype=np.int64)
     if "[MASK" in prefix + suffix:
         raise ValueError("--prefix and --suffix are plain text; the generated tokens go between them")
+
+    def encode(text: str, option: str) -> np.ndarray:
+        try:
+            return infiller.encode(text).ids if text else np.zeros(0, dtype=np.int64)
+        except ValueError as error:
+            raise ValueError(f"{option}: {error}") from None
+
     with Progress(transient=True, console=Console(stderr=True)) as progress:
         task = progress.add_task("annealing", total=steps + 1)
-        results = anneal(infiller, encode(prefix), encode(suffix), length, num_samples, schedule, sampling, seed,
+        results = anneal(infiller, encode(prefix, "--prefix"), encode(suffix, "--suffix"), length, num_samples,
+                         schedule, sampling, seed,
                          on_step=lambda step, energies: progress.update(
                              task, completed=step + 1, description=f"step {step}: mean energy {energies.mean():.1f}"))
     for result in results:

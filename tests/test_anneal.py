@@ -54,6 +54,16 @@ def test_a_seed_repeats_a_run_and_the_cli_reports_energies(bundles):
     assert len(rows) == 2 and all(len(r["energies"]) == 4 and r["text"].startswith("the value") for r in rows)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--length", "3000"], "prefix, 3000 tokens and suffix make"),
+    (["--length", "3", "--suffix", "word " * 3000], "--suffix: the text is"),
+    (["--length", "3", "--prefix", "a [MASK] b"], "--prefix and --suffix are plain text"),
+])
+def test_bad_generation_requests_get_one_line_naming_the_option(bundles, args, message):
+    result = CliRunner().invoke(app, ["generate", "--model", str(bundles["llama"]), "--device", "cpu", *args])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+
+
 def test_bad_schedules_are_refused():
     with pytest.raises(ValueError, match="fractions must be in"):
         Schedule(fraction_start=0)
