@@ -251,6 +251,7 @@ def generate(
     suffix: str = typer.Option("", help="Text after them."),
     steps: int = typer.Option(16, min=0, help="Annealing steps after the one-shot MARIA fill (0: one-shot)."),
     num_samples: int = typer.Option(1, min=1, help="Samples, advanced together."),
+    batch_size: int = typer.Option(8, min=1, help="Samples decoded at once (the rest wait for a free slot)."),
     fraction_start: float = typer.Option(0.5, help="Share of the generated tokens re-masked at the first step."),
     fraction_end: float = typer.Option(0.1, help="... and at the last (geometric in between)."),
     anneal_start: float = typer.Option(1.0, help="Metropolis temperature (nats) at the first step."),
@@ -294,7 +295,8 @@ def generate(
         results = anneal(infiller, encode(prefix, "--prefix"), encode(suffix, "--suffix"), length, num_samples,
                          schedule, sampling, seed,
                          on_step=lambda step, energies: progress.update(
-                             task, completed=step + 1, description=f"step {step}: mean energy {energies.mean():.1f}"))
+                             task, completed=step + 1, description=f"step {step}: mean energy {energies.mean():.1f}"),
+                         batch_size=batch_size)
     for result in results:
         typer.echo(json.dumps(result.to_dict(), ensure_ascii=False) if as_json else result.text.translate(NEWLINES))
 

@@ -6,7 +6,7 @@
     keep:    the lowest-energy text seen
 
 f_k and T_k fall geometrically from their start to their end values over the K steps. N samples advance
-together, one decode batch per step; sample j draws from generators of (seed, j, k).
+together, through the decode engine's slots; sample j draws from generators of (seed, j, k).
 """
 
 from dataclasses import dataclass, field
@@ -65,8 +65,10 @@ def _energies(infiller, ids: list[np.ndarray]) -> np.ndarray:
 
 
 def anneal(infiller, prefix: np.ndarray, suffix: np.ndarray, length: int, num_samples: int, schedule: Schedule,
-           sampling: Sampling = Sampling(temperature=1.0), seed: int = 0, on_step=None) -> list[Annealed]:
-    """Generates `length` tokens between prefix and suffix (content ids) for num_samples samples.
+           sampling: Sampling = Sampling(temperature=1.0), seed: int = 0, on_step=None,
+           batch_size: int | None = None) -> list[Annealed]:
+    """Generates `length` tokens between prefix and suffix (content ids) for num_samples samples, batch_size of
+    them decoded at once (default: all; the others wait for a free slot, with the same fills).
     on_step(step, energies) is called after the start and after every step."""
     if length < 1 or num_samples < 1:
         raise ValueError(f"--length and --num-samples must be at least 1, got {length}, {num_samples}")
@@ -78,7 +80,8 @@ def anneal(infiller, prefix: np.ndarray, suffix: np.ndarray, length: int, num_sa
     masked = np.zeros(len(template), dtype=bool)
     masked[free] = True
     rngs = lambda step: [np.random.default_rng([seed, sample, step]) for sample in range(num_samples)]
-    fills = infiller.fill_ids([template] * num_samples, [masked] * num_samples, sampling, num_samples, rngs(0))
+    slots = min(num_samples, batch_size or num_samples)
+    fills = infiller.fill_ids([template] * num_samples, [masked] * num_samples, sampling, slots, rngs(0))
     current = [f.ids for f in fills]
     energy = _energies(infiller, current)
     best, best_energy = list(current), energy.copy()
@@ -93,7 +96,7 @@ def anneal(infiller, prefix: np.ndarray, suffix: np.ndarray, length: int, num_sa
             flags[step_rngs[sample].choice(free, size=count, replace=False)] = True
         proposals = [f.ids for f in infiller.fill_ids(
             [np.where(m, infiller.special.mask, x) for x, m in zip(current, remask)], remask, sampling,
-            num_samples, step_rngs)]
+            slots, step_rngs)]
         proposed = _energies(infiller, proposals)
         threshold = np.exp(np.minimum(0.0, -(proposed - energy) / schedule.temperature(step)))
         accept = np.array([rng.random() for rng in step_rngs]) < threshold

@@ -34,6 +34,14 @@ def test_energies_are_the_ar_and_the_best_never_rises(infiller):
     assert sum(r.accepted for r in results) > 0
 
 
+def test_samples_beyond_the_batch_wait_for_a_slot_and_come_out_the_same(infiller):
+    run = lambda batch_size: anneal(infiller, np.array([7]), np.zeros(0, np.int64), 5, 5, Schedule(steps=4),
+                                    Sampling(temperature=1.0), seed=4, batch_size=batch_size)
+    together, two_at_a_time = run(None), run(2)
+    assert [(r.ids, r.accepted) for r in together] == [(r.ids, r.accepted) for r in two_at_a_time]
+    assert np.allclose([r.energies for r in together], [r.energies for r in two_at_a_time], rtol=1e-5)
+
+
 def test_zero_steps_is_one_shot_maria_sampling(infiller):
     sampling = Sampling(temperature=1.0)
     results = anneal(infiller, np.zeros(0, np.int64), np.zeros(0, np.int64), 5, 4, Schedule(steps=0), sampling,
