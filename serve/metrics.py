@@ -20,3 +20,9 @@ class Metrics:
                                  ["route"], registry=r,
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.tokens_filled = Counter("maria_tokens_filled", "Masked tokens filled", registry=r)
+        phase_buckets = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+        self.queue_time = Histogram("maria_queue_seconds", "Time a request waited for the decode worker (its "
+                                    "first row taking a slot, or its batch starting)", registry=r,
+                                    buckets=phase_buckets)
+        self.infer_time = Histogram("maria_infer_seconds", "Time from a request's start in the decode worker to "
+                                    "its last fill", registry=r, buckets=phase_buckets)

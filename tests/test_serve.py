@@ -232,9 +232,11 @@ def test_metrics_in_prometheus_format(running):
     call(running, "/v1/infill", {"text": ["a [MASK] b"]})
     metrics = call(running, "/metrics")[2].decode()
     for name in ("maria_requests_total", "maria_queue_depth", "maria_batch_size_bucket",
-                 "maria_request_latency_seconds_bucket", "maria_tokens_filled_total"):
+                 "maria_request_latency_seconds_bucket", "maria_tokens_filled_total", "maria_queue_seconds_bucket",
+                 "maria_infer_seconds_bucket"):
         assert re.search(rf"^{name}", metrics, re.M), name
     assert re.search(r'^maria_requests_total\{route="/v1/infill",status="200"\} [1-9]', metrics, re.M)
+    assert re.search(r"^maria_infer_seconds_count [1-9]", metrics, re.M)
 
 
 BOUNDS = [
