@@ -9,8 +9,10 @@ inference since the server started, in the JSON that tritonclient's get_inferenc
 
 Requests count from when they reach the queue: one refused before it (unreadable, a bad setting) is not an
 inference. success and fail are whole times, arrival to answer; fail counts a full queue, a passed deadline, a
-client that left and a model error. A batch statistic's time is the whole execution, so it is all compute_infer
-(compute_input and compute_output count the executions with 0 ns).
+client that left and a model error. compute_output is the results built from the fills (span choice, reranking,
+text); with the concat decoder that happens inside its batch, so there it is only the hand-over to the route. A
+batch statistic's time is the whole execution, so it is all compute_infer (compute_input and compute_output count
+the executions with 0 ns).
 """
 
 import threading
