@@ -137,10 +137,10 @@ class Server:
         finally:
             if results is None:
                 self.stats.failed(job.timings)
-        self.stats.answered(job.timings, len(job.request.texts))
-        timings = job.timings
-        self.metrics.queue_time.observe((timings.started - timings.queued) / 1e9)
-        self.metrics.infer_time.observe((timings.filled - timings.started) / 1e9)
+        phases = job.timings.phases(time.monotonic_ns())
+        self.stats.answered(phases, len(job.request.texts))
+        self.metrics.queue_time.observe(phases["queue"] / 1e9)
+        self.metrics.infer_time.observe(phases["compute_infer"] / 1e9)
         self.metrics.tokens_filled.inc(sum(len(r.masked_positions) for r in results))
         return results
 

@@ -30,6 +30,12 @@ class Timings:
     started: int = 0
     filled: int = 0
 
+    def phases(self, done: int) -> dict:
+        """ns spent in each phase by a request answered at `done`: the whole (success) and its four parts."""
+        return {"success": done - self.arrived, "compute_input": self.queued - self.arrived,
+                "queue": self.started - self.queued, "compute_infer": self.filled - self.started,
+                "compute_output": done - self.filled}
+
 
 @dataclass
 class Statistics:
@@ -50,16 +56,12 @@ class Statistics:
             self.execution_count += 1
             self._add(self.batches.setdefault(batch_size, [0, 0]), ns)
 
-    def answered(self, timings: Timings, texts: int) -> None:
-        """A request answered with its results."""
-        done = time.monotonic_ns()
+    def answered(self, phases: dict, texts: int) -> None:
+        """A request answered with its results, given its Timings.phases."""
         with self.lock:
             self.last_inference = time.time_ns() // 1_000_000
             self.inference_count += texts
-            for phase, ns in (("success", done - timings.arrived), ("compute_input", timings.queued - timings.arrived),
-                              ("queue", timings.started - timings.queued),
-                              ("compute_infer", timings.filled - timings.started),
-                              ("compute_output", done - timings.filled)):
+            for phase, ns in phases.items():
                 self._add(self.phases[phase], ns)
 
     def failed(self, timings: Timings) -> None:
