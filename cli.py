@@ -431,6 +431,9 @@ def serve(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="A bundle; default: the shipped model."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback unless told otherwise)."),
     port: int = typer.Option(8000, min=0, max=65535, help="Port (0: any free port, printed at start)."),
+    grpc_port: Optional[int] = typer.Option(None, min=0, max=65535, help="Also serve the Open Inference Protocol "
+                                            "over gRPC on this port (Triton's is 8001; 0: any free port); needs "
+                                            "the grpc extra."),
     device: str = typer.Option("auto", help="auto | cuda | cuda:N (GPU N) | cpu"),
     model_name: str = typer.Option("maria", help="The model's name in the protocol's paths."),
     max_batch_size: int = typer.Option(8, min=1, help="Texts (x samples) decoded at once: the engine's slots, or "
@@ -448,13 +451,20 @@ def serve(
                                              "finish) | concat (Optimum's decoder, the cache copied each step) | "
                                              "auto (the engine where the bundle has it)."),
 ):
-    """Serve a bundle over HTTP: the Open Inference Protocol (KServe v2 / Triton), /v1/infill and its SSE stream."""
+    """Serve a bundle over HTTP: the Open Inference Protocol (KServe v2 / Triton), /v1/infill and its SSE stream;
+    with --grpc-port, the Open Inference Protocol over gRPC too."""
     try:
         from serve.app import ServeSettings
         from serve.run import serve as run_serve
     except ImportError as error:
         raise ValueError(f"{error.name}: `maria serve` needs the serve extra; pip install 'maria-onnx[serve]'") \
             from None
+    if grpc_port is not None:
+        try:
+            import serve.grpc_service  # noqa: F401
+        except ImportError as error:
+            raise ValueError(f"{error.name}: --grpc-port needs the grpc extra; pip install 'maria-onnx[serve,grpc]'") \
+                from None
     from runtime.device import check_device
     from runtime.infiller import Infiller
 
@@ -473,7 +483,7 @@ def serve(
         typer.secho(f"warning: --host {host} takes requests from other machines and no --api-key is set: anyone who "
                     "reaches the port can use the model; set --api-key or MARIA_API_KEY", fg=typer.colors.YELLOW,
                     err=True)
-    run_serve(infiller, settings, host=host, port=port, grace_s=grace)
+    run_serve(infiller, settings, host=host, port=port, grace_s=grace, grpc_port=grpc_port)
 
 
 def is_loopback(host: str) -> bool:

@@ -10,6 +10,7 @@ the decode engine (serve/continuous.py), or batch at a time with --decoder conca
     POST /v1/infill                    {"text": [...], "temperature": ...} -> {"results": [maria infill --json]}
     POST /v1/infill/stream             SSE: one "token" event per chosen fill token, then one "result" event
     GET  /metrics                      Prometheus text format
+    (and with --grpc-port the Open Inference Protocol over gRPC, serve/grpc_service.py, over the same Server)
 
 Client errors get one line in {"error": ...}: 400 unreadable request, 401 bad token, 404 unknown model,
 413 body or texts over the bounds, 422 a text or setting the model refuses, 503 queue full, 504 deadline passed
@@ -196,7 +197,10 @@ class Server:
 
     def model(self, request) -> str:
         """The model a route names, with its version where the route has one: the served model, version 1."""
-        name, version = request.path_params["name"], request.path_params.get("version", VERSION)
+        return self.model_named(request.path_params["name"], request.path_params.get("version", VERSION))
+
+    def model_named(self, name: str, version: str) -> str:
+        """name, where it is the served model and version its version; else ClientError 404."""
         if name != self.settings.model_name:
             raise ClientError(404, f"no model '{name}' here; this server serves '{self.settings.model_name}'")
         if version != VERSION:
@@ -370,13 +374,19 @@ def encoded(response: Response, encoding: str | None) -> Response:
                     headers={**headers, "content-encoding": encoding, "vary": "Accept-Encoding"})
 
 
-def record(server: Server, path: str, request: Request, status: int, began: float) -> None:
-    """A finished request: its count and latency in the metrics, its access-log line."""
-    server.metrics.requests.labels(path, str(status)).inc()
-    server.metrics.latency.labels(path).observe(time.monotonic() - began)
-    access_log.info(json.dumps({"method": request.method, "path": request.url.path, "status": status,
-                                "ms": round(1000 * (time.monotonic() - began), 2),
-                                "client": request.client.host if request.client else None}))
+def record(server: Server, route: str, request: Request, status: int, began: float) -> None:
+    """A finished HTTP request: its count and latency in the metrics, its access-log line."""
+    logged(server, route, status, began, method=request.method, path=request.url.path,
+           client=request.client.host if request.client else None)
+
+
+def logged(server: Server, route: str, status: int, began: float, **line) -> None:
+    """A finished request, HTTP or gRPC: counted by route and status, timed, and logged as one JSON line of `line`
+    (method, path, client) with its status and time."""
+    server.metrics.requests.labels(route, str(status)).inc()
+    server.metrics.latency.labels(route).observe(time.monotonic() - began)
+    access_log.info(json.dumps({"method": line["method"], "path": line["path"], "status": status,
+                                "ms": round(1000 * (time.monotonic() - began), 2), "client": line["client"]}))
 
 
 async def logged_stream(server: Server, path: str, request: Request, began: float, events):

@@ -11,7 +11,8 @@ class Metrics:
 
     def __post_init__(self):
         r = self.registry
-        self.requests = Counter("maria_requests", "HTTP requests by route and status code", ["route", "status"],
+        self.requests = Counter("maria_requests", "Requests by route (gRPC: by method path) and status code "
+                                "(gRPC: the HTTP status the same outcome gets)", ["route", "status"],
                                 registry=r)
         self.queue_depth = Gauge("maria_queue_depth", "Requests waiting for the decode worker", registry=r)
         self.batch_size = Histogram("maria_batch_size", "Decode rows (texts x samples x span candidates) per batch or engine step", registry=r,

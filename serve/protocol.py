@@ -135,6 +135,12 @@ def parse_infer(body: bytes, header_length: int | None) -> InferRequest:
         request = json.loads(head)
     except (ValueError, UnicodeDecodeError) as error:
         raise BadRequest(f"the request is not valid JSON ({error})") from None
+    return read_infer(request, binary)
+
+
+def read_infer(request, binary: bytes | None) -> InferRequest:
+    """Reads an infer request in its JSON form, with the binary data its inputs' binary_data_size point into
+    (the gRPC form reaches here too, serve/grpc_service.py); raises BadRequest naming what is wrong."""
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise BadRequest('the request must be a JSON object with an "inputs" list')
     given = parameters(request, "the request")
@@ -183,21 +189,27 @@ def _not_text(value):
     raise BadRequest(f"the 'text' input holds {type(value).__name__} elements; send strings")
 
 
-def _bytes_tensor(elements: list[str]) -> bytes:
+def output_tensors(request: InferRequest, results: list) -> list[tuple[str, list[int], list[str]]]:
+    """(name, shape, values) of each output asked for (all where none were named): the filled texts, or each
+    result's JSON object, [texts, samples]."""
+    shape = [len(request.texts), len(results) // len(request.texts)]
+    return [(name, shape, [r.text for r in results] if name == "text" else
+             [json.dumps(r.to_dict(), ensure_ascii=False) for r in results]) for name in request.outputs]
+
+
+def bytes_tensor(elements: list[str]) -> bytes:
+    """A BYTES tensor's raw data: each element a 4-byte little-endian length, then its UTF-8 bytes."""
     return b"".join(struct.pack("<I", len(e.encode("utf-8"))) + e.encode("utf-8") for e in elements)
 
 
 def infer_response(model_name: str, request: InferRequest, results: list) -> tuple[bytes, dict]:
-    """The response body and extra headers: the outputs asked for (all where none were named), as JSON data or as
-    binary data where the client asked."""
+    """The response body and extra headers: the outputs asked for, as JSON data or as binary data where the client
+    asked."""
     outputs, blobs = [], []
-    for name in request.outputs:
-        values = ([r.text for r in results] if name == "text" else
-                  [json.dumps(r.to_dict(), ensure_ascii=False) for r in results])
-        output = {"name": name, "datatype": OUTPUTS[name],
-                  "shape": [len(request.texts), len(results) // len(request.texts)]}
+    for name, shape, values in output_tensors(request, results):
+        output = {"name": name, "datatype": OUTPUTS[name], "shape": shape}
         if name in request.binary_outputs:
-            blob = _bytes_tensor(values)
+            blob = bytes_tensor(values)
             output["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:

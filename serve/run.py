@@ -1,6 +1,8 @@
-"""Starting the server: uvicorn on a socket bound here (so port 0 gives an ephemeral port that is printed),
-stopping gracefully on SIGTERM or Ctrl-C: no new connections, in-flight requests finish within the grace period."""
+"""Starting the server: uvicorn on a socket bound here (so port 0 gives an ephemeral port that is printed), and with
+--grpc-port the gRPC server beside it (serve/grpc_service.py); stopping gracefully on SIGTERM or Ctrl-C: no new
+connections or calls, in-flight requests finish within the grace period."""
 
+import asyncio
 import contextlib
 import logging
 import signal
@@ -27,22 +29,60 @@ class GracefulServer(uvicorn.Server):
 
 
 def serve(infiller, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
-          grace_s: float = 30.0) -> None:
-    """Serves until SIGTERM / SIGINT; prints the address it listens on."""
+          grace_s: float = 30.0, grpc_port: int | None = None) -> None:
+    """Serves HTTP, and gRPC where grpc_port is given, until SIGTERM / SIGINT; prints the addresses it listens on."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        listener.bind((host, port))
-    except OSError as error:
-        raise ValueError(f"cannot listen on {host}:{port} ({error.strerror}); choose another --port or --host") \
-            from None
+    listener = bound(host, port, "--port")
     listener.listen(2048)                  # connections wait in the backlog until uvicorn accepts them
-    bound = listener.getsockname()[1]
-    config = uvicorn.Config(create_app(infiller, settings), log_config=None, log_level="warning", access_log=False,
+    if grpc_port:                          # refused here with the reason, before gRPC would log its own lines
+        bound(host, grpc_port, "--grpc-port").close()
+    app = create_app(infiller, settings)
+    config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=grace_s)
-    shown = f"[{host}]" if family == socket.AF_INET6 else host
-    print(f"maria serve: model '{settings.model_name}' on {infiller.device}, listening on http://{shown}:{bound}",
-          file=sys.stderr, flush=True)
-    GracefulServer(config).run(sockets=[listener])
+    shown = f"[{host}]" if listener.family == socket.AF_INET6 else host
+    announced = (f"maria serve: model '{settings.model_name}' on {infiller.device}, listening on "
+                 f"http://{shown}:{listener.getsockname()[1]}")
+    asyncio.run(serve_all(GracefulServer(config), listener, app.state.server, announced, shown, grpc_port, grace_s))
+
+
+def bound(host: str, port: int, option: str) -> socket.socket:
+    """A socket bound to host:port; ValueError naming the reason and the option to change where it cannot be."""
+    bound_socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    bound_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        bound_socket.bind((host, port))
+    except OSError as error:
+        bound_socket.close()
+        raise ValueError(f"cannot listen on {host}:{port} ({error.strerror}); choose another {option} or --host") \
+            from None
+    return bound_socket
+
+
+async def serve_all(web: GracefulServer, listener: socket.socket, server, announced: str, host: str,
+                    grpc_port: int | None, grace_s: float) -> None:
+    """uvicorn on listener and, given a port, the gRPC server beside it on the same event loop; both stop
+    gracefully on the one signal."""
+    if grpc_port is None:
+        print(announced, file=sys.stderr, flush=True)
+        await web.serve(sockets=[listener])
+        return
+    from .grpc_service import grpc_server
+    endpoint = grpc_server(server)
+    try:
+        bound = endpoint.add_insecure_port(f"{host}:{grpc_port}")
+    except RuntimeError:
+        raise ValueError(f"cannot listen on {host}:{grpc_port} for gRPC; choose another --grpc-port or --host") \
+            from None
+    await endpoint.start()
+    print(f"{announced}, gRPC on {host}:{bound}", file=sys.stderr, flush=True)
+    stopping = asyncio.ensure_future(stop_with(web, endpoint, grace_s))
+    await web.serve(sockets=[listener])
+    web.should_exit = True
+    await stopping
+
+
+async def stop_with(web: GracefulServer, endpoint, grace_s: float) -> None:
+    """Stops the gRPC server when uvicorn is told to exit: no new calls, those in flight get grace_s to finish."""
+    while not web.should_exit:
+        await asyncio.sleep(0.05)
+    await endpoint.stop(grace_s)

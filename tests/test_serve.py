@@ -34,14 +34,16 @@ SLOW = "[MASK:300]"                      # 300 AR steps: long enough to still be
 
 @contextmanager
 def server(*args, seconds: float = 60, device: str = "cpu"):
-    """Starts `maria serve --port 0`, yields (base url, process); stops it by pid with SIGTERM (then SIGKILL)."""
+    """Starts `maria serve --port 0`, yields (base url, process); stops it by pid with SIGTERM (then SIGKILL).
+    process.announced is the line the server printed when it started listening."""
     process = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "--port", "0", "--device", device,
                                 *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     try:
         deadline, url = time.monotonic() + seconds, None
         while url is None and time.monotonic() < deadline and process.poll() is None:
-            match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", process.stderr.readline())
+            process.announced = process.stderr.readline()
+            match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", process.announced)
             url = match.group(1) if match else None
         assert url, f"the server did not start: {process.stderr.read() if process.poll() is not None else ''}"
         yield url, process

@@ -1,0 +1,255 @@
+"""`maria serve --grpc-port` for real: the Open Inference Protocol over gRPC on 127.0.0.1 (ephemeral ports), driven
+by tritonclient.grpc and by a bare gRPC channel with typed contents. Every request loop is bounded; each test stops
+the server it started, by its process id."""
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+grpc = pytest.importorskip("grpc", reason="the grpc extra (grpcio, protobuf) is not installed")
+grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
+
+from runtime.choose import Sampling  # noqa: E402
+from serve import oip_pb2 as pb  # noqa: E402
+from tests.test_serve import ROOT, TEXTS, call, engine_steps, reference, server  # noqa: E402, F401
+from tritonclient.grpc import service_pb2 as triton_pb  # noqa: E402
+
+METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def grpc_address(process) -> str:
+    return re.search(r"gRPC on (127\.0\.0\.1:\d+)", process.announced).group(1)
+
+
+@pytest.fixture(scope="module")
+def running():
+    with server("--grpc-port", "0", "--max-batch-size", "16", "--max-texts", "8",
+                "--max-body-bytes", "100000") as (url, process):
+        yield url, grpc_address(process)
+
+
+def text_input(texts: list[str]):
+    text = grpcclient.InferInput("text", [len(texts), 1], "BYTES")
+    text.set_data_from_numpy(np.array([[t.encode()] for t in texts], dtype=np.object_))
+    return text
+
+
+def bare_infer(address: str, request: pb.ModelInferRequest, timeout: float = 60) -> pb.ModelInferResponse:
+    """One ModelInfer through a plain channel (what a KServe client sends: typed contents where it likes)."""
+    with grpc.insecure_channel(address) as channel:
+        infer = channel.unary_unary(METHOD, request_serializer=pb.ModelInferRequest.SerializeToString,
+                                    response_deserializer=pb.ModelInferResponse.FromString)
+        return infer(request, timeout=timeout)
+
+
+def test_the_messages_are_the_protocols():
+    """Every field of every message here has the number, type and cardinality of tritonclient's copy."""
+    def fields(descriptor):
+        return {f.name: (f.number, f.type, f.label, f.message_type and f.message_type.name) for f in descriptor.fields}
+
+    def compare(ours, theirs, path):
+        assert fields(ours).items() <= fields(theirs).items(), path
+        for nested in ours.nested_types:
+            compare(nested, theirs.nested_types_by_name[nested.name], f"{path}.{nested.name}")
+
+    assert len(pb.DESCRIPTOR.message_types_by_name) == 14
+    for name, descriptor in pb.DESCRIPTOR.message_types_by_name.items():
+        compare(descriptor, triton_pb.DESCRIPTOR.message_types_by_name[name], name)
+
+
+def test_tritonclient_grpc_health_metadata_and_infer(running, reference):
+    url, address = running
+    client = grpcclient.InferenceServerClient(address)
+    try:
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("maria")
+        assert client.is_model_ready("maria", model_version="1")
+        assert client.get_server_metadata(as_json=True)["name"] == "maria-onnx"
+        meta = client.get_model_metadata("maria", as_json=True)
+        assert [(t["name"], t["datatype"]) for t in meta["inputs"]][:2] == [("text", "BYTES"), ("temperature", "FP32")]
+        assert [t["name"] for t in meta["outputs"]] == ["text", "result"]
+        seed = grpcclient.InferInput("seed", [1], "INT64")
+        seed.set_data_from_numpy(np.array([5], dtype=np.int64))
+        temperature = grpcclient.InferInput("temperature", [1], "FP32")
+        temperature.set_data_from_numpy(np.array([0.8], dtype=np.float32))
+        want = reference.infill(TEXTS, Sampling(temperature=0.8, seed=5))
+        result = client.infer("maria", [text_input(TEXTS), seed, temperature], request_id="r1")
+        assert result.get_response().id == "r1" and result.as_numpy("text").shape == (2, 1)
+        assert [t.decode() for t in result.as_numpy("text").reshape(-1)] == [r.text for r in want]
+        assert [json.loads(r) for r in result.as_numpy("result").reshape(-1)] == [r.to_dict() for r in want]
+        sampled = client.infer("maria", [text_input(TEXTS)], parameters={"temperature": 1.0, "seed": 11,
+                                                                         "num_samples": 2},
+                               outputs=[grpcclient.InferRequestedOutput("text")])
+        assert [o.name for o in sampled.get_response().outputs] == ["text"]      # the output asked for, alone
+        want = reference.infill(TEXTS, Sampling(temperature=1.0, seed=11), num_samples=2)
+        assert sampled.as_numpy("text").shape == (2, 2)
+        assert [t.decode() for t in sampled.as_numpy("text").reshape(-1)] == [r.text for r in want]
+    finally:
+        client.close()
+    metrics = call(url, "/metrics")[2].decode()
+    assert re.search(rf'^maria_requests_total\{{route="{METHOD}",status="200"\}} [1-9]', metrics, re.M)
+
+
+def test_concurrent_async_infer_forms_batches_and_keeps_each_result(running, reference):
+    url, address = running
+    texts = [f"Use the [MASK] module to [MASK:2] file number {i}." for i in range(16)]
+    alone = [reference.infill([t], Sampling(temperature=1.0, seed=3))[0].text for t in texts]
+    before = engine_steps(url), call(url, "/metrics")[2].decode()
+    client, answers = grpcclient.InferenceServerClient(address), {}
+    try:
+        for number, text in enumerate(texts):
+            client.async_infer("maria", [text_input([text])], parameters={"temperature": 1.0, "seed": 3},
+                               callback=lambda result, error, number=number: answers.update({number: (result, error)}))
+        deadline = time.monotonic() + 60
+        while len(answers) < len(texts) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        client.close()
+    assert sorted(answers) == list(range(16)) and all(error is None for _, error in answers.values())
+    assert [answers[n][0].as_numpy("text")[0, 0].decode() for n in range(16)] == alone
+    rows = float(re.search(r"^maria_batch_size_sum (\S+)", call(url, "/metrics")[2].decode(), re.M).group(1))
+    rows_before = float(re.search(r"^maria_batch_size_sum (\S+)", before[1], re.M).group(1))
+    assert (rows - rows_before) / (engine_steps(url) - before[0]) > 1      # steps held several requests' texts
+
+
+def test_typed_contents_and_parameters_from_a_bare_channel(running, reference):
+    _, address = running
+    request = pb.ModelInferRequest(model_name="maria", id="typed")
+    request.inputs.add(name="text", datatype="BYTES", shape=[2], contents=pb.InferTensorContents(
+        bytes_contents=[t.encode() for t in TEXTS]))
+    request.inputs.add(name="top_k", datatype="INT32", shape=[1], contents=pb.InferTensorContents(int_contents=[5]))
+    request.parameters["temperature"].double_param = 0.7
+    request.parameters["seed"].int64_param = 2
+    response = bare_infer(address, request)
+    want = reference.infill(TEXTS, Sampling(temperature=0.7, top_k=5, seed=2))
+    assert response.id == "typed" and [o.name for o in response.outputs] == ["text", "result"]
+    assert list(response.outputs[0].shape) == [2, 1] and len(response.raw_output_contents) == 2
+    raw, filled = response.raw_output_contents[0], []
+    while raw:
+        size = int.from_bytes(raw[:4], "little")
+        filled.append(raw[4:4 + size].decode())
+        raw = raw[4 + size:]
+    assert filled == [r.text for r in want]
+
+
+def expect(code, message: str, call_it):
+    with pytest.raises(grpc.RpcError) as caught:
+        call_it()
+    assert caught.value.code() == code and message in caught.value.details(), (caught.value.code(),
+                                                                               caught.value.details())
+    assert "\n" not in caught.value.details()
+
+
+def test_each_bad_request_gets_its_code_and_one_line(running):
+    _, address = running
+    request = pb.ModelInferRequest(model_name="maria")
+    request.inputs.add(name="text", datatype="BYTES", shape=[1])
+    request.raw_input_contents.extend([b"x", b"y"])
+    expect(grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents holds 2 entries for 1 inputs",
+           lambda: bare_infer(address, request))
+    cases = [
+        ("nope", [b"a [MASK]"], "TEXT", grpc.StatusCode.NOT_FOUND, "no model 'nope' here; this server serves 'maria'"),
+        ("maria", [b"a [MASK:0]"], "BYTES", grpc.StatusCode.INVALID_ARGUMENT, "text 0: '[MASK:0]' asks for 0 tokens"),
+        ("maria", [b"a [MASK]"], "FP32", grpc.StatusCode.INVALID_ARGUMENT, "input 'text' has datatype 'FP32'"),
+        ("maria", [b"\xff [MASK]"], "BYTES", grpc.StatusCode.INVALID_ARGUMENT, "a text is not valid UTF-8 (byte 0)"),
+        ("maria", [b"a [MASK]"] * 9, "BYTES", grpc.StatusCode.INVALID_ARGUMENT, "over the limit of 8 per request"),
+        ("maria", [b"a [MASK]" * 20_000], "BYTES", grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
+    ]
+    for model, texts, datatype, code, message in cases:
+        request = pb.ModelInferRequest(model_name=model)
+        request.inputs.add(name="text", datatype=datatype, shape=[len(texts)],
+                           contents=pb.InferTensorContents(bytes_contents=texts))
+        expect(code, message, lambda request=request: bare_infer(address, request))
+    client = grpcclient.InferenceServerClient(address)
+    try:
+        with pytest.raises(Exception, match=r"UNIMPLEMENTED\] /inference.GRPCInferenceService/ModelConfig is not "
+                                            r"served over gRPC here; it serves .*ModelInfer"):
+            client.get_model_config("maria")
+        with pytest.raises(Exception, match=r"NOT_FOUND\] no version '2' of model 'maria' here"):
+            client.is_model_ready("maria", model_version="2")
+    finally:
+        client.close()
+
+
+def test_the_bearer_token_guards_all_but_health():
+    with server("--grpc-port", "0", "--api-key", "sesame") as (_, process):
+        client = grpcclient.InferenceServerClient(grpc_address(process))
+        try:
+            assert client.is_server_live() and client.is_server_ready()
+            with pytest.raises(Exception, match=r"UNAUTHENTICATED\] missing or wrong bearer token"):
+                client.infer("maria", [text_input(TEXTS[:1])])
+            result = client.infer("maria", [text_input(TEXTS[:1])], headers={"authorization": "Bearer sesame"})
+            assert result.as_numpy("text")[0, 0].decode().startswith("The ")
+        finally:
+            client.close()
+
+
+def test_a_deadline_ends_the_call_and_its_rows_leave_the_engine():
+    with server("--grpc-port", "0", "--max-batch-size", "1") as (url, process):
+        address, long_text = grpc_address(process), "[MASK:2000]"          # 2,000 steps if run to the end
+        client = grpcclient.InferenceServerClient(address)
+        try:
+            with pytest.raises(Exception, match=r"DEADLINE_EXCEEDED\]"):
+                client.infer("maria", [text_input([long_text])], client_timeout=0.5)          # the client's own
+            with pytest.raises(Exception, match=r"DEADLINE_EXCEEDED\] no answer within the deadline of 0.3 s"):
+                client.infer("maria", [text_input([long_text])], timeout=300_000)              # the request's, µs
+        finally:
+            client.close()
+        steps = engine_steps(url)
+        for _ in range(50):                        # the engine stops stepping once both have left
+            time.sleep(0.2)
+            if engine_steps(url) == steps:
+                break
+            steps = engine_steps(url)
+        time.sleep(1.0)
+        assert engine_steps(url) == steps < 2000, steps
+
+
+def test_sigterm_lets_grpc_calls_in_flight_finish():
+    with server("--grpc-port", "0", "--max-batch-size", "2") as (_, process):
+        client, answers = grpcclient.InferenceServerClient(grpc_address(process)), []
+        try:
+            for _ in range(2):
+                client.async_infer("maria", [text_input(["[MASK:300]"])],
+                                   callback=lambda result, error: answers.append((result, error)))
+            time.sleep(0.3)
+            process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while len(answers) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        finally:
+            client.close()
+        assert len(answers) == 2 and all(error is None for _, error in answers), answers
+        assert process.wait(timeout=60) == 0
+
+
+def test_a_grpc_port_in_use_is_one_line_and_exit_2():
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        done = subprocess.run([sys.executable, str(ROOT / "cli.py"), "serve", "--port", "0", "--device", "cpu",
+                               "--grpc-port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    finally:
+        taken.close()
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"error: cannot listen on 127.0.0.1:{port} (Address already in use); choose "
+                                   "another --grpc-port or --host")
+
+
+def test_without_the_grpc_extra_the_flag_names_it(monkeypatch):
+    from typer.testing import CliRunner
+
+    from cli import app
+    monkeypatch.setitem(sys.modules, "grpc", None)                   # as if grpcio were not installed
+    monkeypatch.delitem(sys.modules, "serve.grpc_service", raising=False)
+    result = CliRunner().invoke(app, ["serve", "--grpc-port", "0", "--device", "cpu"])
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: grpc: --grpc-port needs the grpc extra; pip install 'maria-onnx[serve,grpc]'"
