@@ -3,14 +3,15 @@ and over the same Server (serve/app.py): one batcher, one set of bounds, metrics
 
     ServerLive, ServerReady              open, like /v2/health/*
     ServerMetadata, ModelMetadata, ModelReady
+    ModelConfig, ModelStatistics         Triton's extensions, as GET .../config and .../stats
     ModelInfer                           text (BYTES) -> text, result (BYTES), as POST .../infer
 
 A request's inputs come as typed `contents` or as `raw_input_contents` (what tritonclient.grpc sends); both are
 read by the HTTP route's reader (serve/protocol.py), so the checks and their messages are the same. Outputs go
 back as `raw_output_contents`. Errors carry the HTTP route's one line with the matching gRPC status code; the
 metrics count each call under its method path with the HTTP status the same outcome gets. A client that cancels,
-or whose deadline passes, has its rows leave the decode engine at the next step. Triton's own extensions over gRPC
-(model configuration, statistics, streaming) are not served: such a call gets UNIMPLEMENTED.
+or whose deadline passes, has its rows leave the decode engine at the next step. Triton's other methods (streaming,
+the repository, shared memory, trace and log settings) are not served: such a call gets UNIMPLEMENTED.
 """
 
 import asyncio
@@ -20,10 +21,12 @@ import time
 from importlib.metadata import version
 
 import grpc
+from google.protobuf.json_format import ParseDict
 
 from . import oip_pb2 as pb
 from .app import ClientError, Server, logged
-from .protocol import OUTPUTS, VERSION, BadRequest, InferRequest, bytes_tensor, metadata, output_tensors, read_infer
+from .protocol import (OUTPUTS, VERSION, BadRequest, InferRequest, bytes_tensor, metadata, model_config,
+                       output_tensors, read_infer)
 
 SERVICE = "inference.GRPCInferenceService"
 CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
@@ -85,7 +88,8 @@ class InferenceService:
         return pb.ServerReadyResponse(ready=self.server.batcher.worker.is_alive())
 
     async def server_metadata(self, message, context):
-        return pb.ServerMetadataResponse(name="maria-onnx", version=version("maria-onnx"))   # no extension here
+        return pb.ServerMetadataResponse(name="maria-onnx", version=version("maria-onnx"),
+                                         extensions=["model_configuration", "statistics"])
 
     async def model_metadata(self, message, context):
         described = metadata(self.server.model_named(message.name, message.version or VERSION))
@@ -99,6 +103,17 @@ class InferenceService:
     async def model_ready(self, message, context):
         self.server.model_named(message.name, message.version or VERSION)
         return pb.ModelReadyResponse(ready=self.server.batcher.worker.is_alive())
+
+    async def model_config(self, message, context):
+        name = self.server.model_named(message.name, message.version or VERSION)
+        return ParseDict({"config": model_config(name, self.server.settings.max_batch_size)}, pb.ModelConfigResponse())
+
+    async def model_statistics(self, message, context):
+        """The model's statistics; without a name, those of every model: one."""
+        name = (self.server.model_named(message.name, message.version or VERSION) if message.name
+                else self.server.settings.model_name)
+        return ParseDict({"model_stats": [self.server.stats.model_stats(name, VERSION)]},
+                         pb.ModelStatisticsResponse())
 
     async def model_infer(self, message, context):
         began, server = time.monotonic(), self.server
@@ -149,7 +164,8 @@ def grpc_server(server: Server) -> grpc.aio.Server:
     service = InferenceService(server)
     handlers = {"ServerLive": service.server_live, "ServerReady": service.server_ready,
                 "ServerMetadata": service.server_metadata, "ModelMetadata": service.model_metadata,
-                "ModelReady": service.model_ready, "ModelInfer": service.model_infer}
+                "ModelReady": service.model_ready, "ModelConfig": service.model_config,
+                "ModelStatistics": service.model_statistics, "ModelInfer": service.model_infer}
     methods = {name: method(server, name, handler, getattr(pb, f"{name}Request"), getattr(pb, f"{name}Response"),
                             open_method=name in ("ServerLive", "ServerReady"))
                for name, handler in handlers.items()}
@@ -161,8 +177,8 @@ def grpc_server(server: Server) -> grpc.aio.Server:
 
 
 class Unserved(grpc.GenericRpcHandler):
-    """Any other method (Triton's configuration, statistics, streaming, repository...): UNIMPLEMENTED with one line
-    naming what is served, and where."""
+    """Any other method (Triton's streaming, repository, shared memory...): UNIMPLEMENTED with one line naming what
+    is served."""
 
     def __init__(self, server: Server, served: list[str]):
         self.server, self.served = server, served
@@ -173,7 +189,6 @@ class Unserved(grpc.GenericRpcHandler):
         async def unserved(message, context):
             logged(server, "(unserved)", 501, time.monotonic(), method="gRPC", path=path, client=context.peer())
             await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                                f"{path} is not served over gRPC here; it serves {SERVICE}'s "
-                                f"{', '.join(self.served)} (the model's configuration and statistics are on the HTTP "
-                                "routes /v2/models/{name}/config and /stats)")
+                                f"{path} is not served here; this server's gRPC serves {SERVICE}'s "
+                                f"{', '.join(self.served)}")
         return grpc.unary_unary_rpc_method_handler(unserved)

@@ -16,10 +16,13 @@ import pytest
 grpc = pytest.importorskip("grpc", reason="the grpc extra (grpcio, protobuf) is not installed")
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
 
+from tritonclient.grpc import model_config_pb2, service_pb2  # noqa: E402
+
 from runtime.choose import Sampling  # noqa: E402
+from runtime.default_model import DEFAULT_MODEL  # noqa: E402
+from runtime.infiller import Infiller  # noqa: E402
 from serve import oip_pb2 as pb  # noqa: E402
-from tests.test_serve import ROOT, TEXTS, call, engine_steps, reference, server  # noqa: E402, F401
-from tritonclient.grpc import service_pb2 as triton_pb  # noqa: E402
+from tests.test_serve import ROOT, TEXTS, call, engine_steps, server  # noqa: E402
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -33,6 +36,11 @@ def running():
     with server("--grpc-port", "0", "--max-batch-size", "16", "--max-texts", "8",
                 "--max-body-bytes", "100000") as (url, process):
         yield url, grpc_address(process)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return Infiller(DEFAULT_MODEL, device="cpu")
 
 
 def text_input(texts: list[str]):
@@ -50,18 +58,24 @@ def bare_infer(address: str, request: pb.ModelInferRequest, timeout: float = 60)
 
 
 def test_the_messages_are_the_protocols():
-    """Every field of every message here has the number, type and cardinality of tritonclient's copy."""
+    """Every field of every message here has the number, type and cardinality of tritonclient's copy, and every
+    enum value its number."""
     def fields(descriptor):
-        return {f.name: (f.number, f.type, f.label, f.message_type and f.message_type.name) for f in descriptor.fields}
+        return {f.name: (f.number, f.type, f.label, (f.message_type or f.enum_type or f).name)
+                for f in descriptor.fields}
 
     def compare(ours, theirs, path):
         assert fields(ours).items() <= fields(theirs).items(), path
         for nested in ours.nested_types:
             compare(nested, theirs.nested_types_by_name[nested.name], f"{path}.{nested.name}")
 
-    assert len(pb.DESCRIPTOR.message_types_by_name) == 14
+    theirs = {**service_pb2.DESCRIPTOR.message_types_by_name, **model_config_pb2.DESCRIPTOR.message_types_by_name}
+    assert len(pb.DESCRIPTOR.message_types_by_name) == 25
     for name, descriptor in pb.DESCRIPTOR.message_types_by_name.items():
-        compare(descriptor, triton_pb.DESCRIPTOR.message_types_by_name[name], name)
+        compare(descriptor, theirs[name], name)
+    data_types = model_config_pb2.DESCRIPTOR.enum_types_by_name["DataType"].values_by_name
+    assert {v.name: v.number for v in pb.DESCRIPTOR.enum_types_by_name["DataType"].values} == \
+        {name: value.number for name, value in data_types.items()}
 
 
 def test_tritonclient_grpc_health_metadata_and_infer(running, reference):
@@ -74,6 +88,13 @@ def test_tritonclient_grpc_health_metadata_and_infer(running, reference):
         meta = client.get_model_metadata("maria", as_json=True)
         assert [(t["name"], t["datatype"]) for t in meta["inputs"]][:2] == [("text", "BYTES"), ("temperature", "FP32")]
         assert [t["name"] for t in meta["outputs"]] == ["text", "result"]
+        config = client.get_model_config("maria", as_json=True)["config"]         # Triton's configuration form
+        assert (config["name"], config["platform"], config["max_batch_size"]) == ("maria", "maria_onnx", 16)
+        assert [i["name"] for i in config["input"] if not i.get("optional")] == ["text"]
+        assert [(i["name"], i["data_type"]) for i in config["input"]][:2] == [("text", "TYPE_STRING"),
+                                                                             ("temperature", "TYPE_FP32")]
+        assert [(o["name"], o["dims"]) for o in config["output"]] == [("text", ["-1"]), ("result", ["-1"])]
+        before = client.get_inference_statistics("maria", as_json=True)["model_stats"][0]
         seed = grpcclient.InferInput("seed", [1], "INT64")
         seed.set_data_from_numpy(np.array([5], dtype=np.int64))
         temperature = grpcclient.InferInput("temperature", [1], "FP32")
@@ -90,6 +111,13 @@ def test_tritonclient_grpc_health_metadata_and_infer(running, reference):
         want = reference.infill(TEXTS, Sampling(temperature=1.0, seed=11), num_samples=2)
         assert sampled.as_numpy("text").shape == (2, 2)
         assert [t.decode() for t in sampled.as_numpy("text").reshape(-1)] == [r.text for r in want]
+        after = client.get_inference_statistics("maria", as_json=True)["model_stats"][0]
+        assert int(after["inference_count"]) - int(before.get("inference_count", 0)) == 4       # 2 calls, 2 texts
+        assert int(after["inference_stats"]["success"]["count"]) - \
+            int(before.get("inference_stats", {}).get("success", {}).get("count", 0)) == 2
+        http = json.loads(call(url, "/v2/models/maria/stats")[2])["model_stats"][0]
+        assert int(after["inference_count"]) == http["inference_count"]             # one set of statistics
+        assert client.get_inference_statistics(as_json=True)["model_stats"][0]["name"] == "maria"
     finally:
         client.close()
     metrics = call(url, "/metrics")[2].decode()
@@ -168,9 +196,9 @@ def test_each_bad_request_gets_its_code_and_one_line(running):
         expect(code, message, lambda request=request: bare_infer(address, request))
     client = grpcclient.InferenceServerClient(address)
     try:
-        with pytest.raises(Exception, match=r"UNIMPLEMENTED\] /inference.GRPCInferenceService/ModelConfig is not "
-                                            r"served over gRPC here; it serves .*ModelInfer"):
-            client.get_model_config("maria")
+        with pytest.raises(Exception, match=r"UNIMPLEMENTED\] /inference.GRPCInferenceService/RepositoryIndex is not "
+                                            r"served here; this server's gRPC serves .*ModelStatistics, ModelInfer"):
+            client.get_model_repository_index()
         with pytest.raises(Exception, match=r"NOT_FOUND\] no version '2' of model 'maria' here"):
             client.is_model_ready("maria", model_version="2")
     finally:
@@ -201,14 +229,13 @@ def test_a_deadline_ends_the_call_and_its_rows_leave_the_engine():
                 client.infer("maria", [text_input([long_text])], timeout=300_000)              # the request's, µs
         finally:
             client.close()
-        steps = engine_steps(url)
-        for _ in range(50):                        # the engine stops stepping once both have left
-            time.sleep(0.2)
-            if engine_steps(url) == steps:
+        steps, still = engine_steps(url), False
+        for _ in range(30):                        # the engine stops stepping once both have left: a step in
+            time.sleep(1.0)                        # flight ends, and no other follows
+            still, steps = engine_steps(url) == steps, engine_steps(url)
+            if still:
                 break
-            steps = engine_steps(url)
-        time.sleep(1.0)
-        assert engine_steps(url) == steps < 2000, steps
+        assert still and steps < 2000, steps
 
 
 def test_sigterm_lets_grpc_calls_in_flight_finish():
