@@ -1,6 +1,6 @@
 """`maria triton-repo` for real: the repository served by the `tritonserver` (2.51, Python backend) that the
-nvidia-pytriton wheel ships, on 127.0.0.1, called with tritonclient like `maria serve`. That wheel needs numpy < 2,
-so it lives in its own environment, named by MARIA_TRITON_PYTHON (.ci/run builds one)."""
+nvidia-pytriton wheel ships, on 127.0.0.1, called with tritonclient (HTTP and gRPC) like `maria serve`. That wheel
+needs numpy < 2, so it lives in its own environment, named by MARIA_TRITON_PYTHON (.ci/run builds one)."""
 
 import json
 import os
@@ -23,6 +23,7 @@ TRITON_PYTHON = os.environ.get("MARIA_TRITON_PYTHON")
 pytestmark = pytest.mark.skipif(not TRITON_PYTHON, reason="MARIA_TRITON_PYTHON names no Python environment with "
                                 "nvidia-pytriton 0.7.0, numpy<2, onnxruntime and tokenizers (.ci/run builds one)")
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed")
+grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
 
 TEXTS = ["The [MASK] statement is used to [MASK] an exception.", "Use the [MASK] module to read [MASK:2] files."]
 
@@ -55,9 +56,9 @@ def test_triton_serves_the_repository_like_maria_serve(tmp_path):
     write_repository(DEFAULT_MODEL, repository, kind="cpu", max_queue_delay_us=20_000)
     assert (repository / "maria" / "1" / "runtime" / "decode.py").is_file()
     command, environment = tritonserver(tmp_path)
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     process = subprocess.Popen([*command, "--model-repository", str(repository), "--http-port", str(port),
-                                "--allow-grpc", "false", "--allow-metrics", "false"], env=environment,
+                                "--grpc-port", str(grpc_port), "--allow-metrics", "false"], env=environment,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     client = None
     try:
@@ -98,6 +99,15 @@ def test_triton_serves_the_repository_like_maria_serve(tmp_path):
         pending = [request([f"Use the [MASK] module number {i}."]) for i in range(8)]      # dynamic batching
         filled = [p.get_result(timeout=60).as_numpy("text")[0, 0].decode() for p in pending]
         assert filled == [r.text for r in reference.infill([f"Use the [MASK] module number {i}." for i in range(8)])]
+
+        over_grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")     # what maria serve --grpc-port
+        try:                                                                         # answers (tests/test_grpc.py)
+            text = grpcclient.InferInput("text", [len(TEXTS), 1], "BYTES")
+            text.set_data_from_numpy(np.array([[t.encode()] for t in TEXTS], dtype=np.object_))
+            answer = over_grpc.infer("maria", [text], parameters={"temperature": 0.8, "seed": 5, "num_samples": 2})
+            assert [t.decode() for t in answer.as_numpy("text").reshape(-1)] == [r.text for r in want]
+        finally:
+            over_grpc.close()
 
         with pytest.raises(Exception, match="asks for 0 tokens"):
             request(["bad [MASK:0]"]).get_result(timeout=60)
