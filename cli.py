@@ -358,6 +358,8 @@ def bench_serve(
                                               "concat (batch at a time), auto."),
     texts_file: Optional[Path] = typer.Option(None, "--texts", help="The texts the clients send, one per line "
                                                                     "(default: four short texts)."),
+    protocols: str = typer.Option("http", help="What the clients speak, compared: http (POST /v1/infill), grpc "
+                                               "(ModelInfer through tritonclient.grpc)."),
 ):
     """Load on a real `maria serve`: throughput, p50/p99 latency and batch sizes, with and without batching."""
     from runtime.device import check_device
@@ -378,7 +380,8 @@ def bench_serve(
             raise ValueError(f"--texts {texts_file} holds no text; give one text with [MASK] markers per line")
     run_bench_serve(out, model=model, clients=clients, requests=requests,
                     max_batch_sizes=int_list(max_batch_sizes, "--max-batch-sizes"), delay_ms=delay_ms,
-                    stagger_ms=stagger_ms, repeats=repeats, device=device, decoders=chosen, texts=texts)
+                    stagger_ms=stagger_ms, repeats=repeats, device=device, decoders=chosen, texts=texts,
+                    protocols=[p.strip() for p in protocols.split(",") if p.strip()])
 
 
 @app.command("eval")

@@ -37,3 +37,20 @@ def test_bench_serve_names_a_bad_texts_file(tmp_path):
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(app, ["bench-serve", "--out", str(tmp_path), "--decoders", "fast"])
     assert result.exit_code == 2 and "--decoders takes" in result.output
+
+
+def test_bench_serve_compares_http_and_grpc_clients(tmp_path):
+    pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
+    pytest.importorskip("grpc", reason="the grpc extra (grpcio, protobuf) is not installed")
+    result = CliRunner().invoke(app, ["bench-serve", "--out", str(tmp_path), "--clients", "4", "--requests", "8",
+                                      "--max-batch-sizes", "8", "--protocols", "http,grpc"])
+    assert result.exit_code == 0, result.output
+    runs = {run["protocol"]: run for run in json.loads((tmp_path / "bench-serve.json").read_text())["runs"]}
+    assert set(runs) == {"http", "grpc"}
+    for run in runs.values():
+        assert run["ok"] == 8 and run["errors"] == 0 and run["infer_ms"] > 0
+    # the same texts in the same order: the same masked tokens filled, so the same rows stepped in all
+    assert runs["http"]["batches"] * runs["http"]["mean_batch_size"] == \
+        pytest.approx(runs["grpc"]["batches"] * runs["grpc"]["mean_batch_size"])
+    result = CliRunner().invoke(app, ["bench-serve", "--out", str(tmp_path), "--protocols", "websocket"])
+    assert result.exit_code == 2 and "--protocols takes a comma-separated list of http, grpc" in result.output

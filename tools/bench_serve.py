@@ -1,13 +1,14 @@
 """`maria bench-serve`: load on a real `maria serve` process, with and without batching, side by side.
 
-For each --max-batch-size setting (1 = no batching) and --decoder (engine: continuous batching; concat: batch at a
-time) a server starts on 127.0.0.1 (ephemeral port); N clients, each
-starting a little after the last (staggered), send a fixed number of /v1/infill requests of one text each; the
-run reports throughput, p50/p99 latency, errors, and from the server's own statistics (GET /v2/models/stats) the
-batch sizes it formed and where a request's time went: waiting for a slot (queue) or being filled (infer). The
-server is stopped by its process id after each run.
+For each --max-batch-size setting (1 = no batching), --decoder (engine: continuous batching; concat: batch at a
+time) and protocol a server starts on 127.0.0.1 (ephemeral ports); N clients, each starting a little after the last
+(staggered), send a fixed number of requests of one text each: POST /v1/infill (http), or ModelInfer through
+tritonclient.grpc (grpc; the server with --grpc-port); the run reports throughput, p50/p99 latency, errors, and
+from the server's own statistics (GET /v2/models/stats) the batch sizes it formed and where a request's time went:
+waiting for a slot (queue) or being filled (infer). The server is stopped by its process id after each run.
 """
 
+import itertools
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -31,16 +33,21 @@ TEXTS = ["The [MASK] statement is used to [MASK] an exception.", "Use the [MASK]
 
 
 def start_server(model, max_batch_size: int, delay_ms: float, device: str, seconds: float = 120,
-                 decoder: str = "auto"):
+                 decoder: str = "auto", grpc: bool = False):
+    """(base url, gRPC address or None, process) of a `maria serve` started on ephemeral ports."""
     args = [sys.executable, str(ROOT / "cli.py"), "serve", "--port", "0", "--device", device, "--max-batch-size",
             str(max_batch_size), "--max-batch-delay-ms", str(delay_ms), "--max-queue", "4096", "--decoder", decoder]
-    process = subprocess.Popen(args + (["--model", str(model)] if model else []), cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(args + (["--model", str(model)] if model else []) + (["--grpc-port", "0"] * grpc),
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and process.poll() is None:
-        match = re.search(r"listening on (http://\S+)", process.stderr.readline())
+        line = process.stderr.readline()
+        match = re.search(r"listening on (http://[^\s,]+)", line)
         if match:
-            return match.group(1), process
+            address = re.search(r"gRPC on (\S+)", line)
+            # its access log goes on to stderr: read and dropped, or a full pipe would stall the server
+            threading.Thread(target=process.stderr.read, daemon=True).start()
+            return match.group(1), address.group(1) if address else None, process
     stop(process)
     raise RuntimeError("the server did not start")
 
@@ -71,6 +78,26 @@ def post(url: str, text: str, timeout: float) -> tuple[int, float]:
     return status, time.perf_counter() - began
 
 
+def grpc_sender(address: str):
+    """A function sending one text as a ModelInfer through tritonclient.grpc, returning (status, seconds): the HTTP
+    status the same outcome gets (200, or 0 for any error)."""
+    import numpy as np
+    from tritonclient.grpc import InferenceServerClient, InferInput
+    client = InferenceServerClient(address)
+
+    def send(text: str, timeout: float) -> tuple[int, float]:
+        began = time.perf_counter()
+        tensor = InferInput("text", [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[text.encode()]], dtype=np.object_))
+        try:
+            client.infer("maria", [tensor], client_timeout=timeout)
+            status = 200
+        except Exception:                          # tritonclient's InferenceServerException: counted as an error
+            status = 0
+        return status, time.perf_counter() - began
+    return send
+
+
 def server_stats(url: str) -> dict:
     """The server's counts so far (Triton's statistics extension): engine steps or batches, the rows they held,
     requests answered and their queue and infer nanoseconds."""
@@ -84,28 +111,31 @@ def server_stats(url: str) -> dict:
 
 
 def load(url: str, clients: int, requests: int, stagger_s: float, timeout: float,
-         texts: list[str] = TEXTS) -> list[tuple[int, float]]:
+         texts: list[str] = TEXTS, grpc_address: str | None = None) -> list[tuple[int, float]]:
     """Each client sends its share of the requests one after another, starting stagger_s after the last; client c's
-    i-th request is texts[(c + i) % len(texts)]."""
+    i-th request is texts[(c + i) % len(texts)]. Over gRPC where grpc_address is given (a channel per client)."""
     shares = [requests // clients + (c < requests % clients) for c in range(clients)]
 
     def client(number: int):
+        send = grpc_sender(grpc_address) if grpc_address else lambda text, timeout: post(url, text, timeout)
         time.sleep(number * stagger_s)
-        return [post(url, texts[(number + i) % len(texts)], timeout) for i in range(shares[number])]
+        return [send(texts[(number + i) % len(texts)], timeout) for i in range(shares[number])]
 
     with ThreadPoolExecutor(clients) as pool:
         return [answer for answers in pool.map(client, range(clients)) for answer in answers]
 
 
 def run_one(model, max_batch_size: int, delay_ms: float, device: str, clients: int, requests: int,
-            stagger_s: float, timeout: float, decoder: str = "auto", texts: list[str] = TEXTS) -> dict:
-    url, process = start_server(model, max_batch_size, delay_ms, device, decoder=decoder)
+            stagger_s: float, timeout: float, decoder: str = "auto", texts: list[str] = TEXTS,
+            protocol: str = "http") -> dict:
+    url, grpc_address, process = start_server(model, max_batch_size, delay_ms, device, decoder=decoder,
+                                              grpc=protocol == "grpc")
     try:
         for text in texts:                                   # warm-up, not counted
             post(url, text, timeout)
         before = server_stats(url)
         began = time.perf_counter()
-        answers = load(url, clients, requests, stagger_s, timeout, texts)
+        answers = load(url, clients, requests, stagger_s, timeout, texts, grpc_address)
         wall = time.perf_counter() - began
         after = server_stats(url)
     finally:
@@ -113,7 +143,7 @@ def run_one(model, max_batch_size: int, delay_ms: float, device: str, clients: i
     latencies = sorted(seconds for status, seconds in answers if status == 200)
     served = {key: after[key] - before[key] for key in after}
     batches, answered = served["batches"], served["answered"]
-    return {"decoder": decoder, "max_batch_size": max_batch_size, "max_batch_delay_ms": delay_ms, "clients": clients,
+    return {"protocol": protocol, "decoder": decoder, "max_batch_size": max_batch_size, "max_batch_delay_ms": delay_ms, "clients": clients,
             "requests": len(answers), "ok": len(latencies), "errors": len(answers) - len(latencies),
             "seconds": wall, "requests_per_s": len(latencies) / wall,
             "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
@@ -126,7 +156,7 @@ def run_one(model, max_batch_size: int, delay_ms: float, device: str, clients: i
 def bench_serve(out: Path, model=None, clients: int = 32, requests: int = 256, max_batch_sizes=(1, 16),
                 delay_ms: float = 5.0, stagger_ms: float = 10.0, repeats: int = 1, device: str = "cpu",
                 timeout: float = 120.0, console: Console | None = None, decoders=("auto",),
-                texts: list[str] = TEXTS) -> dict:
+                texts: list[str] = TEXTS, protocols=("http",)) -> dict:
     """Runs the load once per setting and repeat (settings interleaved); writes out/bench-serve.json."""
     console = console or Console(stderr=True)
     if clients < 1:
@@ -138,16 +168,24 @@ def bench_serve(out: Path, model=None, clients: int = 32, requests: int = 256, m
         raise ValueError(f"--repeats must be at least 1, got {repeats}")
     if not max_batch_sizes or min(max_batch_sizes) < 1:
         raise ValueError(f"--max-batch-sizes takes batch sizes of at least 1, got {list(max_batch_sizes)}")
+    if not protocols or set(protocols) - {"http", "grpc"}:
+        raise ValueError(f"--protocols takes a comma-separated list of http, grpc; got {','.join(protocols)}")
+    if "grpc" in protocols:
+        try:
+            import grpc  # noqa: F401
+            import tritonclient.grpc  # noqa: F401
+        except ImportError as error:
+            raise ValueError(f"{error.name}: --protocols grpc needs tritonclient[grpc] and the grpc extra; pip install "
+                             "'maria-onnx[serve,grpc]' 'tritonclient[grpc]'") from None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = []
     for repeat in range(repeats):
-        for decoder in decoders:
-            for size in max_batch_sizes:
-                console.print(f"repeat {repeat + 1}: --decoder {decoder} --max-batch-size {size}, {clients} clients, "
-                              f"{requests} requests")
-                runs.append({"repeat": repeat, **run_one(model, size, delay_ms, device, clients, requests,
-                                                         stagger_ms / 1000, timeout, decoder, texts)})
+        for decoder, size, protocol in itertools.product(decoders, max_batch_sizes, protocols):
+            console.print(f"repeat {repeat + 1}: --decoder {decoder} --max-batch-size {size}, {clients} {protocol} "
+                          f"clients, {requests} requests")
+            runs.append({"repeat": repeat, **run_one(model, size, delay_ms, device, clients, requests,
+                                                     stagger_ms / 1000, timeout, decoder, texts, protocol)})
     report = {"model": str(model) if model else "default", "device": device, "clients": clients,
               "requests": requests, "stagger_ms": stagger_ms, "texts": texts, "cpu_count": os.cpu_count(),
               "runs": runs}
@@ -160,11 +198,13 @@ def bench_serve(out: Path, model=None, clients: int = 32, requests: int = 256, m
 def table(runs: list[dict]) -> Table:
     out = Table(title="maria serve under load (one text per request; times in ms, queue and infer: the server's mean "
                       "per request)", box=box.SIMPLE_HEAD)
-    for column in ("run", "decoder", "max batch", "req/s", "p50", "p99", "queue", "infer", "mean batch", "errors"):
-        out.add_column(column, justify="right", min_width=max(map(len, column.split())))     # no word cut
+    for column in ("run", "decoder via", "max batch", "req/s", "p50", "p99", "queue", "infer", "mean batch", "errors"):
+        out.add_column(column, justify="right", min_width=max(map(len, column.split())),     # no word cut
+                       no_wrap=column == "decoder via")
     for r in runs:
         shown = lambda key, form: form.format(r[key]) if r[key] is not None else "-"
-        out.add_row(str(r["repeat"] + 1), r["decoder"], str(r["max_batch_size"]), f"{r['requests_per_s']:.1f}",
+        out.add_row(str(r["repeat"] + 1), f"{r['decoder']} {r['protocol']}", str(r["max_batch_size"]),
+                    f"{r['requests_per_s']:.1f}",
                     shown("p50_ms", "{:.0f}"), shown("p99_ms", "{:.0f}"), shown("queue_ms", "{:.1f}"),
                     shown("infer_ms", "{:.1f}"), shown("mean_batch_size", "{:.2f}"), str(r["errors"]))
     return out
