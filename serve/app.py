@@ -86,6 +86,22 @@ class Server:
             self.batcher = Batcher(infiller, settings.max_batch_size, settings.max_batch_delay_ms / 1000,
                                    settings.max_queue, self.executed)
 
+    @property
+    def ready(self) -> bool:
+        """The decode worker is running."""
+        return self.batcher.worker.is_alive()
+
+    def authorized(self, authorization: str) -> bool:
+        """An Authorization header (or gRPC metadata) value that passes: any without --api-key, else the bearer
+        token, compared in constant time."""
+        key = self.settings.api_key
+        return not key or hmac.compare_digest(authorization.encode(), f"Bearer {key}".encode())
+
+    def statistics(self, name: str | None, version: str | None) -> dict:
+        """The statistics of the named model (404 for another), or without a name those of every model: one."""
+        name = self.model_named(name, version) if name else self.settings.model_name
+        return {"model_stats": [self.stats.model_stats(name, VERSION)]}
+
     def executed(self, rows: int, ns: int) -> None:
         """One engine step or batch over `rows` decode rows, run by the decode worker in ns."""
         self.metrics.batch_size.observe(rows)
@@ -186,9 +202,8 @@ class Server:
     async def live(self, request):
         return JSONResponse({"live": True})
 
-    async def ready(self, request):
-        ready = self.batcher.worker.is_alive()
-        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+    async def ready_route(self, request):
+        return JSONResponse({"ready": self.ready}, status_code=200 if self.ready else 503)
 
     async def server_metadata(self, request):
         from importlib.metadata import version
@@ -197,10 +212,12 @@ class Server:
 
     def model(self, request) -> str:
         """The model a route names, with its version where the route has one: the served model, version 1."""
-        return self.model_named(request.path_params["name"], request.path_params.get("version", VERSION))
+        return self.model_named(request.path_params["name"], request.path_params.get("version"))
 
-    def model_named(self, name: str, version: str) -> str:
-        """name, where it is the served model and version its version; else ClientError 404."""
+    def model_named(self, name: str, version: str | None) -> str:
+        """name, where it is the served model and version (none given: the served one) its version; else
+        ClientError 404."""
+        version = version or VERSION
         if name != self.settings.model_name:
             raise ClientError(404, f"no model '{name}' here; this server serves '{self.settings.model_name}'")
         if version != VERSION:
@@ -214,13 +231,12 @@ class Server:
         return JSONResponse(model_config(self.model(request), self.settings.max_batch_size))
 
     async def model_statistics(self, request):
-        """The model's statistics; without a model in the path (/v2/models/stats), those of every model: one."""
-        name = self.model(request) if "name" in request.path_params else self.settings.model_name
-        return JSONResponse({"model_stats": [self.stats.model_stats(name, VERSION)]})
+        """The model's statistics; without a model in the path (/v2/models/stats), those of every model."""
+        return JSONResponse(self.statistics(request.path_params.get("name"), request.path_params.get("version")))
 
     async def model_ready(self, request):
         self.model(request)
-        return await self.ready(request)
+        return await self.ready_route(request)
 
     async def infer(self, request):
         began, name = time.monotonic(), self.model(request)
@@ -310,7 +326,7 @@ def create_app(infiller, settings: ServeSettings = ServeSettings()) -> Starlette
     model = {"": ("GET", server.model_metadata), "/ready": ("GET", server.model_ready),
              "/config": ("GET", server.model_config), "/stats": ("GET", server.model_statistics),
              "/infer": ("POST", server.infer)}
-    routes = {"/v2/health/live": ("GET", server.live), "/v2/health/ready": ("GET", server.ready),
+    routes = {"/v2/health/live": ("GET", server.live), "/v2/health/ready": ("GET", server.ready_route),
               "/v2": ("GET", server.server_metadata), "/v2/models/stats": ("GET", server.model_statistics),
               **{prefix + suffix: route for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}")
                  for suffix, route in model.items()},
@@ -346,8 +362,7 @@ def guarded(server: Server, path: str, handler):
     async def route(request: Request):
         began = time.monotonic()
         try:
-            if server.settings.api_key and not open_route and not hmac.compare_digest(
-                    request.headers.get("authorization", "").encode(), f"Bearer {server.settings.api_key}".encode()):
+            if not open_route and not server.authorized(request.headers.get("authorization", "")):
                 raise ClientError(401, "missing or wrong bearer token; send 'Authorization: Bearer <api key>'",
                                   {"WWW-Authenticate": "Bearer"})
             response = await handler(request)

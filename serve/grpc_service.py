@@ -15,7 +15,6 @@ the repository, shared memory, trace and log settings) are not served: such a ca
 """
 
 import asyncio
-import hmac
 import logging
 import time
 from importlib.metadata import version
@@ -85,14 +84,14 @@ class InferenceService:
         return pb.ServerLiveResponse(live=True)
 
     async def server_ready(self, message, context):
-        return pb.ServerReadyResponse(ready=self.server.batcher.worker.is_alive())
+        return pb.ServerReadyResponse(ready=self.server.ready)
 
     async def server_metadata(self, message, context):
         return pb.ServerMetadataResponse(name="maria-onnx", version=version("maria-onnx"),
                                          extensions=["model_configuration", "statistics"])
 
     async def model_metadata(self, message, context):
-        described = metadata(self.server.model_named(message.name, message.version or VERSION))
+        described = metadata(self.server.model_named(message.name, message.version))
         response = pb.ModelMetadataResponse(name=described["name"], versions=described["versions"],
                                             platform=described["platform"])
         for kind in ("inputs", "outputs"):
@@ -101,23 +100,19 @@ class InferenceService:
         return response
 
     async def model_ready(self, message, context):
-        self.server.model_named(message.name, message.version or VERSION)
-        return pb.ModelReadyResponse(ready=self.server.batcher.worker.is_alive())
+        self.server.model_named(message.name, message.version)
+        return pb.ModelReadyResponse(ready=self.server.ready)
 
     async def model_config(self, message, context):
-        name = self.server.model_named(message.name, message.version or VERSION)
+        name = self.server.model_named(message.name, message.version)
         return ParseDict({"config": model_config(name, self.server.settings.max_batch_size)}, pb.ModelConfigResponse())
 
     async def model_statistics(self, message, context):
-        """The model's statistics; without a name, those of every model: one."""
-        name = (self.server.model_named(message.name, message.version or VERSION) if message.name
-                else self.server.settings.model_name)
-        return ParseDict({"model_stats": [self.server.stats.model_stats(name, VERSION)]},
-                         pb.ModelStatisticsResponse())
+        return ParseDict(self.server.statistics(message.name, message.version), pb.ModelStatisticsResponse())
 
     async def model_infer(self, message, context):
         began, server = time.monotonic(), self.server
-        name = server.model_named(message.model_name, message.model_version or VERSION)
+        name = server.model_named(message.model_name, message.model_version)
         try:
             parsed = read_infer_message(message)
         except BadRequest as error:
@@ -135,9 +130,8 @@ def method(server: Server, name: str, handler, request_type, response_type, open
     async def call(message, context):
         began, status = time.monotonic(), 499           # 499 unless it ends otherwise: the client cancelled
         try:
-            key = server.settings.api_key
             token = dict(context.invocation_metadata() or ()).get("authorization", "")
-            if key and not open_method and not hmac.compare_digest(token.encode(), f"Bearer {key}".encode()):
+            if not open_method and not server.authorized(token):
                 raise ClientError(401, "missing or wrong bearer token; send the metadata "
                                        "'authorization: Bearer <api key>'")
             response, status = await handler(message, context), 200
