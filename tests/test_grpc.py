@@ -3,12 +3,14 @@ by tritonclient.grpc and by a bare gRPC channel with typed contents. Every reque
 the server it started, by its process id."""
 
 import json
+import os
 import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,6 +78,38 @@ def test_the_messages_are_the_protocols():
     data_types = model_config_pb2.DESCRIPTOR.enum_types_by_name["DataType"].values_by_name
     assert {v.name: v.number for v in pb.DESCRIPTOR.enum_types_by_name["DataType"].values} == \
         {name: value.number for name, value in data_types.items()}
+
+
+RUNTIME_CHECK = """
+import google.protobuf
+from google.protobuf.json_format import MessageToDict, ParseDict
+from serve import oip_pb2 as pb
+request = pb.ModelInferRequest(model_name="maria", raw_input_contents=[b"a [MASK] b"])
+text = request.inputs.add(name="text", datatype="BYTES", shape=[1, 1])
+text.parameters["binary_data_size"].int64_param = 10
+request.parameters["temperature"].double_param = 0.5
+assert pb.ModelInferRequest.FromString(request.SerializeToString()) == request
+config = ParseDict({"config": {"name": "maria", "input": [{"name": "text", "data_type": "TYPE_STRING"}]}},
+                   pb.ModelConfigResponse())
+assert MessageToDict(config)["config"]["input"][0]["dataType"] == "TYPE_STRING"
+print(google.protobuf.__version__)
+"""
+
+
+def test_the_messages_load_under_each_protobuf_runtime():
+    """serve/oip_pb2.py (protoc 4.25's output, which carries no runtime version check) builds, serializes and
+    parses its messages under every protobuf that .ci/run installs beside the suite's own (the grpc extra's
+    range: 3.20.3 to 7.36), each in a Python that sees only that protobuf and this repository."""
+    targets = [t for t in os.environ.get("MARIA_PROTOBUF_TARGETS", "").split(os.pathsep) if t]
+    if not targets:
+        pytest.skip("MARIA_PROTOBUF_TARGETS names no folders of other protobuf versions (.ci/run installs them)")
+    for target in targets:
+        installed = [info.name.removeprefix("protobuf-").removesuffix(".dist-info")
+                     for info in Path(target).glob("protobuf-*.dist-info")]
+        run = subprocess.run([sys.executable, "-S", "-c", RUNTIME_CHECK], capture_output=True, text=True,
+                             timeout=60, env={**os.environ, "PYTHONPATH": os.pathsep.join([target, str(ROOT)])})
+        assert run.returncode == 0, f"{target}: {run.stderr.strip().splitlines()[-1:]}"
+        assert [run.stdout.strip()] == installed
 
 
 def test_tritonclient_grpc_health_metadata_and_infer(running, reference):
