@@ -62,7 +62,8 @@ def model_config(model_name: str, max_batch_size: int, platform: str = "maria_on
             "output": [{"name": name, "data_type": triton_types[kind], "dims": [-1]} for name, kind in OUTPUTS.items()]}
 
 
-def _bytes_elements(raw: bytes) -> list[bytes]:
+def bytes_elements(raw: bytes) -> list[bytes]:
+    """The elements of a BYTES tensor's raw data (the inverse of bytes_tensor); BadRequest where it is cut short."""
     elements, offset = [], 0
     while offset < len(raw):
         if offset + 4 > len(raw):
@@ -112,7 +113,7 @@ def _tensor_values(spec: dict, binary: bytes | None, offset: int) -> tuple[list,
             raise BadRequest(f"input '{name}' says binary_data_size {size}, but the binary data is shorter")
         raw, offset = binary[offset: offset + size], offset + size
         if kind == "BYTES":
-            return _bytes_elements(raw), offset
+            return bytes_elements(raw), offset
         if kind not in NUMERIC:
             raise BadRequest(f"input '{name}' has datatype {kind!r}; expected {INPUTS.get(name, 'a number')}")
         width = np.dtype(NUMERIC[kind]).itemsize

@@ -24,6 +24,7 @@ from runtime.choose import Sampling  # noqa: E402
 from runtime.default_model import DEFAULT_MODEL  # noqa: E402
 from runtime.infiller import Infiller  # noqa: E402
 from serve import oip_pb2 as pb  # noqa: E402
+from serve.protocol import bytes_elements  # noqa: E402
 from tests.test_serve import ROOT, TEXTS, call, engine_steps, server  # noqa: E402
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -192,12 +193,7 @@ def test_typed_contents_and_parameters_from_a_bare_channel(running, reference):
     want = reference.infill(TEXTS, Sampling(temperature=0.7, top_k=5, seed=2))
     assert response.id == "typed" and [o.name for o in response.outputs] == ["text", "result"]
     assert list(response.outputs[0].shape) == [2, 1] and len(response.raw_output_contents) == 2
-    raw, filled = response.raw_output_contents[0], []
-    while raw:
-        size = int.from_bytes(raw[:4], "little")
-        filled.append(raw[4:4 + size].decode())
-        raw = raw[4 + size:]
-    assert filled == [r.text for r in want]
+    assert [t.decode() for t in bytes_elements(response.raw_output_contents[0])] == [r.text for r in want]
 
 
 def expect(code, message: str, call_it):

@@ -33,10 +33,10 @@ SLOW = "[MASK:300]"                      # 300 AR steps: long enough to still be
 
 
 @contextmanager
-def server(*args, seconds: float = 60, device: str = "cpu"):
-    """Starts `maria serve --port 0`, yields (base url, process); stops it by pid with SIGTERM (then SIGKILL).
-    process.announced is the line the server printed when it started listening."""
-    process = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "--port", "0", "--device", device,
+def server(*args, seconds: float = 60, device: str = "cpu", python: str = sys.executable):
+    """Starts `maria serve --port 0` (with `python`), yields (base url, process); stops it by pid with SIGTERM (then
+    SIGKILL). process.announced is the line the server printed when it started listening."""
+    process = subprocess.Popen([python, str(ROOT / "cli.py"), "serve", "--port", "0", "--device", device,
                                 *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     try:

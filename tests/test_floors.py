@@ -1,0 +1,69 @@
+"""pyproject.toml's lowest versions, for real: in an environment holding exactly the floors of the runtime and the
+serve and grpc extras (tools/floors.py; .ci/run builds it and names its python in MARIA_FLOORS_PYTHON), `maria
+infill` and `maria serve` (HTTP and gRPC) give the fills this environment gives. Each server is stopped by pid."""
+
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from runtime.default_model import DEFAULT_MODEL
+from runtime.infiller import Infiller
+from tests.test_serve import ROOT, TEXTS, call, oip, server
+
+FLOORS_PYTHON = os.environ.get("MARIA_FLOORS_PYTHON")
+pytestmark = pytest.mark.skipif(not FLOORS_PYTHON, reason="MARIA_FLOORS_PYTHON names no environment with "
+                                "pyproject.toml's lowest versions (.ci/run builds one with tools/floors.py)")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return [r.to_dict() for r in Infiller(DEFAULT_MODEL, device="cpu").infill(TEXTS)]
+
+
+def same_fills(got: list[dict], want: list[dict]) -> bool:
+    """The same texts and fills, log-probabilities within 1e-4 (another onnxruntime rounds differently)."""
+    return [(g["text"], g["fills"]) for g in got] == [(w["text"], w["fills"]) for w in want] and all(
+        np.allclose(g["fill_logprobs"], w["fill_logprobs"], atol=1e-4) for g, w in zip(got, want))
+
+
+def test_the_environment_holds_the_floors():
+    from packaging.version import Version
+
+    from tools.floors import floors
+    wanted = floors()
+    script = "import importlib.metadata as m, json, sys; print(json.dumps({n: m.version(n) for n in sys.argv[1:]}))"
+    run = subprocess.run([FLOORS_PYTHON, "-c", script, *wanted], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    installed = json.loads(run.stdout)
+    assert {name: Version(v) for name, v in installed.items()} == {name: Version(v) for name, v in wanted.items()}
+
+
+def test_infill_at_the_floors(reference):
+    run = subprocess.run([FLOORS_PYTHON, str(ROOT / "cli.py"), "infill", "--device", "cpu", "--json", *TEXTS],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert same_fills([json.loads(line) for line in run.stdout.splitlines()], reference)
+
+
+def test_serve_http_and_grpc_at_the_floors(reference):
+    pytest.importorskip("grpc", reason="the grpc extra (grpcio, protobuf) is not installed")
+    pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
+    from serve.protocol import bytes_elements
+    from tests.test_grpc import bare_infer, grpc_address, pb
+
+    with server("--grpc-port", "0", python=FLOORS_PYTHON) as (url, process):
+        status, _, body = call(url, "/v2/models/maria/infer", oip(TEXTS))
+        assert status == 200, body
+        results = {o["name"]: o["data"] for o in json.loads(body)["outputs"]}["result"]
+        assert same_fills([json.loads(r) for r in results], reference)
+
+        request = pb.ModelInferRequest(model_name="maria")
+        request.inputs.add(name="text", datatype="BYTES", shape=[len(TEXTS), 1],
+                           contents=pb.InferTensorContents(bytes_contents=[t.encode() for t in TEXTS]))
+        response = bare_infer(grpc_address(process), request)
+        result = response.raw_output_contents[[o.name for o in response.outputs].index("result")]
+        assert same_fills([json.loads(r) for r in bytes_elements(result)], reference)
+
