@@ -134,6 +134,24 @@ def pack_windows(documents: list[str], encode, seq_len: int, separator_id: int) 
     return np.asarray(ids[: count * seq_len], dtype=np.int64).reshape(count, seq_len)
 
 
+class RepeatedKey(ValueError):
+    """A JSON object that gives one key twice, where json.loads would keep the last value and drop the others."""
+
+
+def _unique_keys(pairs: list) -> dict:
+    found = {}
+    for key, value in pairs:
+        if key in found:
+            raise RepeatedKey(f"repeats the key '{key}' in one object; give each key once")
+        found[key] = value
+    return found
+
+
+def loads_json(text):
+    """json.loads that refuses an object repeating a key (RepeatedKey) instead of dropping all but its last value."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
 @dataclass(frozen=True)
 class Line:
     """One non-blank input line: its 1-based number and its text, or why it holds no text."""
@@ -155,9 +173,12 @@ def read_lines(content: str, name: str, jsonl: bool, field: str = "text") -> lis
             lines.append(Line(number, line))
             continue
         try:
-            record = json.loads(line)
+            record = loads_json(line)
         except json.JSONDecodeError as error:
             lines.append(Line(number, None, f"{name}:{number} is not valid JSON ({error.msg})"))
+            continue
+        except RepeatedKey as error:
+            lines.append(Line(number, None, f"{name}:{number} {error}"))
             continue
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             lines.append(Line(number, None, f"{name}:{number} has no string field '{field}'"))

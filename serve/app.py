@@ -35,6 +35,7 @@ from starlette.routing import Route
 from runtime.choose import Sampling
 from runtime.infiller import FillRequest
 from runtime.requests import SETTINGS, SettingTypeError, read_settings
+from runtime.text import RepeatedKey, loads_json
 
 from .batcher import Batcher, Job, QueueFull
 from .continuous import ContinuousBatcher
@@ -253,7 +254,9 @@ class Server:
 
     async def json_request(self, request) -> tuple[list, dict]:
         try:
-            payload = json.loads(await self.body(request))
+            payload = loads_json(await self.body(request))
+        except RepeatedKey as error:
+            raise ClientError(400, f"the request {error}") from None
         except ValueError as error:
             raise ClientError(400, f"the request is not valid JSON ({error})") from None
         if not isinstance(payload, dict) or "text" not in payload:

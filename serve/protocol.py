@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtime.text import RepeatedKey, loads_json
+
 INPUTS = {"text": "BYTES", "temperature": "FP32", "top_k": "INT32", "top_p": "FP32", "seed": "INT64",
           "num_samples": "INT32"}
 OUTPUTS = {"text": "BYTES", "result": "BYTES"}
@@ -133,7 +135,9 @@ def parse_infer(body: bytes, header_length: int | None) -> InferRequest:
         raise BadRequest(f"Inference-Header-Content-Length {header_length} is outside the body of {len(body)} bytes")
     head, binary = (body, None) if header_length is None else (body[:header_length], body[header_length:])
     try:
-        request = json.loads(head)
+        request = loads_json(head)
+    except RepeatedKey as error:
+        raise BadRequest(f"the request {error}") from None
     except (ValueError, UnicodeDecodeError) as error:
         raise BadRequest(f"the request is not valid JSON ({error})") from None
     return read_infer(request, binary)
@@ -151,12 +155,17 @@ def read_infer(request, binary: bytes | None) -> InferRequest:
     if timeout is not None and (type(timeout) is not int or timeout < 0):
         raise BadRequest(f"parameter 'timeout' is in microseconds, a non-negative integer; got {timeout!r}")
     settings = {name: value for name, value in given.items() if name not in PROTOCOL_PARAMETERS}
-    texts, offset = None, 0
+    texts, offset, seen = None, 0, set()
     for spec in request["inputs"]:
         if not isinstance(spec, dict) or spec.get("name") not in INPUTS:
             raise BadRequest(f"unknown input {spec.get('name') if isinstance(spec, dict) else spec!r}; "
                              f"inputs are {', '.join(INPUTS)}")
         name, kind = spec["name"], spec.get("datatype")
+        if name in seen:
+            raise BadRequest(f"input '{name}' is given twice; send each input once")
+        if name in settings:
+            raise BadRequest(f"'{name}' is given both as a request parameter and as an input; give it once")
+        seen.add(name)
         if (name == "text") != (kind == "BYTES") or (name != "text" and kind not in NUMERIC):
             raise BadRequest(f"input '{name}' has datatype {kind!r}; expected {INPUTS[name]}")
         count = _element_count(spec)

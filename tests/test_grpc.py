@@ -211,6 +211,13 @@ def test_each_bad_request_gets_its_code_and_one_line(running):
     request.raw_input_contents.extend([b"x", b"y"])
     expect(grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents holds 2 entries for 1 inputs",
            lambda: bare_infer(address, request))
+    request = pb.ModelInferRequest(model_name="maria")
+    request.inputs.add(name="text", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(
+        bytes_contents=[b"a [MASK]"]))
+    request.inputs.add(name="seed", datatype="INT64", shape=[1], contents=pb.InferTensorContents(int64_contents=[1]))
+    request.parameters["seed"].int64_param = 2
+    expect(grpc.StatusCode.INVALID_ARGUMENT, "'seed' is given both as a request parameter and as an input",
+           lambda: bare_infer(address, request))
     cases = [
         ("nope", [b"a [MASK]"], "TEXT", grpc.StatusCode.NOT_FOUND, "no model 'nope' here; this server serves 'maria'"),
         ("maria", [b"a [MASK:0]"], "BYTES", grpc.StatusCode.INVALID_ARGUMENT, "text 0: '[MASK:0]' asks for 0 tokens"),

@@ -115,3 +115,19 @@ def test_tritons_own_parameters_are_not_sampling_settings():
     parsed = parse_infer(json.dumps(body).encode(), None)
     assert parsed.settings == {"seed": 4} and parsed.binary_outputs == {"text", "result"}
     assert parsed.timeout_s == 0.25
+
+
+def test_nothing_given_twice_is_dropped():
+    """A second copy of an input, of a setting or of a JSON key would silently replace the first: refused."""
+    seed = {"name": "seed", "datatype": "INT64", "shape": [1], "data": [3]}
+    for body, message in [
+        ({"inputs": [text_input(["a [MASK]"]), text_input(["b [MASK]"])]}, "input 'text' is given twice"),
+        ({"inputs": [text_input(["a [MASK]"]), seed, seed]}, "input 'seed' is given twice"),
+        ({"inputs": [text_input(["a [MASK]"]), seed], "parameters": {"seed": 4}},
+         "'seed' is given both as a request parameter and as an input; give it once"),
+    ]:
+        with pytest.raises(BadRequest, match=re.escape(message)):
+            parse_infer(json.dumps(body).encode(), None)
+    raw = b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a [MASK]"], "data": ["b"]}]}'
+    with pytest.raises(BadRequest, match=re.escape("the request repeats the key 'data' in one object")):
+        parse_infer(raw, None)

@@ -195,6 +195,9 @@ def test_a_bad_line_is_named_and_skip_invalid_keeps_the_rest(tmp_path):
     result = cli("infill", "--input", tmp_path / "in.jsonl", "--device", "cpu", "--skip-invalid", "--json")
     assert [json.loads(x)["input"] for x in result.stdout.splitlines()] == ["a [MASK]", "c [MASK]"]
     assert "in.jsonl:2" in result.stderr and "in.jsonl:3 is not valid JSON" in result.stderr
+    (tmp_path / "twice.jsonl").write_text('{"text": "a [MASK]"}\n{"text": "b [MASK]", "text": "c [MASK]"}\n')
+    one_line_error(cli("infill", "--input", tmp_path / "twice.jsonl", "--device", "cpu"),
+                   "twice.jsonl:2 repeats the key 'text' in one object; give each key once")
 
 
 def test_a_string_is_not_a_list_of_texts(default):

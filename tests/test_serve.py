@@ -260,6 +260,10 @@ BOUNDS = [
      "unknown parameters ['tempx']; parameters are temperature, top_k"),
     ("/v2/models/maria/infer", None, b'{"inputs": []}xx', 400, "not valid JSON"),
     ("/v2/models/other/infer", oip(["a [MASK]"]), None, 404, "no model 'other' here"),
+    ("/v1/infill", None, b'{"text": ["a [MASK]"], "text": ["b [MASK]"]}', 400,
+     "the request repeats the key 'text' in one object; give each key once"),
+    ("/v2/models/maria/infer", {"inputs": oip(["a [MASK]"])["inputs"] * 2}, None, 400,
+     "input 'text' is given twice; send each input once"),
 ]
 
 
