@@ -219,12 +219,15 @@ def infill(
     check_device(device)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     lines = read_input(texts or [], input_file, input_format)
+    name = "stdin" if input_file == "-" else input_file
+    if not lines:
+        typer.echo(f"note: {name} holds no text (no line but blank ones); nothing to fill", err=True)
+        return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         infiller = Infiller(model, device=device, decoder=decoder)
     for warning in caught:
         typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
-    name = "stdin" if input_file == "-" else input_file
     where = (lambda line: f"{name}:{line.number}") if input_file else (lambda line: f"text {line.number}")
     checked = checked_lines(lines, infiller, skip_invalid, where, rerank)
     if num_samples > 1 and sampling.greedy:

@@ -183,6 +183,14 @@ def test_jsonl_is_found_by_suffix_or_format_and_a_mismatch_is_refused(tmp_path):
     one_line_error(cli("infill", "--input", "-", "--format", "xml", input=line), "--format must be text or jsonl")
 
 
+def test_an_input_without_text_says_so(tmp_path):
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    for source, stdin in [(tmp_path / "blank.txt", None), ("-", "")]:
+        result = cli("infill", "--input", source, "--device", "cpu", input=stdin)
+        assert result.exit_code == 0 and result.stdout == ""
+        assert "holds no text (no line but blank ones); nothing to fill" in result.stderr
+
+
 def test_a_bad_line_is_named_and_skip_invalid_keeps_the_rest(tmp_path):
     (tmp_path / "in.txt").write_text("a [MASK] b\n\nc [MASK:0] d\ne [MASK] f\n")
     one_line_error(cli("infill", "--input", tmp_path / "in.txt", "--device", "cpu"), "in.txt:3: '[MASK:0]' asks")
