@@ -515,6 +515,8 @@ def triton_repo(
     max_queue_delay_us: int = typer.Option(5000, min=0, help="How long Triton waits to grow a batch."),
     max_queue: int = typer.Option(256, min=1, help="Requests waiting; beyond it Triton rejects."),
     timeout_us: int = typer.Option(60_000_000, min=1, help="How long a request may wait in the queue."),
+    max_texts: int = typer.Option(64, min=1, help="Texts x samples (x span candidates) per request; beyond it, "
+                                  "refused."),
     link: bool = typer.Option(False, "--link", help="Link the bundle instead of copying it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a repository this command wrote."),
 ):
@@ -523,7 +525,7 @@ def triton_repo(
     from serve.triton import write_repository
 
     folder = write_repository(resolve_bundle(bundle), out, model_name, kind, instances, max_batch_size,
-                              max_queue_delay_us, max_queue, timeout_us, link, overwrite)
+                              max_queue_delay_us, max_queue, timeout_us, link, overwrite, max_texts)
     typer.echo(f"wrote {folder}; run: tritonserver --model-repository {out}")
 
 

@@ -52,6 +52,21 @@ SETTINGS = {"temperature": float, "top_k": int, "top_p": float, "seed": int, "nu
 KIND_NAMES = {float: "a number", int: "an integer", bool: "true or false"}
 
 
+class TooLarge(ValueError):
+    """A request that asks for more decode rows than a server takes at once."""
+
+
+def check_size(limit: int, texts: int, num_samples: int, request: FillRequest | None = None) -> None:
+    """Raises TooLarge where a request needs more than `limit` decode rows: texts x samples (checked before the
+    texts are prepared), and with the span candidates of the prepared request."""
+    if texts * num_samples > limit:
+        raise TooLarge(f"{texts} texts x {num_samples} samples is over the limit of {limit} per request; "
+                       "split the request")
+    if request is not None and request.size > limit:
+        raise TooLarge(f"the request needs {request.size} decode rows (texts x samples x span candidates), over "
+                       f"the limit of {limit}; split the request")
+
+
 class SettingTypeError(ValueError):
     """A request setting that is unknown or of the wrong type (a server answers 400; a refused value, 422)."""
 

@@ -34,7 +34,7 @@ from starlette.routing import Route
 
 from runtime.choose import Sampling
 from runtime.infiller import FillRequest
-from runtime.requests import SETTINGS, SettingTypeError, read_settings
+from runtime.requests import SETTINGS, SettingTypeError, TooLarge, check_size, read_settings
 from runtime.text import RepeatedKey, loads_json
 
 from .batcher import Batcher, Job, QueueFull
@@ -129,9 +129,10 @@ class Server:
         if not texts:
             raise ClientError(400, "no text given; send at least one text with [MASK] markers")
         sampling, num_samples, rerank = sampling_of(settings)
-        if len(texts) * num_samples > self.settings.max_texts:
-            raise ClientError(413, f"{len(texts)} texts x {num_samples} samples is over the limit of "
-                                   f"{self.settings.max_texts} per request; split the request")
+        try:
+            check_size(self.settings.max_texts, len(texts), num_samples)
+        except TooLarge as error:
+            raise ClientError(413, str(error)) from None
         prepared = []
         for number, text in enumerate(texts):
             if not isinstance(text, str):
@@ -141,9 +142,10 @@ class Server:
             except ValueError as error:
                 raise ClientError(422, f"text {number}: {error}") from None
         request = FillRequest(prepared, sampling, num_samples, rerank)
-        if request.size > self.settings.max_texts:
-            raise ClientError(413, f"the request needs {request.size} decode rows (texts x samples x span "
-                                   f"candidates), over the limit of {self.settings.max_texts}; split the request")
+        try:
+            check_size(self.settings.max_texts, len(texts), num_samples, request)
+        except TooLarge as error:
+            raise ClientError(413, str(error)) from None
         loop = asyncio.get_running_loop()
         return Job(request, loop, loop.create_future(), Timings(arrived=int(began * 1e9)), on_token)
 

@@ -25,7 +25,7 @@ def _source_only(folder, names) -> list[str]:
 
 
 def config_pbtxt(name: str, kind: str, instances: int, max_batch_size: int, max_queue_delay_us: int,
-                 max_queue: int, timeout_us: int) -> str:
+                 max_queue: int, timeout_us: int, max_texts: int = 64) -> str:
     """config.pbtxt: text [batch, 1] -> text, result [batch, num_samples], all BYTES."""
     return f'''name: "{name}"
 backend: "python"
@@ -48,12 +48,14 @@ dynamic_batching {{
 }}
 instance_group [ {{ count: {instances} kind: {KINDS[kind]} }} ]
 parameters {{ key: "device" value: {{ string_value: "{'cuda' if kind == 'gpu' else 'cpu'}" }} }}
+parameters {{ key: "max_texts" value: {{ string_value: "{max_texts}" }} }}
 '''
 
 
 def write_repository(bundle, out, name: str = "maria", kind: str = "gpu", instances: int = 1,
                      max_batch_size: int = 8, max_queue_delay_us: int = 5000, max_queue: int = 256,
-                     timeout_us: int = 60_000_000, link: bool = False, overwrite: bool = False) -> Path:
+                     timeout_us: int = 60_000_000, link: bool = False, overwrite: bool = False,
+                     max_texts: int = 64) -> Path:
     """Writes the repository at `out`; returns the model's folder."""
     bundle, out = Path(bundle).resolve(), Path(out).resolve()
     load_manifest(bundle)                                   # a complete, intact bundle, or a clear error
@@ -61,8 +63,9 @@ def write_repository(bundle, out, name: str = "maria", kind: str = "gpu", instan
         raise ValueError(f"--kind must be gpu or cpu, got '{kind}'")
     if not name or "/" in name:
         raise ValueError(f"--model-name must be a non-empty name without '/', got '{name}'")
-    if min(instances, max_batch_size, max_queue) < 1 or max_queue_delay_us < 0 or timeout_us < 1:
-        raise ValueError("instances, max batch size and queue size must be at least 1; delays non-negative")
+    if min(instances, max_batch_size, max_queue, max_texts) < 1 or max_queue_delay_us < 0 or timeout_us < 1:
+        raise ValueError("instances, max batch size, queue size and max texts must be at least 1; delays "
+                         "non-negative")
     if out.exists() and not (overwrite and (out / name / "config.pbtxt").is_file()):
         raise FileExistsError(f"{out} already exists; choose another --out (--overwrite replaces only a "
                               "repository this command wrote)")
@@ -72,7 +75,7 @@ def write_repository(bundle, out, name: str = "maria", kind: str = "gpu", instan
         version = staging / name / "1"
         version.mkdir(parents=True)
         (staging / name / "config.pbtxt").write_text(
-            config_pbtxt(name, kind, instances, max_batch_size, max_queue_delay_us, max_queue, timeout_us))
+            config_pbtxt(name, kind, instances, max_batch_size, max_queue_delay_us, max_queue, timeout_us, max_texts))
         shutil.copy(MODEL_FILE, version / "model.py")
         shutil.copytree(Path(runtime.__file__).parent, version / "runtime", ignore=_source_only)
         if link:

@@ -3,7 +3,8 @@
 `maria triton-repo` copies this file as `<repo>/<name>/1/model.py`, beside a copy of the `runtime` package and
 the bundle (`bundle/`). ONNX Runtime runs inside the backend, so the decode loop keeps its KV cache on the
 device between steps. With dynamic batching Triton hands several requests to one `execute` call; they are filled
-in one decode batch, each with its own seed (request parameters: temperature, top_k, top_p, seed, num_samples).
+in one decode batch, each with its own seed (request parameters: temperature, top_k, top_p, seed, num_samples). A request over
+`max_texts` decode rows (texts x samples x span candidates; a parameter of config.pbtxt) is refused.
 
 Tensors, as `maria serve` declares them: input `text` BYTES [batch, 1]; outputs `text` and `result` (the JSON of
 `maria infill --json`) BYTES [batch, num_samples].
@@ -20,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))           # the runtime package copied beside this file
 
 from runtime.infiller import FillRequest, Infiller  # noqa: E402
-from runtime.requests import read_settings  # noqa: E402
+from runtime.requests import check_size, read_settings  # noqa: E402
 
 
 class TritonPythonModel:
@@ -29,13 +30,17 @@ class TritonPythonModel:
         device = parameters.get("device", {}).get("string_value", "auto")
         if args.get("model_instance_kind") == "CPU":
             device = "cpu"
+        self.max_texts = int(parameters.get("max_texts", {}).get("string_value", "64"))
         self.infiller = Infiller(HERE / "bundle", device=device)
 
     def read(self, request) -> FillRequest:
         texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t)
                  for t in pb_utils.get_input_tensor_by_name(request, "text").as_numpy().reshape(-1)]
         sampling, num_samples, rerank = read_settings(json.loads(request.parameters() or "{}"))
-        return FillRequest([self.infiller.prepare(text, rerank) for text in texts], sampling, num_samples, rerank)
+        check_size(self.max_texts, len(texts), num_samples)
+        fill = FillRequest([self.infiller.prepare(text, rerank) for text in texts], sampling, num_samples, rerank)
+        check_size(self.max_texts, len(texts), num_samples, fill)
+        return fill
 
     def execute(self, requests):
         responses, readable = [None] * len(requests), []

@@ -53,7 +53,7 @@ def tritonserver(workdir: Path) -> tuple[list[str], dict]:
 
 def test_triton_serves_the_repository_like_maria_serve(tmp_path):
     repository = tmp_path / "repo"
-    write_repository(DEFAULT_MODEL, repository, kind="cpu", max_queue_delay_us=20_000)
+    write_repository(DEFAULT_MODEL, repository, kind="cpu", max_queue_delay_us=20_000, max_texts=4)
     assert (repository / "maria" / "1" / "runtime" / "decode.py").is_file()
     command, environment = tritonserver(tmp_path)
     port, grpc_port = free_port(), free_port()
@@ -115,6 +115,13 @@ def test_triton_serves_the_repository_like_maria_serve(tmp_path):
             request(TEXTS, rerank="false").get_result(timeout=60)                # never read as true
         with pytest.raises(Exception, match="parameter 'num_samples' must be an integer, got 2.5"):
             request(TEXTS, num_samples=2.5).get_result(timeout=60)                # never truncated to 2
+        with pytest.raises(Exception, match="2 texts x 3 samples is over the limit of 4 per request"):
+            request(TEXTS, num_samples=3, temperature=1.0).get_result(timeout=60)
+        with pytest.raises(Exception, match=r"needs 8 decode rows \(texts x samples x span candidates\), over the "
+                                            "limit of 4"):
+            request(["Use the [MASK:?] module."]).get_result(timeout=60)
+        assert request(TEXTS[:1]).get_result(timeout=60).as_numpy("text")[0, 0].decode() == \
+            reference.infill(TEXTS[:1])[0].text                                     # and the model still serves
     finally:
         if client is not None:
             client.close()
