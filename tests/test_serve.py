@@ -166,17 +166,26 @@ def test_tritonclient_binary_infer(running, reference):
         client.close()
 
 
-def test_the_stream_sends_each_fill_then_the_result(running, reference):
-    request = urllib.request.Request(running + "/v1/infill/stream", data=json.dumps({"text": TEXTS[0]}).encode(),
+def stream(url: str, texts: list[str]) -> tuple[list[str], list]:
+    """The kinds and data of the events /v1/infill/stream answers."""
+    request = urllib.request.Request(url + "/v1/infill/stream", data=json.dumps({"text": texts}).encode(),
                                      method="POST")
     with urllib.request.urlopen(request, timeout=60) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [block for block in response.read().decode().split("\n\n") if block.strip()]
-    kinds = [block.split("\n")[0].removeprefix("event: ") for block in events]
-    data = [json.loads(block.split("\n")[1].removeprefix("data: ")) for block in events]
+    return ([block.split("\n")[0].removeprefix("event: ") for block in events],
+            [json.loads(block.split("\n")[1].removeprefix("data: ")) for block in events])
+
+
+def test_the_stream_sends_each_fill_then_the_result(running, reference):
+    kinds, data = stream(running, [TEXTS[0]])
     want = reference.infill([TEXTS[0]])[0]
     assert kinds == ["token"] * len(want.fills) + ["result"]
     assert [d["piece"] for d in data[:-1]] == want.fills and data[-1]["results"] == [want.to_dict()]
+    kinds, data = stream(running, ["Use the [MASK:1-3] module.", TEXTS[0]])        # a span text: its result only
+    want = reference.infill(["Use the [MASK:1-3] module.", TEXTS[0]])
+    assert kinds == ["token"] * len(want[1].fills) + ["result"] and {d["text"] for d in data[:-1]} == {1}
+    assert data[-1]["results"] == [r.to_dict() for r in want]
 
 
 def test_concurrent_requests_form_batches_and_do_not_change_results(running, reference):
