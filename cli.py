@@ -47,6 +47,8 @@ def one_line_errors(command):
             fail(str(error))
         except ImportError as error:
             fail(f"{error.name or error}: this command needs the training extra; pip install 'maria-onnx[train]'")
+        except KeyboardInterrupt:                  # Ctrl-C: one line and the shell's status for SIGINT
+            fail("interrupted", code=130)
     return run
 
 
@@ -86,7 +88,10 @@ def train(
         typer.secho(f"warning: --warmup-steps {warmup_steps} is not below --steps {steps}: the learning rate rises for "
                     f"the whole run and never reaches --learning-rate {learning_rate:g}", fg=typer.colors.YELLOW,
                     err=True)
-    result = run_train(mlm, ar, data, out, config, eval_data=eval_data, device=device)
+    try:
+        result = run_train(mlm, ar, data, out, config, eval_data=eval_data, device=device)
+    except KeyboardInterrupt:
+        fail(f"interrupted; the same command resumes from the last save in {out}", code=130)
     typer.echo(f"wrote {out} (step {result.trained_steps})")
 
 
@@ -235,15 +240,18 @@ def infill(
                    err=True)
     styled = sys.stdout.isatty() and not as_json
     size = CHUNK_BATCHES * batch_size
-    for begin in range(0, len(checked), size):     # each chunk's results are printed before the next is filled
-        chunk = checked[begin:begin + size]
-        request = FillRequest([prepared for _, prepared in chunk], sampling, num_samples, rerank,
-                              indices=[line.number - 1 for line, _ in chunk])
-        for number, result in enumerate(infiller.infill_requests([request], batch_size=batch_size)[0]):
-            if result.note and not as_json:
-                typer.echo(f"note: {where(chunk[number // num_samples][0])}: {result.note}", err=True)
-            show(result, as_json, styled)
-        sys.stdout.flush()
+    try:
+        for begin in range(0, len(checked), size):     # each chunk's results are printed before the next is filled
+            chunk = checked[begin:begin + size]
+            request = FillRequest([prepared for _, prepared in chunk], sampling, num_samples, rerank,
+                                  indices=[line.number - 1 for line, _ in chunk])
+            for number, result in enumerate(infiller.infill_requests([request], batch_size=batch_size)[0]):
+                if result.note and not as_json:
+                    typer.echo(f"note: {where(chunk[number // num_samples][0])}: {result.note}", err=True)
+                show(result, as_json, styled)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        fail("interrupted before every result was written; the output is incomplete", code=130)
 
 
 @app.command()

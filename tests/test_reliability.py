@@ -100,6 +100,34 @@ def test_an_interrupted_export_says_so_in_one_line_and_leaves_nothing(checkpoint
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_interrupted_infill_says_its_output_is_incomplete(tmp_path):
+    """Ctrl-C while results stream out: one line saying so, so a redirected output is not taken for complete."""
+    (tmp_path / "in.txt").write_text("".join(f"Use the [MASK] module {i} to [MASK:3] files.\n" for i in range(20_000)))
+    process = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "infill", "--input", str(tmp_path / "in.txt"),
+                                "--device", "cpu", "--batch-size", "2"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert process.stdout.readline().startswith("Use the")         # results are streaming
+        process.send_signal(signal.SIGINT)
+        rest, stderr = process.stdout.read(), process.stderr.read()
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and 1 + len(rest.splitlines()) < 20_000, stderr
+    assert stderr.strip() == "error: interrupted before every result was written; the output is incomplete"
+
+
+def test_an_interrupted_training_run_says_how_to_resume(pairs, corpus_file, tmp_path, monkeypatch):
+    import maria_onnx.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(maria_onnx.train, "train", interrupted)
+    one_line_error(cli(*train_args(pairs, corpus_file, tmp_path / "run", 2), "--warmup-steps", "1"),
+                   f"interrupted; the same command resumes from the last save in {tmp_path / 'run'}", code=130)
+
+
 # -- training state: saves are atomic, damage is named --------------------------------------------------------
 
 def train_args(pairs, corpus_file, out, steps):
