@@ -127,7 +127,7 @@ def read_input(texts: list[str], input_file: Optional[str], input_format: Option
     """runtime.text.Line per text: the arguments, or --input's lines (plain text, or JSONL with a "text" field;
     '-' is stdin). The format is --format, else guessed from the file's suffix; plain text that is evidently
     JSONL is refused."""
-    from runtime.text import Line, read_lines
+    from runtime.text import Line, decode_utf8, read_lines
 
     if input_format not in (None, "text", "jsonl"):
         raise ValueError(f"--format must be text or jsonl, got '{input_format}'")
@@ -144,10 +144,7 @@ def read_input(texts: list[str], input_file: Optional[str], input_format: Option
         data = sys.stdin.buffer.read() if input_file == "-" else Path(input_file).read_bytes()
     except OSError as error:
         raise ValueError(f"cannot read --input {name}: {error.strerror}") from None
-    try:
-        content = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{name} is not valid UTF-8 (byte {error.start}); convert it to UTF-8") from None
+    content = decode_utf8(data, name)
     jsonl = (input_format or ("jsonl" if input_file.lower().endswith(JSONL_SUFFIXES) else "text")) == "jsonl"
     lines = read_lines(content, name, jsonl)
     if not jsonl and input_format is None and lines:
@@ -383,10 +380,13 @@ def bench_serve(
     from tools.bench_serve import TEXTS
     texts = TEXTS
     if texts_file is not None:
+        from runtime.text import decode_utf8, read_lines, texts_of
         try:
-            texts = [line for line in texts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as error:
-            raise ValueError(f"--texts {texts_file}: cannot be read ({error}); give a UTF-8 text file") from None
+            data = texts_file.read_bytes()
+        except OSError as error:
+            raise ValueError(f"--texts {texts_file}: cannot be read ({error.strerror}); give a UTF-8 text file") \
+                from None
+        texts = texts_of(read_lines(decode_utf8(data, f"--texts {texts_file}"), str(texts_file), jsonl=False))
         if not texts:
             raise ValueError(f"--texts {texts_file} holds no text; give one text with [MASK] markers per line")
     run_bench_serve(out, model=model, clients=clients, requests=requests,

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.text import read_lines, texts_of
+from runtime.text import decode_utf8, read_lines, texts_of
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
 JSONL_SUFFIXES = {".jsonl", ".json"}
@@ -23,10 +23,7 @@ def _files(path: Path) -> list[Path]:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not valid UTF-8 (byte {error.start}); convert it to UTF-8") from None
+    return decode_utf8(path.read_bytes(), str(path))
 
 
 def read_documents(path, text_field: str = "text", line_documents: bool = False) -> list[str]:

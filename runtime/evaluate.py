@@ -14,6 +14,7 @@ import numpy as np
 
 from .choose import Sampling
 from .decode import infill, score
+from .text import decode_utf8, pack_windows, plain_encoder, read_lines, texts_of
 
 
 def draw_masks(windows, mask_rate: float, seed: int, span: bool = False) -> list[np.ndarray]:
@@ -56,23 +57,22 @@ def evaluate_maria(infiller, windows, masks, batch_size: int = 16) -> dict:
 def document_windows(documents: list[str], infiller, seq_len: int, count: int) -> np.ndarray:
     """The first `count` windows of seq_len tokens of the documents, tokenized with the bundle's tokenizer and
     joined by its start token."""
-    from .text import pack_windows, plain_encoder
     if not 2 <= seq_len <= infiller.manifest.max_sequence_length:
         raise ValueError(f"--seq-len must be from 2 to the bundle's maximum {infiller.manifest.max_sequence_length}")
     return pack_windows(documents, plain_encoder(infiller.tokenizer), seq_len, infiller.special.start)[:count]
 
 
 def text_windows(path, infiller, seq_len: int, count: int) -> np.ndarray:
-    """document_windows of a UTF-8 text file, one document per line."""
+    """document_windows of a UTF-8 text file, one document per line (split on newlines only, as `maria train
+    --line-documents` reads it)."""
     from pathlib import Path
 
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not valid UTF-8 (byte {error.start}); convert it to UTF-8") from None
+        data = Path(path).read_bytes()
     except OSError as error:
         raise ValueError(f"cannot read {path}: {error.strerror}") from None
-    return document_windows([line for line in text.splitlines() if line.strip()], infiller, seq_len, count)
+    lines = read_lines(decode_utf8(data, str(path)), str(path), jsonl=False)
+    return document_windows(texts_of(lines), infiller, seq_len, count)
 
 
 class BaselineBackend:

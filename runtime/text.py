@@ -8,6 +8,7 @@ tokenized as "The" + <mask> + " statement" and the fill comes back as " raise".
 expands a text into one fixed-length text per combination of lengths (bounded by MAX_CANDIDATES).
 """
 
+import codecs
 import itertools
 import json
 import math
@@ -132,6 +133,16 @@ def pack_windows(documents: list[str], encode, seq_len: int, separator_id: int) 
         raise ValueError(f"the text holds {len(ids)} tokens, fewer than one window of {seq_len}; "
                          "add text or use a shorter sequence length")
     return np.asarray(ids[: count * seq_len], dtype=np.int64).reshape(count, seq_len)
+
+
+def decode_utf8(data: bytes, name: str) -> str:
+    """UTF-8 text with a byte order mark at its start dropped (editors on Windows write one; left in, it would be
+    three tokens before the first text); ValueError naming the first invalid byte."""
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{name} is not valid UTF-8 (byte {bom + error.start}); convert it to UTF-8") from None
 
 
 class RepeatedKey(ValueError):

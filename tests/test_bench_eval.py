@@ -144,3 +144,17 @@ def test_onnx_baselines_match_the_pytorch_ones(checkpoints, bundles):
         assert got[system]["perplexity"] == pytest.approx(want[system]["perplexity"], rel=1e-4)
         assert got[system]["top1_accuracy"] == want[system]["top1_accuracy"]
         assert got[system]["masked_tokens"] == want[system]["masked_tokens"]
+
+
+def test_eval_reads_a_file_as_training_reads_lines(bundles, tmp_path):
+    """One document per line, split on newlines only (a form feed stays in its line), a byte order mark dropped:
+    the windows `maria train --line-documents` would pack from the same file."""
+    from maria_onnx.data import read_documents
+    from runtime.evaluate import document_windows
+    infiller = Infiller(bundles["olmo"], device="cpu")
+    text = "".join(f"document {i} with\x0ca form feed\r\n" for i in range(40))
+    (tmp_path / "held.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    windows = text_windows(tmp_path / "held.txt", infiller, 16, 8)
+    documents = read_documents(tmp_path / "held.txt", line_documents=True)
+    assert len(documents) == 40 and documents[0] == "document 0 with\x0ca form feed"
+    np.testing.assert_array_equal(windows, document_windows(documents, infiller, 16, 8))

@@ -211,6 +211,19 @@ def test_jsonl_is_found_by_suffix_or_format_and_a_mismatch_is_refused(tmp_path):
     one_line_error(cli("infill", "--input", "-", "--format", "xml", input=line), "--format must be text or jsonl")
 
 
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    """A file saved with a UTF-8 byte order mark (as Windows editors write) fills as the same file without it."""
+    for name, line in [("in.txt", "Use the [MASK] module."), ("in.jsonl", '{"text": "Use the [MASK] module."}')]:
+        (tmp_path / name).write_bytes(line.encode())
+        (tmp_path / f"bom-{name}").write_bytes(b"\xef\xbb\xbf" + line.encode())
+        plain, marked = (cli("infill", "--input", tmp_path / n, "--device", "cpu", "--json") for n in
+                         (name, f"bom-{name}"))
+        assert marked.exit_code == 0 and marked.stdout == plain.stdout, marked.output
+        assert json.loads(marked.stdout)["input"] == "Use the [MASK] module."
+    (tmp_path / "bad.txt").write_bytes(b"\xef\xbb\xbfab\xff")
+    one_line_error(cli("infill", "--input", tmp_path / "bad.txt"), "bad.txt is not valid UTF-8 (byte 5)")
+
+
 def test_an_input_without_text_says_so(tmp_path):
     (tmp_path / "blank.txt").write_text("\n  \n")
     for source, stdin in [(tmp_path / "blank.txt", None), ("-", "")]:

@@ -96,3 +96,7 @@ def test_documents_from_jsonl_and_lines(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"body": "x"}\n')
     with pytest.raises(ValueError, match="no string field 'text'"):
         read_documents(tmp_path / "c.jsonl")
+    (tmp_path / "c.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "marked doc"}\n')     # a byte order mark: not text
+    (tmp_path / "d.txt").write_bytes(b"\xef\xbb\xbfmarked\x0cpage\n")
+    assert read_documents(tmp_path / "c.jsonl") == ["marked doc"]
+    assert read_documents(tmp_path / "d.txt", line_documents=True) == ["marked\x0cpage"]
