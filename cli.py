@@ -481,10 +481,10 @@ def serve(
                 from None
     from runtime.device import check_device
     from runtime.infiller import Infiller
+    from serve.protocol import check_model_name
 
     check_device(device)
-    if not model_name or "/" in model_name:
-        raise ValueError(f"--model-name must be a non-empty name without '/', got '{model_name}'")
+    check_model_name(model_name)
     settings = ServeSettings(model_name=model_name, max_batch_size=max_batch_size,
                              max_batch_delay_ms=max_batch_delay_ms, max_queue=max_queue,
                              max_body_bytes=max_body_bytes, max_texts=max_texts, timeout_s=timeout, api_key=api_key)

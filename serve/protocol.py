@@ -12,6 +12,7 @@ raw tensors in order; a BYTES element is a 4-byte little-endian length followed 
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 
@@ -29,6 +30,17 @@ PROTOCOL_PARAMETERS = ("binary_data_output", "priority", "timeout", "sequence_id
 SEQUENCE_PARAMETERS = PROTOCOL_PARAMETERS[3:]
 NUMERIC = {"FP32": "<f4", "FP64": "<f8", "INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",
            "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8"}
+
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")      # safe in a URL path and in config.pbtxt
+
+
+def check_model_name(name: str) -> str:
+    """The name a model is served under, or ValueError where a URL or Triton's config.pbtxt could not carry it."""
+    if not MODEL_NAME.fullmatch(name or ""):
+        raise ValueError(f"--model-name takes letters, digits, '_', '-' and '.' (not first), got {name!r}; it names "
+                         "the model in URLs and in Triton's config.pbtxt")
+    return name
 
 
 class BadRequest(ValueError):

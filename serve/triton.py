@@ -15,6 +15,8 @@ from pathlib import Path
 import runtime
 from runtime.manifest import load_manifest
 
+from .protocol import check_model_name
+
 MODEL_FILE = Path(__file__).resolve().parent / "triton_model.py"
 KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
 
@@ -61,8 +63,7 @@ def write_repository(bundle, out, name: str = "maria", kind: str = "gpu", instan
     load_manifest(bundle)                                   # a complete, intact bundle, or a clear error
     if kind not in KINDS:
         raise ValueError(f"--kind must be gpu or cpu, got '{kind}'")
-    if not name or "/" in name:
-        raise ValueError(f"--model-name must be a non-empty name without '/', got '{name}'")
+    check_model_name(name)
     if min(instances, max_batch_size, max_queue, max_texts) < 1 or max_queue_delay_us < 0 or timeout_us < 1:
         raise ValueError("instances, max batch size, queue size and max texts must be at least 1; delays "
                          "non-negative")

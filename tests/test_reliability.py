@@ -441,3 +441,11 @@ def test_missing_cuda_libraries_are_named_in_one_line(monkeypatch):
                                   "use --device auto or cpu")
     with pytest.warns(RuntimeWarning, match="a GPU is present but CUDA cannot run"):
         assert sessions.providers_for("auto") == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("name", ['my "model"', "a b", "", ".hidden", "a/b", "naïve"])
+def test_a_model_name_a_url_or_config_pbtxt_cannot_carry_is_refused(name, tmp_path):
+    message = f"--model-name takes letters, digits, '_', '-' and '.' (not first), got {name!r}"
+    one_line_error(cli("triton-repo", "--out", tmp_path / "repo", "--model-name", name), message)
+    one_line_error(cli("serve", "--port", "0", "--device", "cpu", "--model-name", name), message)
+    assert not (tmp_path / "repo").exists()
