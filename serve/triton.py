@@ -67,6 +67,8 @@ def write_repository(bundle, out, name: str = "maria", kind: str = "gpu", instan
     if min(instances, max_batch_size, max_queue, max_texts) < 1 or max_queue_delay_us < 0 or timeout_us < 1:
         raise ValueError("instances, max batch size, queue size and max texts must be at least 1; delays "
                          "non-negative")
+    if out == bundle or bundle in out.parents:
+        raise ValueError(f"--out {out} is inside the bundle {bundle}; write the repository somewhere else")
     if out.exists() and not (overwrite and (out / name / "config.pbtxt").is_file()):
         raise FileExistsError(f"{out} already exists; choose another --out (--overwrite replaces only a "
                               "repository this command wrote)")

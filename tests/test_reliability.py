@@ -449,3 +449,11 @@ def test_a_model_name_a_url_or_config_pbtxt_cannot_carry_is_refused(name, tmp_pa
     one_line_error(cli("triton-repo", "--out", tmp_path / "repo", "--model-name", name), message)
     one_line_error(cli("serve", "--port", "0", "--device", "cpu", "--model-name", name), message)
     assert not (tmp_path / "repo").exists()
+
+
+def test_a_repository_inside_its_bundle_is_refused(tmp_path):
+    bundle = shutil.copytree(DEFAULT_MODEL, tmp_path / "bundle")
+    for out, link in [(bundle / "repo", ()), (bundle / "a" / "repo", ("--link",))]:
+        one_line_error(cli("triton-repo", bundle, "--out", out, *link),
+                       f"--out {out} is inside the bundle {bundle}; write the repository somewhere else")
+    assert sorted(p.name for p in bundle.iterdir()) == sorted(p.name for p in Path(DEFAULT_MODEL).iterdir())
