@@ -130,9 +130,16 @@ class Server:
             raise ClientError(400, "no text given; send at least one text with [MASK] markers")
         sampling, num_samples, rerank = sampling_of(settings)
         try:
-            check_size(self.settings.max_texts, len(texts), num_samples)
+            check_size(self.settings.max_texts, len(texts), num_samples)          # before any text is prepared
+            request = FillRequest(self.prepared(texts, rerank), sampling, num_samples, rerank)
+            check_size(self.settings.max_texts, len(texts), num_samples, request)  # with the span candidates
         except TooLarge as error:
             raise ClientError(413, str(error)) from None
+        loop = asyncio.get_running_loop()
+        return Job(request, loop, loop.create_future(), Timings(arrived=int(began * 1e9)), on_token)
+
+    def prepared(self, texts: list, rerank: bool) -> list:
+        """Each text ready to fill (Infiller.prepare), or ClientError naming the first that is not."""
         prepared = []
         for number, text in enumerate(texts):
             if not isinstance(text, str):
@@ -141,13 +148,7 @@ class Server:
                 prepared.append(self.infiller.prepare(text, rerank))
             except ValueError as error:
                 raise ClientError(422, f"text {number}: {error}") from None
-        request = FillRequest(prepared, sampling, num_samples, rerank)
-        try:
-            check_size(self.settings.max_texts, len(texts), num_samples, request)
-        except TooLarge as error:
-            raise ClientError(413, str(error)) from None
-        loop = asyncio.get_running_loop()
-        return Job(request, loop, loop.create_future(), Timings(arrived=int(began * 1e9)), on_token)
+        return prepared
 
     async def run(self, job: Job, request: Request | None = None, timeout_s: float | None = None) -> list:
         """The job's results (see queued), counted in the statistics whether it gets them or not."""
