@@ -160,6 +160,9 @@ def read_infer(request, binary: bytes | None) -> InferRequest:
     (the gRPC form reaches here too, serve/grpc_service.py); raises BadRequest naming what is wrong."""
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise BadRequest('the request must be a JSON object with an "inputs" list')
+    if not isinstance(request.get("id", ""), str):
+        raise BadRequest(f"the request's 'id' must be a string, got {type(request['id']).__name__}; "
+                         "send it as a JSON string")
     given = parameters(request, "the request")
     if any(given.get(name) for name in SEQUENCE_PARAMETERS):
         raise BadRequest(f"this model is not a sequence model; leave out {', '.join(SEQUENCE_PARAMETERS)}")

@@ -98,8 +98,20 @@ def test_only_the_outputs_asked_for_come_back():
     assert json.loads(body)["outputs"] == [{"name": "text", "datatype": "BYTES", "shape": [1, 1], "data": ["a b"]}]
 
 
+def test_the_request_id_comes_back():
+    from runtime.results import Infilled
+
+    filled = Infilled(input="a [MASK]", text="a b", ids=[1, 2], masked_positions=[1], fill_logprobs=[-0.5],
+                      fills=[" b"])
+    for body, echoed in [({"id": "r1"}, {"id": "r1"}), ({}, {})]:
+        parsed = parse_infer(json.dumps({"inputs": [text_input(["a [MASK]"])], **body}).encode(), None)
+        head = json.loads(infer_response("maria", parsed, [filled])[0])
+        assert {key: head[key] for key in ("id",) if key in head} == echoed
+
+
 @pytest.mark.parametrize("extra, message", [
     ({"parameters": 3}, "'parameters' of the request must be a JSON object, got int"),
+    ({"id": 7}, "the request's 'id' must be a string, got int; send it as a JSON string"),
     ({"parameters": {"sequence_id": 7}}, "this model is not a sequence model; leave out sequence_id"),
     ({"parameters": {"timeout": -1}}, "parameter 'timeout' is in microseconds, a non-negative integer; got -1"),
     ({"outputs": [{"name": "text", "parameters": [1]}]}, "'parameters' of output 'text' must be a JSON object"),
