@@ -298,7 +298,8 @@ def generate(
         except ValueError as error:
             raise ValueError(f"{option}: {error}") from None
 
-    with Progress(transient=True, console=Console(stderr=True)) as progress:
+    console = Console(stderr=True)
+    with Progress(transient=True, console=console, disable=not console.is_terminal) as progress:
         task = progress.add_task("annealing", total=steps + 1)
         results = anneal(infiller, encode(prefix, "--prefix"), encode(suffix, "--suffix"), length, num_samples,
                          schedule, sampling, seed,

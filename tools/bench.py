@@ -70,7 +70,7 @@ def measure(systems: dict, lengths, batch_sizes, vocab: int, mask_rate: float, r
     """Interleaved repetitions after one warm-up call per system and shape; medians with min and max.
     The quadratic mlm-ar baseline runs only where batch x length <= mlm_ar_max_tokens."""
     results = []
-    with Progress(console=console, transient=True) as progress:
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("bench", total=len(lengths) * len(batch_sizes) * (repeats + 1) * len(systems))
         for length in lengths:
             for batch in batch_sizes:
