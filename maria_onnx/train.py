@@ -90,6 +90,23 @@ def _swap_in(new: Path, state: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _check_out(out: Path, mlm_path, ar_path) -> None:
+    """--out is a folder, new or holding a checkpoint of these backbones: a run into another pair's checkpoint would
+    resume its state or overwrite its head, and leave a head that does not belong to the backbones it names."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; --out names the checkpoint folder to write")
+    try:
+        earlier = MariaConfig.load(out)
+    except (FileNotFoundError, ValueError):          # no checkpoint yet, or a torn config this run rewrites
+        return
+    given = {"--mlm": str(Path(mlm_path).resolve()), "--ar": str(Path(ar_path).resolve())}
+    saved = {"--mlm": earlier.mlm_path, "--ar": earlier.ar_path}
+    if given != saved:
+        named = " ".join(f"{option} {path}" for option, path in saved.items())
+        raise ValueError(f"{out} holds a checkpoint of other backbones ({named}); pass those to resume it, "
+                         "or a new --out")
+
+
 def _damaged(state: Path, reason: str) -> ValueError:
     return ValueError(f"the training state in {state} is damaged ({reason}); delete that folder to restart "
                       "training from step 0, or pass a new --out")
@@ -126,7 +143,8 @@ def _resume(accelerator, state: Path, config: TrainConfig) -> int:
 
 
 def _save(accelerator, head, out: Path, step: int, config: TrainConfig, model_config: MariaConfig):
-    """Writes the state beside the last one, then swaps it in; the head and config files are replaced atomically."""
+    """Writes the state beside the last one, then swaps it in; the head and config files are replaced atomically,
+    first, so a state never lies beside a config naming other backbones (_check_out reads the config)."""
     new = out / f".{STATE_DIR}.new"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -137,8 +155,8 @@ def _save(accelerator, head, out: Path, step: int, config: TrainConfig, model_co
     if accelerator.is_main_process:
         (new / "step.json").write_text(json.dumps({"step": step, "train": dataclasses.asdict(config)}))
         _sync_folder(new)
-        _swap_in(new, out / STATE_DIR)
         save_checkpoint(out, accelerator.unwrap_model(head), dataclasses.replace(model_config, trained_steps=step))
+        _swap_in(new, out / STATE_DIR)
     accelerator.wait_for_everyone()
 
 
@@ -149,6 +167,7 @@ def train(mlm_path, ar_path, data, out, config: TrainConfig, eval_data=None, dev
     accelerator = Accelerator(cpu=on_cpu, mixed_precision="no" if on_cpu else "bf16")
     set_seed(config.seed)
     out = Path(out)
+    _check_out(out, mlm_path, ar_path)
     backbones = load_backbones(mlm_path, ar_path, device=accelerator.device)
     longest = min(backbones.mlm.config.max_position_embeddings - 2, backbones.ar.config.max_position_embeddings)
     if config.seq_len > longest:

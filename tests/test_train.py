@@ -1,6 +1,8 @@
 """L_MARIA training: it learns, it repeats with a seed, it resumes exactly, and the CLI drives it."""
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,21 @@ def test_same_seed_same_run_and_resume_is_exact(pairs, corpus_file, tmp_path, mo
         train(mlm, ar, corpus_file, tmp_path / "c", TrainConfig(steps=8, **{**SMALL, "seq_len": 16}), device="cpu")
 
 
+def test_a_run_into_another_pairs_checkpoint_is_refused(pairs, corpus_file, tmp_path):
+    """Resuming or overwriting a checkpoint of other backbones would leave a head that does not belong to the
+    backbones its config names: refused, and the checkpoint is left as it was."""
+    out, config = tmp_path / "c", TrainConfig(steps=2, **SMALL)
+    train(*pairs["olmo"], corpus_file, out, config, device="cpu")
+    before = head_of(out)["weight"]
+    message = f"holds a checkpoint of other backbones (--mlm {pairs['olmo'][0].resolve()} --ar {pairs['olmo'][1].resolve()})"
+    for left in ("with its training state", "finished, its training state deleted"):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            train(*pairs["llama"], corpus_file, out, config, device="cpu")
+        assert torch.equal(head_of(out)["weight"], before) and MariaConfig.load(out).ar_model_type == "olmo", left
+        shutil.rmtree(out / "train_state", ignore_errors=True)
+    train(*pairs["olmo"], corpus_file, out, config, device="cpu")       # its own backbones: trained afresh
+
+
 def test_cli_train_writes_a_checkpoint(pairs, corpus_file, tmp_path):
     mlm, ar = pairs["olmo2"]
     out = tmp_path / "ckpt"
@@ -78,6 +95,7 @@ def test_cli_train_writes_a_checkpoint(pairs, corpus_file, tmp_path):
     (["--data", "/nowhere/text.txt"], "does not exist"),
     (["--seq-len", "100000"], "over the backbones' maximum"),
     (["--seq-len", "500", "--data", str(Path(__file__).parent.parent / ".gitignore")], "fewer than one window"),
+    (["--out", __file__], "is a file; --out names the checkpoint folder to write"),
 ])
 def test_cli_train_bad_input_is_one_line(pairs, corpus_file, tmp_path, args, message):
     mlm, ar = pairs["olmo"]
