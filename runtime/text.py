@@ -145,22 +145,27 @@ def decode_utf8(data: bytes, name: str) -> str:
         raise ValueError(f"{name} is not valid UTF-8 (byte {bom + error.start}); convert it to UTF-8") from None
 
 
-class RepeatedKey(ValueError):
-    """A JSON object that gives one key twice, where json.loads would keep the last value and drop the others."""
+class RefusedJson(ValueError):
+    """Valid JSON that is refused: an object giving one key twice (json.loads would keep the last value and drop
+    the others), or arrays and objects nested deeper than the parser's recursion can follow."""
 
 
 def _unique_keys(pairs: list) -> dict:
     found = {}
     for key, value in pairs:
         if key in found:
-            raise RepeatedKey(f"repeats the key '{key}' in one object; give each key once")
+            raise RefusedJson(f"repeats the key '{key}' in one object; give each key once")
         found[key] = value
     return found
 
 
 def loads_json(text):
-    """json.loads that refuses an object repeating a key (RepeatedKey) instead of dropping all but its last value."""
-    return json.loads(text, object_pairs_hook=_unique_keys)
+    """json.loads that refuses an object repeating a key (RefusedJson) instead of dropping all but its last value,
+    and nesting too deep to parse (RefusedJson, where json.loads raises RecursionError)."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise RefusedJson("nests arrays or objects too deeply to read; send flatter JSON") from None
 
 
 @dataclass(frozen=True)
@@ -188,7 +193,7 @@ def read_lines(content: str, name: str, jsonl: bool, field: str = "text") -> lis
         except json.JSONDecodeError as error:
             lines.append(Line(number, None, f"{name}:{number} is not valid JSON ({error.msg})"))
             continue
-        except RepeatedKey as error:
+        except RefusedJson as error:
             lines.append(Line(number, None, f"{name}:{number} {error}"))
             continue
         if not isinstance(record, dict) or not isinstance(record.get(field), str):

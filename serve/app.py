@@ -35,7 +35,7 @@ from starlette.routing import Route
 from runtime.choose import Sampling
 from runtime.infiller import FillRequest
 from runtime.requests import SETTINGS, SettingTypeError, TooLarge, check_size, read_settings
-from runtime.text import RepeatedKey, loads_json
+from runtime.text import RefusedJson, loads_json
 
 from .batcher import Batcher, Job, QueueFull
 from .continuous import ContinuousBatcher
@@ -258,7 +258,7 @@ class Server:
     async def json_request(self, request) -> tuple[list, dict]:
         try:
             payload = loads_json(await self.body(request))
-        except RepeatedKey as error:
+        except RefusedJson as error:
             raise ClientError(400, f"the request {error}") from None
         except ValueError as error:
             raise ClientError(400, f"the request is not valid JSON ({error})") from None

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.text import RepeatedKey, loads_json
+from runtime.text import RefusedJson, loads_json
 
 INPUTS = {"text": "BYTES", "temperature": "FP32", "top_k": "INT32", "top_p": "FP32", "seed": "INT64",
           "num_samples": "INT32"}
@@ -148,7 +148,7 @@ def parse_infer(body: bytes, header_length: int | None) -> InferRequest:
     head, binary = (body, None) if header_length is None else (body[:header_length], body[header_length:])
     try:
         request = loads_json(head)
-    except RepeatedKey as error:
+    except RefusedJson as error:
         raise BadRequest(f"the request {error}") from None
     except (ValueError, UnicodeDecodeError) as error:
         raise BadRequest(f"the request is not valid JSON ({error})") from None

@@ -247,6 +247,9 @@ def test_a_bad_line_is_named_and_skip_invalid_keeps_the_rest(tmp_path):
     (tmp_path / "twice.jsonl").write_text('{"text": "a [MASK]"}\n{"text": "b [MASK]", "text": "c [MASK]"}\n')
     one_line_error(cli("infill", "--input", tmp_path / "twice.jsonl", "--device", "cpu"),
                    "twice.jsonl:2 repeats the key 'text' in one object; give each key once")
+    (tmp_path / "deep.jsonl").write_text('{"text": "a [MASK]"}\n{"text": ' + "[" * 5000 + "]" * 5000 + "}\n")
+    one_line_error(cli("infill", "--input", tmp_path / "deep.jsonl", "--device", "cpu"),
+                   "deep.jsonl:2 nests arrays or objects too deeply to read; send flatter JSON")
 
 
 def test_a_string_is_not_a_list_of_texts(default):
