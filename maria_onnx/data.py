@@ -18,7 +18,7 @@ def _files(path: Path) -> list[Path]:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES | JSONL_SUFFIXES)
         if files:
             return files
-        raise ValueError(f"{path} holds no .txt, .md, .rst or .jsonl files; point --data at text files")
+        raise ValueError(f"{path} holds no .txt, .md, .rst or .jsonl files; pass a text file or a folder of them")
     raise FileNotFoundError(f"data path {path} does not exist; pass a text/JSONL file or a folder of them")
 
 

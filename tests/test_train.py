@@ -118,3 +118,7 @@ def test_documents_from_jsonl_and_lines(tmp_path):
     (tmp_path / "d.txt").write_bytes(b"\xef\xbb\xbfmarked\x0cpage\n")
     assert read_documents(tmp_path / "c.jsonl") == ["marked doc"]
     assert read_documents(tmp_path / "d.txt", line_documents=True) == ["marked\x0cpage"]
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"meow")
+    with pytest.raises(ValueError, match="photos holds no .txt, .md, .rst or .jsonl files; pass a text file or a folder"):
+        read_documents(tmp_path / "photos")
