@@ -74,6 +74,15 @@ def test_bad_bench_settings_are_one_line_and_write_nothing(tmp_path, args, messa
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command, holds", [("bench", "bench.json and bench.png"), ("bench-serve", "bench-serve.json")])
+def test_an_out_that_is_a_file_is_named(tmp_path, command, holds):
+    (tmp_path / "notes.txt").write_text("keep")
+    result = runner.invoke(app, [command, "--out", str(tmp_path / "notes.txt")])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: --out {tmp_path / 'notes.txt'} is a file; --out names the folder for {holds}"
+    assert (tmp_path / "notes.txt").read_text() == "keep"
+
+
 def test_mlm_autoregressive_fills_with_the_mlm_alone(checkpoints):
     backbones, head, _ = load_maria(checkpoints["olmo"])
     rng = np.random.default_rng(0)

@@ -37,6 +37,14 @@ def test_bench_serve_names_a_bad_texts_file(tmp_path):
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(app, ["bench-serve", "--out", str(tmp_path), "--decoders", "fast"])
     assert result.exit_code == 2 and "--decoders takes" in result.output
+    (tmp_path / "bad.txt").write_text("a [MASK] b\na [MASK:0] b\n")
+    (tmp_path / "plain.txt").write_text("a [MASK] b\nno marker here\n")
+    for path, message in ((tmp_path / "bad.txt", "the server refuses the text 'a [MASK:0] b' (422: "),
+                          (tmp_path / "plain.txt", "the text 'no marker here' has no [MASK] marker")):
+        result = CliRunner().invoke(app, ["bench-serve", "--out", str(tmp_path / "out"), "--texts", str(path),
+                                          "--clients", "1", "--requests", "2", "--max-batch-sizes", "1"])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (tmp_path / "out" / "bench-serve.json").exists()
 
 
 def test_bench_serve_compares_http_and_grpc_clients(tmp_path):

@@ -192,6 +192,8 @@ def bench(out: Path, checkpoint=None, bundle=None, shapes=None, dtype: str = "fp
     check_settings(mask_rate, repeats, lengths, batch_sizes)
     configs = random_shapes(checkpoint, shapes)  # a bad --shapes is named before --out is made
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; --out names the folder for bench.json and bench.png")
     out.mkdir(parents=True, exist_ok=True)
     checkpoint, bundle = prepare(out, checkpoint, bundle, configs, shapes, dtype, console)
     manifest = load_manifest(bundle)

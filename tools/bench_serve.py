@@ -78,6 +78,24 @@ def post(url: str, text: str, timeout: float) -> tuple[int, float]:
     return status, time.perf_counter() - began
 
 
+def warm_up(url: str, texts: list[str], timeout: float) -> None:
+    """One request per text, not counted; a text the server refuses, or one without a marker (nothing to fill, so
+    nothing measured), stops the bench in one line instead of counting as errors or as free requests."""
+    for text in texts:
+        request = urllib.request.Request(url + "/v1/infill", data=json.dumps({"text": [text]}).encode(),
+                                         method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                (result,) = json.loads(response.read())["results"]
+        except urllib.error.HTTPError as error:
+            reason = json.loads(error.read() or b"{}").get("error", error.reason)
+            raise ValueError(f"the server refuses the text {text[:60]!r} ({error.code}: {reason}); fix it or leave "
+                             "it out of --texts") from None
+        if not result["masked_positions"]:
+            raise ValueError(f"the text {text[:60]!r} has no [MASK] marker, so it would measure nothing; give each "
+                             "text of --texts a marker")
+
+
 def grpc_sender(address: str):
     """A function sending one text as a ModelInfer through tritonclient.grpc, returning (status, seconds): the HTTP
     status the same outcome gets (200, or 0 for any error)."""
@@ -131,8 +149,7 @@ def run_one(model, max_batch_size: int, delay_ms: float, device: str, clients: i
     url, grpc_address, process = start_server(model, max_batch_size, delay_ms, device, decoder=decoder,
                                               grpc=protocol == "grpc")
     try:
-        for text in texts:                                   # warm-up, not counted
-            post(url, text, timeout)
+        warm_up(url, texts, timeout)
         before = server_stats(url)
         began = time.perf_counter()
         answers = load(url, clients, requests, stagger_s, timeout, texts, grpc_address)
@@ -178,6 +195,8 @@ def bench_serve(out: Path, model=None, clients: int = 32, requests: int = 256, m
             raise ValueError(f"{error.name}: --protocols grpc needs tritonclient[grpc] and the grpc extra; pip install "
                              "'maria-onnx[serve,grpc]' 'tritonclient[grpc]'") from None
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; --out names the folder for bench-serve.json")
     out.mkdir(parents=True, exist_ok=True)
     runs = []
     for repeat in range(repeats):
