@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.backend import SpecialIds
-from runtime.manifest import from_dict
+from runtime.manifest import CHECKPOINT_CONFIG as CONFIG_NAME, from_dict
 
-CONFIG_NAME = "maria_config.json"
 HEAD_NAME = "head.safetensors"
 
 

@@ -25,6 +25,7 @@ from .backend import SpecialIds
 SCHEMA_VERSION = 3          # 2: the optional baseline heads; 3: the step graph, ar_decoder optional
 READABLE_SCHEMAS = (1, 2, 3)
 MANIFEST_NAME = "maria.json"
+CHECKPOINT_CONFIG = "maria_config.json"                 # what marks a `maria train` checkpoint, not a bundle
 GRAPHS = ("mlm", "fusion_head")
 AR_GRAPHS = ("ar_step", "ar_decoder")                   # at least one
 
@@ -150,6 +151,9 @@ def load_manifest(folder, verify: bool = True) -> Manifest:
         raise ValueError(f"{folder} is a file; a bundle is the folder written by `maria export`")
     if not folder.is_dir():
         raise FileNotFoundError(f"bundle {folder} does not exist; pass a folder written by `maria export`")
+    if not path.is_file() and (folder / CHECKPOINT_CONFIG).is_file():
+        raise ValueError(f"{folder} is a training checkpoint, not a bundle; export it first: maria export {folder} "
+                         "--out BUNDLE")
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a complete MARIA bundle: {MANIFEST_NAME} is missing; "
                                 "re-run `maria export`")

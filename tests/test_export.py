@@ -8,7 +8,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from cli import app
 from export import bundle as bundle_module
 from export import validate as validate_module
 from export.bundle import export_bundle
@@ -124,6 +126,14 @@ def test_newer_schema_and_missing_manifest_are_refused(bundles, tmp_path):
     (folder / MANIFEST_NAME).unlink()
     with pytest.raises(FileNotFoundError, match="maria.json is missing"):
         load_manifest(folder)
+
+
+
+def test_a_checkpoint_given_as_a_bundle_is_named(checkpoints):
+    result = CliRunner().invoke(app, ["infill", "a [MASK]", "--model", str(checkpoints["olmo"]), "--device", "cpu"])
+    assert result.exit_code == 2 and result.output.strip() == (
+        f"error: {checkpoints['olmo']} is a training checkpoint, not a bundle; export it first: maria export "
+        f"{checkpoints['olmo']} --out BUNDLE")
 
 
 @pytest.mark.parametrize("dtype, int8", [("fp16", False), ("fp32", True)])
