@@ -43,7 +43,10 @@ def one_line_errors(command):
         except BrokenPipeError:                    # the reader left (`| head`): stop quietly, as other tools do
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())      # nothing more to flush at exit
             raise typer.Exit(141) from None        # 128 + SIGPIPE, the status a shell gives such a tool
-        except (ValueError, OSError) as error:     # FileNotFoundError, PermissionError, UnicodeDecodeError...
+        except OSError as error:                   # the system's: "path: No space left on device", no [Errno N]
+            fail(f"{error.filename}: {error.strerror}" if error.filename and error.strerror else
+                 error.strerror or str(error))
+        except ValueError as error:                # and UnicodeDecodeError; the library's own messages
             fail(str(error))
         except ImportError as error:
             fail(f"{error.name or error}: this command needs the training extra; pip install 'maria-onnx[train]'")

@@ -148,3 +148,14 @@ def test_results_are_printed_chunk_by_chunk_as_they_are_filled(bundles, tmp_path
     chunk = CHUNK_BATCHES                                            # texts per chunk at batch size 1
     assert calls == [(chunk, 0), (chunk, chunk), (chunk, chunk), (1, chunk)]
     assert "".join(printed) + capsys.readouterr().out == whole.stdout
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full on this system")
+def test_output_that_cannot_be_written_is_one_line(bundles):
+    """A full disk (here /dev/full) gets the system's reason in one line, without '[Errno 28]' or a traceback."""
+    with open("/dev/full", "w") as full:
+        process = subprocess.run([sys.executable, "-c", "from cli import app; app()", "infill", "a [MASK]",
+                                  "--model", str(bundles["olmo"]), "--device", "cpu"], stdout=full,
+                                 stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent, timeout=300)
+    assert process.returncode == 2 and process.stderr == "error: No space left on device\n", process.stderr
+
