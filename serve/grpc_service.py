@@ -21,6 +21,7 @@ from importlib.metadata import version
 
 import grpc
 from google.protobuf.json_format import ParseDict
+from google.protobuf.message import DecodeError
 
 from . import oip_pb2 as pb
 from .app import ClientError, Server, logged
@@ -127,14 +128,14 @@ def method(server: Server, name: str, handler, request_type, response_type, open
     log line."""
     path = f"/{SERVICE}/{name}"
 
-    async def call(message, context):
+    async def call(raw: bytes, context):
         began, status = time.monotonic(), 499           # 499 unless it ends otherwise: the client cancelled
         try:
             token = dict(context.invocation_metadata() or ()).get("authorization", "")
             if not open_method and not server.authorized(token):
                 raise ClientError(401, "missing or wrong bearer token; send the metadata "
                                        "'authorization: Bearer <api key>'")
-            response, status = await handler(message, context), 200
+            response, status = await handler(parsed(raw), context), 200
             return response
         except ClientError as error:
             status = error.status
@@ -148,8 +149,16 @@ def method(server: Server, name: str, handler, request_type, response_type, open
         finally:
             logged(server, path, status, began, method="gRPC", path=path, client=context.peer())
 
-    return grpc.unary_unary_rpc_method_handler(call, request_deserializer=request_type.FromString,
-                                               response_serializer=response_type.SerializeToString)
+    def parsed(raw: bytes):
+        """The request message; bytes that are not one get a one-line INVALID_ARGUMENT (gRPC's own deserializer
+        answered UNKNOWN and logged a traceback)."""
+        try:
+            return request_type.FromString(raw)
+        except DecodeError:
+            raise ClientError(400, f"the message is not a valid {request_type.DESCRIPTOR.name}; send the Open "
+                                   f"Inference Protocol's {name} request") from None
+
+    return grpc.unary_unary_rpc_method_handler(call, response_serializer=response_type.SerializeToString)
 
 
 def grpc_server(server: Server) -> grpc.aio.Server:

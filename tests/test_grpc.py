@@ -231,6 +231,10 @@ def test_each_bad_request_gets_its_code_and_one_line(running):
         request.inputs.add(name="text", datatype=datatype, shape=[len(texts)],
                            contents=pb.InferTensorContents(bytes_contents=texts))
         expect(code, message, lambda request=request: bare_infer(address, request))
+    with grpc.insecure_channel(address) as channel:                  # bytes that are no ModelInferRequest
+        raw = channel.unary_unary(METHOD, request_serializer=bytes, response_deserializer=bytes)
+        expect(grpc.StatusCode.INVALID_ARGUMENT, "the message is not a valid ModelInferRequest; send the Open "
+               "Inference Protocol's ModelInfer request", lambda: raw(b"\xff\xff\xff", timeout=60))
     client = grpcclient.InferenceServerClient(address)
     try:
         with pytest.raises(Exception, match=r"UNIMPLEMENTED\] /inference.GRPCInferenceService/RepositoryIndex is not "
