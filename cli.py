@@ -489,6 +489,8 @@ def serve(
 
     check_device(device)
     check_model_name(model_name)
+    if grace != grace or grace == float("inf"):
+        raise ValueError(f"--grace takes a finite number of seconds, got {grace}")
     settings = ServeSettings(model_name=model_name, max_batch_size=max_batch_size,
                              max_batch_delay_ms=max_batch_delay_ms, max_queue=max_queue,
                              max_body_bytes=max_body_bytes, max_texts=max_texts, timeout_s=timeout, api_key=api_key)

@@ -23,6 +23,8 @@ import asyncio
 import hmac
 import json
 import logging
+import math
+import re
 import time
 from dataclasses import dataclass
 
@@ -45,6 +47,7 @@ from .protocol import VERSION, BadRequest, InferRequest, infer_response, metadat
 from .stats import Statistics, Timings
 
 access_log = logging.getLogger("maria.access")
+API_KEY = re.compile(r"[\x21-\x7e]+")          # what a bearer token in an HTTP header can carry
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,15 @@ class ServeSettings:
     max_texts: int = 64               # texts x samples per request
     timeout_s: float = 60.0           # per request, from arrival to answer
     api_key: str | None = None
+
+    def __post_init__(self):
+        for option, value, unit in (("--max-batch-delay-ms", self.max_batch_delay_ms, "milliseconds"),
+                                    ("--timeout", self.timeout_s, "seconds")):
+            if not math.isfinite(value):
+                raise ValueError(f"{option} takes a finite number of {unit}, got {value}")
+        if self.api_key is not None and not API_KEY.fullmatch(self.api_key):
+            raise ValueError("--api-key (or MARIA_API_KEY) must be a bearer token: printable ASCII, no spaces, not "
+                             "empty; leave both out to serve without a key")
 
 
 class ClientError(Exception):

@@ -399,6 +399,28 @@ def test_sigterm_lets_requests_in_flight_finish():
         assert process.wait(timeout=60) == 0
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--max-batch-delay-ms", "inf"], "--max-batch-delay-ms takes a finite number of milliseconds, got inf"),
+    (["--timeout", "inf"], "--timeout takes a finite number of seconds, got inf"),
+    (["--grace", "inf"], "--grace takes a finite number of seconds, got inf"),
+    (["--api-key", ""], "--api-key (or MARIA_API_KEY) must be a bearer token: printable ASCII, no spaces, not empty"),
+    (["--api-key", "two words"], "--api-key (or MARIA_API_KEY) must be a bearer token"),
+    (["--api-key", "key\r"], "--api-key (or MARIA_API_KEY) must be a bearer token"),
+])
+def test_settings_no_server_can_honour_are_one_line(monkeypatch, args, message):
+    """A delay or timeout of inf waits forever; an empty key or one no client can send in a header locks out
+    every client or none: refused before the model loads (the server's start is replaced, so nothing binds)."""
+    from typer.testing import CliRunner
+
+    import serve.run
+    from cli import app
+
+    monkeypatch.setattr(serve.run, "serve", lambda *args, **kwargs: pytest.fail("the server started"))
+    result = CliRunner().invoke(app, ["serve", "--device", "cpu", *args])
+    assert result.exit_code == 2 and result.output.startswith(f"error: {message}"), result.output
+    assert result.output.count("\n") == 1
+
+
 def test_listening_beyond_loopback_without_a_key_is_warned(monkeypatch):
     """Nothing is bound here: the server's start is replaced, so only the warning before it is seen."""
     from typer.testing import CliRunner
