@@ -65,6 +65,8 @@ def test_bench_on_random_shapes_from_a_config_file(tmp_path):
     (["bench", "--shapes", "paper", "--checkpoint", "x"], "give either --checkpoint (trained weights) or --shapes"),
     (["bench-serve", "--clients", "8", "--requests", "4"], "--requests must be at least --clients"),
     (["bench-serve", "--max-batch-sizes", "4,0"], "--max-batch-sizes takes batch sizes of at least 1, got [4, 0]"),
+    (["bench-serve", "--stagger-ms", "inf"], "--stagger-ms takes a finite number of milliseconds, at least 0; got inf"),
+    (["bench-serve", "--delay-ms", "inf"], "--delay-ms takes a finite number of milliseconds, at least 0; got inf"),
 ])
 def test_bad_bench_settings_are_one_line_and_write_nothing(tmp_path, args, message):
     (tmp_path / "shapes.json").write_text("{not json")

@@ -47,6 +47,14 @@ def test_bench_serve_names_a_bad_texts_file(tmp_path):
         assert not (tmp_path / "out" / "bench-serve.json").exists()
 
 
+def test_a_server_that_does_not_start_is_named_with_its_reason(tmp_path):
+    result = CliRunner().invoke(app, ["bench-serve", "--out", str(tmp_path), "--model", str(tmp_path / "none")])
+    assert result.exit_code == 2 and result.output.strip().endswith(
+        f"error: the server did not start (bundle {tmp_path / 'none'} does not exist; pass a folder written by "
+        "`maria export`)"), result.output
+    assert not (tmp_path / "bench-serve.json").exists()
+
+
 def test_bench_serve_compares_http_and_grpc_clients(tmp_path):
     pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
     pytest.importorskip("grpc", reason="the grpc extra (grpcio, protobuf) is not installed")

@@ -39,9 +39,10 @@ def start_server(model, max_batch_size: int, delay_ms: float, device: str, secon
             str(max_batch_size), "--max-batch-delay-ms", str(delay_ms), "--max-queue", "4096", "--decoder", decoder]
     process = subprocess.Popen(args + (["--model", str(model)] if model else []) + (["--grpc-port", "0"] * grpc),
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + seconds
+    deadline, said = time.monotonic() + seconds, ""
     while time.monotonic() < deadline and process.poll() is None:
         line = process.stderr.readline()
+        said = line.strip() or said
         match = re.search(r"listening on (http://[^\s,]+)", line)
         if match:
             address = re.search(r"gRPC on (\S+)", line)
@@ -49,7 +50,8 @@ def start_server(model, max_batch_size: int, delay_ms: float, device: str, secon
             threading.Thread(target=process.stderr.read, daemon=True).start()
             return match.group(1), address.group(1) if address else None, process
     stop(process)
-    raise RuntimeError("the server did not start")
+    said = said or process.stderr.read().strip().rpartition("\n")[2]
+    raise ValueError(f"the server did not start ({said.removeprefix('error: ') or f'nothing said in {seconds:g} s'})")
 
 
 def stop(process) -> None:
@@ -183,6 +185,9 @@ def bench_serve(out: Path, model=None, clients: int = 32, requests: int = 256, m
                          f"requests for {clients} clients")
     if repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {repeats}")
+    for option, value in (("--delay-ms", delay_ms), ("--stagger-ms", stagger_ms)):
+        if not 0 <= value < float("inf"):
+            raise ValueError(f"{option} takes a finite number of milliseconds, at least 0; got {value}")
     if not max_batch_sizes or min(max_batch_sizes) < 1:
         raise ValueError(f"--max-batch-sizes takes batch sizes of at least 1, got {list(max_batch_sizes)}")
     if not protocols or set(protocols) - {"http", "grpc"}:
