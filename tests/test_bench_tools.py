@@ -1,6 +1,9 @@
 """The span-length and generation measurements run and report consistent numbers (quality is not asserted)."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +12,8 @@ from runtime.infiller import Infiller
 from runtime.text import plain_encoder
 from tiny import corpus
 from tools import bench_generate, bench_spans
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +58,16 @@ def test_the_step_profile_names_the_cache_copy_and_the_in_place_writes(bundles, 
         assert "Concat" in concat["ms_by_op"]                     # the cache copied into present.*
         assert 0 < sum(step["share"].values()) <= 1.001
     assert list(tmp_path.iterdir()) == [tmp_path / "profile.json"]     # ONNX Runtime's traces removed
+
+
+def test_the_step_profile_names_bad_arguments_in_one_line(bundles, tmp_path):
+    run = lambda *args: subprocess.run([sys.executable, "-m", "tools.profile_step", *map(str, args)], cwd=ROOT,
+                                       capture_output=True, text=True, timeout=120)
+    for args, message in [((tmp_path / "none", tmp_path / "p.json"), "does not exist; pass a folder written by"),
+                          ((bundles["olmo"], tmp_path / "p.json", "--batch", "0"), "--batch must be at least 1"),
+                          ((bundles["olmo"], tmp_path / "no" / "p.json"), f"no folder {tmp_path / 'no'}")]:
+        result = run(*args)
+        assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr, \
+            result.stderr
+        assert result.stderr.count("\n") == 1
+    assert not list(tmp_path.iterdir())

@@ -25,7 +25,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from runtime.sessions import cuda_providers
+from runtime.manifest import load_manifest
+from runtime.sessions import cuda_missing, cuda_providers
 
 WARMUP, RUNS, TIMED = 5, 30, 50
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -170,7 +171,22 @@ def floor(bundle: Path, m: dict, batch: int, cached: int, itemsize: int) -> dict
             "floor_ms": round(read / (bandwidth * 1e9) * 1000, 4) if bandwidth else None}
 
 
+def check(bundle: Path, out: Path, device: str, batch: int, cached: int) -> None:
+    """ValueError naming what stops the profile (a bundle without the step graph, an empty shape, CUDA that cannot
+    start, an output without a folder) before any session is made."""
+    manifest = load_manifest(bundle)
+    if "ar_step" not in manifest.graphs:
+        raise ValueError(f"{bundle} has no ar_step.onnx (the engine's step); re-export it with `maria export`")
+    if batch < 1 or cached < 0:
+        raise ValueError(f"--batch must be at least 1 and --cached at least 0; got {batch} and {cached}")
+    if device == "cuda" and cuda_missing():
+        raise ValueError(f"--device cuda: {cuda_missing()}")
+    if not out.parent.is_dir():
+        raise ValueError(f"{out}: no folder {out.parent}; give a path in an existing folder")
+
+
 def main(bundle: Path, out: Path, device: str = "cpu", batch: int = 8, cached: int = 1024) -> dict:
+    check(bundle, out, device, batch, cached)
     m = json.loads((bundle / "maria.json").read_text())
     dtype = DTYPES[m["dtype"]]
     prefix = str(out.with_suffix("")) + "-ort"
@@ -204,4 +220,7 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--cached", type=int, default=1024)
     args = parser.parse_args()
-    main(args.bundle, args.out, args.device, args.batch, args.cached)
+    try:
+        main(args.bundle, args.out, args.device, args.batch, args.cached)
+    except (ValueError, OSError) as error:
+        parser.exit(2, f"error: {error}\n")
