@@ -14,6 +14,8 @@ from typing import Optional
 
 import typer
 
+from tools import error_line
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="MARIA: fill masked tokens with an autoregressive model, on ONNX Runtime.")
 
@@ -43,11 +45,8 @@ def one_line_errors(command):
         except BrokenPipeError:                    # the reader left (`| head`): stop quietly, as other tools do
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())      # nothing more to flush at exit
             raise typer.Exit(141) from None        # 128 + SIGPIPE, the status a shell gives such a tool
-        except OSError as error:                   # the system's: "path: No space left on device", no [Errno N]
-            fail(f"{error.filename}: {error.strerror}" if error.filename and error.strerror else
-                 error.strerror or str(error))
-        except ValueError as error:                # and UnicodeDecodeError; the library's own messages
-            fail(str(error))
+        except (ValueError, OSError) as error:     # FileNotFoundError, PermissionError, UnicodeDecodeError...
+            fail(error_line(error))
         except ImportError as error:
             fail(f"{error.name or error}: this command needs the training extra; pip install 'maria-onnx[train]'")
         except KeyboardInterrupt:                  # Ctrl-C: one line and the shell's status for SIGINT

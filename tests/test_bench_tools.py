@@ -60,14 +60,20 @@ def test_the_step_profile_names_the_cache_copy_and_the_in_place_writes(bundles, 
     assert list(tmp_path.iterdir()) == [tmp_path / "profile.json"]     # ONNX Runtime's traces removed
 
 
-def test_the_step_profile_names_bad_arguments_in_one_line(bundles, tmp_path):
-    run = lambda *args: subprocess.run([sys.executable, "-m", "tools.profile_step", *map(str, args)], cwd=ROOT,
-                                       capture_output=True, text=True, timeout=120)
-    for args, message in [((tmp_path / "none", tmp_path / "p.json"), "does not exist; pass a folder written by"),
-                          ((bundles["olmo"], tmp_path / "p.json", "--batch", "0"), "--batch must be at least 1"),
-                          ((bundles["olmo"], tmp_path / "no" / "p.json"), f"no folder {tmp_path / 'no'}")]:
-        result = run(*args)
-        assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr, \
-            result.stderr
-        assert result.stderr.count("\n") == 1
-    assert not list(tmp_path.iterdir())
+@pytest.mark.parametrize("tool, args, message", [
+    ("profile_step", ("NONE", "OUT"), "bundle NONE does not exist; pass a folder written by `maria export`"),
+    ("profile_step", ("BUNDLE", "OUT", "--batch", "0"), "--batch must be at least 1 and --cached at least 0"),
+    ("profile_step", ("BUNDLE", "NONE/p.json"), "NONE/p.json: no folder NONE; give a path in an existing folder"),
+    ("bench_spans", ("--windows", "NONE", "--out", "OUT"), "NONE: No such file or directory"),
+    ("bench_generate", ("--out", "OUT", "--steps", "a"), "--steps takes comma-separated integers"),
+    ("bench_generate", ("--out", "OUT", "--schedule", '{"foo": 1}'), "--schedule takes a JSON object of"),
+])
+def test_the_tools_name_bad_arguments_in_one_line(bundles, tmp_path, tool, args, message):
+    """`python -m tools.NAME` as the docs run them: one line on stderr, exit status 2, nothing written."""
+    paths = {"NONE": str(tmp_path / "none"), "OUT": str(tmp_path / "out.json"), "BUNDLE": str(bundles["olmo"])}
+    for placeholder, path in paths.items():
+        args, message = tuple(a.replace(placeholder, path) for a in args), message.replace(placeholder, path)
+    result = subprocess.run([sys.executable, "-m", f"tools.{tool}", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {message}"), result.stderr
+    assert result.stderr.count("\n") == 1 and not list(tmp_path.iterdir())

@@ -1,0 +1,21 @@
+"""Benchmarks, baselines, the default model's recipe and profiling: `maria bench*`, `python -m tools.NAME`."""
+
+import sys
+
+
+def error_line(error: Exception) -> str:
+    """The one line a command prints for an error in what it was given: the library's own message, or the system's
+    reason after its path ("out.json: No space left on device", without "[Errno 28]")."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    return str(error)
+
+
+def run_main(main, *args) -> None:
+    """Runs a `python -m tools.NAME` entry point: an error in its input is one line on stderr and exit status 2, as
+    in the `maria` commands."""
+    try:
+        main(*args)
+    except (ValueError, OSError) as error:
+        print(f"error: {error_line(error)}", file=sys.stderr)
+        sys.exit(2)

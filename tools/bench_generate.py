@@ -23,6 +23,8 @@ from runtime.choose import Sampling
 from runtime.infiller import Infiller
 from runtime.likelihood import ar_loglikelihood, ar_sample
 
+from . import run_main
+
 
 def generative_perplexity(infiller, ids: list) -> float:
     """exp of the mean per-token negative log-likelihood under the AR, averaged over texts."""
@@ -97,13 +99,19 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--schedule", default="{}", help="JSON of runtime.anneal.Schedule fields other than steps")
     args = parser.parse_args()
+    try:
+        steps, schedule = [int(k) for k in args.steps.split(",")], json.loads(args.schedule)
+    except ValueError:
+        raise ValueError(f"--steps takes comma-separated integers and --schedule a JSON object; got "
+                         f"{args.steps!r} and {args.schedule!r}") from None
+    known = {field.name for field in dataclasses.fields(Schedule)} - {"steps"}
+    if not isinstance(schedule, dict) or set(schedule) - known:
+        raise ValueError(f"--schedule takes a JSON object of {', '.join(sorted(known))}; got {args.schedule!r}")
     infiller = Infiller(args.model, device="cpu")
-    schedule = json.loads(args.schedule)
-    rows = measure(infiller, args.length, args.samples, [int(k) for k in args.steps.split(",")], args.repeats,
-                   args.seed, schedule)
+    rows = measure(infiller, args.length, args.samples, steps, args.repeats, args.seed, schedule)
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"length": args.length, "samples": args.samples, "repeats": args.repeats, "seed": args.seed,
-              "steps": [int(k) for k in args.steps.split(",")],
+              "steps": steps,
               "schedule": {k: v for k, v in {**dataclasses.asdict(Schedule()), **schedule}.items() if k != "steps"}, "rows": rows}
     (args.out / "bench-generate.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(rows, args.out / "bench-generate.png", f"{args.samples} texts of {args.length} tokens")
@@ -112,4 +120,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -20,6 +20,8 @@ from runtime.infiller import Infiller
 from runtime.requests import FillRequest, Prepared, run_requests
 from runtime.text import ANY_LENGTH, MaskedText
 
+from . import run_main
+
 
 def whole_words(tokenizer, window: np.ndarray, longest: int = 4) -> list[tuple[int, int]]:
     """(start, end) of each whole word in a window of byte-level BPE ids: a token that begins with a space and
@@ -116,4 +118,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -28,6 +28,8 @@ import onnxruntime as ort
 from runtime.manifest import load_manifest
 from runtime.sessions import cuda_missing, cuda_providers
 
+from . import run_main
+
 WARMUP, RUNS, TIMED = 5, 30, 50
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
@@ -220,7 +222,4 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--cached", type=int, default=1024)
     args = parser.parse_args()
-    try:
-        main(args.bundle, args.out, args.device, args.batch, args.cached)
-    except (ValueError, OSError) as error:
-        parser.exit(2, f"error: {error}\n")
+    run_main(main, args.bundle, args.out, args.device, args.batch, args.cached)

@@ -28,6 +28,7 @@ from runtime.evaluate import evaluate_baselines as onnx_baselines
 from runtime.infiller import Infiller
 from runtime.text import pack_windows, plain_encoder
 
+from . import run_main
 from .corpus import build_corpus, download_python_docs
 from .pretrain import (DEFAULT_SIZE, SPECIAL_TOKENS, ar_batch, backbone_configs, mlm_batch, new_backbone, pretrain,
                        save_tokenizer, train_tokenizer)
@@ -187,4 +188,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
