@@ -6,6 +6,7 @@ commands so that `maria infill` runs with the runtime's dependencies alone.
 
 import functools
 import json
+import math
 import os
 import sys
 import warnings
@@ -488,7 +489,7 @@ def serve(
 
     check_device(device)
     check_model_name(model_name)
-    if grace != grace or grace == float("inf"):
+    if not math.isfinite(grace):
         raise ValueError(f"--grace takes a finite number of seconds, got {grace}")
     settings = ServeSettings(model_name=model_name, max_batch_size=max_batch_size,
                              max_batch_delay_ms=max_batch_delay_ms, max_queue=max_queue,
