@@ -37,13 +37,13 @@ from starlette.routing import Route
 from runtime.choose import Sampling
 from runtime.infiller import FillRequest
 from runtime.requests import SETTINGS, SettingTypeError, TooLarge, check_size, read_settings
-from runtime.text import RefusedJson, loads_json
 
 from .batcher import Batcher, Job, QueueFull
 from .continuous import ContinuousBatcher
 from .encoding import EncodingError, accepted, compress, decompress
 from .metrics import Metrics
-from .protocol import VERSION, BadRequest, InferRequest, infer_response, metadata, model_config, parse_infer
+from .protocol import (VERSION, BadRequest, InferRequest, infer_response, metadata, model_config, parse_infer,
+                       request_json)
 from .stats import Statistics, Timings
 
 access_log = logging.getLogger("maria.access")
@@ -269,11 +269,9 @@ class Server:
 
     async def json_request(self, request) -> tuple[list, dict]:
         try:
-            payload = loads_json(await self.body(request))
-        except RefusedJson as error:
-            raise ClientError(400, f"the request {error}") from None
-        except ValueError as error:
-            raise ClientError(400, f"the request is not valid JSON ({error})") from None
+            payload = request_json(await self.body(request))
+        except BadRequest as error:
+            raise ClientError(400, str(error)) from None
         if not isinstance(payload, dict) or "text" not in payload:
             raise ClientError(400, 'send a JSON object {"text": [...], ...}')
         texts = payload.pop("text")

@@ -146,13 +146,18 @@ def parse_infer(body: bytes, header_length: int | None) -> InferRequest:
     if header_length is not None and not 0 <= header_length <= len(body):
         raise BadRequest(f"Inference-Header-Content-Length {header_length} is outside the body of {len(body)} bytes")
     head, binary = (body, None) if header_length is None else (body[:header_length], body[header_length:])
+    return read_infer(request_json(head), binary)
+
+
+def request_json(body: bytes):
+    """A request body's JSON value (the infer request's header, or /v1/infill's object); BadRequest where it is not
+    JSON, not UTF-8, gives a key twice or nests too deeply."""
     try:
-        request = loads_json(head)
+        return loads_json(body)
     except RefusedJson as error:
         raise BadRequest(f"the request {error}") from None
-    except (ValueError, UnicodeDecodeError) as error:
+    except ValueError as error:                # and UnicodeDecodeError, one of them
         raise BadRequest(f"the request is not valid JSON ({error})") from None
-    return read_infer(request, binary)
 
 
 def read_infer(request, binary: bytes | None) -> InferRequest:
