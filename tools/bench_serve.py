@@ -65,12 +65,16 @@ def stop(process) -> None:
             process.wait(timeout=10)
 
 
+def infill_request(url: str, text: str) -> urllib.request.Request:
+    """POST /v1/infill with one text."""
+    return urllib.request.Request(url + "/v1/infill", data=json.dumps({"text": [text]}).encode(), method="POST")
+
+
 def post(url: str, text: str, timeout: float) -> tuple[int, float]:
     """(status, seconds) of one /v1/infill request."""
     began = time.perf_counter()
-    request = urllib.request.Request(url + "/v1/infill", data=json.dumps({"text": [text]}).encode(), method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(infill_request(url, text), timeout=timeout) as response:
             response.read()
             status = response.status
     except urllib.error.HTTPError as error:
@@ -84,10 +88,8 @@ def warm_up(url: str, texts: list[str], timeout: float) -> None:
     """One request per text, not counted; a text the server refuses, or one without a marker (nothing to fill, so
     nothing measured), stops the bench in one line instead of counting as errors or as free requests."""
     for text in texts:
-        request = urllib.request.Request(url + "/v1/infill", data=json.dumps({"text": [text]}).encode(),
-                                         method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with urllib.request.urlopen(infill_request(url, text), timeout=timeout) as response:
                 (result,) = json.loads(response.read())["results"]
         except urllib.error.HTTPError as error:
             reason = json.loads(error.read() or b"{}").get("error", error.reason)
