@@ -138,7 +138,23 @@ def _tensor_values(spec: dict, binary: bytes | None, offset: int) -> tuple[list,
     data = spec.get("data")
     if not isinstance(data, list):
         raise BadRequest(f"input '{name}' has neither 'data' nor binary data")
-    return list(np.asarray(data, dtype=object).reshape(-1)) if data and isinstance(data[0], list) else data, offset
+    values = list(np.asarray(data, dtype=object).reshape(-1)) if data and isinstance(data[0], list) else data
+    if kind in NUMERIC:
+        _check_range(name, kind, values)
+    return values, offset
+
+
+def _check_range(name: str, kind: str, values: list) -> None:
+    """JSON numbers must fit the input's datatype, as its binary data would (INT32 3000000000 or FP32 1e39 do not);
+    other values are left to the settings' own checks."""
+    integer = kind[0] in "IU"
+    limits = np.iinfo(NUMERIC[kind]) if integer else np.finfo(NUMERIC[kind])
+    low, high = (int if integer else float)(limits.min), (int if integer else float)(limits.max)
+    for value in values:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and math.isfinite(value) and not low <= value <= high:
+            raise BadRequest(f"input '{name}' is {kind} but holds {value!r}, outside {kind}'s range {low} to "
+                             f"{high}; send a value in range or declare a wider datatype")
 
 
 def parse_infer(body: bytes, header_length: int | None) -> InferRequest:

@@ -69,6 +69,22 @@ def test_malformed_binary_data_is_refused():
         parse_infer(body, length)
 
 
+@pytest.mark.parametrize("name, kind, value, fits", [
+    ("top_k", "INT32", 3_000_000_000, False), ("top_k", "INT32", 2**31 - 1, True),
+    ("seed", "INT64", 2**63, False), ("seed", "INT64", 2**63 - 1, True),
+    ("temperature", "FP32", 1e39, False), ("temperature", "FP32", 3e38, True), ("top_k", "UINT8", -1, False),
+])
+def test_json_data_must_fit_its_datatype(name, kind, value, fits):
+    body = json.dumps({"inputs": [text_input(["a [MASK]"]),
+                                  {"name": name, "datatype": kind, "shape": [1], "data": [value]}]}).encode()
+    if fits:
+        assert parse_infer(body, None).settings == {name: value}
+        return
+    with pytest.raises(BadRequest) as refused:
+        parse_infer(body, None)
+    assert str(refused.value).startswith(f"input '{name}' is {kind} but holds {value!r}, outside {kind}'s range ")
+
+
 @pytest.mark.parametrize("name, value", [("seed", float("nan")), ("seed", float("inf")), ("top_k", float("-inf")),
                                          ("num_samples", 2.5), ("seed", "1"), ("top_k", True)])
 def test_a_setting_that_is_not_an_integer_is_refused(name, value):
