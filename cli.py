@@ -477,6 +477,8 @@ def serve(
     except ImportError as error:
         raise ValueError(f"{error.name}: `maria serve` needs the serve extra; pip install 'maria-onnx[serve]'") \
             from None
+    if grpc_port and grpc_port == port:
+        raise ValueError(f"--port and --grpc-port are both {port}; HTTP and gRPC each need a port of their own")
     if grpc_port is not None:
         try:
             import serve.grpc_service  # noqa: F401

@@ -406,10 +406,13 @@ def test_sigterm_lets_requests_in_flight_finish():
     (["--api-key", ""], "--api-key (or MARIA_API_KEY) must be a bearer token: printable ASCII, no spaces, not empty"),
     (["--api-key", "two words"], "--api-key (or MARIA_API_KEY) must be a bearer token"),
     (["--api-key", "key\r"], "--api-key (or MARIA_API_KEY) must be a bearer token"),
+    (["--port", "8123", "--grpc-port", "8123"], "--port and --grpc-port are both 8123; HTTP and gRPC each need a "
+                                                "port of their own"),
 ])
 def test_settings_no_server_can_honour_are_one_line(monkeypatch, args, message):
     """A delay or timeout of inf waits forever; an empty key or one no client can send in a header locks out
-    every client or none: refused before the model loads (the server's start is replaced, so nothing binds)."""
+    every client or none; one port cannot take both HTTP and gRPC: refused before the model loads (the server's
+    start is replaced, so nothing binds)."""
     from typer.testing import CliRunner
 
     import serve.run
