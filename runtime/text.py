@@ -21,7 +21,9 @@ MARKER = re.compile(r"\[MASK(?::([0-9]+))?\]")
 SPAN = re.compile(r"\[MASK:(\?|([0-9]+)-([0-9]+))\]")
 ANY_LENGTH = (1, 8)                   # what [MASK:?] allows
 MAX_CANDIDATES = 64                   # combinations of span lengths one text may ask for
-MARKER_LIKE = re.compile(r"\[MASK\b[^\]\s]{0,20}\]?")       # anything that starts like a marker
+# anything that starts like a marker: up to its closing bracket within 20 characters of the line ([MASK: 2]), or
+# else up to the first space or bracket ([MASK:3 words)
+MARKER_LIKE = re.compile(r"\[MASK\b(?:[^\[\]\n]{0,20}\]|[^\[\]\s]{0,20}\]?)")
 
 
 @dataclass(frozen=True)

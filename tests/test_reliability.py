@@ -355,6 +355,7 @@ def test_the_layer_count_check_reads_the_graph(bundles):
 @pytest.mark.parametrize("args, message", [
     (["infill", "a [MASK] \udcff"], "not valid Unicode"),
     (["infill", "a [MASK:x] b"], "'[MASK:x]' is not a marker"),
+    (["infill", "a [MASK: 2] b"], "'[MASK: 2]' is not a marker"),
     (["infill", "a [MASK]", "--seed", "-1"], "--seed must be a non-negative integer"),
     (["infill", "a [MASK]", "--model", "cli.py"], "is a file; a bundle is the folder"),
     (["infill", "a [MASK]", "--device", "cuda"], "--device cuda: "),
