@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from tools import error_line
+from tools import error_line, write_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="MARIA: fill masked tokens with an autoregressive model, on ONNX Runtime.")
@@ -424,8 +424,11 @@ def eval_command(
     from tools.evaluate import evaluate
 
     check_device(device)
-    if as_json is not None and (as_json.is_dir() or not as_json.parent.is_dir()):
-        raise ValueError(f"--json {as_json}: give a file path in an existing folder")
+    if as_json is not None and as_json.is_dir():
+        raise ValueError(f"--json {as_json} is a folder; give a file path, e.g. {as_json / 'eval.json'}")
+    if as_json is not None and not as_json.parent.is_dir():
+        raise ValueError(f"--json {as_json}: the folder {as_json.parent} does not exist; create it or give a path "
+                         "in an existing folder")
     report = evaluate(text_file, Infiller(model, device=device), mask_rate=mask_rate, span=span,
                       seq_len=seq_len, windows=windows, seed=seed, batch_size=batch_size,
                       backbones_from=backbones_from)
@@ -440,7 +443,7 @@ def eval_command(
     if report["note"]:
         typer.echo(f"note: {report['note']}", err=True)
     if as_json:
-        as_json.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(as_json, report)
 
 
 @app.command()

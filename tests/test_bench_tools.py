@@ -1,5 +1,6 @@
 """The span-length and generation measurements run and report consistent numbers (quality is not asserted)."""
 
+import errno
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 from runtime.infiller import Infiller
 from runtime.text import plain_encoder
 from tiny import corpus
-from tools import bench_generate, bench_spans
+from tools import bench_generate, bench_spans, error_line, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,3 +78,22 @@ def test_the_tools_name_bad_arguments_in_one_line(bundles, tmp_path, tool, args,
                             text=True, timeout=300)
     assert result.returncode == 2 and result.stderr.startswith(f"error: {message}"), result.stderr
     assert result.stderr.count("\n") == 1 and not list(tmp_path.iterdir())
+
+
+def test_a_report_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A report that cannot be written (a full disk, here feigned after ten bytes) leaves the previous one intact,
+    no truncated file, and one line naming the report."""
+    report = tmp_path / "bench.json"
+    write_json(report, {"runs": [1]})
+    real_write = Path.write_text
+
+    def full_disk(path, text, *args, **kwargs):
+        real_write(path, text[:10])
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError) as failed:
+        write_json(report, {"runs": [1, 2]})
+    monkeypatch.undo()
+    assert error_line(failed.value) == f"{report}: No space left on device"
+    assert json.loads(report.read_text()) == {"runs": [1]} and list(tmp_path.iterdir()) == [report]

@@ -359,7 +359,9 @@ def test_the_layer_count_check_reads_the_graph(bundles):
     (["infill", "a [MASK]", "--seed", "-1"], "--seed must be a non-negative integer"),
     (["infill", "a [MASK]", "--model", "cli.py"], "is a file; a bundle is the folder"),
     (["infill", "a [MASK]", "--device", "cuda"], "--device cuda: "),
-    (["eval", "README.md", "--json", "docs"], "--json docs: give a file path in an existing folder"),
+    (["eval", "README.md", "--json", "docs"], "--json docs is a folder; give a file path, e.g. docs/eval.json"),
+    (["eval", "README.md", "--json", "nowhere/eval.json"], "--json nowhere/eval.json: the folder nowhere does not "
+                                                           "exist; create it or give a path in an existing folder"),
     (["bench", "--model", "runtime/default_model"], "--model needs --checkpoint"),
     (["train", "--mlm", "x", "--ar", "y", "--data", "README.md", "--out", "never", "--learning-rate", "inf"],
      "--learning-rate must be a positive number, got inf"),

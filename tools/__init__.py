@@ -1,6 +1,9 @@
 """Benchmarks, baselines, the default model's recipe and profiling: `maria bench*`, `python -m tools.NAME`."""
 
+import json
+import os
 import sys
+from pathlib import Path
 
 
 def error_line(error: Exception) -> str:
@@ -19,3 +22,16 @@ def run_main(main, *args) -> None:
     except (ValueError, OSError) as error:
         print(f"error: {error_line(error)}", file=sys.stderr)
         sys.exit(2)
+
+
+def write_json(path: Path, value) -> None:
+    """Writes value as indented JSON, whole or not at all: into a file beside `path`, renamed over it once written,
+    so a write that fails (a full disk) leaves no truncated file and the previous one as it was."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_text(json.dumps(value, indent=2) + "\n")
+        os.replace(partial, path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror, str(path)) from None

@@ -9,7 +9,6 @@ Systems:
     mlm-ar                 the MLM decoded autoregressively: left to right, the MLM re-run after every fill
 """
 
-import json
 import platform
 import statistics
 import time
@@ -32,6 +31,7 @@ from runtime.infiller import Infiller
 from runtime.manifest import load_manifest
 from runtime.sessions import cuda_missing
 
+from . import write_json
 from .baselines import mlm_autoregressive
 from .shapes import load_shapes, random_checkpoint
 
@@ -208,7 +208,7 @@ def bench(out: Path, checkpoint=None, bundle=None, shapes=None, dtype: str = "fp
               "mask_rate": mask_rate, "repeats": repeats, "seed": seed, "torch_device": torch_device,
               "mlm_ar_max_tokens": mlm_ar_max_tokens,
               "machine": machine(), "results": results}
-    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / "bench.json", report)
     plot(results, out / "bench.png", f"MARIA infilling, mask rate {mask_rate}")
     console.print(table(results))
     console.print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")

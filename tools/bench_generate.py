@@ -23,7 +23,7 @@ from runtime.choose import Sampling
 from runtime.infiller import Infiller
 from runtime.likelihood import ar_loglikelihood, ar_sample
 
-from . import run_main
+from . import run_main, write_json
 
 
 def generative_perplexity(infiller, ids: list) -> float:
@@ -113,7 +113,7 @@ def main():
     report = {"length": args.length, "samples": args.samples, "repeats": args.repeats, "seed": args.seed,
               "steps": steps,
               "schedule": {k: v for k, v in {**dataclasses.asdict(Schedule()), **schedule}.items() if k != "steps"}, "rows": rows}
-    (args.out / "bench-generate.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out / "bench-generate.json", report)
     plot(rows, args.out / "bench-generate.png", f"{args.samples} texts of {args.length} tokens")
     for r in rows:
         print(f"{r['system']:>14}  {r['seconds_median']:8.2f} s  generative perplexity {r['generative_perplexity']:.1f}")

@@ -27,6 +27,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from . import write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ["The [MASK] statement is used to [MASK] an exception.", "Use the [MASK] module to read [MASK:2] files.",
          "A [MASK:3] is a function defined inside a class.", "The [MASK] keyword defines a [MASK]."]
@@ -215,7 +217,7 @@ def bench_serve(out: Path, model=None, clients: int = 32, requests: int = 256, m
     report = {"model": str(model) if model else "default", "device": device, "clients": clients,
               "requests": requests, "stagger_ms": stagger_ms, "texts": texts, "cpu_count": os.cpu_count(),
               "runs": runs}
-    (out / "bench-serve.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / "bench-serve.json", report)
     console.print(table(runs))
     console.print(f"wrote {out / 'bench-serve.json'}")
     return report

@@ -20,7 +20,7 @@ from runtime.infiller import Infiller
 from runtime.requests import FillRequest, Prepared, run_requests
 from runtime.text import ANY_LENGTH, MaskedText
 
-from . import run_main
+from . import run_main, write_json
 
 
 def whole_words(tokenizer, window: np.ndarray, longest: int = 4) -> list[tuple[int, int]]:
@@ -113,7 +113,7 @@ def main():
     args = parser.parse_args()
     report = measure(Infiller(args.model, device="cpu"), np.load(args.windows).astype(np.int64), args.words,
                      args.seed)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=2))
 
 

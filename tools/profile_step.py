@@ -28,7 +28,7 @@ import onnxruntime as ort
 from runtime.manifest import load_manifest
 from runtime.sessions import cuda_missing, cuda_providers
 
-from . import run_main
+from . import run_main, write_json
 
 WARMUP, RUNS, TIMED = 5, 30, 50
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -209,7 +209,7 @@ def main(bundle: Path, out: Path, device: str = "cpu", batch: int = 8, cached: i
                                                             cuda_graph=True).run)
     if device == "cuda":
         report["floor"] = floor(bundle, m, batch, cached, np.dtype(dtype).itemsize)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out, report)
     print(json.dumps(report, indent=2))
     return report
 
