@@ -223,12 +223,21 @@ def read_infer(request, binary: bytes | None) -> InferRequest:
     asked = request.get("outputs") or []
     if not isinstance(asked, list) or not all(isinstance(o, dict) and o.get("name") in OUTPUTS for o in asked):
         raise BadRequest(f"'outputs' must list outputs by name; outputs are {', '.join(OUTPUTS)}")
-    binary_outputs = {o["name"] for o in asked if parameters(o, f"output '{o['name']}'").get("binary_data")}
-    if given.get("binary_data_output"):
+    binary_outputs = {o["name"] for o in asked
+                      if _flag(parameters(o, f"output '{o['name']}'"), "binary_data", f"output '{o['name']}'")}
+    if _flag(given, "binary_data_output", "the request"):
         binary_outputs |= set(OUTPUTS)
     outputs = tuple(dict.fromkeys(o["name"] for o in asked)) or tuple(OUTPUTS)
     return InferRequest(id=request.get("id"), texts=texts, settings=settings, binary_outputs=binary_outputs,
                         outputs=outputs, timeout_s=None if timeout is None else timeout / 1e6)
+
+
+def _flag(given: dict, name: str, what: str) -> bool:
+    """A true/false parameter (absent: false); a string such as "no" would otherwise count as true."""
+    value = given.get(name, False)
+    if not isinstance(value, bool):
+        raise BadRequest(f"parameter '{name}' of {what} must be true or false, got {json.dumps(value)}")
+    return value
 
 
 def _not_text(value):

@@ -131,6 +131,10 @@ def test_the_request_id_comes_back():
     ({"parameters": {"sequence_id": 7}}, "this model is not a sequence model; leave out sequence_id"),
     ({"parameters": {"timeout": -1}}, "parameter 'timeout' is in microseconds, a non-negative integer; got -1"),
     ({"outputs": [{"name": "text", "parameters": [1]}]}, "'parameters' of output 'text' must be a JSON object"),
+    ({"parameters": {"binary_data_output": "no"}},                  # a string would count as true: binary output
+     "parameter 'binary_data_output' of the request must be true or false, got \"no\""),
+    ({"outputs": [{"name": "text", "parameters": {"binary_data": 1}}]},
+     "parameter 'binary_data' of output 'text' must be true or false, got 1"),
 ])
 def test_protocol_parameters_are_read_or_refused(extra, message):
     with pytest.raises(BadRequest, match=re.escape(message)):
