@@ -36,10 +36,11 @@ FREE_ON_RESUME = {"steps", "eval_every", "eval_batches", "save_every"}   # setti
 
 def _windows(backbones, config: TrainConfig, data, eval_data):
     read = lambda path: read_documents(path, config.text_field, config.line_documents)
-    pack = lambda docs: pack_windows(docs, plain_encoder(backbones.tokenizer), config.seq_len, backbones.special.start)
-    train = pack(read(data))
+    pack = lambda path: pack_windows(read(path), plain_encoder(backbones.tokenizer), config.seq_len,
+                                     backbones.special.start, str(path))
+    train = pack(data)
     if eval_data is not None:
-        return train, pack(read(eval_data))
+        return train, pack(eval_data)
     return split_windows(train, EVAL_FRACTION, config.seed)
 
 

@@ -54,12 +54,12 @@ def evaluate_maria(infiller, windows, masks, batch_size: int = 16) -> dict:
     return quality_row("MARIA", nll, windows, masks, fills)
 
 
-def document_windows(documents: list[str], infiller, seq_len: int, count: int) -> np.ndarray:
+def document_windows(documents: list[str], infiller, seq_len: int, count: int, name: str = "the text") -> np.ndarray:
     """The first `count` windows of seq_len tokens of the documents, tokenized with the bundle's tokenizer and
     joined by its start token."""
     if not 2 <= seq_len <= infiller.manifest.max_sequence_length:
         raise ValueError(f"--seq-len must be from 2 to the bundle's maximum {infiller.manifest.max_sequence_length}")
-    return pack_windows(documents, plain_encoder(infiller.tokenizer), seq_len, infiller.special.start)[:count]
+    return pack_windows(documents, plain_encoder(infiller.tokenizer), seq_len, infiller.special.start, name)[:count]
 
 
 def text_windows(path, infiller, seq_len: int, count: int) -> np.ndarray:
@@ -72,7 +72,7 @@ def text_windows(path, infiller, seq_len: int, count: int) -> np.ndarray:
     except OSError as error:
         raise ValueError(f"cannot read {path}: {error.strerror}") from None
     lines = read_lines(decode_utf8(data, str(path)), str(path), jsonl=False)
-    return document_windows(texts_of(lines), infiller, seq_len, count)
+    return document_windows(texts_of(lines), infiller, seq_len, count, str(path))
 
 
 class BaselineBackend:

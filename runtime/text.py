@@ -123,17 +123,17 @@ def plain_encoder(tokenizer):
     return lambda text: tokenizer.encode(text, add_special_tokens=False).ids
 
 
-def pack_windows(documents: list[str], encode, seq_len: int, separator_id: int) -> np.ndarray:
+def pack_windows(documents: list[str], encode, seq_len: int, separator_id: int, name: str = "the text") -> np.ndarray:
     """Tokenizes documents with encode (text -> ids, no special tokens), joins them with separator_id and cuts
-    [windows, seq_len]."""
+    [windows, seq_len]; `name` (where the documents come from) names them in the error where none fits."""
     ids = []
     for document in documents:
         ids.extend(encode(document))
         ids.append(separator_id)
     count = len(ids) // seq_len
     if count == 0:
-        raise ValueError(f"the text holds {len(ids)} tokens, fewer than one window of {seq_len}; "
-                         "add text or use a shorter sequence length")
+        raise ValueError(f"{name} holds {len(ids)} tokens, fewer than one window of --seq-len {seq_len}; "
+                         "add text or lower --seq-len")
     return np.asarray(ids[: count * seq_len], dtype=np.int64).reshape(count, seq_len)
 
 

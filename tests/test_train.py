@@ -94,7 +94,10 @@ def test_cli_train_writes_a_checkpoint(pairs, corpus_file, tmp_path):
     (["--mask-rate-min", "0.8", "--mask-rate-max", "0.2"], "mask rate range"),
     (["--data", "/nowhere/text.txt"], "does not exist"),
     (["--seq-len", "100000"], "over the backbones' maximum"),
-    (["--seq-len", "500", "--data", str(Path(__file__).parent.parent / ".gitignore")], "fewer than one window"),
+    (["--seq-len", "500", "--data", str(Path(__file__).parent.parent / ".gitignore")],
+     f"{Path(__file__).parent.parent / '.gitignore'} holds"),
+    (["--seq-len", "500", "--data", str(Path(__file__).parent.parent / ".gitignore")],
+     "fewer than one window of --seq-len 500; add text or lower --seq-len"),
     (["--out", __file__], "is a file; --out names the checkpoint folder to write"),
 ])
 def test_cli_train_bad_input_is_one_line(pairs, corpus_file, tmp_path, args, message):

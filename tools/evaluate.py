@@ -15,7 +15,7 @@ def windows_of(path, infiller, seq_len: int, count: int):
     """A folder: one document per file, as training reads it (the recipe's test split); a file: one per line."""
     if Path(path).is_dir():
         from maria_onnx.data import read_documents
-        return document_windows(read_documents(path), infiller, seq_len, count)
+        return document_windows(read_documents(path), infiller, seq_len, count, str(path))
     return text_windows(path, infiller, seq_len, count)
 
 
