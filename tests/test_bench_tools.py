@@ -97,3 +97,12 @@ def test_a_report_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert error_line(failed.value) == f"{report}: No space left on device"
     assert json.loads(report.read_text()) == {"runs": [1]} and list(tmp_path.iterdir()) == [report]
+
+
+def test_a_report_through_a_link_is_written_where_it_points(tmp_path):
+    """/dev/stdout and the like are links: the link stays, the file it names gets the report."""
+    target, link = tmp_path / "target.json", tmp_path / "link.json"
+    target.write_text("old")
+    link.symlink_to(target)
+    write_json(link, {"runs": [3]})
+    assert link.is_symlink() and json.loads(target.read_text()) == {"runs": [3]}

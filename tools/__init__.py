@@ -26,11 +26,15 @@ def run_main(main, *args) -> None:
 
 def write_json(path: Path, value) -> None:
     """Writes value as indented JSON, whole or not at all: into a file beside `path`, renamed over it once written,
-    so a write that fails (a full disk) leaves no truncated file and the previous one as it was."""
-    path = Path(path)
+    so a write that fails (a full disk) leaves no truncated file and the previous one as it was. A link, a device or
+    a pipe (/dev/stdout) is written where it points, in place."""
+    path, text = Path(path), json.dumps(value, indent=2) + "\n"
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        path.write_text(text)
+        return
     partial = path.with_name(f".{path.name}.partial")
     try:
-        partial.write_text(json.dumps(value, indent=2) + "\n")
+        partial.write_text(text)
         os.replace(partial, path)
     except OSError as error:
         partial.unlink(missing_ok=True)
