@@ -365,7 +365,7 @@ def bench_serve(
     delay_ms: float = typer.Option(5.0, min=0, help="Server --max-batch-delay-ms."),
     stagger_ms: float = typer.Option(10.0, min=0, help="Each client starts this long after the last."),
     repeats: int = typer.Option(1, min=1, help="Runs per setting, interleaved."),
-    device: str = typer.Option("cpu", help="auto | cuda | cpu"),
+    device: str = typer.Option("cpu", help="auto | cuda | cuda:N (GPU N) | cpu"),
     decoders: str = typer.Option("auto", help="Server --decoder settings to compare: engine (continuous batching), "
                                               "concat (batch at a time), auto."),
     texts_file: Optional[Path] = typer.Option(None, "--texts", help="The texts the clients send, one per line "
