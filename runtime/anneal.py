@@ -9,6 +9,7 @@ f_k and T_k fall geometrically from their start to their end values over the K s
 together, through the decode engine's slots; sample j draws from generators of (seed, j, k).
 """
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,10 +29,12 @@ class Schedule:
     def __post_init__(self):
         if self.steps < 0:
             raise ValueError(f"--steps must be >= 0, got {self.steps}")
-        if not (0 < self.fraction_end <= 1 and 0 < self.fraction_start <= 1):
-            raise ValueError("re-mask fractions must be in (0, 1]")
-        if not (self.temperature_start > 0 and self.temperature_end > 0):
-            raise ValueError("annealing temperatures must be positive")
+        for option, value in (("--fraction-start", self.fraction_start), ("--fraction-end", self.fraction_end)):
+            if not 0 < value <= 1:
+                raise ValueError(f"{option} is a share of the generated tokens, in (0, 1], got {value}")
+        for option, value in (("--anneal-start", self.temperature_start), ("--anneal-end", self.temperature_end)):
+            if not 0 < value < math.inf:
+                raise ValueError(f"{option} is a Metropolis temperature, a finite number > 0, got {value}")
 
     def _at(self, start: float, end: float, step: int) -> float:
         """Geometric interpolation, step 1 -> start, step K -> end."""

@@ -66,6 +66,7 @@ def test_a_seed_repeats_a_run_and_the_cli_reports_energies(bundles):
     (["--length", "3000"], "prefix, 3000 tokens and suffix make"),
     (["--length", "3", "--suffix", "word " * 3000], "--suffix: the text is"),
     (["--length", "3", "--prefix", "a [MASK] b"], "--prefix and --suffix are plain text"),
+    (["--length", "3", "--anneal-start", "inf"], "--anneal-start is a Metropolis temperature"),
 ])
 def test_bad_generation_requests_get_one_line_naming_the_option(bundles, args, message):
     result = CliRunner().invoke(app, ["generate", "--model", str(bundles["llama"]), "--device", "cpu", *args])
@@ -74,7 +75,11 @@ def test_bad_generation_requests_get_one_line_naming_the_option(bundles, args, m
 
 
 def test_bad_schedules_are_refused():
-    with pytest.raises(ValueError, match="fractions must be in"):
+    with pytest.raises(ValueError, match=r"--fraction-start is a share of the generated tokens, in \(0, 1\], got 0"):
         Schedule(fraction_start=0)
-    with pytest.raises(ValueError, match="temperatures must be positive"):
+    with pytest.raises(ValueError, match="--fraction-end .* got nan"):
+        Schedule(fraction_end=float("nan"))
+    with pytest.raises(ValueError, match="--anneal-end is a Metropolis temperature, a finite number > 0, got 0"):
         Schedule(temperature_end=0)
+    with pytest.raises(ValueError, match="--anneal-start .* got inf"):
+        Schedule(temperature_start=float("inf"))
