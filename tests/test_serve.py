@@ -274,8 +274,8 @@ BOUNDS = [
     ("/v2/models/maria/infer", {"inputs": oip(["a [MASK]"])["inputs"] * 2}, None, 400,
      "input 'text' is given twice; send each input once"),
     ("/v1/infill", None, b'{"text": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400,
-     "the request nests arrays or objects too deeply to read; send flatter JSON"),
-    ("/v2/models/maria/infer", None, b"[" * 5000 + b"]" * 5000, 400, "the request nests arrays or objects too deeply"),
+     "the request nests arrays or objects more than 128 deep; send flatter JSON"),
+    ("/v2/models/maria/infer", None, b"[" * 200 + b"]" * 200, 400, "the request nests arrays or objects more than 128"),
 ]
 
 
