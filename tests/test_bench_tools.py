@@ -57,6 +57,8 @@ def test_the_step_profile_names_the_cache_copy_and_the_in_place_writes(bundles, 
         concat, step = report[new]["ar_decoder (concat)"], report[new]["ar_step (in place)"]
         assert concat["ms_per_step_in_kernels"] > 0 and step["ms_per_step_in_kernels"] > 0
         assert "Concat" in concat["ms_by_op"]                     # the cache copied into present.*
+        writes = {"ScatterElements", "ScatterND"}                 # values and keys written into the slots
+        assert writes <= set(step["ms_by_op"]) and not writes & set(concat["ms_by_op"])
         assert 0 < sum(step["share"].values()) <= 1.001
     assert list(tmp_path.iterdir()) == [tmp_path / "profile.json"]     # ONNX Runtime's traces removed
 
