@@ -159,3 +159,19 @@ def test_output_that_cannot_be_written_is_one_line(bundles):
                                  stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent, timeout=300)
     assert process.returncode == 2 and process.stderr == "error: No space left on device\n", process.stderr
 
+
+
+def test_version_names_the_package_onnx_runtime_cuda_and_python(monkeypatch):
+    import platform
+    from importlib import metadata
+
+    import onnxruntime
+    from runtime import sessions
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    package, runtime, cuda, python = result.stdout.splitlines()
+    assert package == f"maria-onnx {metadata.version('maria-onnx')}"
+    assert onnxruntime.__version__ in runtime and "CPUExecutionProvider" in runtime
+    assert cuda == f"CUDA: {sessions.cuda_missing() or 'ready'}" and platform.python_version() in python
+    monkeypatch.setattr(sessions, "cuda_missing", lambda: "the CUDA library libcublasLt.so.13 cannot be loaded")
+    assert "CUDA: the CUDA library libcublasLt.so.13" in runner.invoke(app, ["--version"]).stdout
