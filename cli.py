@@ -8,10 +8,8 @@ import functools
 import json
 import math
 import os
-import platform
 import sys
 import warnings
-from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
@@ -24,24 +22,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 
 def show_versions(asked: bool):
-    """`maria --version`: this package's version, ONNX Runtime's and its providers, whether CUDA can run, Python's."""
-    if not asked:
-        return
-    import onnxruntime
-    from runtime.sessions import cuda_missing
-
-    def installed(name: str) -> str | None:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return None
-    runtime = next((f"{name} {installed(name)}" for name in ("onnxruntime-gpu", "onnxruntime") if installed(name)),
-                   f"onnxruntime {onnxruntime.__version__}")
-    typer.echo(f"maria-onnx {installed('maria-onnx') or '(not installed: run from a source tree)'}\n"
-               f"{runtime} (providers: {', '.join(onnxruntime.get_available_providers())})\n"
-               f"CUDA: {cuda_missing() or 'ready'}\n"
-               f"Python {platform.python_version()} on {platform.system()} {platform.machine()}")
-    raise typer.Exit()
+    """`maria --version`: runtime.sessions.installation(), then exit."""
+    if asked:
+        from runtime.sessions import installation
+        typer.echo("\n".join(installation()))
+        raise typer.Exit()
 
 
 @app.callback()

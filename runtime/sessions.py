@@ -2,10 +2,12 @@
 
 import ctypes
 import io
+import platform
 import shutil
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from functools import cache
+from importlib import metadata
 from pathlib import Path
 
 import onnxruntime as ort
@@ -47,6 +49,22 @@ def cuda_missing() -> str | None:
         return (f"the CUDA library {missing} cannot be loaded; pip install 'maria-onnx[cuda]' for CUDA and cuDNN "
                 "from pip, or install them system-wide")
     return None
+
+
+def installation() -> list[str]:
+    """What `maria --version` prints: this package's version, ONNX Runtime's and its providers, whether CUDA can
+    run here (or what stops it), Python's."""
+    def installed(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+    onnx_runtime = next((f"{name} {installed(name)}" for name in ("onnxruntime-gpu", "onnxruntime")
+                         if installed(name)), f"onnxruntime {ort.__version__}")
+    return [f"maria-onnx {installed('maria-onnx') or '(not installed: run from a source tree)'}",
+            f"{onnx_runtime} (providers: {', '.join(ort.get_available_providers())})",
+            f"CUDA: {cuda_missing() or 'ready'}",
+            f"Python {platform.python_version()} on {platform.system()} {platform.machine()}"]
 
 
 def cuda_providers(device_id: int) -> list:
