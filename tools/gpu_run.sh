@@ -25,9 +25,8 @@ step() {            # step NAME COMMAND...: runs it, its output in OUT/NAME.log,
 }
 
 nvidia-smi > "$OUT/nvidia-smi.log" 2>&1
-python -c "import onnxruntime as o, torch; from runtime.sessions import cuda_missing
-print('onnxruntime', o.__version__, o.get_available_providers()); print('torch', torch.__version__,
-torch.cuda.is_available()); print('CUDA for ONNX Runtime:', cuda_missing() or 'ready')" > "$OUT/versions.log" 2>&1
+{ maria --version; python -c "import torch; print('torch', torch.__version__, torch.cuda.is_available())"; } \
+    > "$OUT/versions.log" 2>&1
 
 step tests python -m pytest -p no:cacheprovider
 
