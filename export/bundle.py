@@ -230,8 +230,7 @@ def _build(folder: Path, backbones, head, config, dtype, variant, opset, console
         schema_version=SCHEMA_VERSION, dtype=dtype, quantization="int8-dynamic" if variant == "int8" else "none",
         opset=opset, mlm_hidden_size=config.mlm_hidden_size, ar_hidden_size=config.ar_hidden_size,
         num_hidden_layers=layers, num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=config.vocab_size,
-        max_sequence_length=min(backbones.mlm.config.max_position_embeddings - 2,
-                                backbones.ar.config.max_position_embeddings - 1),
+        max_sequence_length=backbones.max_sequence_length,
         special_ids=backbones.special,
         graphs={name: GraphSpec(file=file, inputs=specs[name][0], outputs=specs[name][1])
                 for name, file in files.items()},

@@ -61,10 +61,20 @@ class Backbones:
     def ar_hidden_size(self) -> int:
         return self.ar.config.hidden_size
 
+    @property
+    def max_sequence_length(self) -> int:
+        return max_sequence_length(self.mlm.config, self.ar.config)
+
     @cached_property
     def utf8(self) -> Utf8Rule:
         """The rule for whole-character fills that the runtime builds from the bundle's tokenizer (the AR's)."""
         return Utf8Rule.from_tokenizer(self.tokenizer, self.vocab_size, self.special.all)
+
+
+def max_sequence_length(mlm_config, ar_config) -> int:
+    """The longest text (in tokens) the pair takes: the MLM reads it between [CLS] and [SEP], the AR after its start
+    token."""
+    return min(mlm_config.max_position_embeddings - 2, ar_config.max_position_embeddings - 1)
 
 
 def torch_device(device: str) -> str:

@@ -62,12 +62,18 @@ def load_head(folder, config: MariaConfig) -> FusionHead:
     return head.eval()
 
 
-def load_maria(folder, device="cpu", dtype=torch.float32) -> tuple[Backbones, FusionHead, MariaConfig]:
-    """Loads a trained checkpoint and the two backbone folders it names."""
+def load_config(folder) -> MariaConfig:
+    """A checkpoint's config, once the two backbone folders it names are there."""
     config = MariaConfig.load(folder)
     for role, path in (("MLM", config.mlm_path), ("AR", config.ar_path)):
         if not Path(path).is_dir():
             raise FileNotFoundError(f"the {role} backbone folder {path} named by {Path(folder) / CONFIG_NAME} "
                                     f"does not exist; move it back or fix '{role.lower()}_path' in that file")
+    return config
+
+
+def load_maria(folder, device="cpu", dtype=torch.float32) -> tuple[Backbones, FusionHead, MariaConfig]:
+    """Loads a trained checkpoint and the two backbone folders it names."""
+    config = load_config(folder)
     backbones = load_backbones(config.mlm_path, config.ar_path, device=device, dtype=dtype)
     return backbones, load_head(folder, config).to(device), config

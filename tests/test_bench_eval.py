@@ -62,6 +62,9 @@ def test_bench_on_random_shapes_from_a_config_file(tmp_path):
     (["bench", "--lengths", "8,1"], "--lengths takes input lengths of at least 2 tokens, got [8, 1]"),
     (["bench", "--mask-rate", "1.5"], "--mask-rate must be in (0, 1], got 1.5"),
     (["bench", "--shapes", "SHAPES"], "cannot be read as JSON"),
+    (["bench", "--shapes", "GPT2"], "the ar config is a 'gpt2' model; supported: llama, mistral, olmo"),
+    (["bench", "--shapes", "paper", "--lengths", "128,2048"],
+     "--lengths [2048] exceed the model's maximum of 2047 tokens; give lengths up to 2047"),
     (["bench", "--shapes", "paper", "--checkpoint", "x"], "give either --checkpoint (trained weights) or --shapes"),
     (["bench-serve", "--clients", "8", "--requests", "4"], "--requests must be at least --clients"),
     (["bench-serve", "--max-batch-sizes", "4,0"], "--max-batch-sizes takes batch sizes of at least 1, got [4, 0]"),
@@ -70,9 +73,19 @@ def test_bench_on_random_shapes_from_a_config_file(tmp_path):
 ])
 def test_bad_bench_settings_are_one_line_and_write_nothing(tmp_path, args, message):
     (tmp_path / "shapes.json").write_text("{not json")
-    args = [str(tmp_path / "shapes.json") if a == "SHAPES" else a for a in args]
+    (tmp_path / "gpt2.json").write_text(json.dumps({"mlm": {"model_type": "modernbert", "vocab_size": 64},
+                                                    "ar": {"model_type": "gpt2", "vocab_size": 64}}))
+    files = {"SHAPES": str(tmp_path / "shapes.json"), "GPT2": str(tmp_path / "gpt2.json")}
+    args = [files.get(a, a) for a in args]
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_lengths_a_checkpoint_cannot_take_are_refused_before_its_export(checkpoints, tmp_path):
+    result = runner.invoke(app, ["bench", "--checkpoint", str(checkpoints["olmo"]), "--lengths", "8,100000",
+                                 "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "--lengths [100000] exceed the model's maximum of" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 

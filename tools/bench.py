@@ -19,10 +19,11 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from transformers import AutoConfig
 
 from export.bundle import export_bundle
-from maria_onnx.backbones import torch_device as choose_torch_device
-from maria_onnx.checkpoint import load_maria
+from maria_onnx.backbones import max_sequence_length, torch_device as choose_torch_device
+from maria_onnx.checkpoint import load_config, load_maria
 from maria_onnx.reference import reference_infill
 from runtime.choose import Sampling
 from runtime.device import check_device
@@ -182,6 +183,25 @@ def check_settings(mask_rate: float, repeats: int, lengths, batch_sizes) -> None
         raise ValueError(f"--batch-sizes takes batch sizes of at least 1, got {list(batch_sizes)}")
 
 
+def longest_text(checkpoint, configs: dict | None) -> int:
+    """The longest text, in tokens, that the model to bench takes: from the shapes' configs or the checkpoint's
+    backbone folders, before anything is built."""
+    if configs is not None:
+        mlm, ar = ({k: v for k, v in configs[kind].items() if k != "model_type"} for kind in ("mlm", "ar"))
+        return max_sequence_length(AutoConfig.for_model(configs["mlm"]["model_type"], **mlm),
+                                   AutoConfig.for_model(configs["ar"]["model_type"], **ar))
+    config = load_config(checkpoint)
+    return max_sequence_length(*(AutoConfig.from_pretrained(path, local_files_only=True)
+                                 for path in (config.mlm_path, config.ar_path)))
+
+
+def check_lengths(lengths, longest: int) -> None:
+    too_long = [n for n in lengths if n > longest]
+    if too_long:
+        raise ValueError(f"--lengths {too_long} exceed the model's maximum of {longest} tokens; give lengths up to "
+                         f"{longest}")
+
+
 def bench(out: Path, checkpoint=None, bundle=None, shapes=None, dtype: str = "fp32",
           lengths=(64, 128, 256, 512, 1024), batch_sizes=(1, 8), mask_rate: float = 0.5, repeats: int = 3,
           seed: int = 0, device: str = "auto", mlm_ar: bool = True, mlm_ar_max_tokens: int = 512,
@@ -191,15 +211,15 @@ def bench(out: Path, checkpoint=None, bundle=None, shapes=None, dtype: str = "fp
     console = console or Console(stderr=True)
     check_settings(mask_rate, repeats, lengths, batch_sizes)
     configs = random_shapes(checkpoint, shapes)  # a bad --shapes is named before --out is made
+    if bundle is None:                           # and lengths the model cannot take, before an export of minutes
+        check_lengths(lengths, longest_text(checkpoint, configs))
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; --out names the folder for bench.json and bench.png")
     out.mkdir(parents=True, exist_ok=True)
     checkpoint, bundle = prepare(out, checkpoint, bundle, configs, shapes, dtype, console)
     manifest = load_manifest(bundle)
-    too_long = [n for n in lengths if n > manifest.max_sequence_length]
-    if too_long:
-        raise ValueError(f"lengths {too_long} exceed the bundle's maximum of {manifest.max_sequence_length}")
+    check_lengths(lengths, manifest.max_sequence_length)
     systems, torch_device = _systems(bundle, manifest.graphs, checkpoint, device, mlm_ar, dtype, concat)
     results = measure(systems, lengths, batch_sizes, manifest.vocab_size, mask_rate, repeats, seed, console,
                       mlm_ar_max_tokens)

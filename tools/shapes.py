@@ -10,7 +10,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
-from maria_onnx.backbones import load_backbones
+from maria_onnx.backbones import AR_FAMILIES, MLM_ADAPTERS, load_backbones
 from maria_onnx.checkpoint import maria_config, save_checkpoint
 from maria_onnx.model import FusionHead
 
@@ -46,6 +46,12 @@ def load_shapes(name_or_file: str) -> dict:
         raise ValueError(f"--shapes {path}: cannot be read as JSON ({error})") from None
     if not isinstance(shapes, dict) or set(shapes) != {"mlm", "ar"} or not all(isinstance(shapes[k], dict) and "model_type" in shapes[k] for k in shapes):
         raise ValueError(f"{path} must hold {{\"mlm\": {{...}}, \"ar\": {{...}}}} Hugging Face configs with model_type")
+    for kind, supported in (("mlm", MLM_ADAPTERS), ("ar", AR_FAMILIES)):
+        if shapes[kind]["model_type"] not in supported:
+            raise ValueError(f"{path}: the {kind} config is a {shapes[kind]['model_type']!r} model; supported: "
+                             f"{', '.join(sorted(supported))}")
+        if type(shapes[kind].get("vocab_size")) is not int:
+            raise ValueError(f"{path}: the {kind} config needs vocab_size, an integer (the pair shares a vocabulary)")
     return shapes
 
 
