@@ -63,6 +63,8 @@ def test_bench_on_random_shapes_from_a_config_file(tmp_path):
     (["bench", "--mask-rate", "1.5"], "--mask-rate must be in (0, 1], got 1.5"),
     (["bench", "--shapes", "SHAPES"], "cannot be read as JSON"),
     (["bench", "--shapes", "GPT2"], "the ar config is a 'gpt2' model; supported: llama, mistral, olmo"),
+    (["bench", "--shapes", "HEADS"], "the mlm config builds no model (The hidden size (30) is not a multiple of the "
+                                     "number of attention heads (7))"),
     (["bench", "--shapes", "paper", "--lengths", "128,2048"],
      "--lengths [2048] exceed the model's maximum of 2047 tokens; give lengths up to 2047"),
     (["bench", "--shapes", "paper", "--checkpoint", "x"], "give either --checkpoint (trained weights) or --shapes"),
@@ -75,7 +77,12 @@ def test_bad_bench_settings_are_one_line_and_write_nothing(tmp_path, args, messa
     (tmp_path / "shapes.json").write_text("{not json")
     (tmp_path / "gpt2.json").write_text(json.dumps({"mlm": {"model_type": "modernbert", "vocab_size": 64},
                                                     "ar": {"model_type": "gpt2", "vocab_size": 64}}))
-    files = {"SHAPES": str(tmp_path / "shapes.json"), "GPT2": str(tmp_path / "gpt2.json")}
+    (tmp_path / "heads.json").write_text(json.dumps({"mlm": {"model_type": "modernbert", "vocab_size": 64,
+                                                             "pad_token_id": 1, "hidden_size": 30,
+                                                             "num_attention_heads": 7},
+                                                     "ar": {"model_type": "olmo", "vocab_size": 64}}))
+    files = {"SHAPES": str(tmp_path / "shapes.json"), "GPT2": str(tmp_path / "gpt2.json"),
+             "HEADS": str(tmp_path / "heads.json")}
     args = [files.get(a, a) for a in args]
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and message in result.output, result.output

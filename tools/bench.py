@@ -34,7 +34,7 @@ from runtime.sessions import cuda_missing
 
 from . import write_json
 from .baselines import mlm_autoregressive
-from .shapes import load_shapes, random_checkpoint
+from .shapes import load_shapes, model_config, random_checkpoint
 
 
 def _systems(bundle: Path, graphs: dict, checkpoint: Path, device: str, mlm_ar: bool, dtype: str,
@@ -187,9 +187,7 @@ def longest_text(checkpoint, configs: dict | None) -> int:
     """The longest text, in tokens, that the model to bench takes: from the shapes' configs or the checkpoint's
     backbone folders, before anything is built."""
     if configs is not None:
-        mlm, ar = ({k: v for k, v in configs[kind].items() if k != "model_type"} for kind in ("mlm", "ar"))
-        return max_sequence_length(AutoConfig.for_model(configs["mlm"]["model_type"], **mlm),
-                                   AutoConfig.for_model(configs["ar"]["model_type"], **ar))
+        return max_sequence_length(model_config(configs["mlm"]), model_config(configs["ar"]))
     config = load_config(checkpoint)
     return max_sequence_length(*(AutoConfig.from_pretrained(path, local_files_only=True)
                                  for path in (config.mlm_path, config.ar_path)))

@@ -7,6 +7,7 @@ vocabulary (both folders share it, so the pair passes the vocabulary check), and
 import json
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
@@ -30,6 +31,7 @@ PAPER = {
 }
 
 
+AUTO = {"mlm": AutoModelForMaskedLM, "ar": AutoModelForCausalLM}
 SHAPES = {"paper": lambda: PAPER, "default": lambda: backbone_configs(**DEFAULT_SIZE)}   # default: the shipped model
 
 
@@ -46,13 +48,34 @@ def load_shapes(name_or_file: str) -> dict:
         raise ValueError(f"--shapes {path}: cannot be read as JSON ({error})") from None
     if not isinstance(shapes, dict) or set(shapes) != {"mlm", "ar"} or not all(isinstance(shapes[k], dict) and "model_type" in shapes[k] for k in shapes):
         raise ValueError(f"{path} must hold {{\"mlm\": {{...}}, \"ar\": {{...}}}} Hugging Face configs with model_type")
+    check_configs(shapes, path)
+    return shapes
+
+
+def check_configs(shapes: dict, path: Path) -> None:
+    """Names the first thing in a --shapes file that gives no supported model pair."""
     for kind, supported in (("mlm", MLM_ADAPTERS), ("ar", AR_FAMILIES)):
         if shapes[kind]["model_type"] not in supported:
             raise ValueError(f"{path}: the {kind} config is a {shapes[kind]['model_type']!r} model; supported: "
                              f"{', '.join(sorted(supported))}")
         if type(shapes[kind].get("vocab_size")) is not int:
             raise ValueError(f"{path}: the {kind} config needs vocab_size, an integer (the pair shares a vocabulary)")
-    return shapes
+        positions = shapes[kind].get("max_position_embeddings", 3)
+        if type(positions) is not int or positions < 3:
+            raise ValueError(f"{path}: the {kind} config's max_position_embeddings must be an integer of at least 3, "
+                             f"got {positions!r}")
+    for kind in AUTO:
+        try:                       # built on the meta device: the library's own checks, no memory, no time
+            with torch.device("meta"):
+                AUTO[kind].from_config(model_config(shapes[kind]))
+        except (AssertionError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}: the {kind} config builds no model ({error})") from None
+
+
+def model_config(config: dict):
+    """A Hugging Face config object from a config dict with its model_type."""
+    config = dict(config)
+    return AutoConfig.for_model(config.pop("model_type"), **config)
 
 
 def synthetic_tokenizer(vocab_size: int, path: Path) -> Path:
@@ -68,14 +91,11 @@ def synthetic_tokenizer(vocab_size: int, path: Path) -> Path:
 
 def random_checkpoint(shapes: dict, folder: Path, seed: int = 0) -> Path:
     """Writes folder/mlm, folder/ar and the checkpoint folder/maria; returns the checkpoint."""
-    import torch
     torch.manual_seed(seed)
     folder = Path(folder)
     tokenizer_json = synthetic_tokenizer(shapes["ar"]["vocab_size"], folder / "tokenizer.json")
-    for kind, auto in (("mlm", AutoModelForMaskedLM), ("ar", AutoModelForCausalLM)):
-        config = dict(shapes[kind])
-        model_config = AutoConfig.for_model(config.pop("model_type"), **config)
-        auto.from_config(model_config).save_pretrained(folder / kind)
+    for kind, auto in AUTO.items():
+        auto.from_config(model_config(shapes[kind])).save_pretrained(folder / kind)
         save_tokenizer(tokenizer_json, folder / kind, kind)
     backbones = load_backbones(folder / "mlm", folder / "ar")
     save_checkpoint(folder / "maria", FusionHead.product_of_experts(backbones),
