@@ -171,10 +171,11 @@ def read_input(texts: list[str], input_file: Optional[str], input_format: Option
 NEWLINES = str.maketrans({"\n": "\\n", "\r": "\\r"})
 
 
-def show(result, as_json: bool, styled: bool) -> None:
-    """One line per result: JSON exact; plain text with a newline inside a fill shown escaped (\\n)."""
+def show(result, as_json: bool, styled: bool, kept: dict) -> None:
+    """One line per result: JSON exact, after the `kept` fields of its input line; plain text with a newline
+    inside a fill shown escaped (\\n)."""
     if as_json:
-        typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
+        typer.echo(json.dumps({**kept, **result.to_dict()}, ensure_ascii=False))
     elif styled:
         typer.echo("".join(typer.style(piece.translate(NEWLINES), fg=typer.colors.GREEN, bold=True) if fill
                            else piece.translate(NEWLINES) for piece, fill in result.segments))
@@ -182,12 +183,33 @@ def show(result, as_json: bool, styled: bool) -> None:
         typer.echo(result.text.translate(NEWLINES))
 
 
-def checked_lines(lines: list, infiller, skip_invalid: bool, where, rerank: bool = False) -> list:
+def kept_fields(line, from_file: bool) -> dict:
+    """What `--json` keeps of an input line beside its results: with --input, its number and a JSONL object's
+    other fields (an id, say), so results can be joined back to their input whatever was skipped."""
+    if not from_file:
+        return {}
+    return {"line": line.number, **{key: value for key, value in (line.record or {}).items() if key != "text"}}
+
+
+def clashing_field(line) -> str:
+    """A field of a JSONL line's object that `--json` would write over with a result's own, or ''."""
+    from runtime.results import Infilled
+
+    taken = {"line", *Infilled.FIELDS}
+    return next((key for key in line.record or {} if key != "text" and key in taken), "")
+
+
+def checked_lines(lines: list, infiller, skip_invalid: bool, where, rerank: bool = False,
+                  as_json: bool = False) -> list:
     """(line, its text prepared by Infiller.prepare) for the lines whose text encodes; a bad line stops the run
-    (naming it) unless skip_invalid, which reports it on stderr and leaves it out."""
+    (naming it) unless skip_invalid, which reports it on stderr and leaves it out. With as_json, a JSONL line
+    whose object has a field the results use is bad too (its value would be lost)."""
     good = []
     for line in lines:
         error = line.error
+        clash = clashing_field(line) if as_json and not error else ""
+        if clash:
+            error = f"{where(line)} has the field '{clash}', which --json writes with the result; rename it in the input"
         if not error:
             try:
                 good.append((line, infiller.prepare(line.text, rerank)))
@@ -211,7 +233,9 @@ def infill(
                                                                       "suffix, .jsonl/.ndjson = jsonl)."),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Report bad input lines on stderr and fill "
                                                                     "the rest (default: stop at the first)."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per result (ids, positions, log-probs)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per result (ids, positions, log-probs; "
+                                                       "with --input, the line number and a JSONL line's other "
+                                                       "fields)."),
     batch_size: int = typer.Option(8, min=1),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_k: int = typer.Option(0, help="Sample from the k most likely tokens (0 = all)."),
@@ -244,7 +268,7 @@ def infill(
     for warning in caught:
         typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
     where = (lambda line: f"{name}:{line.number}") if input_file else (lambda line: f"text {line.number}")
-    checked = checked_lines(lines, infiller, skip_invalid, where, rerank)
+    checked = checked_lines(lines, infiller, skip_invalid, where, rerank, as_json)
     if num_samples > 1 and sampling.greedy:
         typer.echo(f"note: --temperature 0 is greedy: the {num_samples} samples of each text are identical",
                    err=True)
@@ -256,9 +280,10 @@ def infill(
             request = FillRequest([prepared for _, prepared in chunk], sampling, num_samples, rerank,
                                   indices=[line.number - 1 for line, _ in chunk])
             for number, result in enumerate(infiller.infill_requests([request], batch_size=batch_size)[0]):
+                line = chunk[number // num_samples][0]
                 if result.note and not as_json:
-                    typer.echo(f"note: {where(chunk[number // num_samples][0])}: {result.note}", err=True)
-                show(result, as_json, styled)
+                    typer.echo(f"note: {where(line)}: {result.note}", err=True)
+                show(result, as_json, styled, kept_fields(line, bool(input_file)))
             sys.stdout.flush()
     except KeyboardInterrupt:
         fail("interrupted before every result was written; the output is incomplete", code=130)

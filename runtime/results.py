@@ -23,6 +23,9 @@ class Infilled:
     span_lengths: list = field(default_factory=list)
     candidates: list = field(default_factory=list)       # {"lengths", "score", "text", "ids"} per candidate
 
+    FIELDS = ("input", "text", "ids", "masked_positions", "fills", "fill_logprobs", "note", "score",
+              "span_lengths", "candidates")      # every key to_dict may write
+
     def to_dict(self) -> dict:
         """The JSON object of one result, as `maria infill --json` prints it."""
         out = {"input": self.input, "text": self.text, "ids": self.ids, "masked_positions": self.masked_positions,

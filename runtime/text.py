@@ -191,10 +191,12 @@ def loads_json(text):
 
 @dataclass(frozen=True)
 class Line:
-    """One non-blank input line: its 1-based number and its text, or why it holds no text."""
+    """One non-blank input line: its 1-based number and its text, or why it holds no text; a JSONL line's
+    object too (record)."""
     number: int
     text: str | None
     error: str = ""
+    record: dict | None = None
 
 
 def read_lines(content: str, name: str, jsonl: bool, field: str = "text") -> list[Line]:
@@ -220,7 +222,7 @@ def read_lines(content: str, name: str, jsonl: bool, field: str = "text") -> lis
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             lines.append(Line(number, None, f"{name}:{number} has no string field '{field}'"))
             continue
-        lines.append(Line(number, record[field]))
+        lines.append(Line(number, record[field], record=record))
     return lines
 
 

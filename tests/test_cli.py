@@ -37,6 +37,27 @@ def test_infill_reads_files_and_stdin(bundles, tmp_path):
     assert result.exit_code == 0 and len(result.stdout.splitlines()) == 2
 
 
+def test_infill_json_keeps_each_input_lines_number_and_fields(bundles, tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"text": "a [MASK] b", "id": "x1", "tags": [1]}\n\n{"txt": "no"}\n'
+                                       '{"id": 2, "text": "c [MASK:2]"}\n')
+    result = infill("--input", tmp_path / "in.jsonl", "--model", bundles["olmo"], "--json", "--skip-invalid")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(row["line"], row["id"], row["input"]) for row in rows] == [(1, "x1", "a [MASK] b"), (4, 2, "c [MASK:2]")]
+    assert rows[0]["tags"] == [1] and list(rows[0])[:3] == ["line", "id", "tags"] and len(rows[1]["fills"]) == 2
+    result = infill("--input", "-", "--model", bundles["olmo"], "--json", "--num-samples", "2", "--temperature", "1",
+                    input="x [MASK]\n\ny [MASK]\n")
+    assert [json.loads(line)["line"] for line in result.stdout.splitlines()] == [1, 1, 3, 3]
+    result = infill("x [MASK]", "--model", bundles["olmo"], "--json")      # arguments: no line numbers
+    assert "line" not in json.loads(result.stdout)
+    (tmp_path / "clash.jsonl").write_text('{"text": "a [MASK]", "id": 1}\n{"text": "b [MASK]", "score": 0.5}\n')
+    result = infill("--input", tmp_path / "clash.jsonl", "--model", bundles["olmo"], "--json")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert "clash.jsonl:2 has the field 'score', which --json writes with the result; rename it" in result.output
+    result = infill("--input", tmp_path / "clash.jsonl", "--model", bundles["olmo"])       # plain output: no clash
+    assert result.exit_code == 0 and len(result.stdout.splitlines()) == 2
+
+
 def test_export_then_infill_from_the_cli(checkpoints, tmp_path):
     result = runner.invoke(app, ["export", str(checkpoints["olmo2"]), "--out", str(tmp_path / "b")])
     assert result.exit_code == 0, result.output

@@ -189,9 +189,9 @@ def test_separators_inside_a_line_do_not_split_it(tmp_path):
 def test_a_newline_inside_a_fill_is_escaped_in_plain_text(capsys):
     result = Infilled(input="a [MASK] b", text="a\n b", ids=[1, 2, 3], masked_positions=[1], fill_logprobs=[-1.0],
                       fills=["\n"], segments=[("a", False), ("\n", True), (" b", False)])
-    show(result, as_json=False, styled=False)
-    show(result, as_json=False, styled=True)
-    show(result, as_json=True, styled=False)
+    show(result, as_json=False, styled=False, kept={})
+    show(result, as_json=False, styled=True, kept={})
+    show(result, as_json=True, styled=False, kept={})
     plain, styled, as_json = capsys.readouterr().out.split("\n")[:3]
     assert plain == "a\\n b" and "\\n" in styled and json.loads(as_json)["fills"] == ["\n"]
     assert "\n".translate(NEWLINES) == "\\n"

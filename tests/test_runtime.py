@@ -178,3 +178,12 @@ def test_token_logprobs_equal_a_float64_log_softmax():
     wide = logits.astype(np.float64)
     exact = wide[np.arange(6), tokens] - wide.max(-1) - np.log(np.exp(wide - wide.max(-1, keepdims=True)).sum(-1))
     np.testing.assert_allclose(token_logprobs(logits, tokens), exact, atol=1e-6, rtol=0)
+
+
+def test_result_fields_name_every_key_of_the_json_result():
+    """`maria infill --json` refuses an input field that a result key would write over; the list must be whole."""
+    from runtime.results import Infilled
+
+    full = Infilled(input="a", text="b", ids=[1], masked_positions=[0], fill_logprobs=[-1.0], fills=["b"], note="",
+                    score=-1.0, span_lengths=[1], candidates=[{"lengths": [1]}])
+    assert list(full.to_dict()) == list(Infilled.FIELDS)
