@@ -60,11 +60,18 @@ def check_size(limit: int, texts: int, num_samples: int, request: FillRequest | 
     """Raises TooLarge where a request needs more than `limit` decode rows: texts x samples (checked before the
     texts are prepared), and with the span candidates of the prepared request."""
     if texts * num_samples > limit:
-        raise TooLarge(f"{texts} texts x {num_samples} samples is over the limit of {limit} per request; "
-                       "split the request")
+        fits = limit // num_samples       # texts per request at this many samples
+        fix = (f"ask for at most {limit} samples" if texts == 1 else
+               f"split the request (at most {fits} text{'s' * (fits != 1)} of {num_samples} samples each)" if fits
+               else f"ask for at most {limit} samples of one text per request")
+        raise TooLarge(f"{texts} text{'s' * (texts != 1)} x {num_samples} samples is over the limit of {limit} per "
+                       f"request; {fix}")
     if request is not None and request.size > limit:
+        widest = max(len(p.candidates) for p in request.texts) * request.num_samples     # rows of its largest text
+        fix = ("split the request" if widest <= limit else
+               "narrow the span markers ([MASK:a-b]), fix some lengths ([MASK:N]) or ask for fewer samples")
         raise TooLarge(f"the request needs {request.size} decode rows (texts x samples x span candidates), over "
-                       f"the limit of {limit}; split the request")
+                       f"the limit of {limit}; {fix}")
 
 
 class SettingTypeError(ValueError):

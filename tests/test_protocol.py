@@ -175,3 +175,32 @@ def test_json_nesting_is_counted_outside_strings_and_bounded_alike_on_every_pyth
     for depth in (129, 900, 5000, 100_000):
         with pytest.raises(BadRequest, match=re.escape("the request nests arrays or objects more than 128 deep")):
             parse_infer(("[" * depth + "]" * depth).encode(), None)
+
+
+@pytest.mark.parametrize("texts, samples, message", [
+    (1, 100, "1 text x 100 samples is over the limit of 64 per request; ask for at most 64 samples"),
+    (9, 8, "9 texts x 8 samples is over the limit of 64 per request; split the request (at most 8 texts of 8 "
+           "samples each)"),
+    (2, 40, "2 texts x 40 samples is over the limit of 64 per request; split the request (at most 1 text of 40 "
+            "samples each)"),
+    (2, 65, "2 texts x 65 samples is over the limit of 64 per request; ask for at most 64 samples of one text per request"),
+])
+def test_a_request_over_the_row_limit_is_told_how_to_fit(texts, samples, message):
+    from runtime.requests import TooLarge, check_size
+
+    check_size(64, 8, 8)
+    with pytest.raises(TooLarge) as refused:
+        check_size(64, texts, samples)
+    assert str(refused.value) == message
+
+
+def test_a_span_request_over_the_row_limit_is_told_how_to_fit():
+    from runtime.requests import FillRequest, Prepared, TooLarge, check_size
+
+    def prepared(candidates):
+        return Prepared("t", [((length,), None) for length in range(1, candidates + 1)])
+
+    for texts, fix in [([prepared(8)] * 3, "split the request"),
+                       ([prepared(8), prepared(40)], "narrow the span markers ([MASK:a-b]), fix some lengths")]:
+        with pytest.raises(TooLarge, match=re.escape(fix)):
+            check_size(16, len(texts), 1, FillRequest(texts))
