@@ -455,10 +455,12 @@ def eval_command(
     from rich.table import Table
 
     from runtime.device import check_device
+    from runtime.evaluate import check_mask_rate
     from runtime.infiller import Infiller
     from tools.evaluate import evaluate
 
     check_device(device)
+    check_mask_rate(mask_rate, "--mask-rate")
     if as_json is not None and as_json.is_dir():
         raise ValueError(f"--json {as_json} is a folder; give a file path, e.g. {as_json / 'eval.json'}")
     if as_json is not None and not as_json.parent.is_dir():

@@ -17,11 +17,15 @@ from .decode import infill, score
 from .text import decode_utf8, pack_windows, plain_encoder, read_lines, texts_of
 
 
+def check_mask_rate(mask_rate: float, name: str = "mask rate") -> None:
+    if not 0 < mask_rate <= 1:
+        raise ValueError(f"{name} must be in (0, 1], got {mask_rate}")
+
+
 def draw_masks(windows, mask_rate: float, seed: int, span: bool = False) -> list[np.ndarray]:
     """One mask per window, fixed by the seed: each token with probability mask_rate, or (span) runs of mean
     length 4 until about mask_rate of the window is covered. Every window gets at least one masked token."""
-    if not 0 < mask_rate <= 1:
-        raise ValueError(f"mask rate must be in (0, 1], got {mask_rate}")
+    check_mask_rate(mask_rate)
     rng = np.random.default_rng(seed)
     masks = []
     for window in windows:

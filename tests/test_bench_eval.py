@@ -189,3 +189,11 @@ def test_eval_reads_a_file_as_training_reads_lines(bundles, tmp_path):
     documents = read_documents(tmp_path / "held.txt", line_documents=True)
     assert len(documents) == 40 and documents[0] == "document 0 with\x0ca form feed"
     np.testing.assert_array_equal(windows, document_windows(documents, infiller, 16, 8))
+
+
+@pytest.mark.parametrize("rate", ["1.5", "0", "nan"])
+def test_eval_names_a_bad_mask_rate_before_reading_the_text(bundles, tmp_path, rate):
+    (tmp_path / "short.txt").write_text("too short to fill one window\n")
+    result = runner.invoke(app, ["eval", str(tmp_path / "short.txt"), "--model", str(bundles["olmo"]),
+                                 "--mask-rate", rate, "--device", "cpu"])
+    assert result.exit_code == 2 and result.output.strip() == f"error: --mask-rate must be in (0, 1], got {float(rate)}"

@@ -27,7 +27,7 @@ from maria_onnx.checkpoint import load_config, load_maria
 from maria_onnx.reference import reference_infill
 from runtime.choose import Sampling
 from runtime.device import check_device
-from runtime.evaluate import draw_masks
+from runtime.evaluate import check_mask_rate, draw_masks
 from runtime.infiller import Infiller
 from runtime.manifest import load_manifest
 from runtime.sessions import cuda_missing
@@ -173,8 +173,7 @@ def prepare(out: Path, checkpoint=None, bundle=None, configs: dict | None = None
 
 def check_settings(mask_rate: float, repeats: int, lengths, batch_sizes) -> None:
     """Names the first setting maria bench cannot run with."""
-    if not 0 < mask_rate <= 1:
-        raise ValueError(f"--mask-rate must be in (0, 1], got {mask_rate}")
+    check_mask_rate(mask_rate, "--mask-rate")
     if repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {repeats}")
     if not lengths or min(lengths) < 2:
