@@ -108,3 +108,30 @@ def test_a_report_through_a_link_is_written_where_it_points(tmp_path):
     link.symlink_to(target)
     write_json(link, {"runs": [3]})
     assert link.is_symlink() and json.loads(target.read_text()) == {"runs": [3]}
+
+
+def test_a_plot_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A plot whose save is interrupted (Ctrl-C, here feigned after some bytes) leaves the previous PNG intact and
+    no partial file; a finished save is a PNG whatever the name's suffix."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from tools import save_figure
+
+    figure, plot = tmp_path / "bench.png", plt.figure()
+    save_figure(plt.figure(), figure)
+    before = figure.read_bytes()
+    assert before.startswith(b"\x89PNG")
+    real_save = Figure.savefig
+
+    def interrupted(self, file, *args, **kwargs):
+        real_save(self, file, *args, **kwargs)
+        Path(file).write_bytes(Path(file).read_bytes()[:50])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_figure(plot, figure)
+    assert figure.read_bytes() == before and list(tmp_path.iterdir()) == [figure]

@@ -24,18 +24,31 @@ def run_main(main, *args) -> None:
         sys.exit(2)
 
 
-def write_json(path: Path, value) -> None:
-    """Writes value as indented JSON, whole or not at all: into a file beside `path`, renamed over it once written,
-    so a write that fails (a full disk) leaves no truncated file and the previous one as it was. A link, a device or
-    a pipe (/dev/stdout) is written where it points, in place."""
-    path, text = Path(path), json.dumps(value, indent=2) + "\n"
+def write_whole(path: Path, write) -> None:
+    """write(file) writes a report or a plot whole or not at all: into a file beside `path`, renamed over it once
+    written, so a write that fails (a full disk, an interrupt) leaves no truncated file and the previous one as it
+    was. A link, a device or a pipe (/dev/stdout) is written where it points, in place."""
+    path = Path(path)
     if path.is_symlink() or (path.exists() and not path.is_file()):
-        path.write_text(text)
+        write(path)
         return
     partial = path.with_name(f".{path.name}.partial")
     try:
-        partial.write_text(text)
+        write(partial)
         os.replace(partial, path)
-    except OSError as error:
+    except BaseException as error:
         partial.unlink(missing_ok=True)
-        raise OSError(error.errno, error.strerror, str(path)) from None
+        if isinstance(error, OSError):
+            raise OSError(error.errno, error.strerror, str(path)) from None
+        raise
+
+
+def write_json(path: Path, value) -> None:
+    """Writes value as indented JSON, whole or not at all (write_whole)."""
+    text = json.dumps(value, indent=2) + "\n"
+    write_whole(path, lambda file: file.write_text(text))
+
+
+def save_figure(figure, path: Path) -> None:
+    """Saves a matplotlib figure as PNG, whole or not at all (write_whole)."""
+    write_whole(path, lambda file: figure.savefig(file, dpi=120, format="png"))

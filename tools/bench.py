@@ -32,7 +32,7 @@ from runtime.infiller import Infiller
 from runtime.manifest import load_manifest
 from runtime.sessions import cuda_missing
 
-from . import write_json
+from . import save_figure, write_json
 from .baselines import mlm_autoregressive
 from .shapes import load_shapes, model_config, random_checkpoint
 
@@ -137,7 +137,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path)
     plt.close(figure)
 
 

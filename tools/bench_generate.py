@@ -23,7 +23,7 @@ from runtime.choose import Sampling
 from runtime.infiller import Infiller
 from runtime.likelihood import ar_loglikelihood, ar_sample
 
-from . import run_main, write_json
+from . import run_main, save_figure, write_json
 
 
 def generative_perplexity(infiller, ids: list) -> float:
@@ -84,7 +84,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path)
     plt.close(figure)
 
 
