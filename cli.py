@@ -4,6 +4,7 @@ Training and export need the `train` extra (torch, transformers, optimum-onnx); 
 commands so that `maria infill` runs with the runtime's dependencies alone.
 """
 
+import contextlib
 import functools
 import json
 import math
@@ -45,6 +46,20 @@ CHUNK_BATCHES = 16
 def fail(message: str, code: int = 2):
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def results_to_stdout():
+    """Printing results: a write that fails (a full disk, a closed terminal) is named as stdout's, with the output
+    said to be incomplete; a reader that left (`| head`) stays a quiet stop (one_line_errors)."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as error:
+        raise OSError(error.errno, f"{error.strerror}; the output is incomplete",
+                      "stdout") from None
 
 
 def one_line_errors(command):
@@ -279,12 +294,13 @@ def infill(
             chunk = checked[begin:begin + size]
             request = FillRequest([prepared for _, prepared in chunk], sampling, num_samples, rerank,
                                   indices=[line.number - 1 for line, _ in chunk])
-            for number, result in enumerate(infiller.infill_requests([request], batch_size=batch_size)[0]):
-                line = chunk[number // num_samples][0]
-                if result.note and not as_json:
-                    typer.echo(f"note: {where(line)}: {result.note}", err=True)
-                show(result, as_json, styled, kept_fields(line, bool(input_file)))
-            sys.stdout.flush()
+            results = infiller.infill_requests([request], batch_size=batch_size)[0]
+            with results_to_stdout():
+                for number, result in enumerate(results):
+                    line = chunk[number // num_samples][0]
+                    if result.note and not as_json:
+                        typer.echo(f"note: {where(line)}: {result.note}", err=True)
+                    show(result, as_json, styled, kept_fields(line, bool(input_file)))
     except KeyboardInterrupt:
         fail("interrupted before every result was written; the output is incomplete", code=130)
 
@@ -344,8 +360,10 @@ def generate(
                          on_step=lambda step, energies: progress.update(
                              task, completed=step + 1, description=f"step {step}: mean energy {energies.mean():.1f}"),
                          batch_size=batch_size)
-    for result in results:
-        typer.echo(json.dumps(result.to_dict(), ensure_ascii=False) if as_json else result.text.translate(NEWLINES))
+    with results_to_stdout():
+        for result in results:
+            typer.echo(json.dumps(result.to_dict(), ensure_ascii=False) if as_json else
+                       result.text.translate(NEWLINES))
 
 
 def int_list(text: str, option: str) -> list[int]:
