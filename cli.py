@@ -58,8 +58,7 @@ def results_to_stdout():
     except BrokenPipeError:
         raise
     except OSError as error:
-        raise OSError(error.errno, f"{error.strerror}; the output is incomplete",
-                      "stdout") from None
+        raise OSError(error.errno, f"{error.strerror}; the output is incomplete", "stdout") from None
 
 
 def one_line_errors(command):
