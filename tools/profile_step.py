@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from runtime.manifest import load_manifest
+from runtime.manifest import Manifest, load_manifest
 from runtime.sessions import cuda_missing, cuda_providers
 
 from . import run_main, write_json
@@ -162,9 +162,9 @@ def copy_bandwidth_gbs() -> float | None:
     return round(2 * 20 * (1 << 30) / (start.elapsed_time(end) / 1000) / 1e9, 1)
 
 
-def floor(bundle: Path, m: dict, batch: int, cached: int, itemsize: int) -> dict:
+def floor(bundle: Path, m: Manifest, batch: int, cached: int, itemsize: int) -> dict:
     total, gathered = weight_bytes(bundle / "ar_step.onnx")
-    cache = 2 * m["num_hidden_layers"] * batch * m["num_key_value_heads"] * cached * m["head_dim"] * itemsize
+    cache = 2 * m.num_hidden_layers * batch * m.num_key_value_heads * cached * m.head_dim * itemsize
     bandwidth = copy_bandwidth_gbs()
     read = total - gathered + cache
     return {"weights_gb": round(total / 1e9, 3), "embedding_tables_gb": round(gathered / 1e9, 3),
@@ -173,9 +173,9 @@ def floor(bundle: Path, m: dict, batch: int, cached: int, itemsize: int) -> dict
             "floor_ms": round(read / (bandwidth * 1e9) * 1000, 4) if bandwidth else None}
 
 
-def check(bundle: Path, out: Path, device: str, batch: int, cached: int) -> None:
-    """ValueError naming what stops the profile (a bundle without the step graph, an empty shape, CUDA that cannot
-    start, an output without a folder) before any session is made."""
+def check(bundle: Path, out: Path, device: str, batch: int, cached: int) -> Manifest:
+    """The bundle's manifest, or ValueError naming what stops the profile (a bundle without the step graph, an
+    empty shape, CUDA that cannot start, an output without a folder) before any session is made."""
     manifest = load_manifest(bundle)
     if "ar_step" not in manifest.graphs:
         raise ValueError(f"{bundle} has no ar_step.onnx (the engine's step); re-export it with `maria export`")
@@ -185,18 +185,18 @@ def check(bundle: Path, out: Path, device: str, batch: int, cached: int) -> None
         raise ValueError(f"--device cuda: {cuda_missing()}")
     if not out.parent.is_dir():
         raise ValueError(f"{out}: no folder {out.parent}; give a path in an existing folder")
+    return manifest
 
 
 def main(bundle: Path, out: Path, device: str = "cpu", batch: int = 8, cached: int = 1024) -> dict:
-    check(bundle, out, device, batch, cached)
-    m = json.loads((bundle / "maria.json").read_text())
-    dtype = DTYPES[m["dtype"]]
+    m = check(bundle, out, device, batch, cached)
+    dtype = DTYPES[m.dtype]
     prefix = str(out.with_suffix("")) + "-ort"
-    report = {"device": device, "dtype": m["dtype"],
-              "shape": {"batch": batch, "cached_tokens": cached, "layers": m["num_hidden_layers"],
-                        "kv_heads": m["num_key_value_heads"], "head_dim": m["head_dim"]}}
+    report = {"device": device, "dtype": m.dtype,
+              "shape": {"batch": batch, "cached_tokens": cached, "layers": m.num_hidden_layers,
+                        "kv_heads": m.num_key_value_heads, "head_dim": m.head_dim}}
     graphs = {"ar_decoder (concat)": concat_step, "ar_step (in place)": engine_step}
-    if "ar_decoder" not in m["graphs"]:
+    if "ar_decoder" not in m.graphs:
         del graphs["ar_decoder (concat)"]
     for new in (1, 4):
         report[f"{new} new tokens"] = row = {}
