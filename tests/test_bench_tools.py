@@ -120,9 +120,9 @@ def test_a_plot_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
 
     from tools import save_figure
 
-    figure, plot = tmp_path / "bench.png", plt.figure()
-    save_figure(plt.figure(), figure)
-    before = figure.read_bytes()
+    png, figure = tmp_path / "bench.png", plt.figure()
+    save_figure(figure, png)
+    before = png.read_bytes()
     assert before.startswith(b"\x89PNG")
     real_save = Figure.savefig
 
@@ -132,6 +132,8 @@ def test_a_plot_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Figure, "savefig", interrupted)
+    figure.suptitle("changed")
     with pytest.raises(KeyboardInterrupt):
-        save_figure(plot, figure)
-    assert figure.read_bytes() == before and list(tmp_path.iterdir()) == [figure]
+        save_figure(figure, png)
+    plt.close(figure)
+    assert png.read_bytes() == before and list(tmp_path.iterdir()) == [png]
