@@ -5,13 +5,16 @@ and over the same Server (serve/app.py): one batcher, one set of bounds, metrics
     ServerMetadata, ModelMetadata, ModelReady
     ModelConfig, ModelStatistics         Triton's extensions, as GET .../config and .../stats
     ModelInfer                           text (BYTES) -> text, result (BYTES), as POST .../infer
+    ModelStreamInfer                     ModelInfer's requests on one stream, each answered as it finishes
 
 A request's inputs come as typed `contents` or as `raw_input_contents` (what tritonclient.grpc sends); both are
 read by the HTTP route's reader (serve/protocol.py), so the checks and their messages are the same. Outputs go
 back as `raw_output_contents`. Errors carry the HTTP route's one line with the matching gRPC status code; the
 metrics count each call under its method path with the HTTP status the same outcome gets. A client that cancels,
-or whose deadline passes, has its rows leave the decode engine at the next step. Triton's other methods (streaming,
-the repository, shared memory, trace and log settings) are not served: such a call gets UNIMPLEMENTED.
+or whose deadline passes, has its rows leave the decode engine at the next step. On a stream, each request gets one
+ModelStreamInferResponse: its response, or its error's line in error_message, and the stream goes on. Triton's
+other methods (the repository, shared memory, trace and log settings) are not served: such a call gets
+UNIMPLEMENTED.
 """
 
 import asyncio
@@ -29,6 +32,7 @@ from .protocol import (OUTPUTS, VERSION, BadRequest, InferRequest, bytes_tensor,
                        output_tensors, read_infer)
 
 SERVICE = "inference.GRPCInferenceService"
+FINAL_FLAG = "triton_enable_empty_final_response"      # a stream's request parameter (see stream_method)
 CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
          413: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT, 499: grpc.StatusCode.CANCELLED,
          503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED, 500: grpc.StatusCode.INTERNAL}
@@ -131,11 +135,9 @@ def method(server: Server, name: str, handler, request_type, response_type, open
     async def call(raw: bytes, context):
         began, status = time.monotonic(), 499           # 499 unless it ends otherwise: the client cancelled
         try:
-            token = dict(context.invocation_metadata() or ()).get("authorization", "")
-            if not open_method and not server.authorized(token):
-                raise ClientError(401, "missing or wrong bearer token; send the metadata "
-                                       "'authorization: Bearer <api key>'")
-            response, status = await handler(parsed(raw), context), 200
+            if not open_method:
+                check_token(server, context)
+            response, status = await handler(parsed(raw, request_type, name), context), 200
             return response
         except ClientError as error:
             status = error.status
@@ -149,16 +151,93 @@ def method(server: Server, name: str, handler, request_type, response_type, open
         finally:
             logged(server, path, status, began, method="gRPC", path=path, client=context.peer())
 
-    def parsed(raw: bytes):
-        """The request message; bytes that are not one get a one-line INVALID_ARGUMENT (gRPC's own deserializer
-        answered UNKNOWN and logged a traceback)."""
-        try:
-            return request_type.FromString(raw)
-        except DecodeError:
-            raise ClientError(400, f"the message is not a valid {request_type.DESCRIPTOR.name}; send the Open "
-                                   f"Inference Protocol's {name} request") from None
-
     return grpc.unary_unary_rpc_method_handler(call, response_serializer=response_type.SerializeToString)
+
+
+def check_token(server: Server, context) -> None:
+    """ClientError 401 unless the call's metadata carries the bearer token (any passes without --api-key)."""
+    if not server.authorized(dict(context.invocation_metadata() or ()).get("authorization", "")):
+        raise ClientError(401, "missing or wrong bearer token; send the metadata 'authorization: Bearer <api key>'")
+
+
+def parsed(raw: bytes, request_type, name: str):
+    """The request message; bytes that are not one get a one-line ClientError 400 (gRPC's own deserializer
+    answered UNKNOWN and logged a traceback)."""
+    try:
+        return request_type.FromString(raw)
+    except DecodeError:
+        raise ClientError(400, f"the message is not a valid {request_type.DESCRIPTOR.name}; send the Open "
+                               f"Inference Protocol's {name} request") from None
+
+
+def stream_method(server: Server, service: InferenceService):
+    """ModelStreamInfer: the requests on a stream run at once, each answered when it finishes (match them by
+    id) with its ModelInferResponse or its error's one line; an error ends no stream. At most --max-queue of a
+    stream's requests are unanswered at a time: beyond, the stream reads no more until one is answered. The
+    bearer token is checked once, for the stream. Each request is counted, timed and logged like a ModelInfer.
+    Triton's `triton_enable_empty_final_response` is taken: every answer is its request's final one and says so
+    (`triton_final_response`), and no empty one follows."""
+    path = f"/{SERVICE}/ModelStreamInfer"
+
+    async def answer(raw: bytes, context, peer: str) -> pb.ModelStreamInferResponse:
+        began, status, message = time.monotonic(), 499, pb.ModelInferRequest()    # 499 unless: the client left
+        try:
+            message = parsed(raw, pb.ModelInferRequest, "ModelStreamInfer")
+            final = FINAL_FLAG in message.parameters and message.parameters[FINAL_FLAG].bool_param
+            if FINAL_FLAG in message.parameters:
+                del message.parameters[FINAL_FLAG]
+            response = pb.ModelStreamInferResponse(infer_response=await service.model_infer(message, context))
+            if final:
+                response.infer_response.parameters["triton_final_response"].bool_param = True
+            status = 200
+            return response
+        except ClientError as error:
+            status, line = error.status, str(error)
+        except Exception:                               # not the client's doing: logged with its traceback here
+            status, line = 500, "the server failed on this request; see its log"
+            logging.getLogger("maria.serve").exception("gRPC ModelStreamInfer failed")
+        finally:
+            logged(server, path, status, began, method="gRPC", path=path, client=peer)
+        return pb.ModelStreamInferResponse(error_message=line, infer_response=pb.ModelInferResponse(     # its id
+            model_name=message.model_name, model_version=message.model_version, id=message.id))
+
+    async def call(requests, context):
+        peer = context.peer()            # read now: the call's context must not be touched once it has ended
+        try:
+            check_token(server, context)
+        except ClientError as error:
+            logged(server, path, error.status, time.monotonic(), method="gRPC", path=path, client=peer)
+            await context.abort(CODES[error.status], str(error))
+        answers, room, running = asyncio.Queue(), asyncio.Semaphore(server.settings.max_queue), set()
+
+        async def one(raw: bytes):
+            await answers.put(await answer(raw, context, peer))
+
+        async def read():                               # the stream's requests, then None once all are answered
+            try:
+                async for raw in requests:
+                    await room.acquire()
+                    task = asyncio.create_task(one(raw))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                await asyncio.gather(*running)
+            finally:
+                await answers.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (response := await answers.get()) is not None:
+                room.release()
+                yield response
+            await reader                                # a failed read of the stream fails the call
+        finally:                  # the client left: its requests leave the engine, before the call ends
+            tasks = [reader, *running]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    return grpc.stream_stream_rpc_method_handler(call,
+                                                 response_serializer=pb.ModelStreamInferResponse.SerializeToString)
 
 
 def grpc_server(server: Server) -> grpc.aio.Server:
@@ -172,6 +251,7 @@ def grpc_server(server: Server) -> grpc.aio.Server:
     methods = {name: method(server, name, handler, getattr(pb, f"{name}Request"), getattr(pb, f"{name}Response"),
                             open_method=name in ("ServerLive", "ServerReady"))
                for name, handler in handlers.items()}
+    methods["ModelStreamInfer"] = stream_method(server, service)
     endpoint = grpc.aio.server(options=[("grpc.max_receive_message_length", server.settings.max_body_bytes),
                                         ("grpc.so_reuseport", 0)])      # a port in use is refused, not shared
     endpoint.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),
@@ -180,7 +260,7 @@ def grpc_server(server: Server) -> grpc.aio.Server:
 
 
 class Unserved(grpc.GenericRpcHandler):
-    """Any other method (Triton's streaming, repository, shared memory...): UNIMPLEMENTED with one line naming what
+    """Any other method (Triton's repository, shared memory...): UNIMPLEMENTED with one line naming what
     is served."""
 
     def __init__(self, server: Server, served: list[str]):

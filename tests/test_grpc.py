@@ -19,6 +19,7 @@ grpc = pytest.importorskip("grpc", reason="the grpc extra (grpcio, protobuf) is 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
 
 from tritonclient.grpc import model_config_pb2, service_pb2  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from runtime.choose import Sampling  # noqa: E402
 from runtime.default_model import DEFAULT_MODEL  # noqa: E402
@@ -28,6 +29,7 @@ from serve.protocol import bytes_elements  # noqa: E402
 from tests.test_serve import ROOT, TEXTS, call, engine_steps, server  # noqa: E402
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
+STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
 def grpc_address(process) -> str:
@@ -73,7 +75,7 @@ def test_the_messages_are_the_protocols():
             compare(nested, theirs.nested_types_by_name[nested.name], f"{path}.{nested.name}")
 
     theirs = {**service_pb2.DESCRIPTOR.message_types_by_name, **model_config_pb2.DESCRIPTOR.message_types_by_name}
-    assert len(pb.DESCRIPTOR.message_types_by_name) == 25
+    assert len(pb.DESCRIPTOR.message_types_by_name) == 26
     for name, descriptor in pb.DESCRIPTOR.message_types_by_name.items():
         compare(descriptor, theirs[name], name)
     data_types = model_config_pb2.DESCRIPTOR.enum_types_by_name["DataType"].values_by_name
@@ -196,6 +198,95 @@ def test_typed_contents_and_parameters_from_a_bare_channel(running, reference):
     assert [t.decode() for t in bytes_elements(response.raw_output_contents[0])] == [r.text for r in want]
 
 
+def stream(client, requests: list[dict], headers: dict | None = None, seconds: float = 60) -> list:
+    """Sends each request (async_stream_infer's arguments) on one tritonclient stream; the (result, error) of each
+    answer, in the order they came, once all came or `seconds` passed. A stream the server ended (a wrong token)
+    takes no more requests; its error is the callback's."""
+    answers = []
+    client.start_stream(lambda result, error: answers.append((result, error)), headers=headers)
+    try:
+        for request in requests:
+            try:
+                client.async_stream_infer("maria", **request)
+            except InferenceServerException as error:
+                assert "The stream is no longer in valid state" in str(error)
+                break
+        deadline = time.monotonic() + seconds
+        while len(answers) < len(requests) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        client.stop_stream()
+    return answers
+
+
+def test_a_stream_answers_each_request_and_an_error_ends_no_stream(running, reference):
+    """tritonclient's streaming API: every request on the stream gets its own answer (matched by id), equal to the
+    reference's; a bad request gets its one line and the stream goes on; Triton's empty-final-response flag is
+    taken and the one answer says it is the final one."""
+    url, address = running
+    texts = [f"Use the [MASK] module to [MASK:2] file number {i}." for i in range(6)]
+    requests = [{"inputs": [text_input([t])], "request_id": f"r{i}", "parameters": {"temperature": 1.0, "seed": i}}
+                for i, t in enumerate(texts)]
+    requests.insert(3, {"inputs": [text_input(["a [MASK:0] b"])], "request_id": "bad"})
+    requests[0]["enable_empty_final_response"] = True
+    client = grpcclient.InferenceServerClient(address)
+    try:
+        answers = stream(client, requests)
+    finally:
+        client.close()
+    assert len(answers) == 7
+    errors = [str(error) for result, error in answers if error is not None]
+    assert errors == ["text 0: '[MASK:0]' asks for 0 tokens; ask for 1 to 2046 (the bundle's maximum length)"]
+    filled = {result.get_response().id: result for result, error in answers if error is None}
+    assert sorted(filled) == [f"r{i}" for i in range(6)]
+    for i, text in enumerate(texts):
+        want = reference.infill([text], Sampling(temperature=1.0, seed=i))[0]
+        assert filled[f"r{i}"].as_numpy("text")[0, 0].decode() == want.text
+        got = json.loads(filled[f"r{i}"].as_numpy("result")[0, 0])         # batched with others: same fills
+        assert got["fills"] == want.fills and np.allclose(got["fill_logprobs"], want.fill_logprobs, atol=1e-4)
+    assert [i for i, r in filled.items() if r.get_response().parameters["triton_final_response"].bool_param] == ["r0"]
+    metrics = call(url, "/metrics")[2].decode()
+    assert re.search(rf'^maria_requests_total\{{route="{STREAM}",status="200"\}} [6-9]', metrics, re.M)
+    assert re.search(rf'^maria_requests_total\{{route="{STREAM}",status="422"\}} [1-9]', metrics, re.M)
+
+
+def test_a_streams_errors_carry_their_request_id(running):
+    """From a bare channel: an error's answer names its request's id (tritonclient hands on only the line), and
+    bytes that are no request get the one-line error too, on the same stream as a good request."""
+    _, address = running
+    good = pb.ModelInferRequest(model_name="maria", id="good")
+    wrong = pb.ModelInferRequest(model_name="nope", id="wrong")
+    for request in (good, wrong):
+        request.inputs.add(name="text", datatype="BYTES", shape=[1],
+                           contents=pb.InferTensorContents(bytes_contents=[b"a [MASK]"]))
+    with grpc.insecure_channel(address) as channel:
+        call_stream = channel.stream_stream(STREAM, request_serializer=bytes,
+                                            response_deserializer=pb.ModelStreamInferResponse.FromString)
+        answers = list(call_stream(iter([b"\xff\xff\xff", wrong.SerializeToString(), good.SerializeToString()]),
+                                   timeout=60))
+    by_id = {a.infer_response.id: a for a in answers}
+    assert sorted(by_id) == ["", "good", "wrong"]
+    assert by_id[""].error_message == ("the message is not a valid ModelInferRequest; send the Open Inference "
+                                       "Protocol's ModelStreamInfer request")
+    assert by_id["wrong"].error_message == "no model 'nope' here; this server serves 'maria'"
+    assert by_id["good"].error_message == "" and [o.name for o in by_id["good"].infer_response.outputs] == ["text",
+                                                                                                          "result"]
+
+
+def test_a_stream_holds_back_beyond_the_queue_instead_of_refusing():
+    """A stream with more requests than --max-queue: the server reads it no faster than it answers, so every
+    request is filled and none gets 'queue full' (sent one by one, the same burst fills the queue)."""
+    with server("--grpc-port", "0", "--max-batch-size", "1", "--max-queue", "2") as (_, process):
+        client = grpcclient.InferenceServerClient(grpc_address(process))
+        try:
+            answers = stream(client, [{"inputs": [text_input(["The [MASK:30] end."])], "request_id": str(i)}
+                                      for i in range(8)])
+        finally:
+            client.close()
+        assert len(answers) == 8 and [str(e) for _, e in answers if e is not None] == []
+        assert sorted(int(r.get_response().id) for r, _ in answers) == list(range(8))
+
+
 def expect(code, message: str, call_it):
     with pytest.raises(grpc.RpcError) as caught:
         call_it()
@@ -255,6 +346,11 @@ def test_the_bearer_token_guards_all_but_health():
                 client.infer("maria", [text_input(TEXTS[:1])])
             result = client.infer("maria", [text_input(TEXTS[:1])], headers={"authorization": "Bearer sesame"})
             assert result.as_numpy("text")[0, 0].decode().startswith("The ")
+            ((result, error),) = stream(client, [{"inputs": [text_input(TEXTS[:1])]}])
+            assert result is None and "UNAUTHENTICATED] missing or wrong bearer token" in str(error)
+            ((result, error),) = stream(client, [{"inputs": [text_input(TEXTS[:1])]}],
+                                        headers={"authorization": "Bearer sesame"})
+            assert error is None and result.as_numpy("text")[0, 0].decode().startswith("The ")
         finally:
             client.close()
 
@@ -277,6 +373,29 @@ def test_a_deadline_ends_the_call_and_its_rows_leave_the_engine():
             if still:
                 break
         assert still and steps < 2000, steps
+
+
+def test_a_cancelled_stream_has_its_rows_leave_the_engine():
+    with server("--grpc-port", "0", "--max-batch-size", "1") as (url, process):
+        client, answers = grpcclient.InferenceServerClient(grpc_address(process)), []
+        try:
+            client.start_stream(lambda result, error: answers.append((result, error)))
+            client.async_stream_infer("maria", [text_input(["[MASK:2000]"])])        # 2,000 steps if run to the end
+            deadline = time.monotonic() + 60
+            while engine_steps(url) < 5 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            client.stop_stream(cancel_requests=True)
+        finally:
+            client.close()
+        steps, still = engine_steps(url), False
+        for _ in range(30):
+            time.sleep(1.0)
+            still, steps = engine_steps(url) == steps, engine_steps(url)
+            if still:
+                break
+        assert still and steps < 2000 and all(result is None for result, _ in answers), steps
+        metrics = call(url, "/metrics")[2].decode()
+        assert re.search(rf'^maria_requests_total\{{route="{STREAM}",status="499"\}} 1', metrics, re.M)
 
 
 def test_sigterm_lets_grpc_calls_in_flight_finish():
