@@ -32,7 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from runtime.choose import Sampling
 from runtime.infiller import FillRequest
@@ -351,6 +351,7 @@ def create_app(infiller, settings: ServeSettings = ServeSettings()) -> Starlette
     app = Starlette(routes=[Route(path, guarded(server, path, handler), methods=[method])
                             for path, (method, handler) in routes.items()],
                     exception_handlers={404: unrouted(server), 405: unrouted(server)})
+    app.router.redirect_slashes = False      # a 307 with an empty body; the 404 below names the slash instead
     app.state.server = server
     return app
 
@@ -363,12 +364,20 @@ def unrouted(server: Server):
         if error.status_code == 405:
             allowed = error.headers.get("Allow", "")
             message = f"{path} takes {allowed}, not {request.method}"
+        elif path != "/" and path.endswith("/") and routed(request, path.rstrip("/")):
+            message = f"no route {path}; leave out the trailing slash: {path.rstrip('/')}"
         else:
             message = f"no route {path}; the routes are /v2/..., /v1/infill, /v1/infill/stream and /metrics"
         response = JSONResponse({"error": message}, status_code=error.status_code, headers=error.headers)
         record(server, "(unrouted)", request, error.status_code, began)       # one label: paths are the client's
         return response
     return answer
+
+
+def routed(request: Request, path: str) -> bool:
+    """Whether a route of the request's app takes `path` (with any method)."""
+    scope = {**request.scope, "path": path}
+    return any(route.matches(scope)[0] != Match.NONE for route in request.app.router.routes)
 
 
 def guarded(server: Server, path: str, handler):

@@ -330,6 +330,12 @@ def test_tritonclient_reads_the_statistics_of_each_request():
             client.close()
         status, headers, body = call(url, "/v2/models/maria/infer")                       # GET, not POST
         assert status == 405 and json.loads(body) == {"error": "/v2/models/maria/infer takes POST, not GET"}
+        status, _, body = call(url, "/v2/models/maria/infer/", oip(TEXTS))         # no redirect with no body
+        assert (status, json.loads(body)) == (404, {"error": "no route /v2/models/maria/infer/; leave out the "
+                                                             "trailing slash: /v2/models/maria/infer"})
+        status, _, body = call(url, "/v2/nothing/")
+        assert (status, json.loads(body)["error"]) == (404, "no route /v2/nothing/; the routes are /v2/..., "
+                                                            "/v1/infill, /v1/infill/stream and /metrics")
 
 
 def test_a_full_queue_gives_503_and_a_deadline_504():
