@@ -52,7 +52,7 @@ def test_serve_http_and_grpc_at_the_floors(reference):
     pytest.importorskip("grpc", reason="the grpc extra (grpcio, protobuf) is not installed")
     pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
     from serve.protocol import bytes_elements
-    from tests.test_grpc import bare_infer, grpc_address, pb
+    from tests.test_grpc import bare_infer, grpc_address, grpcclient, pb, stream, text_input
 
     with server("--grpc-port", "0", python=FLOORS_PYTHON) as (url, process):
         status, _, body = call(url, "/v2/models/maria/infer", oip(TEXTS))
@@ -66,4 +66,12 @@ def test_serve_http_and_grpc_at_the_floors(reference):
         response = bare_infer(grpc_address(process), request)
         result = response.raw_output_contents[[o.name for o in response.outputs].index("result")]
         assert same_fills([json.loads(r) for r in bytes_elements(result)], reference)
+
+        client = grpcclient.InferenceServerClient(grpc_address(process))          # the same on a stream
+        try:
+            ((streamed, error),) = stream(client, [{"inputs": [text_input(TEXTS)]}])
+        finally:
+            client.close()
+        assert error is None and same_fills([json.loads(r) for r in streamed.as_numpy("result").reshape(-1)],
+                                            reference)
 
