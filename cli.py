@@ -423,7 +423,8 @@ def bench_serve(
     texts_file: Optional[Path] = typer.Option(None, "--texts", help="The texts the clients send, one per line "
                                                                     "(default: four short texts)."),
     protocols: str = typer.Option("http", help="What the clients speak, compared: http (POST /v1/infill), grpc "
-                                               "(ModelInfer through tritonclient.grpc)."),
+                                               "(ModelInfer through tritonclient.grpc), grpc-stream (a "
+                                               "ModelStreamInfer stream per client)."),
 ):
     """Load on a real `maria serve`: throughput, p50/p99 latency and batch sizes, with and without batching."""
     from runtime.device import check_device

@@ -55,18 +55,18 @@ def test_a_server_that_does_not_start_is_named_with_its_reason(tmp_path):
     assert not (tmp_path / "bench-serve.json").exists()
 
 
-def test_bench_serve_compares_http_and_grpc_clients(tmp_path):
+def test_bench_serve_compares_http_grpc_and_grpc_stream_clients(tmp_path):
     pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
     pytest.importorskip("grpc", reason="the grpc extra (grpcio, protobuf) is not installed")
     result = CliRunner().invoke(app, ["bench-serve", "--out", str(tmp_path), "--clients", "4", "--requests", "8",
-                                      "--max-batch-sizes", "8", "--protocols", "http,grpc"])
+                                      "--max-batch-sizes", "8", "--protocols", "http,grpc,grpc-stream"])
     assert result.exit_code == 0, result.output
     runs = {run["protocol"]: run for run in json.loads((tmp_path / "bench-serve.json").read_text())["runs"]}
-    assert set(runs) == {"http", "grpc"}
+    assert set(runs) == {"http", "grpc", "grpc-stream"}
     for run in runs.values():
         assert run["ok"] == 8 and run["errors"] == 0 and run["infer_ms"] > 0
     # the same texts in the same order: the same masked tokens filled, so the same rows stepped in all
-    assert runs["http"]["batches"] * runs["http"]["mean_batch_size"] == \
-        pytest.approx(runs["grpc"]["batches"] * runs["grpc"]["mean_batch_size"])
+    rows = {protocol: run["batches"] * run["mean_batch_size"] for protocol, run in runs.items()}
+    assert rows["grpc"] == pytest.approx(rows["http"]) and rows["grpc-stream"] == pytest.approx(rows["http"])
     result = CliRunner().invoke(app, ["bench-serve", "--out", str(tmp_path), "--protocols", "websocket"])
-    assert result.exit_code == 2 and "--protocols takes a comma-separated list of http, grpc" in result.output
+    assert result.exit_code == 2 and "--protocols takes a comma-separated list of http, grpc, grpc-stream" in result.output

@@ -2,15 +2,18 @@
 
 For each --max-batch-size setting (1 = no batching), --decoder (engine: continuous batching; concat: batch at a
 time) and protocol a server starts on 127.0.0.1 (ephemeral ports); N clients, each starting a little after the last
-(staggered), send a fixed number of requests of one text each: POST /v1/infill (http), or ModelInfer through
-tritonclient.grpc (grpc; the server with --grpc-port); the run reports throughput, p50/p99 latency, errors, and
+(staggered), send a fixed number of requests of one text each, one after another: POST /v1/infill (http),
+ModelInfer through tritonclient.grpc (grpc; the server with --grpc-port), or ModelStreamInfer, each client's
+requests on one stream of its own (grpc-stream); the run reports throughput, p50/p99 latency, errors, and
 from the server's own statistics (GET /v2/models/stats) the batch sizes it formed and where a request's time went:
 waiting for a slot (queue) or being filled (infer). The server is stopped by its process id after each run.
 """
 
+import contextlib
 import itertools
 import json
 import os
+import queue
 import re
 import signal
 import statistics
@@ -102,24 +105,65 @@ def warm_up(url: str, texts: list[str], timeout: float) -> None:
                              "text of --texts a marker")
 
 
-def grpc_sender(address: str):
+@contextlib.contextmanager
+def http_sender(url: str, address: str | None):
+    """A function sending one text as POST /v1/infill, returning (status, seconds)."""
+    yield lambda text, timeout: post(url, text, timeout)
+
+
+def text_tensor(text: str):
+    import numpy as np
+    from tritonclient.grpc import InferInput
+    tensor = InferInput("text", [1, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[text.encode()]], dtype=np.object_))
+    return tensor
+
+
+@contextlib.contextmanager
+def grpc_sender(url: str, address: str):
     """A function sending one text as a ModelInfer through tritonclient.grpc, returning (status, seconds): the HTTP
     status the same outcome gets (200, or 0 for any error)."""
-    import numpy as np
-    from tritonclient.grpc import InferenceServerClient, InferInput
+    from tritonclient.grpc import InferenceServerClient
     client = InferenceServerClient(address)
 
     def send(text: str, timeout: float) -> tuple[int, float]:
         began = time.perf_counter()
-        tensor = InferInput("text", [1, 1], "BYTES")
-        tensor.set_data_from_numpy(np.array([[text.encode()]], dtype=np.object_))
         try:
-            client.infer("maria", [tensor], client_timeout=timeout)
+            client.infer("maria", [text_tensor(text)], client_timeout=timeout)
             status = 200
         except Exception:                          # tritonclient's InferenceServerException: counted as an error
             status = 0
         return status, time.perf_counter() - began
-    return send
+    try:
+        yield send
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def grpc_stream_sender(url: str, address: str):
+    """A function sending one text on this client's ModelStreamInfer stream (tritonclient.grpc) and waiting for its
+    answer, returning (status, seconds) as grpc_sender; the stream is closed when the client is done."""
+    from tritonclient.grpc import InferenceServerClient
+    client, answers = InferenceServerClient(address), queue.Queue()
+    client.start_stream(lambda result, error: answers.put(error))
+
+    def send(text: str, timeout: float) -> tuple[int, float]:
+        began = time.perf_counter()
+        try:
+            client.async_stream_infer("maria", [text_tensor(text)])
+            status = 200 if answers.get(timeout=timeout) is None else 0
+        except Exception:                          # a closed stream, or no answer within the timeout
+            status = 0
+        return status, time.perf_counter() - began
+    try:
+        yield send
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+
+
+SENDERS = {"http": http_sender, "grpc": grpc_sender, "grpc-stream": grpc_stream_sender}
 
 
 def server_stats(url: str) -> dict:
@@ -135,15 +179,15 @@ def server_stats(url: str) -> dict:
 
 
 def load(url: str, clients: int, requests: int, stagger_s: float, timeout: float,
-         texts: list[str] = TEXTS, grpc_address: str | None = None) -> list[tuple[int, float]]:
+         texts: list[str] = TEXTS, grpc_address: str | None = None, protocol: str = "http") -> list[tuple[int, float]]:
     """Each client sends its share of the requests one after another, starting stagger_s after the last; client c's
-    i-th request is texts[(c + i) % len(texts)]. Over gRPC where grpc_address is given (a channel per client)."""
+    i-th request is texts[(c + i) % len(texts)]. Over gRPC a channel per client (and with grpc-stream a stream)."""
     shares = [requests // clients + (c < requests % clients) for c in range(clients)]
 
     def client(number: int):
-        send = grpc_sender(grpc_address) if grpc_address else lambda text, timeout: post(url, text, timeout)
-        time.sleep(number * stagger_s)
-        return [send(texts[(number + i) % len(texts)], timeout) for i in range(shares[number])]
+        with SENDERS[protocol](url, grpc_address) as send:
+            time.sleep(number * stagger_s)
+            return [send(texts[(number + i) % len(texts)], timeout) for i in range(shares[number])]
 
     with ThreadPoolExecutor(clients) as pool:
         return [answer for answers in pool.map(client, range(clients)) for answer in answers]
@@ -153,12 +197,12 @@ def run_one(model, max_batch_size: int, delay_ms: float, device: str, clients: i
             stagger_s: float, timeout: float, decoder: str = "auto", texts: list[str] = TEXTS,
             protocol: str = "http") -> dict:
     url, grpc_address, process = start_server(model, max_batch_size, delay_ms, device, decoder=decoder,
-                                              grpc=protocol == "grpc")
+                                              grpc=protocol != "http")
     try:
         warm_up(url, texts, timeout)
         before = server_stats(url)
         began = time.perf_counter()
-        answers = load(url, clients, requests, stagger_s, timeout, texts, grpc_address)
+        answers = load(url, clients, requests, stagger_s, timeout, texts, grpc_address, protocol)
         wall = time.perf_counter() - began
         after = server_stats(url)
     finally:
@@ -194,15 +238,15 @@ def bench_serve(out: Path, model=None, clients: int = 32, requests: int = 256, m
             raise ValueError(f"{option} takes a finite number of milliseconds, at least 0; got {value}")
     if not max_batch_sizes or min(max_batch_sizes) < 1:
         raise ValueError(f"--max-batch-sizes takes batch sizes of at least 1, got {list(max_batch_sizes)}")
-    if not protocols or set(protocols) - {"http", "grpc"}:
-        raise ValueError(f"--protocols takes a comma-separated list of http, grpc; got {','.join(protocols)}")
-    if "grpc" in protocols:
+    if not protocols or set(protocols) - set(SENDERS):
+        raise ValueError(f"--protocols takes a comma-separated list of {', '.join(SENDERS)}; got {','.join(protocols)}")
+    if set(protocols) - {"http"}:
         try:
             import grpc  # noqa: F401
             import tritonclient.grpc  # noqa: F401
         except ImportError as error:
-            raise ValueError(f"{error.name}: --protocols grpc needs tritonclient[grpc] and the grpc extra; pip install "
-                             "'maria-onnx[serve,grpc]' 'tritonclient[grpc]'") from None
+            raise ValueError(f"{error.name}: --protocols grpc and grpc-stream need tritonclient[grpc] and the grpc "
+                             "extra; pip install 'maria-onnx[serve,grpc]' 'tritonclient[grpc]'") from None
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; --out names the folder for bench-serve.json")
