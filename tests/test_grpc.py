@@ -399,20 +399,27 @@ def test_a_cancelled_stream_has_its_rows_leave_the_engine():
 
 
 def test_sigterm_lets_grpc_calls_in_flight_finish():
-    with server("--grpc-port", "0", "--max-batch-size", "2") as (_, process):
+    """Two calls and a stream's request in flight when SIGTERM comes are answered; the server exits 0 once the
+    stream is closed."""
+    with server("--grpc-port", "0", "--max-batch-size", "3") as (_, process):
         client, answers = grpcclient.InferenceServerClient(grpc_address(process)), []
+        streaming = grpcclient.InferenceServerClient(grpc_address(process))
         try:
             for _ in range(2):
                 client.async_infer("maria", [text_input(["[MASK:300]"])],
                                    callback=lambda result, error: answers.append((result, error)))
+            streaming.start_stream(lambda result, error: answers.append((result, error)))
+            streaming.async_stream_infer("maria", [text_input(["[MASK:300]"])])
             time.sleep(0.3)
             process.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 60
-            while len(answers) < 2 and time.monotonic() < deadline:
+            while len(answers) < 3 and time.monotonic() < deadline:
                 time.sleep(0.02)
         finally:
+            streaming.stop_stream()
+            streaming.close()
             client.close()
-        assert len(answers) == 2 and all(error is None for _, error in answers), answers
+        assert len(answers) == 3 and all(error is None for _, error in answers), answers
         assert process.wait(timeout=60) == 0
 
 
