@@ -272,8 +272,11 @@ class Server:
             payload = request_json(await self.body(request))
         except BadRequest as error:
             raise ClientError(400, str(error)) from None
-        if not isinstance(payload, dict) or "text" not in payload:
-            raise ClientError(400, 'send a JSON object {"text": [...], ...}')
+        if not isinstance(payload, dict):
+            raise ClientError(400, f'send a JSON object {{"text": [...], ...}}, got {type(payload).__name__}')
+        if "text" not in payload:
+            raise ClientError(400, f'the request has no "text" field (it has {sorted(payload)}); '
+                                   f'send {{"text": [...], ...}} with fields text, {", ".join(SETTINGS)}')
         texts = payload.pop("text")
         texts = [texts] if isinstance(texts, str) else texts
         if not isinstance(texts, list):

@@ -252,7 +252,8 @@ def test_metrics_in_prometheus_format(running):
 
 BOUNDS = [
     ("/v1/infill", None, b"{not json", 400, "not valid JSON"),
-    ("/v1/infill", {"txt": ["a"]}, None, 400, 'send a JSON object {"text"'),
+    ("/v1/infill", {"texts": ["a"]}, None, 400, "the request has no \"text\" field (it has ['texts']); send"),
+    ("/v1/infill", ["a [MASK]"], None, 400, 'send a JSON object {"text": [...], ...}, got list'),
     ("/v1/infill", {"text": ["a [MASK:0] b"]}, None, 422, "text 0: '[MASK:0]' asks for 0 tokens"),
     ("/v1/infill", {"text": ["word " * 2100 + "[MASK]"]}, None, 422, "over the bundle's maximum"),
     ("/v1/infill", {"text": ["a [MASK:x]"]}, None, 422, "is not a marker"),
