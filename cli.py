@@ -392,6 +392,8 @@ def bench(
     mlm_ar_max_tokens: int = typer.Option(512, help="Run mlm-ar only where batch x length is at most this."),
     concat: bool = typer.Option(True, help="Include the concat decoder beside the engine; --no-concat holds one "
                                            "copy of the AR in memory instead of two (large shapes)."),
+    int8: bool = typer.Option(False, "--int8", help="Also export the weights with --int8 into --out/bundle-int8 "
+                                                    "and bench its engine on the CPU (onnx-cpu-int8)."),
 ):
     """Infilling throughput against input length: ONNX runtime, PyTorch reference, MLM decoded autoregressively."""
     from tools.bench import bench as run_bench
@@ -403,7 +405,7 @@ def bench(
     run_bench(out, checkpoint=checkpoint, bundle=model, shapes=shapes, dtype=dtype,
               lengths=int_list(lengths, "--lengths"), batch_sizes=int_list(batch_sizes, "--batch-sizes"),
               mask_rate=mask_rate, repeats=repeats, seed=seed, device=device, mlm_ar=mlm_ar,
-              mlm_ar_max_tokens=mlm_ar_max_tokens, concat=concat)
+              mlm_ar_max_tokens=mlm_ar_max_tokens, concat=concat, int8=int8)
 
 
 @app.command("bench-serve")

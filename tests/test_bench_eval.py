@@ -4,6 +4,7 @@ import json
 import math
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -31,6 +32,20 @@ def test_bench_writes_json_and_png(checkpoints, bundles, tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["seconds_min"] <= r["seconds_median"] <= r["seconds_max"]
                for r in report["results"])
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_int8_runs_an_int8_export_of_the_same_weights_beside(checkpoints, tmp_path):
+    result = runner.invoke(app, ["bench", "--checkpoint", str(checkpoints["olmo"]), "--out", str(tmp_path),
+                                 "--lengths", "8", "--batch-sizes", "2", "--repeats", "1", "--device", "cpu",
+                                 "--no-mlm-ar", "--no-concat", "--int8"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert {r["system"] for r in report["results"]} == {"onnx-cpu", "onnx-cpu-int8", "pytorch"}
+    int8 = json.loads((tmp_path / "bundle-int8" / "maria.json").read_text())
+    assert report["int8_bundle"] == str(tmp_path / "bundle-int8") and int8["quantization"] == "int8-dynamic"
+    assert json.loads((tmp_path / "bundle-fp32" / "maria.json").read_text())["quantization"] == "none"
+    step = onnx.load(str(tmp_path / "bundle-int8" / "ar_step.onnx"))
+    assert "MatMulInteger" in {node.op_type for node in step.graph.node}
 
 
 def test_bench_on_random_shapes_from_a_config_file(tmp_path):
@@ -68,6 +83,7 @@ def test_bench_on_random_shapes_from_a_config_file(tmp_path):
     (["bench", "--shapes", "paper", "--lengths", "128,2048"],
      "--lengths [2048] exceed the model's maximum of 2047 tokens; give lengths up to 2047"),
     (["bench", "--shapes", "paper", "--checkpoint", "x"], "give either --checkpoint (trained weights) or --shapes"),
+    (["bench", "--int8", "--device", "cuda"], "--int8 benches an int8 bundle on the CPU; use it with --device cpu"),
     (["bench-serve", "--clients", "8", "--requests", "4"], "--requests must be at least --clients"),
     (["bench-serve", "--max-batch-sizes", "4,0"], "--max-batch-sizes takes batch sizes of at least 1, got [4, 0]"),
     (["bench-serve", "--stagger-ms", "inf"], "--stagger-ms takes a finite number of milliseconds, at least 0; got inf"),

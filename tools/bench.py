@@ -5,6 +5,8 @@ Systems:
     onnx-cpu / onnx-cuda   the runtime's decode engine (ar_step.onnx: the KV cache written in place)
     onnx-*-concat          the runtime's concat decoder (Optimum's ar_decoder.onnx: the cache copied each step),
                            where the bundle has it
+    onnx-cpu-int8          with --int8: the decode engine on an int8 (dynamically quantized) export of the same
+                           weights, on the CPU
     pytorch                the PyTorch reference: eager, with the AR's KV cache
     mlm-ar                 the MLM decoded autoregressively: left to right, the MLM re-run after every fill
 """
@@ -38,9 +40,9 @@ from .shapes import load_shapes, model_config, random_checkpoint
 
 
 def _systems(bundle: Path, graphs: dict, checkpoint: Path, device: str, mlm_ar: bool, dtype: str,
-             concat: bool = True) -> dict:
+             concat: bool = True, int8_bundle: Path | None = None) -> dict:
     """name -> fill(ids, masked) for one batch; graphs: the bundle's manifest's. concat: the concat decoder beside
-    the engine (each holds its own copy of the AR)."""
+    the engine (each holds its own copy of the AR). int8_bundle: its engine on the CPU too."""
     torch_device = choose_torch_device(device)
     torch_dtype = torch.float16 if dtype == "fp16" and torch_device == "cuda" else torch.float32
     backbones, head, _ = load_maria(checkpoint, device=torch_device, dtype=torch_dtype)
@@ -54,6 +56,9 @@ def _systems(bundle: Path, graphs: dict, checkpoint: Path, device: str, mlm_ar: 
             infiller = Infiller(bundle, device=onnx_device, decoder=decoder)
             name = f"onnx-{infiller.device}" + ("-concat" if decoder == "concat" else "")
             systems[name] = lambda ids, masked, infiller=infiller: infiller.fill_ids(ids, masked, batch_size=len(ids))
+    if int8_bundle is not None:
+        infiller = Infiller(int8_bundle, device="cpu", decoder="engine")
+        systems["onnx-cpu-int8"] = lambda ids, masked: infiller.fill_ids(ids, masked, batch_size=len(ids))
     systems["pytorch"] = lambda ids, masked: reference_infill(backbones, head, ids, masked, Sampling(), len(ids))
     if mlm_ar:
         systems["mlm-ar"] = lambda ids, masked: mlm_autoregressive(backbones, ids, masked)
@@ -159,21 +164,30 @@ def random_shapes(checkpoint=None, shapes=None) -> dict | None:
 
 
 def prepare(out: Path, checkpoint=None, bundle=None, configs: dict | None = None, shapes: str | None = None,
-            dtype: str = "fp32", console=None):
-    """The (checkpoint, bundle) to bench: a trained checkpoint, or random backbones of the configs random_shapes
-    read (named `shapes`); a bundle is exported from the checkpoint unless one is given."""
+            dtype: str = "fp32", console=None, int8: bool = False):
+    """The (checkpoint, bundle, int8 bundle or None) to bench: a trained checkpoint, or random backbones of the
+    configs random_shapes read (named `shapes`); a bundle is exported from the checkpoint unless one is given, and
+    with int8 an int8 bundle (the engine only) always, its export's own check judging it as `maria export --int8`
+    does."""
     if configs is not None:
         console.print(f"building random backbones with the '{shapes or 'default'}' shapes")
         checkpoint = random_checkpoint(configs, out / "model")
     if bundle is None:
         bundle = out / f"bundle-{dtype}"
         export_bundle(checkpoint, bundle, dtype=dtype, overwrite=True, console=console)
-    return Path(checkpoint), Path(bundle)
+    int8_bundle = out / "bundle-int8" if int8 else None
+    if int8:
+        export_bundle(checkpoint, int8_bundle, int8=True, overwrite=True, console=console, baseline_heads=False,
+                      concat_decoder=False)
+    return Path(checkpoint), Path(bundle), int8_bundle
 
 
-def check_settings(mask_rate: float, repeats: int, lengths, batch_sizes) -> None:
+def check_settings(mask_rate: float, repeats: int, lengths, batch_sizes, int8: bool = False, device: str = "auto"
+                   ) -> None:
     """Names the first setting maria bench cannot run with."""
     check_mask_rate(mask_rate, "--mask-rate")
+    if int8 and device.startswith("cuda"):
+        raise ValueError("--int8 benches an int8 bundle on the CPU; use it with --device cpu or auto")
     if repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {repeats}")
     if not lengths or min(lengths) < 2:
@@ -202,11 +216,11 @@ def check_lengths(lengths, longest: int) -> None:
 def bench(out: Path, checkpoint=None, bundle=None, shapes=None, dtype: str = "fp32",
           lengths=(64, 128, 256, 512, 1024), batch_sizes=(1, 8), mask_rate: float = 0.5, repeats: int = 3,
           seed: int = 0, device: str = "auto", mlm_ar: bool = True, mlm_ar_max_tokens: int = 512,
-          console: Console | None = None, concat: bool = True) -> dict:
+          console: Console | None = None, concat: bool = True, int8: bool = False) -> dict:
     """Runs every system on every (length, batch); writes out/bench.json and out/bench.png; returns the report."""
     check_device(device)
     console = console or Console(stderr=True)
-    check_settings(mask_rate, repeats, lengths, batch_sizes)
+    check_settings(mask_rate, repeats, lengths, batch_sizes, int8, device)
     configs = random_shapes(checkpoint, shapes)  # a bad --shapes is named before --out is made
     if bundle is None:                           # and lengths the model cannot take, before an export of minutes
         check_lengths(lengths, longest_text(checkpoint, configs))
@@ -214,14 +228,16 @@ def bench(out: Path, checkpoint=None, bundle=None, shapes=None, dtype: str = "fp
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; --out names the folder for bench.json and bench.png")
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint, bundle = prepare(out, checkpoint, bundle, configs, shapes, dtype, console)
+    checkpoint, bundle, int8_bundle = prepare(out, checkpoint, bundle, configs, shapes, dtype, console, int8)
     manifest = load_manifest(bundle)
     check_lengths(lengths, manifest.max_sequence_length)
-    systems, torch_device = _systems(bundle, manifest.graphs, checkpoint, device, mlm_ar, dtype, concat)
+    systems, torch_device = _systems(bundle, manifest.graphs, checkpoint, device, mlm_ar, dtype, concat,
+                                     int8_bundle)
     results = measure(systems, lengths, batch_sizes, manifest.vocab_size, mask_rate, repeats, seed, console,
                       mlm_ar_max_tokens)
     _ratios(results)
-    report = {"bundle": str(bundle), "checkpoint": str(checkpoint), "shapes": shapes, "dtype": manifest.dtype,
+    report = {"bundle": str(bundle), "int8_bundle": int8_bundle and str(int8_bundle), "checkpoint": str(checkpoint),
+              "shapes": shapes, "dtype": manifest.dtype,
               "mask_rate": mask_rate, "repeats": repeats, "seed": seed, "torch_device": torch_device,
               "mlm_ar_max_tokens": mlm_ar_max_tokens,
               "machine": machine(), "results": results}
