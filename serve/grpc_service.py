@@ -12,7 +12,8 @@ read by the HTTP route's reader (serve/protocol.py), so the checks and their mes
 back as `raw_output_contents`. Errors carry the HTTP route's one line with the matching gRPC status code; the
 metrics count each call under its method path with the HTTP status the same outcome gets. A client that cancels,
 or whose deadline passes, has its rows leave the decode engine at the next step. On a stream, each request gets one
-ModelStreamInferResponse: its response, or its error's line in error_message, and the stream goes on. Triton's
+ModelStreamInferResponse: its response, or its error's line in error_message, and the stream goes on; once the
+server is stopping, a stream ends (UNAVAILABLE) as soon as its requests in flight are answered. Triton's
 other methods (the repository, shared memory, trace and log settings) are not served: such a call gets
 UNIMPLEMENTED.
 """
@@ -170,19 +171,27 @@ def parsed(raw: bytes, request_type, name: str):
                                f"Inference Protocol's {name} request") from None
 
 
-def stream_method(server: Server, service: InferenceService):
+STOPPING = "the server is shutting down and ended the stream; open a new one (to another server)"
+REFUSED = "the server is shutting down; send this request on a new stream (to another server)"
+
+
+def stream_method(server: Server, service: InferenceService, stopping: asyncio.Event):
     """ModelStreamInfer: the requests on a stream run at once, each answered when it finishes (match them by
     id) with its ModelInferResponse or its error's one line; an error ends no stream. At most --max-queue of a
     stream's requests are unanswered at a time: beyond, the stream reads no more until one is answered. The
     bearer token is checked once, for the stream. Each request is counted, timed and logged like a ModelInfer.
     Triton's `triton_enable_empty_final_response` is taken: every answer is its request's final one and says so
-    (`triton_final_response`), and no empty one follows."""
+    (`triton_final_response`), and no empty one follows. Once `stopping` is set, a request read gets a 503 answer
+    and the stream ends with UNAVAILABLE when none is left unanswered, instead of holding the server's stop until
+    its grace period ends."""
     path = f"/{SERVICE}/ModelStreamInfer"
 
     async def answer(raw: bytes, context, peer: str) -> pb.ModelStreamInferResponse:
         began, status, message = time.monotonic(), 499, pb.ModelInferRequest()    # 499 unless: the client left
         try:
             message = parsed(raw, pb.ModelInferRequest, "ModelStreamInfer")
+            if stopping.is_set():
+                raise ClientError(503, REFUSED)
             final = FINAL_FLAG in message.parameters and message.parameters[FINAL_FLAG].bool_param
             if FINAL_FLAG in message.parameters:
                 del message.parameters[FINAL_FLAG]
@@ -209,13 +218,16 @@ def stream_method(server: Server, service: InferenceService):
             logged(server, path, error.status, time.monotonic(), method="gRPC", path=path, client=peer)
             await context.abort(CODES[error.status], str(error))
         answers, room, running = asyncio.Queue(), asyncio.Semaphore(server.settings.max_queue), set()
+        unanswered = 0
 
         async def one(raw: bytes):
             await answers.put(await answer(raw, context, peer))
 
         async def read():                               # the stream's requests, then None once all are answered
+            nonlocal unanswered
             try:
                 async for raw in requests:
+                    unanswered += 1
                     await room.acquire()
                     task = asyncio.create_task(one(raw))
                     running.add(task)
@@ -224,14 +236,22 @@ def stream_method(server: Server, service: InferenceService):
             finally:
                 await answers.put(None)
 
-        reader = asyncio.create_task(read())
+        async def stop():                               # wakes the loop below when the server stops
+            await stopping.wait()
+            await answers.put(STOPPING)
+
+        reader, watcher = asyncio.create_task(read()), asyncio.create_task(stop())
         try:
             while (response := await answers.get()) is not None:
-                room.release()
-                yield response
+                if response is not STOPPING:
+                    unanswered -= 1
+                    room.release()
+                    yield response
+                if stopping.is_set() and not unanswered:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, STOPPING)
             await reader                                # a failed read of the stream fails the call
         finally:                  # the client left: its requests leave the engine, before the call ends
-            tasks = [reader, *running]
+            tasks = [reader, watcher, *running]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -240,9 +260,10 @@ def stream_method(server: Server, service: InferenceService):
                                                  response_serializer=pb.ModelStreamInferResponse.SerializeToString)
 
 
-def grpc_server(server: Server) -> grpc.aio.Server:
+def grpc_server(server: Server, stopping: asyncio.Event) -> grpc.aio.Server:
     """An asyncio gRPC server with the service's methods over `server` (no port yet; add one and start it on the
-    running event loop). Messages are bounded by --max-body-bytes like HTTP bodies."""
+    running event loop). Messages are bounded by --max-body-bytes like HTTP bodies. Set `stopping` before stopping
+    it: open streams then end once answered (stream_method)."""
     service = InferenceService(server)
     handlers = {"ServerLive": service.server_live, "ServerReady": service.server_ready,
                 "ServerMetadata": service.server_metadata, "ModelMetadata": service.model_metadata,
@@ -251,7 +272,7 @@ def grpc_server(server: Server) -> grpc.aio.Server:
     methods = {name: method(server, name, handler, getattr(pb, f"{name}Request"), getattr(pb, f"{name}Response"),
                             open_method=name in ("ServerLive", "ServerReady"))
                for name, handler in handlers.items()}
-    methods["ModelStreamInfer"] = stream_method(server, service)
+    methods["ModelStreamInfer"] = stream_method(server, service, stopping)
     endpoint = grpc.aio.server(options=[("grpc.max_receive_message_length", server.settings.max_body_bytes),
                                         ("grpc.so_reuseport", 0)])      # a port in use is refused, not shared
     endpoint.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),

@@ -67,7 +67,8 @@ async def serve_all(web: GracefulServer, listener: socket.socket, server, announ
         await web.serve(sockets=[listener])
         return
     from .grpc_service import grpc_server
-    endpoint = grpc_server(server)
+    stopping = asyncio.Event()
+    endpoint = grpc_server(server, stopping)
     try:
         bound = endpoint.add_insecure_port(f"{host}:{grpc_port}")
     except RuntimeError:
@@ -75,14 +76,16 @@ async def serve_all(web: GracefulServer, listener: socket.socket, server, announ
             from None
     await endpoint.start()
     print(f"{announced}, gRPC on {host}:{bound}", file=sys.stderr, flush=True)
-    stopping = asyncio.ensure_future(stop_with(web, endpoint, grace_s))
+    stopped = asyncio.ensure_future(stop_with(web, endpoint, stopping, grace_s))
     await web.serve(sockets=[listener])
     web.should_exit = True
-    await stopping
+    await stopped
 
 
-async def stop_with(web: GracefulServer, endpoint, grace_s: float) -> None:
-    """Stops the gRPC server when uvicorn is told to exit: no new calls, those in flight get grace_s to finish."""
+async def stop_with(web: GracefulServer, endpoint, stopping: asyncio.Event, grace_s: float) -> None:
+    """Stops the gRPC server when uvicorn is told to exit: no new calls, those in flight get grace_s to finish,
+    streams end once their requests are answered."""
     while not web.should_exit:
         await asyncio.sleep(0.05)
+    stopping.set()
     await endpoint.stop(grace_s)

@@ -1,10 +1,13 @@
 """pyproject.toml's lowest versions, for real: in an environment holding exactly the floors of the runtime and the
 serve and grpc extras (tools/floors.py; .ci/run builds it and names its python in MARIA_FLOORS_PYTHON), `maria
-infill` and `maria serve` (HTTP and gRPC) give the fills this environment gives. Each server is stopped by pid."""
+infill` and `maria serve` (HTTP and gRPC) give the fills this environment gives, and a gRPC stream left open ends
+when the server stops. Each server is stopped by pid."""
 
 import json
 import os
+import signal
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -54,7 +57,7 @@ def test_serve_http_and_grpc_at_the_floors(reference):
     from serve.protocol import bytes_elements
     from tests.test_grpc import bare_infer, grpc_address, grpcclient, pb, stream, text_input
 
-    with server("--grpc-port", "0", python=FLOORS_PYTHON) as (url, process):
+    with server("--grpc-port", "0", "--grace", "600", python=FLOORS_PYTHON) as (url, process):
         status, _, body = call(url, "/v2/models/maria/infer", oip(TEXTS))
         assert status == 200, body
         results = {o["name"]: o["data"] for o in json.loads(body)["outputs"]}["result"]
@@ -74,4 +77,20 @@ def test_serve_http_and_grpc_at_the_floors(reference):
             client.close()
         assert error is None and same_fills([json.loads(r) for r in streamed.as_numpy("result").reshape(-1)],
                                             reference)
+
+        client, answers = grpcclient.InferenceServerClient(grpc_address(process)), []   # a stream left open
+        try:
+            client.start_stream(lambda result, error: answers.append(error))
+            client.async_stream_infer("maria", [text_input(TEXTS[:1])])
+            deadline = time.monotonic() + 60
+            while not answers and time.monotonic() < deadline:
+                time.sleep(0.02)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=60) == 0                    # ended by the server, long before --grace
+            while len(answers) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        finally:
+            client.stop_stream()
+            client.close()
+        assert answers[0] is None and answers[1].status() == "StatusCode.UNAVAILABLE", answers
 

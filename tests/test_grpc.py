@@ -398,10 +398,24 @@ def test_a_cancelled_stream_has_its_rows_leave_the_engine():
         assert re.search(rf'^maria_requests_total\{{route="{STREAM}",status="499"\}} 1', metrics, re.M)
 
 
-def test_sigterm_lets_grpc_calls_in_flight_finish():
-    """Two calls and a stream's request in flight when SIGTERM comes are answered; the server exits 0 once the
-    stream is closed."""
-    with server("--grpc-port", "0", "--max-batch-size", "3") as (_, process):
+def closed(url: str, seconds: float = 30) -> bool:
+    """Whether the server stopped accepting HTTP connections (it does so first on SIGTERM) within `seconds`."""
+    host, port = url.removeprefix("http://").split(":")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_sigterm_lets_grpc_calls_in_flight_finish_and_ends_streams_once_answered():
+    """Two calls and a stream's request in flight when SIGTERM comes are answered; a request sent on the stream
+    after it gets a one-line refusal; then the server ends the stream (UNAVAILABLE) and exits 0 while the client
+    still holds the stream open, long before the grace period of 600 s."""
+    with server("--grpc-port", "0", "--max-batch-size", "3", "--grace", "600") as (url, process):
         client, answers = grpcclient.InferenceServerClient(grpc_address(process)), []
         streaming = grpcclient.InferenceServerClient(grpc_address(process))
         try:
@@ -409,18 +423,27 @@ def test_sigterm_lets_grpc_calls_in_flight_finish():
                 client.async_infer("maria", [text_input(["[MASK:300]"])],
                                    callback=lambda result, error: answers.append((result, error)))
             streaming.start_stream(lambda result, error: answers.append((result, error)))
-            streaming.async_stream_infer("maria", [text_input(["[MASK:300]"])])
+            streaming.async_stream_infer("maria", [text_input(["[MASK:2000]"])], request_id="long")
             time.sleep(0.3)
             process.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + 60
-            while len(answers) < 3 and time.monotonic() < deadline:
+            assert closed(url)
+            time.sleep(0.2)
+            streaming.async_stream_infer("maria", [text_input(["a [MASK] b"])], request_id="late")
+            assert process.wait(timeout=120) == 0
+            deadline = time.monotonic() + 10
+            while len(answers) < 5 and time.monotonic() < deadline:
                 time.sleep(0.02)
         finally:
             streaming.stop_stream()
             streaming.close()
             client.close()
-        assert len(answers) == 3 and all(error is None for _, error in answers), answers
-        assert process.wait(timeout=60) == 0
+        filled = [result for result, error in answers if error is None]
+        assert len(filled) == 3 and {result.get_response().id for result in filled} == {"", "long"}
+        errors = [(error.status(), error.message()) for _, error in answers if error is not None]
+        assert errors == [(None, "the server is shutting down; send this request on a new stream (to another "
+                                 "server)"),
+                          ("StatusCode.UNAVAILABLE", "the server is shutting down and ended the stream; open a new "
+                                                     "one (to another server)")], answers
 
 
 def test_a_grpc_port_in_use_is_one_line_and_exit_2():
