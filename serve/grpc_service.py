@@ -218,13 +218,13 @@ def stream_method(server: Server, service: InferenceService, stopping: asyncio.E
             logged(server, path, error.status, time.monotonic(), method="gRPC", path=path, client=peer)
             await context.abort(CODES[error.status], str(error))
         answers, room, running = asyncio.Queue(), asyncio.Semaphore(server.settings.max_queue), set()
-        unanswered = 0
+        unanswered, sent_all = 0, False
 
         async def one(raw: bytes):
             await answers.put(await answer(raw, context, peer))
 
         async def read():                               # the stream's requests, then None once all are answered
-            nonlocal unanswered
+            nonlocal unanswered, sent_all
             try:
                 async for raw in requests:
                     unanswered += 1
@@ -232,6 +232,7 @@ def stream_method(server: Server, service: InferenceService, stopping: asyncio.E
                     task = asyncio.create_task(one(raw))
                     running.add(task)
                     task.add_done_callback(running.discard)
+                sent_all = True                         # the client closed its side: the stream ends as usual
                 await asyncio.gather(*running)
             finally:
                 await answers.put(None)
@@ -247,7 +248,7 @@ def stream_method(server: Server, service: InferenceService, stopping: asyncio.E
                     unanswered -= 1
                     room.release()
                     yield response
-                if stopping.is_set() and not unanswered:
+                if stopping.is_set() and not unanswered and not sent_all:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, STOPPING)
             await reader                                # a failed read of the stream fails the call
         finally:                  # the client left: its requests leave the engine, before the call ends

@@ -414,14 +414,22 @@ def closed(url: str, seconds: float = 30) -> bool:
 def test_sigterm_lets_grpc_calls_in_flight_finish_and_ends_streams_once_answered():
     """Two calls and a stream's request in flight when SIGTERM comes are answered; a request sent on the stream
     after it gets a one-line refusal; then the server ends the stream (UNAVAILABLE) and exits 0 while the client
-    still holds the stream open, long before the grace period of 600 s."""
-    with server("--grpc-port", "0", "--max-batch-size", "3", "--grace", "600") as (url, process):
+    still holds the stream open, long before the grace period of 600 s. A stream whose client had closed its side
+    ends as usual (OK) with its answer."""
+    with server("--grpc-port", "0", "--max-batch-size", "3", "--grace", "600") as (url, process), \
+            grpc.insecure_channel(grpc_address(process)) as channel:
         client, answers = grpcclient.InferenceServerClient(grpc_address(process)), []
         streaming = grpcclient.InferenceServerClient(grpc_address(process))
+        sent = pb.ModelInferRequest(model_name="maria", id="sent")
+        sent.inputs.add(name="text", datatype="BYTES", shape=[1],
+                        contents=pb.InferTensorContents(bytes_contents=[b"[MASK:1000]"]))
         try:
             for _ in range(2):
                 client.async_infer("maria", [text_input(["[MASK:300]"])],
                                    callback=lambda result, error: answers.append((result, error)))
+            half_closed = channel.stream_stream(STREAM, request_serializer=pb.ModelInferRequest.SerializeToString,
+                                                response_deserializer=pb.ModelStreamInferResponse.FromString)(
+                iter([sent]), timeout=120)
             streaming.start_stream(lambda result, error: answers.append((result, error)))
             streaming.async_stream_infer("maria", [text_input(["[MASK:2000]"])], request_id="long")
             time.sleep(0.3)
@@ -444,6 +452,8 @@ def test_sigterm_lets_grpc_calls_in_flight_finish_and_ends_streams_once_answered
                                  "server)"),
                           ("StatusCode.UNAVAILABLE", "the server is shutting down and ended the stream; open a new "
                                                      "one (to another server)")], answers
+        (answer,) = list(half_closed)                                 # status OK, or this raises grpc.RpcError
+        assert answer.infer_response.id == "sent" and not answer.error_message
 
 
 def test_a_grpc_port_in_use_is_one_line_and_exit_2():
