@@ -182,8 +182,8 @@ def stream_method(server: Server, service: InferenceService, stopping: asyncio.E
     bearer token is checked once, for the stream. Each request is counted, timed and logged like a ModelInfer.
     Triton's `triton_enable_empty_final_response` is taken: every answer is its request's final one and says so
     (`triton_final_response`), and no empty one follows. Once `stopping` is set, a request read gets a 503 answer
-    and the stream ends with UNAVAILABLE when none is left unanswered, instead of holding the server's stop until
-    its grace period ends."""
+    and the stream ends with UNAVAILABLE when none is left unanswered (as usual, OK, where the client had closed its
+    side), instead of holding the server's stop until its grace period ends."""
     path = f"/{SERVICE}/ModelStreamInfer"
 
     async def answer(raw: bytes, context, peer: str) -> pb.ModelStreamInferResponse:
