@@ -57,8 +57,8 @@ def _systems(bundle: Path, graphs: dict, checkpoint: Path, device: str, mlm_ar: 
             name = f"onnx-{infiller.device}" + ("-concat" if decoder == "concat" else "")
             systems[name] = lambda ids, masked, infiller=infiller: infiller.fill_ids(ids, masked, batch_size=len(ids))
     if int8_bundle is not None:
-        infiller = Infiller(int8_bundle, device="cpu", decoder="engine")
-        systems["onnx-cpu-int8"] = lambda ids, masked: infiller.fill_ids(ids, masked, batch_size=len(ids))
+        quantized = Infiller(int8_bundle, device="cpu", decoder="engine")
+        systems["onnx-cpu-int8"] = lambda ids, masked: quantized.fill_ids(ids, masked, batch_size=len(ids))
     systems["pytorch"] = lambda ids, masked: reference_infill(backbones, head, ids, masked, Sampling(), len(ids))
     if mlm_ar:
         systems["mlm-ar"] = lambda ids, masked: mlm_autoregressive(backbones, ids, masked)
