@@ -92,5 +92,5 @@ def test_serve_http_and_grpc_at_the_floors(reference):
         finally:
             client.stop_stream()
             client.close()
-        assert answers[0] is None and answers[1].status() == "StatusCode.UNAVAILABLE", answers
+        assert len(answers) == 2 and answers[0] is None and answers[1].status() == "StatusCode.UNAVAILABLE", answers
 
