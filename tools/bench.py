@@ -182,8 +182,8 @@ def prepare(out: Path, checkpoint=None, bundle=None, configs: dict | None = None
     return Path(checkpoint), Path(bundle), int8_bundle
 
 
-def check_settings(mask_rate: float, repeats: int, lengths, batch_sizes, int8: bool = False, device: str = "auto"
-                   ) -> None:
+def check_settings(mask_rate: float, repeats: int, lengths, batch_sizes, int8: bool = False,
+                   device: str = "auto") -> None:
     """Names the first setting maria bench cannot run with."""
     check_mask_rate(mask_rate, "--mask-rate")
     if int8 and device.startswith("cuda"):
