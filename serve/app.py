@@ -6,7 +6,9 @@ the decode engine (serve/continuous.py), or batch at a time with --decoder conca
          /v2/models/{name}/config          Triton's model-configuration extension
          /v2/models/{name}/stats           Triton's statistics extension (serve/stats.py); /v2/models/stats too
     POST /v2/models/{name}/infer       OIP: text (BYTES) -> text, result (BYTES)
-         (the model's five routes also under /v2/models/{name}/versions/1/)
+    POST /v2/models/{name}/generate    Triton's generate extension: {"text": ...} -> {"text": ..., "result": ...}
+         /v2/models/{name}/generate_stream   the same as one server-sent event (serve/generate.py)
+         (the model's seven routes also under /v2/models/{name}/versions/1/)
     POST /v1/infill                    {"text": [...], "temperature": ...} -> {"results": [maria infill --json]}
     POST /v1/infill/stream             SSE: one "token" event per chosen fill token, then one "result" event
     GET  /metrics                      Prometheus text format
@@ -41,6 +43,7 @@ from runtime.requests import SETTINGS, SettingTypeError, TooLarge, check_size, r
 from .batcher import Batcher, Job, QueueFull
 from .continuous import ContinuousBatcher
 from .encoding import EncodingError, accepted, compress, decompress
+from .generate import SSE_TYPE, event, generate_response, read_generate
 from .metrics import Metrics
 from .protocol import (VERSION, BadRequest, InferRequest, infer_response, metadata, model_config, parse_infer,
                        request_json)
@@ -267,11 +270,15 @@ class Server:
         body, headers = infer_response(name, parsed, results)
         return Response(body, headers=headers)
 
-    async def json_request(self, request) -> tuple[list, dict]:
+    async def json_body(self, request):
+        """The request body's JSON value; ClientError 400 where it is not JSON."""
         try:
-            payload = request_json(await self.body(request))
+            return request_json(await self.body(request))
         except BadRequest as error:
             raise ClientError(400, str(error)) from None
+
+    async def json_request(self, request) -> tuple[list, dict]:
+        payload = await self.json_body(request)
         if not isinstance(payload, dict):
             raise ClientError(400, f'send a JSON object {{"text": [...], ...}}, got {type(payload).__name__}')
         if "text" not in payload:
@@ -328,6 +335,22 @@ class Server:
 
         return StreamingResponse(lines(), media_type="text/event-stream")
 
+    async def generate(self, request):
+        """Triton's generate extension (serve/generate.py): one JSON object."""
+        return JSONResponse(await self.generated(request))
+
+    async def generate_stream(self, request):
+        """The same object as one server-sent event; an error before it is one JSON line, as on every route."""
+        return Response(event(await self.generated(request)), media_type=SSE_TYPE)
+
+    async def generated(self, request) -> dict:
+        began, name = time.monotonic(), self.model(request)
+        try:
+            texts, settings = read_generate(await self.json_body(request))
+        except BadRequest as error:
+            raise ClientError(400, str(error)) from None
+        return generate_response(name, await self.run(self.job(texts, settings, began), request))
+
     async def metrics_route(self, request):
         self.metrics.queue_depth.set(self.batcher.depth)
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -344,7 +367,8 @@ def create_app(infiller, settings: ServeSettings = ServeSettings()) -> Starlette
     server = Server(infiller, settings)
     model = {"": ("GET", server.model_metadata), "/ready": ("GET", server.model_ready),
              "/config": ("GET", server.model_config), "/stats": ("GET", server.model_statistics),
-             "/infer": ("POST", server.infer)}
+             "/infer": ("POST", server.infer), "/generate": ("POST", server.generate),
+             "/generate_stream": ("POST", server.generate_stream)}
     routes = {"/v2/health/live": ("GET", server.live), "/v2/health/ready": ("GET", server.ready_route),
               "/v2": ("GET", server.server_metadata), "/v2/models/stats": ("GET", server.model_statistics),
               **{prefix + suffix: route for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}")

@@ -244,12 +244,16 @@ def _not_text(value):
     raise BadRequest(f"the 'text' input holds {type(value).__name__} elements; send strings")
 
 
+def output_values(results: list, names=tuple(OUTPUTS)) -> list[tuple[str, list[str]]]:
+    """(name, values) of each output named: the filled texts, or each result's JSON object."""
+    return [(name, [r.text for r in results] if name == "text" else
+             [json.dumps(r.to_dict(), ensure_ascii=False) for r in results]) for name in names]
+
+
 def output_tensors(request: InferRequest, results: list) -> list[tuple[str, list[int], list[str]]]:
-    """(name, shape, values) of each output asked for (all where none were named): the filled texts, or each
-    result's JSON object, [texts, samples]."""
+    """(name, shape, values) of each output asked for (all where none were named), [texts, samples]."""
     shape = [len(request.texts), len(results) // len(request.texts)]
-    return [(name, shape, [r.text for r in results] if name == "text" else
-             [json.dumps(r.to_dict(), ensure_ascii=False) for r in results]) for name in request.outputs]
+    return [(name, shape, values) for name, values in output_values(results, request.outputs)]
 
 
 def bytes_tensor(elements: list[str]) -> bytes:

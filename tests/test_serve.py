@@ -101,6 +101,28 @@ def test_infer_in_json_fills_like_maria_infill(running, reference):
     assert status == 200 and json.loads(body)["results"] == [r.to_dict() for r in want]
 
 
+def test_triton_generate_extension_fills_like_infer(running, reference):
+    """POST .../generate (and _stream), as Triton serves it for this model: the body's "text" is the input, its
+    other keys and "parameters" the settings; each output one value, or a list over texts x samples."""
+    want = reference.infill([TEXTS[0]])[0]
+    status, headers, body = call(running, "/v2/models/maria/generate", {"text": TEXTS[0]})
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert json.loads(body) == {"model_name": "maria", "model_version": "1", "text": want.text,
+                                "result": json.dumps(want.to_dict(), ensure_ascii=False)}
+    want = reference.infill(TEXTS, Sampling(temperature=1.0, seed=11), num_samples=2)
+    for path in ("/v2/models/maria/generate", "/v2/models/maria/versions/1/generate_stream"):
+        status, headers, body = call(running, path, {"text": [[t] for t in TEXTS], "seed": 11,
+                                                     "parameters": {"temperature": 1.0, "num_samples": 2}})
+        assert status == 200, body
+        if path.endswith("_stream"):           # one server-sent event carrying the same object
+            assert headers["content-type"] == "text/event-stream; charset=utf-8"
+            assert body.startswith(b"data: ") and body.endswith(b"\n\n") and body.count(b"\n\n") == 1
+            body = body[len(b"data: "):]
+        answer = json.loads(body)
+        assert answer["text"] == [r.text for r in want]
+        assert [json.loads(r) for r in answer["result"]] == [r.to_dict() for r in want]
+
+
 def test_infer_with_binary_tensors(running, reference):
     texts = [t.encode() for t in TEXTS]
     blob = b"".join(struct.pack("<I", len(t)) + t for t in texts)
@@ -277,6 +299,17 @@ BOUNDS = [
     ("/v1/infill", None, b'{"text": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400,
      "the request nests arrays or objects more than 128 deep; send flatter JSON"),
     ("/v2/models/maria/infer", None, b"[" * 200 + b"]" * 200, 400, "the request nests arrays or objects more than 128"),
+    ("/v2/models/maria/generate", {"text_input": "a [MASK]"}, None, 400,
+     'the request has no "text" field (it has [\'text_input\']); this model\'s input is "text"'),
+    ("/v2/models/maria/generate", {"text": "a [MASK]", "seed": 1, "parameters": {"seed": 2}}, None, 400,
+     "'seed' is given both as a field and in 'parameters'; give it once"),
+    ("/v2/models/maria/generate", {"text": 5}, None, 400, '"text" must be a string or a list of strings, got int'),
+    ("/v2/models/maria/generate", {"text": "a [MASK]", "parameters": [1]}, None, 400,
+     "'parameters' of the request must be a JSON object, got list"),
+    ("/v2/models/maria/generate", {"text": "a [MASK]", "id": "x"}, None, 400, "unknown parameters ['id']"),
+    ("/v2/models/maria/generate_stream", {"text": "a [MASK:0]"}, None, 422, "text 0: '[MASK:0]' asks for 0 tokens"),
+    ("/v2/models/maria/generate_stream", {"text": ["a [MASK]"] * 9}, None, 413, "over the limit of 8 per request"),
+    ("/v2/models/other/generate", {"text": "a [MASK]"}, None, 404, "no model 'other' here"),
 ]
 
 
@@ -497,8 +530,12 @@ def test_fuzzed_requests_get_an_answer_or_one_line_never_a_5xx():
     with server("--max-texts", "8") as (url, _):
         for _ in range(300):
             kind, headers = rng.random(), {}
-            if kind < 0.3:
+            if kind < 0.2:
                 path, raw = "/v1/infill", json.dumps({"text": rand(), "seed": rand()}).encode()
+            elif kind < 0.3:
+                path = rng.choice(["/v2/models/maria/generate", "/v2/models/maria/generate_stream"])
+                raw = json.dumps(rng.choice([{"text": rand(), "parameters": rand(), rng.choice(keys): rand()},
+                                             rand()])).encode()
             elif kind < 0.75:
                 spec = {"name": rng.choice(["text", "seed", "x"]), "datatype": rng.choice(["BYTES", "FP32", None]),
                         "shape": rng.choice([[1], [2], [1, 1], None]), "data": rand(), "parameters": rand()}

@@ -18,6 +18,7 @@ from runtime.default_model import DEFAULT_MODEL
 from runtime.infiller import Infiller
 from tools.bench_serve import stop
 from serve.triton import write_repository
+from tests.test_serve import call, server
 
 TRITON_PYTHON = os.environ.get("MARIA_TRITON_PYTHON")
 pytestmark = pytest.mark.skipif(not TRITON_PYTHON, reason="MARIA_TRITON_PYTHON names no Python environment with "
@@ -122,7 +123,47 @@ def test_triton_serves_the_repository_like_maria_serve(tmp_path):
             request(["Use the [MASK:?] module."]).get_result(timeout=60)
         assert request(TEXTS[:1]).get_result(timeout=60).as_numpy("text")[0, 0].decode() == \
             reference.infill(TEXTS[:1])[0].text                                     # and the model still serves
+        generate_like_maria_serve(f"http://127.0.0.1:{port}")
     finally:
         if client is not None:
             client.close()
         stop(process)
+
+
+GENERATE = [("generate", {"text": TEXTS[0]}),
+            ("generate", {"text": TEXTS, "parameters": {"temperature": 0.8, "seed": 5, "num_samples": 2}}),
+            ("generate", {"text": [[t] for t in TEXTS], "temperature": 0.8, "seed": 5}),    # settings as fields
+            ("generate_stream", {"text": TEXTS, "parameters": {"temperature": 0.8, "seed": 5, "num_samples": 2}}),
+            ("generate", {"text": "no marker here"})]
+
+
+def generate_like_maria_serve(triton_url: str) -> None:
+    """Triton's generate extension on the repository's model, and `maria serve`'s, answer the same requests alike:
+    the same object (log-probabilities to 1e-4: ONNX Runtime there may be another build), and a refused request
+    a 4xx with the same line."""
+    with server("--max-texts", "4") as (url, _):
+        for route, payload in GENERATE:
+            answers = []
+            for base in (triton_url, url):
+                status, headers, body = call(base, f"/v2/models/maria/{route}", payload)
+                assert status == 200, (base, route, payload, body)
+                if route == "generate_stream":
+                    assert {k.lower(): v for k, v in headers.items()}["content-type"] == \
+                        "text/event-stream; charset=utf-8"
+                    assert body.startswith(b"data: ") and body.rstrip(b"\n").count(b"\n\n") == 0, body
+                    body = body[len(b"data: "):]
+                answers.append(json.loads(body))
+            triton, ours = answers
+            assert {k: v for k, v in triton.items() if k != "result"} == {k: v for k, v in ours.items()
+                                                                          if k != "result"}, payload
+            results = [[json.loads(r) for r in ([a["result"]] if isinstance(a["result"], str) else a["result"])]
+                       for a in answers]
+            assert len(results[0]) == len(results[1])
+            for one, other in zip(*results):
+                assert one.pop("fill_logprobs") == pytest.approx(other.pop("fill_logprobs"), abs=1e-4)
+                assert one == other
+        for payload, line in (({"text": "bad [MASK:0]"}, "'[MASK:0]' asks for 0 tokens"),
+                              ({"text": TEXTS[0], "id": "x"}, "unknown parameters ['id']")):
+            for base in (triton_url, url):
+                status, _, body = call(base, "/v2/models/maria/generate", payload)
+                assert 400 <= status < 500 and line in json.loads(body)["error"], (base, payload, body)
