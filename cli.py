@@ -529,8 +529,8 @@ def serve(
                                              "finish) | concat (Optimum's decoder, the cache copied each step) | "
                                              "auto (the engine where the bundle has it)."),
 ):
-    """Serve a bundle over HTTP: the Open Inference Protocol (KServe v2 / Triton), /v1/infill and its SSE stream;
-    with --grpc-port, the Open Inference Protocol over gRPC too."""
+    """Serve a bundle over HTTP: the Open Inference Protocol (KServe v2 / Triton) with Triton's generate extension,
+    /v1/infill and its SSE stream; with --grpc-port, the Open Inference Protocol over gRPC too."""
     try:
         from serve.app import ServeSettings
         from serve.run import serve as run_serve
