@@ -62,6 +62,11 @@ def test_serve_http_and_grpc_at_the_floors(reference):
         assert status == 200, body
         results = {o["name"]: o["data"] for o in json.loads(body)["outputs"]}["result"]
         assert same_fills([json.loads(r) for r in results], reference)
+        for route in ("generate", "generate_stream"):          # Triton's generate extension
+            status, _, body = call(url, f"/v2/models/maria/{route}", {"text": TEXTS})
+            assert status == 200, body
+            answer = json.loads(body.removeprefix(b"data: "))
+            assert same_fills([json.loads(r) for r in answer["result"]], reference)
 
         request = pb.ModelInferRequest(model_name="maria")
         request.inputs.add(name="text", datatype="BYTES", shape=[len(TEXTS), 1],
