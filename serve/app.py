@@ -46,7 +46,7 @@ from .encoding import EncodingError, accepted, compress, decompress
 from .generate import SSE_TYPE, event, generate_response, read_generate
 from .metrics import Metrics
 from .protocol import (VERSION, BadRequest, InferRequest, infer_response, metadata, model_config, parse_infer,
-                       request_json)
+                       request_json, text_list)
 from .stats import Statistics, Timings
 
 access_log = logging.getLogger("maria.access")
@@ -284,10 +284,10 @@ class Server:
         if "text" not in payload:
             raise ClientError(400, f'the request has no "text" field (it has {sorted(payload)}); '
                                    f'send {{"text": [...], ...}} with fields text, {", ".join(SETTINGS)}')
-        texts = payload.pop("text")
-        texts = [texts] if isinstance(texts, str) else texts
-        if not isinstance(texts, list):
-            raise ClientError(400, '"text" must be a string or a list of strings')
+        try:
+            texts = text_list(payload.pop("text"))
+        except BadRequest as error:
+            raise ClientError(400, str(error)) from None
         unknown = set(payload) - set(SETTINGS)
         if unknown:
             raise ClientError(400, f"unknown fields {sorted(unknown)}; fields are text, {', '.join(SETTINGS)}")

@@ -12,7 +12,7 @@ a request at once, so the stream carries one event; /v1/infill/stream sends each
 
 import json
 
-from .protocol import VERSION, BadRequest, output_values, parameters
+from .protocol import VERSION, BadRequest, output_values, parameters, text_list
 
 SSE_TYPE = "text/event-stream; charset=utf-8"
 
@@ -32,13 +32,9 @@ def read_generate(request) -> tuple[list, dict]:
             raise BadRequest(f"'{key}' is given both as a field and in 'parameters'; give it once")
         settings[key] = value
     texts = request["text"]
-    if isinstance(texts, str):
-        return [texts], settings
     if isinstance(texts, list) and texts and all(isinstance(row, list) for row in texts):
         texts = [text for row in texts for text in row]            # [n, 1], as Triton's batched input is shaped
-    if not isinstance(texts, list):
-        raise BadRequest(f'"text" must be a string or a list of strings, got {type(texts).__name__}')
-    return texts, settings
+    return text_list(texts), settings
 
 
 def generate_response(model_name: str, results: list) -> dict:

@@ -165,6 +165,16 @@ def parse_infer(body: bytes, header_length: int | None) -> InferRequest:
     return read_infer(request_json(head), binary)
 
 
+def text_list(texts) -> list:
+    """The texts of a JSON request's "text" field: a string is one text, a list holds them (each checked later);
+    BadRequest for anything else."""
+    if isinstance(texts, str):
+        return [texts]
+    if not isinstance(texts, list):
+        raise BadRequest(f'"text" must be a string or a list of strings, got {type(texts).__name__}')
+    return texts
+
+
 def request_json(body: bytes):
     """A request body's JSON value (the infer request's header, or /v1/infill's object); BadRequest where it is not
     JSON, not UTF-8, gives a key twice or nests too deeply."""
