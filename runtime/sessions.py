@@ -3,7 +3,9 @@
 import ctypes
 import io
 import platform
+import re
 import shutil
+import sys
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from functools import cache
@@ -13,6 +15,8 @@ from pathlib import Path
 import onnxruntime as ort
 
 from .device import choose_device, gpu_index
+
+CUDA_ERROR_INSUFFICIENT_DRIVER = 35          # cudaErrorInsufficientDriver: the driver is older than the runtime
 
 
 def gpu_present() -> bool:
@@ -37,6 +41,45 @@ def cuda_libraries_missing() -> str | None:
     return None
 
 
+def cuda_runtime() -> tuple | None:
+    """(the CUDA runtime library this onnxruntime-gpu was built for, loaded by preload_dlls from pip's nvidia-*
+    packages or found on the system; the CUDA version it was built with), or None where either is unknown."""
+    try:
+        from onnxruntime.capi.build_and_package_info import cuda_version
+    except ImportError:
+        return None
+    major = cuda_version.split(".")[0]
+    for name in (f"libcudart.so.{major}", f"cudart64_{major}.dll", f"cudart64_{major}0.dll"):
+        try:
+            return ctypes.CDLL(name), cuda_version
+        except OSError:
+            continue
+    return None
+
+
+@cache
+def cuda_devices() -> tuple[int | None, str | None]:
+    """(how many GPUs the CUDA runtime sees, None where it cannot be asked; why it sees none, or None)."""
+    found = cuda_runtime()
+    if found is None:
+        return None, None                    # no CUDA runtime to ask: ONNX Runtime itself will tell
+    cudart, built_for = found
+    count = ctypes.c_int(0)
+    status = cudart.cudaGetDeviceCount(ctypes.byref(count))
+    if status == 0:
+        return count.value, None if count.value else "CUDA sees no GPU; check CUDA_VISIBLE_DEVICES"
+    cudart.cudaGetErrorString.restype = ctypes.c_char_p
+    error = f"cudaGetDeviceCount: {cudart.cudaGetErrorString(status).decode()}"
+    if status != CUDA_ERROR_INSUFFICIENT_DRIVER:
+        return 0, f"CUDA cannot use the GPU ({error}); check the driver with nvidia-smi, and CUDA_VISIBLE_DEVICES"
+    driver = ctypes.c_int(0)                 # the newest CUDA the driver runs, as 12040 for 12.4; 0: no driver
+    needs = f"this onnxruntime-gpu is built for CUDA {built_for}"
+    if cudart.cudaDriverGetVersion(ctypes.byref(driver)) == 0 and driver.value:
+        return 0, (f"the NVIDIA driver runs CUDA up to {driver.value // 1000}.{driver.value % 1000 // 10}, and "
+                   f"{needs} ({error}); update the NVIDIA driver")
+    return 0, f"the NVIDIA driver cannot be used, and {needs} ({error}); install or update the NVIDIA driver"
+
+
 def cuda_missing() -> str | None:
     """Why ONNX Runtime cannot run on CUDA here, or None where it can try."""
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -48,7 +91,7 @@ def cuda_missing() -> str | None:
     if missing:
         return (f"the CUDA library {missing} cannot be loaded; pip install 'maria-onnx[cuda]' for CUDA and cuDNN "
                 "from pip, or install them system-wide")
-    return None
+    return cuda_devices()[1]
 
 
 def installation() -> list[str]:
@@ -80,9 +123,13 @@ def providers_for(device: str) -> list:
     if device == "auto" and missing and gpu_present():
         warnings.warn(f"a GPU is present but CUDA cannot run ({missing}); running on CPU", RuntimeWarning,
                       stacklevel=2)
-    if choose_device(device, missing) == "cuda":
-        return cuda_providers(gpu_index(device))
-    return ["CPUExecutionProvider"]
+    if choose_device(device, missing) == "cpu":
+        return ["CPUExecutionProvider"]
+    count = cuda_devices()[0]
+    if count is not None and gpu_index(device) >= count:
+        gpus = "1 GPU here (cuda:0)" if count == 1 else f"{count} GPUs here (cuda:0 to cuda:{count - 1})"
+        raise ValueError(f"--device {device}: CUDA sees {gpus}; pick one of them, or use --device cpu")
+    return cuda_providers(gpu_index(device))
 
 
 def provider_name(provider) -> str:
@@ -101,11 +148,33 @@ def make_session(path: Path, providers: list, insist: bool = False) -> ort.Infer
     # machine, fills took 18-24% less time (batch 8 x 512 and batch 1 x 128, both decoders, one run each) and
     # `maria serve` answered 1.4-1.7x the requests under the uneven load of docs/benchmarks.md (two runs each)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    wanted, got = provider_name(providers[0]), session.get_providers()[0]
-    if wanted != got:
-        if insist:
-            raise ValueError(f"--device cuda: the CUDA execution provider could not start here (ONNX Runtime fell "
-                             f"back to {got}); check the GPU driver and CUDA libraries, or use --device cpu")
-        warnings.warn(f"CUDA could not start here; running on {got} instead", RuntimeWarning, stacklevel=2)
+    # ONNX Runtime's own fallback, where a provider cannot start, prints the error on stdout (where fills go) and
+    # retries on the CPU. It is off (enable_fallback=0; versions before 1.23 ignore the key, fall back, and their
+    # print goes to stderr), and the fallback is this function's: one line naming the reason.
+    try:
+        with redirect_stdout(sys.stderr):
+            session = ort.InferenceSession(str(path), sess_options=options, providers=providers, enable_fallback=0)
+    except (RuntimeError, ValueError) as error:      # what ONNX Runtime's fallback catches: a provider that failed
+        if provider_name(providers[0]) == "CPUExecutionProvider":
+            raise
+        return _on_cpu(path, f"CUDA could not start ({provider_error(error)})", insist)
+    session.disable_fallback()      # and a provider failing mid-run raises, not reruns on the CPU behind a print
+    got = session.get_providers()[0]
+    if got != provider_name(providers[0]):
+        return _on_cpu(path, f"CUDA could not start (ONNX Runtime fell back to {got})", insist)
     return session
+
+
+def _on_cpu(path: Path, reason: str, insist: bool) -> ort.InferenceSession:
+    if insist:
+        raise ValueError(f"--device cuda: {reason}; check the GPU driver (nvidia-smi) and CUDA libraries, or use "
+                         "--device cpu")
+    warnings.warn(f"{reason}; running on the CPU instead", RuntimeWarning, stacklevel=3)
+    return make_session(path, ["CPUExecutionProvider"])
+
+
+def provider_error(error: Exception) -> str:
+    """ONNX Runtime's error from a provider, in one line: the CUDA failure where it names one."""
+    text = " ".join(str(error).split())
+    failure = re.search(r"CUDA failure \d+: [^;]*[^; ]", text)
+    return failure.group(0) if failure else text[:300]
