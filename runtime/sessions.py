@@ -157,20 +157,21 @@ def make_session(path: Path, providers: list, insist: bool = False) -> ort.Infer
     except (RuntimeError, ValueError) as error:      # what ONNX Runtime's fallback catches: a provider that failed
         if provider_name(providers[0]) == "CPUExecutionProvider":
             raise
-        return _on_cpu(path, f"CUDA could not start ({provider_error(error)})", insist)
+        _cuda_failed(f"CUDA could not start ({provider_error(error)})", insist)
+        return make_session(path, ["CPUExecutionProvider"])
     session.disable_fallback()      # and a provider failing mid-run raises, not reruns on the CPU behind a print
     got = session.get_providers()[0]
     if got != provider_name(providers[0]):
-        return _on_cpu(path, f"CUDA could not start (ONNX Runtime fell back to {got})", insist)
+        _cuda_failed(f"CUDA could not start (ONNX Runtime fell back to {got})", insist)
     return session
 
 
-def _on_cpu(path: Path, reason: str, insist: bool) -> ort.InferenceSession:
+def _cuda_failed(reason: str, insist: bool) -> None:
+    """The user asked for CUDA: one line and stop. auto: one warning, and the session runs on the CPU."""
     if insist:
         raise ValueError(f"--device cuda: {reason}; check the GPU driver (nvidia-smi) and CUDA libraries, or use "
                          "--device cpu")
     warnings.warn(f"{reason}; running on the CPU instead", RuntimeWarning, stacklevel=3)
-    return make_session(path, ["CPUExecutionProvider"])
 
 
 def provider_error(error: Exception) -> str:
