@@ -29,8 +29,11 @@ class TritonPythonModel:
     def initialize(self, args):
         parameters = json.loads(args["model_config"]).get("parameters", {})
         device = parameters.get("device", {}).get("string_value", "auto")
-        if args.get("model_instance_kind") == "CPU":
+        kind = args.get("model_instance_kind")
+        if kind == "CPU":
             device = "cpu"
+        elif kind == "GPU" and device == "cuda":      # Triton places a group of instances on every visible GPU
+            device = f"cuda:{args['model_instance_device_id']}"
         self.max_texts = int(parameters.get("max_texts", {}).get("string_value", "64"))
         self.infiller = Infiller(HERE / "bundle", device=device)
 

@@ -586,6 +586,30 @@ def test_a_model_name_a_url_or_config_pbtxt_cannot_carry_is_refused(name, tmp_pa
     assert not (tmp_path / "repo").exists()
 
 
+def test_triton_gpu_instances_each_run_on_their_own_gpu(tmp_path, monkeypatch):
+    """Triton starts an instance group on every visible GPU and tells each instance its GPU; the model must use it
+    (with plain "cuda" every instance would share GPU 0)."""
+    import importlib.util
+    import types
+
+    from serve.triton import write_repository
+    write_repository(DEFAULT_MODEL, tmp_path / "repo", kind="gpu", link=True)
+    model_dir = tmp_path / "repo" / "maria" / "1"
+    assert 'key: "device" value: { string_value: "cuda" }' in (tmp_path / "repo" / "maria" / "config.pbtxt").read_text()
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
+    monkeypatch.setattr(sys, "path", list(sys.path))                # the model puts its folder first
+    spec = importlib.util.spec_from_file_location("triton_maria_model", model_dir / "model.py")
+    model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model)
+    devices = []
+    monkeypatch.setattr(model, "Infiller", lambda bundle, device: devices.append(device))
+    config = json.dumps({"parameters": {"device": {"string_value": "cuda"}, "max_texts": {"string_value": "64"}}})
+    for kind, device_id in [("GPU", "0"), ("GPU", "3"), ("CPU", "0")]:
+        model.TritonPythonModel().initialize({"model_config": config, "model_instance_kind": kind,
+                                              "model_instance_device_id": device_id})
+    assert devices == ["cuda:0", "cuda:3", "cpu"]
+
+
 def test_a_repository_inside_its_bundle_is_refused(tmp_path):
     bundle = shutil.copytree(DEFAULT_MODEL, tmp_path / "bundle")
     for out, link in [(bundle / "repo", ()), (bundle / "a" / "repo", ("--link",))]:
