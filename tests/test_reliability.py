@@ -514,7 +514,7 @@ def test_a_gpu_number_beyond_the_machines_is_refused(monkeypatch):
     assert sessions.providers_for("cuda:1") == sessions.cuda_providers(1)        # 2 GPUs: cuda:1 is the second
 
 
-def test_this_machines_cuda_runtime_answers(monkeypatch):
+def test_this_machines_cuda_runtime_answers():
     """The real CUDA runtime where one is installed (this project's CPU machine has one and no driver)."""
     from runtime import sessions
     if sessions.cuda_runtime() is None:
