@@ -2,7 +2,7 @@
 
 `Infiller` loads a bundle's sessions and tokenizer once; each call fills a list of texts through the decode
 engine (runtime/engine.py: batch_size slots, texts joining as others finish), or with decoder="concat" through
-the batch loop over Optimum's decoder (runtime/decode.py); runtime/requests.py adds span candidates, reranking and
+the batch loop over Optimum's decoder (runtime/decode.py); runtime/rounds.py adds span candidates, reranking and
 per-text seeds.
 """
 
@@ -15,9 +15,10 @@ from .default_model import resolve_bundle
 from .engine import engine_infill
 from .manifest import load_manifest
 from .onnx_backend import OnnxBackend
-from .requests import FillRequest, Prepared, run_requests
+from .requests import FillRequest, Prepared
 from .results import Infilled
-from .text import MaskedText, encode_masked_text, literal, span_candidates
+from .rounds import run_requests
+from .text import MaskedText, encode_masked_text, literal, span_candidates, span_ranges, with_lengths
 from .utf8 import Utf8Rule
 
 __all__ = ["FillRequest", "Infilled", "Infiller", "Prepared"]
@@ -74,16 +75,23 @@ class Infiller:
         return [float(n.sum()) for n in score(self.backend, ids, masked, self.special, batch_size)]
 
     def prepare(self, text: str, rerank: bool = False) -> Prepared:
-        """Checks and encodes a text: one candidate per combination of its span lengths ([MASK:?], [MASK:a-b]).
+        """Checks and encodes a text: one candidate per combination of its span lengths ([MASK:?], [MASK:a-b]), or,
+        over MAX_CANDIDATES combinations, their ranges to search gap by gap (its longest combination checked).
         Raises ValueError for text the model cannot fill, naming the problem and the fix."""
         if not isinstance(text, str):
             raise ValueError(f"a text must be a string, got {type(text).__name__}")
-        candidates = [(lengths, self.encode(candidate))
-                      for lengths, candidate in span_candidates(text, self.manifest.max_sequence_length)]
-        if (rerank or candidates[0][0]) and not self.manifest.has_baseline_heads:
+        max_length = self.manifest.max_sequence_length
+        expanded = span_candidates(text, max_length)
+        if expanded is None:
+            ranges = tuple(span_ranges(text, max_length))
+            self.encode(with_lengths(text, [r[-1] for r in ranges]))
+            prepared = Prepared(text, [], ranges)
+        else:
+            prepared = Prepared(text, [(lengths, self.encode(candidate)) for lengths, candidate in expanded])
+        if (rerank or prepared.spans) and not self.manifest.has_baseline_heads:
             raise ValueError(f"{'--rerank' if rerank else 'span markers'} need the AR's whole-text score, and "
                              "this bundle has no ar_lm_head.onnx; re-export it with `maria export`")
-        return Prepared(text, candidates)
+        return prepared
 
     def infill(self, texts: list[str], sampling: Sampling = Sampling(), batch_size: int = 8,
                num_samples: int = 1, indices: list[int] | None = None, rerank: bool = False) -> list[Infilled]:

@@ -4,8 +4,10 @@
 belongs to that word's token, so one space before a marker is left to the fill: "The [MASK] statement" is
 tokenized as "The" + <mask> + " statement" and the fill comes back as " raise".
 
-`[MASK:?]` (1 to 8 tokens) and `[MASK:a-b]` (a to b tokens) leave the length to the model: `span_candidates`
-expands a text into one fixed-length text per combination of lengths (bounded by MAX_CANDIDATES).
+`[MASK:?]` (1 to 8 tokens) and `[MASK:a-b]` (a to b tokens) leave the length to the model: `span_ranges` reads
+the lengths each marker allows and `with_lengths` writes a text with them fixed; `span_candidates` expands a text
+into one fixed-length text per combination of lengths, where there are at most MAX_CANDIDATES (beyond, the
+lengths are searched gap by gap: runtime/spans.py).
 """
 
 import codecs
@@ -20,7 +22,8 @@ import numpy as np
 MARKER = re.compile(r"\[MASK(?::([0-9]+))?\]")
 SPAN = re.compile(r"\[MASK:(\?|([0-9]+)-([0-9]+))\]")
 ANY_LENGTH = (1, 8)                   # what [MASK:?] allows
-MAX_CANDIDATES = 64                   # combinations of span lengths one text may ask for
+MAX_CANDIDATES = 64                   # combinations of span lengths decoded together; the lengths one marker allows
+MAX_SEARCH = 256                      # lengths all of a text's span markers allow, summed (a gap-by-gap search)
 # anything that starts like a marker: up to its closing bracket within 20 characters of the line ([MASK: 2]), or
 # else up to the first space or bracket ([MASK:3 words)
 MARKER_LIKE = re.compile(r"\[MASK\b(?:[^\[\]\n]{0,20}\]|[^\[\]\s]{0,20}\]?)")
@@ -70,27 +73,40 @@ def encode_masked_text(text: str, tokenizer, mask_id: int, max_length: int) -> M
     return MaskedText(np.asarray(ids, dtype=np.int64), np.asarray(masked, dtype=bool))
 
 
-def span_candidates(text: str, max_length: int) -> list[tuple[tuple[int, ...], str]]:
-    """(lengths, text with [MASK:length] at each span marker) for every combination of the allowed lengths, or
-    [((), text)] when the text has no span marker. Raises ValueError for a bad range or too many combinations."""
+def span_ranges(text: str, max_length: int) -> list[range]:
+    """The lengths each span marker ([MASK:?], [MASK:a-b]) of the text allows, in order; [] for none. Raises
+    ValueError for a bad range, a marker allowing over MAX_CANDIDATES lengths, or over MAX_SEARCH in all."""
     ranges = []
     for match in SPAN.finditer(text):
         low, high = ANY_LENGTH if match.group(1) == "?" else (int(match.group(2)), int(match.group(3)))
         if not 1 <= low <= high <= max_length:
             raise ValueError(f"'{match.group(0)}' asks for a span of {low} to {high} tokens; use 1 <= a <= b <= "
                              f"{max_length}")
+        if high - low + 1 > MAX_CANDIDATES:
+            raise ValueError(f"'{match.group(0)}' allows {high - low + 1} lengths, over {MAX_CANDIDATES}; narrow it "
+                             f"to at most {MAX_CANDIDATES} ([MASK:{low}-{low + MAX_CANDIDATES - 1}]) or fix the "
+                             "length with [MASK:N]")
         ranges.append(range(low, high + 1))
-    if not ranges:
-        return [((), text)]
-    count = math.prod(len(r) for r in ranges)
-    if count > MAX_CANDIDATES:
-        raise ValueError(f"the span markers allow {count} combinations of lengths, over {MAX_CANDIDATES}; narrow "
-                         "them with [MASK:a-b] or fix some lengths with [MASK:N]")
-    candidates = []
-    for lengths in itertools.product(*ranges):
-        pieces = iter(f"[MASK:{n}]" for n in lengths)
-        candidates.append((lengths, SPAN.sub(lambda _: next(pieces), text)))
-    return candidates
+    if sum(len(r) for r in ranges) > MAX_SEARCH:
+        raise ValueError(f"the span markers allow {sum(len(r) for r in ranges)} lengths in all, over {MAX_SEARCH}; "
+                         "fix some lengths with [MASK:N], narrow them with [MASK:a-b] or split the text")
+    return ranges
+
+
+def with_lengths(text: str, lengths) -> str:
+    """The text with its span markers, in order, replaced by [MASK:length] for each of lengths."""
+    pieces = iter(f"[MASK:{n}]" for n in lengths)
+    return SPAN.sub(lambda _: next(pieces), text)
+
+
+def span_candidates(text: str, max_length: int) -> list[tuple[tuple[int, ...], str]] | None:
+    """(lengths, text with [MASK:length] at each span marker) for every combination of the allowed lengths,
+    [((), text)] when the text has no span marker, or None where the combinations are over MAX_CANDIDATES (their
+    lengths are then searched gap by gap). Raises ValueError as span_ranges does."""
+    ranges = span_ranges(text, max_length)
+    if math.prod(len(r) for r in ranges) > MAX_CANDIDATES:
+        return None
+    return [(lengths, with_lengths(text, lengths)) for lengths in itertools.product(*ranges)]
 
 
 def segments(ids: np.ndarray, masked: np.ndarray, tokenizer) -> list[tuple[str, bool]]:

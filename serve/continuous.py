@@ -2,7 +2,8 @@
 
     event loop: submit(job) ──▶ bounded queue ──▶ worker thread: each job's rows (texts x samples x span
     candidates) go into the decode engine (runtime/engine.py) as soon as it has room ──▶ engine.step() ──▶ a job
-    whose rows are all filled gets its results (span choice, reranking) and its future set on the loop
+    whose rows are all filled gets its results (span choice, reranking) and its future set on the loop; where
+    its span lengths are searched gap by gap (runtime/rounds.py), the next round's rows go in instead
 
 The engine has max_batch_size slots; a row takes a free slot at the next step, so a short request is not held
 behind a long one, and rows of different temperatures share steps (each draws from its own generator of
@@ -18,16 +19,17 @@ from typing import Callable
 
 from runtime.decode import Fill
 from runtime.engine import Engine
-from runtime.requests import collect, empty_results, flat_results, request_rows, row_encoding
+from runtime.rounds import Rounds
 
 from .batcher import Job, QueueFull
 
 
 @dataclass
 class Running:
-    """A job in the engine: its rows and, per row, the sequence filling it (None where nothing is masked)."""
+    """A job in the engine: its rounds of rows and, per row of the current round, the sequence filling it (None
+    where nothing is masked)."""
     job: Job
-    rows: list
+    rounds: Rounds
     sequences: list
 
 
@@ -63,21 +65,24 @@ class ContinuousBatcher:
     def _admit(self, job: Job) -> None:
         if job.cancelled:
             return
-        rows = request_rows([job.request], [0])
-        running = Running(job, rows, [])
-        for row in rows:
-            _, text, sample, _, rng = row
-            encoded = row_encoding([job.request], row)
-            if not encoded.masked.any():
+        running = Running(job, Rounds(self.infiller, [job.request], [0]), [])
+        self._submit(running)
+        self.running.append(running)
+
+    def _submit(self, running: Running) -> None:
+        """Puts the rows of the job's current round into the engine."""
+        job = running.job
+        running.sequences = []
+        for row in running.rounds.rows:
+            if not row.encoded.masked.any():
                 running.sequences.append(None)
                 continue
             hear = None
-            if job.on_token is not None and not job.request.texts[text].spans:
-                hear = (lambda position, token, logprob, text=text, sample=sample:
+            if job.on_token is not None and not job.request.texts[row.text].spans:
+                hear = (lambda position, token, logprob, text=row.text, sample=row.sample:
                         job.loop.call_soon_threadsafe(job.on_token, text, sample, position, token, logprob))
-            running.sequences.append(self.engine.submit(encoded.ids, encoded.masked, job.request.sampling, rng,
-                                                        hear))
-        self.running.append(running)
+            running.sequences.append(self.engine.submit(row.encoded.ids, row.encoded.masked, job.request.sampling,
+                                                        row.rng, hear))
 
     def _take_jobs(self) -> None:
         """Blocks for a job while the engine is idle; otherwise takes jobs while fewer rows than slots wait."""
@@ -105,18 +110,20 @@ class ContinuousBatcher:
 
     def _finish(self) -> None:
         for running in [r for r in self.running if all(s is None or s.done for s in r.sequences)]:
-            self.running.remove(running)
             job = running.job
+            try:
+                fills = [Fill.unchanged(row.encoded.ids) if s is None else s.fill()
+                         for row, s in zip(running.rounds.rows, running.sequences)]
+                if running.rounds.collect(fills):         # a gap-by-gap search goes on: its next round goes in
+                    self._submit(running)
+                    continue
+                outcome = job.future.set_result, running.rounds.flat(0)
+            except Exception as error:        # handed to the request's handler, which answers for it
+                outcome = job.future.set_exception, error
+            self.running.remove(running)
             job.timings.filled = time.monotonic_ns()
             job.timings.started = job.timings.started or job.timings.filled       # nothing masked: no step
-            try:
-                fills = [Fill.unchanged(row_encoding([job.request], row).ids) if s is None else s.fill()
-                         for row, s in zip(running.rows, running.sequences)]
-                results = empty_results([job.request])
-                collect(self.infiller, [job.request], running.rows, fills, results)
-                job.finish(job.future.set_result, flat_results(results)[0])
-            except Exception as error:        # handed to the request's handler, which answers for it
-                job.finish(job.future.set_exception, error)
+            job.finish(*outcome)
 
     def _work(self) -> None:
         while True:

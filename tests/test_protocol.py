@@ -204,3 +204,7 @@ def test_a_span_request_over_the_row_limit_is_told_how_to_fit():
                        ([prepared(8), prepared(40)], "narrow the span markers ([MASK:a-b]), fix some lengths")]:
         with pytest.raises(TooLarge, match=re.escape(fix)):
             check_size(16, len(texts), 1, FillRequest(texts))
+    searched = Prepared("t", [], (range(1, 9), range(1, 9), range(1, 9)))    # a round holds one gap's lengths
+    assert searched.rows == 8 and FillRequest([searched, prepared(1)], num_samples=2).size == 18
+    with pytest.raises(TooLarge, match="needs 24 decode rows"):
+        check_size(16, 3, 1, FillRequest([searched] * 3))

@@ -101,6 +101,15 @@ def test_infer_in_json_fills_like_maria_infill(running, reference):
     assert status == 200 and json.loads(body)["results"] == [r.to_dict() for r in want]
 
 
+def test_span_lengths_searched_gap_by_gap_fill_like_maria_infill(running, reference):
+    """Three [MASK:?] (512 combinations): each gap's round of rows joins the running engine in turn."""
+    texts = ["The [MASK:?] statement is used to [MASK:?] an [MASK:?].", TEXTS[1]]
+    want = reference.infill(texts, Sampling(temperature=1.0, seed=2), num_samples=2)
+    assert all("searched gap by gap" in r.note for r in want[:2])
+    status, _, body = call(running, "/v1/infill", {"text": texts, "temperature": 1.0, "seed": 2, "num_samples": 2})
+    assert status == 200 and json.loads(body)["results"] == [r.to_dict() for r in want]
+
+
 def test_triton_generate_extension_fills_like_infer(running, reference):
     """POST .../generate (and _stream), as Triton serves it for this model: the body's "text" is the input, its
     other keys and "parameters" the settings; each output one value, or a list over texts x samples."""
@@ -252,6 +261,10 @@ def test_the_concat_decoder_batches_a_batch_at_a_time(bundles):
         assert all(status == 200 for status, _, _ in answers)
         after = batches(url)
         assert after[0] - before[0] < 8 and after[1] - before[1] == 8    # fewer batches than requests
+        text = "a [MASK:?] b [MASK:?] c [MASK:?]"                     # lengths searched gap by gap, batch by batch
+        want = Infiller(bundles["olmo"], device="cpu", decoder="concat").infill([text])
+        status, _, body = call(url, "/v1/infill", {"text": [text]})
+        assert status == 200 and json.loads(body)["results"] == [r.to_dict() for r in want]
 
 
 def batches(url) -> tuple[float, float]:

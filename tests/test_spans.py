@@ -2,6 +2,7 @@
 computation with the PyTorch backbones (quality is measured in MODEL.md, not asserted here)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from maria_onnx.checkpoint import load_maria
 from runtime.choose import Sampling
 from runtime.infiller import Infiller
 from runtime.likelihood import ar_loglikelihood, ar_sample
-from runtime.text import MAX_CANDIDATES, span_candidates
+from runtime.spans import GapSearch
+from runtime.text import MAX_CANDIDATES, span_candidates, with_lengths
 
 
 def hand_loglikelihood(backbones, ids) -> float:
@@ -52,13 +54,69 @@ def test_the_span_length_is_the_candidate_the_ar_likes_best(olmo):
     assert json.loads(json.dumps(result.to_dict()))["span_lengths"] == result.span_lengths
 
 
-def test_any_length_means_one_to_eight_and_the_product_is_bounded():
+def test_any_length_means_one_to_eight_and_beyond_64_combinations_the_lengths_are_searched():
     assert [lengths for lengths, _ in span_candidates("a [MASK:?] b", 100)] == [(n,) for n in range(1, 9)]
     assert len(span_candidates("[MASK:?] [MASK:?]", 100)) == 64 == MAX_CANDIDATES
-    with pytest.raises(ValueError, match="allow 512 combinations of lengths, over 64"):
-        span_candidates("[MASK:?] [MASK:?] [MASK:?]", 100)
+    assert span_candidates("[MASK:?] [MASK:?] [MASK:?]", 100) is None         # 512: searched gap by gap
+    assert with_lengths("[MASK:?] a [MASK:2-5]. [MASK]", (3, 4)) == "[MASK:3] a [MASK:4]. [MASK]"
     with pytest.raises(ValueError, match="a span of 4 to 2 tokens"):
         span_candidates("[MASK:4-2]", 100)
+    with pytest.raises(ValueError, match=re.escape("'[MASK:1-200]' allows 200 lengths, over 64; narrow it to at "
+                                                   "most 64 ([MASK:1-64])")):
+        span_candidates("x [MASK:1-200] y", 300)
+    with pytest.raises(ValueError, match="the span markers allow 264 lengths in all, over 256"):
+        span_candidates("[MASK:?] " * 33, 300)
+
+
+def search(ranges: list[range], score) -> tuple[GapSearch, int]:
+    """Runs a GapSearch with `score` standing for the decoded texts' scores: (the search, its rounds)."""
+    gaps, rounds = GapSearch(ranges), 0
+    while pending := gaps.pending():
+        assert not set(pending) & set(gaps.scores)                         # nothing is decoded twice
+        varying = [gap for gap in range(len(ranges)) if len({lengths[gap] for lengths in pending}) > 1]
+        assert len(varying) <= 1                                            # one gap at a time, the others held
+        gaps.scores.update({lengths: score(*lengths) for lengths in pending})
+        rounds += 1
+    return gaps, rounds
+
+
+@pytest.mark.parametrize("score, best, rounds", [
+    # gaps that do not interact: the best of all, found in the first pass and checked in a second
+    (lambda a, b, c: -(a - 5) ** 2 - (b - 3) ** 2 - (c - 2) ** 2, (5, 3, 2), 5),
+    # coupled gaps: a and c climb a step each pass, and MAX_PASSES (3) stops them short of (6, 3, 5)
+    (lambda a, b, c: -(a - 6) ** 2 - (b - 3) ** 2 - 2 * (c - a + 1) ** 2, (5, 3, 4), 9),
+    # held where no single gap improves, though (8, 3, 4) is better
+    (lambda a, b, c: -(a - 2 * c) ** 2 - 0.1 * (c - 4) ** 2 - (b - 3) ** 2, (2, 3, 1), 4),
+])
+def test_the_gap_search_climbs_one_gap_at_a_time(score, best, rounds):
+    gaps, taken = search([range(1, 9), range(2, 6), range(1, 9)], score)
+    assert gaps.best == best and taken == rounds and len(gaps.scores) < gaps.combinations == 256
+
+
+def test_a_gap_search_ends_where_no_gap_improves_and_each_candidate_is_its_own_fill(olmo):
+    infiller, backbones = olmo
+    text = "a [MASK:?] of the [MASK:1-4] list [MASK:?] b"            # 8 x 4 x 8 = 256 combinations
+    result = infiller.infill([text])[0]
+    assert "searched gap by gap" in result.note and len(result.candidates) < 64
+    tried = {tuple(c["lengths"]): c for c in result.candidates}
+    best = tuple(result.span_lengths)
+    assert tried[best]["text"] == result.text and result.score == max(c["score"] for c in result.candidates)
+    for gap, allowed in enumerate([range(1, 9), range(1, 5), range(1, 9)]):     # no single gap does better
+        for n in allowed:
+            assert tried[best[:gap] + (n,) + best[gap + 1:]]["score"] <= result.score
+    for lengths in list(tried)[:: max(1, len(tried) // 4)]:      # a candidate is the fill of its fixed-length text
+        alone = infiller.infill([with_lengths(text, lengths)])[0]
+        assert alone.text == tried[lengths]["text"]
+        assert tried[lengths]["score"] == pytest.approx(hand_loglikelihood(backbones, alone.ids), abs=1e-4)
+
+
+def test_a_searched_text_samples_the_same_whatever_it_is_batched_with(olmo):
+    infiller, _ = olmo
+    text, sampling = "[MASK:?] a [MASK:?] b [MASK:?]", Sampling(temperature=1.5, seed=9)
+    alone = infiller.infill([text], sampling, num_samples=2)
+    mixed = infiller.infill(["the [MASK] list", text], sampling, num_samples=2, batch_size=3, indices=[5, 0])
+    assert [r.to_dict() for r in mixed[2:]] == [r.to_dict() for r in alone]
+    assert len({r.text for r in alone}) == 2
 
 
 def test_rerank_orders_samples_by_their_whole_text_score(olmo):

@@ -7,18 +7,28 @@ Criteria compared on the same candidates (every length decoded greedily, one bat
     AR total        log p_AR of the whole filled text (what `[MASK:?]` uses)
     MARIA fills     the sum of MARIA's own log-probabilities of the fill tokens
     most common     always the length that is most common among the masked words (a baseline)
+
+With --gaps K (2 or more): K whole words of each held-out window become [MASK:?] at once, and the lengths the
+gap-by-gap search chooses (runtime/spans.py) are compared with the best of every combination, decoded on the same
+text: how often they agree, how far the search's score falls short, and what each costs (rows, seconds).
+
+    python -m tools.bench_spans --windows tests/data/default_model_eval_windows.npy --gaps 3 --texts 40 \
+        --out search.json
 """
 
 import argparse
 import collections
+import itertools
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 
 from runtime.infiller import Infiller
-from runtime.requests import FillRequest, Prepared, run_requests
-from runtime.text import ANY_LENGTH, MaskedText
+from runtime.requests import FillRequest, Prepared
+from runtime.rounds import run_requests
+from runtime.text import ANY_LENGTH, MaskedText, span_ranges, with_lengths
 
 from . import run_main, write_json
 
@@ -103,16 +113,76 @@ def summarize(rows: list[dict]) -> dict:
             "rows": rows}
 
 
+def gap_texts(infiller: Infiller, windows: np.ndarray, count: int, gaps: int, seed: int) -> list[tuple]:
+    """`count` (text, true lengths): a held-out window (one without special tokens) with `gaps` of its whole words
+    replaced by [MASK:?], the window and its words drawn with `seed`."""
+    rng, texts = np.random.default_rng(seed), []
+    decode = infiller.tokenizer.decode
+    for w in rng.permutation(len(windows)):
+        words = whole_words(infiller.tokenizer, windows[w])
+        if len(words) < gaps or np.isin(windows[w], infiller.special.all).any():
+            continue
+        pieces, position, true = [], 0, []
+        for start, end in (words[i] for i in sorted(rng.choice(len(words), gaps, replace=False))):
+            pieces += [decode(windows[w][position:start].tolist()), " [MASK:?]"]
+            position, true = end, true + [end - start]
+        texts.append(("".join(pieces) + decode(windows[w][position:].tolist()), true))
+        if len(texts) == count:
+            break
+    return texts
+
+
+def measure_search(infiller: Infiller, texts: list[tuple], batch_size: int = 8) -> dict:
+    """Per text, the gap-by-gap search against every combination, in alternating order, batch_size rows at once
+    (as `maria infill` decodes)."""
+    rows = []
+    for number, (text, true) in enumerate(texts):
+        ranges = tuple(span_ranges(text, infiller.manifest.max_sequence_length))
+        ways = {"search": Prepared(text, [], ranges),
+                "every": Prepared(text, [(lengths, infiller.encode(with_lengths(text, lengths)))
+                                         for lengths in itertools.product(*ranges)])}
+        row = {"text": text, "true_lengths": true}
+        for name in sorted(ways, reverse=number % 2 == 1):
+            began = time.perf_counter()
+            (result,) = run_requests(infiller, [FillRequest([ways[name]])], batch_size)[0]
+            row.update({f"{name}_seconds": time.perf_counter() - began, f"{name}_lengths": result.span_lengths,
+                        f"{name}_score": result.score, f"{name}_rows": len(result.candidates)})
+        rows.append(row)
+    return summarize_search(rows)
+
+
+def summarize_search(rows: list[dict]) -> dict:
+    shortfall = np.array([r["every_score"] - r["search_score"] for r in rows])
+    speedup = np.array([r["every_seconds"] / r["search_seconds"] for r in rows])
+    right = lambda name: np.mean([np.equal(r[f"{name}_lengths"], r["true_lengths"]).mean() for r in rows])
+    return {"texts": len(rows), "gaps": len(rows[0]["true_lengths"]), "combinations": rows[0]["every_rows"],
+            "same_lengths": float(np.mean([r["search_lengths"] == r["every_lengths"] for r in rows])),
+            "score_shortfall": {"median": float(np.median(shortfall)), "max": float(shortfall.max())},
+            "search_rows": {"median": float(np.median([r["search_rows"] for r in rows])),
+                            "max": max(r["search_rows"] for r in rows)},
+            "time_ratio_every_over_search": {"median": float(np.median(speedup)),
+                                             "p10": float(np.percentile(speedup, 10)),
+                                             "p90": float(np.percentile(speedup, 90))},
+            "gap_length_right": {"search": float(right("search")), "every": float(right("every"))},
+            "rows": rows}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=Path, required=True, help=".npy of token-id windows of held-out text")
     parser.add_argument("--model", type=Path, default=None, help="a bundle; default: the shipped model")
     parser.add_argument("--words", type=int, default=300)
+    parser.add_argument("--gaps", type=int, default=1, help="[MASK:?] per text; 2 or more: the search against "
+                        "every combination")
+    parser.add_argument("--texts", type=int, default=40, help="texts to measure with --gaps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    report = measure(Infiller(args.model, device="cpu"), np.load(args.windows).astype(np.int64), args.words,
-                     args.seed)
+    infiller, windows = Infiller(args.model, device="cpu"), np.load(args.windows).astype(np.int64)
+    if args.gaps > 1:
+        report = measure_search(infiller, gap_texts(infiller, windows, args.texts, args.gaps, args.seed))
+    else:
+        report = measure(infiller, windows, args.words, args.seed)
     write_json(args.out, report)
     print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=2))
 

@@ -1,0 +1,164 @@
+"""Requests -> decode rows, round after round -> results, each request keeping its own seed.
+
+    rows: (request, text, sample, span lengths) of every text, filled together      ──▶ Infiller.fill_ids
+    spans: the candidate whose filled text is most likely under the AR wins (log p_AR of the whole text: the text
+           outside the gaps is the same for every candidate, so the totals compare fairly). Where a text's
+           markers allow more combinations than are decoded together, its lengths are searched gap by gap
+           (runtime/spans.py): each gap is one more round of rows, until the search ends.
+    rerank: a text's samples ordered by that same whole-text score
+
+Sample j of text i (i: its index in the request, or FillRequest.indices[i]) draws from a generator of
+(seed, i, j), its candidate c of a span text from (seed, i, j, c), and its lengths L of a searched text from
+(seed, i, j, *L): the same whatever it is batched with.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .likelihood import ar_loglikelihood
+from .requests import FillRequest
+from .results import Infilled, build_result
+from .spans import GapSearch
+from .text import MAX_CANDIDATES, MaskedText, with_lengths
+
+
+@dataclass(frozen=True)
+class Row:
+    """One decode row: sample `sample` of text `text` of request `number`, with these span lengths."""
+    number: int
+    text: int
+    sample: int
+    lengths: tuple
+    encoded: MaskedText
+    rng: np.random.Generator
+
+
+class Rounds:
+    """The decode rows of the requests numbered `numbers`, round after round, and their results: one round unless
+    a text's span lengths are searched gap by gap. `rows` is the round to decode; `collect` takes its fills and
+    returns the next round ([] once every result is in `results`)."""
+
+    def __init__(self, infiller, requests: list[FillRequest], numbers: list[int]):
+        self.infiller, self.requests, self.numbers = infiller, requests, numbers
+        self.results = [[[None] * r.num_samples for _ in r.texts] for r in requests]     # [request][text][sample]
+        self.searches = {}           # (number, text, sample) -> (GapSearch, {lengths: Infilled}) while it runs
+        self.rows = []
+        for number in numbers:
+            request = requests[number]
+            for text, prepared in enumerate(request.texts):
+                for sample in range(request.num_samples):
+                    if prepared.ranges:
+                        self.searches[(number, text, sample)] = GapSearch(list(prepared.ranges)), {}
+                    for c, (lengths, encoded) in enumerate(prepared.candidates):
+                        key = [c] if prepared.spans else []
+                        self.rows.append(self._row(number, text, sample, lengths, encoded, key))
+        self.rows += self._search_rows()
+
+    def _row(self, number: int, text: int, sample: int, lengths: tuple, encoded: MaskedText, key: list) -> Row:
+        request = self.requests[number]
+        rng = np.random.default_rng([request.sampling.seed, request.index(text), sample] + list(key))
+        return Row(number, text, sample, tuple(lengths), encoded, rng)
+
+    def _search_rows(self) -> list[Row]:
+        """The next round of each running search; a search that has ended gives its result instead."""
+        rows = []
+        for key, (search, _) in list(self.searches.items()):
+            pending = search.pending()
+            if not pending:
+                self._end_search(key)
+                continue
+            text = self.requests[key[0]].texts[key[1]].text
+            rows += [self._row(*key, lengths, self.infiller.encode(with_lengths(text, lengths)), lengths)
+                     for lengths in pending]
+        return rows
+
+    def collect(self, fills: list) -> list[Row]:
+        """Takes the fills of `rows` (in order): scores what needs a whole-text score, keeps the best candidate of
+        span texts, steps the searches; returns the next round, and reranks samples once there is none."""
+        built = [build_result(self.infiller.tokenizer, self.requests[row.number].texts[row.text].text, row.encoded,
+                              fill) for row, fill in zip(self.rows, fills)]
+        need = [i for i, row in enumerate(self.rows)
+                if self.requests[row.number].texts[row.text].spans or self.requests[row.number].rerank]
+        scores = ar_loglikelihood(self.infiller.backend, [np.asarray(built[i].ids) for i in need],
+                                  self.infiller.special) if need else []
+        for i, score in zip(need, scores):
+            built[i].score = score
+        candidates = {}
+        for row, result in zip(self.rows, built):
+            key = (row.number, row.text, row.sample)
+            if key in self.searches:
+                search, tried = self.searches[key]
+                search.scores[row.lengths], tried[row.lengths] = result.score, result
+            else:
+                candidates.setdefault(key, []).append(result)
+        for key, results in candidates.items():
+            self._choose(key, results)
+        self.rows = self._search_rows()
+        if not self.rows:
+            self._rerank()
+        return self.rows
+
+    def _choose(self, key: tuple, candidates: list[Infilled]) -> None:
+        """The result of a text decoded in one round: its one fill, or its span candidate with the best score."""
+        number, text, sample = key
+        prepared = self.requests[number].texts[text]
+        best = max(range(len(candidates)), key=lambda c: candidates[c].score) if prepared.spans else 0
+        chosen = candidates[best]
+        if prepared.spans:
+            chosen.span_lengths = list(prepared.candidates[best][0])
+            chosen.candidates = [_candidate(lengths, r) for (lengths, _), r in zip(prepared.candidates, candidates)]
+        self.results[number][text][sample] = chosen
+
+    def _end_search(self, key: tuple) -> None:
+        number, text, sample = key
+        search, tried = self.searches.pop(key)
+        chosen = tried[search.best]
+        chosen.span_lengths = list(search.best)
+        chosen.candidates = [_candidate(lengths, r) for lengths, r in tried.items()]
+        chosen.note = (f"the span markers allow {search.combinations} combinations of lengths, over the "
+                       f"{MAX_CANDIDATES} decoded together; the lengths were searched gap by gap ({len(tried)} "
+                       "tried): the best found, not necessarily the best of all")
+        self.results[number][text][sample] = chosen
+
+    def _rerank(self) -> None:
+        for number in self.numbers:
+            if self.requests[number].rerank:
+                for samples in self.results[number]:
+                    samples.sort(key=lambda r: -r.score)
+
+    def flat(self, number: int) -> list[Infilled]:
+        """The results of request `number`: num_samples per text, text-major."""
+        return [result for samples in self.results[number] for result in samples]
+
+
+def _candidate(lengths: tuple, result: Infilled) -> dict:
+    return {"lengths": list(lengths), "score": result.score, "text": result.text, "ids": result.ids}
+
+
+def run_requests(infiller, requests: list[FillRequest], batch_size: int | None = None,
+                 on_token=None) -> list[list[Infilled]]:
+    """Per request, its results: num_samples per text, text-major (reranked where asked); one decode batch per
+    sampling setting and round (or batches of batch_size rows). on_token(request, text, sample, position, token,
+    logprob) hears each fill of the fixed-marker texts."""
+    results = [[] for _ in requests]
+    groups = {}
+    for number, request in enumerate(requests):
+        groups.setdefault((request.sampling.temperature, request.sampling.top_k, request.sampling.top_p),
+                          []).append(number)
+    for numbers in groups.values():
+        rounds = Rounds(infiller, requests, numbers)
+        while rounds.rows:
+            rows = rounds.rows
+
+            def hear(row, *fill, rows=rows):
+                if not requests[rows[row].number].texts[rows[row].text].spans:
+                    on_token(rows[row].number, rows[row].text, rows[row].sample, *fill)
+
+            fills = infiller.fill_ids([r.encoded.ids for r in rows], [r.encoded.masked for r in rows],
+                                      requests[numbers[0]].sampling, batch_size=batch_size or len(rows),
+                                      rngs=[r.rng for r in rows], on_token=hear if on_token else None)
+            rounds.collect(fills)
+        for number in numbers:
+            results[number] = rounds.flat(number)
+    return results
