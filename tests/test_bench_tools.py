@@ -40,6 +40,20 @@ def test_whole_words_are_found_and_lengths_chosen_within_range(infiller):
     assert report["length_accuracy"]["most common"] == max(report["true_lengths"].values()) / count
 
 
+def test_the_search_is_measured_against_every_combination_on_the_same_texts(infiller):
+    encode = plain_encoder(infiller.tokenizer)
+    windows = np.array([encode(" ".join(corpus(40, seed=seed)))[:64] for seed in range(6)])
+    texts = bench_spans.gap_texts(infiller, windows, count=2, gaps=3, seed=0)
+    assert len(texts) == 2 and all(text.count("[MASK:?]") == 3 and len(true) == 3 for text, true in texts)
+    report = bench_spans.measure_search(infiller, texts)
+    assert report["texts"] == 2 and report["combinations"] == 512
+    for row in report["rows"]:
+        assert row["every_rows"] == 512 and 8 <= row["search_rows"] < 512
+        assert row["search_score"] <= row["every_score"] + 1e-9           # the best of all is never beaten
+        assert all(1 <= n <= 8 for n in row["search_lengths"] + row["every_lengths"])
+    assert report["score_shortfall"]["max"] >= 0
+
+
 def test_generation_bench_reports_each_system(infiller, tmp_path):
     rows = bench_generate.measure(infiller, length=5, samples=2, steps=[0, 2], repeats=1, seed=0, schedule={})
     assert [r["system"] for r in rows] == ["AR sampling", "MARIA, K=0", "MARIA, K=2"]
