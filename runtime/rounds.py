@@ -116,9 +116,9 @@ class Rounds:
         chosen = tried[search.best]
         chosen.span_lengths = list(search.best)
         chosen.candidates = [_candidate(lengths, r) for lengths, r in tried.items()]
-        chosen.note = (f"the span lengths were searched gap by gap ({len(tried)} of {search.combinations} "
-                       f"combinations tried, over the {MAX_CANDIDATES} decoded together): the best found, not "
-                       "necessarily the best of all")
+        chosen.note = (f"span lengths searched gap by gap: {len(tried)} of {search.combinations} combinations "
+                       f"tried (all are tried only up to {MAX_CANDIDATES}), the best found, not necessarily the "
+                       "best of all")
         self.results[number][text][sample] = chosen
 
     def _rerank(self) -> None:
