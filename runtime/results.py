@@ -1,5 +1,6 @@
 """The result of filling one text, and how it prints as JSON (`maria infill --json`, the servers)."""
 
+import re
 from dataclasses import dataclass, field
 
 from .decode import Fill
@@ -40,8 +41,11 @@ class Infilled:
 def build_result(tokenizer, text: str, encoded: MaskedText, fill: Fill) -> Infilled:
     """The result of one text from its encoding and its fill."""
     if not encoded.masked.any():
+        other_case = re.search(r"\[mask\b[^\]\s]{0,20}\]?", text, re.IGNORECASE)    # [mask], [Mask:2]
+        note = "no [MASK] in the text; returned unchanged" + (
+            f" ('{other_case.group(0)}' is text: markers are upper case, [MASK])" if other_case else "")
         return Infilled(input=text, text=text, ids=encoded.ids.tolist(), masked_positions=[], fill_logprobs=[],
-                        fills=[], segments=[(text, False)], note="no [MASK] in the text; returned unchanged")
+                        fills=[], segments=[(text, False)], note=note)
     return Infilled(input=text, text=tokenizer.decode(fill.ids.tolist(), skip_special_tokens=False),
                     ids=fill.ids.tolist(), masked_positions=fill.positions.tolist(),
                     fill_logprobs=[float(p) for p in fill.logprobs],

@@ -98,8 +98,10 @@ def test_masked_text_keeps_the_space_with_the_fill(pair):
 
 def test_text_without_mask_comes_back_with_a_note(pair):
     infiller, _, _ = pair
-    result = infiller.infill(["nothing to fill here"])[0]
-    assert result.text == "nothing to fill here" and "no [MASK]" in result.note
+    result, other_case = infiller.infill(["nothing to fill here", "the [Mask:2] of it"])
+    assert result.text == "nothing to fill here" and result.note == "no [MASK] in the text; returned unchanged"
+    assert other_case.text == "the [Mask:2] of it"
+    assert other_case.note.endswith("('[Mask:2]' is text: markers are upper case, [MASK])")
 
 
 def run_blocked(args: list, tmp_path):

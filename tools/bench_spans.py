@@ -129,6 +129,9 @@ def gap_texts(infiller: Infiller, windows: np.ndarray, count: int, gaps: int, se
         texts.append(("".join(pieces) + decode(windows[w][position:].tolist()), true))
         if len(texts) == count:
             break
+    if not texts:
+        raise ValueError(f"no window without special tokens holds {gaps} whole words; give other windows or fewer "
+                         "--gaps")
     return texts
 
 
