@@ -264,7 +264,8 @@ def infill(
                                              "auto (the engine where the bundle has it)."),
 ):
     """Fill the masked tokens of each text with a MARIA bundle (no PyTorch needed). [MASK] is one token,
-    [MASK:N] N tokens, [MASK:?] 1 to 8 and [MASK:a-b] a to b tokens (the model chooses the length)."""
+    [MASK:N] N tokens, [MASK:?] 1 to 8 and [MASK:a-b] a to b tokens (the model chooses the length; over 64
+    combinations of lengths, gap by gap)."""
     from runtime.choose import Sampling
     from runtime.device import check_device
     from runtime.infiller import FillRequest, Infiller
