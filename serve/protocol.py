@@ -231,8 +231,11 @@ def read_infer(request, binary: bytes | None) -> InferRequest:
         raise BadRequest(f"the body holds {len(binary) - offset} bytes after the inputs' binary data; each input's "
                          "binary_data_size must cover its bytes")
     asked = request.get("outputs") or []
-    if not isinstance(asked, list) or not all(isinstance(o, dict) and o.get("name") in OUTPUTS for o in asked):
-        raise BadRequest(f"'outputs' must list outputs by name; outputs are {', '.join(OUTPUTS)}")
+    if not isinstance(asked, list) or not all(isinstance(o, dict) for o in asked):
+        raise BadRequest(f"'outputs' must be a list of {{\"name\": ...}} objects; outputs are {', '.join(OUTPUTS)}")
+    unknown = [o.get("name") for o in asked if o.get("name") not in OUTPUTS]
+    if unknown:
+        raise BadRequest(f"no output {json.dumps(unknown[0])}; this model's outputs are {', '.join(OUTPUTS)}")
     binary_outputs = {o["name"] for o in asked
                       if _flag(parameters(o, f"output '{o['name']}'"), "binary_data", f"output '{o['name']}'")}
     if _flag(given, "binary_data_output", "the request"):

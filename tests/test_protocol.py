@@ -107,8 +107,10 @@ def test_only_the_outputs_asked_for_come_back():
         return parse_infer(json.dumps(body).encode(), None)
 
     assert request(None).outputs == ("text", "result") and request([{"name": "result"}]).outputs == ("result",)
-    with pytest.raises(BadRequest, match="'outputs' must list outputs by name; outputs are text, result"):
+    with pytest.raises(BadRequest, match="^no output \"logits\"; this model's outputs are text, result$"):
         request([{"name": "logits"}])
+    with pytest.raises(BadRequest, match="'outputs' must be a list of"):
+        request({"name": "text"})
     filled = Infilled(input="a [MASK]", text="a b", ids=[1, 2], masked_positions=[1], fill_logprobs=[-0.5],
                       fills=[" b"])
     body, _ = infer_response("maria", request([{"name": "text"}]), [filled])
