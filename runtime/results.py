@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from .decode import Fill
 from .text import MaskedText, segments
+from .utf8 import fill_pieces
 
 
 @dataclass
@@ -17,7 +18,7 @@ class Infilled:
     ids: list
     masked_positions: list
     fill_logprobs: list
-    fills: list                  # each fill token, decoded
+    fills: list                  # the text each fill adds, in whole characters (runtime/utf8.py: FillPieces)
     segments: list = field(repr=False, default_factory=list)    # (piece, is_fill) runs of text
     note: str = ""
     score: float | None = None
@@ -49,5 +50,5 @@ def build_result(tokenizer, text: str, encoded: MaskedText, fill: Fill) -> Infil
     return Infilled(input=text, text=tokenizer.decode(fill.ids.tolist(), skip_special_tokens=False),
                     ids=fill.ids.tolist(), masked_positions=fill.positions.tolist(),
                     fill_logprobs=[float(p) for p in fill.logprobs],
-                    fills=[tokenizer.decode([int(t)]) for t in fill.ids[fill.positions]],
+                    fills=fill_pieces(tokenizer, fill.ids, fill.positions),
                     segments=segments(fill.ids, encoded.masked, tokenizer))

@@ -168,3 +168,49 @@ class Utf8Rule:
         if key not in self._refusals:
             self._refusals[key] = np.flatnonzero(~self._mask(state, left, awaited))
         return self._refusals[key]
+
+
+class FillPieces:
+    """The text each fill adds to its filled text, fill by fill as the decode loop chooses them, in whole
+    characters: a token that holds part of a character adds "", and the token that completes the character adds
+    all of it, so the pieces of a span join into the span's text (one token decoded alone would show U+FFFD).
+    Each piece is decoded after the token before it (for a span's first fill, the text's token before the span),
+    so a tokenizer that drops the leading space of a decode's first token keeps the fill's own."""
+
+    def __init__(self, tokenizer, ids):
+        """tokenizer: a `tokenizers.Tokenizer` or a transformers tokenizer; ids: the text's content ids."""
+        self.tokenizer, self.ids = tokenizer, [int(i) for i in ids]
+        self.start = self.read = self.end = -1     # ids[start:read] decoded already; ids[read:end] held back
+
+    def add(self, position: int, token: int) -> str:
+        """The piece that filling ids[position] with token adds (fills come left to right)."""
+        self.ids[position] = int(token)
+        if position != self.end:                   # a new span
+            self.start, self.read = max(position - 1, 0), position
+        self.end = position + 1
+        return self._advance(complete=False)
+
+    def rest(self) -> str:
+        """What the span holds back: part of a character, which only a fill left free can end with."""
+        return self._advance(complete=True)
+
+    def _advance(self, complete: bool) -> str:
+        done = self._decode(self.start, self.read)
+        text = self._decode(self.start, self.end)
+        if len(text) <= len(done) or (text.endswith("\ufffd") and not complete):
+            return ""
+        self.start, self.read = self.read, self.end
+        return text[len(done):]
+
+    def _decode(self, start: int, end: int) -> str:
+        return self.tokenizer.decode(self.ids[start:end], skip_special_tokens=False) if end > start else ""
+
+
+def fill_pieces(tokenizer, ids, positions) -> list[str]:
+    """The piece each fill of a filled text adds (FillPieces), one per masked position."""
+    pieces, out = FillPieces(tokenizer, ids), []
+    for index, position in enumerate(positions):
+        out.append(pieces.add(int(position), int(ids[position])))
+        if index + 1 == len(positions) or positions[index + 1] != position + 1:     # the span ends here
+            out[-1] += pieces.rest()
+    return out

@@ -39,6 +39,7 @@ from starlette.routing import Match, Route
 from runtime.choose import Sampling
 from runtime.infiller import FillRequest
 from runtime.requests import SETTINGS, SettingTypeError, TooLarge, check_size, read_settings
+from runtime.utf8 import FillPieces
 
 from .batcher import Batcher, Job, QueueFull
 from .continuous import ContinuousBatcher
@@ -303,12 +304,15 @@ class Server:
         began = time.monotonic()
         texts, settings = await self.json_request(request)
         events: asyncio.Queue = asyncio.Queue()
+        pieces = {}                                # (text, sample) -> its FillPieces
 
         def on_token(index, sample, position, token, logprob):
+            if (index, sample) not in pieces:
+                ids = job.request.texts[index].candidates[0][1].ids
+                pieces[index, sample] = FillPieces(self.infiller.tokenizer, ids)
+            piece = pieces[index, sample].add(position, token)
             events.put_nowait({"event": "token", "data": {"text": index, "sample": sample, "position": position,
-                                                          "token": token, "piece": self.infiller.tokenizer.decode(
-                                                              [token], skip_special_tokens=False),
-                                                          "logprob": logprob}})
+                                                          "token": token, "piece": piece, "logprob": logprob}})
 
         job = self.job(texts, settings, began, on_token)
         task = asyncio.ensure_future(self.run(job))

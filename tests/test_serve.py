@@ -197,10 +197,10 @@ def test_tritonclient_binary_infer(running, reference):
         client.close()
 
 
-def stream(url: str, texts: list[str]) -> tuple[list[str], list]:
+def stream(url: str, texts: list[str], **settings) -> tuple[list[str], list]:
     """The kinds and data of the events /v1/infill/stream answers."""
-    request = urllib.request.Request(url + "/v1/infill/stream", data=json.dumps({"text": texts}).encode(),
-                                     method="POST")
+    body = json.dumps({"text": texts, **settings}).encode()
+    request = urllib.request.Request(url + "/v1/infill/stream", data=body, method="POST")
     with urllib.request.urlopen(request, timeout=60) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [block for block in response.read().decode().split("\n\n") if block.strip()]
@@ -217,6 +217,17 @@ def test_the_stream_sends_each_fill_then_the_result(running, reference):
     want = reference.infill(["Use the [MASK:1-3] module.", TEXTS[0]])
     assert kinds == ["token"] * len(want[1].fills) + ["result"] and {d["text"] for d in data[:-1]} == {1}
     assert data[-1]["results"] == [r.to_dict() for r in want]
+
+
+def test_the_streams_pieces_are_whole_characters(running, reference):
+    """A token that holds part of a character streams the piece "", the one that completes it the character."""
+    texts, settings = ["\U0001f642[MASK:3]\U0001f643"], {"temperature": 3.0, "seed": 0, "num_samples": 16}
+    _, data = stream(running, texts, **settings)
+    want = reference.infill(texts, Sampling(temperature=3.0, seed=0), num_samples=16)
+    assert data[-1]["results"] == [r.to_dict() for r in want] and any("" in r.fills for r in want)
+    for sample, result in enumerate(want):
+        assert [d["piece"] for d in data[:-1] if d["sample"] == sample] == result.fills
+        assert "".join(result.fills) == result.text.removeprefix("\U0001f642").removesuffix("\U0001f643")
 
 
 def test_concurrent_requests_form_batches_and_do_not_change_results(running, reference):

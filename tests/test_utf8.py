@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, decoders, models
 from runtime.choose import Sampling
 from runtime.default_model import DEFAULT_MODEL
 from runtime.infiller import Infiller
-from runtime.utf8 import Utf8Rule, token_bytes
+from runtime.utf8 import FillPieces, Utf8Rule, fill_pieces, token_bytes
 
 TEXTS = ["日本語の[MASK:3]テキスト 🙂 [MASK] émoji", "Grüße [MASK] aus Köln, [MASK:2] café.",
          "数据[MASK]处理 [MASK:4] 模块。", "🙂[MASK]🙃 [MASK:3] ok"]
@@ -34,6 +34,49 @@ def test_sampled_fills_of_multilingual_text_are_whole_characters(infiller):
     free = Infiller(DEFAULT_MODEL, device="cpu")
     free.utf8 = None                                   # the same model with its fills left free
     assert any("\ufffd" in r.text for r in free.infill(TEXTS, Sampling(temperature=1.0, seed=3), num_samples=8))
+
+
+def spans(result) -> list[str]:
+    """The text of each span of a result, as its fills join: runs of adjacent masked positions."""
+    joined, last = [], None
+    for position, piece in zip(result.masked_positions, result.fills):
+        if last is not None and position == last + 1:
+            joined[-1] += piece
+        else:
+            joined.append(piece)
+        last = position
+    return joined
+
+
+def test_a_spans_fills_join_into_its_text(infiller):
+    """A token that holds part of a character adds "" and the one that completes it the whole character."""
+    dash = byte_ids(infiller, b"a") + byte_ids(infiller, "—".encode()) + byte_ids(infiller, b"b")
+    assert fill_pieces(infiller.tokenizer, dash, [1, 2, 3]) == ["", "", "—"]
+    assert [infiller.tokenizer.decode([i]) for i in dash[1:4]] == ["�"] * 3     # each token alone
+    results = infiller.infill(["🙂[MASK:3]🙃"] + TEXTS, Sampling(temperature=3.0, seed=0),
+                              num_samples=16)
+    assert any("" in r.fills for r in results)                # part-character tokens were chosen
+    for result in results:
+        assert spans(result) == [piece for piece, fill in result.segments if fill] and "\ufffd" not in result.text
+    free = Infiller(DEFAULT_MODEL, device="cpu")
+    free.utf8 = None                                   # fills left free: a span may end inside a character
+    for result in free.infill(TEXTS, Sampling(temperature=1.0, seed=3), num_samples=8):
+        assert spans(result) == [piece for piece, fill in result.segments if fill]
+
+
+def test_a_fills_piece_keeps_its_leading_space():
+    """A SentencePiece decoder (Llama 2's) drops the space of a decode's first token; a span's first fill is
+    decoded after the token before it, so it keeps its own."""
+    vocab = {"<unk>": 0, "<0xE3>": 1, "<0x81>": 2, "<0x82>": 3, "\u2581the": 4, "a": 5}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                           decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    ids = [5, 4, 1, 2, 3, 5]                           # "a the\u3042a"
+    assert tokenizer.decode([4]) == "the" and tokenizer.decode(ids) == "a the\u3042a"
+    assert fill_pieces(tokenizer, ids, [1, 2, 3, 4]) == [" the", "", "", "\u3042"]
+    assert fill_pieces(tokenizer, ids, [0, 1, 3]) == ["a", " the", "\ufffd"]    # a free span's cut character
+    pieces = FillPieces(tokenizer, ids)                # as a stream hears them
+    assert [pieces.add(p, ids[p]) for p in (2, 3, 4)] == ["", "", "\u3042"] and pieces.add(0, 5) == "a"
 
 
 def test_the_concat_decoder_keeps_the_same_rule(bundles):
