@@ -110,12 +110,13 @@ class Infiller:
                               indices)
         return run_requests(self, [request], batch_size)[0]
 
-    def infill_requests(self, requests: list[FillRequest], on_token=None,
-                        batch_size: int | None = None) -> list[list[Infilled]]:
-        """Several requests in one decode batch per temperature / top-k / top-p (or batches of batch_size rows);
-        each keeps its own seed, so its results do not depend on the others. on_token(request, text, sample,
-        position, token, logprob) hears each fill as it is chosen."""
-        return run_requests(self, requests, batch_size, on_token)
+    def infill_requests(self, requests: list[FillRequest], on_token=None, batch_size: int | None = None,
+                        on_batch=None) -> list[list[Infilled]]:
+        """Several requests in one decode batch per temperature / top-k / top-p and round of span lengths (or
+        batches of batch_size rows); each keeps its own seed, so its results do not depend on the others.
+        on_token(request, text, sample, position, token, logprob) hears each fill as it is chosen, on_batch(rows,
+        ns) each decode batch once it is filled."""
+        return run_requests(self, requests, batch_size, on_token, on_batch)
 
     def _check_mask_token(self) -> None:
         """The mask id must name a mask token in the tokenizer, or none (an id only the MLM knows)."""

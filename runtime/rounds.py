@@ -12,6 +12,7 @@ Sample j of text i (i: its index in the request, or FillRequest.indices[i]) draw
 (seed, i, j, *L): the same whatever it is batched with.
 """
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,10 +138,10 @@ def _candidate(lengths: tuple, result: Infilled) -> dict:
 
 
 def run_requests(infiller, requests: list[FillRequest], batch_size: int | None = None,
-                 on_token=None) -> list[list[Infilled]]:
+                 on_token=None, on_batch=None) -> list[list[Infilled]]:
     """Per request, its results: num_samples per text, text-major (reranked where asked); one decode batch per
     sampling setting and round (or batches of batch_size rows). on_token(request, text, sample, position, token,
-    logprob) hears each fill of the fixed-marker texts."""
+    logprob) hears each fill of the fixed-marker texts; on_batch(rows, ns) each decode batch, once it is filled."""
     results = [[] for _ in requests]
     groups = {}
     for number, request in enumerate(requests):
@@ -155,9 +156,12 @@ def run_requests(infiller, requests: list[FillRequest], batch_size: int | None =
                 if not requests[rows[row].number].texts[rows[row].text].spans:
                     on_token(rows[row].number, rows[row].text, rows[row].sample, *fill)
 
+            started = time.monotonic_ns()
             fills = infiller.fill_ids([r.encoded.ids for r in rows], [r.encoded.masked for r in rows],
                                       requests[numbers[0]].sampling, batch_size=batch_size or len(rows),
                                       rngs=[r.rng for r in rows], on_token=hear if on_token else None)
+            if on_batch is not None:
+                on_batch(len(rows), time.monotonic_ns() - started)
             rounds.collect(fills)
         for number in numbers:
             results[number] = rounds.flat(number)

@@ -54,7 +54,7 @@ class Batcher:
     max_batch_size: int = 8
     max_batch_delay_s: float = 0.005
     max_queue: int = 256
-    observe_batch: Callable[[int, int], None] = lambda size, ns: None    # rows, ns: after each batch
+    observe_batch: Callable[[int, int], None] = lambda size, ns: None    # rows, ns: after each decode batch
     jobs: queue.Queue = field(init=False)
     held: collections.deque = field(init=False, default_factory=collections.deque)
 
@@ -114,13 +114,13 @@ class Batcher:
         for job in batch:
             job.timings.started = started
         try:
-            results = self.infiller.infill_requests([job.request for job in batch], on_token)
+            results = self.infiller.infill_requests([job.request for job in batch], on_token,
+                                                    on_batch=self.observe_batch)
         except Exception as error:           # handed to each request's handler, which answers for it
             for job in batch:
                 job.finish(job.future.set_exception, error)
             return
         filled = time.monotonic_ns()
-        self.observe_batch(sum(job.request.size for job in batch), filled - started)
         for job, result in zip(batch, results):
             job.timings.filled = filled
             job.finish(job.future.set_result, result)

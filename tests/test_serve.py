@@ -274,8 +274,11 @@ def test_the_concat_decoder_batches_a_batch_at_a_time(bundles):
         assert after[0] - before[0] < 8 and after[1] - before[1] == 8    # fewer batches than requests
         text = "a [MASK:?] b [MASK:?] c [MASK:?]"                     # lengths searched gap by gap, batch by batch
         want = Infiller(bundles["olmo"], device="cpu", decoder="concat").infill([text])
+        before = batches(url)
         status, _, body = call(url, "/v1/infill", {"text": [text]})
         assert status == 200 and json.loads(body)["results"] == [r.to_dict() for r in want]
+        after = batches(url)                                          # one batch per round, each round's rows
+        assert after[0] - before[0] > 1 and after[1] - before[1] == len(want[0].candidates)
 
 
 def batches(url) -> tuple[float, float]:

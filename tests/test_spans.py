@@ -14,6 +14,7 @@ from maria_onnx.checkpoint import load_maria
 from runtime.choose import Sampling
 from runtime.infiller import Infiller
 from runtime.likelihood import ar_loglikelihood, ar_sample
+from runtime.requests import FillRequest
 from runtime.spans import GapSearch
 from runtime.text import MAX_CANDIDATES, span_candidates, with_lengths
 
@@ -108,6 +109,16 @@ def test_a_gap_search_ends_where_no_gap_improves_and_each_candidate_is_its_own_f
         alone = infiller.infill([with_lengths(text, lengths)])[0]
         assert alone.text == tried[lengths]["text"]
         assert tried[lengths]["score"] == pytest.approx(hand_loglikelihood(backbones, alone.ids), abs=1e-4)
+
+
+def test_each_round_of_a_search_is_a_decode_batch_of_its_own_rows(olmo):
+    infiller, _ = olmo
+    request = FillRequest([infiller.prepare("a [MASK:?] of the [MASK:1-4] list [MASK:?] b", False)])
+    batches = []
+    result = infiller.infill_requests([request], on_batch=lambda rows, ns: batches.append((rows, ns)))[0][0]
+    rows = [rows for rows, _ in batches]
+    assert len(rows) > 1 and max(rows) <= request.size and sum(rows) == len(result.candidates)
+    assert all(ns > 0 for _, ns in batches)
 
 
 def test_a_searched_text_samples_the_same_whatever_it_is_batched_with(olmo):
