@@ -18,7 +18,8 @@ from .onnx_backend import OnnxBackend
 from .requests import FillRequest, Prepared
 from .results import Infilled
 from .rounds import run_requests
-from .text import MaskedText, encode_masked_text, literal, span_candidates, span_ranges, with_lengths
+from .text import (MAX_CANDIDATES, MaskedText, encode_masked_text, literal, span_candidates, span_ranges,
+                   with_lengths)
 from .utf8 import Utf8Rule
 
 __all__ = ["FillRequest", "Infilled", "Infiller", "Prepared"]
@@ -74,14 +75,14 @@ class Infiller:
         self._check_ids(ids, masked)
         return [float(n.sum()) for n in score(self.backend, ids, masked, self.special, batch_size)]
 
-    def prepare(self, text: str, rerank: bool = False) -> Prepared:
+    def prepare(self, text: str, rerank: bool = False, most: int = MAX_CANDIDATES) -> Prepared:
         """Checks and encodes a text: one candidate per combination of its span lengths ([MASK:?], [MASK:a-b]), or,
-        over MAX_CANDIDATES combinations, their ranges to search gap by gap (its longest combination checked).
-        Raises ValueError for text the model cannot fill, naming the problem and the fix."""
+        where several span markers allow over `most` combinations, their ranges to search gap by gap (its longest
+        combination checked). Raises ValueError for text the model cannot fill, naming the problem and the fix."""
         if not isinstance(text, str):
             raise ValueError(f"a text must be a string, got {type(text).__name__}")
         max_length = self.manifest.max_sequence_length
-        expanded = span_candidates(text, max_length)
+        expanded = span_candidates(text, max_length, most)
         if expanded is None:
             ranges = tuple(span_ranges(text, max_length))
             self.encode(with_lengths(text, [r[-1] for r in ranges]))

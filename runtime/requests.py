@@ -8,6 +8,7 @@
 from dataclasses import dataclass
 
 from .choose import Sampling
+from .text import MAX_CANDIDATES
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,20 @@ def check_size(limit: int, texts: int, num_samples: int, request: FillRequest | 
                "narrow the span markers ([MASK:a-b]), fix some lengths ([MASK:N]) or ask for fewer samples")
         raise TooLarge(f"the request needs {request.size} decode rows (texts x samples x span candidates), over "
                        f"the limit of {limit}; {fix}")
+
+
+def bounded_request(prepare, texts: list, sampling: Sampling, num_samples: int, rerank: bool,
+                    limit: int) -> FillRequest:
+    """The request for texts in at most `limit` decode rows at once: every combination of span lengths decoded
+    side by side where they all fit, else the lengths of each text with several span markers searched gap by gap
+    (a round's rows at a time). prepare(texts, rerank, most) -> Prepared per text (Infiller.prepare); raises
+    TooLarge where even the search does not fit."""
+    check_size(limit, len(texts), num_samples)                    # before any text is prepared
+    request = FillRequest(prepare(texts, rerank, MAX_CANDIDATES), sampling, num_samples, rerank)
+    if request.size > limit:
+        request = FillRequest(prepare(texts, rerank, 1), sampling, num_samples, rerank)
+    check_size(limit, len(texts), num_samples, request)
+    return request
 
 
 class SettingTypeError(ValueError):

@@ -117,9 +117,10 @@ class Rounds:
         chosen = tried[search.best]
         chosen.span_lengths = list(search.best)
         chosen.candidates = [_candidate(lengths, r) for lengths, r in tried.items()]
+        why = (f"all are tried only up to {MAX_CANDIDATES}" if search.combinations > MAX_CANDIDATES else
+               "all of them take more decode rows than the request may use")
         chosen.note = (f"span lengths searched gap by gap: {len(tried)} of {search.combinations} combinations "
-                       f"tried (all are tried only up to {MAX_CANDIDATES}), the best found, not necessarily the "
-                       "best of all")
+                       f"tried ({why}), the best found, not necessarily the best of all")
         self.results[number][text][sample] = chosen
 
     def _rerank(self) -> None:

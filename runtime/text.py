@@ -99,12 +99,14 @@ def with_lengths(text: str, lengths) -> str:
     return SPAN.sub(lambda _: next(pieces), text)
 
 
-def span_candidates(text: str, max_length: int) -> list[tuple[tuple[int, ...], str]] | None:
+def span_candidates(text: str, max_length: int,
+                    most: int = MAX_CANDIDATES) -> list[tuple[tuple[int, ...], str]] | None:
     """(lengths, text with [MASK:length] at each span marker) for every combination of the allowed lengths,
-    [((), text)] when the text has no span marker, or None where the combinations are over MAX_CANDIDATES (their
-    lengths are then searched gap by gap). Raises ValueError as span_ranges does."""
+    [((), text)] when the text has no span marker, or None where several span markers allow over `most`
+    combinations (their lengths are then searched gap by gap; one marker's lengths are all decoded together
+    whatever `most`: a search would decode them all too). Raises ValueError as span_ranges does."""
     ranges = span_ranges(text, max_length)
-    if math.prod(len(r) for r in ranges) > MAX_CANDIDATES:
+    if len(ranges) > 1 and math.prod(len(r) for r in ranges) > most:
         return None
     return [(lengths, with_lengths(text, lengths)) for lengths in itertools.product(*ranges)]
 

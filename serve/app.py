@@ -37,8 +37,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Match, Route
 
 from runtime.choose import Sampling
-from runtime.infiller import FillRequest
-from runtime.requests import SETTINGS, SettingTypeError, TooLarge, check_size, read_settings
+from runtime.requests import SETTINGS, SettingTypeError, TooLarge, bounded_request, read_settings
 from runtime.utf8 import FillPieces
 
 from .batcher import Batcher, Job, QueueFull
@@ -146,22 +145,20 @@ class Server:
             raise ClientError(400, "no text given; send at least one text with [MASK] markers")
         sampling, num_samples, rerank = sampling_of(settings)
         try:
-            check_size(self.settings.max_texts, len(texts), num_samples)          # before any text is prepared
-            request = FillRequest(self.prepared(texts, rerank), sampling, num_samples, rerank)
-            check_size(self.settings.max_texts, len(texts), num_samples, request)  # with the span candidates
+            request = bounded_request(self.prepared, texts, sampling, num_samples, rerank, self.settings.max_texts)
         except TooLarge as error:
             raise ClientError(413, str(error)) from None
         loop = asyncio.get_running_loop()
         return Job(request, loop, loop.create_future(), Timings(arrived=int(began * 1e9)), on_token)
 
-    def prepared(self, texts: list, rerank: bool) -> list:
+    def prepared(self, texts: list, rerank: bool, most: int) -> list:
         """Each text ready to fill (Infiller.prepare), or ClientError naming the first that is not."""
         prepared = []
         for number, text in enumerate(texts):
             if not isinstance(text, str):
                 raise ClientError(400, f"text {number}: must be a string, got {type(text).__name__}")
             try:
-                prepared.append(self.infiller.prepare(text, rerank))
+                prepared.append(self.infiller.prepare(text, rerank, most))
             except ValueError as error:
                 raise ClientError(422, f"text {number}: {error}") from None
         return prepared

@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))           # the runtime package copied beside this file
 
 from runtime.infiller import FillRequest, Infiller  # noqa: E402
-from runtime.requests import check_size, read_settings  # noqa: E402
+from runtime.requests import bounded_request, read_settings  # noqa: E402
 
 
 class TritonPythonModel:
@@ -41,10 +41,10 @@ class TritonPythonModel:
         texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t)
                  for t in pb_utils.get_input_tensor_by_name(request, "text").as_numpy().reshape(-1)]
         sampling, num_samples, rerank = read_settings(json.loads(request.parameters() or "{}"))
-        check_size(self.max_texts, len(texts), num_samples)
-        fill = FillRequest([self.infiller.prepare(text, rerank) for text in texts], sampling, num_samples, rerank)
-        check_size(self.max_texts, len(texts), num_samples, fill)
-        return fill
+        return bounded_request(self.prepare, texts, sampling, num_samples, rerank, self.max_texts)
+
+    def prepare(self, texts: list, rerank: bool, most: int) -> list:
+        return [self.infiller.prepare(text, rerank, most) for text in texts]
 
     def execute(self, requests):
         responses, readable = [None] * len(requests), []

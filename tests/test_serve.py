@@ -23,6 +23,7 @@ import pytest
 from runtime.choose import Sampling
 from runtime.default_model import DEFAULT_MODEL
 from runtime.infiller import Infiller
+from runtime.requests import FillRequest
 from tools.bench_serve import stop
 
 pytest.importorskip("starlette", reason="the serve extra (starlette, uvicorn, prometheus-client) is not installed")
@@ -217,6 +218,22 @@ def test_the_stream_sends_each_fill_then_the_result(running, reference):
     want = reference.infill(["Use the [MASK:1-3] module.", TEXTS[0]])
     assert kinds == ["token"] * len(want[1].fills) + ["result"] and {d["text"] for d in data[:-1]} == {1}
     assert data[-1]["results"] == [r.to_dict() for r in want]
+
+
+def test_span_lengths_are_searched_where_every_combination_would_not_fit(running, reference):
+    """Two [MASK:?] make 64 combinations: one sample takes all 64 decode rows the request may use; two samples
+    would take 128, so each text's lengths are searched gap by gap, a round's 8 rows per sample at a time."""
+    text = "Use the [MASK:?] module to [MASK:?] files."
+    status, _, body = call(running, "/v1/infill", {"text": [text]})
+    assert status == 200 and len(json.loads(body)["results"][0]["candidates"]) == 64
+    settings = {"temperature": 1.0, "seed": 4, "num_samples": 2}
+    status, _, body = call(running, "/v1/infill", {"text": [text], **settings})
+    searched = FillRequest([reference.prepare(text, most=1)], Sampling(temperature=1.0, seed=4), num_samples=2)
+    want = reference.infill_requests([searched])[0]
+    assert status == 200 and json.loads(body)["results"] == [r.to_dict() for r in want]
+    assert all(len(r.candidates) < 64 and "more decode rows than the request may use" in r.note for r in want)
+    status, _, body = call(running, "/v1/infill", {"text": [text] * 9})       # 9 x 8 rows even searched
+    assert status == 413 and "needs 72 decode rows" in json.loads(body)["error"]
 
 
 def test_the_streams_pieces_are_whole_characters(running, reference):

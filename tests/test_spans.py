@@ -111,6 +111,12 @@ def test_a_gap_search_ends_where_no_gap_improves_and_each_candidate_is_its_own_f
         assert tried[lengths]["score"] == pytest.approx(hand_loglikelihood(backbones, alone.ids), abs=1e-4)
 
 
+def test_a_single_span_markers_lengths_are_decoded_together_whatever_the_bound():
+    assert len(span_candidates("a [MASK:?] b", 64, most=1)) == 8
+    assert span_candidates("a [MASK:?] b [MASK:1-2]", 64, most=16) is not None
+    assert span_candidates("a [MASK:?] b [MASK:1-2]", 64, most=15) is None
+
+
 def test_each_round_of_a_search_is_a_decode_batch_of_its_own_rows(olmo):
     infiller, _ = olmo
     request = FillRequest([infiller.prepare("a [MASK:?] of the [MASK:1-4] list [MASK:?] b", False)])

@@ -16,6 +16,7 @@ import pytest
 from runtime.choose import Sampling
 from runtime.default_model import DEFAULT_MODEL
 from runtime.infiller import Infiller
+from runtime.requests import FillRequest
 from tools.bench_serve import stop
 from serve.triton import write_repository
 from tests.test_serve import call, server
@@ -121,6 +122,12 @@ def test_triton_serves_the_repository_like_maria_serve(tmp_path):
         with pytest.raises(Exception, match=r"needs 8 decode rows \(texts x samples x span candidates\), over the "
                                             "limit of 4"):
             request(["Use the [MASK:?] module."]).get_result(timeout=60)
+        two = "Use the [MASK:1-2] module to [MASK:1-2] files."      # 2 x 2 combinations x 2 samples: over 4 rows
+        searched = json.loads(request([two], num_samples=2, temperature=1.0, seed=2).get_result(timeout=60)
+                              .as_numpy("result")[0, 0])
+        want = reference.infill_requests([FillRequest([reference.prepare(two, most=1)],
+                                                      Sampling(temperature=1.0, seed=2), 2)])[0][0]
+        assert searched["text"] == want.text and "more decode rows than the request may use" in searched["note"]
         assert request(TEXTS[:1]).get_result(timeout=60).as_numpy("text")[0, 0].decode() == \
             reference.infill(TEXTS[:1])[0].text                                     # and the model still serves
         generate_like_maria_serve(f"http://127.0.0.1:{port}")
