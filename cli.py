@@ -43,6 +43,13 @@ def maria(versions: bool = typer.Option(False, "--version", is_eager=True, callb
 CHUNK_BATCHES = 16
 
 
+def threads_option():
+    return typer.Option(None, min=1, envvar="MARIA_THREADS",
+                        help="CPU threads per ONNX Runtime session (default: the CPUs this process may use where "
+                             "an affinity mask or a container's cpuset or CPU quota leaves it fewer than the "
+                             "machine's, else ONNX Runtime's own; `maria --version` shows which).")
+
+
 def fail(message: str, code: int = 2):
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
@@ -259,6 +266,7 @@ def infill(
     num_samples: int = typer.Option(1, min=1, help="Results per input."),
     rerank: bool = typer.Option(False, "--rerank", help="Order each text's samples by the AR's whole-text score."),
     device: str = typer.Option("auto", help="auto | cuda | cuda:N (GPU N) | cpu"),
+    threads: Optional[int] = threads_option(),
     decoder: str = typer.Option("auto", help="engine (the KV cache written in place, texts joining as others "
                                              "finish) | concat (Optimum's decoder, the cache copied each step) | "
                                              "auto (the engine where the bundle has it)."),
@@ -279,7 +287,7 @@ def infill(
         return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        infiller = Infiller(model, device=device, decoder=decoder)
+        infiller = Infiller(model, device=device, decoder=decoder, threads=threads)
     for warning in caught:
         typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
     where = (lambda line: f"{name}:{line.number}") if input_file else (lambda line: f"text {line.number}")
@@ -324,6 +332,7 @@ def generate(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="A bundle; default: the shipped model."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per sample, with the energy per step."),
     device: str = typer.Option("auto", help="auto | cuda | cuda:N (GPU N) | cpu"),
+    threads: Optional[int] = threads_option(),
 ):
     """Generate text by simulated annealing with MARIA (energy: -log p under the AR), optionally between a prefix
     and a suffix."""
@@ -339,7 +348,7 @@ def generate(
     check_device(device)
     schedule = Schedule(steps, fraction_start, fraction_end, anneal_start, anneal_end)
     sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
-    infiller = Infiller(model, device=device)
+    infiller = Infiller(model, device=device, threads=threads)
     if not infiller.manifest.has_baseline_heads:
         raise ValueError("generation needs the AR's whole-text score, and this bundle has no ar_lm_head.onnx; "
                          "re-export it with `maria export`")
@@ -470,6 +479,7 @@ def eval_command(
     batch_size: int = typer.Option(16, min=1),
     as_json: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON here."),
     device: str = typer.Option("auto", help="auto | cuda | cuda:N (GPU N) | cpu"),
+    threads: Optional[int] = threads_option(),
 ):
     """Masked-token perplexity and greedy top-1 accuracy: MARIA (ONNX) and, with the train extra, the baselines."""
     from rich.console import Console
@@ -487,7 +497,7 @@ def eval_command(
     if as_json is not None and not as_json.parent.is_dir():
         raise ValueError(f"--json {as_json}: the folder {as_json.parent} does not exist; create it or give a path "
                          "in an existing folder")
-    report = evaluate(text_file, Infiller(model, device=device), mask_rate=mask_rate, span=span,
+    report = evaluate(text_file, Infiller(model, device=device, threads=threads), mask_rate=mask_rate, span=span,
                       seq_len=seq_len, windows=windows, seed=seed, batch_size=batch_size,
                       backbones_from=backbones_from)
     table = Table(title=f"{report['windows']} windows of {seq_len} tokens, mask rate {mask_rate}"
@@ -514,6 +524,7 @@ def serve(
                                             "over gRPC on this port (Triton's is 8001; 0: any free port); needs "
                                             "the grpc extra."),
     device: str = typer.Option("auto", help="auto | cuda | cuda:N (GPU N) | cpu"),
+    threads: Optional[int] = threads_option(),
     model_name: str = typer.Option("maria", help="The model's name in the protocol's paths."),
     max_batch_size: int = typer.Option(8, min=1, help="Texts (x samples) decoded at once: the engine's slots, or "
                                                       "the size of a batch with --decoder concat."),
@@ -559,7 +570,7 @@ def serve(
                              max_body_bytes=max_body_bytes, max_texts=max_texts, timeout_s=timeout, api_key=api_key)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        infiller = Infiller(model, device=device, decoder=decoder)
+        infiller = Infiller(model, device=device, decoder=decoder, threads=threads)
     for warning in caught:
         typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
     if not api_key and not is_loopback(host):

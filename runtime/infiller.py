@@ -28,10 +28,12 @@ DECODERS = ("auto", "engine", "concat")
 
 class Infiller:
     def __init__(self, bundle=None, device: str = "auto", io_binding: bool | None = None, decoder: str = "auto",
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, threads: int | None = None):
         """bundle: a folder written by `maria export`; None for the default model shipped in the package.
         decoder: engine (ar_step.onnx, the KV cache written in place), concat (ar_decoder.onnx, today's path), or
-        auto: the engine where the bundle has it. cuda_graph: on CUDA, capture the engine's steps as CUDA graphs."""
+        auto: the engine where the bundle has it. cuda_graph: on CUDA, capture the engine's steps as CUDA graphs.
+        threads: CPU threads per ONNX Runtime session; None: as many as this process may use where that is fewer
+        than the machine's CPUs (an affinity mask, a container's cpuset or CPU quota), else ONNX Runtime's own."""
         if decoder not in DECODERS:
             raise ValueError(f"--decoder must be one of {', '.join(DECODERS)}, got '{decoder}'")
         self.bundle = resolve_bundle(bundle)
@@ -47,7 +49,7 @@ class Infiller:
         self.decoder = decoder
         self.tokenizer = literal(Tokenizer.from_file(str(self.bundle / self.manifest.tokenizer)))
         self.backend = OnnxBackend(self.bundle, self.manifest, device=device, io_binding=io_binding,
-                                   cuda_graph=cuda_graph, decoder=decoder)
+                                   cuda_graph=cuda_graph, decoder=decoder, threads=threads)
         self.special = self.manifest.special_ids
         self._check_mask_token()
         self.utf8 = Utf8Rule.from_tokenizer(self.tokenizer, self.manifest.vocab_size, self.special.all)

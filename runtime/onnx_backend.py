@@ -13,6 +13,7 @@ What crosses to the host per step is small: the step's last_hidden_state rows an
 path around `_run`, so tests compare them.
 """
 
+import functools
 import itertools
 import warnings
 from pathlib import Path
@@ -78,49 +79,50 @@ def check_graphs(manifest: Manifest, sessions: dict) -> None:
                              f"{m.num_hidden_layers}; {REEXPORT}")
 
 
-def _step_session(path: Path, providers: list, cuda_graph: bool):
+def _step_session(path: Path, providers: list, cuda_graph: bool, threads: int | None):
     """(the step graph's session, whether it captures CUDA graphs). ONNX Runtime captures only a graph whose nodes
     all run on CUDA, and it places shape arithmetic on the CPU; where it refuses, the step runs without capture,
     with one warning."""
     if not cuda_graph:
-        return make_session(path, providers), False
+        return make_session(path, providers, threads=threads), False
     try:
         return make_session(path, [(providers[0][0], {**providers[0][1], "enable_cuda_graph": "1"}),
-                                   *providers[1:]]), True
+                                   *providers[1:]], threads=threads), True
     except Exception as error:                   # ONNX Runtime's Fail, raised while the session is created
         if "graph capture" not in str(error):
             raise
         reason = str(error).strip().splitlines()[-1]
         warnings.warn(f"CUDA graphs: ONNX Runtime does not capture this step graph ({reason}); running without "
                       "capture", RuntimeWarning, stacklevel=3)
-        return make_session(path, providers), False
+        return make_session(path, providers, threads=threads), False
 
 
 class OnnxBackend:
     def __init__(self, folder: Path, manifest: Manifest, device: str = "auto", io_binding: bool | None = None,
-                 cuda_graph: bool = False, decoder: str | None = None):
+                 cuda_graph: bool = False, decoder: str | None = None, threads: int | None = None):
         """cuda_graph: capture the engine's step as CUDA graphs (one per shape) and replay them; CUDA only.
         decoder: "engine" loads only the step graph (scores then run on it too), "concat" only ar_decoder.onnx,
-        None both: the two hold the same weights, so one alone halves the AR's memory and load time."""
+        None both: the two hold the same weights, so one alone halves the AR's memory and load time.
+        threads: each session's CPU threads (None: runtime/cpus.py chooses)."""
         providers = providers_for(device)
         self.manifest = manifest
-        self.mlm = make_session(Path(folder) / manifest.graph("mlm").file, providers,
-                                insist=device not in ("auto", "cpu"))
+        session = functools.partial(make_session, threads=threads)
+        self.mlm = session(Path(folder) / manifest.graph("mlm").file, providers, insist=device not in ("auto", "cpu"))
         if self.mlm.get_providers()[0] != provider_name(providers[0]):
             providers = ["CPUExecutionProvider"]   # after a CUDA fallback, the rest start on CPU directly
         self.ar = self.step = None
         self.cuda_graph = False
         if "ar_decoder" in manifest.graphs and decoder != "engine":
-            self.ar = make_session(Path(folder) / manifest.graph("ar_decoder").file, providers)
+            self.ar = session(Path(folder) / manifest.graph("ar_decoder").file, providers)
         if "ar_step" in manifest.graphs and decoder != "concat":
             cuda = provider_name(providers[0]) == "CUDAExecutionProvider"
             self.step, self.cuda_graph = _step_session(Path(folder) / manifest.graph("ar_step").file, providers,
-                                                       cuda_graph and cuda)
-        self.head = make_session(Path(folder) / manifest.graph("fusion_head").file, providers)
+                                                       cuda_graph and cuda, threads)
+        self.head = session(Path(folder) / manifest.graph("fusion_head").file, providers)
         self.ar_lm_head = self.mlm_decoder = None
         if manifest.has_baseline_heads:
-            self.ar_lm_head = make_session(Path(folder) / manifest.graph("ar_lm_head").file, providers)
-            self.mlm_decoder = make_session(Path(folder) / manifest.graph("mlm_decoder").file, providers)
+            self.ar_lm_head = session(Path(folder) / manifest.graph("ar_lm_head").file, providers)
+            self.mlm_decoder = session(Path(folder) / manifest.graph("mlm_decoder").file, providers)
         sessions = {"mlm": self.mlm, "ar_decoder": self.ar, "ar_step": self.step, "fusion_head": self.head,
                     "ar_lm_head": self.ar_lm_head, "mlm_decoder": self.mlm_decoder}
         check_graphs(manifest, {name: session for name, session in sessions.items() if session is not None})

@@ -2,6 +2,7 @@
 
 import ctypes
 import io
+import os
 import platform
 import re
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from .cpus import session_threads, usable_cpus
 from .device import choose_device, gpu_index
 
 CUDA_ERROR_INSUFFICIENT_DRIVER = 35          # cudaErrorInsufficientDriver: the driver is older than the runtime
@@ -107,7 +109,15 @@ def installation() -> list[str]:
     return [f"maria-onnx {installed('maria-onnx') or '(not installed: run from a source tree)'}",
             f"{onnx_runtime} (providers: {', '.join(ort.get_available_providers())})",
             f"CUDA: {cuda_missing() or 'ready'}",
+            cpu_threads(),
             f"Python {platform.python_version()} on {platform.system()} {platform.machine()}"]
+
+
+def cpu_threads() -> str:
+    """The CPUs this process may use and the threads each session gets by default (runtime/cpus.py)."""
+    usable, machine, threads = usable_cpus(), os.cpu_count() or 1, session_threads()
+    pools = f"{threads} thread{'s' * (threads > 1)}" if threads else "ONNX Runtime's default, one per physical core"
+    return f"CPUs: {usable} of {machine} usable (affinity, cgroup quota); threads per session: {pools} (--threads)"
 
 
 def cuda_providers(device_id: int) -> list:
@@ -137,12 +147,17 @@ def provider_name(provider) -> str:
     return provider if isinstance(provider, str) else provider[0]
 
 
-def make_session(path: Path, providers: list, insist: bool = False) -> ort.InferenceSession:
+def make_session(path: Path, providers: list, insist: bool = False,
+                 threads: int | None = None) -> ort.InferenceSession:
     """One session on the first provider that loads. Where CUDA cannot load (no driver, no GPU), falls back to
-    CPU with one warning, or fails if the user insisted on CUDA."""
+    CPU with one warning, or fails if the user insisted on CUDA. threads: its thread pool's size; None: as many as
+    this process may use where that is fewer than the machine's CPUs (runtime/cpus.py), else ONNX Runtime's own."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    threads = session_threads(threads)
+    if threads is not None:
+        options.intra_op_num_threads = threads
     # ONNX Runtime's pool threads spin between calls by default, taking the cores that the Python between the
     # decode loop's many small calls (and a server's event loop) needs. Without spinning, on the 2-core CPU
     # machine, fills took 18-24% less time (batch 8 x 512 and batch 1 x 128, both decoders, one run each) and
@@ -158,7 +173,7 @@ def make_session(path: Path, providers: list, insist: bool = False) -> ort.Infer
         if provider_name(providers[0]) == "CPUExecutionProvider":
             raise
         _cuda_failed(f"CUDA could not start ({provider_error(error)})", insist)
-        return make_session(path, ["CPUExecutionProvider"])
+        return make_session(path, ["CPUExecutionProvider"], threads=threads)
     session.disable_fallback()      # and a provider failing mid-run raises, not reruns on the CPU behind a print
     got = session.get_providers()[0]
     if got != provider_name(providers[0]):

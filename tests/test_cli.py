@@ -1,6 +1,7 @@
 """`maria infill` and `maria export` through the CLI: output formats and one-line errors for bad input."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -192,9 +193,10 @@ def test_version_names_the_package_onnx_runtime_cuda_and_python(monkeypatch):
     from runtime import sessions
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0, result.output
-    package, runtime, cuda, python = result.stdout.splitlines()
+    package, runtime, cuda, cpus, python = result.stdout.splitlines()
     assert package == f"maria-onnx {metadata.version('maria-onnx')}"
     assert onnxruntime.__version__ in runtime and "CPUExecutionProvider" in runtime
     assert cuda == f"CUDA: {sessions.cuda_missing() or 'ready'}" and platform.python_version() in python
+    assert cpus.startswith(f"CPUs: {sessions.usable_cpus()} of {os.cpu_count()} usable") and "--threads" in cpus
     monkeypatch.setattr(sessions, "cuda_missing", lambda: "the CUDA library libcublasLt.so.13 cannot be loaded")
     assert "CUDA: the CUDA library libcublasLt.so.13" in runner.invoke(app, ["--version"]).stdout

@@ -165,10 +165,10 @@ def test_a_refused_cuda_graph_capture_runs_the_step_without_it(bundles, monkeypa
         def __getattr__(self, name):
             return getattr(self.session, name)
 
-    def session(path, providers, insist=False):
+    def session(path, providers, insist=False, threads=None):
         if "enable_cuda_graph" in providers[0][1]:
             raise RuntimeError(error)
-        return OnCuda(make_session(path, ["CPUExecutionProvider"]))
+        return OnCuda(make_session(path, ["CPUExecutionProvider"], threads=threads))
 
     monkeypatch.setattr(onnx_backend, "providers_for", lambda device: cuda_providers(0))
     monkeypatch.setattr(onnx_backend, "make_session", session)
