@@ -605,6 +605,9 @@ def triton_repo(
     timeout_us: int = typer.Option(60_000_000, min=1, help="How long a request may wait in the queue."),
     max_texts: int = typer.Option(64, min=1, help="Texts x samples (x span candidates) per request; beyond it, "
                                   "refused."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads per ONNX Runtime session of each instance "
+                                          "(default: several CPU instances share the CPUs equally; else as "
+                                          "`maria serve`)."),
     link: bool = typer.Option(False, "--link", help="Link the bundle instead of copying it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a repository this command wrote."),
 ):
@@ -613,7 +616,7 @@ def triton_repo(
     from serve.triton import write_repository
 
     folder = write_repository(resolve_bundle(bundle), out, model_name, kind, instances, max_batch_size,
-                              max_queue_delay_us, max_queue, timeout_us, link, overwrite, max_texts)
+                              max_queue_delay_us, max_queue, timeout_us, link, overwrite, max_texts, threads)
     typer.echo(f"wrote {folder}; run: tritonserver --model-repository {out}")
 
 

@@ -80,3 +80,9 @@ def session_threads(threads: int | None = None) -> int | None:
         return threads
     usable = usable_cpus()
     return usable if usable < (os.cpu_count() or 1) else None
+
+
+def shared_threads(processes: int) -> int:
+    """Threads per session for each of `processes` processes that share this process's CPUs (Triton's CPU
+    instances, say): an equal share, at least 1."""
+    return max(1, usable_cpus() // processes)

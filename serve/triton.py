@@ -27,8 +27,9 @@ def _source_only(folder, names) -> list[str]:
 
 
 def config_pbtxt(name: str, kind: str, instances: int, max_batch_size: int, max_queue_delay_us: int,
-                 max_queue: int, timeout_us: int, max_texts: int = 64) -> str:
-    """config.pbtxt: text [batch, 1] -> text, result [batch, num_samples], all BYTES."""
+                 max_queue: int, timeout_us: int, max_texts: int = 64, threads: int | None = None) -> str:
+    """config.pbtxt: text [batch, 1] -> text, result [batch, num_samples], all BYTES. threads: CPU threads per
+    ONNX Runtime session of each instance; None ("auto"): CPU instances share the CPUs Triton may use equally."""
     return f'''name: "{name}"
 backend: "python"
 max_batch_size: {max_batch_size}
@@ -51,21 +52,23 @@ dynamic_batching {{
 instance_group [ {{ count: {instances} kind: {KINDS[kind]} }} ]
 parameters {{ key: "device" value: {{ string_value: "{'cuda' if kind == 'gpu' else 'cpu'}" }} }}
 parameters {{ key: "max_texts" value: {{ string_value: "{max_texts}" }} }}
+parameters {{ key: "threads" value: {{ string_value: "{threads or 'auto'}" }} }}
 '''
 
 
 def write_repository(bundle, out, name: str = "maria", kind: str = "gpu", instances: int = 1,
                      max_batch_size: int = 8, max_queue_delay_us: int = 5000, max_queue: int = 256,
                      timeout_us: int = 60_000_000, link: bool = False, overwrite: bool = False,
-                     max_texts: int = 64) -> Path:
+                     max_texts: int = 64, threads: int | None = None) -> Path:
     """Writes the repository at `out`; returns the model's folder."""
     bundle, out = Path(bundle).resolve(), Path(out).resolve()
     load_manifest(bundle)                                   # a complete, intact bundle, or a clear error
     if kind not in KINDS:
         raise ValueError(f"--kind must be gpu or cpu, got '{kind}'")
     check_model_name(name)
-    if min(instances, max_batch_size, max_queue, max_texts) < 1 or max_queue_delay_us < 0 or timeout_us < 1:
-        raise ValueError("instances, max batch size, queue size and max texts must be at least 1; delays "
+    if min(instances, max_batch_size, max_queue, max_texts, threads or 1) < 1 or max_queue_delay_us < 0 \
+            or timeout_us < 1:
+        raise ValueError("instances, max batch size, queue size, max texts and threads must be at least 1; delays "
                          "non-negative")
     if out == bundle or bundle in out.parents:
         raise ValueError(f"--out {out} is inside the bundle {bundle}; write the repository somewhere else")
@@ -78,7 +81,8 @@ def write_repository(bundle, out, name: str = "maria", kind: str = "gpu", instan
         version = staging / name / "1"
         version.mkdir(parents=True)
         (staging / name / "config.pbtxt").write_text(
-            config_pbtxt(name, kind, instances, max_batch_size, max_queue_delay_us, max_queue, timeout_us, max_texts))
+            config_pbtxt(name, kind, instances, max_batch_size, max_queue_delay_us, max_queue, timeout_us, max_texts,
+                         threads))
         shutil.copy(MODEL_FILE, version / "model.py")
         shutil.copytree(Path(runtime.__file__).parent, version / "runtime", ignore=_source_only)
         if link:

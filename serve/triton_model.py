@@ -21,13 +21,29 @@ import triton_python_backend_utils as pb_utils
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))           # the runtime package copied beside this file
 
+from runtime.cpus import shared_threads  # noqa: E402
 from runtime.infiller import FillRequest, Infiller  # noqa: E402
 from runtime.requests import bounded_request, read_settings  # noqa: E402
 
 
+def instance_threads(config: dict, kind: str | None) -> int | None:
+    """The `threads` parameter where it is a number. auto: with several CPU instances (each a process of its own),
+    each gets an equal share of the CPUs Triton may use, so N instances do not each start pools of every core; one
+    CPU instance, and GPU instances (whose work is on the GPU), get the runtime's default (runtime/cpus.py)."""
+    threads = config.get("parameters", {}).get("threads", {}).get("string_value", "auto")
+    if threads != "auto":
+        return int(threads)
+    if kind != "CPU":
+        return None
+    instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])
+                    if group.get("kind") == "KIND_CPU")
+    return shared_threads(instances) if instances > 1 else None
+
+
 class TritonPythonModel:
     def initialize(self, args):
-        parameters = json.loads(args["model_config"]).get("parameters", {})
+        config = json.loads(args["model_config"])
+        parameters = config.get("parameters", {})
         device = parameters.get("device", {}).get("string_value", "auto")
         kind = args.get("model_instance_kind")
         if kind == "CPU":
@@ -35,7 +51,7 @@ class TritonPythonModel:
         elif kind == "GPU" and device == "cuda":      # Triton places a group of instances on every visible GPU
             device = f"cuda:{args['model_instance_device_id']}"
         self.max_texts = int(parameters.get("max_texts", {}).get("string_value", "64"))
-        self.infiller = Infiller(HERE / "bundle", device=device)
+        self.infiller = Infiller(HERE / "bundle", device=device, threads=instance_threads(config, kind))
 
     def read(self, request) -> FillRequest:
         texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t)

@@ -602,12 +602,47 @@ def test_triton_gpu_instances_each_run_on_their_own_gpu(tmp_path, monkeypatch):
     model = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(model)
     devices = []
-    monkeypatch.setattr(model, "Infiller", lambda bundle, device: devices.append(device))
+    monkeypatch.setattr(model, "Infiller", lambda bundle, device, threads: devices.append(device))
     config = json.dumps({"parameters": {"device": {"string_value": "cuda"}, "max_texts": {"string_value": "64"}}})
     for kind, device_id in [("GPU", "0"), ("GPU", "3"), ("CPU", "0")]:
         model.TritonPythonModel().initialize({"model_config": config, "model_instance_kind": kind,
                                               "model_instance_device_id": device_id})
     assert devices == ["cuda:0", "cuda:3", "cpu"]
+
+
+def test_triton_cpu_instances_share_the_cpus(tmp_path, monkeypatch):
+    """Each of Triton's instances is a process of its own: N CPU instances, each with ONNX Runtime's pools of every
+    core, would run N times the threads the machine has. They share the CPUs Triton may use, unless --threads
+    says otherwise; what the repository's config says is what its model reads."""
+    import importlib.util
+    import types
+
+    from runtime import cpus
+    from serve.triton import write_repository
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(cpus, "usable_cpus", lambda: 16)
+    chosen = []
+    for kind, instances, threads, expected in [("cpu", 4, None, 4), ("cpu", 3, None, 5), ("cpu", 32, None, 1),
+                                               ("cpu", 1, None, None), ("gpu", 4, None, None), ("cpu", 4, 2, 2),
+                                               ("gpu", 2, 3, 3)]:
+        repo = tmp_path / f"{kind}-{instances}-{threads}"
+        write_repository(DEFAULT_MODEL, repo, kind=kind, instances=instances, threads=threads, link=True)
+        text = (repo / "maria" / "config.pbtxt").read_text()
+        assert f'key: "threads" value: {{ string_value: "{threads or "auto"}" }}' in text
+        spec = importlib.util.spec_from_file_location(f"model_{repo.name}", repo / "maria" / "1" / "model.py")
+        model = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(model)
+        monkeypatch.setattr(model, "Infiller", lambda bundle, device, threads: chosen.append(threads))
+        config = {"parameters": {"device": {"string_value": "cpu"},
+                                 "threads": {"string_value": str(threads or "auto")}},     # as Triton gives them
+                  "instance_group": [{"name": "maria_0", "kind": f"KIND_{kind.upper()}", "count": instances}]}
+        model.TritonPythonModel().initialize({"model_config": json.dumps(config),
+                                              "model_instance_kind": kind.upper(), "model_instance_device_id": "0"})
+        assert chosen[-1] == expected, (kind, instances, threads)
+    refused = cli("triton-repo", "--out", tmp_path / "zero", "--threads", "0")
+    assert refused.exit_code == 2 and "Invalid value for '--threads'" in refused.output
+    assert not (tmp_path / "zero").exists()
 
 
 def test_a_repository_inside_its_bundle_is_refused(tmp_path):
