@@ -158,6 +158,18 @@ def test_length_groups_bound_the_padding_and_keep_every_sequence():
     assert len(groups) > 1 and set(groups[0]) >= {0, 3, 4, 6}                   # the long ones run together
 
 
+
+def test_long_texts_go_to_the_mlm_a_few_at_a_time():
+    """Attention's memory grows with rows x width^2: a call holds at most MLM_CALL_SCORES of it."""
+    from runtime.decode import MLM_CALL_SCORES
+    for lengths, sizes in [([1024] * 8, [1] * 8), ([512] * 8, [4, 4]), ([256] * 8, [8]), ([2040, 30, 30], [1, 2]),
+                           ([300] * 20, [11, 9])]:
+        groups = length_groups(lengths)
+        assert [len(group) for group in groups] == sizes, lengths
+        assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
+        assert all(len(g) == 1 or len(g) * lengths[g[0]] ** 2 <= MLM_CALL_SCORES for g in groups)
+
+
 def test_the_mlm_pass_in_length_groups_equals_each_text_alone(bundles):
     infiller = Infiller(bundles["olmo"], device="cpu")
     rng = np.random.default_rng(5)
