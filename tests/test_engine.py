@@ -144,6 +144,35 @@ def test_the_device_path_on_the_cpu_gives_the_same_fills(bundles):
     assert len(caches[-1].bindings) < len(final)                 # one binding per shape, reused across its steps
 
 
+
+@pytest.mark.parametrize("fixed_shapes", [False, True])
+def test_long_chunks_are_fed_a_few_tokens_a_step_with_the_same_fills(bundles, fixed_shapes):
+    """A sequence whose next masked position lies more than max_chunk tokens on feeds max_chunk of them a step
+    and fills nothing until it reaches it; the others fill one token a step meanwhile. Fills as in one chunk."""
+    infiller = Infiller(bundles["olmo"], device="cpu")
+    rng = np.random.default_rng(8)
+    ids = [rng.integers(5, 200, n) for n in (40, 37, 12, 33)]
+    masked = [np.zeros(len(x), bool) for x in ids]
+    for m, at in zip(masked, ([35, 39], [1, 2, 30], [11], [0, 20, 21, 32])):
+        m[at] = True
+    sampling = Sampling(temperature=1.0, seed=3)
+    whole = engine_infill(infiller.backend, ids, masked, infiller.special, sampling, 3, sequence_rngs(3, 4))
+    backend = infiller.backend
+    backend.on_device = fixed_shapes
+    widths, step = [], backend.cache_step
+    backend.cache_step = lambda x, p, cache: widths.append(x.shape[1]) or step(x, p, cache)
+    engine = Engine(backend, infiller.special, slots=3, fixed_shapes=fixed_shapes, max_chunk=4)
+    rngs = sequence_rngs(3, 4)
+    sequences = [engine.submit(x, m, sampling, rng) for x, m, rng in zip(ids, masked, rngs)]
+    first = engine.step()
+    assert not first and [s.filled for s in sequences[:3]] == [0, 1, 0] and sequences[0].cursor == 4
+    engine.run()
+    assert max(widths) == 4 and engine.steps > sum(len(np.flatnonzero(m)) for m in masked) // 3
+    for a, b in zip(whole, sequences):
+        assert np.array_equal(a.ids, b.fill().ids)
+        np.testing.assert_allclose(a.logprobs, b.fill().logprobs, atol=1e-5)
+
+
 REFUSED = ("[ONNXRuntimeError] : 1 : FAIL : This session cannot use the graph capture feature as requested by the "
            "user as all compute graph nodes have not been partitioned to the CUDAExecutionProvider")
 
