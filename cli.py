@@ -37,7 +37,7 @@ def maria(versions: bool = typer.Option(False, "--version", is_eager=True, callb
     """MARIA: fill masked tokens with an autoregressive model, on ONNX Runtime."""
 
 
-# maria infill fills this many batches of texts at a time and prints their results before the next: on the 2-core
+# maria infill fills this many batches of texts x samples at a time and prints their results before the next: on the 2-core
 # CPU, 2,000 lines at batch 8 gave their first line after 0.9-1.0 s instead of 8.1-8.6 s, in the same total time
 # (8.1-8.5 s against 8.2-8.6 s, three interleaved runs; 64 batches: 2.3-2.6 s to the first line)
 CHUNK_BATCHES = 16
@@ -192,6 +192,18 @@ def read_input(texts: list[str], input_file: Optional[str], input_format: Option
 NEWLINES = str.maketrans({"\n": "\\n", "\r": "\\r"})
 
 
+def chunks(checked: list, num_samples: int, size: int, rerank: bool):
+    """The work of `maria infill` in pieces of at most `size` texts x samples, in output order: (lines, first
+    sample, samples). Whole texts where a text's samples fit in a piece, else one text's samples `size` at a time
+    (their generators are numbered by sample, so the results are the same); with --rerank a text's samples stay
+    in one piece, as they are ordered by score once all are filled."""
+    per = num_samples if rerank else min(num_samples, size)         # samples of a text in one piece
+    texts = max(1, size // per)
+    for begin in range(0, len(checked), texts):
+        for first in range(0, num_samples, per):
+            yield checked[begin:begin + texts], first, min(per, num_samples - first)
+
+
 def show(result, as_json: bool, styled: bool, kept: dict) -> None:
     """One line per result: JSON exact, after the `kept` fields of its input line; plain text with a newline
     inside a fill shown escaped (\\n)."""
@@ -296,16 +308,14 @@ def infill(
         typer.echo(f"note: --temperature 0 is greedy: the {num_samples} samples of each text are identical",
                    err=True)
     styled = sys.stdout.isatty() and not as_json
-    size = CHUNK_BATCHES * batch_size
     try:
-        for begin in range(0, len(checked), size):     # each chunk's results are printed before the next is filled
-            chunk = checked[begin:begin + size]
-            request = FillRequest([prepared for _, prepared in chunk], sampling, num_samples, rerank,
-                                  indices=[line.number - 1 for line, _ in chunk])
+        for chunk, first, samples in chunks(checked, num_samples, CHUNK_BATCHES * batch_size, rerank):
+            request = FillRequest([prepared for _, prepared in chunk], sampling, samples, rerank,
+                                  indices=[line.number - 1 for line, _ in chunk], first_sample=first)
             results = infiller.infill_requests([request], batch_size=batch_size)[0]
-            with results_to_stdout():
+            with results_to_stdout():   # each chunk's results are printed before the next is filled
                 for number, result in enumerate(results):
-                    line = chunk[number // num_samples][0]
+                    line = chunk[number // samples][0]
                     if result.note and not as_json:
                         typer.echo(f"note: {where(line)}: {result.note}", err=True)
                     show(result, as_json, styled, kept_fields(line, bool(input_file)))

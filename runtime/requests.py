@@ -37,6 +37,8 @@ class FillRequest:
     num_samples: int = 1
     rerank: bool = False
     indices: list | None = None    # per text, the index its generators derive from (default 0, 1, ...)
+    first_sample: int = 0          # its samples are numbered from here (so are their generators): a text's samples
+                                   # can be filled a piece at a time with the same results
 
     @property
     def size(self) -> int:

@@ -58,7 +58,8 @@ class Rounds:
 
     def _row(self, number: int, text: int, sample: int, lengths: tuple, encoded: MaskedText, key: list) -> Row:
         request = self.requests[number]
-        rng = np.random.default_rng([request.sampling.seed, request.index(text), sample] + list(key))
+        rng = np.random.default_rng([request.sampling.seed, request.index(text), request.first_sample + sample]
+                                    + list(key))
         return Row(number, text, sample, tuple(lengths), encoded, rng)
 
     def _search_rows(self) -> list[Row]:

@@ -172,6 +172,43 @@ def test_results_are_printed_chunk_by_chunk_as_they_are_filled(bundles, tmp_path
     assert "".join(printed) + capsys.readouterr().out == whole.stdout
 
 
+def test_many_samples_of_a_text_are_filled_and_printed_a_chunk_at_a_time(bundles, monkeypatch, capsys):
+    """More samples of one text than a chunk holds go through the model a chunk at a time, each printed before
+    the next is filled (memory stays bounded whatever --num-samples asks), with the results of one piece; with
+    --rerank a text's samples stay together, as they are ordered once all are filled."""
+    from cli import CHUNK_BATCHES
+    from runtime.infiller import Infiller
+
+    samples, args = 2 * CHUNK_BATCHES + 3, ["--model", str(bundles["olmo"]), "--temperature", "1", "--seed", "4"]
+    whole = infill("a [MASK] b", "The [MASK:2] c", "--num-samples", samples, "--batch-size", "64", *args)
+    lines = whole.stdout.split("\n")                          # a random model's fills may hold a form feed
+    assert whole.exit_code == 0 and len(lines) == 2 * samples + 1
+    calls, printed, fill = [], [], Infiller.infill_requests
+
+    def counted(self, requests, *rest, **kwargs):
+        printed.append(capsys.readouterr().out)                # what was out before this piece was filled
+        calls.append((len(requests[0].texts), requests[0].first_sample, requests[0].num_samples,
+                      printed[-1].count("\n")))
+        return fill(self, requests, *rest, **kwargs)
+
+    monkeypatch.setattr(Infiller, "infill_requests", counted)
+    for rerank in ([], ["--rerank"]):
+        calls.clear(), printed.clear()
+        with pytest.raises(SystemExit) as ended:
+            app(["infill", "a [MASK] b", "The [MASK:2] c", "--num-samples", str(samples), "--batch-size", "1",
+                 *args, *rerank])
+        assert ended.value.code == 0
+        out = "".join(printed) + capsys.readouterr().out
+        if rerank:
+            assert calls == [(1, 0, samples, 0), (1, 0, samples, samples)]
+            assert sorted(out.split("\n")) == sorted(lines)
+        else:
+            chunk = CHUNK_BATCHES                              # samples per piece at batch size 1
+            pieces = [(1, chunk, chunk, chunk), (1, 2 * chunk, 3, chunk)]     # (texts, first, samples, lines out)
+            assert calls == [(1, 0, chunk, 0), *pieces, (1, 0, chunk, 3), *pieces]
+            assert out == whole.stdout
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full on this system")
 @pytest.mark.parametrize("command", [["infill", "a [MASK]"], ["generate", "--length", "2", "--steps", "1"]])
 def test_output_that_cannot_be_written_is_one_line(bundles, command):
