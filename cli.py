@@ -37,9 +37,9 @@ def maria(versions: bool = typer.Option(False, "--version", is_eager=True, callb
     """MARIA: fill masked tokens with an autoregressive model, on ONNX Runtime."""
 
 
-# maria infill fills this many batches of texts x samples at a time and prints their results before the next: on the 2-core
-# CPU, 2,000 lines at batch 8 gave their first line after 0.9-1.0 s instead of 8.1-8.6 s, in the same total time
-# (8.1-8.5 s against 8.2-8.6 s, three interleaved runs; 64 batches: 2.3-2.6 s to the first line)
+# maria infill fills this many batches of texts x samples at a time and prints their results before the next: on
+# the 2-core CPU, 2,000 lines at batch 8 gave their first line after 0.9-1.0 s instead of 8.1-8.6 s, in the same
+# total time (8.1-8.5 s against 8.2-8.6 s, three interleaved runs; 64 batches: 2.3-2.6 s to the first line)
 CHUNK_BATCHES = 16
 
 
