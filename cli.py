@@ -330,7 +330,8 @@ def generate(
     prefix: str = typer.Option("", help="Text before the generated tokens."),
     suffix: str = typer.Option("", help="Text after them."),
     steps: int = typer.Option(16, min=0, help="Annealing steps after the one-shot MARIA fill (0: one-shot)."),
-    num_samples: int = typer.Option(1, min=1, help="Samples, advanced together."),
+    num_samples: int = typer.Option(1, min=1, help="Samples, advanced together (16 batches at a time, each group "
+                                                   "printed when it ends)."),
     batch_size: int = typer.Option(8, min=1, help="Samples decoded at once (the rest wait for a free slot)."),
     fraction_start: float = typer.Option(0.5, help="Share of the generated tokens re-masked at the first step."),
     fraction_end: float = typer.Option(0.1, help="... and at the last (geometric in between)."),
@@ -372,17 +373,22 @@ def generate(
             raise ValueError(f"{option}: {error}") from None
 
     console = Console(stderr=True)
+    group = CHUNK_BATCHES * batch_size          # samples annealed together, printed before the next group starts
+    ends = encode(prefix, "--prefix"), encode(suffix, "--suffix")
     with Progress(transient=True, console=console, disable=not console.is_terminal) as progress:
         task = progress.add_task("annealing", total=steps + 1)
-        results = anneal(infiller, encode(prefix, "--prefix"), encode(suffix, "--suffix"), length, num_samples,
-                         schedule, sampling, seed,
-                         on_step=lambda step, energies: progress.update(
-                             task, completed=step + 1, description=f"step {step}: mean energy {energies.mean():.1f}"),
-                         batch_size=batch_size)
-    with results_to_stdout():
-        for result in results:
-            typer.echo(json.dumps(result.to_dict(), ensure_ascii=False) if as_json else
-                       result.text.translate(NEWLINES))
+        for first in range(0, num_samples, group):
+            samples = min(group, num_samples - first)
+            which = f"samples {first + 1}-{first + samples} of {num_samples}, " if samples < num_samples else ""
+            results = anneal(infiller, *ends, length, samples, schedule, sampling, seed,
+                             on_step=lambda step, energies: progress.update(
+                                 task, completed=step + 1,
+                                 description=f"{which}step {step}: mean energy {energies.mean():.1f}"),
+                             batch_size=batch_size, first_sample=first)
+            with results_to_stdout():
+                for result in results:
+                    typer.echo(json.dumps(result.to_dict(), ensure_ascii=False) if as_json else
+                               result.text.translate(NEWLINES))
 
 
 def int_list(text: str, option: str) -> list[int]:

@@ -69,9 +69,10 @@ def _energies(infiller, ids: list[np.ndarray]) -> np.ndarray:
 
 def anneal(infiller, prefix: np.ndarray, suffix: np.ndarray, length: int, num_samples: int, schedule: Schedule,
            sampling: Sampling = Sampling(temperature=1.0), seed: int = 0, on_step=None,
-           batch_size: int | None = None) -> list[Annealed]:
+           batch_size: int | None = None, first_sample: int = 0) -> list[Annealed]:
     """Generates `length` tokens between prefix and suffix (content ids) for num_samples samples, batch_size of
-    them decoded at once (default: all; the others wait for a free slot, with the same fills).
+    them decoded at once (default: all; the others wait for a free slot, with the same fills). Samples are
+    numbered from first_sample (their generators with them), so samples can be generated a group at a time.
     on_step(step, energies) is called after the start and after every step."""
     if length < 1 or num_samples < 1:
         raise ValueError(f"--length and --num-samples must be at least 1, got {length}, {num_samples}")
@@ -82,7 +83,8 @@ def anneal(infiller, prefix: np.ndarray, suffix: np.ndarray, length: int, num_sa
     template = np.concatenate([prefix, np.full(length, infiller.special.mask), suffix]).astype(np.int64)
     masked = np.zeros(len(template), dtype=bool)
     masked[free] = True
-    rngs = lambda step: [np.random.default_rng([seed, sample, step]) for sample in range(num_samples)]
+    rngs = lambda step: [np.random.default_rng([seed, first_sample + sample, step])
+                         for sample in range(num_samples)]
     slots = min(num_samples, batch_size or num_samples)
     fills = infiller.fill_ids([template] * num_samples, [masked] * num_samples, sampling, slots, rngs(0))
     current = [f.ids for f in fills]

@@ -62,6 +62,29 @@ def test_a_seed_repeats_a_run_and_the_cli_reports_energies(bundles):
     assert len(rows) == 2 and all(len(r["energies"]) == 4 and r["text"].startswith("the value") for r in rows)
 
 
+def test_samples_beyond_a_group_are_annealed_and_printed_a_group_at_a_time(bundles, monkeypatch):
+    """--num-samples over 16 batches goes a group at a time (memory stays bounded, each group printed when it
+    ends), with the texts of one group: sample j keeps its generators of (seed, j, k)."""
+    import runtime.anneal
+    from cli import CHUNK_BATCHES
+
+    samples = CHUNK_BATCHES + 2
+    args = ["generate", "--length", "4", "--steps", "2", "--num-samples", str(samples), "--seed", "5",
+            "--model", str(bundles["llama"]), "--device", "cpu"]
+    whole = CliRunner().invoke(app, args + ["--batch-size", "8"])
+    groups, run = [], runtime.anneal.anneal
+
+    def counted(*rest, **kwargs):
+        groups.append((rest[4], kwargs["first_sample"]))
+        return run(*rest, **kwargs)
+
+    monkeypatch.setattr(runtime.anneal, "anneal", counted)
+    grouped = CliRunner().invoke(app, args + ["--batch-size", "1"])
+    assert whole.exit_code == grouped.exit_code == 0, grouped.output
+    assert groups == [(CHUNK_BATCHES, 0), (2, CHUNK_BATCHES)]
+    assert grouped.stdout == whole.stdout and whole.stdout.count("\n") == samples
+
+
 @pytest.mark.parametrize("args, message", [
     (["--length", "3000"], "prefix, 3000 tokens and suffix make"),
     (["--length", "3", "--suffix", "word " * 3000], "--suffix: the text is"),
