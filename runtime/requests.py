@@ -50,7 +50,7 @@ class FillRequest:
 
 
 SETTINGS = {"temperature": float, "top_k": int, "top_p": float, "seed": int, "num_samples": int, "rerank": bool}
-KIND_NAMES = {float: "a number", int: "an integer", bool: "true or false"}
+KIND_NAMES = {float: "a number", int: "a 64-bit integer", bool: "true or false"}
 
 
 class TooLarge(ValueError):
@@ -94,9 +94,13 @@ class SettingTypeError(ValueError):
 
 
 def _fits(value, kind) -> bool:
+    """A value of this kind: an integer is integral and fits in 64 bits, as the protocol's INT64 tensors hold."""
     if kind is bool or isinstance(value, bool):
         return kind is bool and isinstance(value, bool)
-    return isinstance(value, int) or (isinstance(value, float) and (kind is float or value.is_integer()))
+    if kind is float:
+        return isinstance(value, (int, float))
+    return (isinstance(value, int) or isinstance(value, float) and value.is_integer()) and \
+        -2 ** 63 <= value < 2 ** 63
 
 
 def read_settings(given: dict) -> tuple[Sampling, int, bool]:

@@ -87,11 +87,13 @@ def test_json_data_must_fit_its_datatype(name, kind, value, fits):
 
 
 @pytest.mark.parametrize("name, value", [("seed", float("nan")), ("seed", float("inf")), ("top_k", float("-inf")),
-                                         ("num_samples", 2.5), ("seed", "1"), ("top_k", True)])
+                                         ("num_samples", 2.5), ("seed", "1"), ("top_k", True),
+                                         ("seed", 1e30), ("seed", 2 ** 63), ("num_samples", -2 ** 63 - 1)])
 def test_a_setting_that_is_not_an_integer_is_refused(name, value):
     with pytest.raises(ClientError) as refused:
         sampling_of({name: value})
-    assert refused.value.status == 400 and str(refused.value) == f"parameter '{name}' must be an integer, got {value!r}"
+    assert refused.value.status == 400
+    assert str(refused.value) == f"parameter '{name}' must be a 64-bit integer, got {value!r}"
 
 
 def test_integral_numbers_are_integers():

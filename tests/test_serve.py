@@ -325,7 +325,7 @@ BOUNDS = [
     ("/v1/infill", {"text": ["a [MASK:x]"]}, None, 422, "is not a marker"),
     ("/v1/infill", {"text": ["a [MASK]"], "temperature": "hot"}, None, 400, "parameter 'temperature' must be"),
     ("/v1/infill", {"text": ["a [MASK]"], "top_p": 3}, None, 422, "top-p must be in (0, 1]"),
-    ("/v1/infill", {"text": ["a [MASK]"], "seed": float("inf")}, None, 400, "parameter 'seed' must be an integer"),
+    ("/v1/infill", {"text": ["a [MASK]"], "seed": float("inf")}, None, 400, "parameter 'seed' must be a 64-bit integer"),
     ("/v1/infill", {"text": ["a [MASK]"] * 9}, None, 413, "over the limit of 8 per request"),
     ("/v1/infill", {"text": ["a [MASK]" + " x" * 10000]}, None, 413, "over the limit of 16384"),
     ("/v2/models/maria/infer", {"inputs": [{"name": "text", "datatype": "INT32", "shape": [1], "data": [1]}]},

@@ -115,7 +115,7 @@ def test_triton_serves_the_repository_like_maria_serve(tmp_path):
             request(["bad [MASK:0]"]).get_result(timeout=60)
         with pytest.raises(Exception, match="parameter 'rerank' must be true or false, got 'false'"):
             request(TEXTS, rerank="false").get_result(timeout=60)                # never read as true
-        with pytest.raises(Exception, match="parameter 'num_samples' must be an integer, got 2.5"):
+        with pytest.raises(Exception, match="parameter 'num_samples' must be a 64-bit integer, got 2.5"):
             request(TEXTS, num_samples=2.5).get_result(timeout=60)                # never truncated to 2
         with pytest.raises(Exception, match="2 texts x 3 samples is over the limit of 4 per request"):
             request(TEXTS, num_samples=3, temperature=1.0).get_result(timeout=60)
