@@ -6,7 +6,8 @@
     keep:    the lowest-energy text seen
 
 f_k and T_k fall geometrically from their start to their end values over the K steps. N samples advance
-together, through the decode engine's slots; sample j draws from generators of (seed, j, k).
+together, through the decode engine's slots; sample j draws from generators of (seed, j, k). Annealing is one
+round of decode rows a step, filled by anneal() here or by maria serve's decode worker (serve/continuous.py).
 """
 
 import math
@@ -63,8 +64,93 @@ class Annealed:
                 "best_energies": self.best_energies, "accepted": self.accepted}
 
 
-def _energies(infiller, ids: list[np.ndarray]) -> np.ndarray:
-    return -np.array(ar_loglikelihood(infiller.backend, ids, infiller.special))
+@dataclass(frozen=True)
+class AnnealRow:
+    """One decode row of a step: sample `sample`'s text with the positions to refill masked."""
+    sample: int
+    ids: np.ndarray
+    masked: np.ndarray
+    rng: np.random.Generator
+
+
+class Annealing:
+    """One annealing run as rounds of decode rows, one round a step: `rows` to fill (one per sample), `collect`
+    takes their fills and returns the next step's rows ([] after the last), then `results` holds the samples.
+    Sample j draws its re-masked positions, its fills and its acceptance from one generator of (seed, j, step),
+    in that order, so any driver that fills the rows gives the same samples (anneal() below; maria serve's
+    decode worker)."""
+
+    def __init__(self, infiller, prefix: np.ndarray, suffix: np.ndarray, length: int, num_samples: int,
+                 schedule: Schedule, sampling: Sampling = Sampling(temperature=1.0), seed: int = 0,
+                 first_sample: int = 0, on_step=None):
+        if length < 1 or num_samples < 1:
+            raise ValueError(f"--length and --num-samples must be at least 1, got {length}, {num_samples}")
+        if len(prefix) + length + len(suffix) > infiller.manifest.max_sequence_length:
+            raise ValueError(f"prefix, {length} tokens and suffix make {len(prefix) + length + len(suffix)} "
+                             f"tokens, over the bundle's maximum of {infiller.manifest.max_sequence_length}")
+        self.infiller, self.schedule, self.sampling, self.on_step = infiller, schedule, sampling, on_step
+        self.seed, self.first_sample, self.num_samples, self.step = seed, first_sample, num_samples, 0
+        self.free = np.arange(len(prefix), len(prefix) + length)
+        template = np.concatenate([prefix, np.full(length, infiller.special.mask), suffix]).astype(np.int64)
+        masked = np.zeros(len(template), dtype=bool)
+        masked[self.free] = True
+        self.rngs = self._rngs(0)
+        self.rows = [AnnealRow(s, template, masked, rng) for s, rng in enumerate(self.rngs)]
+        self.results: list[Annealed] = []
+
+    def _rngs(self, step: int) -> list:
+        return [np.random.default_rng([self.seed, self.first_sample + sample, step])
+                for sample in range(self.num_samples)]
+
+    def _energies(self, ids: list[np.ndarray]) -> np.ndarray:
+        return -np.array(ar_loglikelihood(self.infiller.backend, ids, self.infiller.special))
+
+    def collect(self, fills: list) -> list[AnnealRow]:
+        """Takes the fills of `rows` (in order): the start, or a step's proposals accepted by the Metropolis
+        rule; returns the next step's rows."""
+        proposals = [f.ids for f in fills]
+        proposed = self._energies(proposals)
+        if self.step == 0:
+            self.current, self.energy = proposals, proposed
+            self.best, self.best_energy = list(proposals), proposed.copy()
+            self.history, self.best_history = [proposed.tolist()], [proposed.tolist()]
+            self.accepted = np.zeros(self.num_samples, dtype=int)
+        else:
+            threshold = np.exp(np.minimum(0.0, -(proposed - self.energy) / self.schedule.temperature(self.step)))
+            accept = np.array([rng.random() for rng in self.rngs]) < threshold
+            for sample in np.flatnonzero(accept):
+                self.current[sample], self.energy[sample] = proposals[sample], proposed[sample]
+                if self.energy[sample] < self.best_energy[sample]:
+                    self.best[sample], self.best_energy[sample] = proposals[sample], self.energy[sample]
+            self.accepted += accept
+            self.history.append(self.energy.tolist())
+            self.best_history.append(self.best_energy.tolist())
+        if self.on_step:
+            self.on_step(self.step, self.energy)
+        self.step += 1
+        self.rows = self._remasked() if self.step <= self.schedule.steps else []
+        if not self.rows:
+            self._finish()
+        return self.rows
+
+    def _remasked(self) -> list[AnnealRow]:
+        """Step k's rows: a fraction f_k of each sample's free positions re-masked."""
+        self.rngs = self._rngs(self.step)
+        count = max(1, round(self.schedule.fraction(self.step) * len(self.free)))
+        rows = []
+        for sample, (ids, rng) in enumerate(zip(self.current, self.rngs)):
+            remask = np.zeros(len(ids), dtype=bool)
+            remask[rng.choice(self.free, size=count, replace=False)] = True
+            rows.append(AnnealRow(sample, np.where(remask, self.infiller.special.mask, ids), remask, rng))
+        return rows
+
+    def _finish(self) -> None:
+        tokenizer = self.infiller.tokenizer
+        self.results = [Annealed(text=tokenizer.decode(self.best[s].tolist(), skip_special_tokens=False),
+                                 ids=self.best[s].tolist(),
+                                 energy=float(self.best_energy[s]), energies=[h[s] for h in self.history],
+                                 best_energies=[h[s] for h in self.best_history], accepted=int(self.accepted[s]))
+                        for s in range(self.num_samples)]
 
 
 def anneal(infiller, prefix: np.ndarray, suffix: np.ndarray, length: int, num_samples: int, schedule: Schedule,
@@ -74,47 +160,9 @@ def anneal(infiller, prefix: np.ndarray, suffix: np.ndarray, length: int, num_sa
     them decoded at once (default: all; the others wait for a free slot, with the same fills). Samples are
     numbered from first_sample (their generators with them), so samples can be generated a group at a time.
     on_step(step, energies) is called after the start and after every step."""
-    if length < 1 or num_samples < 1:
-        raise ValueError(f"--length and --num-samples must be at least 1, got {length}, {num_samples}")
-    if len(prefix) + length + len(suffix) > infiller.manifest.max_sequence_length:
-        raise ValueError(f"prefix, {length} tokens and suffix make {len(prefix) + length + len(suffix)} tokens, "
-                         f"over the bundle's maximum of {infiller.manifest.max_sequence_length}")
-    free = np.arange(len(prefix), len(prefix) + length)
-    template = np.concatenate([prefix, np.full(length, infiller.special.mask), suffix]).astype(np.int64)
-    masked = np.zeros(len(template), dtype=bool)
-    masked[free] = True
-    rngs = lambda step: [np.random.default_rng([seed, first_sample + sample, step])
-                         for sample in range(num_samples)]
+    run = Annealing(infiller, prefix, suffix, length, num_samples, schedule, sampling, seed, first_sample, on_step)
     slots = min(num_samples, batch_size or num_samples)
-    fills = infiller.fill_ids([template] * num_samples, [masked] * num_samples, sampling, slots, rngs(0))
-    current = [f.ids for f in fills]
-    energy = _energies(infiller, current)
-    best, best_energy = list(current), energy.copy()
-    history, best_history, accepted = [energy.tolist()], [best_energy.tolist()], np.zeros(num_samples, dtype=int)
-    if on_step:
-        on_step(0, energy)
-    for step in range(1, schedule.steps + 1):
-        step_rngs = rngs(step)
-        count = max(1, round(schedule.fraction(step) * length))
-        remask = [np.zeros(len(template), dtype=bool) for _ in range(num_samples)]
-        for sample, flags in enumerate(remask):
-            flags[step_rngs[sample].choice(free, size=count, replace=False)] = True
-        proposals = [f.ids for f in infiller.fill_ids(
-            [np.where(m, infiller.special.mask, x) for x, m in zip(current, remask)], remask, sampling,
-            slots, step_rngs)]
-        proposed = _energies(infiller, proposals)
-        threshold = np.exp(np.minimum(0.0, -(proposed - energy) / schedule.temperature(step)))
-        accept = np.array([rng.random() for rng in step_rngs]) < threshold
-        for sample in np.flatnonzero(accept):
-            current[sample], energy[sample] = proposals[sample], proposed[sample]
-            if energy[sample] < best_energy[sample]:
-                best[sample], best_energy[sample] = proposals[sample], energy[sample]
-        accepted += accept
-        history.append(energy.tolist())
-        best_history.append(best_energy.tolist())
-        if on_step:
-            on_step(step, energy)
-    decode = lambda ids: infiller.tokenizer.decode(ids.tolist(), skip_special_tokens=False)
-    return [Annealed(text=decode(best[s]), ids=best[s].tolist(), energy=float(best_energy[s]),
-                     energies=[h[s] for h in history], best_energies=[h[s] for h in best_history],
-                     accepted=int(accepted[s])) for s in range(num_samples)]
+    while run.rows:
+        run.collect(infiller.fill_ids([r.ids for r in run.rows], [r.masked for r in run.rows], sampling, slots,
+                                      [r.rng for r in run.rows]))
+    return run.results
