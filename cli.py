@@ -347,11 +347,10 @@ def generate(
 ):
     """Generate text by simulated annealing with MARIA (energy: -log p under the AR), optionally between a prefix
     and a suffix."""
-    import numpy as np
     from rich.console import Console
     from rich.progress import Progress
 
-    from runtime.anneal import Schedule, anneal
+    from runtime.anneal import Schedule, anneal, encode_ends
     from runtime.choose import Sampling
     from runtime.device import check_device
     from runtime.infiller import Infiller
@@ -363,18 +362,9 @@ def generate(
     if not infiller.manifest.has_baseline_heads:
         raise ValueError("generation needs the AR's whole-text score, and this bundle has no ar_lm_head.onnx; "
                          "re-export it with `maria export`")
-    if "[MASK" in prefix + suffix:
-        raise ValueError("--prefix and --suffix are plain text; the generated tokens go between them")
-
-    def encode(text: str, option: str) -> np.ndarray:
-        try:
-            return infiller.encode(text).ids if text else np.zeros(0, dtype=np.int64)
-        except ValueError as error:
-            raise ValueError(f"{option}: {error}") from None
-
+    ends = encode_ends(infiller, prefix, suffix)
     console = Console(stderr=True)
     group = CHUNK_BATCHES * batch_size          # samples annealed together, printed before the next group starts
-    ends = encode(prefix, "--prefix"), encode(suffix, "--suffix")
     with Progress(transient=True, console=console, disable=not console.is_terminal) as progress:
         task = progress.add_task("annealing", total=steps + 1)
         for first in range(0, num_samples, group):

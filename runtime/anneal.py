@@ -11,12 +11,16 @@ round of decode rows a step, filled by anneal() here or by maria serve's decode 
 """
 
 import math
+import re
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .choose import Sampling
 from .likelihood import ar_loglikelihood
+from .requests import SettingTypeError, typed_settings
+from .text import MaskedText
 
 
 @dataclass(frozen=True)
@@ -68,8 +72,7 @@ class Annealed:
 class AnnealRow:
     """One decode row of a step: sample `sample`'s text with the positions to refill masked."""
     sample: int
-    ids: np.ndarray
-    masked: np.ndarray
+    encoded: MaskedText
     rng: np.random.Generator
 
 
@@ -83,11 +86,7 @@ class Annealing:
     def __init__(self, infiller, prefix: np.ndarray, suffix: np.ndarray, length: int, num_samples: int,
                  schedule: Schedule, sampling: Sampling = Sampling(temperature=1.0), seed: int = 0,
                  first_sample: int = 0, on_step=None):
-        if length < 1 or num_samples < 1:
-            raise ValueError(f"--length and --num-samples must be at least 1, got {length}, {num_samples}")
-        if len(prefix) + length + len(suffix) > infiller.manifest.max_sequence_length:
-            raise ValueError(f"prefix, {length} tokens and suffix make {len(prefix) + length + len(suffix)} "
-                             f"tokens, over the bundle's maximum of {infiller.manifest.max_sequence_length}")
+        self.check(infiller, prefix, suffix, length, num_samples)
         self.infiller, self.schedule, self.sampling, self.on_step = infiller, schedule, sampling, on_step
         self.seed, self.first_sample, self.num_samples, self.step = seed, first_sample, num_samples, 0
         self.free = np.arange(len(prefix), len(prefix) + length)
@@ -95,8 +94,17 @@ class Annealing:
         masked = np.zeros(len(template), dtype=bool)
         masked[self.free] = True
         self.rngs = self._rngs(0)
-        self.rows = [AnnealRow(s, template, masked, rng) for s, rng in enumerate(self.rngs)]
+        self.rows = [AnnealRow(s, MaskedText(template, masked), rng) for s, rng in enumerate(self.rngs)]
         self.results: list[Annealed] = []
+
+    @staticmethod
+    def check(infiller, prefix: np.ndarray, suffix: np.ndarray, length: int, num_samples: int) -> None:
+        """ValueError for a run the model cannot make."""
+        if length < 1 or num_samples < 1:
+            raise ValueError(f"--length and --num-samples must be at least 1, got {length}, {num_samples}")
+        if len(prefix) + length + len(suffix) > infiller.manifest.max_sequence_length:
+            raise ValueError(f"prefix, {length} tokens and suffix make {len(prefix) + length + len(suffix)} "
+                             f"tokens, over the bundle's maximum of {infiller.manifest.max_sequence_length}")
 
     def _rngs(self, step: int) -> list:
         return [np.random.default_rng([self.seed, self.first_sample + sample, step])
@@ -141,7 +149,7 @@ class Annealing:
         for sample, (ids, rng) in enumerate(zip(self.current, self.rngs)):
             remask = np.zeros(len(ids), dtype=bool)
             remask[rng.choice(self.free, size=count, replace=False)] = True
-            rows.append(AnnealRow(sample, np.where(remask, self.infiller.special.mask, ids), remask, rng))
+            rows.append(AnnealRow(sample, MaskedText(np.where(remask, self.infiller.special.mask, ids), remask), rng))
         return rows
 
     def _finish(self) -> None:
@@ -153,6 +161,73 @@ class Annealing:
                         for s in range(self.num_samples)]
 
 
+def encode_ends(infiller, prefix: str, suffix: str) -> tuple[np.ndarray, np.ndarray]:
+    """The content ids of the plain text before and after the generated tokens; ValueError naming the option
+    whose text the model refuses."""
+    if "[MASK" in prefix + suffix:
+        raise ValueError("--prefix and --suffix are plain text; the generated tokens go between them")
+
+    def encode(text: str, option: str) -> np.ndarray:
+        try:
+            return infiller.encode(text).ids if text else np.zeros(0, dtype=np.int64)
+        except ValueError as error:
+            raise ValueError(f"{option}: {error}") from None
+
+    return encode(prefix, "--prefix"), encode(suffix, "--suffix")
+
+
+# maria serve's /v1/generate: maria generate's options as JSON fields (length is required)
+GENERATE_SETTINGS = {"length": int, "prefix": str, "suffix": str, "steps": int, "num_samples": int, "seed": int,
+                     "temperature": float, "top_p": float, "fraction_start": float, "fraction_end": float,
+                     "anneal_start": float, "anneal_end": float}
+
+
+@dataclass(frozen=True)
+class AnnealRequest:
+    """What maria generate asks for: `length` tokens between prefix and suffix (content ids), num_samples samples
+    (sample j drawing from generators of (sampling.seed, j, step))."""
+    prefix: np.ndarray
+    suffix: np.ndarray
+    length: int
+    num_samples: int = 1
+    schedule: Schedule = Schedule()
+    sampling: Sampling = Sampling(temperature=1.0)
+
+    @property
+    def size(self) -> int:
+        """Decode rows at once: one per sample."""
+        return self.num_samples
+
+    def start(self, infiller) -> Annealing:
+        return Annealing(infiller, self.prefix, self.suffix, self.length, self.num_samples, self.schedule,
+                         self.sampling, self.sampling.seed)
+
+
+def anneal_request(infiller, given: dict) -> AnnealRequest:
+    """The request of maria generate's options given as JSON fields (GENERATE_SETTINGS; the CLI's defaults).
+    SettingTypeError for an unknown field or a wrong type, ValueError for a value the model refuses, with the
+    field's name."""
+    values = typed_settings(given, GENERATE_SETTINGS)
+    if "length" not in values:
+        raise SettingTypeError(f"the request has no \"length\" field: send {{\"length\": N, ...}}, the tokens to "
+                               f"generate, with optional fields {', '.join(list(GENERATE_SETTINGS)[1:])}")
+    try:
+        schedule = Schedule(values.get("steps", 16), values.get("fraction_start", 0.5),
+                            values.get("fraction_end", 0.1), values.get("anneal_start", 1.0),
+                            values.get("anneal_end", 0.05))
+        sampling = Sampling(temperature=values.get("temperature", 1.0), top_p=values.get("top_p", 1.0),
+                            seed=values.get("seed", 0))
+        prefix, suffix = encode_ends(infiller, values.get("prefix", ""), values.get("suffix", ""))
+        request = AnnealRequest(prefix, suffix, values["length"], values.get("num_samples", 1), schedule, sampling)
+        Annealing.check(infiller, request.prefix, request.suffix, request.length, request.num_samples)
+    except ValueError as error:
+        raise ValueError(FLAG.sub(lambda flag: flag[1].replace("-", "_"), str(error))) from None
+    return request
+
+
+FLAG = re.compile(r"--([a-z]+(?:-[a-z]+)*)")       # a CLI option's name, which a JSON field spells with "_"
+
+
 def anneal(infiller, prefix: np.ndarray, suffix: np.ndarray, length: int, num_samples: int, schedule: Schedule,
            sampling: Sampling = Sampling(temperature=1.0), seed: int = 0, on_step=None,
            batch_size: int | None = None, first_sample: int = 0) -> list[Annealed]:
@@ -160,9 +235,19 @@ def anneal(infiller, prefix: np.ndarray, suffix: np.ndarray, length: int, num_sa
     them decoded at once (default: all; the others wait for a free slot, with the same fills). Samples are
     numbered from first_sample (their generators with them), so samples can be generated a group at a time.
     on_step(step, energies) is called after the start and after every step."""
-    run = Annealing(infiller, prefix, suffix, length, num_samples, schedule, sampling, seed, first_sample, on_step)
-    slots = min(num_samples, batch_size or num_samples)
-    while run.rows:
-        run.collect(infiller.fill_ids([r.ids for r in run.rows], [r.masked for r in run.rows], sampling, slots,
-                                      [r.rng for r in run.rows]))
-    return run.results
+    annealing = Annealing(infiller, prefix, suffix, length, num_samples, schedule, sampling, seed, first_sample,
+                          on_step)
+    return run_annealing(infiller, annealing, min(num_samples, batch_size or num_samples))
+
+
+def run_annealing(infiller, annealing: Annealing, batch_size: int, on_batch=None) -> list[Annealed]:
+    """Fills annealing's rows step after step, batch_size at a time (the others wait for a free slot);
+    on_batch(rows, ns) hears each step's fill."""
+    while annealing.rows:
+        rows, started = annealing.rows, time.monotonic_ns()
+        fills = infiller.fill_ids([r.encoded.ids for r in rows], [r.encoded.masked for r in rows],
+                                  annealing.sampling, batch_size, [r.rng for r in rows])
+        if on_batch is not None:
+            on_batch(len(rows), time.monotonic_ns() - started)
+        annealing.collect(fills)
+    return annealing.results

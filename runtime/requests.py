@@ -50,7 +50,7 @@ class FillRequest:
 
 
 SETTINGS = {"temperature": float, "top_k": int, "top_p": float, "seed": int, "num_samples": int, "rerank": bool}
-KIND_NAMES = {float: "a number", int: "a 64-bit integer", bool: "true or false"}
+KIND_NAMES = {float: "a number", int: "a 64-bit integer", bool: "true or false", str: "a string"}
 
 
 class TooLarge(ValueError):
@@ -97,25 +97,34 @@ def _fits(value, kind) -> bool:
     """A value of this kind: an integer is integral and fits in 64 bits, as the protocol's INT64 tensors hold."""
     if kind is bool or isinstance(value, bool):
         return kind is bool and isinstance(value, bool)
+    if kind is str or isinstance(value, str):
+        return kind is str and isinstance(value, str)
     if kind is float:
         return isinstance(value, (int, float))
     return (isinstance(value, int) or isinstance(value, float) and value.is_integer()) and \
         -2 ** 63 <= value < 2 ** 63
 
 
+def typed_settings(given: dict, kinds: dict) -> dict:
+    """given's values as their kinds (kinds: name -> float, int, bool or str); SettingTypeError for a name not in
+    kinds or a value not of its kind."""
+    unknown = set(given) - set(kinds)
+    if unknown:
+        raise SettingTypeError(f"unknown parameters {sorted(unknown)}; parameters are {', '.join(kinds)}")
+    values = {}
+    for name, value in given.items():
+        kind = kinds[name]
+        if not _fits(value, kind):
+            raise SettingTypeError(f"parameter '{name}' must be {KIND_NAMES[kind]}, got {value!r}")
+        values[name] = kind(value)
+    return values
+
+
 def read_settings(given: dict) -> tuple[Sampling, int, bool]:
     """Sampling, num_samples and rerank from a request's settings as JSON gives them. An integer setting takes an
     integral number (2.0), never 2.5, NaN or a string; rerank takes only true or false. SettingTypeError for an
     unknown setting or a wrong type, ValueError for a refused value (a negative seed, top_p over 1)."""
-    unknown = set(given) - set(SETTINGS)
-    if unknown:
-        raise SettingTypeError(f"unknown parameters {sorted(unknown)}; parameters are {', '.join(SETTINGS)}")
-    values = {}
-    for name, value in given.items():
-        kind = SETTINGS[name]
-        if not _fits(value, kind):
-            raise SettingTypeError(f"parameter '{name}' must be {KIND_NAMES[kind]}, got {value!r}")
-        values[name] = kind(value)
+    values = typed_settings(given, SETTINGS)
     num_samples, rerank = values.pop("num_samples", 1), values.pop("rerank", False)
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")

@@ -11,11 +11,14 @@ the decode engine (serve/continuous.py), or batch at a time with --decoder conca
          (the model's seven routes also under /v2/models/{name}/versions/1/)
     POST /v1/infill                    {"text": [...], "temperature": ...} -> {"results": [maria infill --json]}
     POST /v1/infill/stream             SSE: one "token" event per chosen fill token, then one "result" event
+    POST /v1/generate                  {"length": N, "prefix": ..., "steps": ...} -> {"results": [maria generate
+                                       --json]}: simulated annealing, one round of decode rows a step
     GET  /metrics                      Prometheus text format
     (and with --grpc-port the Open Inference Protocol over gRPC, serve/grpc_service.py, over the same Server)
 
 Client errors get one line in {"error": ...}: 400 unreadable request, 401 bad token, 404 unknown model,
-413 body or texts over the bounds, 422 a text or setting the model refuses, 503 queue full, 504 deadline passed
+413 body or texts over the bounds, 422 a text or setting the model refuses, 501 generation without the AR's
+head, 503 queue full, 504 deadline passed
 (and 404 / 405 for a path or method no route has);
 a client that leaves before its answer is logged as 499, and its rows leave the decode worker. Bodies may come
 gzip- or deflate-compressed, and answers go compressed where the client accepts it (serve/encoding.py).
@@ -36,6 +39,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Match, Route
 
+from runtime.anneal import anneal_request
 from runtime.choose import Sampling
 from runtime.requests import SETTINGS, SettingTypeError, TooLarge, bounded_request, read_settings
 from runtime.utf8 import FillPieces
@@ -172,10 +176,10 @@ class Server:
             if results is None:
                 self.stats.failed(job.timings)
         phases = job.timings.phases(time.monotonic_ns())
-        self.stats.answered(phases, len(job.request.texts))
+        self.stats.answered(phases, job.inferences)
         self.metrics.queue_time.observe(phases["queue"] / 1e9)
         self.metrics.infer_time.observe(phases["compute_infer"] / 1e9)
-        self.metrics.tokens_filled.inc(sum(len(r.masked_positions) for r in results))
+        self.metrics.tokens_filled.inc(job.tokens(results))
         return results
 
     async def queued(self, job: Job, request: Request | None, timeout_s: float | None) -> list:
@@ -352,6 +356,32 @@ class Server:
             raise ClientError(400, str(error)) from None
         return generate_response(name, await self.run(self.job(texts, settings, began), request))
 
+    async def anneal(self, request):
+        """`maria generate` over HTTP: simulated annealing, each sample's object of `maria generate --json`."""
+        began = time.monotonic()
+        payload = await self.json_body(request)
+        if not isinstance(payload, dict):
+            raise ClientError(400, f'send a JSON object {{"length": N, ...}}, got {type(payload).__name__}')
+        results = await self.run(self.anneal_job(payload, began), request)
+        return JSONResponse({"results": [r.to_dict() for r in results]})
+
+    def anneal_job(self, settings: dict, began: float) -> Job:
+        """Checks a generation's settings before it is queued."""
+        if not self.infiller.manifest.has_baseline_heads:
+            raise ClientError(501, "generation needs the AR's whole-text score, and the served bundle has no "
+                                   "ar_lm_head.onnx; serve a bundle re-exported with `maria export`")
+        try:
+            request = anneal_request(self.infiller, settings)
+        except SettingTypeError as error:
+            raise ClientError(400, str(error)) from None
+        except ValueError as error:
+            raise ClientError(422, str(error)) from None
+        if request.num_samples > self.settings.max_texts:
+            raise ClientError(413, f"{request.num_samples} samples are over the limit of {self.settings.max_texts} "
+                                   f"per request; ask for at most {self.settings.max_texts}")
+        loop = asyncio.get_running_loop()
+        return Job(request, loop, loop.create_future(), Timings(arrived=int(began * 1e9)))
+
     async def metrics_route(self, request):
         self.metrics.queue_depth.set(self.batcher.depth)
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -375,6 +405,7 @@ def create_app(infiller, settings: ServeSettings = ServeSettings()) -> Starlette
               **{prefix + suffix: route for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}")
                  for suffix, route in model.items()},
               "/v1/infill": ("POST", server.infill), "/v1/infill/stream": ("POST", server.stream),
+              "/v1/generate": ("POST", server.anneal),
               "/metrics": ("GET", server.metrics_route)}
     app = Starlette(routes=[Route(path, guarded(server, path, handler), methods=[method])
                             for path, (method, handler) in routes.items()],
@@ -395,7 +426,8 @@ def unrouted(server: Server):
         elif path != "/" and path.endswith("/") and routed(request, path.rstrip("/")):
             message = f"no route {path}; leave out the trailing slash: {path.rstrip('/')}"
         else:
-            message = f"no route {path}; the routes are /v2/..., /v1/infill, /v1/infill/stream and /metrics"
+            message = (f"no route {path}; the routes are /v2/..., /v1/infill, /v1/infill/stream, /v1/generate and "
+                       "/metrics")
         response = JSONResponse({"error": message}, status_code=error.status_code, headers=error.headers)
         record(server, "(unrouted)", request, error.status_code, began)       # one label: paths are the client's
         return response

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from runtime.anneal import AnnealRequest, run_annealing
 from runtime.infiller import FillRequest
 
 from .stats import Timings
@@ -28,8 +29,8 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    """One HTTP request: what to fill, and where its result goes."""
-    request: FillRequest
+    """One HTTP request: what to fill (or, from /v1/generate, to generate), and where its result goes."""
+    request: FillRequest | AnnealRequest
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     timings: Timings
@@ -40,6 +41,17 @@ class Job:
     def sampling_key(self) -> tuple:
         sampling = self.request.sampling
         return sampling.temperature, sampling.top_k, sampling.top_p
+
+    @property
+    def inferences(self) -> int:
+        """What Triton's statistics count it as: its texts (the batch dimension), or a generation's samples."""
+        return self.request.num_samples if isinstance(self.request, AnnealRequest) else len(self.request.texts)
+
+    def tokens(self, results: list) -> int:
+        """Tokens its results filled: the masked positions of each fill, or the tokens of each generated sample."""
+        if isinstance(self.request, AnnealRequest):
+            return self.request.length * len(results)
+        return sum(len(r.masked_positions) for r in results)
 
     def finish(self, setter, value) -> None:
         def set_once():
@@ -82,15 +94,19 @@ class Batcher:
             return None
 
     def _gather(self) -> list[Job]:
-        """The first waiting job and those that join it within max_batch_delay_s, up to max_batch_size texts."""
+        """The first waiting job and those that join it within max_batch_delay_s, up to max_batch_size texts; a
+        generation runs alone."""
         first = self._next(timeout=None)
+        if isinstance(first.request, AnnealRequest):
+            return [] if first.cancelled else [first]
         batch, size, other = [first], first.request.size, []
         until = time.monotonic() + self.max_batch_delay_s
         while size < self.max_batch_size:
             job = self._next(timeout=until - time.monotonic())
             if job is None:
                 break
-            if job.sampling_key != first.sampling_key or size + job.request.size > self.max_batch_size:
+            if (isinstance(job.request, AnnealRequest) or job.sampling_key != first.sampling_key
+                    or size + job.request.size > self.max_batch_size):
                 other.append(job)
                 continue
             batch.append(job)
@@ -114,8 +130,12 @@ class Batcher:
         for job in batch:
             job.timings.started = started
         try:
-            results = self.infiller.infill_requests([job.request for job in batch], on_token,
-                                                    on_batch=self.observe_batch)
+            if isinstance(batch[0].request, AnnealRequest):
+                results = [run_annealing(self.infiller, batch[0].request.start(self.infiller), self.max_batch_size,
+                                         self.observe_batch)]
+            else:
+                results = self.infiller.infill_requests([job.request for job in batch], on_token,
+                                                        on_batch=self.observe_batch)
         except Exception as error:           # handed to each request's handler, which answers for it
             for job in batch:
                 job.finish(job.future.set_exception, error)

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from runtime.anneal import AnnealRequest, Annealing
 from runtime.decode import Fill
 from runtime.engine import Engine
 from runtime.rounds import Rounds
@@ -26,11 +27,21 @@ from .batcher import Job, QueueFull
 
 @dataclass
 class Running:
-    """A job in the engine: its rounds of rows and, per row of the current round, the sequence filling it (None
-    where nothing is masked)."""
+    """A job in the engine: its rounds of rows (runtime/rounds.py's Rounds, or a generation's Annealing: one round
+    a step), how to read its results once they end, and per row of the current round the sequence filling it
+    (None where nothing is masked)."""
     job: Job
-    rounds: Rounds
+    rounds: Rounds | Annealing
+    results: Callable[[], list]
     sequences: list
+
+
+def running_of(job: Job, infiller) -> Running:
+    if isinstance(job.request, AnnealRequest):
+        annealing = job.request.start(infiller)
+        return Running(job, annealing, lambda: annealing.results, [])
+    rounds = Rounds(infiller, [job.request], [0])
+    return Running(job, rounds, lambda: rounds.flat(0), [])
 
 
 @dataclass
@@ -65,7 +76,7 @@ class ContinuousBatcher:
     def _admit(self, job: Job) -> None:
         if job.cancelled:
             return
-        running = Running(job, Rounds(self.infiller, [job.request], [0]), [])
+        running = running_of(job, self.infiller)
         self._submit(running)
         self.running.append(running)
 
@@ -117,7 +128,7 @@ class ContinuousBatcher:
                 if running.rounds.collect(fills):         # a gap-by-gap search goes on: its next round goes in
                     self._submit(running)
                     continue
-                outcome = job.future.set_result, running.rounds.flat(0)
+                outcome = job.future.set_result, running.results()
             except Exception as error:        # handed to the request's handler, which answers for it
                 outcome = job.future.set_exception, error
             self.running.remove(running)

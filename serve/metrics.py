@@ -20,7 +20,8 @@ class Metrics:
         self.latency = Histogram("maria_request_latency_seconds", "Time from request to response, by route",
                                  ["route"], registry=r,
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.tokens_filled = Counter("maria_tokens_filled", "Masked tokens filled", registry=r)
+        self.tokens_filled = Counter("maria_tokens_filled", "Masked tokens filled (by a generation: its samples' "
+                                     "tokens)", registry=r)
         phase_buckets = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
         self.queue_time = Histogram("maria_queue_seconds", "Time a request waited for the decode worker (its "
                                     "first row taking a slot, or its batch starting)", registry=r,

@@ -413,7 +413,8 @@ def test_tritonclient_reads_the_statistics_of_each_request():
                                                              "trailing slash: /v2/models/maria/infer"})
         status, _, body = call(url, "/v2/nothing/")
         assert (status, json.loads(body)["error"]) == (404, "no route /v2/nothing/; the routes are /v2/..., "
-                                                            "/v1/infill, /v1/infill/stream and /metrics")
+                                                            "/v1/infill, /v1/infill/stream, /v1/generate and "
+                                                            "/metrics")
 
 
 def test_a_full_queue_gives_503_and_a_deadline_504():
