@@ -100,3 +100,13 @@ def test_a_generation_past_its_deadline_gets_504_and_leaves_the_engine():
         assert status == 504 and json.loads(body)["error"] == "no answer within the deadline of 2 s"
         status, _, body = call(url, "/v1/infill", {"text": ["Use the [MASK] module."]}, timeout=30)
         assert status == 200, body                      # answered: the generation's rows left the engine
+
+
+def test_a_bundle_without_the_ar_head_answers_501_and_still_fills(checkpoints, tmp_path):
+    from export.bundle import export_bundle
+    export_bundle(checkpoints["olmo"], tmp_path / "lean", baseline_heads=False)
+    with server("--model", str(tmp_path / "lean")) as (url, _):
+        status, _, body = call(url, "/v1/generate", {"length": 4})
+        assert status == 501 and json.loads(body)["error"].startswith(
+            "generation needs the AR's whole-text score, and the served bundle has no ar_lm_head.onnx")
+        assert call(url, "/v1/infill", {"text": ["a [MASK] b"]})[0] == 200
