@@ -240,10 +240,14 @@ def anneal(infiller, prefix: np.ndarray, suffix: np.ndarray, length: int, num_sa
     return run_annealing(infiller, annealing, min(num_samples, batch_size or num_samples))
 
 
-def run_annealing(infiller, annealing: Annealing, batch_size: int, on_batch=None) -> list[Annealed]:
+def run_annealing(infiller, annealing: Annealing, batch_size: int, on_batch=None,
+                  cancelled=lambda: False) -> list[Annealed]:
     """Fills annealing's rows step after step, batch_size at a time (the others wait for a free slot);
-    on_batch(rows, ns) hears each step's fill."""
+    on_batch(rows, ns) hears each step's fill. Where cancelled() turns true, it stops before the next step and
+    returns no results."""
     while annealing.rows:
+        if cancelled():
+            return []
         rows, started = annealing.rows, time.monotonic_ns()
         fills = infiller.fill_ids([r.encoded.ids for r in rows], [r.encoded.masked for r in rows],
                                   annealing.sampling, batch_size, [r.rng for r in rows])

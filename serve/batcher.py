@@ -131,8 +131,9 @@ class Batcher:
             job.timings.started = started
         try:
             if isinstance(batch[0].request, AnnealRequest):
-                results = [run_annealing(self.infiller, batch[0].request.start(self.infiller), self.max_batch_size,
-                                         self.observe_batch)]
+                job = batch[0]                 # its deadline or its client leaving stops it between steps
+                results = [run_annealing(self.infiller, job.request.start(self.infiller), self.max_batch_size,
+                                         self.observe_batch, lambda: job.cancelled)]
             else:
                 results = self.infiller.infill_requests([job.request for job in batch], on_token,
                                                         on_batch=self.observe_batch)

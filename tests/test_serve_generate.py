@@ -94,12 +94,13 @@ def generating():
         yield url
 
 
-def test_a_generation_past_its_deadline_gets_504_and_leaves_the_engine():
-    with server("--timeout", "2") as (url, _):
+@pytest.mark.parametrize("decoder", ["engine", "concat"])
+def test_a_generation_past_its_deadline_gets_504_and_leaves_the_worker(bundles, decoder):
+    with server("--model", str(bundles["olmo"]), "--decoder", decoder, "--timeout", "2") as (url, _):
         status, _, body = call(url, "/v1/generate", {"length": 64, "steps": 100000, "num_samples": 8})
         assert status == 504 and json.loads(body)["error"] == "no answer within the deadline of 2 s"
         status, _, body = call(url, "/v1/infill", {"text": ["Use the [MASK] module."]}, timeout=30)
-        assert status == 200, body                      # answered: the generation's rows left the engine
+        assert status == 200, body                      # answered: the generation left the decode worker
 
 
 def test_a_bundle_without_the_ar_head_answers_501_and_still_fills(checkpoints, tmp_path):
