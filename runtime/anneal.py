@@ -193,11 +193,6 @@ class AnnealRequest:
     schedule: Schedule = Schedule()
     sampling: Sampling = Sampling(temperature=1.0)
 
-    @property
-    def size(self) -> int:
-        """Decode rows at once: one per sample."""
-        return self.num_samples
-
     def start(self, infiller) -> Annealing:
         return Annealing(infiller, self.prefix, self.suffix, self.length, self.num_samples, self.schedule,
                          self.sampling, self.sampling.seed)
