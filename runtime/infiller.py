@@ -18,7 +18,7 @@ from .onnx_backend import OnnxBackend
 from .requests import FillRequest, Prepared
 from .results import Infilled
 from .rounds import run_requests
-from .text import (MAX_CANDIDATES, MaskedText, encode_masked_text, literal, span_candidates, span_ranges,
+from .text import (MAX_CANDIDATES, MaskedText, candidates_of, encode_masked_text, literal, span_ranges,
                    with_lengths)
 from .utf8 import Utf8Rule
 
@@ -83,12 +83,11 @@ class Infiller:
         combination checked). Raises ValueError for text the model cannot fill, naming the problem and the fix."""
         if not isinstance(text, str):
             raise ValueError(f"a text must be a string, got {type(text).__name__}")
-        max_length = self.manifest.max_sequence_length
-        expanded = span_candidates(text, max_length, most)
+        ranges = span_ranges(text, self.manifest.max_sequence_length)
+        expanded = candidates_of(text, ranges, most)
         if expanded is None:
-            ranges = tuple(span_ranges(text, max_length))
             self.encode(with_lengths(text, [r[-1] for r in ranges]))
-            prepared = Prepared(text, [], ranges)
+            prepared = Prepared(text, [], tuple(ranges))
         else:
             prepared = Prepared(text, [(lengths, self.encode(candidate)) for lengths, candidate in expanded])
         if (rerank or prepared.spans) and not self.manifest.has_baseline_heads:

@@ -105,7 +105,12 @@ def span_candidates(text: str, max_length: int,
     [((), text)] when the text has no span marker, or None where several span markers allow over `most`
     combinations (their lengths are then searched gap by gap; one marker's lengths are all decoded together
     whatever `most`: a search would decode them all too). Raises ValueError as span_ranges does."""
-    ranges = span_ranges(text, max_length)
+    return candidates_of(text, span_ranges(text, max_length), most)
+
+
+def candidates_of(text: str, ranges: list[range],
+                  most: int = MAX_CANDIDATES) -> list[tuple[tuple[int, ...], str]] | None:
+    """span_candidates for the text's span ranges (span_ranges), read once."""
     if len(ranges) > 1 and math.prod(len(r) for r in ranges) > most:
         return None
     return [(lengths, with_lengths(text, lengths)) for lengths in itertools.product(*ranges)]

@@ -18,8 +18,8 @@ text: how often they agree, how far the search's score falls short, and what eac
 
 import argparse
 import collections
-import itertools
 import json
+import math
 import time
 from pathlib import Path
 
@@ -28,7 +28,7 @@ import numpy as np
 from runtime.infiller import Infiller
 from runtime.requests import FillRequest, Prepared
 from runtime.rounds import run_requests
-from runtime.text import ANY_LENGTH, MaskedText, span_ranges, with_lengths
+from runtime.text import ANY_LENGTH, MaskedText
 
 from . import run_main, write_json
 
@@ -140,10 +140,8 @@ def measure_search(infiller: Infiller, texts: list[tuple], batch_size: int = 8) 
     (as `maria infill` decodes)."""
     rows = []
     for number, (text, true) in enumerate(texts):
-        ranges = tuple(span_ranges(text, infiller.manifest.max_sequence_length))
-        ways = {"search": Prepared(text, [], ranges),
-                "every": Prepared(text, [(lengths, infiller.encode(with_lengths(text, lengths)))
-                                         for lengths in itertools.product(*ranges)])}
+        ways = {"search": infiller.prepare(text, most=1),                  # several gaps: searched
+                "every": infiller.prepare(text, most=math.inf)}
         row = {"text": text, "true_lengths": true}
         for name in sorted(ways, reverse=number % 2 == 1):
             began = time.perf_counter()
