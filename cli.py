@@ -4,11 +4,14 @@ Training and export need the `train` extra (torch, transformers, optimum-onnx); 
 commands so that `maria infill` runs with the runtime's dependencies alone.
 """
 
+import collections
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
+import stat
 import sys
 import warnings
 from pathlib import Path
@@ -157,51 +160,75 @@ def export_command(
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
-def read_input(texts: list[str], input_file: Optional[str], input_format: Optional[str]) -> list:
-    """runtime.text.Line per text: the arguments, or --input's lines (plain text, or JSONL with a "text" field;
-    '-' is stdin). The format is --format, else guessed from the file's suffix; plain text that is evidently
-    JSONL is refused."""
-    from runtime.text import Line, decode_utf8, read_lines
+class InputLines:
+    """`maria infill`'s texts as runtime.text.Line: the arguments, or --input's lines (plain text, or JSONL with a
+    "text" field; '-' is stdin) read as they come (runtime.text.StreamLines), so memory holds a piece of the
+    input, not all of it. The format is --format, else guessed from the file's suffix; plain text that is
+    evidently JSONL is refused. whole: it can be read twice (the arguments, a regular file), so every line is
+    checked before any is filled; stdin, a pipe or a FIFO is read once, filled as it comes."""
 
-    if input_format not in (None, "text", "jsonl"):
-        raise ValueError(f"--format must be text or jsonl, got '{input_format}'")
-    if texts and input_file:
-        raise ValueError("give texts as arguments or with --input, not both")
-    if not input_file:
-        if not texts:
+    def __init__(self, texts: list[str], input_file: Optional[str], input_format: Optional[str]):
+        if input_format not in (None, "text", "jsonl"):
+            raise ValueError(f"--format must be text or jsonl, got '{input_format}'")
+        if texts and input_file:
+            raise ValueError("give texts as arguments or with --input, not both")
+        if not input_file and not texts:
             raise ValueError("no text given; pass a text with [MASK] markers, or --input FILE ('-' for stdin)")
-        if input_format:
+        if not input_file and input_format:
             raise ValueError("--format describes --input; texts given as arguments are plain text")
-        return [Line(number, text) for number, text in enumerate(texts, 1)]
-    name = "stdin" if input_file == "-" else input_file
-    try:
-        data = sys.stdin.buffer.read() if input_file == "-" else Path(input_file).read_bytes()
-    except OSError as error:
-        raise ValueError(f"cannot read --input {name}: {error.strerror}") from None
-    content = decode_utf8(data, name)
-    jsonl = (input_format or ("jsonl" if input_file.lower().endswith(JSONL_SUFFIXES) else "text")) == "jsonl"
-    lines = read_lines(content, name, jsonl)
-    if not jsonl and input_format is None and lines:
-        first = read_lines(lines[0].text, name, jsonl=True)[0]
-        if not first.error:
-            raise ValueError(f"{name}:{lines[0].number} is a JSON object with a \"text\" field, so the input looks "
-                             "like JSONL; pass --format jsonl (or --format text to fill it as plain text)")
-    return lines
+        self.texts, self.input_file, self.reader = texts, input_file, None
+        self.count = 0                       # lines given by the last iteration
+        self.name = "stdin" if input_file == "-" else input_file
+        self.guessed = input_format is None
+        self.jsonl = (input_format or ("jsonl" if (input_file or "").lower().endswith(JSONL_SUFFIXES) else
+                                       "text")) == "jsonl"
+        self.stream, self.whole = None, not input_file
+        if input_file:
+            try:
+                self.stream = sys.stdin.buffer if input_file == "-" else open(input_file, "rb")
+                self.whole = input_file != "-" and stat.S_ISREG(os.fstat(self.stream.fileno()).st_mode)
+            except OSError as error:
+                raise ValueError(f"cannot read --input {self.name}: {error.strerror}") from None
+
+    def __iter__(self):
+        from runtime.text import Line, StreamLines, line_of
+
+        if not self.input_file:
+            yield from (Line(number, text) for number, text in enumerate(self.texts, 1))
+            return
+        if self.whole:
+            self.stream.seek(0)
+        self.reader, self.count = StreamLines(self.stream, self.name, self.jsonl), 0
+        for line in self.reader:
+            self.count += 1
+            first_of_plain_text = self.count == 1 and self.guessed and not self.jsonl
+            if first_of_plain_text and not line_of(line.number, line.text, self.name, jsonl=True).error:
+                raise ValueError(f"{self.name}:{line.number} is a JSON object with a \"text\" field, so the input "
+                                 "looks like JSONL; pass --format jsonl (or --format text to fill it as plain text)")
+            yield line
+
+    def ready(self) -> bool:
+        """The next line can be had without waiting for the input's writer."""
+        return self.reader is None or self.reader.ready()
 
 
 NEWLINES = str.maketrans({"\n": "\\n", "\r": "\\r"})
 
 
-def chunks(checked: list, num_samples: int, size: int, rerank: bool):
+def chunks(checked, num_samples: int, size: int, rerank: bool, ready=lambda: True):
     """The work of `maria infill` in pieces of at most `size` texts x samples, in output order: (lines, first
     sample, samples). Whole texts where a text's samples fit in a piece, else one text's samples `size` at a time
     (their generators are numbered by sample, so the results are the same); with --rerank a text's samples stay
-    in one piece, as they are ordered by score once all are filled."""
+    in one piece, as they are ordered by score once all are filled. `checked` is taken as it comes: a piece
+    goes to the model early where ready() says the next text would mean waiting for the input's writer."""
     per = num_samples if rerank else min(num_samples, size)         # samples of a text in one piece
     texts = max(1, size // per)
-    for begin in range(0, len(checked), texts):
+    checked = iter(checked)
+    while piece := list(itertools.islice(checked, 1)):
+        while len(piece) < texts and ready() and (more := next(checked, None)) is not None:
+            piece.append(more)
         for first in range(0, num_samples, per):
-            yield checked[begin:begin + texts], first, min(per, num_samples - first)
+            yield piece, first, min(per, num_samples - first)
 
 
 def show(result, as_json: bool, styled: bool, kept: dict) -> None:
@@ -232,12 +259,12 @@ def clashing_field(line) -> str:
     return next((key for key in line.record or {} if key != "text" and key in taken), "")
 
 
-def checked_lines(lines: list, infiller, skip_invalid: bool, where, rerank: bool = False,
-                  as_json: bool = False) -> list:
-    """(line, its text prepared by Infiller.prepare) for the lines whose text encodes; a bad line stops the run
-    (naming it) unless skip_invalid, which reports it on stderr and leaves it out. With as_json, a JSONL line
-    whose object has a field the results use is bad too (its value would be lost)."""
-    good = []
+def checked_lines(lines, infiller, skip_invalid: bool, where, rerank: bool = False, as_json: bool = False,
+                  report: bool = True):
+    """(line, its text prepared by Infiller.prepare) for each line whose text encodes, as the lines come; a bad
+    line stops the run (naming it) unless skip_invalid, which reports it on stderr (where `report`) and leaves it
+    out. With as_json, a JSONL line whose object has a field the results use is bad too (its value would be
+    lost)."""
     for line in lines:
         error = line.error
         clash = clashing_field(line) if as_json and not error else ""
@@ -245,14 +272,14 @@ def checked_lines(lines: list, infiller, skip_invalid: bool, where, rerank: bool
             error = f"{where(line)} has the field '{clash}', which --json writes with the result; rename it in the input"
         if not error:
             try:
-                good.append((line, infiller.prepare(line.text, rerank)))
+                yield line, infiller.prepare(line.text, rerank)
                 continue
             except ValueError as problem:
                 error = f"{where(line)}: {problem}"
         if not skip_invalid:
             raise ValueError(f"{error} (--skip-invalid fills the other lines)")
-        typer.secho(f"skipped: {error}", fg=typer.colors.YELLOW, err=True)
-    return good
+        if report:
+            typer.secho(f"skipped: {error}", fg=typer.colors.YELLOW, err=True)
 
 
 @app.command()
@@ -292,24 +319,28 @@ def infill(
 
     check_device(device)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    lines = read_input(texts or [], input_file, input_format)
-    name = "stdin" if input_file == "-" else input_file
-    if not lines:
-        typer.echo(f"note: {name} holds no text (no line but blank ones); nothing to fill", err=True)
+    lines = InputLines(texts or [], input_file, input_format)
+    if lines.whole and next(iter(lines), None) is None:
+        typer.echo(f"note: {lines.name} holds no text (no line but blank ones); nothing to fill", err=True)
         return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         infiller = Infiller(model, device=device, decoder=decoder, threads=threads)
     for warning in caught:
         typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
-    where = (lambda line: f"{name}:{line.number}") if input_file else (lambda line: f"text {line.number}")
-    checked = checked_lines(lines, infiller, skip_invalid, where, rerank, as_json)
+    where = (lambda line: f"{lines.name}:{line.number}") if input_file else (lambda line: f"text {line.number}")
+    check = functools.partial(checked_lines, infiller=infiller, skip_invalid=skip_invalid, where=where,
+                              rerank=rerank, as_json=as_json)
+    if lines.whole:                 # read twice: a bad line stops the run before anything is filled
+        collections.deque(check(lines), maxlen=0)
     if num_samples > 1 and sampling.greedy:
         typer.echo(f"note: --temperature 0 is greedy: the {num_samples} samples of each text are identical",
                    err=True)
     styled = sys.stdout.isatty() and not as_json
+    written = 0
     try:
-        for chunk, first, samples in chunks(checked, num_samples, CHUNK_BATCHES * batch_size, rerank):
+        for chunk, first, samples in chunks(check(lines, report=not lines.whole), num_samples,
+                                            CHUNK_BATCHES * batch_size, rerank, lines.ready):
             request = FillRequest([prepared for _, prepared in chunk], sampling, samples, rerank,
                                   indices=[line.number - 1 for line, _ in chunk], first_sample=first)
             results = infiller.infill_requests([request], batch_size=batch_size)[0]
@@ -319,8 +350,14 @@ def infill(
                     if result.note and not as_json:
                         typer.echo(f"note: {where(line)}: {result.note}", err=True)
                     show(result, as_json, styled, kept_fields(line, bool(input_file)))
+            written += len(results)
     except KeyboardInterrupt:
         fail("interrupted before every result was written; the output is incomplete", code=130)
+    except ValueError as error:     # a bad line of a stream, met after the lines before it were filled
+        done = f"; the output holds only what was filled before it ({written} result{'s' * (written != 1)})"
+        raise ValueError(f"{error}{done * bool(written)}") from None
+    if not lines.whole and not lines.count:
+        typer.echo(f"note: {lines.name} holds no text (no line but blank ones); nothing to fill", err=True)
 
 
 @app.command()

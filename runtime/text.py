@@ -11,10 +11,12 @@ lengths are searched gap by gap: runtime/spans.py).
 """
 
 import codecs
+import collections
 import itertools
 import json
 import math
 import re
+import select
 from dataclasses import dataclass
 
 import numpy as np
@@ -222,31 +224,102 @@ class Line:
     record: dict | None = None
 
 
+def line_of(number: int, line: str, name: str, jsonl: bool, field: str = "text") -> Line | None:
+    """One input line (without its newline) as a Line, None where blank. Plain text: the line is the text. JSONL:
+    an object whose string `field` is the text; a line that is not comes back with an error naming it
+    (name:number) instead of stopping the read."""
+    line = line[:-1] if line.endswith("\r") else line
+    if not line.strip():
+        return None
+    if not jsonl:
+        return Line(number, line)
+    try:
+        record = loads_json(line)
+    except json.JSONDecodeError as error:
+        return Line(number, None, f"{name}:{number} is not valid JSON ({error.msg})")
+    except RefusedJson as error:
+        return Line(number, None, f"{name}:{number} {error}")
+    if not isinstance(record, dict) or not isinstance(record.get(field), str):
+        return Line(number, None, f"{name}:{number} has no string field '{field}'")
+    return Line(number, record[field], record=record)
+
+
 def read_lines(content: str, name: str, jsonl: bool, field: str = "text") -> list[Line]:
-    """Splits content on newlines only (a U+2028 or form feed inside a line stays in it) and skips blank lines.
-    Plain text: each line is a text. JSONL: each line is an object whose string `field` is the text; a line
-    that is not comes back with an error naming it (name:number) instead of stopping the read."""
-    lines = []
-    for number, raw in enumerate(content.split("\n"), 1):
-        line = raw[:-1] if raw.endswith("\r") else raw
-        if not line.strip():
-            continue
-        if not jsonl:
-            lines.append(Line(number, line))
-            continue
+    """Splits content on newlines only (a U+2028 or form feed inside a line stays in it) and skips blank lines;
+    each line read by line_of."""
+    lines = (line_of(number, raw, name, jsonl, field) for number, raw in enumerate(content.split("\n"), 1))
+    return [line for line in lines if line is not None]
+
+
+class StreamLines:
+    """The Lines of a binary stream (a file, a pipe, stdin) read a piece at a time as the writer gives them, so
+    memory holds a piece, not the stream: split on b"\\n" only, blank lines skipped, a UTF-8 byte order mark at
+    the start dropped, each line read by line_of. Bytes that are not UTF-8 raise decode_utf8's ValueError (the
+    byte's offset in the stream) when their line is reached, after the lines before it. ready(): the next line
+    can be had without waiting for the writer (always, where the stream cannot be polled: BytesIO, Windows)."""
+
+    PIECE = 1 << 16
+
+    def __init__(self, stream, name: str, jsonl: bool, field: str = "text"):
+        self.stream, self.name, self.jsonl, self.field = stream, name, jsonl, field
+        self.read: collections.deque = collections.deque()     # Lines (or a ValueError) read and not yet taken
+        self.rest: list[bytes] = []                             # the start of a line whose newline has not come
+        self.offset = 0                                         # bytes of the stream before `rest`
+        self.number = 0
+        self.ended = False
+
+    def __iter__(self):
+        while self.read or not self.ended:
+            if not self.read:
+                self._read_piece()
+                continue
+            line = self.read.popleft()
+            if isinstance(line, ValueError):
+                raise line
+            yield line
+
+    def ready(self) -> bool:
+        while not self.read and not self.ended and polled(self.stream):
+            self._read_piece()
+        return bool(self.read) or self.ended
+
+    def _read_piece(self) -> None:
+        piece = self.stream.read1(self.PIECE)     # what the stream has (blocks only while it has nothing)
+        if piece and b"\n" not in piece:
+            self.rest.append(piece)
+            return
+        first, *raws = piece.split(b"\n")
+        raws.insert(0, b"".join([*self.rest, first]))
+        self.rest = [raws.pop()] if piece else []
+        self.ended = not piece
+        for raw in raws:
+            self.number += 1
+            if not self._take(raw):
+                self.ended, self.rest = True, []
+                return
+            self.offset += len(raw) + 1
+
+    def _take(self, raw: bytes) -> bool:
+        """Reads one line into `read`; False where it is not UTF-8 (its error goes in instead)."""
+        bom = len(codecs.BOM_UTF8) if self.number == 1 and raw.startswith(codecs.BOM_UTF8) else 0
         try:
-            record = loads_json(line)
-        except json.JSONDecodeError as error:
-            lines.append(Line(number, None, f"{name}:{number} is not valid JSON ({error.msg})"))
-            continue
-        except RefusedJson as error:
-            lines.append(Line(number, None, f"{name}:{number} {error}"))
-            continue
-        if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            lines.append(Line(number, None, f"{name}:{number} has no string field '{field}'"))
-            continue
-        lines.append(Line(number, record[field], record=record))
-    return lines
+            text = raw[bom:].decode("utf-8")
+        except UnicodeDecodeError as error:
+            self.read.append(ValueError(f"{self.name} is not valid UTF-8 (byte {self.offset + bom + error.start}); "
+                                        "convert it to UTF-8"))
+            return False
+        line = line_of(self.number, text, self.name, self.jsonl, self.field)
+        if line is not None:
+            self.read.append(line)
+        return True
+
+
+def polled(stream) -> bool:
+    """The stream has bytes to read now; True where it cannot be asked."""
+    try:
+        return bool(select.select([stream], [], [], 0)[0])
+    except (OSError, ValueError, TypeError):      # no file descriptor (BytesIO), or not pollable (Windows pipes)
+        return True
 
 
 def texts_of(lines: list[Line]) -> list[str]:

@@ -172,6 +172,81 @@ def test_results_are_printed_chunk_by_chunk_as_they_are_filled(bundles, tmp_path
     assert "".join(printed) + capsys.readouterr().out == whole.stdout
 
 
+def line_within(stream, seconds: float = 120) -> str:
+    """The next line the process writes, or a failure once `seconds` pass without one."""
+    import select
+    assert select.select([stream], [], [], seconds)[0], f"no output within {seconds} s"
+    return stream.readline().decode()
+
+
+def test_a_stream_is_filled_as_its_lines_come(bundles, tmp_path):
+    """From stdin (or a FIFO), each line is filled while the writer still holds the input open: its result comes
+    before the next line is written. A bad line stops the run with one line saying what was written before it."""
+    command = [sys.executable, "-c", "from cli import app; app()", "infill", "--json", "--model",
+               str(bundles["olmo"]), "--device", "cpu"]
+    process = subprocess.Popen([*command, "--input", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd=Path(__file__).parent.parent)
+    try:
+        for number, text in enumerate(["a [MASK] b", "c [MASK:2] d"], 1):
+            process.stdin.write(f"{text}\n".encode())
+            process.stdin.flush()
+            result = json.loads(line_within(process.stdout))
+            assert (result["line"], result["input"]) == (number, text)
+        process.stdin.write(b"e [MASK:0] f\ng [MASK]\n")
+        process.stdin.close()
+        assert process.wait(timeout=120) == 2 and process.stdout.read() == b""
+        error = process.stderr.read().decode()
+        assert error.startswith("error: stdin:3: '[MASK:0]' asks for 0 tokens") and error.count("\n") == 1
+        assert error.endswith("(--skip-invalid fills the other lines); the output holds only what was filled "
+                              "before it (2 results)\n")
+    finally:
+        process.kill()
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    process = subprocess.Popen([*command, "--input", str(fifo)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               cwd=Path(__file__).parent.parent)
+    try:
+        with open(fifo, "w") as writer:          # a FIFO is read once, as it comes, never twice
+            writer.write("h [MASK] i\n")
+            writer.flush()
+            assert json.loads(line_within(process.stdout))["input"] == "h [MASK] i"
+            writer.write("j [MASK]\n")
+        assert process.wait(timeout=120) == 0, process.stderr.read()
+        assert json.loads(process.stdout.read())["line"] == 2
+    finally:
+        process.kill()
+
+
+def test_input_is_read_a_piece_at_a_time_as_whole_text_would_be():
+    """runtime.text.StreamLines, whatever the size of the pieces it reads, gives the lines that splitting the
+    whole decoded input gives (blank lines, a byte order mark, carriage returns, JSONL errors), and names the
+    first invalid byte by its offset in the input, as decoding the whole would."""
+    import io
+    import random
+
+    from runtime.text import StreamLines, decode_utf8, read_lines
+    pieces = ["a", " ", "\n", "\r", "\u00e9", "\U0001f600", "\u2028", "{", "}", '"text"', ":", '"x"', "\x0c"]
+    rng = random.Random(0)
+    for _ in range(400):
+        data = b"\xef\xbb\xbf" * (rng.random() < 0.3) + "".join(rng.choices(pieces, k=rng.randint(0, 30))).encode()
+        if rng.random() < 0.3:
+            at = rng.randint(0, len(data))
+            data = data[:at] + b"\xff" + data[at:]
+        jsonl = rng.random() < 0.5
+        try:
+            want = read_lines(decode_utf8(data, "in"), "in", jsonl)
+        except ValueError as error:
+            want = str(error)
+        for size in (1, 3, 1 << 16):
+            stream = StreamLines(io.BytesIO(data), "in", jsonl)
+            stream.PIECE = size
+            try:
+                got = list(stream)
+            except ValueError as error:
+                got = str(error)
+            assert got == want, (data, size)
+
+
 def test_many_samples_of_a_text_are_filled_and_printed_a_chunk_at_a_time(bundles, monkeypatch, capsys):
     """More samples of one text than a chunk holds go through the model a chunk at a time, each printed before
     the next is filled (memory stays bounded whatever --num-samples asks), with the results of one piece; with
