@@ -13,6 +13,7 @@ import math
 import os
 import stat
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -215,13 +216,12 @@ class InputLines:
 NEWLINES = str.maketrans({"\n": "\\n", "\r": "\\r"})
 
 
-def chunks(checked, num_samples: int, size: int, rerank: bool, ready=lambda: True):
+def chunks(checked, num_samples: int, size: int, ready=lambda: True):
     """The work of `maria infill` in pieces of at most `size` texts x samples, in output order: (lines, first
     sample, samples). Whole texts where a text's samples fit in a piece, else one text's samples `size` at a time
-    (their generators are numbered by sample, so the results are the same); with --rerank a text's samples stay
-    in one piece, as they are ordered by score once all are filled. `checked` is taken as it comes: a piece
-    goes to the model early where ready() says the next text would mean waiting for the input's writer."""
-    per = num_samples if rerank else min(num_samples, size)         # samples of a text in one piece
+    (their generators are numbered by sample, so the results are the same). `checked` is taken as it comes: a
+    piece goes to the model early where ready() says the next text would mean waiting for the input's writer."""
+    per = min(num_samples, size)                                    # samples of a text in one piece
     texts = max(1, size // per)
     checked = iter(checked)
     while piece := list(itertools.islice(checked, 1)):
@@ -231,16 +231,48 @@ def chunks(checked, num_samples: int, size: int, rerank: bool, ready=lambda: Tru
             yield piece, first, min(per, num_samples - first)
 
 
-def show(result, as_json: bool, styled: bool, kept: dict) -> None:
-    """One line per result: JSON exact, after the `kept` fields of its input line; plain text with a newline
-    inside a fill shown escaped (\\n)."""
+class Ranked:
+    """--rerank for a text whose samples are filled a piece at a time: each sample's output waits in a temporary
+    file, its score in memory, and all are printed in score order (ties in sample order, as one sort of them all
+    would give) once the last is filled."""
+
+    def __init__(self):
+        self.file = tempfile.TemporaryFile()
+        self.samples = []                               # (-score, sample, offset, note's bytes, output's bytes)
+
+    def add(self, score: float, sample: int, note: str, output: str) -> None:
+        note_bytes, output_bytes = note.encode(), output.encode()
+        self.samples.append((-score, sample, self.file.tell(), len(note_bytes), len(output_bytes)))
+        self.file.write(note_bytes + output_bytes)
+
+    def print_all(self) -> int:
+        """Prints the text's samples in score order and forgets them; returns how many."""
+        for _, _, offset, note, output in sorted(self.samples):
+            self.file.seek(offset)
+            printed(self.file.read(note).decode(), self.file.read(output).decode())
+        count = len(self.samples)
+        self.file.seek(0)
+        self.file.truncate()
+        self.samples.clear()
+        return count
+
+
+def shown(result, as_json: bool, styled: bool, kept: dict) -> str:
+    """A result's line: JSON exact, after the `kept` fields of its input line; plain text with a newline inside a
+    fill shown escaped (\\n)."""
     if as_json:
-        typer.echo(json.dumps({**kept, **result.to_dict()}, ensure_ascii=False))
-    elif styled:
-        typer.echo("".join(typer.style(piece.translate(NEWLINES), fg=typer.colors.GREEN, bold=True) if fill
-                           else piece.translate(NEWLINES) for piece, fill in result.segments))
-    else:
-        typer.echo(result.text.translate(NEWLINES))
+        return json.dumps({**kept, **result.to_dict()}, ensure_ascii=False)
+    if styled:
+        return "".join(typer.style(piece.translate(NEWLINES), fg=typer.colors.GREEN, bold=True) if fill
+                       else piece.translate(NEWLINES) for piece, fill in result.segments)
+    return result.text.translate(NEWLINES)
+
+
+def printed(note: str, output: str) -> None:
+    """A result's note (if any) on stderr, its line on stdout."""
+    if note:
+        typer.echo(note, err=True)
+    typer.echo(output)
 
 
 def kept_fields(line, from_file: bool) -> dict:
@@ -337,20 +369,26 @@ def infill(
         typer.echo(f"note: --temperature 0 is greedy: the {num_samples} samples of each text are identical",
                    err=True)
     styled = sys.stdout.isatty() and not as_json
+    size = CHUNK_BATCHES * batch_size
+    ranked = Ranked() if rerank and num_samples > size else None     # a text's samples come in several pieces
     written = 0
     try:
-        for chunk, first, samples in chunks(check(lines, report=not lines.whole), num_samples,
-                                            CHUNK_BATCHES * batch_size, rerank, lines.ready):
+        for chunk, first, samples in chunks(check(lines, report=not lines.whole), num_samples, size, lines.ready):
             request = FillRequest([prepared for _, prepared in chunk], sampling, samples, rerank,
                                   indices=[line.number - 1 for line, _ in chunk], first_sample=first)
             results = infiller.infill_requests([request], batch_size=batch_size)[0]
             with results_to_stdout():   # each chunk's results are printed before the next is filled
                 for number, result in enumerate(results):
                     line = chunk[number // samples][0]
-                    if result.note and not as_json:
-                        typer.echo(f"note: {where(line)}: {result.note}", err=True)
-                    show(result, as_json, styled, kept_fields(line, bool(input_file)))
-            written += len(results)
+                    note = f"note: {where(line)}: {result.note}" if result.note and not as_json else ""
+                    output = shown(result, as_json, styled, kept_fields(line, bool(input_file)))
+                    if ranked is None:
+                        printed(note, output)
+                    else:
+                        ranked.add(result.score, first + number, note, output)
+                written += len(results) if ranked is None else 0
+                if ranked is not None and first + samples == num_samples:
+                    written += ranked.print_all()
     except KeyboardInterrupt:
         fail("interrupted before every result was written; the output is incomplete", code=130)
     except ValueError as error:     # a bad line of a stream, met after the lines before it were filled

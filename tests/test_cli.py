@@ -250,14 +250,18 @@ def test_input_is_read_a_piece_at_a_time_as_whole_text_would_be():
 def test_many_samples_of_a_text_are_filled_and_printed_a_chunk_at_a_time(bundles, monkeypatch, capsys):
     """More samples of one text than a chunk holds go through the model a chunk at a time, each printed before
     the next is filled (memory stays bounded whatever --num-samples asks), with the results of one piece; with
-    --rerank a text's samples stay together, as they are ordered once all are filled."""
+    --rerank a text's samples are printed once its last piece is filled, ordered by score as when all are
+    filled at once."""
     from cli import CHUNK_BATCHES
     from runtime.infiller import Infiller
 
     samples, args = 2 * CHUNK_BATCHES + 3, ["--model", str(bundles["olmo"]), "--temperature", "1", "--seed", "4"]
-    whole = infill("a [MASK] b", "The [MASK:2] c", "--num-samples", samples, "--batch-size", "64", *args)
+    texts = ["a [MASK] b", "The [MASK:2] c"]
+    whole = infill(*texts, "--num-samples", samples, "--batch-size", "64", *args)
     lines = whole.stdout.split("\n")                          # a random model's fills may hold a form feed
     assert whole.exit_code == 0 and len(lines) == 2 * samples + 1
+    ranked = infill(*texts, "--num-samples", samples, "--batch-size", "64", "--rerank", "--json", *args)
+    assert ranked.exit_code == 0
     calls, printed, fill = [], [], Infiller.infill_requests
 
     def counted(self, requests, *rest, **kwargs):
@@ -267,18 +271,23 @@ def test_many_samples_of_a_text_are_filled_and_printed_a_chunk_at_a_time(bundles
         return fill(self, requests, *rest, **kwargs)
 
     monkeypatch.setattr(Infiller, "infill_requests", counted)
-    for rerank in ([], ["--rerank"]):
+    chunk = CHUNK_BATCHES                                      # samples per piece at batch size 1
+    for rerank in ([], ["--rerank", "--json"]):
         calls.clear(), printed.clear()
         with pytest.raises(SystemExit) as ended:
-            app(["infill", "a [MASK] b", "The [MASK:2] c", "--num-samples", str(samples), "--batch-size", "1",
-                 *args, *rerank])
+            app(["infill", *texts, "--num-samples", str(samples), "--batch-size", "1", *args, *rerank])
         assert ended.value.code == 0
         out = "".join(printed) + capsys.readouterr().out
         if rerank:
-            assert calls == [(1, 0, samples, 0), (1, 0, samples, samples)]
-            assert sorted(out.split("\n")) == sorted(lines)
+            pieces = [(1, 0, chunk, 0), (1, chunk, chunk, 0), (1, 2 * chunk, 3, 0)]
+            assert calls == [*pieces, *[(t, f, n, samples * (f == 0)) for t, f, n, _ in pieces]]
+            got, want = [[json.loads(row) for row in text.splitlines()] for text in (out, ranked.stdout)]
+            assert [(r["input"], r["text"]) for r in got] == [(r["input"], r["text"]) for r in want]
+            np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in want], atol=1e-4)
+            for text in texts:
+                scores = [r["score"] for r in got if r["input"] == text]
+                assert len(scores) == samples and scores == sorted(scores, reverse=True)
         else:
-            chunk = CHUNK_BATCHES                              # samples per piece at batch size 1
             pieces = [(1, chunk, chunk, chunk), (1, 2 * chunk, 3, chunk)]     # (texts, first, samples, lines out)
             assert calls == [(1, 0, chunk, 0), *pieces, (1, 0, chunk, 3), *pieces]
             assert out == whole.stdout

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli import NEWLINES, app, show
+from cli import NEWLINES, app, shown
 from export.bundle import export_bundle
 from runtime.choose import Sampling
 from runtime.default_model import DEFAULT_MODEL
@@ -186,13 +186,12 @@ def test_separators_inside_a_line_do_not_split_it(tmp_path):
     assert len(result.stdout.split("\n")) == 4 and result.stdout.endswith("\n")        # 3 lines in, 3 out
 
 
-def test_a_newline_inside_a_fill_is_escaped_in_plain_text(capsys):
+def test_a_newline_inside_a_fill_is_escaped_in_plain_text():
     result = Infilled(input="a [MASK] b", text="a\n b", ids=[1, 2, 3], masked_positions=[1], fill_logprobs=[-1.0],
                       fills=["\n"], segments=[("a", False), ("\n", True), (" b", False)])
-    show(result, as_json=False, styled=False, kept={})
-    show(result, as_json=False, styled=True, kept={})
-    show(result, as_json=True, styled=False, kept={})
-    plain, styled, as_json = capsys.readouterr().out.split("\n")[:3]
+    plain, styled, as_json = (shown(result, as_json=False, styled=False, kept={}),
+                              shown(result, as_json=False, styled=True, kept={}),
+                              shown(result, as_json=True, styled=False, kept={}))
     assert plain == "a\\n b" and "\\n" in styled and json.loads(as_json)["fills"] == ["\n"]
     assert "\n".translate(NEWLINES) == "\\n"
 
