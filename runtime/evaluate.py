@@ -14,7 +14,7 @@ import numpy as np
 
 from .choose import Sampling
 from .decode import infill, score
-from .text import decode_utf8, pack_windows, plain_encoder, read_lines, texts_of
+from .text import StreamLines, pack_windows, plain_encoder
 
 
 def check_mask_rate(mask_rate: float, name: str = "mask rate") -> None:
@@ -58,25 +58,25 @@ def evaluate_maria(infiller, windows, masks, batch_size: int = 16) -> dict:
     return quality_row("MARIA", nll, windows, masks, fills)
 
 
-def document_windows(documents: list[str], infiller, seq_len: int, count: int, name: str = "the text") -> np.ndarray:
-    """The first `count` windows of seq_len tokens of the documents, tokenized with the bundle's tokenizer and
-    joined by its start token."""
+def document_windows(documents, infiller, seq_len: int, count: int, name: str = "the text") -> np.ndarray:
+    """The first `count` windows of seq_len tokens of the documents (any iterable: read only as far as those
+    windows need), tokenized with the bundle's tokenizer and joined by its start token."""
     if not 2 <= seq_len <= infiller.manifest.max_sequence_length:
         raise ValueError(f"--seq-len must be from 2 to the bundle's maximum {infiller.manifest.max_sequence_length}")
-    return pack_windows(documents, plain_encoder(infiller.tokenizer), seq_len, infiller.special.start, name)[:count]
+    return pack_windows(documents, plain_encoder(infiller.tokenizer), seq_len, infiller.special.start, name,
+                        most=count)
 
 
 def text_windows(path, infiller, seq_len: int, count: int) -> np.ndarray:
     """document_windows of a UTF-8 text file, one document per line (split on newlines only, as `maria train
-    --line-documents` reads it)."""
-    from pathlib import Path
-
+    --line-documents` reads it), read a piece at a time and only as far as the windows need."""
     try:
-        data = Path(path).read_bytes()
+        stream = open(path, "rb")
     except OSError as error:
         raise ValueError(f"cannot read {path}: {error.strerror}") from None
-    lines = read_lines(decode_utf8(data, str(path)), str(path), jsonl=False)
-    return document_windows(texts_of(lines), infiller, seq_len, count, str(path))
+    with stream:
+        lines = StreamLines(stream, str(path), jsonl=False)
+        return document_windows((line.text for line in lines), infiller, seq_len, count, str(path))
 
 
 class BaselineBackend:

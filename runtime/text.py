@@ -148,14 +148,19 @@ def plain_encoder(tokenizer):
     return lambda text: tokenizer.encode(text, add_special_tokens=False).ids
 
 
-def pack_windows(documents: list[str], encode, seq_len: int, separator_id: int, name: str = "the text") -> np.ndarray:
-    """Tokenizes documents with encode (text -> ids, no special tokens), joins them with separator_id and cuts
-    [windows, seq_len]; `name` (where the documents come from) names them in the error where none fits."""
+def pack_windows(documents, encode, seq_len: int, separator_id: int, name: str = "the text",
+                 most: int | None = None) -> np.ndarray:
+    """Tokenizes documents (any iterable) with encode (text -> ids, no special tokens), joins them with
+    separator_id and cuts [windows, seq_len]; with `most`, reads documents only until that many windows are full
+    and returns the first `most`. `name` (where the documents come from) names them in the error where none
+    fits."""
     ids = []
     for document in documents:
         ids.extend(encode(document))
         ids.append(separator_id)
-    count = len(ids) // seq_len
+        if most is not None and len(ids) >= most * seq_len:
+            break
+    count = len(ids) // seq_len if most is None else min(most, len(ids) // seq_len)
     if count == 0:
         raise ValueError(f"{name} holds {len(ids)} tokens, fewer than one window of --seq-len {seq_len}; "
                          "add text or lower --seq-len")

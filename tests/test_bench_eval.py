@@ -207,6 +207,30 @@ def test_eval_reads_a_file_as_training_reads_lines(bundles, tmp_path):
     np.testing.assert_array_equal(windows, document_windows(documents, infiller, 16, 8))
 
 
+def test_eval_reads_only_as_far_as_its_windows_need(bundles, tmp_path):
+    """The first --windows windows are the same however much text follows, and the text after them is not read:
+    a file whose tail is not UTF-8 gives its first windows (reading it all would fail), and pack_windows takes
+    documents only until its windows are full."""
+    from runtime.text import pack_windows
+    infiller = Infiller(bundles["olmo"], device="cpu")
+    head = "".join(f"document {i} of the held-out text\n" for i in range(40)).encode()
+    (tmp_path / "head.txt").write_bytes(head)
+    (tmp_path / "long.txt").write_bytes(head + b"more text\n" * 200_000 + b"\xff\n")
+    want = text_windows(tmp_path / "head.txt", infiller, 16, 8)
+    np.testing.assert_array_equal(text_windows(tmp_path / "long.txt", infiller, 16, 8), want)
+    taken = []
+
+    def documents():
+        for number in range(1000):
+            taken.append(number)
+            yield "one two three"
+
+    encode = lambda text: [len(word) for word in text.split()]          # noqa: E731
+    windows = pack_windows(documents(), encode, 4, 0, most=3)
+    assert windows.shape == (3, 4) and len(taken) == 3                   # 4 ids a document, 12 ids wanted
+    assert pack_windows(["a b c"] * 5, encode, 4, 0).shape == (5, 4)     # without most: every document
+
+
 @pytest.mark.parametrize("rate", ["1.5", "0", "nan"])
 def test_eval_names_a_bad_mask_rate_before_reading_the_text(bundles, tmp_path, rate):
     (tmp_path / "short.txt").write_text("too short to fill one window\n")
