@@ -26,16 +26,21 @@ def _read_text(path: Path) -> str:
     return decode_utf8(path.read_bytes(), str(path))
 
 
-def read_documents(path, text_field: str = "text", line_documents: bool = False) -> list[str]:
-    """Plain text: one document per file (or per line with line_documents); JSONL: one per line, from text_field."""
-    documents = []
+def iter_documents(path, text_field: str = "text", line_documents: bool = False):
+    """The documents of read_documents, a file at a time: a reader that needs only the first ones (`maria eval`)
+    reads only their files."""
     for file in _files(path):
         text = _read_text(file)
         if file.suffix in JSONL_SUFFIXES or line_documents:
-            documents.extend(texts_of(read_lines(text, str(file), file.suffix in JSONL_SUFFIXES, text_field)))
+            documents = texts_of(read_lines(text, str(file), file.suffix in JSONL_SUFFIXES, text_field))
         else:
-            documents.append(text)
-    documents = [d for d in documents if d.strip()]
+            documents = [text]
+        yield from (document for document in documents if document.strip())
+
+
+def read_documents(path, text_field: str = "text", line_documents: bool = False) -> list[str]:
+    """Plain text: one document per file (or per line with line_documents); JSONL: one per line, from text_field."""
+    documents = list(iter_documents(path, text_field, line_documents))
     if not documents:
         raise ValueError(f"{path} holds no text")
     return documents

@@ -209,8 +209,8 @@ def test_eval_reads_a_file_as_training_reads_lines(bundles, tmp_path):
 
 def test_eval_reads_only_as_far_as_its_windows_need(bundles, tmp_path):
     """The first --windows windows are the same however much text follows, and the text after them is not read:
-    a file whose tail is not UTF-8 gives its first windows (reading it all would fail), and pack_windows takes
-    documents only until its windows are full."""
+    a file whose tail (or a folder whose last file) is not UTF-8 gives its first windows (reading it all would
+    fail), and pack_windows takes documents only until its windows are full."""
     from runtime.text import pack_windows
     infiller = Infiller(bundles["olmo"], device="cpu")
     head = "".join(f"document {i} of the held-out text\n" for i in range(40)).encode()
@@ -218,6 +218,13 @@ def test_eval_reads_only_as_far_as_its_windows_need(bundles, tmp_path):
     (tmp_path / "long.txt").write_bytes(head + b"more text\n" * 200_000 + b"\xff\n")
     want = text_windows(tmp_path / "head.txt", infiller, 16, 8)
     np.testing.assert_array_equal(text_windows(tmp_path / "long.txt", infiller, 16, 8), want)
+    from tools.evaluate import windows_of
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.txt").write_bytes(head)
+    (tmp_path / "folder" / "b.txt").write_bytes(b"\xff")              # one document a file, in name order
+    assert windows_of(tmp_path / "folder", infiller, 16, 8).shape == (8, 16)
+    with pytest.raises(ValueError, match="b.txt is not valid UTF-8"):    # reached where the windows need it
+        windows_of(tmp_path / "folder", infiller, 16, 1000)
     taken = []
 
     def documents():

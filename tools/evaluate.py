@@ -12,10 +12,11 @@ from runtime.evaluate import evaluate_baselines as onnx_baselines
 
 
 def windows_of(path, infiller, seq_len: int, count: int):
-    """A folder: one document per file, as training reads it (the recipe's test split); a file: one per line."""
+    """A folder: one document per file, as training reads it (the recipe's test split); a file: one per line.
+    Either is read only as far as the windows need."""
     if Path(path).is_dir():
-        from maria_onnx.data import read_documents
-        return document_windows(read_documents(path), infiller, seq_len, count, str(path))
+        from maria_onnx.data import iter_documents
+        return document_windows(iter_documents(path), infiller, seq_len, count, str(path))
     return text_windows(path, infiller, seq_len, count)
 
 
