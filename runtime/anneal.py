@@ -12,7 +12,6 @@ round of decode rows a step, filled by anneal() here or by maria serve's decode 
 
 import math
 import re
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +19,7 @@ import numpy as np
 from .choose import Sampling
 from .likelihood import ar_loglikelihood
 from .requests import SettingTypeError, typed_settings
+from .rounds import fill_rounds
 from .text import MaskedText
 
 
@@ -240,13 +240,5 @@ def run_annealing(infiller, annealing: Annealing, batch_size: int, on_batch=None
     """Fills annealing's rows step after step, batch_size at a time (the others wait for a free slot);
     on_batch(rows, ns) hears each step's fill. Where cancelled() turns true, it stops before the next step and
     returns no results."""
-    while annealing.rows:
-        if cancelled():
-            return []
-        rows, started = annealing.rows, time.monotonic_ns()
-        fills = infiller.fill_ids([r.encoded.ids for r in rows], [r.encoded.masked for r in rows],
-                                  annealing.sampling, batch_size, [r.rng for r in rows])
-        if on_batch is not None:
-            on_batch(len(rows), time.monotonic_ns() - started)
-        annealing.collect(fills)
-    return annealing.results
+    finished = fill_rounds(infiller, annealing, annealing.sampling, batch_size, on_batch, cancelled=cancelled)
+    return annealing.results if finished else []

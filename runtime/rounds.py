@@ -139,11 +139,36 @@ def _candidate(lengths: tuple, result: Infilled) -> dict:
     return {"lengths": list(lengths), "score": result.score, "text": result.text, "ids": result.ids}
 
 
+def fill_rounds(infiller, rounds, sampling, batch_size: int | None = None, on_batch=None, hear=None,
+                cancelled=lambda: False) -> bool:
+    """Fills the rows of `rounds` (Rounds, or a generation's Annealing: anything with `rows` and `collect`) round
+    after round through Infiller.fill_ids, batch_size rows at a time (default: all). hear(rows) gives the on_token
+    of a round's fill, or None; on_batch(rows, ns) hears each round's fill. Returns False where cancelled() turned
+    true before a round, True once every round is filled."""
+    while rounds.rows:
+        if cancelled():
+            return False
+        rows, started = rounds.rows, time.monotonic_ns()
+        fills = infiller.fill_ids([r.encoded.ids for r in rows], [r.encoded.masked for r in rows], sampling,
+                                  batch_size=batch_size or len(rows), rngs=[r.rng for r in rows],
+                                  on_token=hear(rows) if hear else None)
+        if on_batch is not None:
+            on_batch(len(rows), time.monotonic_ns() - started)
+        rounds.collect(fills)
+    return True
+
+
 def run_requests(infiller, requests: list[FillRequest], batch_size: int | None = None,
                  on_token=None, on_batch=None) -> list[list[Infilled]]:
     """Per request, its results: num_samples per text, text-major (reranked where asked); one decode batch per
     sampling setting and round (or batches of batch_size rows). on_token(request, text, sample, position, token,
     logprob) hears each fill of the fixed-marker texts; on_batch(rows, ns) each decode batch, once it is filled."""
+    def hear(rows):
+        def heard(row, *fill):
+            if not requests[rows[row].number].texts[rows[row].text].spans:
+                on_token(rows[row].number, rows[row].text, rows[row].sample, *fill)
+        return heard
+
     results = [[] for _ in requests]
     groups = {}
     for number, request in enumerate(requests):
@@ -151,20 +176,8 @@ def run_requests(infiller, requests: list[FillRequest], batch_size: int | None =
                           []).append(number)
     for numbers in groups.values():
         rounds = Rounds(infiller, requests, numbers)
-        while rounds.rows:
-            rows = rounds.rows
-
-            def hear(row, *fill, rows=rows):
-                if not requests[rows[row].number].texts[rows[row].text].spans:
-                    on_token(rows[row].number, rows[row].text, rows[row].sample, *fill)
-
-            started = time.monotonic_ns()
-            fills = infiller.fill_ids([r.encoded.ids for r in rows], [r.encoded.masked for r in rows],
-                                      requests[numbers[0]].sampling, batch_size=batch_size or len(rows),
-                                      rngs=[r.rng for r in rows], on_token=hear if on_token else None)
-            if on_batch is not None:
-                on_batch(len(rows), time.monotonic_ns() - started)
-            rounds.collect(fills)
+        fill_rounds(infiller, rounds, requests[numbers[0]].sampling, batch_size, on_batch,
+                    hear if on_token else None)
         for number in numbers:
             results[number] = rounds.flat(number)
     return results
