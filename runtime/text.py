@@ -175,7 +175,12 @@ def decode_utf8(data: bytes, name: str) -> str:
     try:
         return data[bom:].decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(f"{name} is not valid UTF-8 (byte {bom + error.start}); convert it to UTF-8") from None
+        raise not_utf8(name, bom + error.start) from None
+
+
+def not_utf8(name: str, byte: int) -> ValueError:
+    """The error for input whose byte at offset `byte` is not UTF-8."""
+    return ValueError(f"{name} is not valid UTF-8 (byte {byte}); convert it to UTF-8")
 
 
 MAX_NESTING = 128                     # arrays and objects within each other in one JSON value (serde_json's limit)
@@ -260,7 +265,7 @@ def read_lines(content: str, name: str, jsonl: bool, field: str = "text") -> lis
 class StreamLines:
     """The Lines of a binary stream (a file, a pipe, stdin) read a piece at a time as the writer gives them, so
     memory holds a piece, not the stream: split on b"\\n" only, blank lines skipped, a UTF-8 byte order mark at
-    the start dropped, each line read by line_of. Bytes that are not UTF-8 raise decode_utf8's ValueError (the
+    the start dropped, each line read by line_of. Bytes that are not UTF-8 raise not_utf8's ValueError (the
     byte's offset in the stream) when their line is reached, after the lines before it. ready(): the next line
     can be had without waiting for the writer (always, where the stream cannot be polled: BytesIO, Windows)."""
 
@@ -311,8 +316,7 @@ class StreamLines:
         try:
             text = raw[bom:].decode("utf-8")
         except UnicodeDecodeError as error:
-            self.read.append(ValueError(f"{self.name} is not valid UTF-8 (byte {self.offset + bom + error.start}); "
-                                        "convert it to UTF-8"))
+            self.read.append(not_utf8(self.name, self.offset + bom + error.start))
             return False
         line = line_of(self.number, text, self.name, self.jsonl, self.field)
         if line is not None:
