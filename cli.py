@@ -352,8 +352,9 @@ def infill(
     check_device(device)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     lines = InputLines(texts or [], input_file, input_format)
+    nothing = f"note: {lines.name} holds no text (no line but blank ones); nothing to fill"
     if lines.whole and next(iter(lines), None) is None:
-        typer.echo(f"note: {lines.name} holds no text (no line but blank ones); nothing to fill", err=True)
+        typer.echo(nothing, err=True)
         return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -386,8 +387,9 @@ def infill(
                         printed(note, output)
                     else:
                         ranked.add(result.score, first + number, note, output)
-                written += len(results) if ranked is None else 0
-                if ranked is not None and first + samples == num_samples:
+                if ranked is None:
+                    written += len(results)
+                elif first + samples == num_samples:
                     written += ranked.print_all()
     except KeyboardInterrupt:
         fail("interrupted before every result was written; the output is incomplete", code=130)
@@ -395,7 +397,7 @@ def infill(
         done = f"; the output holds only what was filled before it ({written} result{'s' * (written != 1)})"
         raise ValueError(f"{error}{done * bool(written)}") from None
     if not lines.whole and not lines.count:
-        typer.echo(f"note: {lines.name} holds no text (no line but blank ones); nothing to fill", err=True)
+        typer.echo(nothing, err=True)
 
 
 @app.command()
