@@ -65,8 +65,16 @@ def test_overwrite_replaces_a_bundle(checkpoints, bundles, tmp_path):
 
 
 def start_export(checkpoint, out) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "export", str(checkpoint), "--out", str(out)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """`maria export` in a child process whose validation stage waits, so a signal sent once the partial folder
+    holds graphs always lands mid-export (a tiny export can otherwise finish before the signal is sent). Ctrl-C
+    acts as in a terminal even where the tests run as a background job, which starts with SIGINT ignored."""
+    stalled = ("import runpy, sys, time; import export.bundle as bundle; "
+               "bundle.validate = lambda *args, **kwargs: time.sleep(120); "
+               f"sys.argv = ['cli.py', 'export', {str(checkpoint)!r}, '--out', {str(out)!r}]; "
+               "runpy.run_path('cli.py', run_name='__main__')")
+    return subprocess.Popen([sys.executable, "-c", stalled], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_partial(out: Path, process, seconds: float = 60) -> Path:
