@@ -72,11 +72,15 @@ def usable_cpus(root: Path = CGROUP, proc: Path = Path("/proc/self/cgroup")) -> 
 
 
 def session_threads(threads: int | None = None) -> int | None:
-    """The threads each ONNX Runtime session gets: `threads` where given; else, where this process may use fewer
+    """The threads each ONNX Runtime session gets: `threads` where given (no more than the machine's CPUs); else, where this process may use fewer
     CPUs than the machine has, that many; else None: ONNX Runtime's own choice (one per physical core)."""
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"--threads must be a whole number >= 1, got {threads!r}")
+        machine = os.cpu_count() or 1
+        if threads > machine:           # more only take turns on the CPUs, and thousands take minutes to start
+            raise ValueError(f"--threads {threads} is more than the {machine} CPUs of this machine; use at most "
+                             f"{machine}, or leave it out for the CPUs this process may use")
         return threads
     usable = usable_cpus()
     return usable if usable < (os.cpu_count() or 1) else None

@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from cli import app
 from runtime import cpus
 from runtime.cpus import cpu_quota, session_threads, usable_cpus
 
@@ -67,16 +69,29 @@ def test_sessions_get_the_usable_cpus_only_where_they_are_fewer_than_the_machine
     for wrong in (0, -1, 2.5, True, "2"):
         with pytest.raises(ValueError, match="--threads must be a whole number >= 1"):
             session_threads(wrong)
+    with pytest.raises(ValueError, match="--threads 9 is more than the 8 CPUs of this machine; use at most 8"):
+        session_threads(9)
+
+
+def test_more_threads_than_cpus_is_one_line_before_any_session_starts(bundles):
+    """Thousands of threads per session would take minutes to start; the command says so at once instead."""
+    result = CliRunner().invoke(app, ["infill", "a [MASK] b", "--model", str(bundles["olmo"]), "--device", "cpu",
+                                      "--threads", "100000"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (f"error: --threads 100000 is more than the {os.cpu_count()} CPUs of this "
+                                     f"machine; use at most {os.cpu_count()}, or leave it out for the CPUs this "
+                                     "process may use")
 
 
 def test_a_session_gets_the_threads_asked_for(bundles, monkeypatch):
     from runtime.infiller import Infiller
 
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
     infiller = Infiller(bundles["olmo"], device="cpu", threads=3)
     backend = infiller.backend
     for session in (backend.mlm, backend.step, backend.head):
         assert session.get_session_options().intra_op_num_threads == 3
-    monkeypatch.setattr(os, "cpu_count", lambda: 64)            # a process given 1 CPU of a 64-CPU machine
+                                                                # a process given 1 CPU of a 64-CPU machine
     monkeypatch.setattr(cpus, "usable_cpus", lambda: 1)
     assert Infiller(bundles["olmo"], device="cpu").backend.step.get_session_options().intra_op_num_threads == 1
 
