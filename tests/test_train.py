@@ -125,3 +125,31 @@ def test_documents_from_jsonl_and_lines(tmp_path):
     (tmp_path / "photos" / "cat.jpg").write_bytes(b"meow")
     with pytest.raises(ValueError, match="photos holds no .txt, .md, .rst or .jsonl files; pass a text file or a folder"):
         read_documents(tmp_path / "photos")
+
+
+def test_a_long_document_is_tokenized_in_pieces_to_the_same_ids(pairs, monkeypatch):
+    """A file as one document is cut at line starts for the tokenizer (one 100 MB text took it 19 GB), into ids
+    the same as the whole text's; where the tokenizer marks a text's start, the document stays whole."""
+    from transformers import AutoTokenizer
+
+    from runtime import text
+    from runtime.text import pack_windows, pieces, plain_encoder
+    encode = plain_encoder(AutoTokenizer.from_pretrained(pairs["olmo"][1]))
+    document = "".join(f"Line {i}: the quick  brown fox,\n\n  indented {i}\tand tabbed\r\n" for i in range(400))
+    cut = list(pieces(document, encode, size=1000))
+    assert len(cut) > 10 and "".join(cut) == document
+    assert all(piece.startswith("Line") for piece in cut[1:])
+    assert [i for piece in cut for i in encode(piece)] == encode(document)
+    from tokenizers import Tokenizer
+    from runtime.default_model import DEFAULT_MODEL
+    shipped = plain_encoder(Tokenizer.from_file(str(DEFAULT_MODEL / "tokenizer.json")))
+    assert [i for piece in pieces(document, shipped, size=1000) for i in shipped(piece)] == shipped(document)
+    monkeypatch.setattr(text, "PIECE_CHARS", 1000)
+    seen = []
+    windows = pack_windows([document, document], lambda piece: seen.append(piece) or encode(piece), 16, 0)
+    whole = (encode(document) + [0]) * 2
+    assert document not in seen and all(seen.count(piece) == 2 for piece in cut)     # cut, both times
+    assert windows.tolist() == [whole[i:i + 16] for i in range(0, len(whole) - 15, 16)]
+    marked = lambda text: [0] + [ord(c) for c in text]                  # noqa: E731
+    assert list(pieces(document, marked, size=1000)) == [document]
+    assert list(pieces("no line breaks " * 200, encode, size=100)) == ["no line breaks " * 200]
