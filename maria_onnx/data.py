@@ -7,15 +7,23 @@ import numpy as np
 from runtime.text import decode_utf8, read_lines, texts_of
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
-JSONL_SUFFIXES = {".jsonl", ".json"}
+JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
+
+
+def _is_jsonl(file: Path) -> bool:
+    return file.suffix.lower() in JSONL_SUFFIXES
 
 
 def _files(path: Path) -> list[Path]:
+    """The file itself, or a folder's text and JSONL files in name order: by suffix, in any case, and none that is
+    hidden or inside a hidden folder (a dataset cloned with git holds .git/ and .gitattributes)."""
     path = Path(path)
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES | JSONL_SUFFIXES)
+        files = sorted(file for file in path.rglob("*") if file.is_file()
+                       and file.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES
+                       and not any(part.startswith(".") for part in file.relative_to(path).parts))
         if files:
             return files
         raise ValueError(f"{path} holds no .txt, .md, .rst or .jsonl files; pass a text file or a folder of them")
@@ -31,8 +39,8 @@ def iter_documents(path, text_field: str = "text", line_documents: bool = False)
     reads only their files."""
     for file in _files(path):
         text = _read_text(file)
-        if file.suffix in JSONL_SUFFIXES or line_documents:
-            documents = texts_of(read_lines(text, str(file), file.suffix in JSONL_SUFFIXES, text_field))
+        if _is_jsonl(file) or line_documents:
+            documents = texts_of(read_lines(text, str(file), _is_jsonl(file), text_field))
         else:
             documents = [text]
         yield from (document for document in documents if document.strip())

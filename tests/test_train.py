@@ -127,6 +127,26 @@ def test_documents_from_jsonl_and_lines(tmp_path):
         read_documents(tmp_path / "photos")
 
 
+def test_a_folder_is_read_without_its_hidden_files_and_with_suffixes_in_any_case(tmp_path):
+    """A dataset cloned with git: its .git/ (binary objects, no suffix) and .gitattributes are not documents;
+    NOTES.TXT and DATA.JSONL are read as their suffixes say."""
+    import subprocess
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("first document\n")
+    (tmp_path / "data" / "NOTES.TXT").write_text("shouting document\n")
+    (tmp_path / "data" / "DATA.JSONL").write_text('{"text": "json document"}\n')
+    (tmp_path / "data" / "b.ndjson").write_text('{"text": "ndjson document"}\n')
+    (tmp_path / "data" / ".gitattributes").write_text("*.txt text\n")
+    (tmp_path / "data" / ".cache").mkdir()
+    (tmp_path / "data" / ".cache" / "old.txt").write_text("a cached copy\n")
+    git = ["git", "-c", "user.email=maria@example.com", "-c", "user.name=maria", "-C", str(tmp_path / "data")]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "data"]):
+        subprocess.run(git + args, check=True)
+    assert read_documents(tmp_path / "data") == ["json document", "shouting document\n", "first document\n",
+                                                 "ndjson document"]
+    assert read_documents(tmp_path / "data" / "DATA.JSONL") == ["json document"]
+
+
 def test_a_long_document_is_tokenized_in_pieces_to_the_same_ids(pairs, monkeypatch):
     """A file as one document is cut at line starts for the tokenizer (one 100 MB text took it 19 GB), into ids
     the same as the whole text's; where the tokenizer marks a text's start, the document stays whole."""
