@@ -62,18 +62,35 @@ def encode_masked_text(text: str, tokenizer, mask_id: int, max_length: int) -> M
                              "(the bundle's maximum length)")
         piece = text[position:match.start()]
         piece = piece[:-1] if piece.endswith(" ") else piece       # that space belongs to the fill
-        ids += tokenizer.encode(piece, add_special_tokens=False).ids if piece else []
+        ids += content_ids(piece, tokenizer, max_length)
         masked += [False] * (len(ids) - len(masked))
+        if len(ids) + count > max_length:       # stops here: 90,000 [MASK:2046] in 1 MB would be 184M ids
+            raise ValueError(f"the text is over the bundle's maximum of {max_length} tokens: {len(ids) + count} "
+                             f"to the end of its marker at character {match.start()}; shorten it or split it")
         ids += [mask_id] * count
         masked += [True] * count
         position = match.end()
-    tail = text[position:]
-    ids += tokenizer.encode(tail, add_special_tokens=False).ids if tail else []
+    ids += content_ids(text[position:], tokenizer, max_length)
     masked += [False] * (len(ids) - len(masked))
     if len(ids) > max_length:
         raise ValueError(f"the text is {len(ids)} tokens long, over the bundle's maximum of {max_length}; "
                          "shorten it or split it")
     return MaskedText(np.asarray(ids, dtype=np.int64), np.asarray(masked, dtype=bool))
+
+
+def content_ids(piece: str, tokenizer, max_length: int) -> list[int]:
+    """The ids of text between markers. A piece of over 32 characters per token allowed is refused where its
+    start alone makes twice the maximum, before the tokenizer takes all of it (about 140 bytes of memory a
+    character: a 20 MB line took 2.8 GB only to be refused)."""
+    if not piece:
+        return []
+    head = 32 * max_length
+    if len(piece) > head:
+        count = len(tokenizer.encode(piece[:head], add_special_tokens=False).ids)
+        if count > 2 * max_length:
+            raise ValueError(f"the text is far over the bundle's maximum of {max_length} tokens (its first "
+                             f"{head:,} characters alone make {count:,}); shorten it or split it")
+    return tokenizer.encode(piece, add_special_tokens=False).ids
 
 
 def span_ranges(text: str, max_length: int) -> list[range]:

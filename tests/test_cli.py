@@ -88,6 +88,9 @@ def broken(bundles, tmp_path, how):
 @pytest.mark.parametrize("args, message", [
     (["   "], "the text is empty"),
     (["word " * 600 + "[MASK]"], "over the bundle's maximum of 510"),
+    (["word " * 20_000 + "[MASK]"], "the text is far over the bundle's maximum of 510 tokens (its first 16,320 "
+                                    "characters alone make"),
+    (["[MASK:500] " * 3], "over the bundle's maximum of 510 tokens: 1000 to the end of its marker at character 11"),
     (["a [MASK:0] b"], "'[MASK:0]' asks for 0 tokens"),
     (["a [MASK:100000] b"], "asks for 100000 tokens; ask for 1 to 510"),
     (["a [MASK]", "--temperature", "-1"], "temperature must be"),

@@ -269,6 +269,28 @@ def test_a_string_is_not_a_list_of_texts(default):
         default.infill("a [MASK] b")
 
 
+def test_a_text_far_over_the_maximum_is_refused_without_tokenizing_all_of_it(default):
+    """A whole file on one line, or a 1 MB request of [MASK:2046] markers, is refused from its start: the
+    tokenizer never takes more than 32 characters per token allowed, and no more ids are made than allowed."""
+    from runtime.text import encode_masked_text
+    taken = []
+
+    class Spy:
+        def encode(self, text, add_special_tokens):
+            taken.append(len(text))
+            return default.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    maximum = default.manifest.max_sequence_length
+    with pytest.raises(ValueError, match=f"far over the bundle's maximum of {maximum} tokens"):
+        encode_masked_text("word " * 2_000_000 + "[MASK]", Spy(), default.special.mask, maximum)
+    assert max(taken) == 32 * maximum
+    with pytest.raises(ValueError, match=f"over the bundle's maximum of {maximum} tokens: {maximum + 1} to the end "
+                                         "of its marker at character 11"):
+        encode_masked_text(f"[MASK:{maximum}][MASK]" * 90_000, Spy(), default.special.mask, maximum)
+    text = "word " * 1000 + "[MASK]"                     # long, under the maximum: tokenized whole as before
+    assert encode_masked_text(text, Spy(), default.special.mask, maximum).ids.size == \
+        encode_masked_text(text, default.tokenizer, default.special.mask, maximum).ids.size
+
+
 # -- sampling: a text's samples do not depend on its batch ---------------------------------------------------
 
 def test_a_special_tokens_spelling_in_the_text_is_text(default):
