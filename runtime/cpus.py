@@ -72,8 +72,9 @@ def usable_cpus(root: Path = CGROUP, proc: Path = Path("/proc/self/cgroup")) -> 
 
 
 def session_threads(threads: int | None = None) -> int | None:
-    """The threads each ONNX Runtime session gets: `threads` where given (no more than the machine's CPUs); else, where this process may use fewer
-    CPUs than the machine has, that many; else None: ONNX Runtime's own choice (one per physical core)."""
+    """The threads each ONNX Runtime session gets: `threads` where given (no more than the machine's CPUs); else,
+    where this process may use fewer CPUs than the machine has, that many; else None: ONNX Runtime's own choice (one
+    per physical core)."""
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"--threads must be a whole number >= 1, got {threads!r}")
