@@ -80,8 +80,8 @@ def encode_masked_text(text: str, tokenizer, mask_id: int, max_length: int) -> M
 
 def content_ids(piece: str, tokenizer, max_length: int) -> list[int]:
     """The ids of text between markers. A piece of over 32 characters per token allowed is refused where its
-    start alone makes twice the maximum, before the tokenizer takes all of it (about 140 bytes of memory a
-    character: a 20 MB line took 2.8 GB only to be refused)."""
+    start alone makes twice the maximum, before the tokenizer takes all of it (a 20 MB line took 2.8 GB only to
+    be refused)."""
     if not piece:
         return []
     head = 32 * max_length
@@ -171,10 +171,10 @@ LINE_START = re.compile(r"(?<=\n)\S")
 
 
 def pieces(document: str, encode, size: int = PIECE_CHARS):
-    """A long document in pieces of about `size` characters for the tokenizer, which takes about 200 bytes of
-    memory per character of one text (a 100 MB file as one document took 19 GB). A cut falls where a line starts
-    with a non-space character, and only where the tokenizer gives the two lines around it the same ids apart as
-    together (a tokenizer that marks a text's start, as SentencePiece's does, keeps the document whole)."""
+    """A long document in pieces of about `size` characters for the tokenizer, whose memory grows with the text
+    it takes at once (a 100 MB file as one document took 19 GB). A cut falls where a line starts with a
+    non-space character, and only where the tokenizer gives the two lines around it the same ids apart as
+    together (with a tokenizer that marks a text's start, the document stays whole)."""
     start = 0
     while len(document) - start > size:
         found = LINE_START.search(document, start + size)
