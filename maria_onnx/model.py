@@ -29,13 +29,15 @@ class FusionHead(nn.Module):
         vocab = backbones.vocab_size
         decoder = backbones.mlm_decoder()
         lm_head = backbones.ar.get_output_embeddings()
-        head = cls(backbones.mlm_hidden_size, backbones.ar_hidden_size, vocab)
+        device = lm_head.weight.device                                 # the head is made where the backbones are
+        head = cls(backbones.mlm_hidden_size, backbones.ar_hidden_size, vocab).to(device)
         with torch.no_grad():
             w1 = decoder.weight[:vocab].float()                        # [V, d_mlm]
             w2 = lm_head.weight[:vocab].float()                        # [V, d_ar]
             head.linear.weight.copy_(torch.cat([w1, w2], dim=1) / 2)
-            b1 = decoder.bias[:vocab].float() if decoder.bias is not None else torch.zeros(vocab)
-            b2 = lm_head.bias[:vocab].float() if getattr(lm_head, "bias", None) is not None else torch.zeros(vocab)
+            none = torch.zeros(vocab, device=device)
+            b1 = decoder.bias[:vocab].float() if decoder.bias is not None else none
+            b2 = lm_head.bias[:vocab].float() if getattr(lm_head, "bias", None) is not None else none
             head.linear.bias.copy_((b1 + b2) / 2)
         return head
 

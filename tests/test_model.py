@@ -42,6 +42,15 @@ def test_product_of_experts_is_the_average_of_the_two_models(pairs, ar_type):
     torch.testing.assert_close(fused, (mlm_logits + ar_logits) / 2, atol=1e-5, rtol=1e-5)
 
 
+def test_product_of_experts_is_made_where_the_backbones_are(pairs):
+    """Training on CUDA loads the backbones on the GPU: the head and its bias are made there, not on the CPU
+    (the meta device stands in for a GPU here)."""
+    backbones = load_backbones(*pairs["olmo"])
+    backbones.mlm.to("meta"), backbones.ar.to("meta")
+    head = FusionHead.product_of_experts(backbones)
+    assert {p.device.type for p in head.parameters()} == {"meta"}
+
+
 def test_cached_infill_agrees_with_a_teacher_forced_pass(model):
     """Log-probs of the cached left-to-right fills equal one full pass over the filled text."""
     backbones, head = model
