@@ -121,6 +121,19 @@ def test_an_out_that_is_a_file_is_named(tmp_path, command, holds):
     assert (tmp_path / "notes.txt").read_text() == "keep"
 
 
+def test_mlm_autoregressive_runs_on_half_precision_backbones(checkpoints):
+    """`maria bench --dtype fp16` loads the backbones in half precision: the MLM's decoder gets its hidden
+    states in its own dtype (bf16 here: the CPU's half type for matrix products)."""
+    backbones, _, _ = load_maria(checkpoints["olmo"])
+    backbones.mlm.to(torch.bfloat16)
+    rng = np.random.default_rng(0)
+    ids, masked = [rng.integers(6, backbones.vocab_size, 10)], [np.zeros(10, dtype=bool)]
+    masked[0][[2, 7]] = True
+    filled = mlm_autoregressive(backbones, ids, masked)[0]
+    assert np.array_equal(filled[~masked[0]], ids[0][~masked[0]])
+    assert filled[masked[0]].min() >= 0 and filled[masked[0]].max() < backbones.vocab_size
+
+
 def test_mlm_autoregressive_fills_with_the_mlm_alone(checkpoints):
     backbones, head, _ = load_maria(checkpoints["olmo"])
     rng = np.random.default_rng(0)

@@ -72,7 +72,8 @@ def mlm_autoregressive(backbones: Backbones, ids, masked) -> list[np.ndarray]:
         hidden = encode_masked(backend, current, remaining, special)          # [batch, n + 2, d_mlm]
         rows = [row for row, t in enumerate(targets) if step < len(t)]
         positions = [targets[row][step] for row in rows]
-        logits = decoder(backend.tensor(hidden[rows, np.array(positions) + 1]))[:, :vocab].float()  # [rows, V]
+        chosen = backend.tensor(hidden[rows, np.array(positions) + 1]).to(decoder.weight.dtype)  # fp16 on GPU
+        logits = decoder(chosen)[:, :vocab].float()                                          # [rows, V]
         logits[:, special.all] = -float("inf")
         for index, row in enumerate(rows):                 # fills keep the text valid UTF-8, as MARIA's do
             refused = backbones.utf8.refused(current[row], targets[row], step)
