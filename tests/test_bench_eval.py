@@ -26,12 +26,41 @@ def test_bench_writes_json_and_png(checkpoints, bundles, tmp_path):
                                  "--repeats", "1", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["complete"] is True
+    assert "length 24, batch 2: pytorch" in result.output                  # each point shown as it is measured
     systems = {(r["system"], r["length"], r["batch"]) for r in report["results"]}
     assert systems == {(s, n, b) for s in ("onnx-cpu", "onnx-cpu-concat", "pytorch", "mlm-ar") for n in (8, 24)
                        for b in (1, 2)}
     assert all(r["tokens_per_s"] > 0 and r["seconds_min"] <= r["seconds_median"] <= r["seconds_max"]
                for r in report["results"])
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_bench_stopped_part_way_keeps_what_it_measured(checkpoints, bundles, tmp_path, monkeypatch):
+    """Each (length, batch) is written to bench.json ("complete": false) and printed as it is measured: a long
+    bench stopped by a time limit keeps its first points."""
+    import tools.bench
+
+    def systems(*args, **kwargs):
+        chosen, device = systems_of(*args, **kwargs)
+        pytorch = chosen["pytorch"]
+
+        def stops_at_24(ids, masked):
+            if len(ids[0]) == 24:
+                raise KeyboardInterrupt
+            return pytorch(ids, masked)
+        return {**chosen, "pytorch": stops_at_24}, device
+    systems_of = tools.bench._systems
+    monkeypatch.setattr(tools.bench, "_systems", systems)
+    (tmp_path / "bench.png").write_bytes(b"an earlier run's plot")
+    with pytest.raises(KeyboardInterrupt):
+        tools.bench.bench(tmp_path, checkpoint=checkpoints["olmo"], bundle=bundles["olmo"], lengths=[8, 24],
+                          batch_sizes=[1], repeats=1, device="cpu", mlm_ar=False, concat=False)
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["complete"] is False
+    assert {(r["system"], r["length"]) for r in report["results"]} == {("onnx-cpu", 8), ("pytorch", 8)}
+    assert not (tmp_path / "bench.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]
 
 
 def test_bench_int8_runs_an_int8_export_of_the_same_weights_beside(checkpoints, tmp_path):
