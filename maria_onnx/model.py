@@ -35,9 +35,9 @@ class FusionHead(nn.Module):
             w1 = decoder.weight[:vocab].float()                        # [V, d_mlm]
             w2 = lm_head.weight[:vocab].float()                        # [V, d_ar]
             head.linear.weight.copy_(torch.cat([w1, w2], dim=1) / 2)
-            none = torch.zeros(vocab, device=device)
-            b1 = decoder.bias[:vocab].float() if decoder.bias is not None else none
-            b2 = lm_head.bias[:vocab].float() if getattr(lm_head, "bias", None) is not None else none
+            zero = torch.zeros(vocab, device=device)
+            b1 = decoder.bias[:vocab].float() if decoder.bias is not None else zero
+            b2 = lm_head.bias[:vocab].float() if getattr(lm_head, "bias", None) is not None else zero
             head.linear.bias.copy_((b1 + b2) / 2)
         return head
 

@@ -72,10 +72,10 @@ def _inputs(length: int, batch: int, vocab: int, mask_rate: float, seed: int):
 
 
 def measure(systems: dict, lengths, batch_sizes, vocab: int, mask_rate: float, repeats: int, seed: int,
-            console: Console, mlm_ar_max_tokens: int, measured=lambda results: None) -> list[dict]:
+            console: Console, mlm_ar_max_tokens: int, measured=lambda point: None) -> list[dict]:
     """Interleaved repetitions after one warm-up call per system and shape; medians with min and max.
-    The quadratic mlm-ar baseline runs only where batch x length <= mlm_ar_max_tokens. measured(results so far)
-    is called after each (length, batch)."""
+    The quadratic mlm-ar baseline runs only where batch x length <= mlm_ar_max_tokens. measured(point) is
+    called with each (length, batch)'s rows as they are measured."""
     results = []
     with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("bench", total=len(lengths) * len(batch_sizes) * (repeats + 1) * len(systems))
@@ -101,7 +101,7 @@ def measure(systems: dict, lengths, batch_sizes, vocab: int, mask_rate: float, r
                                     "seconds_max": max(seconds), "tokens_per_s": length * batch / median,
                                     "filled_tokens_per_s": filled / median, "ms_per_filled_token":
                                     1000 * median / filled})
-                measured(results)
+                measured(results[-len(times):])
     return results
 
 
@@ -240,19 +240,19 @@ def bench(out: Path, checkpoint=None, bundle=None, shapes=None, dtype: str = "fp
               "mask_rate": mask_rate, "repeats": repeats, "seed": seed, "torch_device": torch_device,
               "mlm_ar_max_tokens": mlm_ar_max_tokens, "machine": machine(), "complete": False, "results": []}
 
-    def measured(results: list[dict]) -> None:     # a bench stopped part way keeps, and has shown, what it measured
-        _ratios(results)
+    def measured(point: list[dict]) -> None:       # a bench stopped part way keeps, and has shown, what it measured
+        _ratios(point)
         if not report["results"]:
             (out / "bench.png").unlink(missing_ok=True)        # the plot of the bench.json this one replaces
-        for r in results[len(report["results"]):]:
+        report["results"].extend(point)
+        for r in point:
             console.print(f"length {r['length']}, batch {r['batch']}: {r['system']} {r['tokens_per_s']:.0f} "
                           f"tokens/s, {r['ms_per_filled_token']:.3f} ms per filled token, x onnx {r['vs_onnx']:.2f}")
-        write_json(out / "bench.json", {**report, "results": results})
-        report["results"] = list(results)
+        write_json(out / "bench.json", report)
 
     results = measure(systems, lengths, batch_sizes, manifest.vocab_size, mask_rate, repeats, seed, console,
                       mlm_ar_max_tokens, measured)
-    report.update(complete=True, results=results)
+    report["complete"] = True
     write_json(out / "bench.json", report)
     plot(results, out / "bench.png", f"MARIA infilling, mask rate {mask_rate}")
     console.print(table(results))
