@@ -1,6 +1,9 @@
 """Starting the server: uvicorn on a socket bound here (so port 0 gives an ephemeral port that is printed), and with
 --grpc-port the gRPC server beside it (serve/grpc_service.py); stopping gracefully on SIGTERM or Ctrl-C: no new
-connections or calls, in-flight requests finish within the grace period."""
+connections or calls, in-flight requests finish within the grace period. Before it listens, the model fills one
+text through every graph a request runs (warm_up): ONNX Runtime's first run of a session sets up what later runs
+reuse (on CUDA: cuBLAS and cuDNN handles, kernels, the memory arena; 285 ms of the first request on an H100), and a
+model that cannot fill on this device is refused at start instead of failing every request."""
 
 import asyncio
 import contextlib
@@ -8,6 +11,7 @@ import logging
 import signal
 import socket
 import sys
+import time
 
 import uvicorn
 
@@ -32,6 +36,7 @@ def serve(infiller, settings: ServeSettings, host: str = "127.0.0.1", port: int 
           grace_s: float = 30.0, grpc_port: int | None = None) -> None:
     """Serves HTTP, and gRPC where grpc_port is given, until SIGTERM / SIGINT; prints the addresses it listens on."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    warm_ms = warm_up(infiller, settings.max_batch_size)
     listener = bound(host, port, "--port")
     listener.listen(2048)                  # connections wait in the backlog until uvicorn accepts them
     if grpc_port:                          # refused here with the reason, before gRPC would log its own lines
@@ -40,9 +45,27 @@ def serve(infiller, settings: ServeSettings, host: str = "127.0.0.1", port: int 
     config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=grace_s)
     shown = f"[{host}]" if listener.family == socket.AF_INET6 else host
-    announced = (f"maria serve: model '{settings.model_name}' on {infiller.device}, listening on "
-                 f"http://{shown}:{listener.getsockname()[1]}")
+    announced = (f"maria serve: model '{settings.model_name}' on {infiller.device} (warmed up in {warm_ms:.0f} ms), "
+                 f"listening on http://{shown}:{listener.getsockname()[1]}")
     asyncio.run(serve_all(GracefulServer(config), listener, app.state.server, announced, shown, grpc_port, grace_s))
+
+
+WARM_UP_TEXT = "a [MASK] b"
+WARM_UP_SPANS = "a [MASK:1-2] b"        # span candidates: the AR's LM head too, where the bundle has it
+
+
+def warm_up(infiller, slots: int) -> float:
+    """Fills a short text (with span candidates where the bundle has the AR's LM head) in an engine of the
+    server's slots; returns the milliseconds it took. ValueError, naming the device, where the model cannot."""
+    began = time.perf_counter()
+    text = WARM_UP_SPANS if infiller.manifest.has_baseline_heads else WARM_UP_TEXT
+    try:
+        infiller.infill([text], batch_size=slots)
+    except Exception as error:       # an ONNX Runtime failure (device memory, a kernel): one line, not a traceback
+        raise ValueError(f"the model could not fill a text on {infiller.device} before serving "
+                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); check the "
+                         "bundle and device, or try a smaller --max-batch-size") from None
+    return 1000 * (time.perf_counter() - began)
 
 
 def bound(host: str, port: int, option: str) -> socket.socket:

@@ -44,7 +44,7 @@ def server(*args, seconds: float = 60, device: str = "cpu", python: str = sys.ex
         deadline, url = time.monotonic() + seconds, None
         while url is None and time.monotonic() < deadline and process.poll() is None:
             process.announced = process.stderr.readline()
-            match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", process.announced)
+            match = re.search(r"\(warmed up in \d+ ms\), listening on (http://127\.0\.0\.1:\d+)", process.announced)
             url = match.group(1) if match else None
         assert url, f"the server did not start: {process.stderr.read() if process.poll() is not None else ''}"
         yield url, process
@@ -600,3 +600,43 @@ def test_fuzzed_requests_get_an_answer_or_one_line_never_a_5xx():
             if status >= 400:
                 error = json.loads(body)["error"]
                 assert error and "\n" not in error, (path, raw[:200], error)
+
+
+def test_the_warm_up_runs_every_graph_a_request_runs(monkeypatch):
+    """Before it listens, the server fills one text with span candidates in an engine of its slots: the MLM, the
+    step, the fusion head and the AR's LM head (the whole-text score) each run once ahead of the first request."""
+    from serve.run import warm_up
+
+    infiller = Infiller(DEFAULT_MODEL, device="cpu")
+    ran, slots = [], []
+    for name in ("mlm_hidden", "cache_step", "fuse", "ar_logits", "new_cache"):
+        original = getattr(infiller.backend, name)
+
+        def recorded(*args, name=name, original=original, **kwargs):
+            ran.append(name)
+            if name == "new_cache":
+                slots.append(args[0] if args else kwargs["slots"])
+            return original(*args, **kwargs)
+        monkeypatch.setattr(infiller.backend, name, recorded)
+    assert warm_up(infiller, 5) > 0
+    assert set(ran) == {"mlm_hidden", "cache_step", "fuse", "ar_logits", "new_cache"} and slots[0] == 5
+
+
+def test_a_model_that_cannot_fill_is_refused_before_the_server_listens(monkeypatch):
+    """An ONNX Runtime failure in the warm-up (on a GPU, say, device memory) is one line and exit 2, and no port is
+    bound, instead of a server whose every request fails."""
+    from typer.testing import CliRunner
+
+    import serve.run
+    from cli import app
+
+    def fails(self, texts, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while "
+                           "running MatMul node.\n  at a C++ frame")
+    monkeypatch.setattr(Infiller, "infill", fails)
+    monkeypatch.setattr(serve.run, "bound", lambda *args: pytest.fail("the server bound a port"))
+    result = CliRunner().invoke(app, ["serve", "--device", "cpu", "--port", "0"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith("error: the model could not fill a text on cpu before serving (RuntimeError: "
+                                    "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned "
+                                    "while running MatMul node.); check the bundle and device"), result.output
