@@ -119,13 +119,16 @@ def _target(out: Path, checkpoint: Path, overwrite: bool) -> Path:
 
 
 def _to_fp16(path: Path) -> None:
-    """Hidden states and the KV cache in fp16; integer inputs untouched."""
+    """Hidden states and the KV cache in fp16; integer inputs untouched. After _optimize, never before: ONNX
+    Runtime's CPU provider, saving an fp16 graph, writes into it the Casts to fp32 that its own kernels need (every
+    MatMul's weights and output), which a GPU would then run at every step; the heads exported in fp16 are left as
+    torch.onnx wrote them for the same reason."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
     model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=False, disable_shape_infer=True)
-    large = external_data(path).exists()
-    external_data(path).unlink(missing_ok=True)
-    onnx.save(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
-              location=external_data(path).name)
+    weights = path.with_name(path.name + ".weights")        # where _optimize put a large graph's weights
+    large = weights.exists()
+    weights.unlink(missing_ok=True)
+    onnx.save(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True, location=weights.name)
 
 
 def _to_int8(path: Path) -> None:
@@ -154,6 +157,15 @@ def _optimize(path: Path) -> None:
     ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     os.replace(path.with_suffix(".opt.onnx"), path)
     external_data(path).unlink(missing_ok=True)
+
+
+def _weights_as_optimized(path: Path) -> None:
+    """A graph left as written, with its external weights, if any, where _optimize leaves them: <name>.weights."""
+    if external_data(path).exists():
+        model = onnx.load(str(path))
+        external_data(path).unlink()
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".weights")
 
 
 def _kv_shape(path: Path) -> tuple[int, int, int]:
@@ -213,17 +225,21 @@ def _build(folder: Path, backbones, head, config, dtype, variant, opset, console
         with stage(console, "exporting the baseline heads (ar_lm_head.onnx, mlm_decoder.onnx)"):
             specs.update(export_baseline_heads(backbones, folder, opset, hidden_dtype))
         files.update(ar_lm_head=AR_LM_HEAD_FILE, mlm_decoder=MLM_DECODER_FILE)
-    for file in (MLM_FILE, STEP_FILE, *([AR_FILE] if concat_decoder else [])):
-        if dtype == "fp16":
-            with stage(console, f"converting {file} to fp16"):
-                _to_fp16(folder / file)
     if variant == "int8":
         for file in files.values():
             with stage(console, f"quantizing {file} to int8"):
                 _to_int8(folder / file)
+    backbone_files = (MLM_FILE, STEP_FILE, *([AR_FILE] if concat_decoder else []))
     with stage(console, "optimizing graphs offline"):
         for file in files.values():
-            _optimize(folder / file)
+            if dtype == "fp16" and file not in backbone_files:   # a graph written in fp16: see _to_fp16
+                _weights_as_optimized(folder / file)
+            else:
+                _optimize(folder / file)
+    if dtype == "fp16":
+        for file in backbone_files:
+            with stage(console, f"converting {file} to fp16"):
+                _to_fp16(folder / file)
     backbones.tokenizer.backend_tokenizer.save(str(folder / TOKENIZER_FILE))
     layers, kv_heads, head_dim = _kv_shape(folder / STEP_FILE)
     manifest = Manifest(

@@ -280,3 +280,21 @@ def test_baseline_heads_match_the_backbones_and_can_be_left_out(bundles, checkpo
     assert infiller.infill(["a [MASK] b"])[0].fills
     with pytest.raises(ValueError, match="has no ar_lm_head.onnx .*re-export"):
         infiller.backend.ar_logits(ar_hidden)
+
+
+def test_an_fp16_bundle_computes_in_fp16(checkpoints, tmp_path):
+    """ONNX Runtime's CPU provider, saving an optimized fp16 graph, writes into it the Casts to fp32 its own kernels
+    need: the shipped shapes' fp16 step graph held 113 (every MatMul's weights cast to fp32 and its output back),
+    the MLM 106, and a GPU ran them at every step. In an fp16 bundle no backbone weight is cast and every MatMul
+    of the backbones reads fp16 weights (the heads are linear layers in fp32 by design, fp16 hidden states in)."""
+    import onnx
+
+    manifest = export_bundle(checkpoints["llama"], tmp_path / "b", dtype="fp16")
+    for spec in (manifest.graph(name) for name in ("mlm", "ar_step", "ar_decoder")):
+        graph = onnx.load(str(tmp_path / "b" / spec.file)).graph
+        weights = {tensor.name: tensor.data_type for tensor in graph.initializer}
+        assert not [node.name for node in graph.node if node.op_type == "Cast" and node.input[0] in weights], \
+            spec.file
+        read = [weights[name] for node in graph.node if node.op_type == "MatMul" for name in node.input
+                if name in weights]
+        assert read and set(read) == {onnx.TensorProto.FLOAT16}, spec.file
