@@ -17,11 +17,14 @@ Both products of attention take the cache as the operand ONNX Runtime's CPU GEMM
 keys @ queries^T (then transposed, [b, kv, C, T] is small) and the output as weights @ (values^T)^T. Written the
 textbook way (queries @ keys^T, weights @ values), a chunk of more than one token makes the GEMM repack each row's
 whole cache first, which cost as much as the matmul itself (a step at batch 8, 1,024 cached, 4 new tokens: 17-20%
-less kernel time this way; with one new token, 3-5% more, the cost of scattering transposed values). The decoder layers, norms and rotary embeddings are the model's own modules; only the
-cache and the attention function are ours, so every family whose layers take (position_embeddings,
-past_key_values) exports through one path.
+less kernel time this way; with one new token, 3-5% more, the cost of scattering transposed values). The decoder
+layers and norms are the model's own modules; the cache and the attention function are ours, so every family whose
+layers take (position_embeddings, past_key_values) exports through one path. The rotary embedding is one ONNX
+Runtime node per query and key over tables of the model's own cos and sin where those tables hold what the model
+computes (export/rotary.py), and the model's own function elsewhere.
 """
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -29,6 +32,7 @@ from transformers import AttentionInterface
 
 from runtime.slots import CAPACITY_AXIS
 
+from .rotary import RotaryTables, fusable, fused_rotary
 from .weights import exporting
 
 STEP_FILE = "ar_step.onnx"
@@ -88,7 +92,8 @@ def _sliding_window(config) -> int | None:
 class ArStep(torch.nn.Module):
     """The AR base model (embeddings, decoder layers, final norm) as one step over the slot cache."""
 
-    def __init__(self, base_model):
+    def __init__(self, base_model, fuse_rotary: bool = True):
+        """fuse_rotary: the rotary embedding as export/rotary.py's nodes, where the model's allows."""
         super().__init__()
         if _sliding_window(base_model.config) is not None:
             raise ValueError(f"the AR uses sliding-window attention (window {base_model.config.sliding_window}); "
@@ -98,6 +103,7 @@ class ArStep(torch.nn.Module):
         self.kv_heads = config.num_key_value_heads or config.num_attention_heads
         self.groups = config.num_attention_heads // self.kv_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.fuse_rotary = fuse_rotary and fusable(base_model, self.head_dim)
 
     def forward(self, input_ids, position_ids, *cache):
         base = self.base
@@ -108,7 +114,11 @@ class ArStep(torch.nn.Module):
         mask = mask.masked_fill(~visible, torch.finfo(hidden.dtype).min)[:, None]     # [b, 1, T, C]
         if self.groups > 1:                                                            # [b, 1, groups * T, C]
             mask = mask[:, :, None].expand(-1, -1, self.groups, -1, -1).flatten(2, 3)
-        position_embeddings = base.rotary_emb(hidden, position_ids)
+        if self.fuse_rotary:
+            position_embeddings = RotaryTables(base.rotary_emb, hidden, position_ids,
+                                               base.config.max_position_embeddings, self.head_dim)
+        else:
+            position_embeddings = base.rotary_emb(hidden, position_ids)
         step_cache = StepCache(cache, position_ids, self.kv_heads, self.head_dim)
         for layer in base.layers:
             hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=step_cache,
@@ -140,9 +150,11 @@ def export_step(ar_model, folder: Path, opset: int) -> tuple[list[str], list[str
     previous = config._attn_implementation
     config._attn_implementation = ATTENTION
     try:
-        with torch.no_grad(), exporting(folder, STEP_FILE) as path:
-            torch.onnx.export(step, example, str(path), input_names=inputs,
-                              output_names=outputs, dynamic_axes=dynamic, opset_version=opset, dynamo=False)
+        with torch.no_grad(), exporting(folder, STEP_FILE) as path, \
+                fused_rotary(step.base) if step.fuse_rotary else contextlib.nullcontext():
+            torch.onnx.export(step, example, str(path), input_names=inputs, output_names=outputs,
+                              dynamic_axes=dynamic, opset_version=opset, dynamo=False,
+                              custom_opsets={"com.microsoft": 1})
     finally:
         config._attn_implementation = previous
     return inputs, outputs
