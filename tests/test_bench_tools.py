@@ -77,7 +77,21 @@ def test_the_step_profile_names_the_cache_copy_and_the_in_place_writes(bundles, 
     assert list(tmp_path.iterdir()) == [tmp_path / "profile.json"]     # ONNX Runtime's traces removed
 
 
+def test_two_steps_are_compared_side_by_side(bundles, tmp_path):
+    from tools import compare_steps
+    report = compare_steps.main(bundles["olmo"], bundles["llama"], tmp_path / "steps.json", runs=4)
+    assert json.loads((tmp_path / "steps.json").read_text()) == report
+    assert report["nodes"]["A"]["RotaryEmbedding"] == report["nodes"]["B"]["RotaryEmbedding"] == 4
+    assert [(r["batch"], r["new_tokens"]) for r in report["shapes"]] == [(1, 1), (1, 1), (8, 1), (8, 4)]
+    assert max(r["cached_tokens"] for r in report["shapes"]) < 512              # the tiny models' positions
+    for row in report["shapes"]:
+        assert row["A"]["median_ms"] > 0 and row["B_over_A"] == round(row["B"]["median_ms"] /
+                                                                       row["A"]["median_ms"], 3)
+
+
 @pytest.mark.parametrize("tool, args, message", [
+    ("compare_steps", ("BUNDLE", "NONE", "OUT"), "bundle NONE does not exist"),
+    ("compare_steps", ("BUNDLE", "BUNDLE", "OUT", "--runs", "2"), "--runs must be at least 4, got 2"),
     ("profile_step", ("NONE", "OUT"), "bundle NONE does not exist; pass a folder written by `maria export`"),
     ("profile_step", ("BUNDLE", "OUT", "--batch", "0"), "--batch must be at least 1 and --cached at least 0"),
     ("profile_step", ("BUNDLE", "NONE/p.json"), "NONE/p.json: no folder NONE; give a path in an existing folder"),
