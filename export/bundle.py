@@ -30,7 +30,7 @@ from .graphs import (AR_FILE, AR_LM_HEAD_FILE, HEAD_FILE, MLM_DECODER_FILE, MLM_
                      export_baseline_heads, export_fusion_head)
 from .step import STEP_FILE, export_step
 from .validate import validate
-from .weights import external_data
+from .weights import bundle_weights, external_data
 
 DEFAULT_OPSET = 17
 OPSETS = range(17, 21)          # from the opset the graphs need to the newest torch.onnx's exporter writes
@@ -125,7 +125,7 @@ def _to_fp16(path: Path) -> None:
     torch.onnx wrote them for the same reason."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
     model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=False, disable_shape_infer=True)
-    weights = path.with_name(path.name + ".weights")        # where _optimize put a large graph's weights
+    weights = bundle_weights(path)                          # where _optimize put a large graph's weights
     large = weights.exists()
     weights.unlink(missing_ok=True)
     onnx.save(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True, location=weights.name)
@@ -152,7 +152,7 @@ def _optimize(path: Path) -> None:
     large = external_data(path).exists()
     if large:
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                         path.name + ".weights")
+                                         bundle_weights(path).name)
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     os.replace(path.with_suffix(".opt.onnx"), path)
@@ -165,7 +165,7 @@ def _weights_as_optimized(path: Path) -> None:
         model = onnx.load(str(path))
         external_data(path).unlink()
         onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=path.name + ".weights")
+                  location=bundle_weights(path).name)
 
 
 def _kv_shape(path: Path) -> tuple[int, int, int]:

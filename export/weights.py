@@ -22,6 +22,12 @@ def external_data(path: Path) -> Path:
     return path.with_name(path.name + "_data")
 
 
+def bundle_weights(path: Path) -> Path:
+    """Where a large graph's weights are in the bundle: beside it as <name>.weights (export/bundle.py's _optimize
+    writes them there)."""
+    return path.with_name(path.name + ".weights")
+
+
 @contextmanager
 def exporting(folder: Path, file: str):
     """Yields the path to export `file` to, in a fresh folder inside `folder`; afterwards the graph is at

@@ -9,14 +9,13 @@ tools/profile_step.py binds them (inputs and outputs in place on the device).
 """
 import argparse
 import collections
-import statistics
 import time
 from pathlib import Path
 
 import onnx
 
 from . import run_main, write_json
-from .profile_step import DTYPES, WARMUP, check, engine_step
+from .profile_step import DTYPES, WARMUP, check, engine_step, quartiles_ms
 
 SHAPES = [(1, 128, 1), (1, 1024, 1), (8, 1024, 1), (8, 1024, 4)]       # (batch, cached, new)
 
@@ -24,12 +23,6 @@ SHAPES = [(1, 128, 1), (1, 1024, 1), (8, 1024, 1), (8, 1024, 4)]       # (batch,
 def nodes(bundle: Path) -> dict:
     graph = onnx.load(str(bundle / "ar_step.onnx"), load_external_data=False).graph
     return dict(collections.Counter(node.op_type for node in graph.node).most_common())
-
-
-def summary(times: list[float]) -> dict:
-    quartiles = statistics.quantiles(times, n=4)
-    return {"median_ms": round(statistics.median(times), 4), "q1_ms": round(quartiles[0], 4),
-            "q3_ms": round(quartiles[2], 4)}
 
 
 def main(first: Path, second: Path, out: Path, device: str = "cpu", runs: int = 200) -> dict:
@@ -58,7 +51,7 @@ def main(first: Path, second: Path, out: Path, device: str = "cpu", runs: int = 
                 step.run()
                 times[name].append(1000 * (time.perf_counter() - began))
         row = {"batch": batch, "cached_tokens": cached, "new_tokens": new,
-               **{name: summary(t) for name, t in times.items()}}
+               **{name: quartiles_ms(t) for name, t in times.items()}}
         row["B_over_A"] = round(row["B"]["median_ms"] / row["A"]["median_ms"], 3)
         report["shapes"].append(row)
         print(f"batch {batch}, {cached} cached, {new} new: A {row['A']['median_ms']:.3f} ms, "

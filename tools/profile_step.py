@@ -63,6 +63,11 @@ def wall_ms(run_once) -> dict:
         start = time.perf_counter()
         run_once()                       # ONNX Runtime waits for the device at the end of a run
         times.append(1000 * (time.perf_counter() - start))
+    return quartiles_ms(times)
+
+
+def quartiles_ms(times: list[float]) -> dict:
+    """Median and quartiles of times in milliseconds."""
     quartiles = statistics.quantiles(times, n=4)
     return {"median_ms": round(statistics.median(times), 4), "q1_ms": round(quartiles[0], 4),
             "q3_ms": round(quartiles[2], 4)}
