@@ -147,13 +147,16 @@ def export_command(
     concat_decoder: bool = typer.Option(True, help="Include Optimum's decoder (ar_decoder.onnx) for --decoder "
                                                    "concat beside the engine's step graph; --no-concat-decoder "
                                                    "halves the AR's share of the bundle."),
+    attention: str = typer.Option("eager", help="The step graph's attention: eager (its operations, the faster "
+                                                "on CPUs) | fused (one ONNX Runtime MultiHeadAttention node a "
+                                                "layer; needs a key/value head per query head)."),
 ):
     """Export a trained checkpoint to a validated ONNX bundle (mlm, ar_step, ar_decoder, fusion_head)."""
     from export.bundle import export_bundle
 
     try:
         export_bundle(checkpoint, out, dtype=dtype, int8=int8, opset=opset, overwrite=overwrite,
-                      baseline_heads=baseline_heads, concat_decoder=concat_decoder)
+                      baseline_heads=baseline_heads, concat_decoder=concat_decoder, attention=attention)
     except KeyboardInterrupt:
         fail(f"interrupted; nothing was written to {out} (a bundle already there is unchanged)", code=130)
 

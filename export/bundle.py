@@ -28,7 +28,7 @@ from runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, GraphSpec, Manifest,
 
 from .graphs import (AR_FILE, AR_LM_HEAD_FILE, HEAD_FILE, MLM_DECODER_FILE, MLM_FILE, export_backbones,
                      export_baseline_heads, export_fusion_head)
-from .step import STEP_FILE, export_step
+from .step import STEP_FILE, check_fused_attention, export_step
 from .validate import validate
 from .weights import bundle_weights, external_data
 
@@ -184,14 +184,18 @@ def _source(config) -> dict:
 
 def export_bundle(checkpoint, out, dtype: str = "fp32", int8: bool = False, opset: int = DEFAULT_OPSET,
                   overwrite: bool = False, console: Console | None = None, baseline_heads: bool = True,
-                  concat_decoder: bool = True) -> Manifest:
+                  concat_decoder: bool = True, attention: str = "eager") -> Manifest:
     """Exports a trained checkpoint to a validated bundle at `out`; returns its manifest. baseline_heads adds the
     AR's LM head and the MLM's decoder (ar_lm_head.onnx, mlm_decoder.onnx); concat_decoder adds Optimum's decoder
-    (ar_decoder.onnx) for the concat path beside the engine's step graph (ar_step.onnx)."""
+    (ar_decoder.onnx) for the concat path beside the engine's step graph (ar_step.onnx). attention: the step
+    graph's attention, "eager" (the operations themselves) or "fused" (one ONNX Runtime node a layer,
+    export/attention.py)."""
     if dtype not in ("fp32", "fp16"):
         raise ValueError(f"--dtype must be fp32 or fp16, got '{dtype}'")
     if int8 and dtype != "fp32":
         raise ValueError("--int8 quantizes an fp32 export for CPUs; use it with --dtype fp32")
+    if attention not in ("eager", "fused"):
+        raise ValueError(f"--attention must be eager or fused, got '{attention}'")
     if opset not in OPSETS:
         raise ValueError(f"--opset {opset} is not supported; use {OPSETS.start} to {OPSETS.stop - 1} "
                          f"(default {DEFAULT_OPSET})")
@@ -201,8 +205,10 @@ def export_bundle(checkpoint, out, dtype: str = "fp32", int8: bool = False, opse
     try:
         with stage(console, f"loading checkpoint {checkpoint}"):
             backbones, head, config = load_maria(checkpoint)
+        if attention == "fused":
+            check_fused_attention(backbones.ar.config)
         manifest = _build(staging, backbones, head, config, dtype, variant, opset, console, baseline_heads,
-                          concat_decoder)
+                          concat_decoder, attention == "fused")
         _publish(staging, Path(out).resolve())
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -211,12 +217,12 @@ def export_bundle(checkpoint, out, dtype: str = "fp32", int8: bool = False, opse
 
 
 def _build(folder: Path, backbones, head, config, dtype, variant, opset, console, baseline_heads,
-           concat_decoder) -> Manifest:
+           concat_decoder, fuse_attention) -> Manifest:
     hidden_dtype = torch.float16 if dtype == "fp16" else torch.float32
     with stage(console, f"exporting mlm.onnx{' and ar_decoder.onnx' if concat_decoder else ''} with Optimum"):
         specs = export_backbones(backbones, folder, opset, concat_decoder)
     with stage(console, "exporting ar_step.onnx (the KV cache written in place)"):
-        specs["ar_step"] = export_step(backbones.ar, folder, opset)
+        specs["ar_step"] = export_step(backbones.ar, folder, opset, fuse_attention)
     with stage(console, "exporting fusion_head.onnx"):
         specs["fusion_head"] = export_fusion_head(head, folder, opset, hidden_dtype)
     files = {"mlm": MLM_FILE, "ar_step": STEP_FILE, **({"ar_decoder": AR_FILE} if concat_decoder else {}),
@@ -250,7 +256,7 @@ def _build(folder: Path, backbones, head, config, dtype, variant, opset, console
         special_ids=backbones.special,
         graphs={name: GraphSpec(file=file, inputs=specs[name][0], outputs=specs[name][1])
                 for name, file in files.items()},
-        tokenizer=TOKENIZER_FILE, files={}, source=_source(config))
+        tokenizer=TOKENIZER_FILE, files={}, source=_source(config), values_transposed=not fuse_attention)
     with stage(console, "validating every graph against PyTorch"):
         report = validate(lambda decoder: OnnxBackend(folder, manifest, device="cpu", decoder=decoder),
                           concat_decoder, backbones, head, manifest.special_ids, variant)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from .backend import SpecialIds
 
-SCHEMA_VERSION = 3          # 2: the optional baseline heads; 3: the step graph, ar_decoder optional
-READABLE_SCHEMAS = (1, 2, 3)
+SCHEMA_VERSION = 4          # 2: baseline heads; 3: the step graph, ar_decoder optional; 4: values_transposed
+READABLE_SCHEMAS = (1, 2, 3, 4)
 MANIFEST_NAME = "maria.json"
 CHECKPOINT_CONFIG = "maria_config.json"                 # what marks a `maria train` checkpoint, not a bundle
 GRAPHS = ("mlm", "fusion_head")
@@ -86,6 +86,9 @@ class Manifest:
     tokenizer: str
     files: dict                    # file name -> sha256
     source: dict                   # backbones, training settings, library versions
+    # the step graph's values [b, kv, head_dim, C] (eager attention), or [b, kv, C, head_dim] as its keys (fused
+    # attention, export/attention.py); schemas before 4 have only the first
+    values_transposed: bool = True
 
     def graph(self, name: str) -> GraphSpec:
         return self.graphs[name]

@@ -24,7 +24,7 @@ import onnxruntime as ort
 from .manifest import REEXPORT, Manifest
 from .device import gpu_index
 from .sessions import make_session, provider_name, providers_for
-from .slots import CAPACITY_AXIS, SlotCache, capacity_for
+from .slots import SlotCache, capacity_axis, capacity_for
 
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
 ELEMENTS = {"fp32": "tensor(float)", "fp16": "tensor(float16)"}
@@ -55,7 +55,7 @@ def check_graphs(manifest: Manifest, sessions: dict) -> None:
     if "ar_step" in m.graphs:     # a fixed size where the capacity belongs is another layout (an earlier export)
         expected["ar_step"] = {"last_hidden_state": (element, {-1: m.ar_hidden_size})}
         for name in (n for n in m.graph("ar_step").inputs if n.startswith("cache.")):
-            capacity = CAPACITY_AXIS[name.rsplit(".", 1)[1]]
+            capacity = capacity_axis(name, m.values_transposed)
             head_dim = 5 - capacity                               # the other of axes 2 and 3
             expected["ar_step"][name] = (element, {1: m.num_key_value_heads, head_dim: m.head_dim,
                                                    capacity: "capacity"})
@@ -191,7 +191,7 @@ class OnnxBackend:
             raise ValueError("this bundle has no ar_step.onnx (exported before the decode engine); re-export it "
                              "with `maria export`, or use the concat decoder")
         return SlotCache(m.num_hidden_layers, m.num_key_value_heads, m.head_dim, self.dtype, slots, capacity,
-                         self.device, self.device_id, self.on_device)
+                         self.device, self.device_id, self.on_device, m.values_transposed)
 
     def cache_step(self, input_ids, position_ids, cache: SlotCache):
         if self.on_device:

@@ -2,7 +2,8 @@
 a row (slot) per sequence, written in place by the graph and never copied between steps.
 
     keys   [slots, kv_heads, capacity, head_dim]
-    values [slots, kv_heads, head_dim, capacity]      (transposed: see export/step.py)
+    values [slots, kv_heads, capacity, head_dim], or [slots, kv_heads, head_dim, capacity] transposed where the
+           step graph's attention is not one fused node (see export/step.py); the graph's inputs say which
 
 Position p of a sequence lives at index p of its slot's capacity axis. A step over the first `rows` slots binds
 each buffer's first rows (a contiguous prefix) as both the graph's cache.* input and its cache_out.* output, so
@@ -14,7 +15,9 @@ the longest sequence outgrows the buffer, amortized over many steps by growing i
 import numpy as np
 import onnxruntime as ort
 
-CAPACITY_AXIS = {"key": 2, "value": 3}          # of the step graph's cache.N.key and cache.N.value
+def capacity_axis(name: str, values_transposed: bool) -> int:
+    """The capacity axis of the step graph's cache.N.key or cache.N.value (or cache_out.*)."""
+    return 3 if values_transposed and name.endswith(".value") else 2
 
 
 def capacity_for(positions: int) -> int:
@@ -26,10 +29,12 @@ def capacity_for(positions: int) -> int:
 
 class SlotCache:
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype, slots: int, capacity: int,
-                 device: str = "cpu", device_id: int = 0, ortvalues: bool | None = None):
+                 device: str = "cpu", device_id: int = 0, ortvalues: bool | None = None,
+                 values_transposed: bool = True):
         """ortvalues: the buffers are OrtValues (device memory; the default off the CPU) rather than numpy
-        arrays."""
+        arrays. values_transposed: the values' layout (the module's docstring)."""
         self.layers, self.kv_heads, self.head_dim, self.dtype = layers, kv_heads, head_dim, np.dtype(dtype)
+        self.values_transposed = values_transposed
         self.slots, self.device, self.device_id = slots, device, device_id
         self.ortvalues = device != "cpu" if ortvalues is None else ortvalues
         self.capacity, self.buffers = 0, []
@@ -41,8 +46,8 @@ class SlotCache:
 
     def shapes(self, rows: int, capacity: int) -> list[tuple]:
         """The shape of every buffer (key, value per layer) over `rows` slots."""
-        return [(rows, self.kv_heads, capacity, self.head_dim), (rows, self.kv_heads, self.head_dim, capacity)] \
-            * self.layers
+        key = (rows, self.kv_heads, capacity, self.head_dim)
+        return [key, (rows, self.kv_heads, self.head_dim, capacity) if self.values_transposed else key] * self.layers
 
     def resize(self, capacity: int) -> None:
         """Every slot gets `capacity` positions; the first min(old, new) of each are kept, the rest zeroed (masked
@@ -50,8 +55,8 @@ class SlotCache:
         if capacity == self.capacity:
             return
         keep = min(capacity, self.capacity)
-        kept = (np.s_[:, :, :keep], np.s_[:, :, :, :keep])         # of a key buffer, of a value buffer
-        rest = (np.s_[:, :, keep:], np.s_[:, :, :, keep:])
+        kept = (np.s_[:, :, :keep], np.s_[:, :, :, :keep] if self.values_transposed else np.s_[:, :, :keep])
+        rest = (np.s_[:, :, keep:], np.s_[:, :, :, keep:] if self.values_transposed else np.s_[:, :, keep:])
         shapes = self.shapes(self.slots, capacity)
         fresh = self._host_buffers(shapes) if not self.ortvalues else [np.empty(s, self.dtype) for s in shapes]
         for index, buffer in enumerate(fresh):
@@ -92,5 +97,5 @@ class SlotCache:
         inspection)."""
         buffer = self.buffers[index]
         buffer = np.array(buffer.numpy() if self.ortvalues else buffer)
-        return buffer if index % 2 == 0 else buffer.transpose(0, 1, 3, 2).copy()
+        return buffer.transpose(0, 1, 3, 2).copy() if index % 2 and self.values_transposed else buffer
 

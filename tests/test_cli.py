@@ -110,7 +110,7 @@ def test_bad_infill_input_is_one_clear_line(bundles, args, message):
 @pytest.mark.parametrize("how, message", [
     ("incomplete", "ar_decoder.onnx is missing"),
     ("checksum", "mlm.onnx fails its sha256 check"),
-    ("newer", "schema 7, newer than the 3 this maria-onnx reads"),
+    ("newer", "schema 7, newer than the 4 this maria-onnx reads"),
 ])
 def test_bad_bundles_are_refused(bundles, tmp_path, how, message):
     result = infill("a [MASK]", "--model", broken(bundles, tmp_path, how))

@@ -1,6 +1,7 @@
 """On an NVIDIA GPU: the runtime on ONNX Runtime's CUDA execution provider against the PyTorch reference on the same
-GPU (fp32 and fp16 bundles), IO binding on against off, CUDA graphs against plain steps, and `maria serve --device
-cuda`. Skipped, with the reason printed, where CUDA cannot run (no GPU, no onnxruntime-gpu, no CUDA libraries)."""
+GPU (fp32 bundles; fp16 with eager and fused attention), IO binding on against off, CUDA graphs against plain
+steps, and `maria serve --device cuda`. Skipped, with the reason printed, where CUDA cannot run (no GPU, no
+onnxruntime-gpu, no CUDA libraries)."""
 
 import json
 
@@ -72,8 +73,9 @@ def test_cuda_graph_steps_fill_like_plain_steps(on_gpu):
             np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=0, atol=1e-4)
 
 
-def test_fp16_bundle_on_cuda_against_pytorch_fp16(checkpoints, tmp_path):
-    export_bundle(checkpoints["olmo"], tmp_path / "fp16", dtype="fp16")
+@pytest.mark.parametrize("attention", ["eager", "fused"])
+def test_fp16_bundle_on_cuda_against_pytorch_fp16(checkpoints, tmp_path, attention):
+    export_bundle(checkpoints["olmo"], tmp_path / "fp16", dtype="fp16", attention=attention)
     infiller = Infiller(tmp_path / "fp16", device="cuda")
     assert infiller.manifest.dtype == "fp16"
     backbones, head, _ = load_maria(checkpoints["olmo"], device="cuda", dtype=torch.float16)

@@ -99,15 +99,18 @@ def test_cache_resize_keeps_each_slot_and_device_buffers_work_the_same(bundles):
 
 
 @pytest.mark.parametrize("ortvalues", [False, True])
-def test_resizes_in_turn_keep_what_each_slot_holds_and_zero_the_rest(ortvalues):
+@pytest.mark.parametrize("values_transposed", [True, False])
+def test_resizes_in_turn_keep_what_each_slot_holds_and_zero_the_rest(ortvalues, values_transposed):
     """Host buffers take turns in two arenas, so a resize writes over what an earlier one left there: every
-    position past what is kept must come back zeroed, whatever the arena held."""
-    cache = SlotCache(layers=2, kv_heads=2, head_dim=4, dtype=np.float32, slots=3, capacity=4, ortvalues=ortvalues)
+    position past what is kept must come back zeroed, whatever the arena held. Values transposed (the eager step
+    graph) or laid out as the keys (--attention fused)."""
+    cache = SlotCache(layers=2, kv_heads=2, head_dim=4, dtype=np.float32, slots=3, capacity=4, ortvalues=ortvalues,
+                      values_transposed=values_transposed)
     rng = np.random.default_rng(0)
     kept = 4
     written = [rng.random(cache.read(i).shape, dtype=np.float32) + 1 for i in range(4)]    # never zero
     for index, values in enumerate(written):
-        host = values if index % 2 == 0 else values.transpose(0, 1, 3, 2).copy()
+        host = values.transpose(0, 1, 3, 2).copy() if index % 2 and values_transposed else values
         if ortvalues:
             cache.buffers[index].update_inplace(host)
         else:
