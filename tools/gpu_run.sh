@@ -7,7 +7,8 @@
 #
 # Steps: the test suite (tests/test_cuda.py runs where CUDA can); bf16 training of the head on tiny backbones,
 # then resumed; a few training steps at SHAPES; `maria bench` at SHAPES and DTYPE, batch 1 and 8; the decode
-# step's profile and floor at batch 1 and 8; `maria serve` answering one request.
+# step's profile and floor at batch 1 and 8; the step exported with --attention fused, timed beside the bench's
+# (eager) step; `maria serve` answering one request.
 set -u
 OUT=${1:?usage: tools/gpu_run.sh OUT}
 DEVICE=${DEVICE:-cuda} SHAPES=${SHAPES:-paper} DTYPE=${DTYPE:-fp16} LENGTHS=${LENGTHS:-128,256,512,1024,2047}
@@ -52,6 +53,12 @@ for batch in 1 8; do
     step "profile-b$batch" python -m tools.profile_step "$OUT/bench/bundle-$DTYPE" "$OUT/step-profile-b$batch.json" \
         --device "$DEVICE" --batch "$batch" --cached 1024
 done
+
+fused="$OUT/bundle-$DTYPE-fused"
+step export-fused maria export "$shaped/maria" --out "$fused" --dtype "$DTYPE" --attention fused \
+    --no-concat-decoder --no-baseline-heads
+step compare-attention python -m tools.compare_steps "$OUT/bench/bundle-$DTYPE" "$fused" \
+    "$OUT/compare-attention.json" --device "$DEVICE"
 
 serve() {
     maria serve --model "$OUT/bench/bundle-$DTYPE" --device "$DEVICE" --port 0 2> "$OUT/serve-stderr.log" &
