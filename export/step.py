@@ -55,7 +55,8 @@ class StepCache:
         batch = position_ids.shape[0]
         self.key_index = (torch.arange(batch, device=position_ids.device)[:, None, None],
                           torch.arange(kv_heads, device=position_ids.device)[None, :, None], position_ids[:, None, :])
-        self.value_index = position_ids[:, None, None, :].expand(batch, kv_heads, head_dim, -1)     # [b, kv, d, T]
+        if values_transposed:                                                       # [b, kv, d, T]
+            self.value_index = position_ids[:, None, None, :].expand(batch, kv_heads, head_dim, -1)
 
     def update(self, key, value, layer_idx: int, cache_kwargs=None):
         keys, values = 2 * layer_idx, 2 * layer_idx + 1

@@ -3,7 +3,8 @@ a row (slot) per sequence, written in place by the graph and never copied betwee
 
     keys   [slots, kv_heads, capacity, head_dim]
     values [slots, kv_heads, capacity, head_dim], or [slots, kv_heads, head_dim, capacity] transposed where the
-           step graph's attention is not one fused node (see export/step.py); the graph's inputs say which
+           step graph's attention is not one fused node (see export/step.py); the manifest's values_transposed
+           says which
 
 Position p of a sequence lives at index p of its slot's capacity axis. A step over the first `rows` slots binds
 each buffer's first rows (a contiguous prefix) as both the graph's cache.* input and its cache_out.* output, so
