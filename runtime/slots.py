@@ -73,14 +73,22 @@ class SlotCache:
         """Buffers of these shapes in the arena the current ones are not in. Two arenas take turns, so a resize
         writes into memory the process already holds: in fresh memory, faulting its pages in cost as much as the
         copy itself (a resize of 8 slots x 1,024 positions: 30 ms fresh, 4 ms reused). Host memory: up to 2.5x
-        the buffers' own."""
+        the buffers' own; after a shrink, the other arena (the longer buffers') is let go, so a server does not
+        keep its longest request's cache."""
         sizes = [int(np.prod(shape)) for shape in shapes]
         self._turn = 1 - self._turn
         if not sum(sizes) <= self._arenas[self._turn].size <= 2 * sum(sizes):     # too small, or far too large
             self._arenas[self._turn] = np.empty(sum(sizes) * 5 // 4, self.dtype)   # room for a few resizes more
+        if self._arenas[1 - self._turn].size > 2 * sum(sizes):       # a shrink: the old buffers' arena goes, its
+            self._arenas[1 - self._turn] = np.empty(0, self.dtype)   # memory freed once the resize drops them
         offsets = np.cumsum([0, *sizes])
         return [self._arenas[self._turn][start:start + size].reshape(shape)
                 for start, size, shape in zip(offsets, sizes, shapes)]
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory the buffers' two arenas hold (0 where the buffers are OrtValues)."""
+        return sum(arena.nbytes for arena in self._arenas)
 
     def pointer(self, index: int) -> int:
         buffer = self.buffers[index]

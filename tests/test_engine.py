@@ -124,6 +124,19 @@ def test_resizes_in_turn_keep_what_each_slot_holds_and_zero_the_rest(ortvalues, 
             assert np.array_equal(now[:, :, :kept], values[:, :, :kept]) and not now[:, :, kept:].any()
 
 
+def test_a_shrink_lets_the_longer_buffers_memory_go():
+    """After the longest sequences leave, the cache holds memory for its new capacity, not for the old one: a
+    server keeps no copy of its longest request's cache once it serves short ones."""
+    cache = SlotCache(layers=2, kv_heads=2, head_dim=4, dtype=np.float32, slots=3, capacity=16)
+    buffers_bytes = lambda: sum(buffer.nbytes for buffer in cache.buffers)
+    for capacity in (32, 48, 1024, 1152):
+        cache.resize(capacity)
+        assert cache.host_bytes <= 2.5 * buffers_bytes()
+    grown = cache.host_bytes
+    cache.resize(16)
+    assert cache.host_bytes <= 2.5 * buffers_bytes() and cache.host_bytes < grown / 20
+    assert not cache.read(0)[:, :, :16].any()
+
 
 def test_the_device_path_on_the_cpu_gives_the_same_fills(bundles):
     """What runs on CUDA, exercised on the CPU execution provider: the cache in OrtValues, the step's inputs and
