@@ -32,6 +32,27 @@ MAX_SEARCH = 256                      # lengths all of a text's span markers all
 MARKER_LIKE = re.compile(r"\[MASK\b(?:[^\[\]\n]{0,20}\]|[^\[\]\s]{0,20}\]?)")
 
 
+SHOWN_CHARACTERS = 80
+
+
+def shown(value, form=repr) -> str:
+    """A client's value as an error message quotes it: form(value) (repr, or json.dumps), cut to
+    SHOWN_CHARACTERS with its full length named, so that a message stays one short line whatever was sent."""
+    text = form(value)
+    if len(text) <= SHOWN_CHARACTERS:
+        return text
+    return f"{text[:SHOWN_CHARACTERS - 3]}... ({len(text):,} characters)"
+
+
+def marker_number(marker: str, digits: str, max_length: int) -> int:
+    """The number of tokens a marker's digits ask for; ValueError for a number of over 18 digits (Python's int()
+    refuses one of over 4,300 with a message of its own)."""
+    if len(digits.lstrip("0")) > 18:
+        raise ValueError(f"{shown(marker)} asks for a {len(digits.lstrip('0')):,}-digit number of tokens; ask "
+                         f"for 1 to {max_length} (the bundle's maximum length)")
+    return int(digits)
+
+
 @dataclass(frozen=True)
 class MaskedText:
     ids: np.ndarray          # [n] content ids, the mask id at masked positions
@@ -56,7 +77,7 @@ def encode_masked_text(text: str, tokenizer, mask_id: int, max_length: int) -> M
         raise ValueError("the text has [MASK:?] or [MASK:a-b] markers; expand it with span_candidates first")
     ids, masked, position = [], [], 0
     for match in MARKER.finditer(text):
-        count = int(match.group(1)) if match.group(1) is not None else 1
+        count = 1 if match.group(1) is None else marker_number(match.group(0), match.group(1), max_length)
         if not 1 <= count <= max_length:
             raise ValueError(f"'{match.group(0)}' asks for {count} tokens; ask for 1 to {max_length} "
                              "(the bundle's maximum length)")
@@ -98,10 +119,11 @@ def span_ranges(text: str, max_length: int) -> list[range]:
     ValueError for a bad range, a marker allowing over MAX_CANDIDATES lengths, or over MAX_SEARCH in all."""
     ranges = []
     for match in SPAN.finditer(text):
-        low, high = ANY_LENGTH if match.group(1) == "?" else (int(match.group(2)), int(match.group(3)))
+        low, high = ANY_LENGTH if match.group(1) == "?" else [marker_number(match.group(0), digits, max_length)
+                                                               for digits in match.group(2, 3)]
         if not 1 <= low <= high <= max_length:
-            raise ValueError(f"'{match.group(0)}' asks for a span of {low} to {high} tokens; use 1 <= a <= b <= "
-                             f"{max_length}")
+            raise ValueError(f"{shown(match.group(0))} asks for a span of {low} to {high} tokens; use "
+                             f"1 <= a <= b <= {max_length}")
         if high - low + 1 > MAX_CANDIDATES:
             raise ValueError(f"'{match.group(0)}' allows {high - low + 1} lengths, over {MAX_CANDIDATES}; narrow it "
                              f"to at most {MAX_CANDIDATES} ([MASK:{low}-{low + MAX_CANDIDATES - 1}]) or fix the "

@@ -93,6 +93,9 @@ def broken(bundles, tmp_path, how):
     (["[MASK:500] " * 3], "over the bundle's maximum of 510 tokens: 1000 to the end of its marker at character 11"),
     (["a [MASK:0] b"], "'[MASK:0]' asks for 0 tokens"),
     (["a [MASK:100000] b"], "asks for 100000 tokens; ask for 1 to 510"),
+    (["a [MASK:1-" + "9" * 5000 + "] b"], "'[MASK:1-999999999999999999999"),      # int() refuses 4,301 digits
+    (["a [MASK:1-" + "9" * 5000 + "] b"], "asks for a 5,000-digit number of tokens; ask for 1 to 510"),
+    (["a [MASK:1-" + "9" * 30 + "] b"], "asks for a 30-digit number of tokens"),
     (["a [MASK]", "--temperature", "-1"], "temperature must be"),
     (["a [MASK]", "--top-k", "-3"], "top-k must be"),
     (["a [MASK]", "--top-p", "1.5"], "top-p must be in (0, 1]"),

@@ -96,6 +96,35 @@ def test_a_setting_that_is_not_an_integer_is_refused(name, value):
     assert str(refused.value) == f"parameter '{name}' must be a 64-bit integer, got {value!r}"
 
 
+LONG = "x" * 10_000
+
+
+@pytest.mark.parametrize("refuse, message", [
+    (lambda: sampling_of({"top_p": LONG}), "parameter 'top_p' must be a number, got 'xxxx"),
+    (lambda: sampling_of({LONG: 1}), "unknown parameters ['xxxx"),
+    (lambda: sampling_of({"seed": list(range(5_000))}), "parameter 'seed' must be a 64-bit integer, got [0, 1, 2"),
+    (lambda: parse_infer(json.dumps({"inputs": [{"name": LONG, "datatype": "BYTES", "shape": [1],
+                                                 "data": ["a [MASK]"]}]}).encode(), None), "unknown input 'xxxx"),
+    (lambda: parse_infer(json.dumps({"inputs": [text_input(["a [MASK]"], shape=[1] + [1] * 5_000 + [2])]}).encode(),
+                         None), "input 'text' has shape [1, 1, 1"),
+    (lambda: parse_infer(json.dumps({"inputs": [dict(text_input(["a [MASK]"]), datatype=LONG)]}).encode(), None),
+     "input 'text' has datatype 'xxxx"),
+    (lambda: parse_infer(json.dumps({"inputs": [text_input(["a [MASK]"])], "outputs": [{"name": LONG}]}).encode(),
+                         None), 'no output "xxxx'),
+    (lambda: parse_infer(json.dumps({"inputs": [text_input(["a [MASK]"])],
+                                     "parameters": {"binary_data_output": LONG}}).encode(), None),
+     "parameter 'binary_data_output' of the request must be true or false, got \"xxxx"),
+])
+def test_a_clients_long_value_is_quoted_cut_short(refuse, message):
+    """An error quotes what the client sent, but a value of any size is cut to a few dozen characters with its
+    length named: the answer (and the access log's line) stays one short line."""
+    with pytest.raises((ClientError, BadRequest)) as refused:
+        refuse()
+    said = str(refused.value)
+    assert said.startswith(message) and len(said) < 300 and "\n" not in said
+    assert re.search(r"\.\.\. \([0-9,]+ characters\)", said)
+
+
 def test_integral_numbers_are_integers():
     sampling, num_samples, rerank = sampling_of({"seed": 7.0, "top_k": 5, "num_samples": 2.0})
     assert (sampling.seed, sampling.top_k, num_samples, rerank) == (7, 5, 2, False)

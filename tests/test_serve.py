@@ -354,6 +354,10 @@ BOUNDS = [
     ("/v2/models/maria/generate_stream", {"text": "a [MASK:0]"}, None, 422, "text 0: '[MASK:0]' asks for 0 tokens"),
     ("/v2/models/maria/generate_stream", {"text": ["a [MASK]"] * 9}, None, 413, "over the limit of 8 per request"),
     ("/v2/models/other/generate", {"text": "a [MASK]"}, None, 404, "no model 'other' here"),
+    ("/v1/infill", {"text": ["a [MASK]"], "k" * 2000: 1}, None, 400,
+     "unknown fields ['kkkkkkkkkk"),                          # a client's names and values are quoted cut short
+    ("/v1/infill", {"text": ["a [MASK]"], "k" * 2000: 1}, None, 400, "... (2,004 characters); fields are text, "),
+    ("/v2/models/maria/generate", {"k" * 2000: 1}, None, 400, "... (2,004 characters)); this model's input is"),
 ]
 
 
