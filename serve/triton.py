@@ -75,8 +75,12 @@ def write_repository(bundle, out, name: str = "maria", kind: str = "gpu", instan
     if out.exists() and not (overwrite and (out / name / "config.pbtxt").is_file()):
         raise FileExistsError(f"{out} already exists; choose another --out (--overwrite replaces only a "
                               "repository this command wrote)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as error:
+        raise PermissionError(f"cannot write the repository to {out} ({error.strerror}); choose another --out") \
+            from None
     try:
         version = staging / name / "1"
         version.mkdir(parents=True)

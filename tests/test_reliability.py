@@ -672,6 +672,13 @@ def test_triton_cpu_instances_share_the_cpus(tmp_path, monkeypatch):
     assert not (tmp_path / "zero").exists()
 
 
+def test_a_repository_where_none_can_be_written_names_the_out_folder(tmp_path):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "repo"                                  # its parent is a file
+    one_line_error(cli("triton-repo", "--out", out, "--link"),
+                   f"cannot write the repository to {out} (File exists); choose another --out")
+
+
 def test_a_repository_inside_its_bundle_is_refused(tmp_path):
     bundle = shutil.copytree(DEFAULT_MODEL, tmp_path / "bundle")
     for out, link in [(bundle / "repo", ()), (bundle / "a" / "repo", ("--link",))]:
