@@ -8,7 +8,7 @@
 from dataclasses import dataclass
 
 from .choose import Sampling
-from .text import MAX_CANDIDATES, shown
+from .text import MAX_CANDIDATES, quoted
 
 
 @dataclass(frozen=True)
@@ -110,12 +110,12 @@ def typed_settings(given: dict, kinds: dict) -> dict:
     kinds or a value not of its kind."""
     unknown = set(given) - set(kinds)
     if unknown:
-        raise SettingTypeError(f"unknown parameters {shown(sorted(unknown))}; parameters are {', '.join(kinds)}")
+        raise SettingTypeError(f"unknown parameters {quoted(sorted(unknown))}; parameters are {', '.join(kinds)}")
     values = {}
     for name, value in given.items():
         kind = kinds[name]
         if not _fits(value, kind):
-            raise SettingTypeError(f"parameter '{name}' must be {KIND_NAMES[kind]}, got {shown(value)}")
+            raise SettingTypeError(f"parameter '{name}' must be {KIND_NAMES[kind]}, got {quoted(value)}")
         values[name] = kind(value)
     return values
 

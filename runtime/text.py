@@ -32,23 +32,23 @@ MAX_SEARCH = 256                      # lengths all of a text's span markers all
 MARKER_LIKE = re.compile(r"\[MASK\b(?:[^\[\]\n]{0,20}\]|[^\[\]\s]{0,20}\]?)")
 
 
-SHOWN_CHARACTERS = 80
+QUOTED_CHARACTERS = 80
 
 
-def shown(value, form=repr) -> str:
+def quoted(value, form=repr) -> str:
     """A client's value as an error message quotes it: form(value) (repr, or json.dumps), cut to
-    SHOWN_CHARACTERS with its full length named, so that a message stays one short line whatever was sent."""
+    QUOTED_CHARACTERS with its full length named, so that a message stays one short line whatever was sent."""
     text = form(value)
-    if len(text) <= SHOWN_CHARACTERS:
+    if len(text) <= QUOTED_CHARACTERS:
         return text
-    return f"{text[:SHOWN_CHARACTERS - 3]}... ({len(text):,} characters)"
+    return f"{text[:QUOTED_CHARACTERS - 3]}... ({len(text):,} characters)"
 
 
 def marker_number(marker: str, digits: str, max_length: int) -> int:
     """The number of tokens a marker's digits ask for; ValueError for a number of over 18 digits (Python's int()
     refuses one of over 4,300 with a message of its own)."""
     if len(digits.lstrip("0")) > 18:
-        raise ValueError(f"{shown(marker)} asks for a {len(digits.lstrip('0')):,}-digit number of tokens; ask "
+        raise ValueError(f"{quoted(marker)} asks for a {len(digits.lstrip('0')):,}-digit number of tokens; ask "
                          f"for 1 to {max_length} (the bundle's maximum length)")
     return int(digits)
 
@@ -122,7 +122,7 @@ def span_ranges(text: str, max_length: int) -> list[range]:
         low, high = ANY_LENGTH if match.group(1) == "?" else [marker_number(match.group(0), digits, max_length)
                                                                for digits in match.group(2, 3)]
         if not 1 <= low <= high <= max_length:
-            raise ValueError(f"{shown(match.group(0))} asks for a span of {low} to {high} tokens; use "
+            raise ValueError(f"{quoted(match.group(0))} asks for a span of {low} to {high} tokens; use "
                              f"1 <= a <= b <= {max_length}")
         if high - low + 1 > MAX_CANDIDATES:
             raise ValueError(f"'{match.group(0)}' allows {high - low + 1} lengths, over {MAX_CANDIDATES}; narrow it "

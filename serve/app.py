@@ -42,7 +42,7 @@ from starlette.routing import Match, Route
 from runtime.anneal import anneal_request
 from runtime.choose import Sampling
 from runtime.requests import SETTINGS, SettingTypeError, TooLarge, bounded_request, read_settings
-from runtime.text import shown
+from runtime.text import quoted
 from runtime.utf8 import FillPieces
 
 from .batcher import Batcher, Job, QueueFull
@@ -264,7 +264,7 @@ class Server:
         began, name = time.monotonic(), self.model(request)
         header = request.headers.get("inference-header-content-length")
         if header is not None and not header.isdigit():
-            raise ClientError(400, f"Inference-Header-Content-Length must be a number of bytes, got {shown(header)}")
+            raise ClientError(400, f"Inference-Header-Content-Length must be a number of bytes, got {quoted(header)}")
         try:
             parsed: InferRequest = parse_infer(await self.body(request), int(header) if header else None)
         except BadRequest as error:
@@ -285,7 +285,7 @@ class Server:
         if not isinstance(payload, dict):
             raise ClientError(400, f'send a JSON object {{"text": [...], ...}}, got {type(payload).__name__}')
         if "text" not in payload:
-            raise ClientError(400, f'the request has no "text" field (it has {shown(sorted(payload))}); '
+            raise ClientError(400, f'the request has no "text" field (it has {quoted(sorted(payload))}); '
                                    f'send {{"text": [...], ...}} with fields text, {", ".join(SETTINGS)}')
         try:
             texts = text_list(payload.pop("text"))
@@ -293,7 +293,7 @@ class Server:
             raise ClientError(400, str(error)) from None
         unknown = set(payload) - set(SETTINGS)
         if unknown:
-            raise ClientError(400, f"unknown fields {shown(sorted(unknown))}; fields are text, {', '.join(SETTINGS)}")
+            raise ClientError(400, f"unknown fields {quoted(sorted(unknown))}; fields are text, {', '.join(SETTINGS)}")
         return texts, payload
 
     async def infill(self, request):

@@ -12,7 +12,7 @@ a request at once, so the stream carries one event; /v1/infill/stream sends each
 
 import json
 
-from runtime.text import shown
+from runtime.text import quoted
 
 from .protocol import VERSION, BadRequest, output_values, parameters, text_list
 
@@ -24,7 +24,7 @@ def read_generate(request) -> tuple[list, dict]:
     if not isinstance(request, dict):
         raise BadRequest(f'send a JSON object {{"text": "...", "parameters": {{...}}}}, got {type(request).__name__}')
     if "text" not in request:
-        raise BadRequest(f'the request has no "text" field (it has {shown(sorted(request))}); this model\'s input is '
+        raise BadRequest(f'the request has no "text" field (it has {quoted(sorted(request))}); this model\'s input is '
                          '"text": send {"text": "A [MASK] ...", "parameters": {...}}')
     settings = dict(parameters(request, "the request"))
     for key, value in request.items():

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.text import RefusedJson, loads_json, shown
+from runtime.text import RefusedJson, loads_json, quoted
 
 INPUTS = {"text": "BYTES", "temperature": "FP32", "top_k": "INT32", "top_p": "FP32", "seed": "INT64",
           "num_samples": "INT32"}
@@ -113,8 +113,8 @@ def _element_count(spec: dict) -> int:
     """The number of elements an input's shape says it holds."""
     shape = spec.get("shape")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise BadRequest(f"input {shown(spec.get('name'))} needs a 'shape', a list of non-negative integers "
-                         f"([n] or [n, 1] for n texts, [1] for a setting), got {shown(shape)}")
+        raise BadRequest(f"input {quoted(spec.get('name'))} needs a 'shape', a list of non-negative integers "
+                         f"([n] or [n, 1] for n texts, [1] for a setting), got {quoted(shape)}")
     return math.prod(shape)
 
 
@@ -129,7 +129,7 @@ def _tensor_values(spec: dict, binary: bytes | None, offset: int) -> tuple[list,
         if kind == "BYTES":
             return bytes_elements(raw), offset
         if kind not in NUMERIC:
-            raise BadRequest(f"input '{name}' has datatype {shown(kind)}; expected {INPUTS.get(name, 'a number')}")
+            raise BadRequest(f"input '{name}' has datatype {quoted(kind)}; expected {INPUTS.get(name, 'a number')}")
         width = np.dtype(NUMERIC[kind]).itemsize
         if size % width:
             raise BadRequest(f"input '{name}' has {size} bytes of binary data, not a whole number of {kind} values "
@@ -199,12 +199,12 @@ def read_infer(request, binary: bytes | None) -> InferRequest:
         raise BadRequest(f"this model is not a sequence model; leave out {', '.join(SEQUENCE_PARAMETERS)}")
     timeout = given.get("timeout")
     if timeout is not None and (type(timeout) is not int or timeout < 0):
-        raise BadRequest(f"parameter 'timeout' is in microseconds, a non-negative integer; got {shown(timeout)}")
+        raise BadRequest(f"parameter 'timeout' is in microseconds, a non-negative integer; got {quoted(timeout)}")
     settings = {name: value for name, value in given.items() if name not in PROTOCOL_PARAMETERS}
     texts, offset, seen = None, 0, set()
     for spec in request["inputs"]:
         if not isinstance(spec, dict) or spec.get("name") not in INPUTS:
-            raise BadRequest(f"unknown input {shown(spec.get('name') if isinstance(spec, dict) else spec)}; "
+            raise BadRequest(f"unknown input {quoted(spec.get('name') if isinstance(spec, dict) else spec)}; "
                              f"inputs are {', '.join(INPUTS)}")
         name, kind = spec["name"], spec.get("datatype")
         if name in seen:
@@ -213,11 +213,11 @@ def read_infer(request, binary: bytes | None) -> InferRequest:
             raise BadRequest(f"'{name}' is given both as a request parameter and as an input; give it once")
         seen.add(name)
         if (name == "text") != (kind == "BYTES") or (name != "text" and kind not in NUMERIC):
-            raise BadRequest(f"input '{name}' has datatype {shown(kind)}; expected {INPUTS[name]}")
+            raise BadRequest(f"input '{name}' has datatype {quoted(kind)}; expected {INPUTS[name]}")
         count = _element_count(spec)
         values, offset = _tensor_values(spec, binary, offset)
         if len(values) != count:
-            raise BadRequest(f"input '{name}' has shape {shown(spec['shape'])} ({count} elements) but holds "
+            raise BadRequest(f"input '{name}' has shape {quoted(spec['shape'])} ({count} elements) but holds "
                              f"{len(values)}; make the shape match the data")
         if name == "text":
             texts = [_decode_text(v) if isinstance(v, (bytes, str)) else _not_text(v) for v in values]
@@ -235,7 +235,7 @@ def read_infer(request, binary: bytes | None) -> InferRequest:
         raise BadRequest(f"'outputs' must be a list of {{\"name\": ...}} objects; outputs are {', '.join(OUTPUTS)}")
     unknown = [o.get("name") for o in asked if o.get("name") not in OUTPUTS]
     if unknown:
-        raise BadRequest(f"no output {shown(unknown[0], json.dumps)}; this model's outputs are {', '.join(OUTPUTS)}")
+        raise BadRequest(f"no output {quoted(unknown[0], json.dumps)}; this model's outputs are {', '.join(OUTPUTS)}")
     binary_outputs = {o["name"] for o in asked
                       if _flag(parameters(o, f"output '{o['name']}'"), "binary_data", f"output '{o['name']}'")}
     if _flag(given, "binary_data_output", "the request"):
@@ -249,7 +249,7 @@ def _flag(given: dict, name: str, what: str) -> bool:
     """A true/false parameter (absent: false); a string such as "no" would otherwise count as true."""
     value = given.get(name, False)
     if not isinstance(value, bool):
-        raise BadRequest(f"parameter '{name}' of {what} must be true or false, got {shown(value, json.dumps)}")
+        raise BadRequest(f"parameter '{name}' of {what} must be true or false, got {quoted(value, json.dumps)}")
     return value
 
 
