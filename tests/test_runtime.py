@@ -148,6 +148,35 @@ def test_cuda_io_binding_fills_like_cpu(bundles):
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-3)
 
 
+SHARED_ARENA = """
+import numpy as np
+from runtime.infiller import Infiller
+def resident():
+    return int(dict(line.split(":", 1) for line in open("/proc/self/status"))["VmRSS"].split()[0]) * 1024
+backend = Infiller(device="cpu").backend
+ids = np.random.default_rng(0).integers(10, 4000, (2, 1000))
+for _ in range(2):
+    backend.mlm_hidden(ids, np.ones_like(ids))             # the MLM's attention: ~100 MB, freed when it ends
+before = resident()
+for _ in range(3):
+    logits = backend.fuse(np.ones((3000, 256), np.float32), np.ones((3000, 256), np.float32))
+print(resident() - before, logits.nbytes)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from /proc")
+def test_cpu_sessions_share_one_memory_arena():
+    """What one CPU session freed, another reuses: after the MLM pass, the fusion head's logits (49 MB) fit in
+    memory the process already holds. With an arena per session, resident memory grew by about their size."""
+    run = subprocess.run([sys.executable, "-c", SHARED_ARENA], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    grown, logits = map(int, run.stdout.split())
+    assert grown < logits / 2, (grown, logits)
+    backend = Infiller(device="cpu").backend
+    assert all(s.get_session_options().get_session_config_entry("session.use_env_allocators") == "1"
+               for s in (backend.mlm, backend.step, backend.head))
+
+
 def test_length_groups_bound_the_padding_and_keep_every_sequence():
     lengths = [248, 12, 12, 248, 248, 10, 248, 12, 12, 12, 12, 9, 12, 60]
     groups = length_groups(lengths)
