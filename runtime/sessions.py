@@ -151,7 +151,7 @@ def provider_name(provider) -> str:
 def shared_cpu_arena() -> None:
     """Registers one CPU memory arena in ONNX Runtime's environment, for the CPU sessions of this process to share
     (session.use_env_allocators) instead of an arena each: what the MLM pass took, the decode steps reuse. On the
-    shipped model, 8 texts of 2,000 tokens peaked at 646 MB instead of 881 MB, and 403 MB instead of 641 MB stayed
+    shipped model, 8 texts of 2,000 tokens peaked at 660 MB instead of 899 MB, and 401 MB instead of 643 MB stayed
     resident after them; fills took the same time within the noise (docs/benchmarks.md)."""
     info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
     ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))     # ONNX Runtime's defaults
