@@ -45,8 +45,9 @@ def quoted(value, form=repr) -> str:
 
 
 def marker_number(marker: str, digits: str, max_length: int) -> int:
-    """The number of tokens a marker's digits ask for; ValueError for a number of over 18 digits (Python's int()
-    refuses one of over 4,300 with a message of its own)."""
+    """The number of tokens a span marker's digits ask for; ValueError for a number of over 18 digits (Python's
+    int() refuses one of over 4,300 with a message of its own). Fixed-length markers need no such check: MARKER_LIKE
+    refuses any over 20 characters first."""
     if len(digits.lstrip("0")) > 18:
         raise ValueError(f"{quoted(marker)} asks for a {len(digits.lstrip('0')):,}-digit number of tokens; ask "
                          f"for 1 to {max_length} (the bundle's maximum length)")
@@ -77,7 +78,7 @@ def encode_masked_text(text: str, tokenizer, mask_id: int, max_length: int) -> M
         raise ValueError("the text has [MASK:?] or [MASK:a-b] markers; expand it with span_candidates first")
     ids, masked, position = [], [], 0
     for match in MARKER.finditer(text):
-        count = 1 if match.group(1) is None else marker_number(match.group(0), match.group(1), max_length)
+        count = int(match.group(1)) if match.group(1) is not None else 1       # MARKER_LIKE bounds its digits
         if not 1 <= count <= max_length:
             raise ValueError(f"'{match.group(0)}' asks for {count} tokens; ask for 1 to {max_length} "
                              "(the bundle's maximum length)")
@@ -122,8 +123,8 @@ def span_ranges(text: str, max_length: int) -> list[range]:
         low, high = ANY_LENGTH if match.group(1) == "?" else [marker_number(match.group(0), digits, max_length)
                                                                for digits in match.group(2, 3)]
         if not 1 <= low <= high <= max_length:
-            raise ValueError(f"{quoted(match.group(0))} asks for a span of {low} to {high} tokens; use "
-                             f"1 <= a <= b <= {max_length}")
+            raise ValueError(f"'{match.group(0)}' asks for a span of {low} to {high} tokens; use 1 <= a <= b <= "
+                             f"{max_length}")
         if high - low + 1 > MAX_CANDIDATES:
             raise ValueError(f"'{match.group(0)}' allows {high - low + 1} lengths, over {MAX_CANDIDATES}; narrow it "
                              f"to at most {MAX_CANDIDATES} ([MASK:{low}-{low + MAX_CANDIDATES - 1}]) or fix the "
