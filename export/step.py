@@ -134,6 +134,7 @@ class ArStep(torch.nn.Module):
         if fuse_attention:
             check_fused_attention(config)
         self.fuse_attention = fuse_attention
+        self.values_transposed = not fuse_attention         # the cache's value layout (runtime/slots.py)
 
     def forward(self, input_ids, position_ids, *cache):
         base = self.base
@@ -151,7 +152,7 @@ class ArStep(torch.nn.Module):
                                                base.config.max_position_embeddings, self.head_dim)
         else:
             position_embeddings = base.rotary_emb(hidden, position_ids)
-        step_cache = StepCache(cache, position_ids, self.kv_heads, self.head_dim, not self.fuse_attention)
+        step_cache = StepCache(cache, position_ids, self.kv_heads, self.head_dim, self.values_transposed)
         for layer in base.layers:
             hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=step_cache,
                            position_embeddings=position_embeddings)
@@ -171,14 +172,14 @@ def export_step(ar_model, folder: Path, opset: int, fuse_attention: bool = False
     step = ArStep(ar_model.base_model, fuse_attention=fuse_attention).eval()
     config = step.base.config
     inputs, outputs = step_names(config.num_hidden_layers)
-    value_shape = (8, step.head_dim) if step.fuse_attention else (step.head_dim, 8)
+    value_shape = (step.head_dim, 8) if step.values_transposed else (8, step.head_dim)
     cache = [torch.zeros(2, step.kv_heads, *shape) for _ in range(config.num_hidden_layers)
              for shape in ((8, step.head_dim), value_shape)]
     example = (torch.tensor([[5, 6, 7], [8, 9, 1]]), torch.tensor([[0, 1, 2], [0, 1, 2]]), *cache)
     dynamic = {"input_ids": {0: "batch_size", 1: "sequence_length"},
                "position_ids": {0: "batch_size", 1: "sequence_length"},
                "last_hidden_state": {0: "batch_size", 1: "sequence_length"},
-               **{name: {0: "batch_size", capacity_axis(name, not step.fuse_attention): "capacity"}
+               **{name: {0: "batch_size", capacity_axis(name, step.values_transposed): "capacity"}
                   for name in inputs[2:] + outputs[1:]}}
     previous = config._attn_implementation
     config._attn_implementation = FUSED_ATTENTION if step.fuse_attention else ATTENTION
