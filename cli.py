@@ -20,7 +20,7 @@ from typing import Optional
 
 import typer
 
-from tools import error_line, write_json
+from maria_onnx.tools import error_line, write_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="MARIA: fill masked tokens with an autoregressive model, on ONNX Runtime.")
@@ -29,7 +29,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 def show_versions(asked: bool):
     """`maria --version`: runtime.sessions.installation(), then exit."""
     if asked:
-        from runtime.sessions import installation
+        from maria_onnx.runtime.sessions import installation
         typer.echo("\n".join(installation()))
         raise typer.Exit()
 
@@ -115,7 +115,7 @@ def train(
     """Train the MARIA fusion head (L_MARIA) on frozen MLM + AR backbones."""
     from maria_onnx.config import TrainConfig
     from maria_onnx.train import train as run_train
-    from runtime.device import check_device
+    from maria_onnx.runtime.device import check_device
 
     check_device(device)
     config = TrainConfig(steps=steps, seq_len=seq_len, batch_size=batch_size, learning_rate=learning_rate,
@@ -152,7 +152,7 @@ def export_command(
                                                 "layer; needs a key/value head per query head)."),
 ):
     """Export a trained checkpoint to a validated ONNX bundle (mlm, ar_step, ar_decoder, fusion_head)."""
-    from export.bundle import export_bundle
+    from maria_onnx.export.bundle import export_bundle
 
     try:
         export_bundle(checkpoint, out, dtype=dtype, int8=int8, opset=opset, overwrite=overwrite,
@@ -195,7 +195,7 @@ class InputLines:
                 raise ValueError(f"cannot read --input {self.name}: {error.strerror}") from None
 
     def __iter__(self):
-        from runtime.text import Line, StreamLines, line_of
+        from maria_onnx.runtime.text import Line, StreamLines, line_of
 
         if not self.input_file:
             yield from (Line(number, text) for number, text in enumerate(self.texts, 1))
@@ -288,7 +288,7 @@ def kept_fields(line, from_file: bool) -> dict:
 
 def clashing_field(line) -> str:
     """A field of a JSONL line's object that `--json` would write over with a result's own, or ''."""
-    from runtime.results import Infilled
+    from maria_onnx.runtime.results import Infilled
 
     taken = {"line", *Infilled.FIELDS}
     return next((key for key in line.record or {} if key != "text" and key in taken), "")
@@ -348,9 +348,9 @@ def infill(
     """Fill the masked tokens of each text with a MARIA bundle (no PyTorch needed). [MASK] is one token,
     [MASK:N] N tokens, [MASK:?] 1 to 8 and [MASK:a-b] a to b tokens (the model chooses the length; over 64
     combinations of lengths, gap by gap)."""
-    from runtime.choose import Sampling
-    from runtime.device import check_device
-    from runtime.infiller import FillRequest, Infiller
+    from maria_onnx.runtime.choose import Sampling
+    from maria_onnx.runtime.device import check_device
+    from maria_onnx.runtime.infiller import FillRequest, Infiller
 
     check_device(device)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
@@ -430,10 +430,10 @@ def generate(
     from rich.console import Console
     from rich.progress import Progress
 
-    from runtime.anneal import Schedule, anneal, encode_ends
-    from runtime.choose import Sampling
-    from runtime.device import check_device
-    from runtime.infiller import Infiller
+    from maria_onnx.runtime.anneal import Schedule, anneal, encode_ends
+    from maria_onnx.runtime.choose import Sampling
+    from maria_onnx.runtime.device import check_device
+    from maria_onnx.runtime.infiller import Infiller
 
     check_device(device)
     schedule = Schedule(steps, fraction_start, fraction_end, anneal_start, anneal_end)
@@ -492,7 +492,7 @@ def bench(
                                                     "and bench its engine on the CPU (onnx-cpu-int8)."),
 ):
     """Infilling throughput against input length: ONNX runtime, PyTorch reference, MLM decoded autoregressively."""
-    from tools.bench import bench as run_bench
+    from maria_onnx.tools.bench import bench as run_bench
 
     if model is not None and checkpoint is None:
         raise ValueError("--model needs --checkpoint, the checkpoint it was exported from: the PyTorch systems "
@@ -525,17 +525,17 @@ def bench_serve(
                                                "ModelStreamInfer stream per client)."),
 ):
     """Load on a real `maria serve`: throughput, p50/p99 latency and batch sizes, with and without batching."""
-    from runtime.device import check_device
-    from tools.bench_serve import bench_serve as run_bench_serve
+    from maria_onnx.runtime.device import check_device
+    from maria_onnx.tools.bench_serve import bench_serve as run_bench_serve
 
     check_device(device)
     chosen = [d.strip() for d in decoders.split(",") if d.strip()]
     if not chosen or set(chosen) - {"auto", "engine", "concat"}:
         raise ValueError(f"--decoders takes a comma-separated list of auto, engine, concat; got '{decoders}'")
-    from tools.bench_serve import TEXTS
+    from maria_onnx.tools.bench_serve import TEXTS
     texts = TEXTS
     if texts_file is not None:
-        from runtime.text import decode_utf8, read_lines, texts_of
+        from maria_onnx.runtime.text import decode_utf8, read_lines, texts_of
         try:
             data = texts_file.read_bytes()
         except OSError as error:
@@ -571,10 +571,10 @@ def eval_command(
     from rich.console import Console
     from rich.table import Table
 
-    from runtime.device import check_device
-    from runtime.evaluate import check_mask_rate
-    from runtime.infiller import Infiller
-    from tools.evaluate import evaluate
+    from maria_onnx.runtime.device import check_device
+    from maria_onnx.runtime.evaluate import check_mask_rate
+    from maria_onnx.runtime.infiller import Infiller
+    from maria_onnx.tools.evaluate import evaluate
 
     check_device(device)
     check_mask_rate(mask_rate, "--mask-rate")
@@ -630,8 +630,8 @@ def serve(
     """Serve a bundle over HTTP: the Open Inference Protocol (KServe v2 / Triton) with Triton's generate extension,
     /v1/infill and its SSE stream; with --grpc-port, the Open Inference Protocol over gRPC too."""
     try:
-        from serve.app import ServeSettings
-        from serve.run import serve as run_serve
+        from maria_onnx.serve.app import ServeSettings
+        from maria_onnx.serve.run import serve as run_serve
     except ImportError as error:
         raise ValueError(f"{error.name}: `maria serve` needs the serve extra; pip install 'maria-onnx[serve]'") \
             from None
@@ -639,13 +639,13 @@ def serve(
         raise ValueError(f"--port and --grpc-port are both {port}; HTTP and gRPC each need a port of their own")
     if grpc_port is not None:
         try:
-            import serve.grpc_service  # noqa: F401
+            import maria_onnx.serve.grpc_service  # noqa: F401
         except ImportError as error:
             raise ValueError(f"{error.name}: --grpc-port needs the grpc extra; pip install 'maria-onnx[serve,grpc]'") \
                 from None
-    from runtime.device import check_device
-    from runtime.infiller import Infiller
-    from serve.protocol import check_model_name
+    from maria_onnx.runtime.device import check_device
+    from maria_onnx.runtime.infiller import Infiller
+    from maria_onnx.serve.protocol import check_model_name
 
     check_device(device)
     check_model_name(model_name)
@@ -698,8 +698,8 @@ def triton_repo(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a repository this command wrote."),
 ):
     """Write a Triton Inference Server model repository (Python backend) serving a bundle."""
-    from runtime.default_model import resolve_bundle
-    from serve.triton import write_repository
+    from maria_onnx.runtime.default_model import resolve_bundle
+    from maria_onnx.serve.triton import write_repository
 
     folder = write_repository(resolve_bundle(bundle), out, model_name, kind, instances, max_batch_size,
                               max_queue_delay_us, max_queue, timeout_us, link, overwrite, max_texts, threads)

@@ -23,8 +23,8 @@ import torch
 from rich.console import Console
 
 from maria_onnx.checkpoint import load_maria
-from runtime.onnx_backend import OnnxBackend
-from runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, GraphSpec, Manifest, sha256
+from maria_onnx.runtime.onnx_backend import OnnxBackend
+from maria_onnx.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, GraphSpec, Manifest, sha256
 
 from .graphs import (AR_FILE, AR_LM_HEAD_FILE, HEAD_FILE, MLM_DECODER_FILE, MLM_FILE, export_backbones,
                      export_baseline_heads, export_fusion_head)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface
 
-from runtime.slots import capacity_axis
+from maria_onnx.runtime.slots import capacity_axis
 
 from .attention import FusedAttention
 from .rotary import RotaryTables, fusable, fused_rotary

@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from maria_onnx.reference import TorchBackend, reference_infill
-from runtime.backend import SpecialIds
-from runtime.choose import Sampling
-from runtime.decode import sequence_rngs, teacher_forced_logits
-from runtime.engine import engine_infill
+from maria_onnx.runtime.backend import SpecialIds
+from maria_onnx.runtime.choose import Sampling
+from maria_onnx.runtime.decode import sequence_rngs, teacher_forced_logits
+from maria_onnx.runtime.engine import engine_infill
 
 # variant -> (relative bound on graph outputs and logits, least top-1 agreement of fills end to end)
 TOLERANCE = {"fp32": (1e-4, 1.0), "fp16": (3e-2, 0.95), "int8": (0.25, 0.8)}

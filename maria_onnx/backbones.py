@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-from runtime.backend import SpecialIds
-from runtime.device import choose_device
-from runtime.utf8 import Utf8Rule
+from maria_onnx.runtime.backend import SpecialIds
+from maria_onnx.runtime.device import choose_device
+from maria_onnx.runtime.utf8 import Utf8Rule
 
 PROBE_TEXT = "MARIA fills masked tokens: the quick brown fox jumps over 13 lazy dogs, doesn't it?\n\tDone."
 

@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.backend import SpecialIds
-from runtime.manifest import CHECKPOINT_CONFIG as CONFIG_NAME, from_dict
+from maria_onnx.runtime.backend import SpecialIds
+from maria_onnx.runtime.manifest import CHECKPOINT_CONFIG as CONFIG_NAME, from_dict
 
 HEAD_NAME = "head.safetensors"
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.text import decode_utf8, read_lines, texts_of
+from maria_onnx.runtime.text import decode_utf8, read_lines, texts_of
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
 JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}

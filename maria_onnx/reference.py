@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from runtime.choose import Sampling
-from runtime.decode import Fill, infill, score
+from maria_onnx.runtime.choose import Sampling
+from maria_onnx.runtime.decode import Fill, infill, score
 
 from .backbones import Backbones
 from .model import FusionHead, VocabularyHead

@@ -39,11 +39,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Match, Route
 
-from runtime.anneal import anneal_request
-from runtime.choose import Sampling
-from runtime.requests import SETTINGS, SettingTypeError, TooLarge, bounded_request, read_settings
-from runtime.text import quoted
-from runtime.utf8 import FillPieces
+from maria_onnx.runtime.anneal import anneal_request
+from maria_onnx.runtime.choose import Sampling
+from maria_onnx.runtime.requests import SETTINGS, SettingTypeError, TooLarge, bounded_request, read_settings
+from maria_onnx.runtime.text import quoted
+from maria_onnx.runtime.utf8 import FillPieces
 
 from .batcher import Batcher, Job, QueueFull
 from .continuous import ContinuousBatcher

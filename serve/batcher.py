@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from runtime.anneal import AnnealRequest, run_annealing
-from runtime.infiller import FillRequest
+from maria_onnx.runtime.anneal import AnnealRequest, run_annealing
+from maria_onnx.runtime.infiller import FillRequest
 
 from .stats import Timings
 

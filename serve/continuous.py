@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from runtime.anneal import AnnealRequest, Annealing
-from runtime.decode import Fill
-from runtime.engine import Engine
-from runtime.rounds import Rounds
+from maria_onnx.runtime.anneal import AnnealRequest, Annealing
+from maria_onnx.runtime.decode import Fill
+from maria_onnx.runtime.engine import Engine
+from maria_onnx.runtime.rounds import Rounds
 
 from .batcher import Job, QueueFull
 

@@ -12,7 +12,7 @@ a request at once, so the stream carries one event; /v1/infill/stream sends each
 
 import json
 
-from runtime.text import quoted
+from maria_onnx.runtime.text import quoted
 
 from .protocol import VERSION, BadRequest, output_values, parameters, text_list
 

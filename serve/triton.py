@@ -2,7 +2,8 @@
 
     REPO/NAME/config.pbtxt        the tensors of `maria serve`, dynamic batching with a queue policy, instances
     REPO/NAME/1/model.py          serve/triton_model.py
-    REPO/NAME/1/runtime/          this project's runtime package (onnxruntime, numpy, tokenizers only)
+    REPO/NAME/1/maria_onnx/       this project's package root (__init__.py) and its runtime (onnxruntime, numpy,
+                                  tokenizers only), under the names it is installed with
     REPO/NAME/1/bundle/           the bundle, copied (or linked with link=True)
 
 The repository is written beside its target and renamed into place, so it appears complete or not at all.
@@ -12,8 +13,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import runtime
-from runtime.manifest import load_manifest
+import maria_onnx
+import maria_onnx.runtime
+from maria_onnx.runtime.manifest import load_manifest
 
 from .protocol import check_model_name
 
@@ -88,7 +90,10 @@ def write_repository(bundle, out, name: str = "maria", kind: str = "gpu", instan
             config_pbtxt(name, kind, instances, max_batch_size, max_queue_delay_us, max_queue, timeout_us, max_texts,
                          threads))
         shutil.copy(MODEL_FILE, version / "model.py")
-        shutil.copytree(Path(runtime.__file__).parent, version / "runtime", ignore=_source_only)
+        (version / "maria_onnx").mkdir()
+        shutil.copy(maria_onnx.__file__, version / "maria_onnx" / "__init__.py")
+        shutil.copytree(Path(maria_onnx.runtime.__file__).parent, version / "maria_onnx" / "runtime",
+                        ignore=_source_only)
         if link:
             (version / "bundle").symlink_to(bundle, target_is_directory=True)
         else:

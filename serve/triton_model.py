@@ -1,7 +1,7 @@
 """A Triton Inference Server Python-backend model that fills masked text with a MARIA bundle.
 
-`maria triton-repo` copies this file as `<repo>/<name>/1/model.py`, beside a copy of the `runtime` package and
-the bundle (`bundle/`). ONNX Runtime runs inside the backend, so the decode loop keeps its KV cache on the
+`maria triton-repo` copies this file as `<repo>/<name>/1/model.py`, beside a copy of the package root and its
+runtime (`maria_onnx/`) and the bundle (`bundle/`). ONNX Runtime runs inside the backend, so the decode loop keeps its KV cache on the
 device between steps. With dynamic batching Triton hands several requests to one `execute` call; they are filled
 in one decode batch, each with its own seed (request parameters: temperature, top_k, top_p, seed, num_samples).
 A request over `max_texts` decode rows (texts x samples x span candidates; a parameter of config.pbtxt) is
@@ -19,11 +19,11 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))           # the runtime package copied beside this file
+sys.path.insert(0, str(HERE))           # maria_onnx (its root and runtime) copied beside this file
 
-from runtime.cpus import shared_threads  # noqa: E402
-from runtime.infiller import FillRequest, Infiller  # noqa: E402
-from runtime.requests import bounded_request, read_settings  # noqa: E402
+from maria_onnx.runtime.cpus import shared_threads  # noqa: E402
+from maria_onnx.runtime.infiller import FillRequest, Infiller  # noqa: E402
+from maria_onnx.runtime.requests import bounded_request, read_settings  # noqa: E402
 
 
 def instance_threads(config: dict, kind: str | None) -> int | None:

@@ -31,7 +31,7 @@ def checkpoints(pairs, tmp_path_factory):
 @pytest.fixture(scope="session")
 def bundles(checkpoints, tmp_path_factory):
     """ar_type -> fp32 bundle exported from its checkpoint."""
-    from export.bundle import export_bundle
+    from maria_onnx.export.bundle import export_bundle
     root = tmp_path_factory.mktemp("bundles")
     for ar_type, checkpoint in checkpoints.items():
         export_bundle(checkpoint, root / ar_type)

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
-from runtime.anneal import Schedule, anneal
-from runtime.choose import Sampling
-from runtime.infiller import Infiller
-from runtime.likelihood import ar_loglikelihood
+from maria_onnx.cli import app
+from maria_onnx.runtime.anneal import Schedule, anneal
+from maria_onnx.runtime.choose import Sampling
+from maria_onnx.runtime.infiller import Infiller
+from maria_onnx.runtime.likelihood import ar_loglikelihood
 
 
 @pytest.fixture(scope="module")
@@ -65,20 +65,20 @@ def test_a_seed_repeats_a_run_and_the_cli_reports_energies(bundles):
 def test_samples_beyond_a_group_are_annealed_and_printed_a_group_at_a_time(bundles, monkeypatch):
     """--num-samples over 16 batches goes a group at a time (memory stays bounded, each group printed when it
     ends), with the texts of one group: sample j keeps its generators of (seed, j, k)."""
-    import runtime.anneal
-    from cli import CHUNK_BATCHES
+    from maria_onnx.runtime import anneal as runtime_anneal
+    from maria_onnx.cli import CHUNK_BATCHES
 
     samples = CHUNK_BATCHES + 2
     args = ["generate", "--length", "4", "--steps", "2", "--num-samples", str(samples), "--seed", "5",
             "--model", str(bundles["llama"]), "--device", "cpu"]
     whole = CliRunner().invoke(app, args + ["--batch-size", "8"])
-    groups, run = [], runtime.anneal.anneal
+    groups, run = [], runtime_anneal.anneal
 
     def counted(*rest, **kwargs):
         groups.append((rest[4], kwargs["first_sample"]))
         return run(*rest, **kwargs)
 
-    monkeypatch.setattr(runtime.anneal, "anneal", counted)
+    monkeypatch.setattr(runtime_anneal, "anneal", counted)
     grouped = CliRunner().invoke(app, args + ["--batch-size", "1"])
     assert whole.exit_code == grouped.exit_code == 0, grouped.output
     assert groups == [(CHUNK_BATCHES, 0), (2, CHUNK_BATCHES)]

@@ -10,11 +10,11 @@ import onnx
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
-from export.bundle import export_bundle
+from maria_onnx.cli import app
+from maria_onnx.export.bundle import export_bundle
 from maria_onnx.checkpoint import load_maria
 from maria_onnx.reference import reference_infill
-from runtime.infiller import Infiller
+from maria_onnx.runtime.infiller import Infiller
 
 from test_runtime import random_cases
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import app
+from maria_onnx.cli import app
 from maria_onnx.checkpoint import load_maria
-from tools.baselines import baseline_heads, evaluate_baselines, mlm_autoregressive
+from maria_onnx.tools.baselines import baseline_heads, evaluate_baselines, mlm_autoregressive
 from maria_onnx.model import mlm_input_ids
-from runtime.evaluate import draw_masks, text_windows
-from runtime.infiller import Infiller
+from maria_onnx.runtime.evaluate import draw_masks, text_windows
+from maria_onnx.runtime.infiller import Infiller
 from tiny import corpus
 
 runner = CliRunner()
@@ -39,7 +39,7 @@ def test_bench_writes_json_and_png(checkpoints, bundles, tmp_path):
 def test_a_bench_stopped_part_way_keeps_what_it_measured(checkpoints, bundles, tmp_path, monkeypatch):
     """Each (length, batch) is written to bench.json ("complete": false) and printed as it is measured: a long
     bench stopped by a time limit keeps its first points."""
-    import tools.bench
+    from maria_onnx.tools import bench as tools_bench
 
     def systems(*args, **kwargs):
         chosen, device = systems_of(*args, **kwargs)
@@ -50,11 +50,11 @@ def test_a_bench_stopped_part_way_keeps_what_it_measured(checkpoints, bundles, t
                 raise KeyboardInterrupt
             return pytorch(ids, masked)
         return {**chosen, "pytorch": stops_at_24}, device
-    systems_of = tools.bench._systems
-    monkeypatch.setattr(tools.bench, "_systems", systems)
+    systems_of = tools_bench._systems
+    monkeypatch.setattr(tools_bench, "_systems", systems)
     (tmp_path / "bench.png").write_bytes(b"an earlier run's plot")
     with pytest.raises(KeyboardInterrupt):
-        tools.bench.bench(tmp_path, checkpoint=checkpoints["olmo"], bundle=bundles["olmo"], lengths=[8, 24],
+        tools_bench.bench(tmp_path, checkpoint=checkpoints["olmo"], bundle=bundles["olmo"], lengths=[8, 24],
                           batch_sizes=[1], repeats=1, device="cpu", mlm_ar=False, concat=False)
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["complete"] is False
@@ -221,7 +221,7 @@ def test_eval_reports_maria_and_baselines_on_the_same_masks(checkpoints, bundles
 
 
 def test_onnx_baselines_match_the_pytorch_ones(checkpoints, bundles):
-    from runtime.evaluate import evaluate_baselines as onnx_baselines
+    from maria_onnx.runtime.evaluate import evaluate_baselines as onnx_baselines
     backbones, _, _ = load_maria(checkpoints["olmo2"])
     rng = np.random.default_rng(4)
     windows = rng.integers(6, backbones.vocab_size, (6, 20))
@@ -239,7 +239,7 @@ def test_eval_reads_a_file_as_training_reads_lines(bundles, tmp_path):
     """One document per line, split on newlines only (a form feed stays in its line), a byte order mark dropped:
     the windows `maria train --line-documents` would pack from the same file."""
     from maria_onnx.data import read_documents
-    from runtime.evaluate import document_windows
+    from maria_onnx.runtime.evaluate import document_windows
     infiller = Infiller(bundles["olmo"], device="cpu")
     text = "".join(f"document {i} with\x0ca form feed\r\n" for i in range(40))
     (tmp_path / "held.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
@@ -253,14 +253,14 @@ def test_eval_reads_only_as_far_as_its_windows_need(bundles, tmp_path):
     """The first --windows windows are the same however much text follows, and the text after them is not read:
     a file whose tail (or a folder whose last file) is not UTF-8 gives its first windows (reading it all would
     fail), and pack_windows takes documents only until its windows are full."""
-    from runtime.text import pack_windows
+    from maria_onnx.runtime.text import pack_windows
     infiller = Infiller(bundles["olmo"], device="cpu")
     head = "".join(f"document {i} of the held-out text\n" for i in range(40)).encode()
     (tmp_path / "head.txt").write_bytes(head)
     (tmp_path / "long.txt").write_bytes(head + b"more text\n" * 200_000 + b"\xff\n")
     want = text_windows(tmp_path / "head.txt", infiller, 16, 8)
     np.testing.assert_array_equal(text_windows(tmp_path / "long.txt", infiller, 16, 8), want)
-    from tools.evaluate import windows_of
+    from maria_onnx.tools.evaluate import windows_of
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "a.txt").write_bytes(head)
     (tmp_path / "folder" / "b.txt").write_bytes(b"\xff")              # one document a file, in name order

@@ -6,7 +6,7 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
+from maria_onnx.cli import app
 
 pytest.importorskip("starlette", reason="the serve extra (starlette, uvicorn, prometheus-client) is not installed")
 
@@ -25,7 +25,7 @@ def test_bench_serve_reports_both_settings(tmp_path):
         assert run["queue_ms"] + run["infer_ms"] < run["p99_ms"]
     assert runs[1]["mean_batch_size"] == 1.0                       # without batching every step holds one text
     # the engine takes one step per masked token: the 8 requests' texts hold 20 masked tokens in all
-    from tools.bench_serve import TEXTS
+    from maria_onnx.tools.bench_serve import TEXTS
     masked = [sum(int(n or 1) for n in re.findall(r"\[MASK(?::(\d+))?\]", text)) for text in TEXTS]
     assert runs[1]["batches"] == sum(masked[(client + i) % len(TEXTS)] for client in range(4) for i in range(2)) == 20
 

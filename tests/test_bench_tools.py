@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.infiller import Infiller
-from runtime.text import plain_encoder
+from maria_onnx.runtime.infiller import Infiller
+from maria_onnx.runtime.text import plain_encoder
 from tiny import corpus
-from tools import bench_generate, bench_spans, error_line, write_json
+from maria_onnx.tools import bench_generate, bench_spans, error_line, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,7 +63,7 @@ def test_generation_bench_reports_each_system(infiller, tmp_path):
 
 
 def test_the_step_profile_names_the_cache_copy_and_the_in_place_writes(bundles, tmp_path):
-    from tools import profile_step
+    from maria_onnx.tools import profile_step
     profile_step.main(bundles["olmo"], tmp_path / "profile.json")
     report = json.loads((tmp_path / "profile.json").read_text())
     assert report["shape"]["cached_tokens"] == 1024 and report["shape"]["layers"] == 2
@@ -78,7 +78,7 @@ def test_the_step_profile_names_the_cache_copy_and_the_in_place_writes(bundles, 
 
 
 def test_two_steps_are_compared_side_by_side(bundles, tmp_path):
-    from tools import compare_steps
+    from maria_onnx.tools import compare_steps
     report = compare_steps.main(bundles["olmo"], bundles["llama"], tmp_path / "steps.json", runs=4)
     assert json.loads((tmp_path / "steps.json").read_text()) == report
     assert report["nodes"]["A"]["RotaryEmbedding"] == report["nodes"]["B"]["RotaryEmbedding"] == 4
@@ -100,7 +100,7 @@ def test_two_steps_are_compared_side_by_side(bundles, tmp_path):
     ("bench_generate", ("--out", "OUT", "--schedule", '{"foo": 1}'), "--schedule takes a JSON object of"),
 ])
 def test_the_tools_name_bad_arguments_in_one_line(bundles, tmp_path, tool, args, message):
-    """`python -m tools.NAME` as the docs run them: one line on stderr, exit status 2, nothing written."""
+    """`python -m maria_onnx.tools.NAME` as the docs run them: one line on stderr, exit status 2, nothing written."""
     paths = {"NONE": str(tmp_path / "none"), "OUT": str(tmp_path / "out.json"), "BUNDLE": str(bundles["olmo"])}
     for placeholder, path in paths.items():
         args, message = tuple(a.replace(placeholder, path) for a in args), message.replace(placeholder, path)
@@ -146,7 +146,7 @@ def test_a_plot_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
     from matplotlib.figure import Figure
 
-    from tools import save_figure
+    from maria_onnx.tools import save_figure
 
     png, figure = tmp_path / "bench.png", plt.figure()
     save_figure(figure, png)

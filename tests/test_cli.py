@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
+from maria_onnx.cli import app
 
 runner = CliRunner()
 
@@ -153,8 +153,8 @@ def test_a_reader_that_leaves_early_stops_the_fill_quietly(bundles, tmp_path):
 
 def test_results_are_printed_chunk_by_chunk_as_they_are_filled(bundles, tmp_path, monkeypatch, capsys):
     """A long input's first results are out before the rest is filled, and chunking changes no result."""
-    from cli import CHUNK_BATCHES
-    from runtime.infiller import Infiller
+    from maria_onnx.cli import CHUNK_BATCHES
+    from maria_onnx.runtime.infiller import Infiller
 
     lines = "".join(f"Line {i} has a [MASK] to fill.\n" for i in range(3 * CHUNK_BATCHES + 1))
     (tmp_path / "in.txt").write_text(lines)
@@ -230,7 +230,7 @@ def test_input_is_read_a_piece_at_a_time_as_whole_text_would_be():
     import io
     import random
 
-    from runtime.text import StreamLines, decode_utf8, read_lines
+    from maria_onnx.runtime.text import StreamLines, decode_utf8, read_lines
     pieces = ["a", " ", "\n", "\r", "\u00e9", "\U0001f600", "\u2028", "{", "}", '"text"', ":", '"x"', "\x0c"]
     rng = random.Random(0)
     for _ in range(400):
@@ -258,8 +258,8 @@ def test_many_samples_of_a_text_are_filled_and_printed_a_chunk_at_a_time(bundles
     the next is filled (memory stays bounded whatever --num-samples asks), with the results of one piece; with
     --rerank a text's samples are printed once its last piece is filled, ordered by score as when all are
     filled at once."""
-    from cli import CHUNK_BATCHES
-    from runtime.infiller import Infiller
+    from maria_onnx.cli import CHUNK_BATCHES
+    from maria_onnx.runtime.infiller import Infiller
 
     samples, args = 2 * CHUNK_BATCHES + 3, ["--model", str(bundles["olmo"]), "--temperature", "1", "--seed", "4"]
     texts = ["a [MASK] b", "The [MASK:2] c"]
@@ -317,7 +317,7 @@ def test_version_names_the_package_onnx_runtime_cuda_and_python(monkeypatch):
     from importlib import metadata
 
     import onnxruntime
-    from runtime import sessions
+    from maria_onnx.runtime import sessions
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0, result.output
     package, runtime, cuda, cpus, python = result.stdout.splitlines()

@@ -1,6 +1,6 @@
 """The default model's corpus: reStructuredText stripped to prose, documents split stably."""
 
-from tools.corpus import rst_to_prose, split_of
+from maria_onnx.tools.corpus import rst_to_prose, split_of
 
 SOURCE = """\
 .. _bltin-exceptions:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
-from runtime import cpus
-from runtime.cpus import cpu_quota, session_threads, usable_cpus
+from maria_onnx.cli import app
+from maria_onnx.runtime import cpus
+from maria_onnx.runtime.cpus import cpu_quota, session_threads, usable_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,7 +84,7 @@ def test_more_threads_than_cpus_is_one_line_before_any_session_starts(bundles):
 
 
 def test_a_session_gets_the_threads_asked_for(bundles, monkeypatch):
-    from runtime.infiller import Infiller
+    from maria_onnx.runtime.infiller import Infiller
 
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     infiller = Infiller(bundles["olmo"], device="cpu", threads=3)
@@ -98,7 +98,7 @@ def test_a_session_gets_the_threads_asked_for(bundles, monkeypatch):
 
 PINNED = """
 import json, os, sys
-from runtime.infiller import Infiller
+from maria_onnx.runtime.infiller import Infiller
 infiller = Infiller(sys.argv[1], device="cpu")
 infiller.infill(["a [MASK] b [MASK:2] c"])
 tasks = os.listdir("/proc/self/task")
@@ -122,7 +122,7 @@ def test_a_process_limited_to_one_cpu_runs_no_thread_outside_it(bundles):
 def test_threads_from_the_cli_fill_alike(bundles):
     from typer.testing import CliRunner
 
-    from cli import app
+    from maria_onnx.cli import app
 
     def infill(*args):
         return CliRunner().invoke(app, ["infill", "a [MASK] b [MASK:3] c", "--model", str(bundles["olmo"]),

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from export.bundle import export_bundle
+from maria_onnx.export.bundle import export_bundle
 from maria_onnx.checkpoint import load_maria
 from maria_onnx.reference import reference_infill, reference_score
-from runtime.infiller import Infiller
-from runtime.sessions import cuda_missing
+from maria_onnx.runtime.infiller import Infiller
+from maria_onnx.runtime.sessions import cuda_missing
 from test_runtime import random_cases
 from tiny import corpus
 

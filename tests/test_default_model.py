@@ -5,19 +5,21 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
-from runtime.default_model import DEFAULT_MODEL
-from runtime.evaluate import draw_masks
-from runtime.infiller import Infiller
-from runtime.manifest import load_manifest
+from maria_onnx.cli import app
+from maria_onnx.runtime.default_model import DEFAULT_MODEL
+from maria_onnx.runtime.evaluate import draw_masks
+from maria_onnx.runtime.infiller import Infiller
+from maria_onnx.runtime.manifest import load_manifest
 
 ROOT = Path(__file__).parent.parent
 QUALITY = json.loads((DEFAULT_MODEL / "quality.json").read_text())
@@ -68,16 +70,35 @@ def test_quality_table_holds_for_the_shipped_bundle(rate):
     assert math.isclose(math.exp(sum(nll) / count), rows["MARIA"]["perplexity"], rel_tol=1e-4)
 
 
-def test_a_plain_wheel_install_carries_the_default_model(tmp_path):
+def test_a_plain_wheel_install_is_one_package_carrying_the_default_model(tmp_path):
+    """The wheel holds one top-level import package, maria_onnx (the default model inside it); installed, its CLI
+    and its Python API work from a folder that holds a cli.py and a runtime/ package of the user's own."""
+    source = tmp_path / "source"                 # a clean copy: an earlier build's build/ folder is not the wheel's
+    shutil.copytree(ROOT, source, symlinks=True,
+                    ignore=shutil.ignore_patterns(".*", "build", "dist", "*.egg-info", "__pycache__", "docs", "runs"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "wheel"), str(ROOT)], check=True, capture_output=True)
+                    str(tmp_path / "wheel"), str(source)], check=True, capture_output=True)
     (wheel,) = (tmp_path / "wheel").glob("maria_onnx-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names if ".dist-info/" not in name} == {"maria_onnx"}
+    assert "maria_onnx/cli.py" in names and "maria_onnx/runtime/default_model/ar_step.onnx" in names
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"),
                     str(wheel)], check=True, capture_output=True)
+    user = tmp_path / "user"                     # a user's own project, with names the package must not take
+    (user / "runtime").mkdir(parents=True)
+    (user / "runtime" / "__init__.py").write_text("raise ImportError('the user runtime package was imported')\n")
+    (user / "cli.py").write_text("raise SystemExit('the user cli.py ran')\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
-    code = ("import runtime, cli; assert runtime.__file__.startswith(%r), runtime.__file__; "
-            "cli.app(['infill', '--json', 'The [MASK] statement is used to [MASK] an exception.'])"
+    code = ("import maria_onnx, sys; assert maria_onnx.__file__.startswith(%r), maria_onnx.__file__\n"
+            "from maria_onnx import Infiller, Sampling\n"
+            "assert 'torch' not in sys.modules\n"
+            "print(Infiller().infill(['The [MASK] statement is used to [MASK] an exception.'], Sampling())[0].text)"
             % str(tmp_path / "site"))
-    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=user, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "The following statement is used to raise an exception."
+    run = subprocess.run([sys.executable, "-m", "maria_onnx.cli", "infill", "--json",
+                          "The [MASK] statement is used to [MASK] an exception."], env=env, cwd=user,
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert len(json.loads(run.stdout)["fills"]) == 2

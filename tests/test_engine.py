@@ -6,13 +6,13 @@ import pytest
 
 from maria_onnx.checkpoint import load_maria
 from maria_onnx.reference import reference_infill
-from runtime.choose import Sampling
-from runtime.decode import sequence_rngs
-from runtime.engine import Engine, engine_infill
-from runtime.infiller import Infiller
-from runtime.manifest import load_manifest
-from runtime.onnx_backend import OnnxBackend
-from runtime.slots import SlotCache, capacity_for
+from maria_onnx.runtime.choose import Sampling
+from maria_onnx.runtime.decode import sequence_rngs
+from maria_onnx.runtime.engine import Engine, engine_infill
+from maria_onnx.runtime.infiller import Infiller
+from maria_onnx.runtime.manifest import load_manifest
+from maria_onnx.runtime.onnx_backend import OnnxBackend
+from maria_onnx.runtime.slots import SlotCache, capacity_for
 
 from test_runtime import random_cases
 
@@ -197,8 +197,8 @@ REFUSED = ("[ONNXRuntimeError] : 1 : FAIL : This session cannot use the graph ca
 def test_a_refused_cuda_graph_capture_runs_the_step_without_it(bundles, monkeypatch, error, refused):
     """ONNX Runtime captures a CUDA graph only where every node runs on CUDA; where it refuses (shape arithmetic on
     the CPU), the step runs without capture and one warning says why. Any other error still stops."""
-    from runtime import onnx_backend
-    from runtime.sessions import cuda_providers, make_session
+    from maria_onnx.runtime import onnx_backend
+    from maria_onnx.runtime.sessions import cuda_providers, make_session
 
     class OnCuda:                   # a CPU session that reports the CUDA provider, as it would on a GPU
         def __init__(self, session):
@@ -244,7 +244,7 @@ def test_each_decoder_loads_only_its_own_graph_of_the_ar(bundles):
 
 
 def test_decoder_switch_names_what_a_bundle_lacks(bundles, checkpoints, tmp_path):
-    from export.bundle import export_bundle
+    from maria_onnx.export.bundle import export_bundle
     with pytest.raises(ValueError, match="--decoder must be one of"):
         Infiller(bundles["olmo"], device="cpu", decoder="fast")
     lean = export_bundle(checkpoints["olmo"], tmp_path / "lean", concat_decoder=False)
@@ -297,7 +297,7 @@ def test_a_step_graph_with_the_earlier_cache_layout_is_refused_in_one_line(bundl
     import json
     import shutil
     import onnx
-    from runtime.manifest import sha256
+    from maria_onnx.runtime.manifest import sha256
     folder = shutil.copytree(bundles["olmo"], tmp_path / "earlier")
     graph = onnx.load(str(folder / "ar_step.onnx"))
     for value in [*graph.graph.input, *graph.graph.output]:

@@ -10,13 +10,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import app
-from export import bundle as bundle_module
-from export import validate as validate_module
-from export.bundle import export_bundle
-from export.validate import ValidationError
+from maria_onnx.cli import app
+from maria_onnx.export import bundle as bundle_module
+from maria_onnx.export import validate as validate_module
+from maria_onnx.export.bundle import export_bundle
+from maria_onnx.export.validate import ValidationError
 from maria_onnx.checkpoint import load_maria
-from runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
+from maria_onnx.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
 
 AR_TYPES = ["olmo", "olmo2", "llama"]
 
@@ -211,7 +211,7 @@ def test_graphs_with_external_weights_export_and_load(checkpoints, tmp_path, mon
     """Graphs over 2 GB come out of Optimum with their weights in <name>_data; the bundle keeps them external."""
     import onnx
 
-    from runtime.infiller import Infiller
+    from maria_onnx.runtime.infiller import Infiller
     export_backbones = bundle_module.export_backbones
 
     def as_if_large(backbones, folder, opset, concat_decoder):
@@ -241,7 +241,7 @@ def test_tensors_written_one_file_each_end_up_in_one_weights_file_per_graph(chec
     to save a 2.4 GB graph. Every graph is made to come out that way here."""
     import onnx
 
-    from runtime.infiller import Infiller
+    from maria_onnx.runtime.infiller import Infiller
     export = torch.onnx.export
 
     def scattered(model, args, f, **options):
@@ -275,7 +275,7 @@ def test_baseline_heads_match_the_backbones_and_can_be_left_out(bundles, checkpo
     np.testing.assert_allclose(mlm_logits, want_mlm.numpy(), atol=1e-4, rtol=1e-4)
     lean = export_bundle(checkpoints["olmo"], tmp_path / "lean", baseline_heads=False)
     assert not lean.has_baseline_heads and "ar_lm_head.onnx" not in lean.files
-    from runtime.infiller import Infiller
+    from maria_onnx.runtime.infiller import Infiller
     infiller = Infiller(tmp_path / "lean", device="cpu")
     assert infiller.infill(["a [MASK] b"])[0].fills
     with pytest.raises(ValueError, match="has no ar_lm_head.onnx .*re-export"):

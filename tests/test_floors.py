@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from runtime.default_model import DEFAULT_MODEL
-from runtime.infiller import Infiller
+from maria_onnx.runtime.default_model import DEFAULT_MODEL
+from maria_onnx.runtime.infiller import Infiller
 from tests.test_serve import ROOT, TEXTS, call, oip, server
 
 FLOORS_PYTHON = os.environ.get("MARIA_FLOORS_PYTHON")
@@ -35,7 +35,7 @@ def same_fills(got: list[dict], want: list[dict]) -> bool:
 def test_the_environment_holds_the_floors():
     from packaging.version import Version
 
-    from tools.floors import floors
+    from maria_onnx.tools.floors import floors
     wanted = floors()
     script = "import importlib.metadata as m, json, sys; print(json.dumps({n: m.version(n) for n in sys.argv[1:]}))"
     run = subprocess.run([FLOORS_PYTHON, "-c", script, *wanted], capture_output=True, text=True, timeout=60)
@@ -54,7 +54,7 @@ def test_infill_at_the_floors(reference):
 def test_serve_http_and_grpc_at_the_floors(reference):
     pytest.importorskip("grpc", reason="the grpc extra (grpcio, protobuf) is not installed")
     pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
-    from serve.protocol import bytes_elements
+    from maria_onnx.serve.protocol import bytes_elements
     from tests.test_grpc import bare_infer, grpc_address, grpcclient, pb, stream, text_input
 
     with server("--grpc-port", "0", "--grace", "600", python=FLOORS_PYTHON) as (url, process):
@@ -104,7 +104,7 @@ def test_serve_http_and_grpc_at_the_floors(reference):
 def test_a_fused_attention_bundle_fills_alike_at_the_floors(checkpoints, tmp_path):
     """ONNX Runtime 1.20 misread an attention bias broadcast over the heads (wrong fills at batch > 1, no error):
     the fused step graph feeds it a bias per head, so a batch of texts fills there as here."""
-    from export.bundle import export_bundle
+    from maria_onnx.export.bundle import export_bundle
     from tiny import corpus
     export_bundle(checkpoints["olmo"], tmp_path / "fused", attention="fused", concat_decoder=False)
     texts = [" ".join(w[:2] + ["[MASK]"] + w[3:-2] + ["[MASK:2]"]) for w in (t.split() for t in corpus(6, seed=9))]

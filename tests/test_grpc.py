@@ -21,11 +21,11 @@ grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc]
 from tritonclient.grpc import model_config_pb2, service_pb2  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from runtime.choose import Sampling  # noqa: E402
-from runtime.default_model import DEFAULT_MODEL  # noqa: E402
-from runtime.infiller import Infiller  # noqa: E402
-from serve import oip_pb2 as pb  # noqa: E402
-from serve.protocol import bytes_elements  # noqa: E402
+from maria_onnx.runtime.choose import Sampling  # noqa: E402
+from maria_onnx.runtime.default_model import DEFAULT_MODEL  # noqa: E402
+from maria_onnx.runtime.infiller import Infiller  # noqa: E402
+from maria_onnx.serve import oip_pb2 as pb  # noqa: E402
+from maria_onnx.serve.protocol import bytes_elements  # noqa: E402
 from tests.test_serve import ROOT, TEXTS, call, engine_steps, server  # noqa: E402
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -86,7 +86,7 @@ def test_the_messages_are_the_protocols():
 RUNTIME_CHECK = """
 import google.protobuf
 from google.protobuf.json_format import MessageToDict, ParseDict
-from serve import oip_pb2 as pb
+from maria_onnx.serve import oip_pb2 as pb
 request = pb.ModelInferRequest(model_name="maria", raw_input_contents=[b"a [MASK] b"])
 text = request.inputs.add(name="text", datatype="BYTES", shape=[1, 1])
 text.parameters["binary_data_size"].int64_param = 10
@@ -474,9 +474,9 @@ def test_a_grpc_port_in_use_is_one_line_and_exit_2():
 def test_without_the_grpc_extra_the_flag_names_it(monkeypatch):
     from typer.testing import CliRunner
 
-    from cli import app
+    from maria_onnx.cli import app
     monkeypatch.setitem(sys.modules, "grpc", None)                   # as if grpcio were not installed
-    monkeypatch.delitem(sys.modules, "serve.grpc_service", raising=False)
+    monkeypatch.delitem(sys.modules, "maria_onnx.serve.grpc_service", raising=False)
     result = CliRunner().invoke(app, ["serve", "--grpc-port", "0", "--device", "cpu"])
     assert result.exit_code == 2
     assert result.output.strip() == "error: grpc: --grpc-port needs the grpc extra; pip install 'maria-onnx[serve,grpc]'"

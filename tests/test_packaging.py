@@ -40,7 +40,7 @@ def test_the_runtime_fills_with_the_cpu_onnxruntime(tmp_path):
             "from importlib.metadata import distributions\n"
             "names = {d.metadata['Name'] for d in distributions()}\n"
             "assert 'onnxruntime' in names and 'onnxruntime-gpu' not in names, names\n"
-            "from runtime.infiller import Infiller\n"
+            "from maria_onnx import Infiller\n"
             "print(Infiller(device='auto').infill(['The [MASK] statement is used to [MASK] an exception.'])[0].text)")
     result = subprocess.run([str(python), "-c", code, str(ROOT)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -7,9 +7,9 @@ import struct
 
 import pytest
 
-from serve.app import ClientError, sampling_of
-from runtime.text import loads_json, nesting
-from serve.protocol import BadRequest, infer_response, parse_infer
+from maria_onnx.serve.app import ClientError, sampling_of
+from maria_onnx.runtime.text import loads_json, nesting
+from maria_onnx.serve.protocol import BadRequest, infer_response, parse_infer
 
 
 def text_input(texts: list[str], shape=None) -> dict:
@@ -131,7 +131,7 @@ def test_integral_numbers_are_integers():
 
 
 def test_only_the_outputs_asked_for_come_back():
-    from runtime.results import Infilled
+    from maria_onnx.runtime.results import Infilled
 
     def request(outputs):
         body = {"inputs": [text_input(["a [MASK]"])], **({"outputs": outputs} if outputs is not None else {})}
@@ -149,7 +149,7 @@ def test_only_the_outputs_asked_for_come_back():
 
 
 def test_the_request_id_comes_back():
-    from runtime.results import Infilled
+    from maria_onnx.runtime.results import Infilled
 
     filled = Infilled(input="a [MASK]", text="a b", ids=[1, 2], masked_positions=[1], fill_logprobs=[-0.5],
                       fills=[" b"])
@@ -219,7 +219,7 @@ def test_json_nesting_is_counted_outside_strings_and_bounded_alike_on_every_pyth
     (2, 65, "2 texts x 65 samples is over the limit of 64 per request; ask for at most 64 samples of one text per request"),
 ])
 def test_a_request_over_the_row_limit_is_told_how_to_fit(texts, samples, message):
-    from runtime.requests import TooLarge, check_size
+    from maria_onnx.runtime.requests import TooLarge, check_size
 
     check_size(64, 8, 8)
     with pytest.raises(TooLarge) as refused:
@@ -228,7 +228,7 @@ def test_a_request_over_the_row_limit_is_told_how_to_fit(texts, samples, message
 
 
 def test_a_span_request_over_the_row_limit_is_told_how_to_fit():
-    from runtime.requests import FillRequest, Prepared, TooLarge, check_size
+    from maria_onnx.runtime.requests import FillRequest, Prepared, TooLarge, check_size
 
     def prepared(candidates):
         return Prepared("t", [((length,), None) for length in range(1, candidates + 1)])

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli import NEWLINES, app, shown
-from export.bundle import export_bundle
-from runtime.choose import Sampling
-from runtime.default_model import DEFAULT_MODEL
-from runtime.infiller import Infilled, Infiller
+from maria_onnx.cli import NEWLINES, app, shown
+from maria_onnx.export.bundle import export_bundle
+from maria_onnx.runtime.choose import Sampling
+from maria_onnx.runtime.default_model import DEFAULT_MODEL
+from maria_onnx.runtime.infiller import Infilled, Infiller
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -272,7 +272,7 @@ def test_a_string_is_not_a_list_of_texts(default):
 def test_a_text_far_over_the_maximum_is_refused_without_tokenizing_all_of_it(default):
     """A whole file on one line, or a 1 MB request of [MASK:2046] markers, is refused from its start: the
     tokenizer never takes more than 32 characters per token allowed, and no more ids are made than allowed."""
-    from runtime.text import encode_masked_text
+    from maria_onnx.runtime.text import encode_masked_text
     taken = []
 
     class Spy:
@@ -304,7 +304,7 @@ def test_a_special_tokens_spelling_in_the_text_is_text(default):
     assert not special_ids & set(result.ids)
     fill = result.fills[0]
     assert result.text == f"Split on [SEP] or <|endoftext|> and [CLS], then{fill} the rest."
-    from runtime.text import plain_encoder
+    from maria_onnx.runtime.text import plain_encoder
     from transformers import PreTrainedTokenizerFast
     hf = PreTrainedTokenizerFast(tokenizer_file=str(DEFAULT_MODEL / "tokenizer.json"))   # training reads text alike
     assert not special_ids & set(plain_encoder(hf)(text))
@@ -453,8 +453,8 @@ def test_fuzzed_texts_never_give_the_cli_a_traceback(tmp_path):
 
 
 def test_device_names_and_the_gpu_they_pick():
-    from runtime.device import check_device, choose_device, gpu_index
-    from runtime.sessions import cuda_providers, providers_for
+    from maria_onnx.runtime.device import check_device, choose_device, gpu_index
+    from maria_onnx.runtime.sessions import cuda_providers, providers_for
     assert [gpu_index(d) for d in ("auto", "cuda", "cuda:0", "cuda:3")] == [0, 0, 0, 3]
     for bad in ("gpu", "cuda:", "cuda:x", "cuda:1:2", "CUDA"):
         with pytest.raises(ValueError, match="--device must be one of auto, cuda, cuda:N, cpu"):
@@ -467,7 +467,7 @@ def test_device_names_and_the_gpu_they_pick():
 
 
 def test_missing_cuda_libraries_are_named_in_one_line(monkeypatch):
-    from runtime import sessions
+    from maria_onnx.runtime import sessions
     missing = sessions.cuda_libraries_missing()
     assert missing is None or missing.startswith("lib") and ".so" in missing     # what this machine lacks, if any
     monkeypatch.setattr(sessions, "gpu_present", lambda: True)                   # as on a GPU machine...
@@ -515,7 +515,7 @@ class FakeCudart:
 ])
 def test_a_driver_too_old_or_no_usable_gpu_is_named_before_any_session(cudart, expected, monkeypatch):
     """Asked before ONNX Runtime starts CUDA, which would print its error on stdout and fall back to the CPU."""
-    from runtime import sessions
+    from maria_onnx.runtime import sessions
     monkeypatch.setattr(sessions, "cuda_runtime", lambda: (cudart, "13.0"))
     sessions.cuda_devices.cache_clear()
     try:
@@ -534,7 +534,7 @@ def test_a_driver_too_old_or_no_usable_gpu_is_named_before_any_session(cudart, e
 
 
 def test_a_gpu_number_beyond_the_machines_is_refused(monkeypatch):
-    from runtime import sessions
+    from maria_onnx.runtime import sessions
     monkeypatch.setattr(sessions, "cuda_missing", lambda: None)
     for count, device, gpus in [(1, "cuda:1", "1 GPU here (cuda:0)"), (2, "cuda:2", "2 GPUs here (cuda:0 to cuda:1)")]:
         monkeypatch.setattr(sessions, "cuda_devices", lambda: (count, None))
@@ -546,7 +546,7 @@ def test_a_gpu_number_beyond_the_machines_is_refused(monkeypatch):
 
 def test_this_machines_cuda_runtime_answers():
     """The real CUDA runtime where one is installed (this project's CPU machine has one and no driver)."""
-    from runtime import sessions
+    from maria_onnx.runtime import sessions
     if sessions.cuda_runtime() is None:
         pytest.skip("no CUDA runtime library (libcudart) for this onnxruntime here")
     sessions.cuda_devices.cache_clear()
@@ -561,8 +561,8 @@ CUDA_FAILURE = ("[ONNXRuntimeError] : 1 : FAIL : provider_options_utils.h:187 Pa
 
 @pytest.mark.parametrize("onnxruntime", ["1.23 and later", "before 1.23"])
 def test_cuda_that_fails_to_start_falls_back_with_one_line_and_nothing_on_stdout(onnxruntime, monkeypatch, capsys):
-    from runtime import sessions
-    from runtime.sessions import cuda_providers, make_session
+    from maria_onnx.runtime import sessions
+    from maria_onnx.runtime.sessions import cuda_providers, make_session
     real = sessions.ort.InferenceSession
 
     def session(path, sess_options=None, providers=None, **kwargs):
@@ -592,8 +592,8 @@ def test_cuda_that_fails_to_start_falls_back_with_one_line_and_nothing_on_stdout
 def test_a_provider_error_other_than_starting_is_not_hidden_by_a_fallback(monkeypatch):
     """ONNX Runtime's Fail (not a RuntimeError) at session creation, such as a refused CUDA graph capture, reaches the
     caller; and a session never reruns a failed call on the CPU behind a print."""
-    from runtime import sessions
-    from runtime.sessions import cuda_providers, make_session
+    from maria_onnx.runtime import sessions
+    from maria_onnx.runtime.sessions import cuda_providers, make_session
     head = Path(DEFAULT_MODEL) / "fusion_head.onnx"
     assert make_session(head, ["CPUExecutionProvider"])._enable_fallback is False
 
@@ -634,7 +634,7 @@ def triton_model(repo: Path, monkeypatch, made: list):
 def test_triton_gpu_instances_each_run_on_their_own_gpu(tmp_path, monkeypatch):
     """Triton starts an instance group on every visible GPU and tells each instance its GPU; the model must use it
     (with plain "cuda" every instance would share GPU 0)."""
-    from serve.triton import write_repository
+    from maria_onnx.serve.triton import write_repository
     write_repository(DEFAULT_MODEL, tmp_path / "repo", kind="gpu", link=True)
     assert 'key: "device" value: { string_value: "cuda" }' in (tmp_path / "repo" / "maria" / "config.pbtxt").read_text()
     made = []
@@ -650,8 +650,8 @@ def test_triton_cpu_instances_share_the_cpus(tmp_path, monkeypatch):
     """Each of Triton's instances is a process of its own: N CPU instances, each with ONNX Runtime's pools of every
     core, would run N times the threads the machine has. They share the CPUs Triton may use, unless --threads
     says otherwise; what the repository's config says is what its model reads."""
-    from runtime import cpus
-    from serve.triton import write_repository
+    from maria_onnx.runtime import cpus
+    from maria_onnx.serve.triton import write_repository
     monkeypatch.setattr(cpus, "usable_cpus", lambda: 16)
     made = []
     for kind, instances, threads, expected in [("cpu", 4, None, 4), ("cpu", 3, None, 5), ("cpu", 32, None, 1),

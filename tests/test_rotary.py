@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaModel, OlmoConfig, OlmoModel
 
-from export.rotary import fusable
-from runtime.infiller import Infiller
-from runtime.manifest import load_manifest
+from maria_onnx.export.rotary import fusable
+from maria_onnx.runtime.infiller import Infiller
+from maria_onnx.runtime.manifest import load_manifest
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
              max_position_embeddings=64)

@@ -11,10 +11,10 @@ import pytest
 
 from maria_onnx.checkpoint import load_maria
 from maria_onnx.reference import reference_infill, reference_score
-from runtime.choose import Sampling, token_logprobs
-from runtime.decode import encode_masked, length_groups
-from runtime.infiller import Infiller
-from runtime.sessions import gpu_present
+from maria_onnx.runtime.choose import Sampling, token_logprobs
+from maria_onnx.runtime.decode import encode_masked, length_groups
+from maria_onnx.runtime.infiller import Infiller
+from maria_onnx.runtime.sessions import gpu_present
 from tiny import corpus
 
 ROOT = Path(__file__).parent.parent
@@ -150,7 +150,7 @@ def test_cuda_io_binding_fills_like_cpu(bundles):
 
 SHARED_ARENA = """
 import numpy as np
-from runtime.infiller import Infiller
+from maria_onnx.runtime.infiller import Infiller
 def resident():
     return int(dict(line.split(":", 1) for line in open("/proc/self/status"))["VmRSS"].split()[0]) * 1024
 backend = Infiller(device="cpu").backend
@@ -190,7 +190,7 @@ def test_length_groups_bound_the_padding_and_keep_every_sequence():
 
 def test_long_texts_go_to_the_mlm_a_few_at_a_time():
     """Attention's memory grows with rows x width^2: a call holds at most MLM_CALL_SCORES of it."""
-    from runtime.decode import MLM_CALL_SCORES
+    from maria_onnx.runtime.decode import MLM_CALL_SCORES
     for lengths, sizes in [([1024] * 8, [1] * 8), ([512] * 8, [4, 4]), ([256] * 8, [8]), ([2040, 30, 30], [1, 2]),
                            ([300] * 20, [11, 9])]:
         groups = length_groups(lengths)
@@ -225,7 +225,7 @@ def test_token_logprobs_equal_a_float64_log_softmax():
 
 def test_result_fields_name_every_key_of_the_json_result():
     """`maria infill --json` refuses an input field that a result key would write over; the list must be whole."""
-    from runtime.results import Infilled
+    from maria_onnx.runtime.results import Infilled
 
     full = Infilled(input="a", text="b", ids=[1], masked_positions=[0], fill_logprobs=[-1.0], fills=["b"], note="",
                     score=-1.0, span_lengths=[1], candidates=[{"lengths": [1]}])

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.choose import Sampling
-from runtime.default_model import DEFAULT_MODEL
-from runtime.infiller import Infiller
-from runtime.requests import FillRequest
-from tools.bench_serve import stop
+from maria_onnx.runtime.choose import Sampling
+from maria_onnx.runtime.default_model import DEFAULT_MODEL
+from maria_onnx.runtime.infiller import Infiller
+from maria_onnx.runtime.requests import FillRequest
+from maria_onnx.tools.bench_serve import stop
 
 pytest.importorskip("starlette", reason="the serve extra (starlette, uvicorn, prometheus-client) is not installed")
 
@@ -504,10 +504,10 @@ def test_settings_no_server_can_honour_are_one_line(monkeypatch, args, message):
     start is replaced, so nothing binds)."""
     from typer.testing import CliRunner
 
-    import serve.run
-    from cli import app
+    from maria_onnx.serve import run as serve_run
+    from maria_onnx.cli import app
 
-    monkeypatch.setattr(serve.run, "serve", lambda *args, **kwargs: pytest.fail("the server started"))
+    monkeypatch.setattr(serve_run, "serve", lambda *args, **kwargs: pytest.fail("the server started"))
     result = CliRunner().invoke(app, ["serve", "--device", "cpu", *args])
     assert result.exit_code == 2 and result.output.startswith(f"error: {message}"), result.output
     assert result.output.count("\n") == 1
@@ -517,13 +517,13 @@ def test_listening_beyond_loopback_without_a_key_is_warned(monkeypatch):
     """Nothing is bound here: the server's start is replaced, so only the warning before it is seen."""
     from typer.testing import CliRunner
 
-    import serve.run
-    from cli import app, is_loopback
+    from maria_onnx.serve import run as serve_run
+    from maria_onnx.cli import app, is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("example.org")
     started = []
-    monkeypatch.setattr(serve.run, "serve", lambda *args, **kwargs: started.append(kwargs["host"]))
+    monkeypatch.setattr(serve_run, "serve", lambda *args, **kwargs: started.append(kwargs["host"]))
     open_host = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--device", "cpu"])
     assert open_host.exit_code == 0 and started == ["0.0.0.0"]
     assert "warning: --host 0.0.0.0 takes requests from other machines and no --api-key is set" in open_host.output
@@ -609,7 +609,7 @@ def test_fuzzed_requests_get_an_answer_or_one_line_never_a_5xx():
 def test_the_warm_up_runs_every_graph_a_request_runs(monkeypatch):
     """Before it listens, the server fills one text with span candidates in an engine of its slots: the MLM, the
     step, the fusion head and the AR's LM head (the whole-text score) each run once ahead of the first request."""
-    from serve.run import warm_up
+    from maria_onnx.serve.run import warm_up
 
     infiller = Infiller(DEFAULT_MODEL, device="cpu")
     ran, slots = [], []
@@ -631,14 +631,14 @@ def test_a_model_that_cannot_fill_is_refused_before_the_server_listens(monkeypat
     bound, instead of a server whose every request fails."""
     from typer.testing import CliRunner
 
-    import serve.run
-    from cli import app
+    from maria_onnx.serve import run as serve_run
+    from maria_onnx.cli import app
 
     def fails(self, texts, **kwargs):
         raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while "
                            "running MatMul node.\n  at a C++ frame")
     monkeypatch.setattr(Infiller, "infill", fails)
-    monkeypatch.setattr(serve.run, "bound", lambda *args: pytest.fail("the server bound a port"))
+    monkeypatch.setattr(serve_run, "bound", lambda *args: pytest.fail("the server bound a port"))
     result = CliRunner().invoke(app, ["serve", "--device", "cpu", "--port", "0"])
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert result.output.startswith("error: the model could not fill a text on cpu before serving (RuntimeError: "

@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from runtime.anneal import Schedule, anneal, encode_ends
-from runtime.choose import Sampling
-from runtime.default_model import DEFAULT_MODEL
-from runtime.infiller import Infiller
+from maria_onnx.runtime.anneal import Schedule, anneal, encode_ends
+from maria_onnx.runtime.choose import Sampling
+from maria_onnx.runtime.default_model import DEFAULT_MODEL
+from maria_onnx.runtime.infiller import Infiller
 
 pytest.importorskip("starlette", reason="the serve extra (starlette, uvicorn, prometheus-client) is not installed")
 
@@ -104,7 +104,7 @@ def test_a_generation_past_its_deadline_gets_504_and_leaves_the_worker(bundles, 
 
 
 def test_a_bundle_without_the_ar_head_answers_501_and_still_fills(checkpoints, tmp_path):
-    from export.bundle import export_bundle
+    from maria_onnx.export.bundle import export_bundle
     export_bundle(checkpoints["olmo"], tmp_path / "lean", baseline_heads=False)
     with server("--model", str(tmp_path / "lean")) as (url, _):
         status, _, body = call(url, "/v1/generate", {"length": 4})

@@ -9,14 +9,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli import app
+from maria_onnx.cli import app
 from maria_onnx.checkpoint import load_maria
-from runtime.choose import Sampling
-from runtime.infiller import Infiller
-from runtime.likelihood import ar_loglikelihood, ar_sample
-from runtime.requests import FillRequest
-from runtime.spans import GapSearch
-from runtime.text import MAX_CANDIDATES, span_candidates, with_lengths
+from maria_onnx.runtime.choose import Sampling
+from maria_onnx.runtime.infiller import Infiller
+from maria_onnx.runtime.likelihood import ar_loglikelihood, ar_sample
+from maria_onnx.runtime.requests import FillRequest
+from maria_onnx.runtime.spans import GapSearch
+from maria_onnx.runtime.text import MAX_CANDIDATES, span_candidates, with_lengths
 
 
 def hand_loglikelihood(backbones, ids) -> float:

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from cli import app
+from maria_onnx.cli import app
 from maria_onnx.checkpoint import load_maria
 from maria_onnx.config import MariaConfig, TrainConfig
 from maria_onnx.data import read_documents
@@ -152,8 +152,8 @@ def test_a_long_document_is_tokenized_in_pieces_to_the_same_ids(pairs, monkeypat
     the same as the whole text's; where the tokenizer marks a text's start, the document stays whole."""
     from transformers import AutoTokenizer
 
-    from runtime import text
-    from runtime.text import pack_windows, pieces, plain_encoder
+    from maria_onnx.runtime import text
+    from maria_onnx.runtime.text import pack_windows, pieces, plain_encoder
     encode = plain_encoder(AutoTokenizer.from_pretrained(pairs["olmo"][1]))
     document = "".join(f"Line {i}: the quick  brown fox,\n\n  indented {i}\tand tabbed\r\n" for i in range(400))
     cut = list(pieces(document, encode, size=1000))
@@ -161,7 +161,7 @@ def test_a_long_document_is_tokenized_in_pieces_to_the_same_ids(pairs, monkeypat
     assert all(piece.startswith("Line") for piece in cut[1:])
     assert [i for piece in cut for i in encode(piece)] == encode(document)
     from tokenizers import Tokenizer
-    from runtime.default_model import DEFAULT_MODEL
+    from maria_onnx.runtime.default_model import DEFAULT_MODEL
     shipped = plain_encoder(Tokenizer.from_file(str(DEFAULT_MODEL / "tokenizer.json")))
     assert [i for piece in pieces(document, shipped, size=1000) for i in shipped(piece)] == shipped(document)
     monkeypatch.setattr(text, "PIECE_CHARS", 1000)

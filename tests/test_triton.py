@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.choose import Sampling
-from runtime.default_model import DEFAULT_MODEL
-from runtime.infiller import Infiller
-from runtime.requests import FillRequest
-from tools.bench_serve import stop
-from serve.triton import write_repository
+from maria_onnx.runtime.choose import Sampling
+from maria_onnx.runtime.default_model import DEFAULT_MODEL
+from maria_onnx.runtime.infiller import Infiller
+from maria_onnx.runtime.requests import FillRequest
+from maria_onnx.tools.bench_serve import stop
+from maria_onnx.serve.triton import write_repository
 from tests.test_serve import call, server
 
 TRITON_PYTHON = os.environ.get("MARIA_TRITON_PYTHON")

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models
 
-from runtime.choose import Sampling
-from runtime.default_model import DEFAULT_MODEL
-from runtime.infiller import Infiller
-from runtime.utf8 import FillPieces, Utf8Rule, fill_pieces, token_bytes
+from maria_onnx.runtime.choose import Sampling
+from maria_onnx.runtime.default_model import DEFAULT_MODEL
+from maria_onnx.runtime.infiller import Infiller
+from maria_onnx.runtime.utf8 import FillPieces, Utf8Rule, fill_pieces, token_bytes
 
 TEXTS = ["日本語の[MASK:3]テキスト 🙂 [MASK] émoji", "Grüße [MASK] aus Köln, [MASK:2] café.",
          "数据[MASK]处理 [MASK:4] 模块。", "🙂[MASK]🙃 [MASK:3] ok"]

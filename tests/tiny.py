@@ -7,7 +7,7 @@ import torch
 from transformers import (AutoModelForCausalLM, LlamaConfig, ModernBertConfig, ModernBertForMaskedLM, OlmoConfig,
                           Olmo2Config, Qwen2Config)
 
-from tools.pretrain import save_tokenizer, train_tokenizer
+from maria_onnx.tools.pretrain import save_tokenizer, train_tokenizer
 WORDS = ("the a an of to in is was for on with as by at from raise return import class function value list "
          "error exception statement module string number loop file object method name type data python code "
          "call run use used make new old first last each every other some many small large quick brown fox").split()

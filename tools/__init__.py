@@ -1,4 +1,4 @@
-"""Benchmarks, baselines, the default model's recipe and profiling: `maria bench*`, `python -m tools.NAME`."""
+"""Benchmarks, baselines, the default model's recipe and profiling: `maria bench*`, `python -m maria_onnx.tools.NAME`."""
 
 import json
 import os
@@ -15,7 +15,7 @@ def error_line(error: Exception) -> str:
 
 
 def run_main(main, *args) -> None:
-    """Runs a `python -m tools.NAME` entry point: an error in its input is one line on stderr and exit status 2, as
+    """Runs a `python -m maria_onnx.tools.NAME` entry point: an error in its input is one line on stderr and exit status 2, as
     in the `maria` commands."""
     try:
         main(*args)

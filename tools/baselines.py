@@ -18,9 +18,9 @@ from maria_onnx.backbones import Backbones, load_backbones
 from maria_onnx.config import MariaConfig
 from maria_onnx.model import FusionHead
 from maria_onnx.reference import TorchBackend, reference_infill, reference_score
-from runtime.choose import Sampling
-from runtime.decode import encode_masked
-from runtime.evaluate import quality_row
+from maria_onnx.runtime.choose import Sampling
+from maria_onnx.runtime.decode import encode_masked
+from maria_onnx.runtime.evaluate import quality_row
 
 
 def baseline_heads(backbones: Backbones) -> dict[str, FusionHead]:

@@ -23,16 +23,16 @@ from rich.progress import Progress
 from rich.table import Table
 from transformers import AutoConfig
 
-from export.bundle import export_bundle
+from maria_onnx.export.bundle import export_bundle
 from maria_onnx.backbones import max_sequence_length, torch_device as choose_torch_device
 from maria_onnx.checkpoint import load_config, load_maria
 from maria_onnx.reference import reference_infill
-from runtime.choose import Sampling
-from runtime.device import check_device
-from runtime.evaluate import check_mask_rate, draw_masks
-from runtime.infiller import Infiller
-from runtime.manifest import load_manifest
-from runtime.sessions import cuda_missing
+from maria_onnx.runtime.choose import Sampling
+from maria_onnx.runtime.device import check_device
+from maria_onnx.runtime.evaluate import check_mask_rate, draw_masks
+from maria_onnx.runtime.infiller import Infiller
+from maria_onnx.runtime.manifest import load_manifest
+from maria_onnx.runtime.sessions import cuda_missing
 
 from . import save_figure, write_json
 from .baselines import mlm_autoregressive

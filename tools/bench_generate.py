@@ -1,6 +1,6 @@
 """Unconditional generation: generative perplexity under the AR against wall-clock time (the paper's Figure 5).
 
-    python -m tools.bench_generate --out docs/bench-generate-cpu --length 32 --samples 16 --steps 0,4,16,64
+    python -m maria_onnx.tools.bench_generate --out docs/bench-generate-cpu --length 32 --samples 16 --steps 0,4,16,64
 
 Systems, each generating `samples` texts of `length` tokens from nothing, in one batch, the same seeds:
     AR sampling        the AR alone, left to right (its LM head), temperature 1
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.anneal import Schedule, anneal
-from runtime.choose import Sampling
-from runtime.infiller import Infiller
-from runtime.likelihood import ar_loglikelihood, ar_sample
+from maria_onnx.runtime.anneal import Schedule, anneal
+from maria_onnx.runtime.choose import Sampling
+from maria_onnx.runtime.infiller import Infiller
+from maria_onnx.runtime.likelihood import ar_loglikelihood, ar_sample
 
 from . import run_main, save_figure, write_json
 

@@ -32,7 +32,6 @@ from rich.table import Table
 
 from . import write_json
 
-ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ["The [MASK] statement is used to [MASK] an exception.", "Use the [MASK] module to read [MASK:2] files.",
          "A [MASK:3] is a function defined inside a class.", "The [MASK] keyword defines a [MASK]."]
 
@@ -40,10 +39,10 @@ TEXTS = ["The [MASK] statement is used to [MASK] an exception.", "Use the [MASK]
 def start_server(model, max_batch_size: int, delay_ms: float, device: str, seconds: float = 120,
                  decoder: str = "auto", grpc: bool = False):
     """(base url, gRPC address or None, process) of a `maria serve` started on ephemeral ports."""
-    args = [sys.executable, str(ROOT / "cli.py"), "serve", "--port", "0", "--device", device, "--max-batch-size",
+    args = [sys.executable, "-m", "maria_onnx.cli", "serve", "--port", "0", "--device", device, "--max-batch-size",
             str(max_batch_size), "--max-batch-delay-ms", str(delay_ms), "--max-queue", "4096", "--decoder", decoder]
     process = subprocess.Popen(args + (["--model", str(model)] if model else []) + (["--grpc-port", "0"] * grpc),
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline, said = time.monotonic() + seconds, ""
     while time.monotonic() < deadline and process.poll() is None:
         line = process.stderr.readline()

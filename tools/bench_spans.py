@@ -1,7 +1,7 @@
 """How well MARIA picks the length of a gap: mask one whole word (1 to 4 tokens) of held-out text at a time,
 ask for [MASK:?] (1 to 8 tokens), and compare the chosen length and fill with the truth.
 
-    python -m tools.bench_spans --windows tests/data/default_model_eval_windows.npy --words 300 --out spans.json
+    python -m maria_onnx.tools.bench_spans --windows tests/data/default_model_eval_windows.npy --words 300 --out spans.json
 
 Criteria compared on the same candidates (every length decoded greedily, one batch per word):
     AR total        log p_AR of the whole filled text (what `[MASK:?]` uses)
@@ -12,7 +12,7 @@ With --gaps K (2 or more): K whole words of each held-out window become [MASK:?]
 gap-by-gap search chooses (runtime/spans.py) are compared with the best of every combination, decoded on the same
 text: how often they agree, how far the search's score falls short, and what each costs (rows, seconds).
 
-    python -m tools.bench_spans --windows tests/data/default_model_eval_windows.npy --gaps 3 --texts 40 \
+    python -m maria_onnx.tools.bench_spans --windows tests/data/default_model_eval_windows.npy --gaps 3 --texts 40 \
         --out search.json
 """
 
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.infiller import Infiller
-from runtime.requests import FillRequest, Prepared
-from runtime.rounds import run_requests
-from runtime.text import ANY_LENGTH, MaskedText
+from maria_onnx.runtime.infiller import Infiller
+from maria_onnx.runtime.requests import FillRequest, Prepared
+from maria_onnx.runtime.rounds import run_requests
+from maria_onnx.runtime.text import ANY_LENGTH, MaskedText
 
 from . import run_main, write_json
 

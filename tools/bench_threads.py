@@ -1,4 +1,4 @@
-"""ONNX Runtime's thread pools sized three ways, side by side in one process: `python -m tools.bench_threads
+"""ONNX Runtime's thread pools sized three ways, side by side in one process: `python -m maria_onnx.tools.bench_threads
 [--model BUNDLE] --threads ort,auto,8 --repeats 20`. `ort` is ONNX Runtime's own choice (one thread per physical
 core of the machine, pinned), `auto` the runtime's default (runtime/cpus.py), a number that many threads per
 session. Each setting fills the same texts (greedy, so the fills must agree) at batch 1 and 8, repetitions
@@ -13,9 +13,9 @@ import time
 
 import numpy as np
 
-from runtime import sessions
-from runtime.cpus import cpu_quota, session_threads, usable_cpus
-from runtime.infiller import Infiller
+from maria_onnx.runtime import sessions
+from maria_onnx.runtime.cpus import cpu_quota, session_threads, usable_cpus
+from maria_onnx.runtime.infiller import Infiller
 
 TEXT = " ".join(["The [MASK] statement is used to [MASK] an exception."] * 9)      # 117 tokens, 18 masked
 

@@ -2,7 +2,7 @@
 warm-up, so a noisy machine slows both alike; medians with quartiles and the ratio B / A. For a change to the
 step graph: export the bundle before and after it, then
 
-    python -m tools.compare_steps BUNDLE_A BUNDLE_B OUT.json [--device cuda] [--runs 200]
+    python -m maria_onnx.tools.compare_steps BUNDLE_A BUNDLE_B OUT.json [--device cuda] [--runs 200]
 
 Shapes: batch 1 and 8, 128 and 1,024 cached tokens (fewer where a model takes fewer), 1 and 4 new tokens, bound as
 tools/profile_step.py binds them (inputs and outputs in place on the device).

@@ -7,8 +7,8 @@ backbone folders are at hand.
 
 from pathlib import Path
 
-from runtime.evaluate import document_windows, draw_masks, evaluate_maria, text_windows
-from runtime.evaluate import evaluate_baselines as onnx_baselines
+from maria_onnx.runtime.evaluate import document_windows, draw_masks, evaluate_maria, text_windows
+from maria_onnx.runtime.evaluate import evaluate_baselines as onnx_baselines
 
 
 def windows_of(path, infiller, seq_len: int, count: int):

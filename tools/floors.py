@@ -1,5 +1,5 @@
 """The lowest versions pyproject.toml allows for the runtime and `maria serve` (the base dependencies and the serve
-and grpc extras) on this machine: `python -m tools.floors` prints them as pins, which .ci/run installs into an
+and grpc extras) on this machine: `python -m maria_onnx.tools.floors` prints them as pins, which .ci/run installs into an
 environment of their own for tests/test_floors.py. Needs the packaging module (the dev extra)."""
 
 import tomllib

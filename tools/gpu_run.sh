@@ -41,7 +41,7 @@ step train-tiny-resumed "${train_tiny[@]}" --steps 400
 
 shaped="$OUT/shapes-$SHAPES"
 step shaped-backbones python -c "import random; from pathlib import Path
-from tools.shapes import load_shapes, random_checkpoint; random_checkpoint(load_shapes('$SHAPES'), Path('$shaped'))
+from maria_onnx.tools.shapes import load_shapes, random_checkpoint; random_checkpoint(load_shapes('$SHAPES'), Path('$shaped'))
 rng = random.Random(0); Path('$shaped/train.txt').write_text(''.join(' '.join(f'w{rng.randrange(6, 3000)}'
 for _ in range(400)) + '\n' for _ in range(200)))"
 step train-shaped maria train --mlm "$shaped/mlm" --ar "$shaped/ar" --data "$shaped/train.txt" --out "$shaped/run" \
@@ -50,14 +50,14 @@ step train-shaped maria train --mlm "$shaped/mlm" --ar "$shaped/ar" --data "$sha
 step bench maria bench --checkpoint "$shaped/maria" --dtype "$DTYPE" --device "$DEVICE" --lengths "$LENGTHS" \
     --batch-sizes 1,8 --repeats 5 --out "$OUT/bench"
 for batch in 1 8; do
-    step "profile-b$batch" python -m tools.profile_step "$OUT/bench/bundle-$DTYPE" "$OUT/step-profile-b$batch.json" \
+    step "profile-b$batch" python -m maria_onnx.tools.profile_step "$OUT/bench/bundle-$DTYPE" "$OUT/step-profile-b$batch.json" \
         --device "$DEVICE" --batch "$batch" --cached 1024
 done
 
 fused="$OUT/bundle-$DTYPE-fused"
 step export-fused maria export "$shaped/maria" --out "$fused" --dtype "$DTYPE" --attention fused \
     --no-concat-decoder --no-baseline-heads
-step compare-attention python -m tools.compare_steps "$OUT/bench/bundle-$DTYPE" "$fused" \
+step compare-attention python -m maria_onnx.tools.compare_steps "$OUT/bench/bundle-$DTYPE" "$fused" \
     "$OUT/compare-attention.json" --device "$DEVICE"
 
 serve() {

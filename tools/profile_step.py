@@ -3,7 +3,7 @@
 and 4 new tokens (a batch's chunk is as wide as its longest row's). A bundle with both graphs (what `maria bench`
 exports):
 
-    python -m tools.profile_step BUNDLE OUT.json [--device cuda] [--batch 8] [--cached 1024]
+    python -m maria_onnx.tools.profile_step BUNDLE OUT.json [--device cuda] [--batch 8] [--cached 1024]
 
 ONNX Runtime's own profiler gives the time per operator over 30 runs after 5 warm-up runs; on CUDA that is the
 host's time to launch each kernel (the kernels run asynchronously), and the profile's worth is in which nodes run
@@ -25,8 +25,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from runtime.manifest import Manifest, load_manifest
-from runtime.sessions import cuda_missing, cuda_providers
+from maria_onnx.runtime.manifest import Manifest, load_manifest
+from maria_onnx.runtime.sessions import cuda_missing, cuda_providers
 
 from . import run_main, write_json
 

@@ -1,6 +1,6 @@
 """The default model, reproducibly, in one command:
 
-    python -m tools.recipe --work runs/default [--install]
+    python -m maria_onnx.tools.recipe --work runs/default [--install]
 
 corpus (Python 3.11 docs, split by document) -> BPE tokenizer -> ModernBERT MLM and OLMo AR from scratch
 -> MARIA head (`maria train`) -> bundle (`maria export`) -> quality table on the held-out test documents.
@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.bundle import export_bundle
+from maria_onnx.export.bundle import export_bundle
 from maria_onnx.config import TrainConfig
 from maria_onnx.data import read_documents
 from maria_onnx.train import train
-from runtime.default_model import DEFAULT_MODEL
-from runtime.evaluate import document_windows, draw_masks, evaluate_maria
-from runtime.evaluate import evaluate_baselines as onnx_baselines
-from runtime.infiller import Infiller
-from runtime.text import pack_windows, plain_encoder
+from maria_onnx.runtime.default_model import DEFAULT_MODEL
+from maria_onnx.runtime.evaluate import document_windows, draw_masks, evaluate_maria
+from maria_onnx.runtime.evaluate import evaluate_baselines as onnx_baselines
+from maria_onnx.runtime.infiller import Infiller
+from maria_onnx.runtime.text import pack_windows, plain_encoder
 
 from . import run_main
 from .corpus import build_corpus, download_python_docs

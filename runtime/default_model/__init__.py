@@ -1,4 +1,4 @@
-"""The default MARIA bundle shipped with the package (built by `python -m tools.recipe --install`)."""
+"""The default MARIA bundle shipped with the package (built by `python -m maria_onnx.tools.recipe --install`)."""
 
 from pathlib import Path
 

@@ -1,0 +1,253 @@
+"""The round driver: rows in, decoder steps, results out. One loop for every caller of the decode engine.
+
+    start(rounds) ──▶ each row of the current round submitted to the decoder (a row with nothing masked is
+    filled as it is) ──▶ step(): one decoder step for every caller's rows ──▶ a run whose rows are all filled
+    hands its fills to rounds.collect, which gives the next round (submitted the same way) or none: the run ends
+
+`maria infill` and `maria generate` drive it to the end (fill_rounds); `maria serve`'s decode worker steps it
+while requests come and go (serve/continuous.py). The decoder is the engine (runtime/engine.py: slots, rows
+joining between steps), or with the concat decoder the batch loop behind the same interface (BatchDecoder).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .backend import Backend, SpecialIds
+from .choose import Sampling
+from .decode import Fill, infill
+from .text import MaskedText
+from .utf8 import Utf8Rule
+
+OnFill = Callable[[int, int, float], None]  # (position, token, logprob) of one row's fill
+
+
+class Filler(Protocol):
+    """What rounds of rows need of a loaded model (Infiller is one): its tokenizer and special ids, the backend
+    that scores whole texts, and the encoding of a text with markers."""
+
+    tokenizer: Tokenizer
+    special: SpecialIds
+    backend: Backend
+
+    def encode(self, text: str) -> MaskedText: ...
+
+
+class RoundRow(Protocol):
+    """One decode row: the text with its masked positions, and the generator its fills draw from."""
+
+    @property
+    def encoded(self) -> MaskedText: ...
+
+    @property
+    def rng(self) -> np.random.Generator: ...
+
+
+class RoundSource(Protocol):
+    """Rounds of rows (runtime/rounds.py's Rounds, runtime/anneal.py's Annealing): `rows` is the round to
+    decode; `collect` takes its fills, in order, and returns the next round ([] once it has ended)."""
+
+    @property
+    def rows(self) -> list: ...
+
+    def collect(self, fills: list[Fill]) -> list: ...
+
+
+class Decoded(Protocol):
+    """A row submitted to a decoder: done once filled, then its fill."""
+
+    @property
+    def done(self) -> bool: ...
+
+    @property
+    def slot(self) -> int: ...
+
+    def fill(self) -> Fill: ...
+
+
+class Decoder(Protocol):
+    """What the driver steps: the decode engine (runtime/engine.py), or BatchDecoder."""
+
+    @property
+    def busy(self) -> bool: ...
+
+    @property
+    def last_batch(self) -> int: ...
+
+    def submit(self, ids: np.ndarray, masked: np.ndarray, sampling: Sampling, rng: np.random.Generator,
+               on_token: OnFill | None = None) -> Decoded: ...
+
+    def cancel(self, sequence: Decoded) -> None: ...
+
+    def step(self) -> object: ...
+
+
+@dataclass(eq=False)
+class Run:
+    """One caller's rounds in the driver. hear(row) gives the on_token of a row's fills, or None to stay
+    silent; `sequences` holds, per row of the current round, what the decoder fills (None: nothing masked)."""
+
+    rounds: RoundSource
+    sampling: Sampling
+    hear: Callable[[object], OnFill | None] | None = None
+    sequences: list[Decoded | None] = field(default_factory=list)
+    ended: bool = False
+
+    @property
+    def started(self) -> bool:
+        """Some row of the current round holds a decoder slot (or the round had nothing to decode)."""
+        return all(s is None for s in self.sequences) or any(s is not None and s.slot >= 0 for s in self.sequences)
+
+
+class RoundDriver:
+    """Every caller's rounds through one decoder; a round's rows go in as the previous round is collected."""
+
+    def __init__(self, decoder: Decoder):
+        self.decoder = decoder
+        self.runs: list[Run] = []
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.runs)
+
+    def start(self, rounds: RoundSource, sampling: Sampling,
+              hear: Callable[[object], OnFill | None] | None = None) -> Run:
+        """Submits the first round of `rounds`; its fills are drawn with `sampling` and each row's generator."""
+        run = Run(rounds, sampling, hear)
+        self.runs.append(run)
+        self._submit(run)
+        return run
+
+    def cancel(self, run: Run) -> None:
+        """Drops a run: its rows leave the decoder (their slots are free at the next step)."""
+        if run in self.runs:
+            self.runs.remove(run)
+        for sequence in run.sequences:
+            if sequence is not None:
+                self.decoder.cancel(sequence)
+
+    def step(self) -> list[Run]:
+        """One decoder step (where any row waits for one); returns the runs whose last round ended with it. A
+        run whose round cannot be collected (its collect raised) is dropped and the error raised."""
+        if self.decoder.busy:
+            self.decoder.step()
+        return self._collect()
+
+    def _submit(self, run: Run) -> None:
+        run.sequences = []
+        for row in run.rounds.rows:
+            if not row.encoded.masked.any():
+                run.sequences.append(None)
+                continue
+            hear = run.hear(row) if run.hear is not None else None
+            run.sequences.append(self.decoder.submit(row.encoded.ids, row.encoded.masked, run.sampling, row.rng,
+                                                     hear))
+
+    def _collect(self) -> list[Run]:
+        ended = []
+        for run in [r for r in self.runs if all(s is None or s.done for s in r.sequences)]:
+            fills = [Fill.unchanged(row.encoded.ids) if s is None else s.fill()
+                     for row, s in zip(run.rounds.rows, run.sequences)]
+            try:
+                next_round = run.rounds.collect(fills)
+            except Exception:
+                self.runs.remove(run)
+                raise
+            if next_round:
+                self._submit(run)
+                continue
+            self.runs.remove(run)
+            run.ended = True
+            ended.append(run)
+        return ended
+
+
+def fill_rounds(driver: RoundDriver, runs: list[tuple[RoundSource, Sampling]],
+                hear: Callable[[object], OnFill | None] | None = None,
+                on_batch: Callable[[int, int], None] | None = None,
+                cancelled: Callable[[], bool] = lambda: False) -> bool:
+    """Drives every (rounds, sampling) to its end. on_batch(rows, ns) hears each decoder step. Returns False
+    where cancelled() turned true before a step (the runs are dropped), True once every round is filled."""
+    started = [driver.start(rounds, sampling, hear) for rounds, sampling in runs]
+    while driver.busy:
+        if cancelled():
+            for run in started:
+                driver.cancel(run)
+            return False
+        began = time.monotonic_ns()
+        stepped = driver.decoder.busy
+        driver.step()
+        if on_batch is not None and stepped:
+            on_batch(driver.decoder.last_batch, time.monotonic_ns() - began)
+    return True
+
+
+@dataclass(eq=False)
+class Batched:
+    """A row of the batch loop: filled, all its masks at once, by the next BatchDecoder step."""
+
+    ids: np.ndarray
+    masked: np.ndarray
+    sampling: Sampling
+    rng: np.random.Generator
+    on_token: OnFill | None
+    slot: int = -1
+    done: bool = False
+    filled: Fill | None = None
+
+    def fill(self) -> Fill:
+        assert self.filled is not None, "fill() before the row was decoded"
+        return self.filled
+
+
+@dataclass
+class BatchDecoder:
+    """The concat decoder's batch loop (runtime/decode.py's infill over ar_decoder.onnx) behind the engine's
+    interface: a step fills every row submitted since the last, batch_size rows at a time, rows of one sampling
+    together."""
+
+    backend: Backend
+    special: SpecialIds
+    batch_size: int = 8
+    utf8: Utf8Rule | None = None
+    waiting: list[Batched] = field(default_factory=list)
+    last_batch: int = 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting)
+
+    def submit(self, ids: np.ndarray, masked: np.ndarray, sampling: Sampling, rng: np.random.Generator,
+               on_token: OnFill | None = None) -> Batched:
+        row = Batched(np.asarray(ids, dtype=np.int64), np.asarray(masked, dtype=bool), sampling, rng, on_token)
+        self.waiting.append(row)
+        return row
+
+    def cancel(self, sequence: Decoded) -> None:
+        if sequence in self.waiting:
+            self.waiting.remove(sequence)  # type: ignore[arg-type]
+
+    def step(self) -> list[Batched]:
+        rows, self.waiting = self.waiting, []
+        self.last_batch = len(rows)
+        groups: dict[tuple, list[Batched]] = {}      # the seed aside: each row draws from its own generator
+        for row in rows:
+            groups.setdefault((row.sampling.temperature, row.sampling.top_k, row.sampling.top_p), []).append(row)
+        for group in groups.values():
+            def heard(index: int, position: int, token: int, logprob: float, group: list = group) -> None:
+                hear = group[index].on_token
+                if hear is not None:
+                    hear(position, token, logprob)
+
+            fills = infill(self.backend, [r.ids for r in group], [r.masked for r in group], self.special,
+                           group[0].sampling,
+                           self.batch_size, [r.rng for r in group], heard, self.utf8)
+            for row, filled in zip(group, fills):
+                row.filled, row.done, row.slot = filled, True, 0
+        return rows
