@@ -12,14 +12,15 @@ round of decode rows a step, filled by anneal() here or by maria serve's decode 
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .choose import Sampling
 from .likelihood import ar_loglikelihood
+from .driver import Decoder, Filler, RoundDriver, fill_rounds
 from .requests import SettingTypeError, typed_settings
-from .rounds import fill_rounds
 from .text import MaskedText
 
 
@@ -83,14 +84,14 @@ class Annealing:
     in that order, so any driver that fills the rows gives the same samples (anneal() below; maria serve's
     decode worker)."""
 
-    def __init__(self, infiller, prefix: np.ndarray, suffix: np.ndarray, length: int, num_samples: int,
+    def __init__(self, filler: Filler, prefix: np.ndarray, suffix: np.ndarray, length: int, num_samples: int,
                  schedule: Schedule, sampling: Sampling = Sampling(temperature=1.0), seed: int = 0,
                  first_sample: int = 0, on_step=None):
-        self.check(infiller, prefix, suffix, length, num_samples)
-        self.infiller, self.schedule, self.sampling, self.on_step = infiller, schedule, sampling, on_step
+        self.check(filler, prefix, suffix, length, num_samples)
+        self.filler, self.schedule, self.sampling, self.on_step = filler, schedule, sampling, on_step
         self.seed, self.first_sample, self.num_samples, self.step = seed, first_sample, num_samples, 0
         self.free = np.arange(len(prefix), len(prefix) + length)
-        template = np.concatenate([prefix, np.full(length, infiller.special.mask), suffix]).astype(np.int64)
+        template = np.concatenate([prefix, np.full(length, filler.special.mask), suffix]).astype(np.int64)
         masked = np.zeros(len(template), dtype=bool)
         masked[self.free] = True
         self.rngs = self._rngs(0)
@@ -98,20 +99,20 @@ class Annealing:
         self.results: list[Annealed] = []
 
     @staticmethod
-    def check(infiller, prefix: np.ndarray, suffix: np.ndarray, length: int, num_samples: int) -> None:
+    def check(filler: Filler, prefix: np.ndarray, suffix: np.ndarray, length: int, num_samples: int) -> None:
         """ValueError for a run the model cannot make."""
         if length < 1 or num_samples < 1:
             raise ValueError(f"--length and --num-samples must be at least 1, got {length}, {num_samples}")
-        if len(prefix) + length + len(suffix) > infiller.manifest.max_sequence_length:
+        if len(prefix) + length + len(suffix) > filler.max_sequence_length:
             raise ValueError(f"prefix, {length} tokens and suffix make {len(prefix) + length + len(suffix)} "
-                             f"tokens, over the bundle's maximum of {infiller.manifest.max_sequence_length}")
+                             f"tokens, over the bundle's maximum of {filler.max_sequence_length}")
 
     def _rngs(self, step: int) -> list:
         return [np.random.default_rng([self.seed, self.first_sample + sample, step])
                 for sample in range(self.num_samples)]
 
     def _energies(self, ids: list[np.ndarray]) -> np.ndarray:
-        return -np.array(ar_loglikelihood(self.infiller.backend, ids, self.infiller.special))
+        return -np.array(ar_loglikelihood(self.filler.backend, ids, self.filler.special))
 
     def collect(self, fills: list) -> list[AnnealRow]:
         """Takes the fills of `rows` (in order): the start, or a step's proposals accepted by the Metropolis
@@ -149,11 +150,11 @@ class Annealing:
         for sample, (ids, rng) in enumerate(zip(self.current, self.rngs)):
             remask = np.zeros(len(ids), dtype=bool)
             remask[rng.choice(self.free, size=count, replace=False)] = True
-            rows.append(AnnealRow(sample, MaskedText(np.where(remask, self.infiller.special.mask, ids), remask), rng))
+            rows.append(AnnealRow(sample, MaskedText(np.where(remask, self.filler.special.mask, ids), remask), rng))
         return rows
 
     def _finish(self) -> None:
-        tokenizer = self.infiller.tokenizer
+        tokenizer = self.filler.tokenizer
         self.results = [Annealed(text=tokenizer.decode(self.best[s].tolist(), skip_special_tokens=False),
                                  ids=self.best[s].tolist(),
                                  energy=float(self.best_energy[s]), energies=[h[s] for h in self.history],
@@ -161,7 +162,7 @@ class Annealing:
                         for s in range(self.num_samples)]
 
 
-def encode_ends(infiller, prefix: str, suffix: str) -> tuple[np.ndarray, np.ndarray]:
+def encode_ends(filler: Filler, prefix: str, suffix: str) -> tuple[np.ndarray, np.ndarray]:
     """The content ids of the plain text before and after the generated tokens; ValueError naming the option
     whose text the model refuses."""
     if "[MASK" in prefix + suffix:
@@ -169,7 +170,7 @@ def encode_ends(infiller, prefix: str, suffix: str) -> tuple[np.ndarray, np.ndar
 
     def encode(text: str, option: str) -> np.ndarray:
         try:
-            return infiller.encode(text).ids if text else np.zeros(0, dtype=np.int64)
+            return filler.encode(text).ids if text else np.zeros(0, dtype=np.int64)
         except ValueError as error:
             raise ValueError(f"{option}: {error}") from None
 
@@ -193,12 +194,12 @@ class AnnealRequest:
     schedule: Schedule = Schedule()
     sampling: Sampling = Sampling(temperature=1.0)
 
-    def start(self, infiller) -> Annealing:
-        return Annealing(infiller, self.prefix, self.suffix, self.length, self.num_samples, self.schedule,
+    def start(self, filler: Filler) -> Annealing:
+        return Annealing(filler, self.prefix, self.suffix, self.length, self.num_samples, self.schedule,
                          self.sampling, self.sampling.seed)
 
 
-def anneal_request(infiller, given: dict) -> AnnealRequest:
+def anneal_request(filler: Filler, given: dict) -> AnnealRequest:
     """The request of maria generate's options given as JSON fields (GENERATE_SETTINGS; the CLI's defaults).
     SettingTypeError for an unknown field or a wrong type, ValueError for a value the model refuses, with the
     field's name."""
@@ -212,9 +213,9 @@ def anneal_request(infiller, given: dict) -> AnnealRequest:
                             values.get("anneal_end", 0.05))
         sampling = Sampling(temperature=values.get("temperature", 1.0), top_p=values.get("top_p", 1.0),
                             seed=values.get("seed", 0))
-        prefix, suffix = encode_ends(infiller, values.get("prefix", ""), values.get("suffix", ""))
+        prefix, suffix = encode_ends(filler, values.get("prefix", ""), values.get("suffix", ""))
         request = AnnealRequest(prefix, suffix, values["length"], values.get("num_samples", 1), schedule, sampling)
-        Annealing.check(infiller, request.prefix, request.suffix, request.length, request.num_samples)
+        Annealing.check(filler, request.prefix, request.suffix, request.length, request.num_samples)
     except ValueError as error:
         raise ValueError(FLAG.sub(lambda flag: flag[1].replace("-", "_"), str(error))) from None
     return request
@@ -223,22 +224,23 @@ def anneal_request(infiller, given: dict) -> AnnealRequest:
 FLAG = re.compile(r"--([a-z]+(?:-[a-z]+)*)")       # a CLI option's name, which a JSON field spells with "_"
 
 
-def anneal(infiller, prefix: np.ndarray, suffix: np.ndarray, length: int, num_samples: int, schedule: Schedule,
+def anneal(filler: Filler, prefix: np.ndarray, suffix: np.ndarray, length: int, num_samples: int, schedule: Schedule,
            sampling: Sampling = Sampling(temperature=1.0), seed: int = 0, on_step=None,
            batch_size: int | None = None, first_sample: int = 0) -> list[Annealed]:
     """Generates `length` tokens between prefix and suffix (content ids) for num_samples samples, batch_size of
     them decoded at once (default: all; the others wait for a free slot, with the same fills). Samples are
     numbered from first_sample (their generators with them), so samples can be generated a group at a time.
     on_step(step, energies) is called after the start and after every step."""
-    annealing = Annealing(infiller, prefix, suffix, length, num_samples, schedule, sampling, seed, first_sample,
+    annealing = Annealing(filler, prefix, suffix, length, num_samples, schedule, sampling, seed, first_sample,
                           on_step)
-    return run_annealing(infiller, annealing, min(num_samples, batch_size or num_samples))
+    return run_annealing(filler.new_decoder(min(num_samples, batch_size or num_samples)), annealing)
 
 
-def run_annealing(infiller, annealing: Annealing, batch_size: int, on_batch=None,
-                  cancelled=lambda: False) -> list[Annealed]:
-    """Fills annealing's rows step after step, batch_size at a time (the others wait for a free slot);
-    on_batch(rows, ns) hears each step's fill. Where cancelled() turns true, it stops before the next step and
-    returns no results."""
-    finished = fill_rounds(infiller, annealing, annealing.sampling, batch_size, on_batch, cancelled=cancelled)
+def run_annealing(decoder: Decoder, annealing: Annealing,
+                  on_batch: Callable[[int, int], None] | None = None,
+                  cancelled: Callable[[], bool] = lambda: False) -> list[Annealed]:
+    """Fills annealing's rows step after step through the round driver (the decoder's slots bound how many run
+    at once; the others wait for a free slot); on_batch(rows, ns) hears each step once it is filled. Where cancelled()
+    turns true, it stops before the next step and returns no results."""
+    finished = fill_rounds(RoundDriver(decoder), [(annealing, annealing.sampling, None)], on_batch, cancelled)
     return annealing.results if finished else []

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -26,17 +26,23 @@ from .text import MaskedText
 from .utf8 import Utf8Rule
 
 OnFill = Callable[[int, int, float], None]  # (position, token, logprob) of one row's fill
+Hear = Callable[[Any], OnFill | None]  # a row -> the on_token of its fills, or None
 
 
 class Filler(Protocol):
     """What rounds of rows need of a loaded model (Infiller is one): its tokenizer and special ids, the backend
-    that scores whole texts, and the encoding of a text with markers."""
+    that scores whole texts, the encoding of a text with markers, and decoders to fill rows with."""
 
     tokenizer: Tokenizer
     special: SpecialIds
     backend: Backend
 
+    @property
+    def max_sequence_length(self) -> int: ...
+
     def encode(self, text: str) -> MaskedText: ...
+
+    def new_decoder(self, slots: int) -> Decoder: ...
 
 
 class RoundRow(Protocol):
@@ -95,14 +101,16 @@ class Run:
 
     rounds: RoundSource
     sampling: Sampling
-    hear: Callable[[object], OnFill | None] | None = None
+    hear: Hear | None = None
     sequences: list[Decoded | None] = field(default_factory=list)
-    ended: bool = False
+    on_round: Callable[[int, int], None] | None = None  # (rows, ns) of each round once it is filled
+    error: Exception | None = None      # what its rounds raised when collecting a round: it ended with this
+    round_began: int = 0                # time.monotonic_ns() when the current round went in
 
     @property
     def started(self) -> bool:
-        """Some row of the current round holds a decoder slot (or the round had nothing to decode)."""
-        return all(s is None for s in self.sequences) or any(s is not None and s.slot >= 0 for s in self.sequences)
+        """Some row of the current round holds (or held) a decoder slot."""
+        return any(s is not None and s.slot >= 0 for s in self.sequences)
 
 
 class RoundDriver:
@@ -116,10 +124,10 @@ class RoundDriver:
     def busy(self) -> bool:
         return bool(self.runs)
 
-    def start(self, rounds: RoundSource, sampling: Sampling,
-              hear: Callable[[object], OnFill | None] | None = None) -> Run:
+    def start(self, rounds: RoundSource, sampling: Sampling, hear: Hear | None = None,
+              on_round: Callable[[int, int], None] | None = None) -> Run:
         """Submits the first round of `rounds`; its fills are drawn with `sampling` and each row's generator."""
-        run = Run(rounds, sampling, hear)
+        run = Run(rounds, sampling, hear, on_round=on_round)
         self.runs.append(run)
         self._submit(run)
         return run
@@ -133,14 +141,14 @@ class RoundDriver:
                 self.decoder.cancel(sequence)
 
     def step(self) -> list[Run]:
-        """One decoder step (where any row waits for one); returns the runs whose last round ended with it. A
-        run whose round cannot be collected (its collect raised) is dropped and the error raised."""
+        """One decoder step (where any row waits for one); returns the runs whose last round ended with it, and
+        those whose rounds raised an error collecting a round (with it as their `error`; the others go on)."""
         if self.decoder.busy:
             self.decoder.step()
         return self._collect()
 
     def _submit(self, run: Run) -> None:
-        run.sequences = []
+        run.sequences, run.round_began = [], time.monotonic_ns()
         for row in run.rounds.rows:
             if not row.encoded.masked.any():
                 run.sequences.append(None)
@@ -154,37 +162,34 @@ class RoundDriver:
         for run in [r for r in self.runs if all(s is None or s.done for s in r.sequences)]:
             fills = [Fill.unchanged(row.encoded.ids) if s is None else s.fill()
                      for row, s in zip(run.rounds.rows, run.sequences)]
+            if run.on_round is not None:
+                run.on_round(len(fills), time.monotonic_ns() - run.round_began)
             try:
-                next_round = run.rounds.collect(fills)
-            except Exception:
-                self.runs.remove(run)
-                raise
-            if next_round:
-                self._submit(run)
-                continue
+                if run.rounds.collect(fills):
+                    self._submit(run)
+                    continue
+            except Exception as error:          # handed to the run's caller, which answers for it
+                run.error = error
             self.runs.remove(run)
-            run.ended = True
             ended.append(run)
         return ended
 
 
-def fill_rounds(driver: RoundDriver, runs: list[tuple[RoundSource, Sampling]],
-                hear: Callable[[object], OnFill | None] | None = None,
-                on_batch: Callable[[int, int], None] | None = None,
+def fill_rounds(driver: RoundDriver, runs: list[tuple[RoundSource, Sampling, Hear | None]],
+                on_round: Callable[[int, int], None] | None = None,
                 cancelled: Callable[[], bool] = lambda: False) -> bool:
-    """Drives every (rounds, sampling) to its end. on_batch(rows, ns) hears each decoder step. Returns False
-    where cancelled() turned true before a step (the runs are dropped), True once every round is filled."""
-    started = [driver.start(rounds, sampling, hear) for rounds, sampling in runs]
+    """Drives every (rounds, sampling, hear) to its end. on_round(rows, ns) hears each round once it is filled.
+    Returns False where cancelled() turned true before a step (the runs are dropped), True once every round is
+    filled."""
+    started = [driver.start(rounds, sampling, hear, on_round) for rounds, sampling, hear in runs]
     while driver.busy:
         if cancelled():
             for run in started:
                 driver.cancel(run)
             return False
-        began = time.monotonic_ns()
-        stepped = driver.decoder.busy
-        driver.step()
-        if on_batch is not None and stepped:
-            on_batch(driver.decoder.last_batch, time.monotonic_ns() - began)
+        for run in driver.step():
+            if run.error is not None:
+                raise run.error
     return True
 
 

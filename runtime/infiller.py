@@ -6,18 +6,21 @@ the batch loop over Optimum's decoder (runtime/decode.py); runtime/rounds.py add
 per-text seeds.
 """
 
+from collections.abc import Callable
+
 import numpy as np
 from tokenizers import Tokenizer
 
 from .choose import Sampling
 from .decode import Fill, infill, score, sequence_rngs
 from .default_model import resolve_bundle
-from .engine import engine_infill
+from .driver import BatchDecoder, Decoder
+from .engine import Engine, engine_infill
 from .manifest import load_manifest
 from .onnx_backend import OnnxBackend
 from .requests import FillRequest, Prepared
 from .results import Infilled
-from .rounds import run_requests
+from .rounds import OnRequestFill, run_requests
 from .text import (MAX_CANDIDATES, MaskedText, candidates_of, encode_masked_text, literal, span_ranges,
                    with_lengths)
 from .utf8 import Utf8Rule
@@ -110,15 +113,27 @@ class Infiller:
                              f"{num_samples}), and indices one per text ({len(indices)} for {len(texts)})")
         request = FillRequest([self.prepare(text, rerank) for text in texts], sampling, num_samples, rerank,
                               indices)
-        return run_requests(self, [request], batch_size)[0]
+        return run_requests(self, self.new_decoder(batch_size), [request])[0]
 
-    def infill_requests(self, requests: list[FillRequest], on_token=None, batch_size: int | None = None,
-                        on_batch=None) -> list[list[Infilled]]:
-        """Several requests in one decode batch per temperature / top-k / top-p and round of span lengths (or
-        batches of batch_size rows); each keeps its own seed, so its results do not depend on the others.
-        on_token(request, text, sample, position, token, logprob) hears each fill as it is chosen, on_batch(rows,
-        ns) each decode batch once it is filled."""
-        return run_requests(self, requests, batch_size, on_token, on_batch)
+    def infill_requests(self, requests: list[FillRequest], on_token: OnRequestFill | None = None,
+                        batch_size: int | None = None,
+                        on_batch: Callable[[int, int], None] | None = None) -> list[list[Infilled]]:
+        """Several requests through one decoder of batch_size rows (default: every row of their first rounds at
+        once); each keeps its own seed, so its results do not depend on the others. on_token(request, text,
+        sample, position, token, logprob) hears each fill as it is chosen, on_batch(rows, ns) each decoder step."""
+        slots = batch_size or max(1, sum(request.size for request in requests))
+        return run_requests(self, self.new_decoder(slots), requests, on_token, on_batch)
+
+    def new_decoder(self, slots: int) -> Decoder:
+        """What the round driver steps, `slots` rows at a time: the decode engine, or with decoder="concat" the
+        batch loop over Optimum's decoder."""
+        if self.decoder == "concat":
+            return BatchDecoder(self.backend, self.special, slots, self.utf8)
+        return Engine(self.backend, self.special, slots=slots, fixed_shapes=self.backend.on_device, utf8=self.utf8)
+
+    @property
+    def max_sequence_length(self) -> int:
+        return self.manifest.max_sequence_length
 
     def _check_mask_token(self) -> None:
         """The mask id must name a mask token in the tokenizer, or none (an id only the MLM knows)."""

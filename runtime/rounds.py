@@ -1,6 +1,6 @@
 """Requests -> decode rows, round after round -> results, each request keeping its own seed.
 
-    rows: (request, text, sample, span lengths) of every text, filled together      ──▶ Infiller.fill_ids
+    rows: (request, text, sample, span lengths) of every text, filled together  ──▶ the round driver (driver.py)
     spans: the candidate whose filled text is most likely under the AR wins (log p_AR of the whole text: the text
            outside the gaps is the same for every candidate, so the totals compare fairly). Where a text's
            markers allow more combinations than are decoded together, its lengths are searched gap by gap
@@ -12,16 +12,21 @@ Sample j of text i (i: its index in the request, or FillRequest.indices[i]) draw
 (seed, i, j, *L): the same whatever it is batched with.
 """
 
-import time
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from .driver import Decoder, Filler, OnFill, RoundDriver, fill_rounds
 from .likelihood import ar_loglikelihood
 from .requests import FillRequest
 from .results import Infilled, build_result
 from .spans import GapSearch
 from .text import MAX_CANDIDATES, MaskedText, with_lengths
+
+
+OnRequestFill = Callable[[int, int, int, int, int, float], None]  # (request, text, sample, position, token, logprob)
 
 
 @dataclass(frozen=True)
@@ -40,8 +45,8 @@ class Rounds:
     a text's span lengths are searched gap by gap. `rows` is the round to decode; `collect` takes its fills and
     returns the next round ([] once every result is in `results`)."""
 
-    def __init__(self, infiller, requests: list[FillRequest], numbers: list[int]):
-        self.infiller, self.requests, self.numbers = infiller, requests, numbers
+    def __init__(self, filler: Filler, requests: list[FillRequest], numbers: list[int]):
+        self.filler, self.requests, self.numbers = filler, requests, numbers
         self.results = [[[None] * r.num_samples for _ in r.texts] for r in requests]     # [request][text][sample]
         self.searches = {}           # (number, text, sample) -> (GapSearch, {lengths: Infilled}) while it runs
         self.rows = []
@@ -55,6 +60,15 @@ class Rounds:
                         key = [c] if prepared.spans else []
                         self.rows.append(self._row(number, text, sample, lengths, encoded, key))
         self.rows += self._search_rows()
+
+    def hearing(self, on_token: OnRequestFill) -> Callable[[Row], OnFill | None]:
+        """The round driver's hear: a row's fills go to on_token(request, text, sample, position, token, logprob),
+        except a span text's candidates (its fill is known only once the best is chosen)."""
+        def hear(row: Row) -> OnFill | None:
+            if self.requests[row.number].texts[row.text].spans:
+                return None
+            return functools.partial(on_token, row.number, row.text, row.sample)
+        return hear
 
     def _row(self, number: int, text: int, sample: int, lengths: tuple, encoded: MaskedText, key: list) -> Row:
         request = self.requests[number]
@@ -71,19 +85,19 @@ class Rounds:
                 self._end_search(key)
                 continue
             text = self.requests[key[0]].texts[key[1]].text
-            rows += [self._row(*key, lengths, self.infiller.encode(with_lengths(text, lengths)), lengths)
+            rows += [self._row(*key, lengths, self.filler.encode(with_lengths(text, lengths)), lengths)
                      for lengths in pending]
         return rows
 
     def collect(self, fills: list) -> list[Row]:
         """Takes the fills of `rows` (in order): scores what needs a whole-text score, keeps the best candidate of
         span texts, steps the searches; returns the next round, and reranks samples once there is none."""
-        built = [build_result(self.infiller.tokenizer, self.requests[row.number].texts[row.text].text, row.encoded,
+        built = [build_result(self.filler.tokenizer, self.requests[row.number].texts[row.text].text, row.encoded,
                               fill) for row, fill in zip(self.rows, fills)]
         need = [i for i, row in enumerate(self.rows)
                 if self.requests[row.number].texts[row.text].spans or self.requests[row.number].rerank]
-        scores = ar_loglikelihood(self.infiller.backend, [np.asarray(built[i].ids) for i in need],
-                                  self.infiller.special) if need else []
+        scores = ar_loglikelihood(self.filler.backend, [np.asarray(built[i].ids) for i in need],
+                                  self.filler.special) if need else []
         for i, score in zip(need, scores):
             built[i].score = score
         candidates = {}
@@ -139,45 +153,22 @@ def _candidate(lengths: tuple, result: Infilled) -> dict:
     return {"lengths": list(lengths), "score": result.score, "text": result.text, "ids": result.ids}
 
 
-def fill_rounds(infiller, rounds, sampling, batch_size: int | None = None, on_batch=None, hear=None,
-                cancelled=lambda: False) -> bool:
-    """Fills the rows of `rounds` (Rounds, or a generation's Annealing: anything with `rows` and `collect`) round
-    after round through Infiller.fill_ids, batch_size rows at a time (default: all). hear(rows) gives the on_token
-    of a round's fill, or None; on_batch(rows, ns) hears each round's fill. Returns False where cancelled() turned
-    true before a round, True once every round is filled."""
-    while rounds.rows:
-        if cancelled():
-            return False
-        rows, started = rounds.rows, time.monotonic_ns()
-        fills = infiller.fill_ids([r.encoded.ids for r in rows], [r.encoded.masked for r in rows], sampling,
-                                  batch_size=batch_size or len(rows), rngs=[r.rng for r in rows],
-                                  on_token=hear(rows) if hear else None)
-        if on_batch is not None:
-            on_batch(len(rows), time.monotonic_ns() - started)
-        rounds.collect(fills)
-    return True
-
-
-def run_requests(infiller, requests: list[FillRequest], batch_size: int | None = None,
-                 on_token=None, on_batch=None) -> list[list[Infilled]]:
-    """Per request, its results: num_samples per text, text-major (reranked where asked); one decode batch per
-    sampling setting and round (or batches of batch_size rows). on_token(request, text, sample, position, token,
-    logprob) hears each fill of the fixed-marker texts; on_batch(rows, ns) each decode batch, once it is filled."""
-    def hear(rows):
-        def heard(row, *fill):
-            if not requests[rows[row].number].texts[rows[row].text].spans:
-                on_token(rows[row].number, rows[row].text, rows[row].sample, *fill)
-        return heard
-
-    results = [[] for _ in requests]
-    groups = {}
+def run_requests(filler: Filler, decoder: Decoder, requests: list[FillRequest], on_token: OnRequestFill | None = None,
+                 on_batch: Callable[[int, int], None] | None = None) -> list[list[Infilled]]:
+    """Per request, its results: num_samples per text, text-major (reranked where asked), every request's rows
+    through one decoder (the round driver, runtime/driver.py), each with its own seed: one round of rows per
+    temperature / top-k / top-p, and another per step of a gap-by-gap search. on_token(request, text, sample,
+    position, token, logprob) hears each fill of the fixed-marker texts; on_batch(rows, ns) each round once it is
+    filled."""
+    groups: dict[tuple, list[int]] = {}
     for number, request in enumerate(requests):
-        groups.setdefault((request.sampling.temperature, request.sampling.top_k, request.sampling.top_p),
-                          []).append(number)
-    for numbers in groups.values():
-        rounds = Rounds(infiller, requests, numbers)
-        fill_rounds(infiller, rounds, requests[numbers[0]].sampling, batch_size, on_batch,
-                    hear if on_token else None)
-        for number in numbers:
-            results[number] = rounds.flat(number)
+        sampling = request.sampling
+        groups.setdefault((sampling.temperature, sampling.top_k, sampling.top_p), []).append(number)
+    rounds = [Rounds(filler, requests, numbers) for numbers in groups.values()]
+    runs = [(r, requests[r.numbers[0]].sampling, r.hearing(on_token) if on_token else None) for r in rounds]
+    fill_rounds(RoundDriver(decoder), runs, on_batch)
+    results: list[list[Infilled]] = [[] for _ in requests]
+    for r in rounds:
+        for number in r.numbers:
+            results[number] = r.flat(number)
     return results

@@ -45,7 +45,8 @@ from maria_onnx.runtime.requests import SETTINGS, SettingTypeError, TooLarge, bo
 from maria_onnx.runtime.text import quoted
 from maria_onnx.runtime.utf8 import FillPieces
 
-from .batcher import Batcher, Job, QueueFull
+from .batcher import Batcher
+from .jobs import Job, QueueFull
 from .continuous import ContinuousBatcher
 from .encoding import EncodingError, accepted, compress, decompress
 from .generate import SSE_TYPE, event, generate_response, read_generate

@@ -1,7 +1,8 @@
 """Dynamic batching: requests gathered into one decode batch, run by one worker thread.
 
     event loop: submit(job) ──▶ bounded queue ──▶ worker thread: gather ≤ max_batch_size texts, waiting at most
-    max_batch_delay after the first ──▶ Infiller.fill_ids (one call) ──▶ each job's future set on the loop
+    max_batch_delay after the first ──▶ Infiller.infill_requests (the round driver over the concat decoder's
+    batch loop) ──▶ each job's future set on the loop
 
 Jobs join a batch only with jobs of the same temperature / top-k / top-p (the decode loop takes one Sampling);
 others wait for the next batch. Each text draws from its own generator of (request seed, index of the text in
@@ -9,7 +10,6 @@ its request, sample) (Infiller.infill_requests), so a request's result does not 
 with.
 """
 
-import asyncio
 import collections
 import queue
 import threading
@@ -18,51 +18,14 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from maria_onnx.runtime.anneal import AnnealRequest, run_annealing
-from maria_onnx.runtime.infiller import FillRequest
+from maria_onnx.runtime.infiller import Infiller
 
-from .stats import Timings
-
-
-class QueueFull(Exception):
-    pass
-
-
-@dataclass
-class Job:
-    """One HTTP request: what to fill (or, from /v1/generate, to generate), and where its result goes."""
-    request: FillRequest | AnnealRequest
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
-    timings: Timings
-    on_token: Callable | None = None  # (text index, sample, position, token, logprob), called on the loop
-    cancelled: bool = False
-
-    @property
-    def sampling_key(self) -> tuple:
-        sampling = self.request.sampling
-        return sampling.temperature, sampling.top_k, sampling.top_p
-
-    @property
-    def inferences(self) -> int:
-        """What Triton's statistics count it as: its texts (the batch dimension), or a generation's samples."""
-        return self.request.num_samples if isinstance(self.request, AnnealRequest) else len(self.request.texts)
-
-    def tokens(self, results: list) -> int:
-        """Tokens its results filled: the masked positions of each fill, or the tokens of each generated sample."""
-        if isinstance(self.request, AnnealRequest):
-            return self.request.length * len(results)
-        return sum(len(r.masked_positions) for r in results)
-
-    def finish(self, setter, value) -> None:
-        def set_once():
-            if not self.future.done():
-                setter(value)
-        self.loop.call_soon_threadsafe(set_once)
+from .jobs import Job, QueueFull
 
 
 @dataclass
 class Batcher:
-    infiller: object
+    infiller: Infiller
     max_batch_size: int = 8
     max_batch_delay_s: float = 0.005
     max_queue: int = 256
@@ -132,8 +95,8 @@ class Batcher:
         try:
             if isinstance(batch[0].request, AnnealRequest):
                 job = batch[0]                 # its deadline or its client leaving stops it between steps
-                results = [run_annealing(self.infiller, job.request.start(self.infiller), self.max_batch_size,
-                                         self.observe_batch, lambda: job.cancelled)]
+                results = [run_annealing(self.infiller.new_decoder(self.max_batch_size),
+                                         job.request.start(self.infiller), self.observe_batch, lambda: job.cancelled)]
             else:
                 results = self.infiller.infill_requests([job.request for job in batch], on_token,
                                                         on_batch=self.observe_batch)

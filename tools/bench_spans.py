@@ -27,7 +27,6 @@ import numpy as np
 
 from maria_onnx.runtime.infiller import Infiller
 from maria_onnx.runtime.requests import FillRequest, Prepared
-from maria_onnx.runtime.rounds import run_requests
 from maria_onnx.runtime.text import ANY_LENGTH, MaskedText
 
 from . import run_main, write_json
@@ -73,7 +72,7 @@ def measure(infiller: Infiller, windows: np.ndarray, count: int, seed: int = 0, 
                 masked[start:start + length] = True
                 candidates.append(((length,), MaskedText(ids.astype(np.int64), masked)))
             requests.append(FillRequest([Prepared(f"window {w}, tokens {start}-{end}", candidates)]))
-        for (w, start, end), (result,) in zip(words[begin:begin + batch], run_requests(infiller, requests)):
+        for (w, start, end), (result,) in zip(words[begin:begin + batch], infiller.infill_requests(requests)):
             true = windows[w][start:end].tolist()
             fill_scores = _fill_scores(infiller, result.candidates, start)
             by_fills = result.candidates[int(np.argmax(fill_scores))]
@@ -145,7 +144,7 @@ def measure_search(infiller: Infiller, texts: list[tuple], batch_size: int = 8) 
         row = {"text": text, "true_lengths": true}
         for name in sorted(ways, reverse=number % 2 == 1):
             began = time.perf_counter()
-            (result,) = run_requests(infiller, [FillRequest([ways[name]])], batch_size)[0]
+            (result,) = infiller.infill_requests([FillRequest([ways[name]])], batch_size=batch_size)[0]
             row.update({f"{name}_seconds": time.perf_counter() - began, f"{name}_lengths": result.span_lengths,
                         f"{name}_score": result.score, f"{name}_rows": len(result.candidates)})
         rows.append(row)

@@ -1,0 +1,51 @@
+"""A request on its way through a batcher: what it asks for, where its answer goes, and the queue's refusal."""
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from maria_onnx.runtime.anneal import AnnealRequest
+from maria_onnx.runtime.requests import FillRequest
+
+from .stats import Timings
+
+
+class QueueFull(Exception):
+    """The batcher's queue holds max_queue requests: the server answers 503."""
+
+
+@dataclass
+class Job:
+    """One request (HTTP or gRPC): what to fill (or, from /v1/generate, to generate), and where its result goes."""
+
+    request: FillRequest | AnnealRequest
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    timings: Timings
+    on_token: Callable | None = None  # (text index, sample, position, token, logprob), called on the loop
+    cancelled: bool = False
+
+    @property
+    def sampling_key(self) -> tuple:
+        sampling = self.request.sampling
+        return sampling.temperature, sampling.top_k, sampling.top_p
+
+    @property
+    def inferences(self) -> int:
+        """What Triton's statistics count it as: its texts (the batch dimension), or a generation's samples."""
+        return self.request.num_samples if isinstance(self.request, AnnealRequest) else len(self.request.texts)
+
+    def tokens(self, results: list) -> int:
+        """Tokens its results filled: the masked positions of each fill, or the tokens of each generated sample."""
+        if isinstance(self.request, AnnealRequest):
+            return self.request.length * len(results)
+        return sum(len(r.masked_positions) for r in results)
+
+    def finish(self, setter: Callable, value: object) -> None:
+        """Sets the job's future on its loop (from the worker thread), once."""
+
+        def set_once() -> None:
+            if not self.future.done():
+                setter(value)
+
+        self.loop.call_soon_threadsafe(set_once)
