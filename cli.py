@@ -630,7 +630,7 @@ def serve(
     """Serve a bundle over HTTP: the Open Inference Protocol (KServe v2 / Triton) with Triton's generate extension,
     /v1/infill and its SSE stream; with --grpc-port, the Open Inference Protocol over gRPC too."""
     try:
-        from maria_onnx.serve.app import ServeSettings
+        from maria_onnx.serve.core import ServeSettings
         from maria_onnx.serve.run import serve as run_serve
     except ImportError as error:
         raise ValueError(f"{error.name}: `maria serve` needs the serve extra; pip install 'maria-onnx[serve]'") \

@@ -1,5 +1,5 @@
 """The Open Inference Protocol over gRPC (KServe v2's `inference.GRPCInferenceService`), beside the HTTP routes
-and over the same Server (serve/app.py): one batcher, one set of bounds, metrics and statistics.
+and over the same Server (serve/core.py): one batcher, one set of bounds, metrics and statistics.
 
     ServerLive, ServerReady              open, like /v2/health/*
     ServerMetadata, ModelMetadata, ModelReady
@@ -28,7 +28,7 @@ from google.protobuf.json_format import ParseDict
 from google.protobuf.message import DecodeError
 
 from . import oip_pb2 as pb
-from .app import ClientError, Server, logged
+from .core import ClientError, Server, logged
 from .protocol import (OUTPUTS, VERSION, BadRequest, InferRequest, bytes_tensor, metadata, model_config,
                        output_tensors, read_infer)
 

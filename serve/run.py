@@ -15,7 +15,8 @@ import time
 
 import uvicorn
 
-from .app import ServeSettings, create_app
+from .app import create_app
+from .core import ServeSettings
 
 
 class GracefulServer(uvicorn.Server):
