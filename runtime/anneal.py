@@ -11,7 +11,6 @@ round of decode rows a step, filled by anneal() here or by maria serve's decode 
 """
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,6 +19,7 @@ import numpy as np
 from .choose import Sampling
 from .likelihood import ar_loglikelihood
 from .driver import Decoder, Filler, RoundDriver, fill_rounds
+from .errors import SettingError
 from .requests import SettingTypeError, typed_settings
 from .text import MaskedText
 
@@ -34,13 +34,14 @@ class Schedule:
 
     def __post_init__(self):
         if self.steps < 0:
-            raise ValueError(f"--steps must be >= 0, got {self.steps}")
-        for option, value in (("--fraction-start", self.fraction_start), ("--fraction-end", self.fraction_end)):
+            raise SettingError(f"{{steps}} must be >= 0, got {self.steps}", "steps")
+        for field, value in (("fraction_start", self.fraction_start), ("fraction_end", self.fraction_end)):
             if not 0 < value <= 1:
-                raise ValueError(f"{option} is a share of the generated tokens, in (0, 1], got {value}")
-        for option, value in (("--anneal-start", self.temperature_start), ("--anneal-end", self.temperature_end)):
+                raise SettingError(f"{{{field}}} is a share of the generated tokens, in (0, 1], got {value}", field)
+        for field, value in (("anneal_start", self.temperature_start), ("anneal_end", self.temperature_end)):
             if not 0 < value < math.inf:
-                raise ValueError(f"{option} is a Metropolis temperature, a finite number > 0, got {value}")
+                raise SettingError(f"{{{field}}} is a Metropolis temperature, a finite number > 0, got {value}",
+                                   field)
 
     def _at(self, start: float, end: float, step: int) -> float:
         """Geometric interpolation, step 1 -> start, step K -> end."""
@@ -102,7 +103,8 @@ class Annealing:
     def check(filler: Filler, prefix: np.ndarray, suffix: np.ndarray, length: int, num_samples: int) -> None:
         """ValueError for a run the model cannot make."""
         if length < 1 or num_samples < 1:
-            raise ValueError(f"--length and --num-samples must be at least 1, got {length}, {num_samples}")
+            raise SettingError(f"{{length}} and {{num_samples}} must be at least 1, got {length}, {num_samples}",
+                               "length", "num_samples")
         if len(prefix) + length + len(suffix) > filler.max_sequence_length:
             raise ValueError(f"prefix, {length} tokens and suffix make {len(prefix) + length + len(suffix)} "
                              f"tokens, over the bundle's maximum of {filler.max_sequence_length}")
@@ -166,15 +168,16 @@ def encode_ends(filler: Filler, prefix: str, suffix: str) -> tuple[np.ndarray, n
     """The content ids of the plain text before and after the generated tokens; ValueError naming the option
     whose text the model refuses."""
     if "[MASK" in prefix + suffix:
-        raise ValueError("--prefix and --suffix are plain text; the generated tokens go between them")
+        raise SettingError("{prefix} and {suffix} are plain text; the generated tokens go between them", "prefix",
+                           "suffix")
 
-    def encode(text: str, option: str) -> np.ndarray:
+    def encode(text: str, field: str) -> np.ndarray:
         try:
             return filler.encode(text).ids if text else np.zeros(0, dtype=np.int64)
         except ValueError as error:
-            raise ValueError(f"{option}: {error}") from None
+            raise SettingError(f"{{{field}}}: {error}", field) from None
 
-    return encode(prefix, "--prefix"), encode(suffix, "--suffix")
+    return encode(prefix, "prefix"), encode(suffix, "suffix")
 
 
 # maria serve's /v1/generate: maria generate's options as JSON fields (length is required)
@@ -207,21 +210,14 @@ def anneal_request(filler: Filler, given: dict) -> AnnealRequest:
     if "length" not in values:
         raise SettingTypeError(f"the request has no \"length\" field: send {{\"length\": N, ...}}, the tokens to "
                                f"generate, with optional fields {', '.join(list(GENERATE_SETTINGS)[1:])}")
-    try:
-        schedule = Schedule(values.get("steps", 16), values.get("fraction_start", 0.5),
-                            values.get("fraction_end", 0.1), values.get("anneal_start", 1.0),
-                            values.get("anneal_end", 0.05))
-        sampling = Sampling(temperature=values.get("temperature", 1.0), top_p=values.get("top_p", 1.0),
-                            seed=values.get("seed", 0))
-        prefix, suffix = encode_ends(filler, values.get("prefix", ""), values.get("suffix", ""))
-        request = AnnealRequest(prefix, suffix, values["length"], values.get("num_samples", 1), schedule, sampling)
-        Annealing.check(filler, request.prefix, request.suffix, request.length, request.num_samples)
-    except ValueError as error:
-        raise ValueError(FLAG.sub(lambda flag: flag[1].replace("-", "_"), str(error))) from None
+    schedule = Schedule(values.get("steps", 16), values.get("fraction_start", 0.5), values.get("fraction_end", 0.1),
+                        values.get("anneal_start", 1.0), values.get("anneal_end", 0.05))
+    sampling = Sampling(temperature=values.get("temperature", 1.0), top_p=values.get("top_p", 1.0),
+                        seed=values.get("seed", 0))
+    prefix, suffix = encode_ends(filler, values.get("prefix", ""), values.get("suffix", ""))
+    request = AnnealRequest(prefix, suffix, values["length"], values.get("num_samples", 1), schedule, sampling)
+    Annealing.check(filler, request.prefix, request.suffix, request.length, request.num_samples)
     return request
-
-
-FLAG = re.compile(r"--([a-z]+(?:-[a-z]+)*)")       # a CLI option's name, which a JSON field spells with "_"
 
 
 def anneal(filler: Filler, prefix: np.ndarray, suffix: np.ndarray, length: int, num_samples: int, schedule: Schedule,

@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import SettingError
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -21,7 +23,7 @@ class Sampling:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top-p must be in (0, 1] (1 = off), got {self.top_p}")
         if self.seed < 0:
-            raise ValueError(f"--seed must be a non-negative integer, got {self.seed}")
+            raise SettingError(f"{{seed}} must be a non-negative integer, got {self.seed}", "seed")
 
     @property
     def greedy(self) -> bool:

@@ -14,6 +14,8 @@ import math
 import os
 from pathlib import Path
 
+from .errors import SettingError
+
 CGROUP = Path("/sys/fs/cgroup")
 
 
@@ -77,11 +79,11 @@ def session_threads(threads: int | None = None) -> int | None:
     per physical core)."""
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"--threads must be a whole number >= 1, got {threads!r}")
+            raise SettingError(f"{{threads}} must be a whole number >= 1, got {threads!r}", "threads")
         machine = os.cpu_count() or 1
         if threads > machine:           # more only take turns on the CPUs, and thousands take minutes to start
-            raise ValueError(f"--threads {threads} is more than the {machine} CPUs of this machine; use at most "
-                             f"{machine}, or leave it out for the CPUs this process may use")
+            raise SettingError(f"{{threads}} {threads} is more than the {machine} CPUs of this machine; use at most "
+                               f"{machine}, or leave it out for the CPUs this process may use", "threads")
         return threads
     usable = usable_cpus()
     return usable if usable < (os.cpu_count() or 1) else None

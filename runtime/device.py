@@ -1,7 +1,9 @@
-"""The one place that turns `--device auto|cuda|cuda:N|cpu` into the device a run uses, for ONNX Runtime and
+"""The one place that turns a device setting (auto|cuda|cuda:N|cpu) into the device a run uses, for ONNX Runtime and
 PyTorch."""
 
 import re
+
+from .errors import SettingError
 
 DEVICES = ("auto", "cuda", "cuda:N", "cpu")
 CUDA_N = re.compile(r"cuda:(\d{1,3})")
@@ -10,7 +12,7 @@ CUDA_N = re.compile(r"cuda:(\d{1,3})")
 def check_device(device: str) -> str:
     """Refuses a device name other than auto, cuda, cuda:N (GPU number N) or cpu; returns it."""
     if device not in ("auto", "cuda", "cpu") and not CUDA_N.fullmatch(device or ""):
-        raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got '{device}'")
+        raise SettingError(f"{{device}} must be one of {', '.join(DEVICES)}, got '{device}'", "device")
     return device
 
 
@@ -27,5 +29,5 @@ def choose_device(device: str, cuda_missing: str | None) -> str:
     if device == "cpu" or (device == "auto" and cuda_missing):
         return "cpu"
     if cuda_missing:
-        raise ValueError(f"--device {device}: {cuda_missing}; use --device auto or cpu")
+        raise SettingError(f"{{device}} {device}: {cuda_missing}; use {{device}} auto or cpu", "device")
     return "cuda"

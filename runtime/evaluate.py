@@ -14,6 +14,7 @@ import numpy as np
 
 from .choose import Sampling
 from .decode import infill, score
+from .errors import SettingError
 from .text import StreamLines, pack_windows, plain_encoder
 
 
@@ -62,7 +63,8 @@ def document_windows(documents, infiller, seq_len: int, count: int, name: str = 
     """The first `count` windows of seq_len tokens of the documents (any iterable: read only as far as those
     windows need), tokenized with the bundle's tokenizer and joined by its start token."""
     if not 2 <= seq_len <= infiller.manifest.max_sequence_length:
-        raise ValueError(f"--seq-len must be from 2 to the bundle's maximum {infiller.manifest.max_sequence_length}")
+        raise SettingError(f"{{seq_len}} must be from 2 to the bundle's maximum {infiller.manifest.max_sequence_length}",
+                           "seq_len")
     return pack_windows(documents, plain_encoder(infiller.tokenizer), seq_len, infiller.special.start, name,
                         most=count)
 

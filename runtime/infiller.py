@@ -16,6 +16,7 @@ from .decode import Fill, infill, score, sequence_rngs
 from .default_model import resolve_bundle
 from .driver import BatchDecoder, Decoder
 from .engine import Engine, engine_infill
+from .errors import SettingError
 from .manifest import load_manifest
 from .onnx_backend import OnnxBackend
 from .requests import FillRequest, Prepared
@@ -38,7 +39,7 @@ class Infiller:
         threads: CPU threads per ONNX Runtime session; None: as many as this process may use where that is fewer
         than the machine's CPUs (an affinity mask, a container's cpuset or CPU quota), else ONNX Runtime's own."""
         if decoder not in DECODERS:
-            raise ValueError(f"--decoder must be one of {', '.join(DECODERS)}, got '{decoder}'")
+            raise SettingError(f"{{decoder}} must be one of {', '.join(DECODERS)}, got '{decoder}'", "decoder")
         self.bundle = resolve_bundle(bundle)
         self.manifest = load_manifest(self.bundle)
         graphs = self.manifest.graphs
@@ -47,8 +48,8 @@ class Infiller:
         needed = {"engine": "ar_step", "concat": "ar_decoder"}[decoder]
         if needed not in graphs:
             how = "without --no-concat-decoder" if decoder == "concat" else "with this maria-onnx"
-            raise ValueError(f"--decoder {decoder} needs {needed}.onnx, which this bundle lacks; re-export it "
-                             f"with `maria export` {how}, or use --decoder auto")
+            raise SettingError(f"{{decoder}} {decoder} needs {needed}.onnx, which this bundle lacks; re-export it "
+                               f"with `maria export` {how}, or use {{decoder}} auto", "decoder")
         self.decoder = decoder
         self.tokenizer = literal(Tokenizer.from_file(str(self.bundle / self.manifest.tokenizer)))
         self.backend = OnnxBackend(self.bundle, self.manifest, device=device, io_binding=io_binding,

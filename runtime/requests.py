@@ -128,7 +128,4 @@ def read_settings(given: dict) -> tuple[Sampling, int, bool]:
     num_samples, rerank = values.pop("num_samples", 1), values.pop("rerank", False)
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-    try:
-        return Sampling(**values), num_samples, rerank
-    except ValueError as error:
-        raise ValueError(str(error).replace("--", "")) from None         # the CLI's message, without its flag
+    return Sampling(**values), num_samples, rerank

@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from .cpus import session_threads, usable_cpus
 from .device import choose_device, gpu_index
+from .errors import SettingError
 
 CUDA_ERROR_INSUFFICIENT_DRIVER = 35          # cudaErrorInsufficientDriver: the driver is older than the runtime
 
@@ -138,7 +139,7 @@ def providers_for(device: str) -> list:
     count = cuda_devices()[0]
     if count is not None and gpu_index(device) >= count:
         gpus = "1 GPU here (cuda:0)" if count == 1 else f"{count} GPUs here (cuda:0 to cuda:{count - 1})"
-        raise ValueError(f"--device {device}: CUDA sees {gpus}; pick one of them, or use --device cpu")
+        raise SettingError(f"{{device}} {device}: CUDA sees {gpus}; pick one of them, or use {{device}} cpu", "device")
     return cuda_providers(gpu_index(device))
 
 
@@ -197,8 +198,8 @@ def make_session(path: Path, providers: list, insist: bool = False,
 def _cuda_failed(reason: str, insist: bool) -> None:
     """The user asked for CUDA: one line and stop. auto: one warning, and the session runs on the CPU."""
     if insist:
-        raise ValueError(f"--device cuda: {reason}; check the GPU driver (nvidia-smi) and CUDA libraries, or use "
-                         "--device cpu")
+        raise SettingError(f"{{device}} cuda: {reason}; check the GPU driver (nvidia-smi) and CUDA libraries, or use "
+                           "{device} cpu", "device")
     warnings.warn(f"{reason}; running on the CPU instead", RuntimeWarning, stacklevel=3)
 
 

@@ -98,11 +98,11 @@ def test_bad_generation_requests_get_one_line_naming_the_option(bundles, args, m
 
 
 def test_bad_schedules_are_refused():
-    with pytest.raises(ValueError, match=r"--fraction-start is a share of the generated tokens, in \(0, 1\], got 0"):
+    with pytest.raises(ValueError, match=r"^fraction_start is a share of the generated tokens, in \(0, 1\], got 0"):
         Schedule(fraction_start=0)
-    with pytest.raises(ValueError, match="--fraction-end .* got nan"):
+    with pytest.raises(ValueError, match="^fraction_end .* got nan"):
         Schedule(fraction_end=float("nan"))
-    with pytest.raises(ValueError, match="--anneal-end is a Metropolis temperature, a finite number > 0, got 0"):
+    with pytest.raises(ValueError, match="^anneal_end is a Metropolis temperature, a finite number > 0, got 0"):
         Schedule(temperature_end=0)
-    with pytest.raises(ValueError, match="--anneal-start .* got inf"):
+    with pytest.raises(ValueError, match="^anneal_start .* got inf"):
         Schedule(temperature_start=float("inf"))

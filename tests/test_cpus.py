@@ -67,9 +67,9 @@ def test_sessions_get_the_usable_cpus_only_where_they_are_fewer_than_the_machine
     monkeypatch.setattr(cpus, "usable_cpus", lambda: 8)
     assert session_threads() is None                            # the whole machine: ONNX Runtime's own choice
     for wrong in (0, -1, 2.5, True, "2"):
-        with pytest.raises(ValueError, match="--threads must be a whole number >= 1"):
+        with pytest.raises(ValueError, match="^threads must be a whole number >= 1"):
             session_threads(wrong)
-    with pytest.raises(ValueError, match="--threads 9 is more than the 8 CPUs of this machine; use at most 8"):
+    with pytest.raises(ValueError, match="^threads 9 is more than the 8 CPUs of this machine; use at most 8"):
         session_threads(9)
 
 

@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from maria_onnx.cli import NEWLINES, app, shown
+from maria_onnx.tools import error_line
 from maria_onnx.export.bundle import export_bundle
 from maria_onnx.runtime.choose import Sampling
 from maria_onnx.runtime.default_model import DEFAULT_MODEL
@@ -457,10 +458,10 @@ def test_device_names_and_the_gpu_they_pick():
     from maria_onnx.runtime.sessions import cuda_providers, providers_for
     assert [gpu_index(d) for d in ("auto", "cuda", "cuda:0", "cuda:3")] == [0, 0, 0, 3]
     for bad in ("gpu", "cuda:", "cuda:x", "cuda:1:2", "CUDA"):
-        with pytest.raises(ValueError, match="--device must be one of auto, cuda, cuda:N, cpu"):
+        with pytest.raises(ValueError, match="^device must be one of auto, cuda, cuda:N, cpu"):
             check_device(bad)
     assert choose_device("cuda:2", None) == "cuda" and choose_device("auto", "no GPU") == "cpu"
-    with pytest.raises(ValueError, match="--device cuda:2: no GPU; use --device auto or cpu"):
+    with pytest.raises(ValueError, match="^device cuda:2: no GPU; use device auto or cpu$"):
         choose_device("cuda:2", "no GPU")
     assert cuda_providers(2) == [("CUDAExecutionProvider", {"device_id": 2}), "CPUExecutionProvider"]
     assert providers_for("cpu") == ["CPUExecutionProvider"]
@@ -476,7 +477,7 @@ def test_missing_cuda_libraries_are_named_in_one_line(monkeypatch):
                                                                           "CPUExecutionProvider"])
     with pytest.raises(ValueError) as refused:
         sessions.providers_for("cuda")
-    assert str(refused.value) == ("--device cuda: the CUDA library libcublasLt.so.13 cannot be loaded; pip install "
+    assert error_line(refused.value) == ("--device cuda: the CUDA library libcublasLt.so.13 cannot be loaded; pip install "
                                   "'maria-onnx[cuda]' for CUDA and cuDNN from pip, or install them system-wide; "
                                   "use --device auto or cpu")
     with pytest.warns(RuntimeWarning, match="a GPU is present but CUDA cannot run"):
@@ -528,7 +529,7 @@ def test_a_driver_too_old_or_no_usable_gpu_is_named_before_any_session(cudart, e
         if expected[1]:
             with pytest.raises(ValueError) as refused:
                 sessions.providers_for("cuda:1")
-            assert str(refused.value) == f"--device cuda:1: {expected[1]}; use --device auto or cpu"
+            assert error_line(refused.value) == f"--device cuda:1: {expected[1]}; use --device auto or cpu"
     finally:
         sessions.cuda_devices.cache_clear()
 
@@ -540,7 +541,7 @@ def test_a_gpu_number_beyond_the_machines_is_refused(monkeypatch):
         monkeypatch.setattr(sessions, "cuda_devices", lambda: (count, None))
         with pytest.raises(ValueError) as refused:
             sessions.providers_for(device)
-        assert str(refused.value) == f"--device {device}: CUDA sees {gpus}; pick one of them, or use --device cpu"
+        assert error_line(refused.value) == f"--device {device}: CUDA sees {gpus}; pick one of them, or use --device cpu"
     assert sessions.providers_for("cuda:1") == sessions.cuda_providers(1)        # 2 GPUs: cuda:1 is the second
 
 
@@ -584,7 +585,7 @@ def test_cuda_that_fails_to_start_falls_back_with_one_line_and_nothing_on_stdout
     assert [str(w.message) for w in warned] == [f"{reason}; running on the CPU instead"]
     with pytest.raises(ValueError) as refused:
         make_session(head, cuda_providers(0), insist=True)
-    assert str(refused.value) == (f"--device cuda: {reason}; check the GPU driver (nvidia-smi) and CUDA libraries, "
+    assert error_line(refused.value) == (f"--device cuda: {reason}; check the GPU driver (nvidia-smi) and CUDA libraries, "
                                   "or use --device cpu")
     assert capsys.readouterr().out == ""
 

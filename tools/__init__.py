@@ -5,10 +5,20 @@ import os
 import sys
 from pathlib import Path
 
+from maria_onnx.runtime.errors import SettingError
+
+
+def flag(setting: str) -> str:
+    """The option that gives a setting on the command line: num_samples -> --num-samples."""
+    return "--" + setting.replace("_", "-")
+
 
 def error_line(error: Exception) -> str:
-    """The one line a command prints for an error in what it was given: the library's own message, or the system's
-    reason after its path ("out.json: No space left on device", without "[Errno 28]")."""
+    """The one line a command prints for an error in what it was given: the library's own message with each setting
+    named as its option (a SettingError), or the system's reason after its path ("out.json: No space left on
+    device", without "[Errno 28]")."""
+    if isinstance(error, SettingError):
+        return error.worded(flag)
     if isinstance(error, OSError) and error.strerror:
         return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
     return str(error)
