@@ -165,8 +165,8 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
 class InputLines:
-    """`maria infill`'s texts as runtime.text.Line: the arguments, or --input's lines (plain text, or JSONL with a
-    "text" field; '-' is stdin) read as they come (runtime.text.StreamLines), so memory holds a piece of the
+    """`maria infill`'s texts as runtime.readers.Line: the arguments, or --input's lines (plain text, or JSONL with a
+    "text" field; '-' is stdin) read as they come (runtime.readers.StreamLines), so memory holds a piece of the
     input, not all of it. The format is --format, else guessed from the file's suffix; plain text that is
     evidently JSONL is refused. whole: it can be read twice (the arguments, a regular file), so every line is
     checked before any is filled; stdin, a pipe or a FIFO is read once, filled as it comes."""
@@ -195,7 +195,7 @@ class InputLines:
                 raise ValueError(f"cannot read --input {self.name}: {error.strerror}") from None
 
     def __iter__(self):
-        from maria_onnx.runtime.text import Line, StreamLines, line_of
+        from maria_onnx.runtime.readers import Line, StreamLines, line_of
 
         if not self.input_file:
             yield from (Line(number, text) for number, text in enumerate(self.texts, 1))
@@ -535,7 +535,7 @@ def bench_serve(
     from maria_onnx.tools.bench_serve import TEXTS
     texts = TEXTS
     if texts_file is not None:
-        from maria_onnx.runtime.text import decode_utf8, read_lines, texts_of
+        from maria_onnx.runtime.readers import decode_utf8, read_lines, texts_of
         try:
             data = texts_file.read_bytes()
         except OSError as error:

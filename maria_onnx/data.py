@@ -1,10 +1,10 @@
-"""Training text: local files -> documents (packed into windows by runtime.text.pack_windows) -> random masks."""
+"""Training text: local files -> documents (packed into windows by runtime.windows.pack_windows) -> random masks."""
 
 from pathlib import Path
 
 import numpy as np
 
-from maria_onnx.runtime.text import decode_utf8, read_lines, texts_of
+from maria_onnx.runtime.readers import decode_utf8, read_lines, texts_of
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ""}
 JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}

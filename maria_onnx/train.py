@@ -24,7 +24,8 @@ from transformers import get_cosine_schedule_with_warmup
 from .backbones import load_backbones, torch_device
 from .checkpoint import fsync_path, maria_config, save_checkpoint
 from .config import MariaConfig, TrainConfig
-from maria_onnx.runtime.text import pack_windows, plain_encoder
+from maria_onnx.runtime.text import plain_encoder
+from maria_onnx.runtime.windows import pack_windows
 
 from .data import random_masks, read_documents, split_windows
 from .model import FusionHead, masked_nll, teacher_forced_hidden

@@ -15,7 +15,9 @@ import numpy as np
 from .choose import Sampling
 from .decode import infill, score
 from .errors import SettingError
-from .text import StreamLines, pack_windows, plain_encoder
+from .readers import StreamLines
+from .text import plain_encoder
+from .windows import pack_windows
 
 
 def check_mask_rate(mask_rate: float, name: str = "mask rate") -> None:

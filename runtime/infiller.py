@@ -22,8 +22,7 @@ from .onnx_backend import OnnxBackend
 from .requests import FillRequest, Prepared
 from .results import Infilled
 from .rounds import OnRequestFill, run_requests
-from .text import (MAX_CANDIDATES, MaskedText, candidates_of, encode_masked_text, literal, span_ranges,
-                   with_lengths)
+from .text import MAX_CANDIDATES, MaskedText, candidates_of, encode_masked_text, literal, span_ranges, with_lengths
 from .utf8 import Utf8Rule
 
 __all__ = ["FillRequest", "Infilled", "Infiller", "Prepared"]

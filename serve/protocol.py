@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from maria_onnx.runtime.text import RefusedJson, loads_json, quoted
+from maria_onnx.runtime.readers import RefusedJson, loads_json
+
+from maria_onnx.runtime.text import quoted
 
 INPUTS = {"text": "BYTES", "temperature": "FP32", "top_k": "INT32", "top_p": "FP32", "seed": "INT64",
           "num_samples": "INT32"}

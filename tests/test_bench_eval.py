@@ -253,7 +253,7 @@ def test_eval_reads_only_as_far_as_its_windows_need(bundles, tmp_path):
     """The first --windows windows are the same however much text follows, and the text after them is not read:
     a file whose tail (or a folder whose last file) is not UTF-8 gives its first windows (reading it all would
     fail), and pack_windows takes documents only until its windows are full."""
-    from maria_onnx.runtime.text import pack_windows
+    from maria_onnx.runtime.windows import pack_windows
     infiller = Infiller(bundles["olmo"], device="cpu")
     head = "".join(f"document {i} of the held-out text\n" for i in range(40)).encode()
     (tmp_path / "head.txt").write_bytes(head)

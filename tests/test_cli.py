@@ -224,13 +224,13 @@ def test_a_stream_is_filled_as_its_lines_come(bundles, tmp_path):
 
 
 def test_input_is_read_a_piece_at_a_time_as_whole_text_would_be():
-    """runtime.text.StreamLines, whatever the size of the pieces it reads, gives the lines that splitting the
+    """runtime.readers.StreamLines, whatever the size of the pieces it reads, gives the lines that splitting the
     whole decoded input gives (blank lines, a byte order mark, carriage returns, JSONL errors), and names the
     first invalid byte by its offset in the input, as decoding the whole would."""
     import io
     import random
 
-    from maria_onnx.runtime.text import StreamLines, decode_utf8, read_lines
+    from maria_onnx.runtime.readers import StreamLines, decode_utf8, read_lines
     pieces = ["a", " ", "\n", "\r", "\u00e9", "\U0001f600", "\u2028", "{", "}", '"text"', ":", '"x"', "\x0c"]
     rng = random.Random(0)
     for _ in range(400):

@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from maria_onnx.serve.core import ClientError, sampling_of
-from maria_onnx.runtime.text import loads_json, nesting
+from maria_onnx.runtime.readers import loads_json, nesting
 from maria_onnx.serve.protocol import BadRequest, infer_response, parse_infer
 
 

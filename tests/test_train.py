@@ -152,8 +152,9 @@ def test_a_long_document_is_tokenized_in_pieces_to_the_same_ids(pairs, monkeypat
     the same as the whole text's; where the tokenizer marks a text's start, the document stays whole."""
     from transformers import AutoTokenizer
 
-    from maria_onnx.runtime import text
-    from maria_onnx.runtime.text import pack_windows, pieces, plain_encoder
+    from maria_onnx.runtime import windows as corpus_windows
+    from maria_onnx.runtime.text import plain_encoder
+    from maria_onnx.runtime.windows import pack_windows, pieces
     encode = plain_encoder(AutoTokenizer.from_pretrained(pairs["olmo"][1]))
     document = "".join(f"Line {i}: the quick  brown fox,\n\n  indented {i}\tand tabbed\r\n" for i in range(400))
     cut = list(pieces(document, encode, size=1000))
@@ -164,7 +165,7 @@ def test_a_long_document_is_tokenized_in_pieces_to_the_same_ids(pairs, monkeypat
     from maria_onnx.runtime.default_model import DEFAULT_MODEL
     shipped = plain_encoder(Tokenizer.from_file(str(DEFAULT_MODEL / "tokenizer.json")))
     assert [i for piece in pieces(document, shipped, size=1000) for i in shipped(piece)] == shipped(document)
-    monkeypatch.setattr(text, "PIECE_CHARS", 1000)
+    monkeypatch.setattr(corpus_windows, "PIECE_CHARS", 1000)
     seen = []
     windows = pack_windows([document, document], lambda piece: seen.append(piece) or encode(piece), 16, 0)
     whole = (encode(document) + [0]) * 2

@@ -26,7 +26,8 @@ from maria_onnx.runtime.default_model import DEFAULT_MODEL
 from maria_onnx.runtime.evaluate import document_windows, draw_masks, evaluate_maria
 from maria_onnx.runtime.evaluate import evaluate_baselines as onnx_baselines
 from maria_onnx.runtime.infiller import Infiller
-from maria_onnx.runtime.text import pack_windows, plain_encoder
+from maria_onnx.runtime.text import plain_encoder
+from maria_onnx.runtime.windows import pack_windows
 
 from . import run_main
 from .corpus import build_corpus, download_python_docs
