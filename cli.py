@@ -1,26 +1,20 @@
-"""`maria`: train a MARIA head, export it to an ONNX bundle, fill masked text. Each command calls one library function.
+"""`maria`: train a MARIA head, export it to an ONNX bundle, fill masked text. Each command parses its options and
+calls one library function (the input and output machinery lives in console/).
 
 Training and export need the `train` extra (torch, transformers, optimum-onnx); they are imported inside those
 commands so that `maria infill` runs with the runtime's dependencies alone.
 """
 
-import collections
-import contextlib
 import functools
-import itertools
-import json
-import math
 import os
-import stat
 import sys
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from maria_onnx.tools import error_line, write_json
+from maria_onnx.console.outputs import fail
+from maria_onnx.tools import error_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="MARIA: fill masked tokens with an autoregressive model, on ONNX Runtime.")
@@ -41,35 +35,11 @@ def maria(versions: bool = typer.Option(False, "--version", is_eager=True, callb
     """MARIA: fill masked tokens with an autoregressive model, on ONNX Runtime."""
 
 
-# maria infill fills this many batches of texts x samples at a time and prints their results before the next: on
-# the 2-core CPU, 2,000 lines at batch 8 gave their first line after 0.9-1.0 s instead of 8.1-8.6 s, in the same
-# total time (8.1-8.5 s against 8.2-8.6 s, three interleaved runs; 64 batches: 2.3-2.6 s to the first line)
-CHUNK_BATCHES = 16
-
-
 def threads_option():
     return typer.Option(None, min=1, envvar="MARIA_THREADS",
                         help="CPU threads per ONNX Runtime session (default: the CPUs this process may use where "
                              "an affinity mask or a container's cpuset or CPU quota leaves it fewer than the "
                              "machine's, else ONNX Runtime's own; `maria --version` shows which).")
-
-
-def fail(message: str, code: int = 2):
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
-@contextlib.contextmanager
-def results_to_stdout():
-    """Printing results: a write that fails (a full disk, a closed terminal) is named as stdout's, with the output
-    said to be incomplete; a reader that left (`| head`) stays a quiet stop (one_line_errors)."""
-    try:
-        yield
-        sys.stdout.flush()
-    except BrokenPipeError:
-        raise
-    except OSError as error:
-        raise OSError(error.errno, f"{error.strerror}; the output is incomplete", "stdout") from None
 
 
 def one_line_errors(command):
@@ -161,162 +131,6 @@ def export_command(
         fail(f"interrupted; nothing was written to {out} (a bundle already there is unchanged)", code=130)
 
 
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
-
-
-class InputLines:
-    """`maria infill`'s texts as runtime.readers.Line: the arguments, or --input's lines (plain text, or JSONL with a
-    "text" field; '-' is stdin) read as they come (runtime.readers.StreamLines), so memory holds a piece of the
-    input, not all of it. The format is --format, else guessed from the file's suffix; plain text that is
-    evidently JSONL is refused. whole: it can be read twice (the arguments, a regular file), so every line is
-    checked before any is filled; stdin, a pipe or a FIFO is read once, filled as it comes."""
-
-    def __init__(self, texts: list[str], input_file: Optional[str], input_format: Optional[str]):
-        if input_format not in (None, "text", "jsonl"):
-            raise ValueError(f"--format must be text or jsonl, got '{input_format}'")
-        if texts and input_file:
-            raise ValueError("give texts as arguments or with --input, not both")
-        if not input_file and not texts:
-            raise ValueError("no text given; pass a text with [MASK] markers, or --input FILE ('-' for stdin)")
-        if not input_file and input_format:
-            raise ValueError("--format describes --input; texts given as arguments are plain text")
-        self.texts, self.input_file, self.reader = texts, input_file, None
-        self.count = 0                       # lines given by the last iteration
-        self.name = "stdin" if input_file == "-" else input_file
-        self.guessed = input_format is None
-        self.jsonl = (input_format or ("jsonl" if (input_file or "").lower().endswith(JSONL_SUFFIXES) else
-                                       "text")) == "jsonl"
-        self.stream, self.whole = None, not input_file
-        if input_file:
-            try:
-                self.stream = sys.stdin.buffer if input_file == "-" else open(input_file, "rb")
-                self.whole = input_file != "-" and stat.S_ISREG(os.fstat(self.stream.fileno()).st_mode)
-            except OSError as error:
-                raise ValueError(f"cannot read --input {self.name}: {error.strerror}") from None
-
-    def __iter__(self):
-        from maria_onnx.runtime.readers import Line, StreamLines, line_of
-
-        if not self.input_file:
-            yield from (Line(number, text) for number, text in enumerate(self.texts, 1))
-            return
-        if self.whole:
-            self.stream.seek(0)
-        self.reader, self.count = StreamLines(self.stream, self.name, self.jsonl), 0
-        for line in self.reader:
-            self.count += 1
-            first_of_plain_text = self.count == 1 and self.guessed and not self.jsonl
-            if first_of_plain_text and not line_of(line.number, line.text, self.name, jsonl=True).error:
-                raise ValueError(f"{self.name}:{line.number} is a JSON object with a \"text\" field, so the input "
-                                 "looks like JSONL; pass --format jsonl (or --format text to fill it as plain text)")
-            yield line
-
-    def ready(self) -> bool:
-        """The next line can be had without waiting for the input's writer."""
-        return self.reader is None or self.reader.ready()
-
-
-NEWLINES = str.maketrans({"\n": "\\n", "\r": "\\r"})
-
-
-def chunks(checked, num_samples: int, size: int, ready=lambda: True):
-    """The work of `maria infill` in pieces of at most `size` texts x samples, in output order: (lines, first
-    sample, samples). Whole texts where a text's samples fit in a piece, else one text's samples `size` at a time
-    (their generators are numbered by sample, so the results are the same). `checked` is taken as it comes: a
-    piece goes to the model early where ready() says the next text would mean waiting for the input's writer."""
-    per = min(num_samples, size)                                    # samples of a text in one piece
-    texts = max(1, size // per)
-    checked = iter(checked)
-    while piece := list(itertools.islice(checked, 1)):
-        while len(piece) < texts and ready() and (more := next(checked, None)) is not None:
-            piece.append(more)
-        for first in range(0, num_samples, per):
-            yield piece, first, min(per, num_samples - first)
-
-
-class Ranked:
-    """--rerank for a text whose samples are filled a piece at a time: each sample's output waits in a temporary
-    file, its score in memory, and all are printed in score order (ties in sample order, as one sort of them all
-    would give) once the last is filled."""
-
-    def __init__(self):
-        self.file = tempfile.TemporaryFile()
-        self.samples = []                               # (-score, sample, offset, note's bytes, output's bytes)
-
-    def add(self, score: float, sample: int, note: str, output: str) -> None:
-        note_bytes, output_bytes = note.encode(), output.encode()
-        self.samples.append((-score, sample, self.file.tell(), len(note_bytes), len(output_bytes)))
-        self.file.write(note_bytes + output_bytes)
-
-    def print_all(self) -> int:
-        """Prints the text's samples in score order and forgets them; returns how many."""
-        for _, _, offset, note, output in sorted(self.samples):
-            self.file.seek(offset)
-            printed(self.file.read(note).decode(), self.file.read(output).decode())
-        count = len(self.samples)
-        self.file.seek(0)
-        self.file.truncate()
-        self.samples.clear()
-        return count
-
-
-def shown(result, as_json: bool, styled: bool, kept: dict) -> str:
-    """A result's line: JSON exact, after the `kept` fields of its input line; plain text with a newline inside a
-    fill shown escaped (\\n)."""
-    if as_json:
-        return json.dumps({**kept, **result.to_dict()}, ensure_ascii=False)
-    if styled:
-        return "".join(typer.style(piece.translate(NEWLINES), fg=typer.colors.GREEN, bold=True) if fill
-                       else piece.translate(NEWLINES) for piece, fill in result.segments)
-    return result.text.translate(NEWLINES)
-
-
-def printed(note: str, output: str) -> None:
-    """A result's note (if any) on stderr, its line on stdout."""
-    if note:
-        typer.echo(note, err=True)
-    typer.echo(output)
-
-
-def kept_fields(line, from_file: bool) -> dict:
-    """What `--json` keeps of an input line beside its results: with --input, its number and a JSONL object's
-    other fields (an id, say), so results can be joined back to their input whatever was skipped."""
-    if not from_file:
-        return {}
-    return {"line": line.number, **{key: value for key, value in (line.record or {}).items() if key != "text"}}
-
-
-def clashing_field(line) -> str:
-    """A field of a JSONL line's object that `--json` would write over with a result's own, or ''."""
-    from maria_onnx.runtime.results import Infilled
-
-    taken = {"line", *Infilled.FIELDS}
-    return next((key for key in line.record or {} if key != "text" and key in taken), "")
-
-
-def checked_lines(lines, infiller, skip_invalid: bool, where, rerank: bool = False, as_json: bool = False,
-                  report: bool = True):
-    """(line, its text prepared by Infiller.prepare) for each line whose text encodes, as the lines come; a bad
-    line stops the run (naming it) unless skip_invalid, which reports it on stderr (where `report`) and leaves it
-    out. With as_json, a JSONL line whose object has a field the results use is bad too (its value would be
-    lost)."""
-    for line in lines:
-        error = line.error
-        clash = clashing_field(line) if as_json and not error else ""
-        if clash:
-            error = f"{where(line)} has the field '{clash}', which --json writes with the result; rename it in the input"
-        if not error:
-            try:
-                yield line, infiller.prepare(line.text, rerank)
-                continue
-            except ValueError as problem:
-                error = f"{where(line)}: {problem}"
-        if not skip_invalid:
-            raise ValueError(f"{error} (--skip-invalid fills the other lines)")
-        if report:
-            typer.secho(f"skipped: {error}", fg=typer.colors.YELLOW, err=True)
-
-
 @app.command()
 @one_line_errors
 def infill(
@@ -348,59 +162,13 @@ def infill(
     """Fill the masked tokens of each text with a MARIA bundle (no PyTorch needed). [MASK] is one token,
     [MASK:N] N tokens, [MASK:?] 1 to 8 and [MASK:a-b] a to b tokens (the model chooses the length; over 64
     combinations of lengths, gap by gap)."""
+    from maria_onnx.console.fill import fill_texts
     from maria_onnx.runtime.choose import Sampling
-    from maria_onnx.runtime.device import check_device
-    from maria_onnx.runtime.infiller import FillRequest, Infiller
 
-    check_device(device)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    lines = InputLines(texts or [], input_file, input_format)
-    nothing = f"note: {lines.name} holds no text (no line but blank ones); nothing to fill"
-    if lines.whole and next(iter(lines), None) is None:
-        typer.echo(nothing, err=True)
-        return
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        infiller = Infiller(model, device=device, decoder=decoder, threads=threads)
-    for warning in caught:
-        typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
-    where = (lambda line: f"{lines.name}:{line.number}") if input_file else (lambda line: f"text {line.number}")
-    check = functools.partial(checked_lines, infiller=infiller, skip_invalid=skip_invalid, where=where,
-                              rerank=rerank, as_json=as_json)
-    if lines.whole:                 # read twice: a bad line stops the run before anything is filled
-        collections.deque(check(lines), maxlen=0)
-    if num_samples > 1 and sampling.greedy:
-        typer.echo(f"note: --temperature 0 is greedy: the {num_samples} samples of each text are identical",
-                   err=True)
-    styled = sys.stdout.isatty() and not as_json
-    size = CHUNK_BATCHES * batch_size
-    ranked = Ranked() if rerank and num_samples > size else None     # a text's samples come in several pieces
-    written = 0
-    try:
-        for chunk, first, samples in chunks(check(lines, report=not lines.whole), num_samples, size, lines.ready):
-            request = FillRequest([prepared for _, prepared in chunk], sampling, samples, rerank,
-                                  indices=[line.number - 1 for line, _ in chunk], first_sample=first)
-            results = infiller.infill_requests([request], batch_size=batch_size)[0]
-            with results_to_stdout():   # each chunk's results are printed before the next is filled
-                for number, result in enumerate(results):
-                    line = chunk[number // samples][0]
-                    note = f"note: {where(line)}: {result.note}" if result.note and not as_json else ""
-                    output = shown(result, as_json, styled, kept_fields(line, bool(input_file)))
-                    if ranked is None:
-                        printed(note, output)
-                    else:
-                        ranked.add(result.score, first + number, note, output)
-                if ranked is None:
-                    written += len(results)
-                elif first + samples == num_samples:
-                    written += ranked.print_all()
-    except KeyboardInterrupt:
-        fail("interrupted before every result was written; the output is incomplete", code=130)
-    except ValueError as error:     # a bad line of a stream, met after the lines before it were filled
-        done = f"; the output holds only what was filled before it ({written} result{'s' * (written != 1)})"
-        raise ValueError(f"{error}{done * bool(written)}") from None
-    if not lines.whole and not lines.count:
-        typer.echo(nothing, err=True)
+    fill_texts(texts or [], input_file, input_format, model, sampling, batch_size=batch_size,
+               num_samples=num_samples, rerank=rerank, skip_invalid=skip_invalid, as_json=as_json, device=device,
+               threads=threads, decoder=decoder)
 
 
 @app.command()
@@ -427,38 +195,14 @@ def generate(
 ):
     """Generate text by simulated annealing with MARIA (energy: -log p under the AR), optionally between a prefix
     and a suffix."""
-    from rich.console import Console
-    from rich.progress import Progress
-
-    from maria_onnx.runtime.anneal import Schedule, anneal, encode_ends
+    from maria_onnx.console.generate import generate_samples
+    from maria_onnx.runtime.anneal import Schedule
     from maria_onnx.runtime.choose import Sampling
-    from maria_onnx.runtime.device import check_device
-    from maria_onnx.runtime.infiller import Infiller
 
-    check_device(device)
     schedule = Schedule(steps, fraction_start, fraction_end, anneal_start, anneal_end)
     sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
-    infiller = Infiller(model, device=device, threads=threads)
-    if not infiller.manifest.has_baseline_heads:
-        raise ValueError("generation needs the AR's whole-text score, and this bundle has no ar_lm_head.onnx; "
-                         "re-export it with `maria export`")
-    ends = encode_ends(infiller, prefix, suffix)
-    console = Console(stderr=True)
-    group = CHUNK_BATCHES * batch_size          # samples annealed together, printed before the next group starts
-    with Progress(transient=True, console=console, disable=not console.is_terminal) as progress:
-        task = progress.add_task("annealing", total=steps + 1)
-        for first in range(0, num_samples, group):
-            samples = min(group, num_samples - first)
-            which = f"samples {first + 1}-{first + samples} of {num_samples}, " if samples < num_samples else ""
-            results = anneal(infiller, *ends, length, samples, schedule, sampling, seed,
-                             on_step=lambda step, energies: progress.update(
-                                 task, completed=step + 1,
-                                 description=f"{which}step {step}: mean energy {energies.mean():.1f}"),
-                             batch_size=batch_size, first_sample=first)
-            with results_to_stdout():
-                for result in results:
-                    typer.echo(json.dumps(result.to_dict(), ensure_ascii=False) if as_json else
-                               result.text.translate(NEWLINES))
+    generate_samples(length, prefix, suffix, num_samples, schedule, sampling, model, batch_size=batch_size,
+                     as_json=as_json, device=device, threads=threads)
 
 
 def int_list(text: str, option: str) -> list[int]:
@@ -568,36 +312,10 @@ def eval_command(
     threads: Optional[int] = threads_option(),
 ):
     """Masked-token perplexity and greedy top-1 accuracy: MARIA (ONNX) and, with the train extra, the baselines."""
-    from rich.console import Console
-    from rich.table import Table
+    from maria_onnx.console.evaluation import evaluate_text
 
-    from maria_onnx.runtime.device import check_device
-    from maria_onnx.runtime.evaluate import check_mask_rate
-    from maria_onnx.runtime.infiller import Infiller
-    from maria_onnx.tools.evaluate import evaluate
-
-    check_device(device)
-    check_mask_rate(mask_rate, "--mask-rate")
-    if as_json is not None and as_json.is_dir():
-        raise ValueError(f"--json {as_json} is a folder; give a file path, e.g. {as_json / 'eval.json'}")
-    if as_json is not None and not as_json.parent.is_dir():
-        raise ValueError(f"--json {as_json}: the folder {as_json.parent} does not exist; create it or give a path "
-                         "in an existing folder")
-    report = evaluate(text_file, Infiller(model, device=device, threads=threads), mask_rate=mask_rate, span=span,
-                      seq_len=seq_len, windows=windows, seed=seed, batch_size=batch_size,
-                      backbones_from=backbones_from)
-    table = Table(title=f"{report['windows']} windows of {seq_len} tokens, mask rate {mask_rate}"
-                        f"{' (spans)' if span else ''}, seed {seed}")
-    for column in ("system", "perplexity", "top-1 accuracy", "masked tokens"):
-        table.add_column(column, justify="right")
-    for row in report["rows"]:
-        table.add_row(row["system"], f"{row['perplexity']:.3f}", f"{row['top1_accuracy']:.3f}",
-                      str(row["masked_tokens"]))
-    Console().print(table)
-    if report["note"]:
-        typer.echo(f"note: {report['note']}", err=True)
-    if as_json:
-        write_json(as_json, report)
+    evaluate_text(text_file, model, backbones_from, mask_rate=mask_rate, span=span, seq_len=seq_len,
+                  windows=windows, seed=seed, batch_size=batch_size, as_json=as_json, device=device, threads=threads)
 
 
 @app.command()
@@ -629,52 +347,12 @@ def serve(
 ):
     """Serve a bundle over HTTP: the Open Inference Protocol (KServe v2 / Triton) with Triton's generate extension,
     /v1/infill and its SSE stream; with --grpc-port, the Open Inference Protocol over gRPC too."""
-    try:
-        from maria_onnx.serve.core import ServeSettings
-        from maria_onnx.serve.run import serve as run_serve
-    except ImportError as error:
-        raise ValueError(f"{error.name}: `maria serve` needs the serve extra; pip install 'maria-onnx[serve]'") \
-            from None
-    if grpc_port and grpc_port == port:
-        raise ValueError(f"--port and --grpc-port are both {port}; HTTP and gRPC each need a port of their own")
-    if grpc_port is not None:
-        try:
-            import maria_onnx.serve.grpc_service  # noqa: F401
-        except ImportError as error:
-            raise ValueError(f"{error.name}: --grpc-port needs the grpc extra; pip install 'maria-onnx[serve,grpc]'") \
-                from None
-    from maria_onnx.runtime.device import check_device
-    from maria_onnx.runtime.infiller import Infiller
-    from maria_onnx.serve.protocol import check_model_name
+    from maria_onnx.console.serving import start_server
 
-    check_device(device)
-    check_model_name(model_name)
-    if not math.isfinite(grace):
-        raise ValueError(f"--grace takes a finite number of seconds, got {grace}")
-    settings = ServeSettings(model_name=model_name, max_batch_size=max_batch_size,
-                             max_batch_delay_ms=max_batch_delay_ms, max_queue=max_queue,
-                             max_body_bytes=max_body_bytes, max_texts=max_texts, timeout_s=timeout, api_key=api_key)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        infiller = Infiller(model, device=device, decoder=decoder, threads=threads)
-    for warning in caught:
-        typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
-    if not api_key and not is_loopback(host):
-        typer.secho(f"warning: --host {host} takes requests from other machines and no --api-key is set: anyone who "
-                    "reaches the port can use the model; set --api-key or MARIA_API_KEY", fg=typer.colors.YELLOW,
-                    err=True)
-    run_serve(infiller, settings, host=host, port=port, grace_s=grace, grpc_port=grpc_port)
-
-
-def is_loopback(host: str) -> bool:
-    """A host name or address that only this machine reaches."""
-    import ipaddress
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    start_server(model, host=host, port=port, grpc_port=grpc_port, device=device, threads=threads,
+                 model_name=model_name, max_batch_size=max_batch_size, max_batch_delay_ms=max_batch_delay_ms,
+                 max_queue=max_queue, max_body_bytes=max_body_bytes, max_texts=max_texts, timeout=timeout,
+                 api_key=api_key, grace=grace, decoder=decoder)
 
 
 @app.command("triton-repo")

@@ -65,20 +65,20 @@ def test_a_seed_repeats_a_run_and_the_cli_reports_energies(bundles):
 def test_samples_beyond_a_group_are_annealed_and_printed_a_group_at_a_time(bundles, monkeypatch):
     """--num-samples over 16 batches goes a group at a time (memory stays bounded, each group printed when it
     ends), with the texts of one group: sample j keeps its generators of (seed, j, k)."""
-    from maria_onnx.runtime import anneal as runtime_anneal
-    from maria_onnx.cli import CHUNK_BATCHES
+    from maria_onnx.console import generate as console_generate
+    from maria_onnx.console.fill import CHUNK_BATCHES
 
     samples = CHUNK_BATCHES + 2
     args = ["generate", "--length", "4", "--steps", "2", "--num-samples", str(samples), "--seed", "5",
             "--model", str(bundles["llama"]), "--device", "cpu"]
     whole = CliRunner().invoke(app, args + ["--batch-size", "8"])
-    groups, run = [], runtime_anneal.anneal
+    groups, run = [], console_generate.anneal
 
     def counted(*rest, **kwargs):
         groups.append((rest[4], kwargs["first_sample"]))
         return run(*rest, **kwargs)
 
-    monkeypatch.setattr(runtime_anneal, "anneal", counted)
+    monkeypatch.setattr(console_generate, "anneal", counted)
     grouped = CliRunner().invoke(app, args + ["--batch-size", "1"])
     assert whole.exit_code == grouped.exit_code == 0, grouped.output
     assert groups == [(CHUNK_BATCHES, 0), (2, CHUNK_BATCHES)]

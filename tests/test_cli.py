@@ -153,7 +153,7 @@ def test_a_reader_that_leaves_early_stops_the_fill_quietly(bundles, tmp_path):
 
 def test_results_are_printed_chunk_by_chunk_as_they_are_filled(bundles, tmp_path, monkeypatch, capsys):
     """A long input's first results are out before the rest is filled, and chunking changes no result."""
-    from maria_onnx.cli import CHUNK_BATCHES
+    from maria_onnx.console.fill import CHUNK_BATCHES
     from maria_onnx.runtime.infiller import Infiller
 
     lines = "".join(f"Line {i} has a [MASK] to fill.\n" for i in range(3 * CHUNK_BATCHES + 1))
@@ -258,7 +258,7 @@ def test_many_samples_of_a_text_are_filled_and_printed_a_chunk_at_a_time(bundles
     the next is filled (memory stays bounded whatever --num-samples asks), with the results of one piece; with
     --rerank a text's samples are printed once its last piece is filled, ordered by score as when all are
     filled at once."""
-    from maria_onnx.cli import CHUNK_BATCHES
+    from maria_onnx.console.fill import CHUNK_BATCHES
     from maria_onnx.runtime.infiller import Infiller
 
     samples, args = 2 * CHUNK_BATCHES + 3, ["--model", str(bundles["olmo"]), "--temperature", "1", "--seed", "4"]

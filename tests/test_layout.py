@@ -1,5 +1,5 @@
-"""The source's import graph, under the names the package is installed with: dependencies run one way (cli >
-tools, serve > export > maria_onnx's own modules > runtime) and form no cycle. Every import counts, also those
+"""The source's import graph, under the names the package is installed with: dependencies run one way (cli,
+console > tools, serve > export > maria_onnx's own modules > runtime) and form no cycle. Every import counts, also those
 inside functions."""
 
 import ast
@@ -9,9 +9,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # The repository's folders and the subpackages of maria_onnx they are installed as (pyproject.toml's package-dir).
 FOLDERS = {"runtime": "maria_onnx.runtime", "export": "maria_onnx.export", "tools": "maria_onnx.tools",
-           "serve": "maria_onnx.serve", "maria_onnx": "maria_onnx"}
+           "serve": "maria_onnx.serve", "console": "maria_onnx.console", "maria_onnx": "maria_onnx"}
 LAYERS = {"maria_onnx.runtime": 0, "maria_onnx": 1, "maria_onnx.export": 2, "maria_onnx.tools": 3,
-          "maria_onnx.serve": 3, "maria_onnx.cli": 4}
+          "maria_onnx.serve": 3, "maria_onnx.console": 4, "maria_onnx.cli": 4}
 
 
 def modules() -> dict[str, Path]:

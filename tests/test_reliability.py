@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from maria_onnx.cli import NEWLINES, app, shown
+from maria_onnx.cli import app
+from maria_onnx.console.outputs import NEWLINES, shown
 from maria_onnx.tools import error_line
 from maria_onnx.export.bundle import export_bundle
 from maria_onnx.runtime.choose import Sampling

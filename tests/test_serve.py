@@ -518,7 +518,8 @@ def test_listening_beyond_loopback_without_a_key_is_warned(monkeypatch):
     from typer.testing import CliRunner
 
     from maria_onnx.serve import run as serve_run
-    from maria_onnx.cli import app, is_loopback
+    from maria_onnx.cli import app
+    from maria_onnx.console.serving import is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("example.org")

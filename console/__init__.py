@@ -1,0 +1,1 @@
+"""The `maria` command's machinery: reading its input, printing its results, one function per command."""
