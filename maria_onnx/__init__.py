@@ -5,18 +5,11 @@
 
 The installed package is this one namespace: the PyTorch side (config, backbones, fusion head, training) in its own
 modules, and beneath it `runtime` (bundle -> fills: onnxruntime, numpy and tokenizers only), `export`, `serve`,
-`tools` and `cli`. Importing this package, or `maria_onnx.runtime`, loads no torch: the public names below load
-on first use.
+`tools`, `console` and `cli`. In the repository those are top-level folders (and cli.py), linked into this folder
+so that a checkout, an editable install and type checkers see the installed names; pyproject.toml maps them into
+the wheel. Importing this package, or `maria_onnx.runtime`, loads no torch: the public names below load on first
+use.
 """
-
-from pathlib import Path
-
-_HERE = Path(__file__).resolve().parent
-# In a source checkout the subpackages are the folders beside this one (`runtime/`, `export/`, ...), which
-# pyproject.toml's package-dir maps into this package when it is built; so that a checkout runs uninstalled too
-# (`python cli.py`, `python -m pytest` with no install), its root is searched after this folder.
-if not (_HERE / "runtime").is_dir() and (_HERE.parent / "runtime" / "infiller.py").is_file():
-    __path__.append(str(_HERE.parent))  # type: ignore[name-defined]  # noqa: F821
 
 _PUBLIC = {
     "Infiller": "maria_onnx.runtime.infiller",
