@@ -16,47 +16,65 @@ import typer
 from maria_onnx.console.outputs import fail
 from maria_onnx.tools import error_line
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help="MARIA: fill masked tokens with an autoregressive model, on ONNX Runtime.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="MARIA: fill masked tokens with an autoregressive model, on ONNX Runtime.",
+)
 
 
 def show_versions(asked: bool):
     """`maria --version`: runtime.sessions.installation(), then exit."""
     if asked:
         from maria_onnx.runtime.sessions import installation
+
         typer.echo("\n".join(installation()))
         raise typer.Exit()
 
 
 @app.callback()
-def maria(versions: bool = typer.Option(False, "--version", is_eager=True, callback=show_versions,
-                                        help="Show the versions (package, ONNX Runtime, Python) and whether CUDA "
-                                             "can run, then exit.")):
+def maria(
+    versions: bool = typer.Option(
+        False,
+        "--version",
+        is_eager=True,
+        callback=show_versions,
+        help="Show the versions (package, ONNX Runtime, Python) and whether CUDA can run, then exit.",
+    ),
+):
     """MARIA: fill masked tokens with an autoregressive model, on ONNX Runtime."""
 
 
 def threads_option():
-    return typer.Option(None, min=1, envvar="MARIA_THREADS",
-                        help="CPU threads per ONNX Runtime session (default: the CPUs this process may use where "
-                             "an affinity mask or a container's cpuset or CPU quota leaves it fewer than the "
-                             "machine's, else ONNX Runtime's own; `maria --version` shows which).")
+    return typer.Option(
+        None,
+        min=1,
+        envvar="MARIA_THREADS",
+        help="CPU threads per ONNX Runtime session (default: the CPUs this process may use where "
+        "an affinity mask or a container's cpuset or CPU quota leaves it fewer than the "
+        "machine's, else ONNX Runtime's own; `maria --version` shows which).",
+    )
 
 
 def one_line_errors(command):
     """Turns the library's edge errors into one line on stderr and exit code 2, with no traceback."""
+
     @functools.wraps(command)
     def run(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except BrokenPipeError:                    # the reader left (`| head`): stop quietly, as other tools do
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())      # nothing more to flush at exit
-            raise typer.Exit(141) from None        # 128 + SIGPIPE, the status a shell gives such a tool
-        except (ValueError, OSError) as error:     # FileNotFoundError, PermissionError, UnicodeDecodeError...
+        except BrokenPipeError:  # the reader left (`| head`): stop quietly, as other tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+            raise typer.Exit(141) from None  # 128 + SIGPIPE, the status a shell gives such a tool
+        except (ValueError, OSError) as error:  # FileNotFoundError, PermissionError, UnicodeDecodeError...
             fail(error_line(error))
         except ImportError as error:
             fail(f"{error.name or error}: this command needs the training extra; pip install 'maria-onnx[train]'")
-        except KeyboardInterrupt:                  # Ctrl-C: one line and the shell's status for SIGINT
+        except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for SIGINT
             fail("interrupted", code=130)
+
     return run
 
 
@@ -88,14 +106,27 @@ def train(
     from maria_onnx.runtime.device import check_device
 
     check_device(device)
-    config = TrainConfig(steps=steps, seq_len=seq_len, batch_size=batch_size, learning_rate=learning_rate,
-                         warmup_steps=warmup_steps, mask_rate_min=mask_rate_min, mask_rate_max=mask_rate_max,
-                         eval_every=eval_every, save_every=save_every, seed=seed, text_field=text_field,
-                         line_documents=line_documents)
+    config = TrainConfig(
+        steps=steps,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        mask_rate_min=mask_rate_min,
+        mask_rate_max=mask_rate_max,
+        eval_every=eval_every,
+        save_every=save_every,
+        seed=seed,
+        text_field=text_field,
+        line_documents=line_documents,
+    )
     if warmup_steps >= steps:
-        typer.secho(f"warning: --warmup-steps {warmup_steps} is not below --steps {steps}: the learning rate rises for "
-                    f"the whole run and never reaches --learning-rate {learning_rate:g}", fg=typer.colors.YELLOW,
-                    err=True)
+        typer.secho(
+            f"warning: --warmup-steps {warmup_steps} is not below --steps {steps}: the learning rate rises for "
+            f"the whole run and never reaches --learning-rate {learning_rate:g}",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
     try:
         result = run_train(mlm, ar, data, out, config, eval_data=eval_data, device=device)
     except KeyboardInterrupt:
@@ -112,21 +143,39 @@ def export_command(
     int8: bool = typer.Option(False, "--int8", help="Dynamically quantize the weights to int8 (CPU edge devices)."),
     opset: int = typer.Option(17, help="ONNX opset."),
     overwrite: bool = typer.Option(False, help="Replace an existing bundle at --out (only once the new one passed)."),
-    baseline_heads: bool = typer.Option(True, help="Include the AR's LM head and the MLM's decoder (whole-text "
-                                                   "scores, baselines); --no-baseline-heads for very large bundles."),
-    concat_decoder: bool = typer.Option(True, help="Include Optimum's decoder (ar_decoder.onnx) for --decoder "
-                                                   "concat beside the engine's step graph; --no-concat-decoder "
-                                                   "halves the AR's share of the bundle."),
-    attention: str = typer.Option("eager", help="The step graph's attention: eager (its operations, the faster "
-                                                "on CPUs) | fused (one ONNX Runtime MultiHeadAttention node a "
-                                                "layer; needs a key/value head per query head)."),
+    baseline_heads: bool = typer.Option(
+        True,
+        help="Include the AR's LM head and the MLM's decoder (whole-text "
+        "scores, baselines); --no-baseline-heads for very large bundles.",
+    ),
+    concat_decoder: bool = typer.Option(
+        True,
+        help="Include Optimum's decoder (ar_decoder.onnx) for --decoder "
+        "concat beside the engine's step graph; --no-concat-decoder "
+        "halves the AR's share of the bundle.",
+    ),
+    attention: str = typer.Option(
+        "eager",
+        help="The step graph's attention: eager (its operations, the faster "
+        "on CPUs) | fused (one ONNX Runtime MultiHeadAttention node a "
+        "layer; needs a key/value head per query head).",
+    ),
 ):
     """Export a trained checkpoint to a validated ONNX bundle (mlm, ar_step, ar_decoder, fusion_head)."""
     from maria_onnx.export.bundle import export_bundle
 
     try:
-        export_bundle(checkpoint, out, dtype=dtype, int8=int8, opset=opset, overwrite=overwrite,
-                      baseline_heads=baseline_heads, concat_decoder=concat_decoder, attention=attention)
+        export_bundle(
+            checkpoint,
+            out,
+            dtype=dtype,
+            int8=int8,
+            opset=opset,
+            overwrite=overwrite,
+            baseline_heads=baseline_heads,
+            concat_decoder=concat_decoder,
+            attention=attention,
+        )
     except KeyboardInterrupt:
         fail(f"interrupted; nothing was written to {out} (a bundle already there is unchanged)", code=130)
 
@@ -136,28 +185,39 @@ def export_command(
 def infill(
     texts: list[str] = typer.Argument(None, help="Texts with [MASK] (one token) or [MASK:N] (N tokens) markers."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="A bundle folder written by `maria export`."),
-    input_file: Optional[str] = typer.Option(None, "--input", "-i",
-                                             help="One text per line, or JSONL with a \"text\" field; - for stdin."),
-    input_format: Optional[str] = typer.Option(None, "--format", help="text | jsonl (default: from --input's "
-                                                                      "suffix, .jsonl/.ndjson = jsonl)."),
-    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Report bad input lines on stderr and fill "
-                                                                    "the rest (default: stop at the first)."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per result (ids, positions, log-probs; "
-                                                       "with --input, the line number and a JSONL line's other "
-                                                       "fields)."),
+    input_file: Optional[str] = typer.Option(
+        None, "--input", "-i", help='One text per line, or JSONL with a "text" field; - for stdin.'
+    ),
+    input_format: Optional[str] = typer.Option(
+        None, "--format", help="text | jsonl (default: from --input's suffix, .jsonl/.ndjson = jsonl)."
+    ),
+    skip_invalid: bool = typer.Option(
+        False, "--skip-invalid", help="Report bad input lines on stderr and fill the rest (default: stop at the first)."
+    ),
+    as_json: bool = typer.Option(
+        False,
+        "--json",
+        help="One JSON object per result (ids, positions, log-probs; "
+        "with --input, the line number and a JSONL line's other "
+        "fields).",
+    ),
     batch_size: int = typer.Option(8, min=1),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_k: int = typer.Option(0, help="Sample from the k most likely tokens (0 = all)."),
     top_p: float = typer.Option(1.0, help="Sample from the smallest set with this much probability (1 = all)."),
-    seed: int = typer.Option(0, help="Seed for sampling: a text's samples depend only on the seed and its "
-                                            "line, whatever the batching."),
+    seed: int = typer.Option(
+        0, help="Seed for sampling: a text's samples depend only on the seed and its line, whatever the batching."
+    ),
     num_samples: int = typer.Option(1, min=1, help="Results per input."),
     rerank: bool = typer.Option(False, "--rerank", help="Order each text's samples by the AR's whole-text score."),
     device: str = typer.Option("auto", help="auto | cuda | cuda:N (GPU N) | cpu"),
     threads: Optional[int] = threads_option(),
-    decoder: str = typer.Option("auto", help="engine (the KV cache written in place, texts joining as others "
-                                             "finish) | concat (Optimum's decoder, the cache copied each step) | "
-                                             "auto (the engine where the bundle has it)."),
+    decoder: str = typer.Option(
+        "auto",
+        help="engine (the KV cache written in place, texts joining as others "
+        "finish) | concat (Optimum's decoder, the cache copied each step) | "
+        "auto (the engine where the bundle has it).",
+    ),
 ):
     """Fill the masked tokens of each text with a MARIA bundle (no PyTorch needed). [MASK] is one token,
     [MASK:N] N tokens, [MASK:?] 1 to 8 and [MASK:a-b] a to b tokens (the model chooses the length; over 64
@@ -166,9 +226,21 @@ def infill(
     from maria_onnx.runtime.choose import Sampling
 
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    fill_texts(texts or [], input_file, input_format, model, sampling, batch_size=batch_size,
-               num_samples=num_samples, rerank=rerank, skip_invalid=skip_invalid, as_json=as_json, device=device,
-               threads=threads, decoder=decoder)
+    fill_texts(
+        texts or [],
+        input_file,
+        input_format,
+        model,
+        sampling,
+        batch_size=batch_size,
+        num_samples=num_samples,
+        rerank=rerank,
+        skip_invalid=skip_invalid,
+        as_json=as_json,
+        device=device,
+        threads=threads,
+        decoder=decoder,
+    )
 
 
 @app.command()
@@ -178,8 +250,9 @@ def generate(
     prefix: str = typer.Option("", help="Text before the generated tokens."),
     suffix: str = typer.Option("", help="Text after them."),
     steps: int = typer.Option(16, min=0, help="Annealing steps after the one-shot MARIA fill (0: one-shot)."),
-    num_samples: int = typer.Option(1, min=1, help="Samples, advanced together (16 batches at a time, each group "
-                                                   "printed when it ends)."),
+    num_samples: int = typer.Option(
+        1, min=1, help="Samples, advanced together (16 batches at a time, each group printed when it ends)."
+    ),
     batch_size: int = typer.Option(8, min=1, help="Samples decoded at once (the rest wait for a free slot)."),
     fraction_start: float = typer.Option(0.5, help="Share of the generated tokens re-masked at the first step."),
     fraction_end: float = typer.Option(0.1, help="... and at the last (geometric in between)."),
@@ -201,8 +274,19 @@ def generate(
 
     schedule = Schedule(steps, fraction_start, fraction_end, anneal_start, anneal_end)
     sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
-    generate_samples(length, prefix, suffix, num_samples, schedule, sampling, model, batch_size=batch_size,
-                     as_json=as_json, device=device, threads=threads)
+    generate_samples(
+        length,
+        prefix,
+        suffix,
+        num_samples,
+        schedule,
+        sampling,
+        model,
+        batch_size=batch_size,
+        as_json=as_json,
+        device=device,
+        threads=threads,
+    )
 
 
 def int_list(text: str, option: str) -> list[int]:
@@ -218,9 +302,12 @@ def bench(
     out: Path = typer.Option(Path("bench-results"), help="Folder for bench.json, bench.png (and exported bundles)."),
     checkpoint: Optional[Path] = typer.Option(None, help="A trained checkpoint (`maria train --out`)."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Its bundle; exported into --out if omitted."),
-    shapes: Optional[str] = typer.Option(None, help="Random weights instead: 'default' (the shipped model's "
-                                                    "shapes; used when no --checkpoint is given), 'paper' "
-                                                    "(ModernBERT-large + OLMo-1B) or a JSON file of two configs."),
+    shapes: Optional[str] = typer.Option(
+        None,
+        help="Random weights instead: 'default' (the shipped model's "
+        "shapes; used when no --checkpoint is given), 'paper' "
+        "(ModernBERT-large + OLMo-1B) or a JSON file of two configs.",
+    ),
     dtype: str = typer.Option("fp32", help="fp32 | fp16 (bundle export and PyTorch on CUDA)."),
     lengths: str = typer.Option("64,128,256,512,1024", help="Input lengths in tokens."),
     batch_sizes: str = typer.Option("1,8"),
@@ -230,22 +317,44 @@ def bench(
     device: str = typer.Option("auto", help="auto | cuda | cuda:N (GPU N) | cpu"),
     mlm_ar: bool = typer.Option(True, help="Include the autoregressive-MLM baseline (quadratic)."),
     mlm_ar_max_tokens: int = typer.Option(512, help="Run mlm-ar only where batch x length is at most this."),
-    concat: bool = typer.Option(True, help="Include the concat decoder beside the engine; --no-concat holds one "
-                                           "copy of the AR in memory instead of two (large shapes)."),
-    int8: bool = typer.Option(False, "--int8", help="Also export the weights with --int8 into --out/bundle-int8 "
-                                                    "and bench its engine on the CPU (onnx-cpu-int8)."),
+    concat: bool = typer.Option(
+        True,
+        help="Include the concat decoder beside the engine; --no-concat holds one "
+        "copy of the AR in memory instead of two (large shapes).",
+    ),
+    int8: bool = typer.Option(
+        False,
+        "--int8",
+        help="Also export the weights with --int8 into --out/bundle-int8 "
+        "and bench its engine on the CPU (onnx-cpu-int8).",
+    ),
 ):
     """Infilling throughput against input length: ONNX runtime, PyTorch reference, MLM decoded autoregressively."""
     from maria_onnx.tools.bench import bench as run_bench
 
     if model is not None and checkpoint is None:
-        raise ValueError("--model needs --checkpoint, the checkpoint it was exported from: the PyTorch systems "
-                         "must run the same weights as the bundle")
+        raise ValueError(
+            "--model needs --checkpoint, the checkpoint it was exported from: the PyTorch systems "
+            "must run the same weights as the bundle"
+        )
 
-    run_bench(out, checkpoint=checkpoint, bundle=model, shapes=shapes, dtype=dtype,
-              lengths=int_list(lengths, "--lengths"), batch_sizes=int_list(batch_sizes, "--batch-sizes"),
-              mask_rate=mask_rate, repeats=repeats, seed=seed, device=device, mlm_ar=mlm_ar,
-              mlm_ar_max_tokens=mlm_ar_max_tokens, concat=concat, int8=int8)
+    run_bench(
+        out,
+        checkpoint=checkpoint,
+        bundle=model,
+        shapes=shapes,
+        dtype=dtype,
+        lengths=int_list(lengths, "--lengths"),
+        batch_sizes=int_list(batch_sizes, "--batch-sizes"),
+        mask_rate=mask_rate,
+        repeats=repeats,
+        seed=seed,
+        device=device,
+        mlm_ar=mlm_ar,
+        mlm_ar_max_tokens=mlm_ar_max_tokens,
+        concat=concat,
+        int8=int8,
+    )
 
 
 @app.command("bench-serve")
@@ -260,13 +369,19 @@ def bench_serve(
     stagger_ms: float = typer.Option(10.0, min=0, help="Each client starts this long after the last."),
     repeats: int = typer.Option(1, min=1, help="Runs per setting, interleaved."),
     device: str = typer.Option("cpu", help="auto | cuda | cuda:N (GPU N) | cpu"),
-    decoders: str = typer.Option("auto", help="Server --decoder settings to compare: engine (continuous batching), "
-                                              "concat (batch at a time), auto."),
-    texts_file: Optional[Path] = typer.Option(None, "--texts", help="The texts the clients send, one per line "
-                                                                    "(default: four short texts)."),
-    protocols: str = typer.Option("http", help="What the clients speak, compared: http (POST /v1/infill), grpc "
-                                               "(ModelInfer through tritonclient.grpc), grpc-stream (a "
-                                               "ModelStreamInfer stream per client)."),
+    decoders: str = typer.Option(
+        "auto",
+        help="Server --decoder settings to compare: engine (continuous batching), concat (batch at a time), auto.",
+    ),
+    texts_file: Optional[Path] = typer.Option(
+        None, "--texts", help="The texts the clients send, one per line (default: four short texts)."
+    ),
+    protocols: str = typer.Option(
+        "http",
+        help="What the clients speak, compared: http (POST /v1/infill), grpc "
+        "(ModelInfer through tritonclient.grpc), grpc-stream (a "
+        "ModelStreamInfer stream per client).",
+    ),
 ):
     """Load on a real `maria serve`: throughput, p50/p99 latency and batch sizes, with and without batching."""
     from maria_onnx.runtime.device import check_device
@@ -277,28 +392,42 @@ def bench_serve(
     if not chosen or set(chosen) - {"auto", "engine", "concat"}:
         raise ValueError(f"--decoders takes a comma-separated list of auto, engine, concat; got '{decoders}'")
     from maria_onnx.tools.bench_serve import TEXTS
+
     texts = TEXTS
     if texts_file is not None:
         from maria_onnx.runtime.readers import decode_utf8, read_lines, texts_of
+
         try:
             data = texts_file.read_bytes()
         except OSError as error:
-            raise ValueError(f"--texts {texts_file}: cannot be read ({error.strerror}); give a UTF-8 text file") \
-                from None
+            raise ValueError(
+                f"--texts {texts_file}: cannot be read ({error.strerror}); give a UTF-8 text file"
+            ) from None
         texts = texts_of(read_lines(decode_utf8(data, f"--texts {texts_file}"), str(texts_file), jsonl=False))
         if not texts:
             raise ValueError(f"--texts {texts_file} holds no text; give one text with [MASK] markers per line")
-    run_bench_serve(out, model=model, clients=clients, requests=requests,
-                    max_batch_sizes=int_list(max_batch_sizes, "--max-batch-sizes"), delay_ms=delay_ms,
-                    stagger_ms=stagger_ms, repeats=repeats, device=device, decoders=chosen, texts=texts,
-                    protocols=[p.strip() for p in protocols.split(",") if p.strip()])
+    run_bench_serve(
+        out,
+        model=model,
+        clients=clients,
+        requests=requests,
+        max_batch_sizes=int_list(max_batch_sizes, "--max-batch-sizes"),
+        delay_ms=delay_ms,
+        stagger_ms=stagger_ms,
+        repeats=repeats,
+        device=device,
+        decoders=chosen,
+        texts=texts,
+        protocols=[p.strip() for p in protocols.split(",") if p.strip()],
+    )
 
 
 @app.command("eval")
 @one_line_errors
 def eval_command(
-    text_file: Path = typer.Argument(..., help="UTF-8 text to mask: a file (one document per line) or a folder "
-                                                "(one document per file)."),
+    text_file: Path = typer.Argument(
+        ..., help="UTF-8 text to mask: a file (one document per line) or a folder (one document per file)."
+    ),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="A bundle; default: the shipped model."),
     backbones_from: Optional[Path] = typer.Option(None, help="Checkpoint whose backbones give the baselines."),
     mask_rate: float = typer.Option(0.5),
@@ -314,8 +443,20 @@ def eval_command(
     """Masked-token perplexity and greedy top-1 accuracy: MARIA (ONNX) and, with the train extra, the baselines."""
     from maria_onnx.console.evaluation import evaluate_text
 
-    evaluate_text(text_file, model, backbones_from, mask_rate=mask_rate, span=span, seq_len=seq_len,
-                  windows=windows, seed=seed, batch_size=batch_size, as_json=as_json, device=device, threads=threads)
+    evaluate_text(
+        text_file,
+        model,
+        backbones_from,
+        mask_rate=mask_rate,
+        span=span,
+        seq_len=seq_len,
+        windows=windows,
+        seed=seed,
+        batch_size=batch_size,
+        as_json=as_json,
+        device=device,
+        threads=threads,
+    )
 
 
 @app.command()
@@ -324,35 +465,64 @@ def serve(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="A bundle; default: the shipped model."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback unless told otherwise)."),
     port: int = typer.Option(8000, min=0, max=65535, help="Port (0: any free port, printed at start)."),
-    grpc_port: Optional[int] = typer.Option(None, min=0, max=65535, help="Also serve the Open Inference Protocol "
-                                            "over gRPC on this port (Triton's is 8001; 0: any free port); needs "
-                                            "the grpc extra."),
+    grpc_port: Optional[int] = typer.Option(
+        None,
+        min=0,
+        max=65535,
+        help="Also serve the Open Inference Protocol "
+        "over gRPC on this port (Triton's is 8001; 0: any free port); needs "
+        "the grpc extra.",
+    ),
     device: str = typer.Option("auto", help="auto | cuda | cuda:N (GPU N) | cpu"),
     threads: Optional[int] = threads_option(),
     model_name: str = typer.Option("maria", help="The model's name in the protocol's paths."),
-    max_batch_size: int = typer.Option(8, min=1, help="Texts (x samples) decoded at once: the engine's slots, or "
-                                                      "the size of a batch with --decoder concat."),
-    max_batch_delay_ms: float = typer.Option(5.0, min=0, help="With --decoder concat, how long a batch waits for "
-                                                              "more requests (the engine takes them between steps)."),
+    max_batch_size: int = typer.Option(
+        8,
+        min=1,
+        help="Texts (x samples) decoded at once: the engine's slots, or the size of a batch with --decoder concat.",
+    ),
+    max_batch_delay_ms: float = typer.Option(
+        5.0,
+        min=0,
+        help="With --decoder concat, how long a batch waits for more requests (the engine takes them between steps).",
+    ),
     max_queue: int = typer.Option(256, min=1, help="Requests waiting for the model; beyond it, 503."),
     max_body_bytes: int = typer.Option(1 << 20, min=1, help="Largest request body; beyond it, 413."),
     max_texts: int = typer.Option(64, min=1, help="Texts x samples per request; beyond it, 413."),
     timeout: float = typer.Option(60.0, min=0.001, help="Seconds a request may take; beyond it, 504."),
-    api_key: Optional[str] = typer.Option(None, envvar="MARIA_API_KEY",
-                                          help="Require 'Authorization: Bearer KEY' (health routes stay open)."),
+    api_key: Optional[str] = typer.Option(
+        None, envvar="MARIA_API_KEY", help="Require 'Authorization: Bearer KEY' (health routes stay open)."
+    ),
     grace: float = typer.Option(30.0, min=0, help="Seconds in-flight requests get to finish on SIGTERM."),
-    decoder: str = typer.Option("auto", help="engine (the KV cache written in place, texts joining as others "
-                                             "finish) | concat (Optimum's decoder, the cache copied each step) | "
-                                             "auto (the engine where the bundle has it)."),
+    decoder: str = typer.Option(
+        "auto",
+        help="engine (the KV cache written in place, texts joining as others "
+        "finish) | concat (Optimum's decoder, the cache copied each step) | "
+        "auto (the engine where the bundle has it).",
+    ),
 ):
     """Serve a bundle over HTTP: the Open Inference Protocol (KServe v2 / Triton) with Triton's generate extension,
     /v1/infill and its SSE stream; with --grpc-port, the Open Inference Protocol over gRPC too."""
     from maria_onnx.console.serving import start_server
 
-    start_server(model, host=host, port=port, grpc_port=grpc_port, device=device, threads=threads,
-                 model_name=model_name, max_batch_size=max_batch_size, max_batch_delay_ms=max_batch_delay_ms,
-                 max_queue=max_queue, max_body_bytes=max_body_bytes, max_texts=max_texts, timeout=timeout,
-                 api_key=api_key, grace=grace, decoder=decoder)
+    start_server(
+        model,
+        host=host,
+        port=port,
+        grpc_port=grpc_port,
+        device=device,
+        threads=threads,
+        model_name=model_name,
+        max_batch_size=max_batch_size,
+        max_batch_delay_ms=max_batch_delay_ms,
+        max_queue=max_queue,
+        max_body_bytes=max_body_bytes,
+        max_texts=max_texts,
+        timeout=timeout,
+        api_key=api_key,
+        grace=grace,
+        decoder=decoder,
+    )
 
 
 @app.command("triton-repo")
@@ -367,11 +537,16 @@ def triton_repo(
     max_queue_delay_us: int = typer.Option(5000, min=0, help="How long Triton waits to grow a batch."),
     max_queue: int = typer.Option(256, min=1, help="Requests waiting; beyond it Triton rejects."),
     timeout_us: int = typer.Option(60_000_000, min=1, help="How long a request may wait in the queue."),
-    max_texts: int = typer.Option(64, min=1, help="Texts x samples (x span candidates) per request; beyond it, "
-                                  "refused."),
-    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads per ONNX Runtime session of each instance "
-                                          "(default: several CPU instances share the CPUs equally; else as "
-                                          "`maria serve`)."),
+    max_texts: int = typer.Option(
+        64, min=1, help="Texts x samples (x span candidates) per request; beyond it, refused."
+    ),
+    threads: Optional[int] = typer.Option(
+        None,
+        min=1,
+        help="CPU threads per ONNX Runtime session of each instance "
+        "(default: several CPU instances share the CPUs equally; else as "
+        "`maria serve`).",
+    ),
     link: bool = typer.Option(False, "--link", help="Link the bundle instead of copying it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a repository this command wrote."),
 ):
@@ -379,8 +554,21 @@ def triton_repo(
     from maria_onnx.runtime.default_model import resolve_bundle
     from maria_onnx.serve.triton import write_repository
 
-    folder = write_repository(resolve_bundle(bundle), out, model_name, kind, instances, max_batch_size,
-                              max_queue_delay_us, max_queue, timeout_us, link, overwrite, max_texts, threads)
+    folder = write_repository(
+        resolve_bundle(bundle),
+        out,
+        model_name,
+        kind,
+        instances,
+        max_batch_size,
+        max_queue_delay_us,
+        max_queue,
+        timeout_us,
+        link,
+        overwrite,
+        max_texts,
+        threads,
+    )
     typer.echo(f"wrote {folder}; run: tritonserver --model-repository {out}")
 
 

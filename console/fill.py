@@ -19,10 +19,21 @@ from .outputs import Ranked, fail, printed, results_to_stdout, shown, warnings_s
 CHUNK_BATCHES = 16
 
 
-def fill_texts(texts: list[str], input_file: str | None, input_format: str | None, model: Path | None,
-               sampling: Sampling, batch_size: int = 8, num_samples: int = 1, rerank: bool = False,
-               skip_invalid: bool = False, as_json: bool = False, device: str = "auto", threads: int | None = None,
-               decoder: str = "auto") -> None:
+def fill_texts(
+    texts: list[str],
+    input_file: str | None,
+    input_format: str | None,
+    model: Path | None,
+    sampling: Sampling,
+    batch_size: int = 8,
+    num_samples: int = 1,
+    rerank: bool = False,
+    skip_invalid: bool = False,
+    as_json: bool = False,
+    device: str = "auto",
+    threads: int | None = None,
+    decoder: str = "auto",
+) -> None:
     """Fills every text (the arguments, or --input's lines as they come) and prints each result: a piece of
     CHUNK_BATCHES batches at a time, before the next piece is filled."""
     check_device(device)
@@ -34,23 +45,29 @@ def fill_texts(texts: list[str], input_file: str | None, input_format: str | Non
     with warnings_shown():
         infiller = Infiller(model, device=device, decoder=decoder, threads=threads)
     where = (lambda line: f"{lines.name}:{line.number}") if input_file else (lambda line: f"text {line.number}")
-    check = functools.partial(checked_lines, infiller=infiller, skip_invalid=skip_invalid, where=where,
-                              rerank=rerank, as_json=as_json)
-    if lines.whole:                 # read twice: a bad line stops the run before anything is filled
+    check = functools.partial(
+        checked_lines, infiller=infiller, skip_invalid=skip_invalid, where=where, rerank=rerank, as_json=as_json
+    )
+    if lines.whole:  # read twice: a bad line stops the run before anything is filled
         collections.deque(check(lines), maxlen=0)
     if num_samples > 1 and sampling.greedy:
-        typer.echo(f"note: --temperature 0 is greedy: the {num_samples} samples of each text are identical",
-                   err=True)
+        typer.echo(f"note: --temperature 0 is greedy: the {num_samples} samples of each text are identical", err=True)
     styled = sys.stdout.isatty() and not as_json
     size = CHUNK_BATCHES * batch_size
-    ranked = Ranked() if rerank and num_samples > size else None     # a text's samples come in several pieces
+    ranked = Ranked() if rerank and num_samples > size else None  # a text's samples come in several pieces
     written = 0
     try:
         for chunk, first, samples in chunks(check(lines, report=not lines.whole), num_samples, size, lines.ready):
-            request = FillRequest([prepared for _, prepared in chunk], sampling, samples, rerank,
-                                  indices=[line.number - 1 for line, _ in chunk], first_sample=first)
+            request = FillRequest(
+                [prepared for _, prepared in chunk],
+                sampling,
+                samples,
+                rerank,
+                indices=[line.number - 1 for line, _ in chunk],
+                first_sample=first,
+            )
             results = infiller.infill_requests([request], batch_size=batch_size)[0]
-            with results_to_stdout():   # each chunk's results are printed before the next is filled
+            with results_to_stdout():  # each chunk's results are printed before the next is filled
                 for number, result in enumerate(results):
                     line = chunk[number // samples][0]
                     note = f"note: {where(line)}: {result.note}" if result.note and not as_json else ""
@@ -65,7 +82,7 @@ def fill_texts(texts: list[str], input_file: str | None, input_format: str | Non
                     written += ranked.print_all()
     except KeyboardInterrupt:
         fail("interrupted before every result was written; the output is incomplete", code=130)
-    except ValueError as error:     # a bad line of a stream, met after the lines before it were filled
+    except ValueError as error:  # a bad line of a stream, met after the lines before it were filled
         done = f"; the output holds only what was filled before it ({written} result{'s' * (written != 1)})"
         raise ValueError(f"{error}{done * bool(written)}") from None
     if not lines.whole and not lines.count:

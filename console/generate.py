@@ -16,30 +16,52 @@ from .fill import CHUNK_BATCHES
 from .outputs import NEWLINES, results_to_stdout
 
 
-def generate_samples(length: int, prefix: str, suffix: str, num_samples: int, schedule: Schedule,
-                     sampling: Sampling, model: Path | None, batch_size: int = 8, as_json: bool = False,
-                     device: str = "auto", threads: int | None = None) -> None:
+def generate_samples(
+    length: int,
+    prefix: str,
+    suffix: str,
+    num_samples: int,
+    schedule: Schedule,
+    sampling: Sampling,
+    model: Path | None,
+    batch_size: int = 8,
+    as_json: bool = False,
+    device: str = "auto",
+    threads: int | None = None,
+) -> None:
     """Generates num_samples texts of `length` tokens between prefix and suffix, CHUNK_BATCHES batches of samples
     annealed together and printed before the next group starts; progress on stderr where it is a terminal."""
     check_device(device)
     infiller = Infiller(model, device=device, threads=threads)
     if not infiller.manifest.has_baseline_heads:
-        raise ValueError("generation needs the AR's whole-text score, and this bundle has no ar_lm_head.onnx; "
-                         "re-export it with `maria export`")
+        raise ValueError(
+            "generation needs the AR's whole-text score, and this bundle has no ar_lm_head.onnx; "
+            "re-export it with `maria export`"
+        )
     ends = encode_ends(infiller, prefix, suffix)
     console = Console(stderr=True)
-    group = CHUNK_BATCHES * batch_size          # samples annealed together, printed before the next group starts
+    group = CHUNK_BATCHES * batch_size  # samples annealed together, printed before the next group starts
     with Progress(transient=True, console=console, disable=not console.is_terminal) as progress:
         task = progress.add_task("annealing", total=schedule.steps + 1)
         for first in range(0, num_samples, group):
             samples = min(group, num_samples - first)
             which = f"samples {first + 1}-{first + samples} of {num_samples}, " if samples < num_samples else ""
-            results = anneal(infiller, *ends, length, samples, schedule, sampling, sampling.seed,
-                             on_step=lambda step, energies: progress.update(
-                                 task, completed=step + 1,
-                                 description=f"{which}step {step}: mean energy {energies.mean():.1f}"),
-                             batch_size=batch_size, first_sample=first)
+            results = anneal(
+                infiller,
+                *ends,
+                length,
+                samples,
+                schedule,
+                sampling,
+                sampling.seed,
+                on_step=lambda step, energies: progress.update(
+                    task, completed=step + 1, description=f"{which}step {step}: mean energy {energies.mean():.1f}"
+                ),
+                batch_size=batch_size,
+                first_sample=first,
+            )
             with results_to_stdout():
                 for result in results:
-                    typer.echo(json.dumps(result.to_dict(), ensure_ascii=False) if as_json else
-                               result.text.translate(NEWLINES))
+                    typer.echo(
+                        json.dumps(result.to_dict(), ensure_ascii=False) if as_json else result.text.translate(NEWLINES)
+                    )

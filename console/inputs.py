@@ -27,11 +27,12 @@ class InputLines:
         if not input_file and input_format:
             raise ValueError("--format describes --input; texts given as arguments are plain text")
         self.texts, self.input_file, self.reader = texts, input_file, None
-        self.count = 0                       # lines given by the last iteration
+        self.count = 0  # lines given by the last iteration
         self.name = "stdin" if input_file == "-" else input_file
         self.guessed = input_format is None
-        self.jsonl = (input_format or ("jsonl" if (input_file or "").lower().endswith(JSONL_SUFFIXES) else
-                                       "text")) == "jsonl"
+        self.jsonl = (
+            input_format or ("jsonl" if (input_file or "").lower().endswith(JSONL_SUFFIXES) else "text")
+        ) == "jsonl"
         self.stream, self.whole = None, not input_file
         if input_file:
             try:
@@ -53,8 +54,10 @@ class InputLines:
             self.count += 1
             first_of_plain_text = self.count == 1 and self.guessed and not self.jsonl
             if first_of_plain_text and not line_of(line.number, line.text, self.name, jsonl=True).error:
-                raise ValueError(f"{self.name}:{line.number} is a JSON object with a \"text\" field, so the input "
-                                 "looks like JSONL; pass --format jsonl (or --format text to fill it as plain text)")
+                raise ValueError(
+                    f'{self.name}:{line.number} is a JSON object with a "text" field, so the input '
+                    "looks like JSONL; pass --format jsonl (or --format text to fill it as plain text)"
+                )
             yield line
 
     def ready(self) -> bool:
@@ -67,7 +70,7 @@ def chunks(checked, num_samples: int, size: int, ready=lambda: True):
     sample, samples). Whole texts where a text's samples fit in a piece, else one text's samples `size` at a time
     (their generators are numbered by sample, so the results are the same). `checked` is taken as it comes: a
     piece goes to the model early where ready() says the next text would mean waiting for the input's writer."""
-    per = min(num_samples, size)                                    # samples of a text in one piece
+    per = min(num_samples, size)  # samples of a text in one piece
     texts = max(1, size // per)
     checked = iter(checked)
     while piece := list(itertools.islice(checked, 1)):
@@ -93,8 +96,9 @@ def clashing_field(line) -> str:
     return next((key for key in line.record or {} if key != "text" and key in taken), "")
 
 
-def checked_lines(lines, infiller, skip_invalid: bool, where, rerank: bool = False, as_json: bool = False,
-                  report: bool = True):
+def checked_lines(
+    lines, infiller, skip_invalid: bool, where, rerank: bool = False, as_json: bool = False, report: bool = True
+):
     """(line, its text prepared by Infiller.prepare) for each line whose text encodes, as the lines come; a bad
     line stops the run (naming it) unless skip_invalid, which reports it on stderr (where `report`) and leaves it
     out. With as_json, a JSONL line whose object has a field the results use is bad too (its value would be
@@ -103,7 +107,9 @@ def checked_lines(lines, infiller, skip_invalid: bool, where, rerank: bool = Fal
         error = line.error
         clash = clashing_field(line) if as_json and not error else ""
         if clash:
-            error = f"{where(line)} has the field '{clash}', which --json writes with the result; rename it in the input"
+            error = (
+                f"{where(line)} has the field '{clash}', which --json writes with the result; rename it in the input"
+            )
         if not error:
             try:
                 yield line, infiller.prepare(line.text, rerank)

@@ -50,7 +50,7 @@ class Ranked:
 
     def __init__(self):
         self.file = tempfile.TemporaryFile()
-        self.samples = []                               # (-score, sample, offset, note's bytes, output's bytes)
+        self.samples = []  # (-score, sample, offset, note's bytes, output's bytes)
 
     def add(self, score: float, sample: int, note: str, output: str) -> None:
         note_bytes, output_bytes = note.encode(), output.encode()
@@ -75,8 +75,12 @@ def shown(result, as_json: bool, styled: bool, kept: dict) -> str:
     if as_json:
         return json.dumps({**kept, **result.to_dict()}, ensure_ascii=False)
     if styled:
-        return "".join(typer.style(piece.translate(NEWLINES), fg=typer.colors.GREEN, bold=True) if fill
-                       else piece.translate(NEWLINES) for piece, fill in result.segments)
+        return "".join(
+            typer.style(piece.translate(NEWLINES), fg=typer.colors.GREEN, bold=True)
+            if fill
+            else piece.translate(NEWLINES)
+            for piece, fill in result.segments
+        )
     return result.text.translate(NEWLINES)
 
 

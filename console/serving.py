@@ -8,27 +8,42 @@ import typer
 from .outputs import warnings_shown
 
 
-def start_server(model: Path | None, host: str = "127.0.0.1", port: int = 8000, grpc_port: int | None = None,
-                 device: str = "auto", threads: int | None = None, model_name: str = "maria",
-                 max_batch_size: int = 8, max_batch_delay_ms: float = 5.0, max_queue: int = 256,
-                 max_body_bytes: int = 1 << 20, max_texts: int = 64, timeout: float = 60.0,
-                 api_key: str | None = None, grace: float = 30.0, decoder: str = "auto") -> None:
+def start_server(
+    model: Path | None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    grpc_port: int | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+    model_name: str = "maria",
+    max_batch_size: int = 8,
+    max_batch_delay_ms: float = 5.0,
+    max_queue: int = 256,
+    max_body_bytes: int = 1 << 20,
+    max_texts: int = 64,
+    timeout: float = 60.0,
+    api_key: str | None = None,
+    grace: float = 30.0,
+    decoder: str = "auto",
+) -> None:
     """Serves the bundle until SIGTERM or SIGINT; the serve (and, with grpc_port, grpc) extra's imports are checked
     first, with the extra to install named."""
     try:
         from maria_onnx.serve.core import ServeSettings
         from maria_onnx.serve.run import serve as run_serve
     except ImportError as error:
-        raise ValueError(f"{error.name}: `maria serve` needs the serve extra; pip install 'maria-onnx[serve]'") \
-            from None
+        raise ValueError(
+            f"{error.name}: `maria serve` needs the serve extra; pip install 'maria-onnx[serve]'"
+        ) from None
     if grpc_port and grpc_port == port:
         raise ValueError(f"--port and --grpc-port are both {port}; HTTP and gRPC each need a port of their own")
     if grpc_port is not None:
         try:
             import maria_onnx.serve.grpc_service  # noqa: F401
         except ImportError as error:
-            raise ValueError(f"{error.name}: --grpc-port needs the grpc extra; pip install 'maria-onnx[serve,grpc]'") \
-                from None
+            raise ValueError(
+                f"{error.name}: --grpc-port needs the grpc extra; pip install 'maria-onnx[serve,grpc]'"
+            ) from None
     from maria_onnx.runtime.device import check_device
     from maria_onnx.runtime.infiller import Infiller
     from maria_onnx.serve.protocol import check_model_name
@@ -37,21 +52,32 @@ def start_server(model: Path | None, host: str = "127.0.0.1", port: int = 8000, 
     check_model_name(model_name)
     if not math.isfinite(grace):
         raise ValueError(f"--grace takes a finite number of seconds, got {grace}")
-    settings = ServeSettings(model_name=model_name, max_batch_size=max_batch_size,
-                             max_batch_delay_ms=max_batch_delay_ms, max_queue=max_queue,
-                             max_body_bytes=max_body_bytes, max_texts=max_texts, timeout_s=timeout, api_key=api_key)
+    settings = ServeSettings(
+        model_name=model_name,
+        max_batch_size=max_batch_size,
+        max_batch_delay_ms=max_batch_delay_ms,
+        max_queue=max_queue,
+        max_body_bytes=max_body_bytes,
+        max_texts=max_texts,
+        timeout_s=timeout,
+        api_key=api_key,
+    )
     with warnings_shown():
         infiller = Infiller(model, device=device, decoder=decoder, threads=threads)
     if not api_key and not is_loopback(host):
-        typer.secho(f"warning: --host {host} takes requests from other machines and no --api-key is set: anyone who "
-                    "reaches the port can use the model; set --api-key or MARIA_API_KEY", fg=typer.colors.YELLOW,
-                    err=True)
+        typer.secho(
+            f"warning: --host {host} takes requests from other machines and no --api-key is set: anyone who "
+            "reaches the port can use the model; set --api-key or MARIA_API_KEY",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
     run_serve(infiller, settings, host=host, port=port, grace_s=grace, grpc_port=grpc_port)
 
 
 def is_loopback(host: str) -> bool:
     """A host name or address that only this machine reaches."""
     import ipaddress
+
     if host == "localhost":
         return True
     try:

@@ -20,11 +20,13 @@ class FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, query, key, value, bias, scaling: float, heads: int):
-        flat = g.op("Reshape", g.op("Transpose", query, perm_i=[0, 2, 1, 3]),
-                    g.op("Constant", value_t=torch.tensor([0, 0, -1])))
+        flat = g.op(
+            "Reshape", g.op("Transpose", query, perm_i=[0, 2, 1, 3]), g.op("Constant", value_t=torch.tensor([0, 0, -1]))
+        )
         none = g.op("prim::Constant")
-        none.setType(torch._C.OptionalType.ofTensor())         # an input left out
-        output = g.op("com.microsoft::MultiHeadAttention", flat, key, value, none, none, bias,
-                      num_heads_i=heads, scale_f=scaling)
+        none.setType(torch._C.OptionalType.ofTensor())  # an input left out
+        output = g.op(
+            "com.microsoft::MultiHeadAttention", flat, key, value, none, none, bias, num_heads_i=heads, scale_f=scaling
+        )
         output.setType(flat.type())
         return g.op("Reshape", output, g.op("Constant", value_t=torch.tensor([0, 0, heads, -1])))

@@ -26,14 +26,22 @@ from maria_onnx.checkpoint import load_maria
 from maria_onnx.runtime.onnx_backend import OnnxBackend
 from maria_onnx.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, GraphSpec, Manifest, sha256
 
-from .graphs import (AR_FILE, AR_LM_HEAD_FILE, HEAD_FILE, MLM_DECODER_FILE, MLM_FILE, export_backbones,
-                     export_baseline_heads, export_fusion_head)
+from .graphs import (
+    AR_FILE,
+    AR_LM_HEAD_FILE,
+    HEAD_FILE,
+    MLM_DECODER_FILE,
+    MLM_FILE,
+    export_backbones,
+    export_baseline_heads,
+    export_fusion_head,
+)
 from .step import STEP_FILE, check_fused_attention, export_step
 from .validate import validate
 from .weights import bundle_weights, external_data
 
 DEFAULT_OPSET = 17
-OPSETS = range(17, 21)          # from the opset the graphs need to the newest torch.onnx's exporter writes
+OPSETS = range(17, 21)  # from the opset the graphs need to the newest torch.onnx's exporter writes
 TOKENIZER_FILE, VALIDATION_FILE = "tokenizer.json", "validation.json"
 
 
@@ -84,8 +92,10 @@ def _check_target(out: Path, checkpoint: Path, overwrite: bool) -> None:
     if not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
     if not out.is_dir() or out.is_symlink() or not is_bundle(out):
-        raise FileExistsError(f"{out} exists and is not a MARIA bundle (no {MANIFEST_NAME}); --overwrite replaces "
-                              "only a bundle: remove it yourself or choose another --out")
+        raise FileExistsError(
+            f"{out} exists and is not a MARIA bundle (no {MANIFEST_NAME}); --overwrite replaces "
+            "only a bundle: remove it yourself or choose another --out"
+        )
 
 
 def _alive(pid: int) -> bool:
@@ -101,7 +111,7 @@ def _alive(pid: int) -> bool:
 def _remove_stale_partials(out: Path) -> None:
     """Removes the partial folders of earlier exports to `out` whose process is gone (killed mid-export)."""
     for partial in out.parent.glob(f".{glob_escape(out.name)}.partial-*"):
-        pid = partial.name[len(f".{out.name}.partial-"):].split("-")[0]
+        pid = partial.name[len(f".{out.name}.partial-") :].split("-")[0]
         if not (pid.isdigit() and _alive(int(pid))) and partial.is_dir() and not partial.is_symlink():
             shutil.rmtree(partial, ignore_errors=True)
 
@@ -124,8 +134,9 @@ def _to_fp16(path: Path) -> None:
     MatMul's weights and output), which a GPU would then run at every step; the heads exported in fp16 are left as
     torch.onnx wrote them for the same reason."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
+
     model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=False, disable_shape_infer=True)
-    weights = bundle_weights(path)                          # where _optimize put a large graph's weights
+    weights = bundle_weights(path)  # where _optimize put a large graph's weights
     large = weights.exists()
     weights.unlink(missing_ok=True)
     onnx.save(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True, location=weights.name)
@@ -134,8 +145,9 @@ def _to_fp16(path: Path) -> None:
 def _to_int8(path: Path) -> None:
     """Dynamic int8 quantization of the weights (for CPU edge devices); activations stay fp32."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
     quantized = path.with_suffix(".int8.onnx")
-    logging.disable(logging.WARNING)      # the quantizer logs advice on every graph through the root logger
+    logging.disable(logging.WARNING)  # the quantizer logs advice on every graph through the root logger
     try:
         quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8)
     finally:
@@ -151,8 +163,9 @@ def _optimize(path: Path) -> None:
     options.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
     large = external_data(path).exists()
     if large:
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                         bundle_weights(path).name)
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", bundle_weights(path).name
+        )
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     os.replace(path.with_suffix(".opt.onnx"), path)
@@ -164,8 +177,13 @@ def _weights_as_optimized(path: Path) -> None:
     if external_data(path).exists():
         model = onnx.load(str(path))
         external_data(path).unlink()
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=bundle_weights(path).name)
+        onnx.save(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=bundle_weights(path).name,
+        )
 
 
 def _kv_shape(path: Path) -> tuple[int, int, int]:
@@ -177,14 +195,29 @@ def _kv_shape(path: Path) -> tuple[int, int, int]:
 
 def _source(config) -> dict:
     versions = {name: version(name) for name in ("torch", "transformers", "onnx", "optimum-onnx")}
-    return {"mlm_path": config.mlm_path, "ar_path": config.ar_path, "mlm_model_type": config.mlm_model_type,
-            "ar_model_type": config.ar_model_type, "train": config.train, "trained_steps": config.trained_steps,
-            "versions": {**versions, "onnxruntime": ort.__version__}}
+    return {
+        "mlm_path": config.mlm_path,
+        "ar_path": config.ar_path,
+        "mlm_model_type": config.mlm_model_type,
+        "ar_model_type": config.ar_model_type,
+        "train": config.train,
+        "trained_steps": config.trained_steps,
+        "versions": {**versions, "onnxruntime": ort.__version__},
+    }
 
 
-def export_bundle(checkpoint, out, dtype: str = "fp32", int8: bool = False, opset: int = DEFAULT_OPSET,
-                  overwrite: bool = False, console: Console | None = None, baseline_heads: bool = True,
-                  concat_decoder: bool = True, attention: str = "eager") -> Manifest:
+def export_bundle(
+    checkpoint,
+    out,
+    dtype: str = "fp32",
+    int8: bool = False,
+    opset: int = DEFAULT_OPSET,
+    overwrite: bool = False,
+    console: Console | None = None,
+    baseline_heads: bool = True,
+    concat_decoder: bool = True,
+    attention: str = "eager",
+) -> Manifest:
     """Exports a trained checkpoint to a validated bundle at `out`; returns its manifest. baseline_heads adds the
     AR's LM head and the MLM's decoder (ar_lm_head.onnx, mlm_decoder.onnx); concat_decoder adds Optimum's decoder
     (ar_decoder.onnx) for the concat path beside the engine's step graph (ar_step.onnx). attention: the step
@@ -197,8 +230,9 @@ def export_bundle(checkpoint, out, dtype: str = "fp32", int8: bool = False, opse
     if attention not in ("eager", "fused"):
         raise ValueError(f"--attention must be eager or fused, got '{attention}'")
     if opset not in OPSETS:
-        raise ValueError(f"--opset {opset} is not supported; use {OPSETS.start} to {OPSETS.stop - 1} "
-                         f"(default {DEFAULT_OPSET})")
+        raise ValueError(
+            f"--opset {opset} is not supported; use {OPSETS.start} to {OPSETS.stop - 1} (default {DEFAULT_OPSET})"
+        )
     console = console or Console(stderr=True)
     variant = "int8" if int8 else dtype
     staging = _target(out, checkpoint, overwrite)
@@ -207,8 +241,19 @@ def export_bundle(checkpoint, out, dtype: str = "fp32", int8: bool = False, opse
             backbones, head, config = load_maria(checkpoint)
         if attention == "fused":
             check_fused_attention(backbones.ar.config)
-        manifest = _build(staging, backbones, head, config, dtype, variant, opset, console, baseline_heads,
-                          concat_decoder, attention == "fused")
+        manifest = _build(
+            staging,
+            backbones,
+            head,
+            config,
+            dtype,
+            variant,
+            opset,
+            console,
+            baseline_heads,
+            concat_decoder,
+            attention == "fused",
+        )
         _publish(staging, Path(out).resolve())
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -216,8 +261,19 @@ def export_bundle(checkpoint, out, dtype: str = "fp32", int8: bool = False, opse
     return manifest
 
 
-def _build(folder: Path, backbones, head, config, dtype, variant, opset, console, baseline_heads,
-           concat_decoder, fuse_attention) -> Manifest:
+def _build(
+    folder: Path,
+    backbones,
+    head,
+    config,
+    dtype,
+    variant,
+    opset,
+    console,
+    baseline_heads,
+    concat_decoder,
+    fuse_attention,
+) -> Manifest:
     hidden_dtype = torch.float16 if dtype == "fp16" else torch.float32
     with stage(console, f"exporting mlm.onnx{' and ar_decoder.onnx' if concat_decoder else ''} with Optimum"):
         specs = export_backbones(backbones, folder, opset, concat_decoder)
@@ -225,8 +281,12 @@ def _build(folder: Path, backbones, head, config, dtype, variant, opset, console
         specs["ar_step"] = export_step(backbones.ar, folder, opset, fuse_attention)
     with stage(console, "exporting fusion_head.onnx"):
         specs["fusion_head"] = export_fusion_head(head, folder, opset, hidden_dtype)
-    files = {"mlm": MLM_FILE, "ar_step": STEP_FILE, **({"ar_decoder": AR_FILE} if concat_decoder else {}),
-             "fusion_head": HEAD_FILE}
+    files = {
+        "mlm": MLM_FILE,
+        "ar_step": STEP_FILE,
+        **({"ar_decoder": AR_FILE} if concat_decoder else {}),
+        "fusion_head": HEAD_FILE,
+    }
     if baseline_heads:
         with stage(console, "exporting the baseline heads (ar_lm_head.onnx, mlm_decoder.onnx)"):
             specs.update(export_baseline_heads(backbones, folder, opset, hidden_dtype))
@@ -238,7 +298,7 @@ def _build(folder: Path, backbones, head, config, dtype, variant, opset, console
     backbone_files = (MLM_FILE, STEP_FILE, *([AR_FILE] if concat_decoder else []))
     with stage(console, "optimizing graphs offline"):
         for file in files.values():
-            if dtype == "fp16" and file not in backbone_files:   # a graph written in fp16: see _to_fp16
+            if dtype == "fp16" and file not in backbone_files:  # a graph written in fp16: see _to_fp16
                 _weights_as_optimized(folder / file)
             else:
                 _optimize(folder / file)
@@ -249,17 +309,35 @@ def _build(folder: Path, backbones, head, config, dtype, variant, opset, console
     backbones.tokenizer.backend_tokenizer.save(str(folder / TOKENIZER_FILE))
     layers, kv_heads, head_dim = _kv_shape(folder / STEP_FILE)
     manifest = Manifest(
-        schema_version=SCHEMA_VERSION, dtype=dtype, quantization="int8-dynamic" if variant == "int8" else "none",
-        opset=opset, mlm_hidden_size=config.mlm_hidden_size, ar_hidden_size=config.ar_hidden_size,
-        num_hidden_layers=layers, num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=config.vocab_size,
+        schema_version=SCHEMA_VERSION,
+        dtype=dtype,
+        quantization="int8-dynamic" if variant == "int8" else "none",
+        opset=opset,
+        mlm_hidden_size=config.mlm_hidden_size,
+        ar_hidden_size=config.ar_hidden_size,
+        num_hidden_layers=layers,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=config.vocab_size,
         max_sequence_length=backbones.max_sequence_length,
         special_ids=backbones.special,
-        graphs={name: GraphSpec(file=file, inputs=specs[name][0], outputs=specs[name][1])
-                for name, file in files.items()},
-        tokenizer=TOKENIZER_FILE, files={}, source=_source(config), values_transposed=not fuse_attention)
+        graphs={
+            name: GraphSpec(file=file, inputs=specs[name][0], outputs=specs[name][1]) for name, file in files.items()
+        },
+        tokenizer=TOKENIZER_FILE,
+        files={},
+        source=_source(config),
+        values_transposed=not fuse_attention,
+    )
     with stage(console, "validating every graph against PyTorch"):
-        report = validate(lambda decoder: OnnxBackend(folder, manifest, device="cpu", decoder=decoder),
-                          concat_decoder, backbones, head, manifest.special_ids, variant)
+        report = validate(
+            lambda decoder: OnnxBackend(folder, manifest, device="cpu", decoder=decoder),
+            concat_decoder,
+            backbones,
+            head,
+            manifest.special_ids,
+            variant,
+        )
         (folder / VALIDATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
     files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
     manifest = Manifest(**{**vars(manifest), "files": {name: sha256(folder / name) for name in files}})
@@ -271,7 +349,7 @@ def _publish(staging: Path, out: Path) -> None:
     """Moves the finished bundle into place; an existing bundle at out is replaced only now."""
     umask = os.umask(0)
     os.umask(umask)
-    staging.chmod(0o777 & ~umask)        # mkdtemp makes it private; a bundle is an ordinary folder
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; a bundle is an ordinary folder
     if out.exists():
         old = staging.with_name(staging.name + ".old")
         os.replace(out, old)

@@ -42,10 +42,13 @@ def _optimum_config(model, task: str):
     """Optimum's OnnxConfig class for this architecture and task; a clear error where Optimum has none."""
     try:
         constructor = TasksManager.get_exporter_config_constructor(
-            exporter="onnx", model=model, task=task, library_name="transformers")
+            exporter="onnx", model=model, task=task, library_name="transformers"
+        )
     except (KeyError, ValueError) as error:
-        raise ValueError(f"Optimum cannot export a '{model.config.model_type}' model for {task} ({error}); "
-                         "use a supported architecture") from None
+        raise ValueError(
+            f"Optimum cannot export a '{model.config.model_type}' model for {task} ({error}); "
+            "use a supported architecture"
+        ) from None
     return type(constructor(model.config))
 
 
@@ -65,7 +68,7 @@ def ar_onnx_config(backbones: Backbones):
 
     class ArDecoderOnnxConfig(base):
         @property
-        def outputs(self):       # Optimum fixes the sequence axis of a with-past step to 1; ours also prefills
+        def outputs(self):  # Optimum fixes the sequence axis of a with-past step to 1; ours also prefills
             outputs = OrderedDict({"last_hidden_state": {0: "batch_size", 1: "sequence_length"}})
             self.add_past_key_values(outputs, direction="outputs")
             return outputs
@@ -95,7 +98,7 @@ class FusionHeadGraph(torch.nn.Module):
         self.head = head
 
     def forward(self, mlm_hidden, ar_hidden):
-        return self.head(mlm_hidden, ar_hidden)       # the head casts to fp32: logits stay fp32
+        return self.head(mlm_hidden, ar_hidden)  # the head casts to fp32: logits stay fp32
 
 
 def export_fusion_head(head: FusionHead, folder: Path, opset: int, hidden_dtype=torch.float32) -> tuple:
@@ -104,9 +107,16 @@ def export_fusion_head(head: FusionHead, folder: Path, opset: int, hidden_dtype=
     ar_hidden = torch.zeros(2, head.linear.in_features - head.mlm_hidden_size, dtype=hidden_dtype)
     inputs, outputs = ["mlm_hidden", "ar_hidden"], ["logits"]
     with exporting(folder, HEAD_FILE) as path:
-        torch.onnx.export(FusionHeadGraph(head.float().eval()), (mlm_hidden, ar_hidden), str(path),
-                          input_names=inputs, output_names=outputs, opset_version=opset, dynamo=False,
-                          dynamic_axes={name: {0: "batch_size"} for name in inputs + outputs})
+        torch.onnx.export(
+            FusionHeadGraph(head.float().eval()),
+            (mlm_hidden, ar_hidden),
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            opset_version=opset,
+            dynamo=False,
+            dynamic_axes={name: {0: "batch_size"} for name in inputs + outputs},
+        )
     return inputs, outputs
 
 
@@ -115,13 +125,20 @@ def export_baseline_heads(backbones: Backbones, folder: Path, opset: int, hidden
     the AR's vocabulary; returns graph name -> (inputs, outputs)."""
     specs = {}
     for name, file, linear, input_name, width in (
-            ("ar_lm_head", AR_LM_HEAD_FILE, backbones.ar.get_output_embeddings(), "ar_hidden",
-             backbones.ar_hidden_size),
-            ("mlm_decoder", MLM_DECODER_FILE, backbones.mlm_decoder(), "mlm_hidden", backbones.mlm_hidden_size)):
-        module = VocabularyHead(linear, backbones.vocab_size).eval()           # computes in fp32 itself
+        ("ar_lm_head", AR_LM_HEAD_FILE, backbones.ar.get_output_embeddings(), "ar_hidden", backbones.ar_hidden_size),
+        ("mlm_decoder", MLM_DECODER_FILE, backbones.mlm_decoder(), "mlm_hidden", backbones.mlm_hidden_size),
+    ):
+        module = VocabularyHead(linear, backbones.vocab_size).eval()  # computes in fp32 itself
         with exporting(folder, file) as path:
-            torch.onnx.export(module, (torch.zeros(2, width, dtype=hidden_dtype),), str(path),
-                              input_names=[input_name], output_names=["logits"], opset_version=opset, dynamo=False,
-                              dynamic_axes={input_name: {0: "batch_size"}, "logits": {0: "batch_size"}})
+            torch.onnx.export(
+                module,
+                (torch.zeros(2, width, dtype=hidden_dtype),),
+                str(path),
+                input_names=[input_name],
+                output_names=["logits"],
+                opset_version=opset,
+                dynamo=False,
+                dynamic_axes={input_name: {0: "batch_size"}, "logits": {0: "batch_size"}},
+            )
         specs[name] = ([input_name], ["logits"])
     return specs

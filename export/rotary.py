@@ -30,10 +30,11 @@ class FusedRotary(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, position_ids, cos_table, sin_table, head_dim: int):
-        flat = g.op("Reshape", g.op("Transpose", x, perm_i=[0, 2, 1, 3]),
-                    g.op("Constant", value_t=torch.tensor([0, 0, -1])))
+        flat = g.op(
+            "Reshape", g.op("Transpose", x, perm_i=[0, 2, 1, 3]), g.op("Constant", value_t=torch.tensor([0, 0, -1]))
+        )
         rotated = g.op("com.microsoft::RotaryEmbedding", flat, position_ids, cos_table, sin_table, interleaved_i=0)
-        rotated.setType(flat.type())            # torch.onnx cannot infer a custom node's type; it is its input's
+        rotated.setType(flat.type())  # torch.onnx cannot infer a custom node's type; it is its input's
         heads = g.op("Reshape", rotated, g.op("Constant", value_t=torch.tensor([0, 0, -1, head_dim])))
         return g.op("Transpose", heads, perm_i=[0, 2, 1, 3])
 
@@ -48,13 +49,15 @@ class RotaryTables:
         self.cos, self.sin = cos[0, :, : head_dim // 2], sin[0, :, : head_dim // 2]
         self.position_ids, self.head_dim = position_ids.clamp(max=positions - 1), head_dim
 
-    def __iter__(self):                  # a layer unpacks its position embeddings as (cos, sin)
+    def __iter__(self):  # a layer unpacks its position embeddings as (cos, sin)
         return iter((self, None))
 
 
 def fused_rotary_pos_emb(q, k, tables: RotaryTables, _=None, *args, **kwargs):
-    return tuple(FusedRotary.apply(x, tables.position_ids, tables.cos.to(x.dtype), tables.sin.to(x.dtype),
-                                   tables.head_dim) for x in (q, k))
+    return tuple(
+        FusedRotary.apply(x, tables.position_ids, tables.cos.to(x.dtype), tables.sin.to(x.dtype), tables.head_dim)
+        for x in (q, k)
+    )
 
 
 def _family(base_model):

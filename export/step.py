@@ -49,13 +49,17 @@ class StepCache:
     transposed, or [b, kv, C, head_dim] as the keys): update() writes the chunk's keys and values at position_ids
     and returns the layer's two buffers."""
 
-    def __init__(self, buffers: list, position_ids: torch.Tensor, kv_heads: int, head_dim: int,
-                 values_transposed: bool):
+    def __init__(
+        self, buffers: list, position_ids: torch.Tensor, kv_heads: int, head_dim: int, values_transposed: bool
+    ):
         self.buffers, self.values_transposed = list(buffers), values_transposed
         batch = position_ids.shape[0]
-        self.key_index = (torch.arange(batch, device=position_ids.device)[:, None, None],
-                          torch.arange(kv_heads, device=position_ids.device)[None, :, None], position_ids[:, None, :])
-        if values_transposed:                                                       # [b, kv, d, T]
+        self.key_index = (
+            torch.arange(batch, device=position_ids.device)[:, None, None],
+            torch.arange(kv_heads, device=position_ids.device)[None, :, None],
+            position_ids[:, None, :],
+        )
+        if values_transposed:  # [b, kv, d, T]
             self.value_index = position_ids[:, None, None, :].expand(batch, kv_heads, head_dim, -1)
 
     def update(self, key, value, layer_idx: int, cache_kwargs=None):
@@ -110,8 +114,10 @@ def check_fused_attention(config) -> None:
     """Refuses --attention fused for an AR whose query heads share key/value heads: the node has no such form."""
     kv_heads = config.num_key_value_heads or config.num_attention_heads
     if kv_heads != config.num_attention_heads:
-        raise ValueError(f"--attention fused needs a key/value head for every query head; this AR shares {kv_heads} "
-                         f"among {config.num_attention_heads}; use --attention eager")
+        raise ValueError(
+            f"--attention fused needs a key/value head for every query head; this AR shares {kv_heads} "
+            f"among {config.num_attention_heads}; use --attention eager"
+        )
 
 
 class ArStep(torch.nn.Module):
@@ -123,8 +129,10 @@ class ArStep(torch.nn.Module):
         for every query head."""
         super().__init__()
         if _sliding_window(base_model.config) is not None:
-            raise ValueError(f"the AR uses sliding-window attention (window {base_model.config.sliding_window}); "
-                             "the step graph supports full attention only")
+            raise ValueError(
+                f"the AR uses sliding-window attention (window {base_model.config.sliding_window}); "
+                "the step graph supports full attention only"
+            )
         self.base = base_model
         config = base_model.config
         self.kv_heads = config.num_key_value_heads or config.num_attention_heads
@@ -134,28 +142,34 @@ class ArStep(torch.nn.Module):
         if fuse_attention:
             check_fused_attention(config)
         self.fuse_attention = fuse_attention
-        self.values_transposed = not fuse_attention         # the cache's value layout (runtime/slots.py)
+        self.values_transposed = not fuse_attention  # the cache's value layout (runtime/slots.py)
 
     def forward(self, input_ids, position_ids, *cache):
         base = self.base
         hidden = base.embed_tokens(input_ids)
         slots = torch.arange(cache[0].shape[2], device=input_ids.device)
-        visible = slots[None, None, :] <= position_ids[:, :, None]                   # [b, T, C]
+        visible = slots[None, None, :] <= position_ids[:, :, None]  # [b, T, C]
         mask = torch.zeros(visible.shape, dtype=hidden.dtype, device=hidden.device)
-        mask = mask.masked_fill(~visible, torch.finfo(hidden.dtype).min)[:, None]     # [b, 1, T, C]
-        if self.groups > 1:                                                            # [b, 1, groups * T, C]
+        mask = mask.masked_fill(~visible, torch.finfo(hidden.dtype).min)[:, None]  # [b, 1, T, C]
+        if self.groups > 1:  # [b, 1, groups * T, C]
             mask = mask[:, :, None].expand(-1, -1, self.groups, -1, -1).flatten(2, 3)
-        if self.fuse_attention:            # [b, heads, T, C]: ONNX Runtime 1.20 misreads a bias broadcast over heads
+        if self.fuse_attention:  # [b, heads, T, C]: ONNX Runtime 1.20 misreads a bias broadcast over heads
             mask = mask.expand(-1, self.kv_heads, -1, -1)
         if self.fuse_rotary:
-            position_embeddings = RotaryTables(base.rotary_emb, hidden, position_ids,
-                                               base.config.max_position_embeddings, self.head_dim)
+            position_embeddings = RotaryTables(
+                base.rotary_emb, hidden, position_ids, base.config.max_position_embeddings, self.head_dim
+            )
         else:
             position_embeddings = base.rotary_emb(hidden, position_ids)
         step_cache = StepCache(cache, position_ids, self.kv_heads, self.head_dim, self.values_transposed)
         for layer in base.layers:
-            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=step_cache,
-                           position_embeddings=position_embeddings)
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=step_cache,
+                position_embeddings=position_embeddings,
+            )
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         return (base.norm(hidden), *step_cache.buffers)
 
@@ -163,8 +177,10 @@ class ArStep(torch.nn.Module):
 def step_names(layers: int) -> tuple[list[str], list[str]]:
     """The step graph's input and output names."""
     cache = [f"cache.{n}.{kind}" for n in range(layers) for kind in ("key", "value")]
-    return (["input_ids", "position_ids", *cache],
-            ["last_hidden_state", *[name.replace("cache.", "cache_out.") for name in cache]])
+    return (
+        ["input_ids", "position_ids", *cache],
+        ["last_hidden_state", *[name.replace("cache.", "cache_out.") for name in cache]],
+    )
 
 
 def export_step(ar_model, folder: Path, opset: int, fuse_attention: bool = False) -> tuple[list[str], list[str]]:
@@ -173,22 +189,40 @@ def export_step(ar_model, folder: Path, opset: int, fuse_attention: bool = False
     config = step.base.config
     inputs, outputs = step_names(config.num_hidden_layers)
     value_shape = (step.head_dim, 8) if step.values_transposed else (8, step.head_dim)
-    cache = [torch.zeros(2, step.kv_heads, *shape) for _ in range(config.num_hidden_layers)
-             for shape in ((8, step.head_dim), value_shape)]
+    cache = [
+        torch.zeros(2, step.kv_heads, *shape)
+        for _ in range(config.num_hidden_layers)
+        for shape in ((8, step.head_dim), value_shape)
+    ]
     example = (torch.tensor([[5, 6, 7], [8, 9, 1]]), torch.tensor([[0, 1, 2], [0, 1, 2]]), *cache)
-    dynamic = {"input_ids": {0: "batch_size", 1: "sequence_length"},
-               "position_ids": {0: "batch_size", 1: "sequence_length"},
-               "last_hidden_state": {0: "batch_size", 1: "sequence_length"},
-               **{name: {0: "batch_size", capacity_axis(name, step.values_transposed): "capacity"}
-                  for name in inputs[2:] + outputs[1:]}}
+    dynamic = {
+        "input_ids": {0: "batch_size", 1: "sequence_length"},
+        "position_ids": {0: "batch_size", 1: "sequence_length"},
+        "last_hidden_state": {0: "batch_size", 1: "sequence_length"},
+        **{
+            name: {0: "batch_size", capacity_axis(name, step.values_transposed): "capacity"}
+            for name in inputs[2:] + outputs[1:]
+        },
+    }
     previous = config._attn_implementation
     config._attn_implementation = FUSED_ATTENTION if step.fuse_attention else ATTENTION
     try:
-        with torch.no_grad(), exporting(folder, STEP_FILE) as path, \
-                fused_rotary(step.base) if step.fuse_rotary else contextlib.nullcontext():
-            torch.onnx.export(step, example, str(path), input_names=inputs, output_names=outputs,
-                              dynamic_axes=dynamic, opset_version=opset, dynamo=False,
-                              custom_opsets={"com.microsoft": 1})
+        with (
+            torch.no_grad(),
+            exporting(folder, STEP_FILE) as path,
+            fused_rotary(step.base) if step.fuse_rotary else contextlib.nullcontext(),
+        ):
+            torch.onnx.export(
+                step,
+                example,
+                str(path),
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_axes=dynamic,
+                opset_version=opset,
+                dynamo=False,
+                custom_opsets={"com.microsoft": 1},
+            )
     finally:
         config._attn_implementation = previous
     return inputs, outputs

@@ -48,8 +48,9 @@ def _check_mlm(checks, onnx, torch_backend, rng, vocab, bound):
             ids[row, :n], mask[row, :n] = rng.integers(5, vocab, n), 1
         got, want = onnx.mlm_hidden(ids, mask), torch_backend.mlm_hidden(ids, mask)
         real = mask.astype(bool)
-        _compare(checks, "mlm", "hidden_states", f"batch {len(lengths)}, lengths {lengths}", got[real], want[real],
-                 bound)
+        _compare(
+            checks, "mlm", "hidden_states", f"batch {len(lengths)}, lengths {lengths}", got[real], want[real], bound
+        )
 
 
 def _check_ar(checks, onnx, torch_backend, rng, vocab, bound):
@@ -68,11 +69,19 @@ def _check_ar(checks, onnx, torch_backend, rng, vocab, bound):
             steps.append(hidden)
             all_ids, all_pos, real = all_ids + [ids], all_pos + [position_ids], real + [chunk_mask.astype(bool)]
             cursor = cursor + lengths
-        full, _ = torch_backend.ar_step(np.concatenate(all_ids, 1), mask, np.concatenate(all_pos, 1),
-                                        torch_backend.empty_past(batch))
+        full, _ = torch_backend.ar_step(
+            np.concatenate(all_ids, 1), mask, np.concatenate(all_pos, 1), torch_backend.empty_past(batch)
+        )
         got, real = np.concatenate(steps, axis=1), np.concatenate(real, axis=1)
-        _compare(checks, "ar_decoder" if onnx.ar is not None else "ar_step", "last_hidden_state",
-                 f"batch {batch}, chunks {schedule} from an empty past", got[real], full[real], bound)
+        _compare(
+            checks,
+            "ar_decoder" if onnx.ar is not None else "ar_step",
+            "last_hidden_state",
+            f"batch {batch}, chunks {schedule} from an empty past",
+            got[real],
+            full[real],
+            bound,
+        )
 
 
 def _check_step(checks, onnx, torch_backend, rng, vocab, bound):
@@ -88,17 +97,25 @@ def _check_step(checks, onnx, torch_backend, rng, vocab, bound):
             cache.resize(int(cursor.max()) + width)
         ids = np.full((batch, width), 1, np.int64)
         for row in range(batch):
-            ids[row, : chunk[row]] = tokens[row, cursor[row]: cursor[row] + chunk[row]]
+            ids[row, : chunk[row]] = tokens[row, cursor[row] : cursor[row] + chunk[row]]
         hidden = onnx.cache_step(ids, cursor[:, None] + np.arange(width)[None], cache)
         for row in range(batch):
             got[row].append(hidden[row, : chunk[row]])
         cursor += chunk
     for row in range(batch):
         n = int(cursor[row])
-        full, _ = torch_backend.ar_step(tokens[row: row + 1, :n], np.ones((1, n), np.int64),
-                                        np.arange(n)[None], torch_backend.empty_past(1))
-        _compare(checks, "ar_step", "last_hidden_state", f"row {row} of 3 in 4 slots, chunks {lengths[:, row]}",
-                 np.concatenate(got[row]), full[0], bound)
+        full, _ = torch_backend.ar_step(
+            tokens[row : row + 1, :n], np.ones((1, n), np.int64), np.arange(n)[None], torch_backend.empty_past(1)
+        )
+        _compare(
+            checks,
+            "ar_step",
+            "last_hidden_state",
+            f"row {row} of 3 in 4 slots, chunks {lengths[:, row]}",
+            np.concatenate(got[row]),
+            full[0],
+            bound,
+        )
 
 
 def _check_head(checks, onnx, torch_backend, rng, bound):
@@ -106,8 +123,15 @@ def _check_head(checks, onnx, torch_backend, rng, bound):
     for batch in (1, 5):
         mlm_hidden = rng.standard_normal((batch, m.mlm_hidden_size)).astype(onnx.dtype)
         ar_hidden = rng.standard_normal((batch, m.ar_hidden_size)).astype(onnx.dtype)
-        _compare(checks, "fusion_head", "logits", f"batch {batch}", onnx.fuse(mlm_hidden, ar_hidden),
-                 torch_backend.fuse(mlm_hidden.astype(np.float32), ar_hidden.astype(np.float32)), bound)
+        _compare(
+            checks,
+            "fusion_head",
+            "logits",
+            f"batch {batch}",
+            onnx.fuse(mlm_hidden, ar_hidden),
+            torch_backend.fuse(mlm_hidden.astype(np.float32), ar_hidden.astype(np.float32)),
+            bound,
+        )
 
 
 def _check_baseline_heads(checks, onnx, torch_backend, rng, bound):
@@ -115,10 +139,24 @@ def _check_baseline_heads(checks, onnx, torch_backend, rng, bound):
     for batch in (1, 5):
         ar_hidden = rng.standard_normal((batch, m.ar_hidden_size)).astype(onnx.dtype)
         mlm_hidden = rng.standard_normal((batch, m.mlm_hidden_size)).astype(onnx.dtype)
-        _compare(checks, "ar_lm_head", "logits", f"batch {batch}", onnx.ar_logits(ar_hidden),
-                 torch_backend.ar_logits(ar_hidden.astype(np.float32)), bound)
-        _compare(checks, "mlm_decoder", "logits", f"batch {batch}", onnx.mlm_logits(mlm_hidden),
-                 torch_backend.mlm_logits(mlm_hidden.astype(np.float32)), bound)
+        _compare(
+            checks,
+            "ar_lm_head",
+            "logits",
+            f"batch {batch}",
+            onnx.ar_logits(ar_hidden),
+            torch_backend.ar_logits(ar_hidden.astype(np.float32)),
+            bound,
+        )
+        _compare(
+            checks,
+            "mlm_decoder",
+            "logits",
+            f"batch {batch}",
+            onnx.mlm_logits(mlm_hidden),
+            torch_backend.mlm_logits(mlm_hidden.astype(np.float32)),
+            bound,
+        )
 
 
 def _end_to_end(onnx, torch_backend, special: SpecialIds, rng, vocab, bound, agreement):
@@ -134,13 +172,22 @@ def _end_to_end(onnx, torch_backend, special: SpecialIds, rng, vocab, bound, agr
     top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
     finite = np.isfinite(want)
     diff = float(np.abs(got[finite] - want[finite]).max())
-    fills = [f.ids for f in engine_infill(onnx, ids, masked, special, Sampling(), 2, sequence_rngs(0, len(ids)),
-                                          utf8=torch_backend.backbones.utf8)]     # the reference's rule too
+    fills = [
+        f.ids
+        for f in engine_infill(
+            onnx, ids, masked, special, Sampling(), 2, sequence_rngs(0, len(ids)), utf8=torch_backend.backbones.utf8
+        )
+    ]  # the reference's rule too
     wanted = [f.ids for f in reference_infill(torch_backend.backbones, torch_backend.head, ids, masked)]
     same = float(np.mean(np.concatenate([a[m] == b[m] for a, b, m in zip(fills, wanted, masked)])))
-    return {"top1_agreement": top1, "least_top1_agreement": agreement, "max_abs_logit_diff": diff,
-            "tolerance": bound * max(1.0, float(np.abs(want[finite]).max())), "masked_tokens": int(len(want)),
-            "engine_greedy_fill_agreement": same}
+    return {
+        "top1_agreement": top1,
+        "least_top1_agreement": agreement,
+        "max_abs_logit_diff": diff,
+        "tolerance": bound * max(1.0, float(np.abs(want[finite]).max())),
+        "masked_tokens": int(len(want)),
+        "engine_greedy_fill_agreement": same,
+    }
 
 
 def validate(open_backend, concat: bool, backbones, head, special: SpecialIds, variant: str, seed: int = 0) -> dict:
@@ -166,18 +213,24 @@ def validate(open_backend, concat: bool, backbones, head, special: SpecialIds, v
         _check_baseline_heads(checks, onnx, torch_backend, rng, bound)
     end_to_end = _end_to_end(onnx, torch_backend, special, rng, vocab, bound, agreement)
     report = {"variant": variant, "checks": [asdict(c) for c in checks], "end_to_end": end_to_end}
-    if variant == "int8":     # int8 weights are judged end to end; graph differences are recorded
+    if variant == "int8":  # int8 weights are judged end to end; graph differences are recorded
         checks = []
     for check in checks:
         if not check.max_abs_diff <= check.tolerance:
-            raise ValidationError(f"{check.graph}.onnx output '{check.output}' differs from PyTorch by "
-                                  f"{check.max_abs_diff:.3g} (tolerance {check.tolerance:.3g}) on {check.case}")
+            raise ValidationError(
+                f"{check.graph}.onnx output '{check.output}' differs from PyTorch by "
+                f"{check.max_abs_diff:.3g} (tolerance {check.tolerance:.3g}) on {check.case}"
+            )
     if not end_to_end["engine_greedy_fill_agreement"] >= agreement:
-        raise ValidationError(f"greedy fills through ar_step.onnx (the decode engine, 2 slots for 4 sequences) agree "
-                              f"with PyTorch on {end_to_end['engine_greedy_fill_agreement']:.3f} of the masked "
-                              f"tokens (least {agreement})")
+        raise ValidationError(
+            f"greedy fills through ar_step.onnx (the decode engine, 2 slots for 4 sequences) agree "
+            f"with PyTorch on {end_to_end['engine_greedy_fill_agreement']:.3f} of the masked "
+            f"tokens (least {agreement})"
+        )
     if not (end_to_end["top1_agreement"] >= agreement and end_to_end["max_abs_logit_diff"] <= end_to_end["tolerance"]):
-        raise ValidationError(f"fusion_head.onnx output 'logits' end to end: top-1 agreement "
-                              f"{end_to_end['top1_agreement']:.3f} (least {agreement}), largest difference "
-                              f"{end_to_end['max_abs_logit_diff']:.3g} (tolerance {end_to_end['tolerance']:.3g})")
+        raise ValidationError(
+            f"fusion_head.onnx output 'logits' end to end: top-1 agreement "
+            f"{end_to_end['top1_agreement']:.3f} (least {agreement}), largest difference "
+            f"{end_to_end['max_abs_logit_diff']:.3g} (tolerance {end_to_end['tolerance']:.3g})"
+        )
     return report

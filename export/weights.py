@@ -44,11 +44,17 @@ def gather(exported: Path, path: Path) -> None:
     """Moves the graph at `exported` to `path`, the files of its external tensors (every other file in its folder)
     gathered into external_data(path)."""
     others = [p for p in exported.parent.iterdir() if p != exported]
-    if others == [external_data(exported)]:             # already gathered (Optimum's own convention)
+    if others == [external_data(exported)]:  # already gathered (Optimum's own convention)
         os.replace(others[0], external_data(path))
     elif others:
-        model = onnx.load(str(exported))                # initializers and constant attributes, from their files
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=external_data(path).name, size_threshold=1024)
+        model = onnx.load(str(exported))  # initializers and constant attributes, from their files
+        onnx.save(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=external_data(path).name,
+            size_threshold=1024,
+        )
         return
     os.replace(exported, path)

@@ -32,6 +32,7 @@ AR_FAMILIES = ("olmo", "olmo2", "llama", "mistral", "qwen2", "qwen3")
 @dataclass
 class Backbones:
     """The frozen pair, its tokenizer, and the ids the MARIA conventions use."""
+
     mlm: torch.nn.Module
     ar: torch.nn.Module
     tokenizer: object
@@ -49,8 +50,13 @@ class Backbones:
 
     def ar_hidden(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None):
         """AR base model step -> (last_hidden_state [batch, seq, d_ar], past_key_values)."""
-        out = self.ar.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 past_key_values=past_key_values, use_cache=past_key_values is not None)
+        out = self.ar.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=past_key_values is not None,
+        )
         return out.last_hidden_state, out.past_key_values
 
     @property
@@ -86,16 +92,20 @@ def torch_device(device: str) -> str:
 def _check_folder(path: Path, role: str) -> Path:
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{role} folder {path} has no config.json; pass a local Hugging Face model folder "
-                                "(saved with save_pretrained)")
+        raise FileNotFoundError(
+            f"{role} folder {path} has no config.json; pass a local Hugging Face model folder "
+            "(saved with save_pretrained)"
+        )
     return path
 
 
 def _model_type(path: Path, role: str, supported) -> str:
     model_type = AutoConfig.from_pretrained(path, local_files_only=True).model_type
     if model_type not in supported:
-        raise ValueError(f"{role} at {path} is a '{model_type}' model; supported {role} architectures: "
-                         f"{', '.join(sorted(supported))}")
+        raise ValueError(
+            f"{role} at {path} is a '{model_type}' model; supported {role} architectures: "
+            f"{', '.join(sorted(supported))}"
+        )
     return model_type
 
 
@@ -105,19 +115,26 @@ def check_shared_vocabulary(mlm_tokenizer, ar_tokenizer, ar_vocab_size: int, mlm
     missing = [t for t in ar_vocab if t not in mlm_vocab]
     moved = [t for t in ar_vocab if t in mlm_vocab and mlm_vocab[t] != ar_vocab[t]]
     if missing or moved:
-        examples = [f"{t!r}: AR {ar_vocab[t]} vs MLM {mlm_vocab[t]}" for t in moved[:3]] + \
-                   [f"{t!r} only in AR" for t in missing[:3]]
-        raise ValueError(f"the MLM and AR tokenizers do not share a vocabulary: {len(moved)} tokens have other ids, "
-                         f"{len(missing)} AR tokens are missing from the MLM (e.g. {'; '.join(examples)}); "
-                         "MARIA needs an MLM whose tokenizer extends the AR's")
+        examples = [f"{t!r}: AR {ar_vocab[t]} vs MLM {mlm_vocab[t]}" for t in moved[:3]] + [
+            f"{t!r} only in AR" for t in missing[:3]
+        ]
+        raise ValueError(
+            f"the MLM and AR tokenizers do not share a vocabulary: {len(moved)} tokens have other ids, "
+            f"{len(missing)} AR tokens are missing from the MLM (e.g. {'; '.join(examples)}); "
+            "MARIA needs an MLM whose tokenizer extends the AR's"
+        )
     mlm_ids = mlm_tokenizer.encode(PROBE_TEXT, add_special_tokens=False)
     ar_ids = ar_tokenizer.encode(PROBE_TEXT, add_special_tokens=False)
     if mlm_ids != ar_ids:
-        raise ValueError(f"the MLM and AR tokenizers encode the same text differently (MLM {mlm_ids[:8]}... vs "
-                         f"AR {ar_ids[:8]}...): same vocabulary, other merges or normalization; use a matched pair")
+        raise ValueError(
+            f"the MLM and AR tokenizers encode the same text differently (MLM {mlm_ids[:8]}... vs "
+            f"AR {ar_ids[:8]}...): same vocabulary, other merges or normalization; use a matched pair"
+        )
     if mlm_vocab_size < ar_vocab_size:
-        raise ValueError(f"the MLM's output vocabulary ({mlm_vocab_size}) is smaller than the AR's ({ar_vocab_size}); "
-                         "MARIA predicts over the AR's vocabulary and needs the MLM to cover it")
+        raise ValueError(
+            f"the MLM's output vocabulary ({mlm_vocab_size}) is smaller than the AR's ({ar_vocab_size}); "
+            "MARIA predicts over the AR's vocabulary and needs the MLM to cover it"
+        )
 
 
 def load_backbones(mlm_path, ar_path, device="cpu", dtype=torch.float32) -> Backbones:
@@ -142,7 +159,12 @@ def load_backbones(mlm_path, ar_path, device="cpu", dtype=torch.float32) -> Back
     pad = mlm_tokenizer.pad_token_id if mlm_tokenizer.pad_token_id is not None else sep_id
     for model in (mlm, ar):
         model.to(device).eval().requires_grad_(False)
-    return Backbones(mlm=mlm, ar=ar, tokenizer=ar_tokenizer, mlm_model_type=mlm_type, ar_model_type=ar_type,
-                     vocab_size=ar.config.vocab_size,
-                     special=SpecialIds(cls=cls_id, sep=sep_id, mask=mlm_tokenizer.mask_token_id, start=start,
-                                        pad=pad))
+    return Backbones(
+        mlm=mlm,
+        ar=ar,
+        tokenizer=ar_tokenizer,
+        mlm_model_type=mlm_type,
+        ar_model_type=ar_type,
+        vocab_size=ar.config.vocab_size,
+        special=SpecialIds(cls=cls_id, sep=sep_id, mask=mlm_tokenizer.mask_token_id, start=start, pad=pad),
+    )

@@ -20,6 +20,7 @@ HEAD_NAME = "head.safetensors"
 @dataclass(frozen=True)
 class TrainConfig:
     """Settings of L_MARIA training (the `maria train` knobs)."""
+
     steps: int = 1000
     seq_len: int = 128
     batch_size: int = 8
@@ -27,19 +28,21 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 50
     max_grad_norm: float = 1.0
-    mask_rate_min: float = 0.0       # per-sequence mask rate ~ U(mask_rate_min, mask_rate_max)
+    mask_rate_min: float = 0.0  # per-sequence mask rate ~ U(mask_rate_min, mask_rate_max)
     mask_rate_max: float = 1.0
     eval_every: int = 100
     eval_batches: int = 4
     save_every: int = 100
     seed: int = 0
-    text_field: str = "text"         # JSONL field holding the text
-    line_documents: bool = False     # plain text: one document per line instead of one per file
+    text_field: str = "text"  # JSONL field holding the text
+    line_documents: bool = False  # plain text: one document per line instead of one per file
 
     def __post_init__(self):
         if not 0.0 <= self.mask_rate_min < self.mask_rate_max <= 1.0:
-            raise ValueError(f"mask rate range ({self.mask_rate_min}, {self.mask_rate_max}) is invalid; "
-                             "use 0 <= --mask-rate-min < --mask-rate-max <= 1")
+            raise ValueError(
+                f"mask rate range ({self.mask_rate_min}, {self.mask_rate_max}) is invalid; "
+                "use 0 <= --mask-rate-min < --mask-rate-max <= 1"
+            )
         for name in ("steps", "seq_len", "batch_size", "eval_every", "save_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -49,8 +52,13 @@ class TrainConfig:
 
 def _with_special_ids(data: dict) -> dict:
     """Five *_token_id keys -> one special_ids object."""
-    names = {"cls": "cls_token_id", "sep": "sep_token_id", "mask": "mask_token_id", "start": "start_token_id",
-             "pad": "pad_token_id"}
+    names = {
+        "cls": "cls_token_id",
+        "sep": "sep_token_id",
+        "mask": "mask_token_id",
+        "start": "start_token_id",
+        "pad": "pad_token_id",
+    }
     rest = {k: v for k, v in data.items() if k not in names.values()}
     return {**rest, "special_ids": {name: data.get(key) for name, key in names.items()}}
 
@@ -58,15 +66,16 @@ def _with_special_ids(data: dict) -> dict:
 @dataclass(frozen=True)
 class MariaConfig:
     """Everything that describes a MARIA model apart from the head's tensors. Keys follow HF config names."""
-    mlm_path: str                    # local Hugging Face folder of the masked LM
-    ar_path: str                     # local Hugging Face folder of the causal LM
+
+    mlm_path: str  # local Hugging Face folder of the masked LM
+    ar_path: str  # local Hugging Face folder of the causal LM
     mlm_model_type: str
     ar_model_type: str
     mlm_hidden_size: int
     ar_hidden_size: int
-    vocab_size: int                  # V: the AR's vocabulary size
-    special_ids: SpecialIds          # cls, sep, mask, start (AR bos, or eos where it has none), pad
-    train: dict = field(default_factory=dict)   # TrainConfig.to_dict() of the run that made the head
+    vocab_size: int  # V: the AR's vocabulary size
+    special_ids: SpecialIds  # cls, sep, mask, start (AR bos, or eos where it has none), pad
+    train: dict = field(default_factory=dict)  # TrainConfig.to_dict() of the run that made the head
     trained_steps: int = 0
 
     def to_dict(self) -> dict:
@@ -76,7 +85,7 @@ class MariaConfig:
     def from_dict(cls, data: dict) -> "MariaConfig":
         fix = "re-run `maria train`, or fix the file"
         if isinstance(data, dict) and "special_ids" not in data and "mask_token_id" in data:
-            data = _with_special_ids(data)          # checkpoints written before the ids were grouped
+            data = _with_special_ids(data)  # checkpoints written before the ids were grouped
         config = from_dict(cls, data, CONFIG_NAME, fix)
         return dataclasses.replace(config, special_ids=SpecialIds.from_dict(config.special_ids))
 
@@ -87,8 +96,9 @@ class MariaConfig:
     def load(cls, folder: Path) -> "MariaConfig":
         path = Path(folder) / CONFIG_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"{folder} is not a MARIA checkpoint: {CONFIG_NAME} is missing; "
-                                    "pass the --out folder of `maria train`")
+            raise FileNotFoundError(
+                f"{folder} is not a MARIA checkpoint: {CONFIG_NAME} is missing; pass the --out folder of `maria train`"
+            )
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as error:

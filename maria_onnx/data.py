@@ -21,9 +21,13 @@ def _files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(file for file in path.rglob("*") if file.is_file()
-                       and file.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES
-                       and not any(part.startswith(".") for part in file.relative_to(path).parts))
+        files = sorted(
+            file
+            for file in path.rglob("*")
+            if file.is_file()
+            and file.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES
+            and not any(part.startswith(".") for part in file.relative_to(path).parts)
+        )
         if files:
             return files
         raise ValueError(f"{path} holds no .txt, .md, .rst or .jsonl files; pass a text file or a folder of them")
@@ -67,8 +71,10 @@ def random_masks(rng: np.random.Generator, batch: int, seq_len: int, rate_min: f
 def split_windows(windows: np.ndarray, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Holds out a seeded fraction of windows (at least one) for evaluation when no eval data is given."""
     if len(windows) < 2:
-        raise ValueError("the data makes only one window: too little to hold out evaluation windows; "
-                         "add text, lower --seq-len, or pass --eval-data")
+        raise ValueError(
+            "the data makes only one window: too little to hold out evaluation windows; "
+            "add text, lower --seq-len, or pass --eval-data"
+        )
     order = np.random.default_rng(seed).permutation(len(windows))
     held = max(1, int(len(windows) * eval_fraction))
     return windows[order[held:]], windows[order[:held]]

@@ -1,8 +1,8 @@
 """The MARIA model: one linear fusion head over the concatenated hidden states of a frozen MLM and a frozen AR.
 
-    logits[i] = W . concat(h_mlm[i], h_ar[i]) + b          W: [V, d_mlm + d_ar], MLM first
-    h_mlm[i]  = MLM head transform at position i+1 of [CLS] x~_0 .. x~_{n-1} [SEP]   (x~ = [MASK] on M)
-    h_ar[i]   = AR final hidden state at the position of x_{i-1} in [START] x_0 .. x_{n-1}
+logits[i] = W . concat(h_mlm[i], h_ar[i]) + b          W: [V, d_mlm + d_ar], MLM first
+h_mlm[i]  = MLM head transform at position i+1 of [CLS] x~_0 .. x~_{n-1} [SEP]   (x~ = [MASK] on M)
+h_ar[i]   = AR final hidden state at the position of x_{i-1} in [START] x_0 .. x_{n-1}
 """
 
 import torch
@@ -29,11 +29,11 @@ class FusionHead(nn.Module):
         vocab = backbones.vocab_size
         decoder = backbones.mlm_decoder()
         lm_head = backbones.ar.get_output_embeddings()
-        device = lm_head.weight.device                                 # the head is made where the backbones are
+        device = lm_head.weight.device  # the head is made where the backbones are
         head = cls(backbones.mlm_hidden_size, backbones.ar_hidden_size, vocab).to(device)
         with torch.no_grad():
-            w1 = decoder.weight[:vocab].float()                        # [V, d_mlm]
-            w2 = lm_head.weight[:vocab].float()                        # [V, d_ar]
+            w1 = decoder.weight[:vocab].float()  # [V, d_mlm]
+            w2 = lm_head.weight[:vocab].float()  # [V, d_ar]
             head.linear.weight.copy_(torch.cat([w1, w2], dim=1) / 2)
             zero = torch.zeros(vocab, device=device)
             b1 = decoder.bias[:vocab].float() if decoder.bias is not None else zero
@@ -67,8 +67,7 @@ def mlm_input_ids(backbones: Backbones, input_ids, masked):
 
 def ar_input_ids(backbones: Backbones, input_ids):
     """[batch, n] -> [batch, n] = [START] x_0 .. x_{n-2}: position i holds the token before x_i."""
-    start = torch.full((input_ids.shape[0], 1), backbones.special.start, dtype=input_ids.dtype,
-                       device=input_ids.device)
+    start = torch.full((input_ids.shape[0], 1), backbones.special.start, dtype=input_ids.dtype, device=input_ids.device)
     return torch.cat([start, input_ids[:, :-1]], dim=1)
 
 
@@ -84,5 +83,5 @@ def teacher_forced_hidden(backbones: Backbones, input_ids, masked):
 
 def masked_nll(head: FusionHead, mlm_hidden, ar_hidden, input_ids, masked):
     """Negative log-likelihood of the true tokens at masked positions: [number of masked tokens]."""
-    logits = head(mlm_hidden[masked], ar_hidden[masked])      # [m, V]
+    logits = head(mlm_hidden[masked], ar_hidden[masked])  # [m, V]
     return F.cross_entropy(logits, input_ids[masked], reduction="none")

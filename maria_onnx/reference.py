@@ -34,8 +34,9 @@ class TorchBackend:
 
     @torch.no_grad()
     def ar_step(self, input_ids, attention_mask, position_ids, past):
-        hidden, past = self.backbones.ar_hidden(self.tensor(input_ids), self.tensor(attention_mask),
-                                                self.tensor(position_ids), past)
+        hidden, past = self.backbones.ar_hidden(
+            self.tensor(input_ids), self.tensor(attention_mask), self.tensor(position_ids), past
+        )
         return hidden.float().cpu().numpy(), past
 
     @torch.no_grad()
@@ -55,12 +56,28 @@ class TorchBackend:
         return self.head(self.tensor(mlm_hidden), self.tensor(ar_hidden)).cpu().numpy()
 
 
-def reference_infill(backbones: Backbones, head: FusionHead, ids, masked, sampling: Sampling = Sampling(),
-                     batch_size: int = 8, rngs=None, utf8: bool = True) -> list[Fill]:
+def reference_infill(
+    backbones: Backbones,
+    head: FusionHead,
+    ids,
+    masked,
+    sampling: Sampling = Sampling(),
+    batch_size: int = 8,
+    rngs=None,
+    utf8: bool = True,
+) -> list[Fill]:
     """Fills the masked positions of each (ids, masked) pair with the eager PyTorch modules; rngs as in
     runtime.decode.infill; utf8: the fills keep the text valid UTF-8, as the runtime's do."""
-    return infill(TorchBackend(backbones, head), ids, masked, backbones.special, sampling, batch_size, rngs,
-                  utf8=backbones.utf8 if utf8 else None)
+    return infill(
+        TorchBackend(backbones, head),
+        ids,
+        masked,
+        backbones.special,
+        sampling,
+        batch_size,
+        rngs,
+        utf8=backbones.utf8 if utf8 else None,
+    )
 
 
 def reference_score(backbones: Backbones, head: FusionHead, ids, masked, batch_size: int = 8) -> list[float]:

@@ -32,13 +32,14 @@ from .model import FusionHead, masked_nll, teacher_forced_hidden
 
 STATE_DIR = "train_state"
 EVAL_FRACTION = 0.05
-FREE_ON_RESUME = {"steps", "eval_every", "eval_batches", "save_every"}   # settings a resumed run may change
+FREE_ON_RESUME = {"steps", "eval_every", "eval_batches", "save_every"}  # settings a resumed run may change
 
 
 def _windows(backbones, config: TrainConfig, data, eval_data):
     read = lambda path: read_documents(path, config.text_field, config.line_documents)
-    pack = lambda path: pack_windows(read(path), plain_encoder(backbones.tokenizer), config.seq_len,
-                                     backbones.special.start, str(path))
+    pack = lambda path: pack_windows(
+        read(path), plain_encoder(backbones.tokenizer), config.seq_len, backbones.special.start, str(path)
+    )
     train = pack(data)
     if eval_data is not None:
         return train, pack(eval_data)
@@ -67,10 +68,15 @@ def evaluate(backbones, head, windows, config: TrainConfig, accelerator) -> floa
     rng = np.random.default_rng([config.seed, 1])
     total, count = 0.0, 0
     for start in range(0, min(len(windows), config.eval_batches * config.batch_size), config.batch_size):
-        ids = windows[start:start + config.batch_size]
+        ids = windows[start : start + config.batch_size]
         masked = random_masks(rng, len(ids), config.seq_len, config.mask_rate_min, config.mask_rate_max)
-        nll = _loss(backbones, head, torch.from_numpy(ids).to(accelerator.device),
-                    torch.from_numpy(masked).to(accelerator.device), accelerator)
+        nll = _loss(
+            backbones,
+            head,
+            torch.from_numpy(ids).to(accelerator.device),
+            torch.from_numpy(masked).to(accelerator.device),
+            accelerator,
+        )
         total, count = total + nll.sum().item(), count + nll.numel()
     return math.exp(total / count)
 
@@ -99,26 +105,29 @@ def _check_out(out: Path, mlm_path, ar_path) -> None:
         raise ValueError(f"--out {out} is a file; --out names the checkpoint folder to write")
     try:
         earlier = MariaConfig.load(out)
-    except (FileNotFoundError, ValueError):          # no checkpoint yet, or a torn config this run rewrites
+    except (FileNotFoundError, ValueError):  # no checkpoint yet, or a torn config this run rewrites
         return
     given = {"--mlm": str(Path(mlm_path).resolve()), "--ar": str(Path(ar_path).resolve())}
     saved = {"--mlm": earlier.mlm_path, "--ar": earlier.ar_path}
     if given != saved:
         named = " ".join(f"{option} {path}" for option, path in saved.items())
-        raise ValueError(f"{out} holds a checkpoint of other backbones ({named}); pass those to resume it, "
-                         "or a new --out")
+        raise ValueError(
+            f"{out} holds a checkpoint of other backbones ({named}); pass those to resume it, or a new --out"
+        )
 
 
 def _damaged(state: Path, reason: str) -> ValueError:
-    return ValueError(f"the training state in {state} is damaged ({reason}); delete that folder to restart "
-                      "training from step 0, or pass a new --out")
+    return ValueError(
+        f"the training state in {state} is damaged ({reason}); delete that folder to restart "
+        "training from step 0, or pass a new --out"
+    )
 
 
 def _resume(accelerator, state: Path, config: TrainConfig) -> int:
     """Loads optimizer/scheduler/head state if an earlier run left one; returns the step to start at."""
     old = state.with_name(f".{STATE_DIR}.old")
     if not state.exists() and old.is_dir() and accelerator.is_main_process:
-        os.replace(old, state)                # a run killed between the two renames of a save
+        os.replace(old, state)  # a run killed between the two renames of a save
     accelerator.wait_for_everyone()
     info = state / "step.json"
     if not state.exists():
@@ -132,13 +141,17 @@ def _resume(accelerator, state: Path, config: TrainConfig) -> int:
         saved = json.loads(info.read_text())
     except ValueError as error:
         raise _damaged(state, f"step.json is not valid JSON: {error}") from None
-    changed = {k for k, v in dataclasses.asdict(config).items() if k not in FREE_ON_RESUME and saved["train"].get(k) != v}
+    changed = {
+        k for k, v in dataclasses.asdict(config).items() if k not in FREE_ON_RESUME and saved["train"].get(k) != v
+    }
     if changed:
-        raise ValueError(f"{state.parent} holds an interrupted run with other settings ({', '.join(sorted(changed))}); "
-                         "pass the same settings to resume, or a new --out to start afresh")
+        raise ValueError(
+            f"{state.parent} holds an interrupted run with other settings ({', '.join(sorted(changed))}); "
+            "pass the same settings to resume, or a new --out to start afresh"
+        )
     try:
         accelerator.load_state(str(state))
-    except Exception as error:        # torch and safetensors raise many types for a torn file
+    except Exception as error:  # torch and safetensors raise many types for a torn file
         first_line = (str(error).splitlines() or [""])[0]
         raise _damaged(state, f"{type(error).__name__}: {first_line}") from None
     return saved["step"]
@@ -162,8 +175,9 @@ def _save(accelerator, head, out: Path, step: int, config: TrainConfig, model_co
     accelerator.wait_for_everyone()
 
 
-def train(mlm_path, ar_path, data, out, config: TrainConfig, eval_data=None, device: str = "auto",
-          log=print) -> MariaConfig:
+def train(
+    mlm_path, ar_path, data, out, config: TrainConfig, eval_data=None, device: str = "auto", log=print
+) -> MariaConfig:
     """Trains the fusion head with L_MARIA and writes a checkpoint to `out`; returns its config."""
     on_cpu = torch_device(device) == "cpu"
     accelerator = Accelerator(cpu=on_cpu, mixed_precision="no" if on_cpu else "bf16")
@@ -173,8 +187,10 @@ def train(mlm_path, ar_path, data, out, config: TrainConfig, eval_data=None, dev
     backbones = load_backbones(mlm_path, ar_path, device=accelerator.device)
     longest = min(backbones.mlm.config.max_position_embeddings - 2, backbones.ar.config.max_position_embeddings)
     if config.seq_len > longest:
-        raise ValueError(f"--seq-len {config.seq_len} is over the backbones' maximum of {longest} tokens "
-                         "(the MLM also sees [CLS] and [SEP]); lower --seq-len")
+        raise ValueError(
+            f"--seq-len {config.seq_len} is over the backbones' maximum of {longest} tokens "
+            "(the MLM also sees [CLS] and [SEP]); lower --seq-len"
+        )
     train_windows, eval_windows = _windows(backbones, config, data, eval_data)
     model_config = maria_config(backbones, mlm_path, ar_path, dataclasses.asdict(config), 0)
     head = FusionHead.product_of_experts(backbones).to(accelerator.device)
@@ -183,11 +199,18 @@ def train(mlm_path, ar_path, data, out, config: TrainConfig, eval_data=None, dev
     head, optimizer, scheduler = accelerator.prepare(head, optimizer, scheduler)
     start = _resume(accelerator, out / STATE_DIR, config)
     if accelerator.is_main_process:
-        log(f"training on {len(train_windows)} windows of {config.seq_len} tokens, evaluating on "
+        log(
+            f"training on {len(train_windows)} windows of {config.seq_len} tokens, evaluating on "
             f"{len(eval_windows)}; {accelerator.num_processes} process(es) on {accelerator.device}; "
-            f"starting at step {start} of {config.steps}")
-    progress = tqdm(range(start, config.steps), initial=start, total=config.steps,
-                    disable=not accelerator.is_main_process, desc="train")
+            f"starting at step {start} of {config.steps}"
+        )
+    progress = tqdm(
+        range(start, config.steps),
+        initial=start,
+        total=config.steps,
+        disable=not accelerator.is_main_process,
+        desc="train",
+    )
     tokens_per_step = config.batch_size * config.seq_len * accelerator.num_processes
     began = time.perf_counter()
     for step in progress:

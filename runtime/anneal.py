@@ -27,10 +27,10 @@ from .text import MaskedText
 @dataclass(frozen=True)
 class Schedule:
     steps: int = 16
-    fraction_start: float = 0.5          # share of the free positions re-masked at the first step
-    fraction_end: float = 0.1            # ... and at the last
-    temperature_start: float = 1.0       # Metropolis temperature (nats) at the first step
-    temperature_end: float = 0.05        # ... and at the last
+    fraction_start: float = 0.5  # share of the free positions re-masked at the first step
+    fraction_end: float = 0.1  # ... and at the last
+    temperature_start: float = 1.0  # Metropolis temperature (nats) at the first step
+    temperature_end: float = 0.05  # ... and at the last
 
     def __post_init__(self):
         if self.steps < 0:
@@ -40,8 +40,7 @@ class Schedule:
                 raise SettingError(f"{{{field}}} is a share of the generated tokens, in (0, 1], got {value}", field)
         for field, value in (("anneal_start", self.temperature_start), ("anneal_end", self.temperature_end)):
             if not 0 < value < math.inf:
-                raise SettingError(f"{{{field}}} is a Metropolis temperature, a finite number > 0, got {value}",
-                                   field)
+                raise SettingError(f"{{{field}}} is a Metropolis temperature, a finite number > 0, got {value}", field)
 
     def _at(self, start: float, end: float, step: int) -> float:
         """Geometric interpolation, step 1 -> start, step K -> end."""
@@ -58,21 +57,29 @@ class Schedule:
 @dataclass
 class Annealed:
     """One sample: the best text found, its ids and energy, and the energy kept after every step."""
+
     text: str
     ids: list
-    energy: float                        # -log p_AR of the best text
-    energies: list = field(default_factory=list)     # current energy after step 0, 1, .., K
+    energy: float  # -log p_AR of the best text
+    energies: list = field(default_factory=list)  # current energy after step 0, 1, .., K
     best_energies: list = field(default_factory=list)
     accepted: int = 0
 
     def to_dict(self) -> dict:
-        return {"text": self.text, "ids": self.ids, "energy": self.energy, "energies": self.energies,
-                "best_energies": self.best_energies, "accepted": self.accepted}
+        return {
+            "text": self.text,
+            "ids": self.ids,
+            "energy": self.energy,
+            "energies": self.energies,
+            "best_energies": self.best_energies,
+            "accepted": self.accepted,
+        }
 
 
 @dataclass(frozen=True)
 class AnnealRow:
     """One decode row of a step: sample `sample`'s text with the positions to refill masked."""
+
     sample: int
     encoded: MaskedText
     rng: np.random.Generator
@@ -85,9 +92,19 @@ class Annealing:
     in that order, so any driver that fills the rows gives the same samples (anneal() below; maria serve's
     decode worker)."""
 
-    def __init__(self, filler: Filler, prefix: np.ndarray, suffix: np.ndarray, length: int, num_samples: int,
-                 schedule: Schedule, sampling: Sampling = Sampling(temperature=1.0), seed: int = 0,
-                 first_sample: int = 0, on_step=None):
+    def __init__(
+        self,
+        filler: Filler,
+        prefix: np.ndarray,
+        suffix: np.ndarray,
+        length: int,
+        num_samples: int,
+        schedule: Schedule,
+        sampling: Sampling = Sampling(temperature=1.0),
+        seed: int = 0,
+        first_sample: int = 0,
+        on_step=None,
+    ):
         self.check(filler, prefix, suffix, length, num_samples)
         self.filler, self.schedule, self.sampling, self.on_step = filler, schedule, sampling, on_step
         self.seed, self.first_sample, self.num_samples, self.step = seed, first_sample, num_samples, 0
@@ -103,15 +120,21 @@ class Annealing:
     def check(filler: Filler, prefix: np.ndarray, suffix: np.ndarray, length: int, num_samples: int) -> None:
         """ValueError for a run the model cannot make."""
         if length < 1 or num_samples < 1:
-            raise SettingError(f"{{length}} and {{num_samples}} must be at least 1, got {length}, {num_samples}",
-                               "length", "num_samples")
+            raise SettingError(
+                f"{{length}} and {{num_samples}} must be at least 1, got {length}, {num_samples}",
+                "length",
+                "num_samples",
+            )
         if len(prefix) + length + len(suffix) > filler.max_sequence_length:
-            raise ValueError(f"prefix, {length} tokens and suffix make {len(prefix) + length + len(suffix)} "
-                             f"tokens, over the bundle's maximum of {filler.max_sequence_length}")
+            raise ValueError(
+                f"prefix, {length} tokens and suffix make {len(prefix) + length + len(suffix)} "
+                f"tokens, over the bundle's maximum of {filler.max_sequence_length}"
+            )
 
     def _rngs(self, step: int) -> list:
-        return [np.random.default_rng([self.seed, self.first_sample + sample, step])
-                for sample in range(self.num_samples)]
+        return [
+            np.random.default_rng([self.seed, self.first_sample + sample, step]) for sample in range(self.num_samples)
+        ]
 
     def _energies(self, ids: list[np.ndarray]) -> np.ndarray:
         return -np.array(ar_loglikelihood(self.filler.backend, ids, self.filler.special))
@@ -157,19 +180,26 @@ class Annealing:
 
     def _finish(self) -> None:
         tokenizer = self.filler.tokenizer
-        self.results = [Annealed(text=tokenizer.decode(self.best[s].tolist(), skip_special_tokens=False),
-                                 ids=self.best[s].tolist(),
-                                 energy=float(self.best_energy[s]), energies=[h[s] for h in self.history],
-                                 best_energies=[h[s] for h in self.best_history], accepted=int(self.accepted[s]))
-                        for s in range(self.num_samples)]
+        self.results = [
+            Annealed(
+                text=tokenizer.decode(self.best[s].tolist(), skip_special_tokens=False),
+                ids=self.best[s].tolist(),
+                energy=float(self.best_energy[s]),
+                energies=[h[s] for h in self.history],
+                best_energies=[h[s] for h in self.best_history],
+                accepted=int(self.accepted[s]),
+            )
+            for s in range(self.num_samples)
+        ]
 
 
 def encode_ends(filler: Filler, prefix: str, suffix: str) -> tuple[np.ndarray, np.ndarray]:
     """The content ids of the plain text before and after the generated tokens; ValueError naming the option
     whose text the model refuses."""
     if "[MASK" in prefix + suffix:
-        raise SettingError("{prefix} and {suffix} are plain text; the generated tokens go between them", "prefix",
-                           "suffix")
+        raise SettingError(
+            "{prefix} and {suffix} are plain text; the generated tokens go between them", "prefix", "suffix"
+        )
 
     def encode(text: str, field: str) -> np.ndarray:
         try:
@@ -181,15 +211,27 @@ def encode_ends(filler: Filler, prefix: str, suffix: str) -> tuple[np.ndarray, n
 
 
 # maria serve's /v1/generate: maria generate's options as JSON fields (length is required)
-GENERATE_SETTINGS = {"length": int, "prefix": str, "suffix": str, "steps": int, "num_samples": int, "seed": int,
-                     "temperature": float, "top_p": float, "fraction_start": float, "fraction_end": float,
-                     "anneal_start": float, "anneal_end": float}
+GENERATE_SETTINGS = {
+    "length": int,
+    "prefix": str,
+    "suffix": str,
+    "steps": int,
+    "num_samples": int,
+    "seed": int,
+    "temperature": float,
+    "top_p": float,
+    "fraction_start": float,
+    "fraction_end": float,
+    "anneal_start": float,
+    "anneal_end": float,
+}
 
 
 @dataclass(frozen=True)
 class AnnealRequest:
     """What maria generate asks for: `length` tokens between prefix and suffix (content ids), num_samples samples
     (sample j drawing from generators of (sampling.seed, j, step))."""
+
     prefix: np.ndarray
     suffix: np.ndarray
     length: int
@@ -198,8 +240,16 @@ class AnnealRequest:
     sampling: Sampling = Sampling(temperature=1.0)
 
     def start(self, filler: Filler) -> Annealing:
-        return Annealing(filler, self.prefix, self.suffix, self.length, self.num_samples, self.schedule,
-                         self.sampling, self.sampling.seed)
+        return Annealing(
+            filler,
+            self.prefix,
+            self.suffix,
+            self.length,
+            self.num_samples,
+            self.schedule,
+            self.sampling,
+            self.sampling.seed,
+        )
 
 
 def anneal_request(filler: Filler, given: dict) -> AnnealRequest:
@@ -208,33 +258,53 @@ def anneal_request(filler: Filler, given: dict) -> AnnealRequest:
     field's name."""
     values = typed_settings(given, GENERATE_SETTINGS)
     if "length" not in values:
-        raise SettingTypeError(f"the request has no \"length\" field: send {{\"length\": N, ...}}, the tokens to "
-                               f"generate, with optional fields {', '.join(list(GENERATE_SETTINGS)[1:])}")
-    schedule = Schedule(values.get("steps", 16), values.get("fraction_start", 0.5), values.get("fraction_end", 0.1),
-                        values.get("anneal_start", 1.0), values.get("anneal_end", 0.05))
-    sampling = Sampling(temperature=values.get("temperature", 1.0), top_p=values.get("top_p", 1.0),
-                        seed=values.get("seed", 0))
+        raise SettingTypeError(
+            f'the request has no "length" field: send {{"length": N, ...}}, the tokens to '
+            f"generate, with optional fields {', '.join(list(GENERATE_SETTINGS)[1:])}"
+        )
+    schedule = Schedule(
+        values.get("steps", 16),
+        values.get("fraction_start", 0.5),
+        values.get("fraction_end", 0.1),
+        values.get("anneal_start", 1.0),
+        values.get("anneal_end", 0.05),
+    )
+    sampling = Sampling(
+        temperature=values.get("temperature", 1.0), top_p=values.get("top_p", 1.0), seed=values.get("seed", 0)
+    )
     prefix, suffix = encode_ends(filler, values.get("prefix", ""), values.get("suffix", ""))
     request = AnnealRequest(prefix, suffix, values["length"], values.get("num_samples", 1), schedule, sampling)
     Annealing.check(filler, request.prefix, request.suffix, request.length, request.num_samples)
     return request
 
 
-def anneal(filler: Filler, prefix: np.ndarray, suffix: np.ndarray, length: int, num_samples: int, schedule: Schedule,
-           sampling: Sampling = Sampling(temperature=1.0), seed: int = 0, on_step=None,
-           batch_size: int | None = None, first_sample: int = 0) -> list[Annealed]:
+def anneal(
+    filler: Filler,
+    prefix: np.ndarray,
+    suffix: np.ndarray,
+    length: int,
+    num_samples: int,
+    schedule: Schedule,
+    sampling: Sampling = Sampling(temperature=1.0),
+    seed: int = 0,
+    on_step=None,
+    batch_size: int | None = None,
+    first_sample: int = 0,
+) -> list[Annealed]:
     """Generates `length` tokens between prefix and suffix (content ids) for num_samples samples, batch_size of
     them decoded at once (default: all; the others wait for a free slot, with the same fills). Samples are
     numbered from first_sample (their generators with them), so samples can be generated a group at a time.
     on_step(step, energies) is called after the start and after every step."""
-    annealing = Annealing(filler, prefix, suffix, length, num_samples, schedule, sampling, seed, first_sample,
-                          on_step)
+    annealing = Annealing(filler, prefix, suffix, length, num_samples, schedule, sampling, seed, first_sample, on_step)
     return run_annealing(filler.new_decoder(min(num_samples, batch_size or num_samples)), annealing)
 
 
-def run_annealing(decoder: Decoder, annealing: Annealing,
-                  on_batch: Callable[[int, int], None] | None = None,
-                  cancelled: Callable[[], bool] = lambda: False) -> list[Annealed]:
+def run_annealing(
+    decoder: Decoder,
+    annealing: Annealing,
+    on_batch: Callable[[int, int], None] | None = None,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> list[Annealed]:
     """Fills annealing's rows step after step through the round driver (the decoder's slots bound how many run
     at once; the others wait for a free slot); on_batch(rows, ns) hears each step once it is filled. Where cancelled()
     turns true, it stops before the next step and returns no results."""

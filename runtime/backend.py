@@ -17,10 +17,11 @@ SPECIAL_NAMES = ("cls", "sep", "mask", "start", "pad")
 class SpecialIds:
     """The five ids MARIA's conventions use: the MLM sees [CLS] x~ [SEP] with [MASK] at masked positions and
     [PAD] after the text; the AR sees [START] x."""
+
     cls: int
     sep: int
     mask: int
-    start: int          # the AR's bos, or its eos where it has none
+    start: int  # the AR's bos, or its eos where it has none
     pad: int
 
     def __post_init__(self):
@@ -54,8 +55,9 @@ class Backend(Protocol):
     def empty_past(self, batch: int) -> Any:
         """The KV cache of `batch` sequences with nothing fed yet (P = 0)."""
 
-    def ar_step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                past: Any) -> tuple[np.ndarray, Any]:
+    def ar_step(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: Any
+    ) -> tuple[np.ndarray, Any]:
         """input_ids [b, T], attention_mask [b, P + T] (0 over padding), position_ids [b, T], past (P tokens)
         -> (the AR's last hidden state [b, T, d_ar], the cache with P + T tokens)."""
 

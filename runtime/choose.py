@@ -10,6 +10,7 @@ from .errors import SettingError
 @dataclass(frozen=True)
 class Sampling:
     """temperature 0 means greedy; top_k 0 and top_p 1 switch those filters off."""
+
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -49,14 +50,15 @@ def _sample_row(scores: np.ndarray, sampling: Sampling, rng: np.random.Generator
     probs /= probs.sum()
     if sampling.top_p < 1:
         order = np.argsort(-probs, kind="stable")
-        keep = np.cumsum(probs[order]) - probs[order] < sampling.top_p    # smallest set reaching top_p
+        keep = np.cumsum(probs[order]) - probs[order] < sampling.top_p  # smallest set reaching top_p
         probs[order[~keep]] = 0.0
         probs /= probs.sum()
     return int(np.searchsorted(np.cumsum(probs), rng.random() * probs.sum(), side="right").clip(max=probs.size - 1))
 
 
-def choose_tokens(logits: np.ndarray, banned_ids, sampling: Sampling, rngs: list[np.random.Generator],
-                  refused: list | None = None):
+def choose_tokens(
+    logits: np.ndarray, banned_ids, sampling: Sampling, rngs: list[np.random.Generator], refused: list | None = None
+):
     """logits [rows, V] -> (token ids [rows], their log-probabilities under the head's full distribution [rows]).
     Row r samples with rngs[r], never a banned id nor one of the ids refused[r] (where that is not None)."""
     scores = logits.copy()
@@ -67,6 +69,7 @@ def choose_tokens(logits: np.ndarray, banned_ids, sampling: Sampling, rngs: list
     if sampling.greedy:
         tokens = scores.argmax(axis=-1)
     else:
-        tokens = np.array([_sample_row(row.astype(np.float64), sampling, rng) for row, rng in zip(scores, rngs)],
-                          dtype=np.int64)
+        tokens = np.array(
+            [_sample_row(row.astype(np.float64), sampling, rng) for row, rng in zip(scores, rngs)], dtype=np.int64
+        )
     return tokens.astype(np.int64), token_logprobs(logits, tokens)

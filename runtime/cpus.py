@@ -32,10 +32,10 @@ def _own_cgroups(proc: Path) -> dict[str, str]:
 def _quota_in(folder: Path) -> float | None:
     """The CPU quota set on one cgroup folder, in CPUs, or None where it sets none."""
     try:
-        if (folder / "cpu.max").exists():                              # v2: "max 100000" or "150000 100000"
+        if (folder / "cpu.max").exists():  # v2: "max 100000" or "150000 100000"
             quota, period = (folder / "cpu.max").read_text().split()[:2]
             return None if quota == "max" else int(quota) / int(period)
-        if (folder / "cpu.cfs_quota_us").exists():                     # v1: -1 where there is none
+        if (folder / "cpu.cfs_quota_us").exists():  # v1: -1 where there is none
             quota = int((folder / "cpu.cfs_quota_us").read_text())
             period = int((folder / "cpu.cfs_period_us").read_text())
             return quota / period if quota > 0 and period > 0 else None
@@ -67,7 +67,7 @@ def usable_cpus(root: Path = CGROUP, proc: Path = Path("/proc/self/cgroup")) -> 
     least 1."""
     try:
         cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):       # no affinity masks on this platform (macOS, Windows)
+    except (AttributeError, OSError):  # no affinity masks on this platform (macOS, Windows)
         cpus = os.cpu_count() or 1
     quota = cpu_quota(root, proc)
     return max(1, min(cpus, math.ceil(quota)) if quota else cpus)
@@ -81,9 +81,12 @@ def session_threads(threads: int | None = None) -> int | None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise SettingError(f"{{threads}} must be a whole number >= 1, got {threads!r}", "threads")
         machine = os.cpu_count() or 1
-        if threads > machine:           # more only take turns on the CPUs, and thousands take minutes to start
-            raise SettingError(f"{{threads}} {threads} is more than the {machine} CPUs of this machine; use at most "
-                               f"{machine}, or leave it out for the CPUs this process may use", "threads")
+        if threads > machine:  # more only take turns on the CPUs, and thousands take minutes to start
+            raise SettingError(
+                f"{{threads}} {threads} is more than the {machine} CPUs of this machine; use at most "
+                f"{machine}, or leave it out for the CPUs this process may use",
+                "threads",
+            )
         return threads
     usable = usable_cpus()
     return usable if usable < (os.cpu_count() or 1) else None

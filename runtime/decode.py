@@ -21,9 +21,11 @@ from .backend import Backend, SpecialIds
 from .choose import Sampling, choose_tokens, token_logprobs
 from .utf8 import Utf8Rule
 
+
 @dataclass
 class Fill:
     """One filled sequence: content ids, the masked positions, and log p of each fill (in position order)."""
+
     ids: np.ndarray
     positions: np.ndarray
     logprobs: np.ndarray
@@ -47,9 +49,11 @@ def length_groups(lengths: list[int], waste: float = 0.5, scores: int = MLM_CALL
     groups = []
     for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         group = groups[-1] if groups else None
-        if group and lengths[group[0]] * (len(group) + 1) <= (1 + waste) * (sum(lengths[i] for i in group)
-                                                                            + lengths[index]) \
-                and (len(group) + 1) * lengths[group[0]] ** 2 <= scores:
+        if (
+            group
+            and lengths[group[0]] * (len(group) + 1) <= (1 + waste) * (sum(lengths[i] for i in group) + lengths[index])
+            and (len(group) + 1) * lengths[group[0]] ** 2 <= scores
+        ):
             group.append(index)
         else:
             groups.append([index])
@@ -71,7 +75,7 @@ def encode_masked(backend: Backend, ids: list[np.ndarray], masked: list[np.ndarr
             input_ids[at, : len(x) + 2] = [special.cls, *np.where(m, special.mask, x), special.sep]
             attention_mask[at, : len(x) + 2] = 1
         hidden = backend.mlm_hidden(input_ids, attention_mask)
-        if mlm_hidden is None:                  # the first group holds the longest sequence
+        if mlm_hidden is None:  # the first group holds the longest sequence
             mlm_hidden = np.zeros((len(ids), width, hidden.shape[-1]), dtype=hidden.dtype)
         mlm_hidden[group, :width] = hidden
     return mlm_hidden
@@ -80,10 +84,11 @@ def encode_masked(backend: Backend, ids: list[np.ndarray], masked: list[np.ndarr
 @dataclass
 class DecodeState:
     """Per-batch state of the AR pass: the tokens fed so far are ar_tokens[b][:cursor[b]]."""
-    ar_tokens: list[np.ndarray]       # [START] x_0 .. x_{n-1}, fills written in as they are chosen
-    targets: list[np.ndarray]         # masked positions per sequence, ascending
-    cursor: np.ndarray                # [batch] AR tokens fed
-    attention_mask: np.ndarray        # [batch, past] 1 where a real token was fed
+
+    ar_tokens: list[np.ndarray]  # [START] x_0 .. x_{n-1}, fills written in as they are chosen
+    targets: list[np.ndarray]  # masked positions per sequence, ascending
+    cursor: np.ndarray  # [batch] AR tokens fed
+    attention_mask: np.ndarray  # [batch, past] 1 where a real token was fed
     past: object
 
 
@@ -110,36 +115,50 @@ def decode_step(backend: Backend, state: DecodeState, step: int, special: Specia
     return rows, hidden[rows, lengths[rows] - 1]
 
 
-OnToken = Callable[[int, int, int, float], None]      # (sequence, position, token, log-probability)
+OnToken = Callable[[int, int, int, float], None]  # (sequence, position, token, log-probability)
 
 
-def infill_batch(backend: Backend, ids, masked, special: SpecialIds, sampling: Sampling,
-                 rngs: list[np.random.Generator], on_token: OnToken | None = None,
-                 utf8: Utf8Rule | None = None) -> list[Fill]:
+def infill_batch(
+    backend: Backend,
+    ids,
+    masked,
+    special: SpecialIds,
+    sampling: Sampling,
+    rngs: list[np.random.Generator],
+    on_token: OnToken | None = None,
+    utf8: Utf8Rule | None = None,
+) -> list[Fill]:
     """Fills the masked positions of each sequence (every one has at least one), all in one batch;
     rngs[b] draws sequence b's samples; on_token(b, position, token, logprob) hears each fill as it is chosen;
     utf8 keeps the fills valid UTF-8 (None: free)."""
     mlm_hidden = encode_masked(backend, ids, masked, special)
     targets = [np.flatnonzero(m) for m in masked]
-    assert all(len(t) for t in targets), f"every sequence needs a masked position, got counts {[len(t) for t in targets]}"
-    state = DecodeState(ar_tokens=[np.concatenate([[special.start], x]).astype(np.int64) for x in ids],
-                        targets=targets, cursor=np.zeros(len(ids), dtype=np.int64),
-                        attention_mask=np.zeros((len(ids), 0), dtype=np.int64), past=backend.empty_past(len(ids)))
+    assert all(len(t) for t in targets), (
+        f"every sequence needs a masked position, got counts {[len(t) for t in targets]}"
+    )
+    state = DecodeState(
+        ar_tokens=[np.concatenate([[special.start], x]).astype(np.int64) for x in ids],
+        targets=targets,
+        cursor=np.zeros(len(ids), dtype=np.int64),
+        attention_mask=np.zeros((len(ids), 0), dtype=np.int64),
+        past=backend.empty_past(len(ids)),
+    )
     logprobs = [np.zeros(len(t)) for t in targets]
     for step in range(max(len(t) for t in targets)):
         rows, ar_hidden = decode_step(backend, state, step, special)
         positions = np.array([targets[row][step] for row in rows])
         logits = backend.fuse(mlm_hidden[rows, positions + 1], ar_hidden)
-        refused = None if utf8 is None else [utf8.refused(state.ar_tokens[row][1:], targets[row], step)
-                                             for row in rows]
+        refused = None if utf8 is None else [utf8.refused(state.ar_tokens[row][1:], targets[row], step) for row in rows]
         tokens, token_logprobs = choose_tokens(logits, special.all, sampling, [rngs[row] for row in rows], refused)
         for row, position, token, logprob in zip(rows, positions, tokens, token_logprobs):
             state.ar_tokens[row][position + 1] = token
             logprobs[row][step] = logprob
             if on_token is not None:
                 on_token(int(row), int(position), int(token), float(logprob))
-    return [Fill(ids=tokens[1:].copy(), positions=t, logprobs=lp)
-            for tokens, t, lp in zip(state.ar_tokens, targets, logprobs)]
+    return [
+        Fill(ids=tokens[1:].copy(), positions=t, logprobs=lp)
+        for tokens, t, lp in zip(state.ar_tokens, targets, logprobs)
+    ]
 
 
 def teacher_forced_ar(backend: Backend, ids, special: SpecialIds) -> tuple[np.ndarray, np.ndarray]:
@@ -149,7 +168,7 @@ def teacher_forced_ar(backend: Backend, ids, special: SpecialIds) -> tuple[np.nd
     input_ids = np.full((len(ids), width), special.pad, dtype=np.int64)
     attention_mask = np.zeros((len(ids), width), dtype=np.int64)
     for row, x in enumerate(ids):
-        input_ids[row, : len(x)] = [special.start, *x[:-1]]      # position i holds the token before x_i
+        input_ids[row, : len(x)] = [special.start, *x[:-1]]  # position i holds the token before x_i
         attention_mask[row, : len(x)] = 1
     position_ids = np.broadcast_to(np.arange(width, dtype=np.int64), input_ids.shape).copy()
     ar_hidden, _ = backend.ar_step(input_ids, attention_mask, position_ids, backend.empty_past(len(ids)))
@@ -180,7 +199,7 @@ def in_batches(run_batch, ids, masked, batch_size: int, unmasked) -> list:
     results = [unmasked(x) for x in ids]
     todo = [row for row, m in enumerate(masked) if m.any()]
     for begin in range(0, len(todo), batch_size):
-        rows = todo[begin:begin + batch_size]
+        rows = todo[begin : begin + batch_size]
         for row, result in zip(rows, run_batch(rows, [ids[r] for r in rows], [masked[r] for r in rows])):
             results[row] = result
     return results
@@ -191,24 +210,33 @@ def sequence_rngs(seed: int, count: int) -> list[np.random.Generator]:
     return [np.random.default_rng([seed, index, 0]) for index in range(count)]
 
 
-def infill(backend: Backend, ids, masked, special: SpecialIds, sampling: Sampling, batch_size: int = 8,
-           rngs: list[np.random.Generator] | None = None, on_token: OnToken | None = None,
-           utf8: Utf8Rule | None = None) -> list[Fill]:
+def infill(
+    backend: Backend,
+    ids,
+    masked,
+    special: SpecialIds,
+    sampling: Sampling,
+    batch_size: int = 8,
+    rngs: list[np.random.Generator] | None = None,
+    on_token: OnToken | None = None,
+    utf8: Utf8Rule | None = None,
+) -> list[Fill]:
     """Fills every sequence in batches of batch_size; sequences without a masked position come back unchanged.
     rngs[i] draws sequence i's samples (default: sequence_rngs(sampling.seed)), so a sequence's samples are
     the same whatever batch it runs in. on_token(i, position, token, logprob) hears each fill of sequence i.
     utf8: fills keep the text valid UTF-8 (runtime/utf8.py); None leaves them free."""
     rngs = sequence_rngs(sampling.seed, len(ids)) if rngs is None else rngs
     assert len(rngs) == len(ids), f"{len(rngs)} generators for {len(ids)} sequences"
+
     def run_batch(rows, x, m):
         hear = None if on_token is None else lambda b, *fill: on_token(rows[b], *fill)
         return infill_batch(backend, x, m, special, sampling, [rngs[r] for r in rows], hear, utf8)
 
-    return in_batches(run_batch, ids, masked, batch_size,
-                      Fill.unchanged)
+    return in_batches(run_batch, ids, masked, batch_size, Fill.unchanged)
 
 
 def score(backend: Backend, ids, masked, special: SpecialIds, batch_size: int = 8) -> list[np.ndarray]:
     """Per sequence, -log p of the true tokens at its masked positions (empty where nothing is masked)."""
-    return in_batches(lambda rows, x, m: score_batch(backend, x, m, special), ids, masked, batch_size,
-                      lambda x: np.zeros(0))
+    return in_batches(
+        lambda rows, x, m: score_batch(backend, x, m, special), ids, masked, batch_size, lambda x: np.zeros(0)
+    )

@@ -86,8 +86,14 @@ class Decoder(Protocol):
     @property
     def last_batch(self) -> int: ...
 
-    def submit(self, ids: np.ndarray, masked: np.ndarray, sampling: Sampling, rng: np.random.Generator,
-               on_token: OnFill | None = None) -> Decoded: ...
+    def submit(
+        self,
+        ids: np.ndarray,
+        masked: np.ndarray,
+        sampling: Sampling,
+        rng: np.random.Generator,
+        on_token: OnFill | None = None,
+    ) -> Decoded: ...
 
     def cancel(self, sequence: Decoded) -> None: ...
 
@@ -104,8 +110,8 @@ class Run:
     hear: Hear | None = None
     sequences: list[Decoded | None] = field(default_factory=list)
     on_round: Callable[[int, int], None] | None = None  # (rows, ns) of each round once it is filled
-    error: Exception | None = None      # what its rounds raised when collecting a round: it ended with this
-    round_began: int = 0                # time.monotonic_ns() when the current round went in
+    error: Exception | None = None  # what its rounds raised when collecting a round: it ended with this
+    round_began: int = 0  # time.monotonic_ns() when the current round went in
 
     @property
     def started(self) -> bool:
@@ -124,8 +130,13 @@ class RoundDriver:
     def busy(self) -> bool:
         return bool(self.runs)
 
-    def start(self, rounds: RoundSource, sampling: Sampling, hear: Hear | None = None,
-              on_round: Callable[[int, int], None] | None = None) -> Run:
+    def start(
+        self,
+        rounds: RoundSource,
+        sampling: Sampling,
+        hear: Hear | None = None,
+        on_round: Callable[[int, int], None] | None = None,
+    ) -> Run:
         """Submits the first round of `rounds`; its fills are drawn with `sampling` and each row's generator."""
         run = Run(rounds, sampling, hear, on_round=on_round)
         self.runs.append(run)
@@ -154,30 +165,34 @@ class RoundDriver:
                 run.sequences.append(None)
                 continue
             hear = run.hear(row) if run.hear is not None else None
-            run.sequences.append(self.decoder.submit(row.encoded.ids, row.encoded.masked, run.sampling, row.rng,
-                                                     hear))
+            run.sequences.append(self.decoder.submit(row.encoded.ids, row.encoded.masked, run.sampling, row.rng, hear))
 
     def _collect(self) -> list[Run]:
         ended = []
         for run in [r for r in self.runs if all(s is None or s.done for s in r.sequences)]:
-            fills = [Fill.unchanged(row.encoded.ids) if s is None else s.fill()
-                     for row, s in zip(run.rounds.rows, run.sequences)]
+            fills = [
+                Fill.unchanged(row.encoded.ids) if s is None else s.fill()
+                for row, s in zip(run.rounds.rows, run.sequences)
+            ]
             if run.on_round is not None:
                 run.on_round(len(fills), time.monotonic_ns() - run.round_began)
             try:
                 if run.rounds.collect(fills):
                     self._submit(run)
                     continue
-            except Exception as error:          # handed to the run's caller, which answers for it
+            except Exception as error:  # handed to the run's caller, which answers for it
                 run.error = error
             self.runs.remove(run)
             ended.append(run)
         return ended
 
 
-def fill_rounds(driver: RoundDriver, runs: list[tuple[RoundSource, Sampling, Hear | None]],
-                on_round: Callable[[int, int], None] | None = None,
-                cancelled: Callable[[], bool] = lambda: False) -> bool:
+def fill_rounds(
+    driver: RoundDriver,
+    runs: list[tuple[RoundSource, Sampling, Hear | None]],
+    on_round: Callable[[int, int], None] | None = None,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> bool:
     """Drives every (rounds, sampling, hear) to its end. on_round(rows, ns) hears each round once it is filled.
     Returns False where cancelled() turned true before a step (the runs are dropped), True once every round is
     filled."""
@@ -228,8 +243,14 @@ class BatchDecoder:
     def busy(self) -> bool:
         return bool(self.waiting)
 
-    def submit(self, ids: np.ndarray, masked: np.ndarray, sampling: Sampling, rng: np.random.Generator,
-               on_token: OnFill | None = None) -> Batched:
+    def submit(
+        self,
+        ids: np.ndarray,
+        masked: np.ndarray,
+        sampling: Sampling,
+        rng: np.random.Generator,
+        on_token: OnFill | None = None,
+    ) -> Batched:
         row = Batched(np.asarray(ids, dtype=np.int64), np.asarray(masked, dtype=bool), sampling, rng, on_token)
         self.waiting.append(row)
         return row
@@ -241,18 +262,27 @@ class BatchDecoder:
     def step(self) -> list[Batched]:
         rows, self.waiting = self.waiting, []
         self.last_batch = len(rows)
-        groups: dict[tuple, list[Batched]] = {}      # the seed aside: each row draws from its own generator
+        groups: dict[tuple, list[Batched]] = {}  # the seed aside: each row draws from its own generator
         for row in rows:
             groups.setdefault((row.sampling.temperature, row.sampling.top_k, row.sampling.top_p), []).append(row)
         for group in groups.values():
+
             def heard(index: int, position: int, token: int, logprob: float, group: list = group) -> None:
                 hear = group[index].on_token
                 if hear is not None:
                     hear(position, token, logprob)
 
-            fills = infill(self.backend, [r.ids for r in group], [r.masked for r in group], self.special,
-                           group[0].sampling,
-                           self.batch_size, [r.rng for r in group], heard, self.utf8)
+            fills = infill(
+                self.backend,
+                [r.ids for r in group],
+                [r.masked for r in group],
+                self.special,
+                group[0].sampling,
+                self.batch_size,
+                [r.rng for r in group],
+                heard,
+                self.utf8,
+            )
             for row, filled in zip(group, fills):
                 row.filled, row.done, row.slot = filled, True, 0
         return rows

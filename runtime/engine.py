@@ -36,16 +36,17 @@ MAX_CHUNK = 256
 @dataclass(eq=False)
 class Sequence:
     """One text being filled; `tokens` is [START] x_0 .. x_{n-1} with the fills written in as they are chosen."""
+
     tokens: np.ndarray
-    targets: np.ndarray                 # masked positions, ascending (at least one)
+    targets: np.ndarray  # masked positions, ascending (at least one)
     sampling: Sampling
     rng: np.random.Generator
-    on_token: Callable | None = None    # (position, token, logprob)
+    on_token: Callable | None = None  # (position, token, logprob)
     logprobs: np.ndarray = None
-    mlm_hidden: np.ndarray = None       # [n + 2, d_mlm]
+    mlm_hidden: np.ndarray = None  # [n + 2, d_mlm]
     slot: int = -1
-    cursor: int = 0                     # AR tokens fed
-    filled: int = 0                     # masks filled
+    cursor: int = 0  # AR tokens fed
+    filled: int = 0  # masks filled
 
     @property
     def done(self) -> bool:
@@ -65,26 +66,37 @@ class Engine:
     backend: SlotBackend
     special: SpecialIds
     slots: int = 8
-    fixed_shapes: bool = False        # CUDA graphs: every step over all slots, chunks padded to a power of two,
-                                      # the cache sized for whole sequences when they join (no resize mid-run)
-    utf8: Utf8Rule | None = None      # fills keep the text valid UTF-8 (runtime/utf8.py); None: free
-    max_chunk: int = MAX_CHUNK        # tokens a sequence feeds per step at most
+    fixed_shapes: bool = False  # CUDA graphs: every step over all slots, chunks padded to a power of two,
+    # the cache sized for whole sequences when they join (no resize mid-run)
+    utf8: Utf8Rule | None = None  # fills keep the text valid UTF-8 (runtime/utf8.py); None: free
+    max_chunk: int = MAX_CHUNK  # tokens a sequence feeds per step at most
     waiting: collections.deque = field(default_factory=collections.deque)
-    active: dict = field(default_factory=dict)          # slot -> Sequence
+    active: dict = field(default_factory=dict)  # slot -> Sequence
     cache: object = None
     steps: int = 0
-    last_batch: int = 0               # sequences in the last step
+    last_batch: int = 0  # sequences in the last step
 
-    def submit(self, ids, masked, sampling: Sampling = Sampling(), rng: np.random.Generator | None = None,
-               on_token: Callable | None = None) -> Sequence:
+    def submit(
+        self,
+        ids,
+        masked,
+        sampling: Sampling = Sampling(),
+        rng: np.random.Generator | None = None,
+        on_token: Callable | None = None,
+    ) -> Sequence:
         """Queues one sequence (with at least one masked position); it joins at the next step with a free slot."""
         ids, masked = np.asarray(ids, dtype=np.int64), np.asarray(masked, dtype=bool)
         targets = np.flatnonzero(masked)
         if not len(targets):
             raise ValueError("a sequence needs at least one masked position to fill")
-        sequence = Sequence(tokens=np.concatenate([[self.special.start], ids]).astype(np.int64), targets=targets,
-                            sampling=sampling, rng=rng if rng is not None else np.random.default_rng(sampling.seed),
-                            on_token=on_token, logprobs=np.zeros(len(targets)))
+        sequence = Sequence(
+            tokens=np.concatenate([[self.special.start], ids]).astype(np.int64),
+            targets=targets,
+            sampling=sampling,
+            rng=rng if rng is not None else np.random.default_rng(sampling.seed),
+            on_token=on_token,
+            logprobs=np.zeros(len(targets)),
+        )
         self.waiting.append(sequence)
         return sequence
 
@@ -118,7 +130,7 @@ class Engine:
         if self.cache is None:
             self.cache = self.backend.new_cache(self.slots, capacity_for(need))
         elif need > self.cache.capacity or (capacity_for(need) * 2 <= self.cache.capacity and not self.fixed_shapes):
-            self.cache.resize(capacity_for(need))        # grow, or shrink once the longest sequences have left
+            self.cache.resize(capacity_for(need))  # grow, or shrink once the longest sequences have left
 
     def step(self) -> list[Sequence]:
         """One AR step for every sequence in a slot; returns the sequences finished by it."""
@@ -129,16 +141,16 @@ class Engine:
         ends = {slot: min(s.chunk_end, s.cursor + self.max_chunk) for slot, s in self.active.items()}
         width = max(ends[slot] - s.cursor for slot, s in self.active.items())
         if self.fixed_shapes:
-            width = 1 << (width - 1).bit_length()       # few shapes, so few graphs to capture
+            width = 1 << (width - 1).bit_length()  # few shapes, so few graphs to capture
         self._ensure_capacity(width)
         rows = self.slots if self.fixed_shapes else max(self.active) + 1
         input_ids = np.full((rows, width), self.special.pad, dtype=np.int64)
-        cursors = np.zeros(rows, dtype=np.int64)       # free slots in range feed padding into themselves
+        cursors = np.zeros(rows, dtype=np.int64)  # free slots in range feed padding into themselves
         for slot, s in self.active.items():
-            input_ids[slot, : ends[slot] - s.cursor] = s.tokens[s.cursor:ends[slot]]
+            input_ids[slot, : ends[slot] - s.cursor] = s.tokens[s.cursor : ends[slot]]
             cursors[slot] = s.cursor
         hidden = self.backend.cache_step(input_ids, cursors[:, None] + np.arange(width), self.cache)
-        order = sorted(slot for slot, s in self.active.items() if ends[slot] == s.chunk_end)    # at a mask
+        order = sorted(slot for slot, s in self.active.items() if ends[slot] == s.chunk_end)  # at a mask
         if order:
             sequences = [self.active[slot] for slot in order]
             ar_hidden = hidden[order, [ends[slot] - 1 for slot in order] - cursors[order]]
@@ -158,11 +170,17 @@ class Engine:
         for row, s in enumerate(sequences):
             groups[s.sampling].append(row)
         for sampling, rows in groups.items():
-            refused = None if self.utf8 is None else [
-                self.utf8.refused(sequences[row].tokens[1:], sequences[row].targets, sequences[row].filled)
-                for row in rows]
-            tokens, logprobs = choose_tokens(logits[rows], self.special.all, sampling,
-                                             [sequences[row].rng for row in rows], refused)
+            refused = (
+                None
+                if self.utf8 is None
+                else [
+                    self.utf8.refused(sequences[row].tokens[1:], sequences[row].targets, sequences[row].filled)
+                    for row in rows
+                ]
+            )
+            tokens, logprobs = choose_tokens(
+                logits[rows], self.special.all, sampling, [sequences[row].rng for row in rows], refused
+            )
             for row, token, logprob in zip(rows, tokens, logprobs):
                 s = sequences[row]
                 position = int(s.targets[s.filled])
@@ -177,9 +195,18 @@ class Engine:
             self.step()
 
 
-def engine_infill(backend: SlotBackend, ids, masked, special: SpecialIds, sampling: Sampling, slots: int,
-                  rngs: list[np.random.Generator], on_token=None, fixed_shapes: bool = False,
-                  utf8: Utf8Rule | None = None) -> list[Fill]:
+def engine_infill(
+    backend: SlotBackend,
+    ids,
+    masked,
+    special: SpecialIds,
+    sampling: Sampling,
+    slots: int,
+    rngs: list[np.random.Generator],
+    on_token=None,
+    fixed_shapes: bool = False,
+    utf8: Utf8Rule | None = None,
+) -> list[Fill]:
     """Fills every sequence through one engine of `slots` slots, sequences joining as others finish; sequences
     without a masked position come back unchanged. on_token(i, position, token, logprob) and utf8 as in
     decode.infill."""

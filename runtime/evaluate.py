@@ -37,7 +37,7 @@ def draw_masks(windows, mask_rate: float, seed: int, span: bool = False) -> list
             masked = np.zeros(n, dtype=bool)
             while masked.sum() < round(mask_rate * n):
                 start, length = rng.integers(n), rng.geometric(0.25)
-                masked[start:start + length] = True
+                masked[start : start + length] = True
         else:
             masked = rng.random(n) < mask_rate
         if not masked.any():
@@ -50,8 +50,12 @@ def quality_row(system: str, nll: list[float], windows, masks, fills) -> dict:
     """Perplexity from summed NLLs, top-1 accuracy from greedy fills, over all masked tokens."""
     count = int(sum(m.sum() for m in masks))
     correct = sum(int((f.ids[m] == w[m]).sum()) for f, w, m in zip(fills, windows, masks))
-    return {"system": system, "perplexity": math.exp(sum(nll) / count), "top1_accuracy": correct / count,
-            "masked_tokens": count}
+    return {
+        "system": system,
+        "perplexity": math.exp(sum(nll) / count),
+        "top1_accuracy": correct / count,
+        "masked_tokens": count,
+    }
 
 
 def evaluate_maria(infiller, windows, masks, batch_size: int = 16) -> dict:
@@ -65,10 +69,10 @@ def document_windows(documents, infiller, seq_len: int, count: int, name: str = 
     """The first `count` windows of seq_len tokens of the documents (any iterable: read only as far as those
     windows need), tokenized with the bundle's tokenizer and joined by its start token."""
     if not 2 <= seq_len <= infiller.manifest.max_sequence_length:
-        raise SettingError(f"{{seq_len}} must be from 2 to the bundle's maximum {infiller.manifest.max_sequence_length}",
-                           "seq_len")
-    return pack_windows(documents, plain_encoder(infiller.tokenizer), seq_len, infiller.special.start, name,
-                        most=count)
+        raise SettingError(
+            f"{{seq_len}} must be from 2 to the bundle's maximum {infiller.manifest.max_sequence_length}", "seq_len"
+        )
+    return pack_windows(documents, plain_encoder(infiller.tokenizer), seq_len, infiller.special.start, name, most=count)
 
 
 def text_windows(path, infiller, seq_len: int, count: int) -> np.ndarray:

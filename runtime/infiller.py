@@ -30,8 +30,15 @@ DECODERS = ("auto", "engine", "concat")
 
 
 class Infiller:
-    def __init__(self, bundle=None, device: str = "auto", io_binding: bool | None = None, decoder: str = "auto",
-                 cuda_graph: bool = False, threads: int | None = None):
+    def __init__(
+        self,
+        bundle=None,
+        device: str = "auto",
+        io_binding: bool | None = None,
+        decoder: str = "auto",
+        cuda_graph: bool = False,
+        threads: int | None = None,
+    ):
         """bundle: a folder written by `maria export`; None for the default model shipped in the package.
         decoder: engine (ar_step.onnx, the KV cache written in place), concat (ar_decoder.onnx, today's path), or
         auto: the engine where the bundle has it. cuda_graph: on CUDA, capture the engine's steps as CUDA graphs.
@@ -47,12 +54,22 @@ class Infiller:
         needed = {"engine": "ar_step", "concat": "ar_decoder"}[decoder]
         if needed not in graphs:
             how = "without --no-concat-decoder" if decoder == "concat" else "with this maria-onnx"
-            raise SettingError(f"{{decoder}} {decoder} needs {needed}.onnx, which this bundle lacks; re-export it "
-                               f"with `maria export` {how}, or use {{decoder}} auto", "decoder")
+            raise SettingError(
+                f"{{decoder}} {decoder} needs {needed}.onnx, which this bundle lacks; re-export it "
+                f"with `maria export` {how}, or use {{decoder}} auto",
+                "decoder",
+            )
         self.decoder = decoder
         self.tokenizer = literal(Tokenizer.from_file(str(self.bundle / self.manifest.tokenizer)))
-        self.backend = OnnxBackend(self.bundle, self.manifest, device=device, io_binding=io_binding,
-                                   cuda_graph=cuda_graph, decoder=decoder, threads=threads)
+        self.backend = OnnxBackend(
+            self.bundle,
+            self.manifest,
+            device=device,
+            io_binding=io_binding,
+            cuda_graph=cuda_graph,
+            decoder=decoder,
+            threads=threads,
+        )
         self.special = self.manifest.special_ids
         self._check_mask_token()
         self.utf8 = Utf8Rule.from_tokenizer(self.tokenizer, self.manifest.vocab_size, self.special.all)
@@ -64,16 +81,33 @@ class Infiller:
     def encode(self, text: str) -> MaskedText:
         return encode_masked_text(text, self.tokenizer, self.special.mask, self.manifest.max_sequence_length)
 
-    def fill_ids(self, ids, masked, sampling: Sampling = Sampling(), batch_size: int = 8,
-                 rngs: list[np.random.Generator] | None = None, on_token=None) -> list[Fill]:
+    def fill_ids(
+        self,
+        ids,
+        masked,
+        sampling: Sampling = Sampling(),
+        batch_size: int = 8,
+        rngs: list[np.random.Generator] | None = None,
+        on_token=None,
+    ) -> list[Fill]:
         """Fills content ids at masked positions; sequences without masked positions come back unchanged.
         rngs[i] draws sequence i's samples; by default one generator per sequence from (seed, i, 0)."""
         self._check_ids(ids, masked)
         if self.decoder == "concat":
             return infill(self.backend, ids, masked, self.special, sampling, batch_size, rngs, on_token, self.utf8)
         rngs = sequence_rngs(sampling.seed, len(ids)) if rngs is None else rngs
-        return engine_infill(self.backend, ids, masked, self.special, sampling, batch_size, rngs, on_token,
-                             fixed_shapes=self.backend.on_device, utf8=self.utf8)
+        return engine_infill(
+            self.backend,
+            ids,
+            masked,
+            self.special,
+            sampling,
+            batch_size,
+            rngs,
+            on_token,
+            fixed_shapes=self.backend.on_device,
+            utf8=self.utf8,
+        )
 
     def score(self, ids, masked, batch_size: int = 8) -> list[float]:
         """Summed negative log-likelihood of the given tokens at the masked positions (teacher forced)."""
@@ -94,12 +128,21 @@ class Infiller:
         else:
             prepared = Prepared(text, [(lengths, self.encode(candidate)) for lengths, candidate in expanded])
         if (rerank or prepared.spans) and not self.manifest.has_baseline_heads:
-            raise ValueError(f"{'--rerank' if rerank else 'span markers'} need the AR's whole-text score, and "
-                             "this bundle has no ar_lm_head.onnx; re-export it with `maria export`")
+            raise ValueError(
+                f"{'--rerank' if rerank else 'span markers'} need the AR's whole-text score, and "
+                "this bundle has no ar_lm_head.onnx; re-export it with `maria export`"
+            )
         return prepared
 
-    def infill(self, texts: list[str], sampling: Sampling = Sampling(), batch_size: int = 8,
-               num_samples: int = 1, indices: list[int] | None = None, rerank: bool = False) -> list[Infilled]:
+    def infill(
+        self,
+        texts: list[str],
+        sampling: Sampling = Sampling(),
+        batch_size: int = 8,
+        num_samples: int = 1,
+        indices: list[int] | None = None,
+        rerank: bool = False,
+    ) -> list[Infilled]:
         """Fills every [MASK] / [MASK:N] / [MASK:?] / [MASK:a-b] of each text; num_samples results per text, in
         input order (with rerank, each text's samples ordered by the AR's whole-text score). Sample j of texts[i]
         is drawn from a generator of (seed, indices[i], j) (indices default to 0, 1, ...), so it is the same
@@ -109,15 +152,20 @@ class Infiller:
         texts = list(texts)
         indices = list(range(len(texts))) if indices is None else list(indices)
         if batch_size < 1 or num_samples < 1 or len(indices) != len(texts):
-            raise ValueError(f"batch size and number of samples must be at least 1 (got {batch_size}, "
-                             f"{num_samples}), and indices one per text ({len(indices)} for {len(texts)})")
-        request = FillRequest([self.prepare(text, rerank) for text in texts], sampling, num_samples, rerank,
-                              indices)
+            raise ValueError(
+                f"batch size and number of samples must be at least 1 (got {batch_size}, "
+                f"{num_samples}), and indices one per text ({len(indices)} for {len(texts)})"
+            )
+        request = FillRequest([self.prepare(text, rerank) for text in texts], sampling, num_samples, rerank, indices)
         return run_requests(self, self.new_decoder(batch_size), [request])[0]
 
-    def infill_requests(self, requests: list[FillRequest], on_token: OnRequestFill | None = None,
-                        batch_size: int | None = None,
-                        on_batch: Callable[[int, int], None] | None = None) -> list[list[Infilled]]:
+    def infill_requests(
+        self,
+        requests: list[FillRequest],
+        on_token: OnRequestFill | None = None,
+        batch_size: int | None = None,
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> list[list[Infilled]]:
         """Several requests through one decoder of batch_size rows (default: every row of their first rounds at
         once); each keeps its own seed, so its results do not depend on the others. on_token(request, text,
         sample, position, token, logprob) hears each fill as it is chosen, on_batch(rows, ns) each decoder step."""
@@ -139,15 +187,19 @@ class Infiller:
         """The mask id must name a mask token in the tokenizer, or none (an id only the MLM knows)."""
         token = self.tokenizer.id_to_token(self.special.mask)
         if token is not None and "mask" not in token.lower():
-            raise ValueError(f"{self.bundle / 'maria.json'}: the mask id {self.special.mask} is the token "
-                             f"{token!r} in the bundle's tokenizer, not a mask token; re-export the bundle with "
-                             "`maria export`")
+            raise ValueError(
+                f"{self.bundle / 'maria.json'}: the mask id {self.special.mask} is the token "
+                f"{token!r} in the bundle's tokenizer, not a mask token; re-export the bundle with "
+                "`maria export`"
+            )
 
     def _check_ids(self, ids, masked) -> None:
         for row, (x, m) in enumerate(zip(ids, masked)):
             x = np.asarray(x)
             if len(x) != len(m) or len(x) > self.manifest.max_sequence_length or len(x) == 0:
-                raise ValueError(f"sequence {row}: {len(x)} ids and {len(m)} mask flags; need equal lengths from 1 "
-                                 f"to {self.manifest.max_sequence_length}")
+                raise ValueError(
+                    f"sequence {row}: {len(x)} ids and {len(m)} mask flags; need equal lengths from 1 "
+                    f"to {self.manifest.max_sequence_length}"
+                )
             if x.min() < 0 or x.max() >= self.manifest.vocab_size:
                 raise ValueError(f"sequence {row} holds ids outside the vocabulary [0, {self.manifest.vocab_size})")

@@ -17,10 +17,10 @@ def ar_token_logprobs(backend, ids: list[np.ndarray], special: SpecialIds, batch
     """Per sequence, log p_AR(x_i | [START] x_<i) of each of its tokens: [n] float64."""
     out = []
     for begin in range(0, len(ids), batch_size):
-        batch = [np.asarray(x, dtype=np.int64) for x in ids[begin:begin + batch_size]]
+        batch = [np.asarray(x, dtype=np.int64) for x in ids[begin : begin + batch_size]]
         hidden, attention_mask = teacher_forced_ar(backend, batch, special)
         real = attention_mask.astype(bool)
-        picked = token_logprobs(backend.ar_logits(hidden[real]), np.concatenate(batch))       # [tokens]
+        picked = token_logprobs(backend.ar_logits(hidden[real]), np.concatenate(batch))  # [tokens]
         out += np.split(picked, np.cumsum([len(x) for x in batch])[:-1])
     return out
 
@@ -30,8 +30,14 @@ def ar_loglikelihood(backend, ids: list[np.ndarray], special: SpecialIds, batch_
     return [float(p.sum()) for p in ar_token_logprobs(backend, ids, special, batch_size)]
 
 
-def ar_sample(backend, prefixes: list[np.ndarray], length: int, special: SpecialIds, sampling: Sampling,
-              rngs: list[np.random.Generator]) -> list[np.ndarray]:
+def ar_sample(
+    backend,
+    prefixes: list[np.ndarray],
+    length: int,
+    special: SpecialIds,
+    sampling: Sampling,
+    rngs: list[np.random.Generator],
+) -> list[np.ndarray]:
     """The AR alone continues each prefix (content ids, may be empty) by `length` tokens, with its KV cache."""
     batch = len(prefixes)
     prompts = [np.concatenate([[special.start], p]).astype(np.int64) for p in prefixes]
@@ -46,10 +52,13 @@ def ar_sample(backend, prefixes: list[np.ndarray], length: int, special: Special
     last = np.array([len(p) - 1 for p in prompts])
     hidden, cursor, chosen = hidden[np.arange(batch), last], last + 1, []
     for _ in range(length):
-        tokens, _ = choose_tokens(backend.ar_logits(hidden), special.all, sampling, rngs)     # [batch]
+        tokens, _ = choose_tokens(backend.ar_logits(hidden), special.all, sampling, rngs)  # [batch]
         chosen.append(tokens)
         attention_mask = np.concatenate([attention_mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
         hidden, past = backend.ar_step(tokens[:, None], attention_mask, cursor[:, None], past)
         hidden, cursor = hidden[:, 0], cursor + 1
-    return [np.concatenate([p, column]) for p, column in zip(prefixes, np.stack(chosen, axis=1))] if length else \
-        [np.asarray(p, dtype=np.int64) for p in prefixes]
+    return (
+        [np.concatenate([p, column]) for p, column in zip(prefixes, np.stack(chosen, axis=1))]
+        if length
+        else [np.asarray(p, dtype=np.int64) for p in prefixes]
+    )

@@ -22,14 +22,14 @@ from pathlib import Path
 
 from .backend import SpecialIds
 
-SCHEMA_VERSION = 4          # 2: baseline heads; 3: the step graph, ar_decoder optional; 4: values_transposed
+SCHEMA_VERSION = 4  # 2: baseline heads; 3: the step graph, ar_decoder optional; 4: values_transposed
 READABLE_SCHEMAS = (1, 2, 3, 4)
 MANIFEST_NAME = "maria.json"
-CHECKPOINT_CONFIG = "maria_config.json"                 # what marks a `maria train` checkpoint, not a bundle
+CHECKPOINT_CONFIG = "maria_config.json"  # what marks a `maria train` checkpoint, not a bundle
 GRAPHS = ("mlm", "fusion_head")
-AR_GRAPHS = ("ar_step", "ar_decoder")                   # at least one
+AR_GRAPHS = ("ar_step", "ar_decoder")  # at least one
 
-BASELINE_GRAPHS = ("ar_lm_head", "mlm_decoder")         # optional: ar_hidden / mlm_hidden -> logits over V
+BASELINE_GRAPHS = ("ar_lm_head", "mlm_decoder")  # optional: ar_hidden / mlm_hidden -> logits over V
 DTYPES = ("fp32", "fp16")
 QUANTIZATIONS = ("none", "int8-dynamic")
 REEXPORT = "re-export the bundle with `maria export`"
@@ -47,16 +47,19 @@ def from_dict(cls, data, what: str, fix: str):
     """Builds dataclass `cls` from `data`, naming unknown or missing keys instead of failing on a signature."""
     fields = dataclasses.fields(cls)
     names = {f.name for f in fields}
-    required = {f.name for f in fields
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    required = {f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
     found = set(data) if isinstance(data, dict) else set()
     if not isinstance(data, dict) or found - names or required - found:
-        raise ValueError(f"{what} is malformed: unknown keys {sorted(found - names)}, missing keys "
-                         f"{sorted(required - found)}; {fix}")
+        raise ValueError(
+            f"{what} is malformed: unknown keys {sorted(found - names)}, missing keys {sorted(required - found)}; {fix}"
+        )
     for f in fields:
         value = data.get(f.name)
-        if f.name in data and f.type in (int, str, dict, list, float, bool) and not (
-                isinstance(value, f.type) and (f.type is bool or not isinstance(value, bool))):
+        if (
+            f.name in data
+            and f.type in (int, str, dict, list, float, bool)
+            and not (isinstance(value, f.type) and (f.type is bool or not isinstance(value, bool)))
+        ):
             raise ValueError(f"{what}: '{f.name}' must be {f.type.__name__}, got {value!r}; {fix}")
     return cls(**data)
 
@@ -71,21 +74,21 @@ class GraphSpec:
 @dataclass(frozen=True)
 class Manifest:
     schema_version: int
-    dtype: str                     # fp32 | fp16: the dtype of hidden states and the KV cache
-    quantization: str              # none | int8-dynamic
+    dtype: str  # fp32 | fp16: the dtype of hidden states and the KV cache
+    quantization: str  # none | int8-dynamic
     opset: int
     mlm_hidden_size: int
     ar_hidden_size: int
-    num_hidden_layers: int         # AR layers: one past key and value each
+    num_hidden_layers: int  # AR layers: one past key and value each
     num_key_value_heads: int
     head_dim: int
     vocab_size: int
-    max_sequence_length: int       # content tokens per text
-    special_ids: SpecialIds        # cls, sep, mask, start, pad
-    graphs: dict                   # name -> GraphSpec
+    max_sequence_length: int  # content tokens per text
+    special_ids: SpecialIds  # cls, sep, mask, start, pad
+    graphs: dict  # name -> GraphSpec
     tokenizer: str
-    files: dict                    # file name -> sha256
-    source: dict                   # backbones, training settings, library versions
+    files: dict  # file name -> sha256
+    source: dict  # backbones, training settings, library versions
     # the step graph's values [b, kv, head_dim, C] (eager attention), or [b, kv, C, head_dim] as its keys (fused
     # attention, export/attention.py); schemas before 4 have only the first
     values_transposed: bool = True
@@ -104,19 +107,29 @@ class Manifest:
     def from_dict(cls, data: dict) -> "Manifest":
         version = data.get("schema_version") if isinstance(data, dict) else None
         if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
-            raise ValueError(f"the bundle has manifest schema {version}, newer than the "
-                             f"{SCHEMA_VERSION} this maria-onnx reads; upgrade maria-onnx")
+            raise ValueError(
+                f"the bundle has manifest schema {version}, newer than the "
+                f"{SCHEMA_VERSION} this maria-onnx reads; upgrade maria-onnx"
+            )
         manifest = from_dict(cls, data, MANIFEST_NAME, REEXPORT)
         if manifest.schema_version not in READABLE_SCHEMAS:
-            raise ValueError(f"{MANIFEST_NAME}: schema_version {manifest.schema_version!r} is not one this "
-                             f"maria-onnx reads ({', '.join(map(str, READABLE_SCHEMAS))}); {REEXPORT}")
-        graphs = {name: from_dict(GraphSpec, spec, f"{MANIFEST_NAME} graph '{name}'", REEXPORT)
-                  for name, spec in manifest.graphs.items()}
-        if not set(GRAPHS) <= set(graphs) <= set(GRAPHS + AR_GRAPHS + BASELINE_GRAPHS) or \
-                not set(graphs) & set(AR_GRAPHS) or \
-                set(graphs) & set(BASELINE_GRAPHS) not in (set(), set(BASELINE_GRAPHS)):
-            raise ValueError(f"{MANIFEST_NAME} names graphs {sorted(graphs)}, expected {list(GRAPHS)}, one or both "
-                             f"of {list(AR_GRAPHS)}, and optionally both of {list(BASELINE_GRAPHS)}")
+            raise ValueError(
+                f"{MANIFEST_NAME}: schema_version {manifest.schema_version!r} is not one this "
+                f"maria-onnx reads ({', '.join(map(str, READABLE_SCHEMAS))}); {REEXPORT}"
+            )
+        graphs = {
+            name: from_dict(GraphSpec, spec, f"{MANIFEST_NAME} graph '{name}'", REEXPORT)
+            for name, spec in manifest.graphs.items()
+        }
+        if (
+            not set(GRAPHS) <= set(graphs) <= set(GRAPHS + AR_GRAPHS + BASELINE_GRAPHS)
+            or not set(graphs) & set(AR_GRAPHS)
+            or set(graphs) & set(BASELINE_GRAPHS) not in (set(), set(BASELINE_GRAPHS))
+        ):
+            raise ValueError(
+                f"{MANIFEST_NAME} names graphs {sorted(graphs)}, expected {list(GRAPHS)}, one or both "
+                f"of {list(AR_GRAPHS)}, and optionally both of {list(BASELINE_GRAPHS)}"
+            )
         try:
             special = SpecialIds.from_dict(manifest.special_ids)
         except ValueError as error:
@@ -127,16 +140,29 @@ class Manifest:
 
     def check(self) -> None:
         """Refuses values no bundle can have: the shape of each field, not yet the graphs (see OnnxBackend)."""
-        problems = [f"'{name}' must be at least 1, got {getattr(self, name)}" for name in (
-            "opset", "mlm_hidden_size", "ar_hidden_size", "num_hidden_layers", "num_key_value_heads", "head_dim",
-            "vocab_size", "max_sequence_length") if getattr(self, name) < 1]
+        problems = [
+            f"'{name}' must be at least 1, got {getattr(self, name)}"
+            for name in (
+                "opset",
+                "mlm_hidden_size",
+                "ar_hidden_size",
+                "num_hidden_layers",
+                "num_key_value_heads",
+                "head_dim",
+                "vocab_size",
+                "max_sequence_length",
+            )
+            if getattr(self, name) < 1
+        ]
         if self.dtype not in DTYPES:
             problems.append(f"'dtype' must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.quantization not in QUANTIZATIONS:
             problems.append(f"'quantization' must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
-        problems += [f"special id '{name}' ({value}) is outside the AR vocabulary of {self.vocab_size}"
-                     for name, value in (("start", self.special_ids.start), ("pad", self.special_ids.pad))
-                     if value >= self.vocab_size]
+        problems += [
+            f"special id '{name}' ({value}) is outside the AR vocabulary of {self.vocab_size}"
+            for name, value in (("start", self.special_ids.start), ("pad", self.special_ids.pad))
+            if value >= self.vocab_size
+        ]
         named = [spec.file for spec in self.graphs.values()] + [self.tokenizer]
         problems += [f"'{file}' has no sha256 in 'files'" for file in named if file not in self.files]
         if problems:
@@ -155,11 +181,13 @@ def load_manifest(folder, verify: bool = True) -> Manifest:
     if not folder.is_dir():
         raise FileNotFoundError(f"bundle {folder} does not exist; pass a folder written by `maria export`")
     if not path.is_file() and (folder / CHECKPOINT_CONFIG).is_file():
-        raise ValueError(f"{folder} is a training checkpoint, not a bundle; export it first: maria export {folder} "
-                         "--out BUNDLE")
+        raise ValueError(
+            f"{folder} is a training checkpoint, not a bundle; export it first: maria export {folder} --out BUNDLE"
+        )
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a complete MARIA bundle: {MANIFEST_NAME} is missing; "
-                                "re-run `maria export`")
+        raise FileNotFoundError(
+            f"{folder} is not a complete MARIA bundle: {MANIFEST_NAME} is missing; re-run `maria export`"
+        )
     try:
         manifest = Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -173,6 +201,8 @@ def load_manifest(folder, verify: bool = True) -> Manifest:
             digests = pool.map(sha256, [folder / name for name in manifest.files])
             for (name, expected), digest in zip(manifest.files.items(), digests):
                 if digest != expected:
-                    raise ValueError(f"bundle {folder}: {name} fails its sha256 check (changed or corrupted since "
-                                     "export); re-run `maria export`")
+                    raise ValueError(
+                        f"bundle {folder}: {name} fails its sha256 check (changed or corrupted since "
+                        "export); re-run `maria export`"
+                    )
     return manifest

@@ -39,44 +39,60 @@ def check_graphs(manifest: Manifest, sessions: dict) -> None:
     """Checks the manifest against what the graphs declare (names, element types, fixed dimensions); raises
     ValueError naming the first difference."""
     m, element = manifest, ELEMENTS[manifest.dtype]
-    expected = {"mlm": {"hidden_states": (element, {-1: m.mlm_hidden_size})},
-                "ar_decoder": {"last_hidden_state": (element, {-1: m.ar_hidden_size})},
-                "fusion_head": {"mlm_hidden": (element, {-1: m.mlm_hidden_size}),
-                                "ar_hidden": (element, {-1: m.ar_hidden_size}),
-                                "logits": ("tensor(float)", {-1: m.vocab_size})}}
+    expected = {
+        "mlm": {"hidden_states": (element, {-1: m.mlm_hidden_size})},
+        "ar_decoder": {"last_hidden_state": (element, {-1: m.ar_hidden_size})},
+        "fusion_head": {
+            "mlm_hidden": (element, {-1: m.mlm_hidden_size}),
+            "ar_hidden": (element, {-1: m.ar_hidden_size}),
+            "logits": ("tensor(float)", {-1: m.vocab_size}),
+        },
+    }
     if m.has_baseline_heads:
-        expected["ar_lm_head"] = {"ar_hidden": (element, {-1: m.ar_hidden_size}),
-                                  "logits": ("tensor(float)", {-1: m.vocab_size})}
-        expected["mlm_decoder"] = {"mlm_hidden": (element, {-1: m.mlm_hidden_size}),
-                                   "logits": ("tensor(float)", {-1: m.vocab_size})}
+        expected["ar_lm_head"] = {
+            "ar_hidden": (element, {-1: m.ar_hidden_size}),
+            "logits": ("tensor(float)", {-1: m.vocab_size}),
+        }
+        expected["mlm_decoder"] = {
+            "mlm_hidden": (element, {-1: m.mlm_hidden_size}),
+            "logits": ("tensor(float)", {-1: m.vocab_size}),
+        }
     if "ar_decoder" in m.graphs:
         for name in (n for n in m.graph("ar_decoder").inputs if n.startswith("past_key_values.")):
             expected["ar_decoder"][name] = (element, {1: m.num_key_value_heads, 3: m.head_dim})
-    if "ar_step" in m.graphs:     # a fixed size where the capacity belongs is another layout (an earlier export)
+    if "ar_step" in m.graphs:  # a fixed size where the capacity belongs is another layout (an earlier export)
         expected["ar_step"] = {"last_hidden_state": (element, {-1: m.ar_hidden_size})}
         for name in (n for n in m.graph("ar_step").inputs if n.startswith("cache.")):
             capacity = capacity_axis(name, m.values_transposed)
-            head_dim = 5 - capacity                               # the other of axes 2 and 3
-            expected["ar_step"][name] = (element, {1: m.num_key_value_heads, head_dim: m.head_dim,
-                                                   capacity: "capacity"})
+            head_dim = 5 - capacity  # the other of axes 2 and 3
+            expected["ar_step"][name] = (
+                element,
+                {1: m.num_key_value_heads, head_dim: m.head_dim, capacity: "capacity"},
+            )
     for graph, session in sessions.items():
         declared, spec = _declared(session), m.graph(graph)
         names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
         if names != (list(spec.inputs), list(spec.outputs)):
-            raise ValueError(f"{spec.file} takes {names[0]} and gives {names[1]}, but the manifest says "
-                             f"{spec.inputs} and {spec.outputs}; {REEXPORT}")
+            raise ValueError(
+                f"{spec.file} takes {names[0]} and gives {names[1]}, but the manifest says "
+                f"{spec.inputs} and {spec.outputs}; {REEXPORT}"
+            )
         for tensor, (kind, dims) in expected[graph].items():
             found_kind, shape = declared[tensor]
-            wrong = {axis: shape[axis] for axis, size in dims.items()
-                     if isinstance(shape[axis], int) and shape[axis] != size}
+            wrong = {
+                axis: shape[axis] for axis, size in dims.items() if isinstance(shape[axis], int) and shape[axis] != size
+            }
             if found_kind != kind or wrong:
-                raise ValueError(f"{spec.file} '{tensor}' is {found_kind} {shape}, but the manifest describes "
-                                 f"{kind} with sizes {dims} (axis: size); {REEXPORT}")
+                raise ValueError(
+                    f"{spec.file} '{tensor}' is {found_kind} {shape}, but the manifest describes "
+                    f"{kind} with sizes {dims} (axis: size); {REEXPORT}"
+                )
     for graph, prefix in (("ar_decoder", "past_key_values."), ("ar_step", "cache.")):
         layers = sum(n.startswith(prefix) for n in m.graph(graph).inputs) // 2 if graph in m.graphs else None
         if layers not in (None, m.num_hidden_layers):
-            raise ValueError(f"{graph} has the KV cache of {layers} layers, but the manifest says "
-                             f"{m.num_hidden_layers}; {REEXPORT}")
+            raise ValueError(
+                f"{graph} has the KV cache of {layers} layers, but the manifest says {m.num_hidden_layers}; {REEXPORT}"
+            )
 
 
 def _step_session(path: Path, providers: list, cuda_graph: bool, threads: int | None):
@@ -86,20 +102,32 @@ def _step_session(path: Path, providers: list, cuda_graph: bool, threads: int | 
     if not cuda_graph:
         return make_session(path, providers, threads=threads), False
     try:
-        return make_session(path, [(providers[0][0], {**providers[0][1], "enable_cuda_graph": "1"}),
-                                   *providers[1:]], threads=threads), True
-    except Exception as error:                   # ONNX Runtime's Fail, raised while the session is created
+        return make_session(
+            path, [(providers[0][0], {**providers[0][1], "enable_cuda_graph": "1"}), *providers[1:]], threads=threads
+        ), True
+    except Exception as error:  # ONNX Runtime's Fail, raised while the session is created
         if "graph capture" not in str(error):
             raise
         reason = str(error).strip().splitlines()[-1]
-        warnings.warn(f"CUDA graphs: ONNX Runtime does not capture this step graph ({reason}); running without "
-                      "capture", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"CUDA graphs: ONNX Runtime does not capture this step graph ({reason}); running without capture",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return make_session(path, providers, threads=threads), False
 
 
 class OnnxBackend:
-    def __init__(self, folder: Path, manifest: Manifest, device: str = "auto", io_binding: bool | None = None,
-                 cuda_graph: bool = False, decoder: str | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        manifest: Manifest,
+        device: str = "auto",
+        io_binding: bool | None = None,
+        cuda_graph: bool = False,
+        decoder: str | None = None,
+        threads: int | None = None,
+    ):
         """cuda_graph: capture the engine's step as CUDA graphs (one per shape) and replay them; CUDA only.
         decoder: "engine" loads only the step graph (scores then run on it too), "concat" only ar_decoder.onnx,
         None both: the two hold the same weights, so one alone halves the AR's memory and load time.
@@ -109,22 +137,29 @@ class OnnxBackend:
         session = functools.partial(make_session, threads=threads)
         self.mlm = session(Path(folder) / manifest.graph("mlm").file, providers, insist=device not in ("auto", "cpu"))
         if self.mlm.get_providers()[0] != provider_name(providers[0]):
-            providers = ["CPUExecutionProvider"]   # after a CUDA fallback, the rest start on CPU directly
+            providers = ["CPUExecutionProvider"]  # after a CUDA fallback, the rest start on CPU directly
         self.ar = self.step = None
         self.cuda_graph = False
         if "ar_decoder" in manifest.graphs and decoder != "engine":
             self.ar = session(Path(folder) / manifest.graph("ar_decoder").file, providers)
         if "ar_step" in manifest.graphs and decoder != "concat":
             cuda = provider_name(providers[0]) == "CUDAExecutionProvider"
-            self.step, self.cuda_graph = _step_session(Path(folder) / manifest.graph("ar_step").file, providers,
-                                                       cuda_graph and cuda, threads)
+            self.step, self.cuda_graph = _step_session(
+                Path(folder) / manifest.graph("ar_step").file, providers, cuda_graph and cuda, threads
+            )
         self.head = session(Path(folder) / manifest.graph("fusion_head").file, providers)
         self.ar_lm_head = self.mlm_decoder = None
         if manifest.has_baseline_heads:
             self.ar_lm_head = session(Path(folder) / manifest.graph("ar_lm_head").file, providers)
             self.mlm_decoder = session(Path(folder) / manifest.graph("mlm_decoder").file, providers)
-        sessions = {"mlm": self.mlm, "ar_decoder": self.ar, "ar_step": self.step, "fusion_head": self.head,
-                    "ar_lm_head": self.ar_lm_head, "mlm_decoder": self.mlm_decoder}
+        sessions = {
+            "mlm": self.mlm,
+            "ar_decoder": self.ar,
+            "ar_step": self.step,
+            "fusion_head": self.head,
+            "ar_lm_head": self.ar_lm_head,
+            "mlm_decoder": self.mlm_decoder,
+        }
         check_graphs(manifest, {name: session for name, session in sessions.items() if session is not None})
         self.device = "cuda" if provider_name(providers[0]) == "CUDAExecutionProvider" else "cpu"
         self.device_id = gpu_index(device) if self.device == "cuda" else 0
@@ -188,21 +223,33 @@ class OnnxBackend:
     def new_cache(self, slots: int, capacity: int) -> SlotCache:
         m = self.manifest
         if self.step is None:
-            raise ValueError("this bundle has no ar_step.onnx (exported before the decode engine); re-export it "
-                             "with `maria export`, or use the concat decoder")
-        return SlotCache(m.num_hidden_layers, m.num_key_value_heads, m.head_dim, self.dtype, slots, capacity,
-                         self.device, self.device_id, self.on_device, m.values_transposed)
+            raise ValueError(
+                "this bundle has no ar_step.onnx (exported before the decode engine); re-export it "
+                "with `maria export`, or use the concat decoder"
+            )
+        return SlotCache(
+            m.num_hidden_layers,
+            m.num_key_value_heads,
+            m.head_dim,
+            self.dtype,
+            slots,
+            capacity,
+            self.device,
+            self.device_id,
+            self.on_device,
+            m.values_transposed,
+        )
 
     def cache_step(self, input_ids, position_ids, cache: SlotCache):
         if self.on_device:
             return self._cache_step_in_place(input_ids, position_ids, cache)
-        binding = cache.bindings.get(len(input_ids))     # kept with the buffers it binds (runtime/slots.py)
+        binding = cache.bindings.get(len(input_ids))  # kept with the buffers it binds (runtime/slots.py)
         if binding is None:
             binding = cache.bindings[len(input_ids)] = self.step.io_binding()
             cache.bind(binding, *self.cache_names, len(input_ids))
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
-        hidden = np.empty((*input_ids.shape, self.manifest.ar_hidden_size), dtype=self.dtype)    # the run writes it
+        hidden = np.empty((*input_ids.shape, self.manifest.ar_hidden_size), dtype=self.dtype)  # the run writes it
         binding.bind_output("last_hidden_state", "cpu", 0, self.dtype, list(hidden.shape), hidden.ctypes.data)
         self.step.run_with_iobinding(binding)
         return hidden
@@ -214,10 +261,13 @@ class OnnxBackend:
         rows, width = input_ids.shape
         entry = cache.bindings.get((rows, width))
         if entry is None:
-            on_device = [ort.OrtValue.ortvalue_from_numpy(np.array(a, dtype=np.int64), self.device, self.device_id)
-                         for a in (input_ids, position_ids)]
-            hidden = ort.OrtValue.ortvalue_from_shape_and_type([rows, width, self.manifest.ar_hidden_size],
-                                                               self.dtype, self.device, self.device_id)
+            on_device = [
+                ort.OrtValue.ortvalue_from_numpy(np.array(a, dtype=np.int64), self.device, self.device_id)
+                for a in (input_ids, position_ids)
+            ]
+            hidden = ort.OrtValue.ortvalue_from_shape_and_type(
+                [rows, width, self.manifest.ar_hidden_size], self.dtype, self.device, self.device_id
+            )
             binding = self.step.io_binding()
             binding.bind_ortvalue_input("input_ids", on_device[0])
             binding.bind_ortvalue_input("position_ids", on_device[1])
@@ -225,7 +275,7 @@ class OnnxBackend:
             cache.bind(binding, *self.cache_names, rows)
             options = ort.RunOptions()
             if self.cuda_graph:
-                options.add_run_config_entry("gpu_graph_id", str(next(self._graph_ids)))     # captured on first run
+                options.add_run_config_entry("gpu_graph_id", str(next(self._graph_ids)))  # captured on first run
             entry = cache.bindings[rows, width] = (*on_device, hidden, binding, options)
         else:
             for value, array in zip(entry[:2], (input_ids, position_ids)):
@@ -235,23 +285,29 @@ class OnnxBackend:
         return hidden.numpy()
 
     def fuse(self, mlm_hidden, ar_hidden):
-        feeds = {"mlm_hidden": np.ascontiguousarray(mlm_hidden, dtype=self.dtype),
-                 "ar_hidden": np.ascontiguousarray(ar_hidden, dtype=self.dtype)}
+        feeds = {
+            "mlm_hidden": np.ascontiguousarray(mlm_hidden, dtype=self.dtype),
+            "ar_hidden": np.ascontiguousarray(ar_hidden, dtype=self.dtype),
+        }
         return self._run(self.head, feeds)["logits"]
 
     def ar_logits(self, ar_hidden):
         """The AR's own next-token logits: ar_hidden [r, d_ar] -> [r, V] (fp32); needs the baseline heads."""
-        return self._run(self._baseline("ar_lm_head"), {"ar_hidden": np.ascontiguousarray(ar_hidden,
-                                                                                           dtype=self.dtype)})["logits"]
+        return self._run(
+            self._baseline("ar_lm_head"), {"ar_hidden": np.ascontiguousarray(ar_hidden, dtype=self.dtype)}
+        )["logits"]
 
     def mlm_logits(self, mlm_hidden):
         """The MLM's own logits: mlm_hidden [r, d_mlm] -> [r, V] (fp32); needs the baseline heads."""
-        return self._run(self._baseline("mlm_decoder"), {"mlm_hidden": np.ascontiguousarray(mlm_hidden,
-                                                                                             dtype=self.dtype)})["logits"]
+        return self._run(
+            self._baseline("mlm_decoder"), {"mlm_hidden": np.ascontiguousarray(mlm_hidden, dtype=self.dtype)}
+        )["logits"]
 
     def _baseline(self, name: str):
         session = self.ar_lm_head if name == "ar_lm_head" else self.mlm_decoder
         if session is None:
-            raise ValueError(f"this bundle has no {name}.onnx (exported with --no-baseline-heads); re-export it "
-                             "with `maria export` to score whole texts")
+            raise ValueError(
+                f"this bundle has no {name}.onnx (exported with --no-baseline-heads); re-export it "
+                "with `maria export` to score whole texts"
+            )
         return session

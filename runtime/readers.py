@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+
 def decode_utf8(data: bytes, name: str) -> str:
     """UTF-8 text with a byte order mark at its start dropped (editors on Windows write one; left in, it would be
     three tokens before the first text); ValueError naming the first invalid byte."""
@@ -26,7 +27,7 @@ def not_utf8(name: str, byte: int) -> ValueError:
     return ValueError(f"{name} is not valid UTF-8 (byte {byte}); convert it to UTF-8")
 
 
-MAX_NESTING = 128                     # arrays and objects within each other in one JSON value (serde_json's limit)
+MAX_NESTING = 128  # arrays and objects within each other in one JSON value (serde_json's limit)
 JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
 
@@ -72,6 +73,7 @@ def loads_json(text):
 class Line:
     """One non-blank input line: its 1-based number and its text, or why it holds no text; a JSONL line's
     object too (record)."""
+
     number: int
     text: str | None
     error: str = ""
@@ -116,9 +118,9 @@ class StreamLines:
 
     def __init__(self, stream, name: str, jsonl: bool, field: str = "text"):
         self.stream, self.name, self.jsonl, self.field = stream, name, jsonl, field
-        self.read: collections.deque = collections.deque()     # Lines (or a ValueError) read and not yet taken
-        self.rest: list[bytes] = []                             # the start of a line whose newline has not come
-        self.offset = 0                                         # bytes of the stream before `rest`
+        self.read: collections.deque = collections.deque()  # Lines (or a ValueError) read and not yet taken
+        self.rest: list[bytes] = []  # the start of a line whose newline has not come
+        self.offset = 0  # bytes of the stream before `rest`
         self.number = 0
         self.ended = False
 
@@ -138,7 +140,7 @@ class StreamLines:
         return bool(self.read) or self.ended
 
     def _read_piece(self) -> None:
-        piece = self.stream.read1(self.PIECE)     # what the stream has (blocks only while it has nothing)
+        piece = self.stream.read1(self.PIECE)  # what the stream has (blocks only while it has nothing)
         if piece and b"\n" not in piece:
             self.rest.append(piece)
             return
@@ -171,7 +173,7 @@ def polled(stream) -> bool:
     """The stream has bytes to read now; True where it cannot be asked."""
     try:
         return bool(select.select([stream], [], [], 0)[0])
-    except (OSError, ValueError, TypeError):      # no file descriptor (BytesIO), or not pollable (Windows pipes)
+    except (OSError, ValueError, TypeError):  # no file descriptor (BytesIO), or not pollable (Windows pipes)
         return True
 
 

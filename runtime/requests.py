@@ -1,8 +1,8 @@
 """Fill requests and their settings: what a request asks for, how many decode rows it needs, and the limits.
 
-    FillRequest: texts (each Prepared: one candidate per combination of span lengths, or the ranges of a
-                 gap-by-gap search), sampling, num_samples, rerank
-    runtime/rounds.py decodes them: one batch per sampling setting, round after round where lengths are searched
+FillRequest: texts (each Prepared: one candidate per combination of span lengths, or the ranges of a
+             gap-by-gap search), sampling, num_samples, rerank
+runtime/rounds.py decodes them: one batch per sampling setting, round after round where lengths are searched
 """
 
 from dataclasses import dataclass
@@ -16,6 +16,7 @@ class Prepared:
     """A text ready to fill: (span lengths, encoding) per candidate, one candidate with () for fixed markers; or,
     where its span markers allow more combinations than are decoded together, no candidates and the ranges of
     lengths to search gap by gap (runtime/spans.py)."""
+
     text: str
     candidates: list
     ranges: tuple = ()
@@ -32,13 +33,13 @@ class Prepared:
 
 @dataclass(frozen=True)
 class FillRequest:
-    texts: list                    # Prepared per text (Infiller.prepare)
+    texts: list  # Prepared per text (Infiller.prepare)
     sampling: Sampling = Sampling()
     num_samples: int = 1
     rerank: bool = False
-    indices: list | None = None    # per text, the index its generators derive from (default 0, 1, ...)
-    first_sample: int = 0          # its samples are numbered from here (so are their generators): a text's samples
-                                   # can be filled a piece at a time with the same results
+    indices: list | None = None  # per text, the index its generators derive from (default 0, 1, ...)
+    first_sample: int = 0  # its samples are numbered from here (so are their generators): a text's samples
+    # can be filled a piece at a time with the same results
 
     @property
     def size(self) -> int:
@@ -61,27 +62,38 @@ def check_size(limit: int, texts: int, num_samples: int, request: FillRequest | 
     """Raises TooLarge where a request needs more than `limit` decode rows: texts x samples (checked before the
     texts are prepared), and with the span candidates of the prepared request."""
     if texts * num_samples > limit:
-        fits = limit // num_samples       # texts per request at this many samples
-        fix = (f"ask for at most {limit} samples" if texts == 1 else
-               f"split the request (at most {fits} text{'s' * (fits != 1)} of {num_samples} samples each)" if fits
-               else f"ask for at most {limit} samples of one text per request")
-        raise TooLarge(f"{texts} text{'s' * (texts != 1)} x {num_samples} samples is over the limit of {limit} per "
-                       f"request; {fix}")
+        fits = limit // num_samples  # texts per request at this many samples
+        fix = (
+            f"ask for at most {limit} samples"
+            if texts == 1
+            else f"split the request (at most {fits} text{'s' * (fits != 1)} of {num_samples} samples each)"
+            if fits
+            else f"ask for at most {limit} samples of one text per request"
+        )
+        raise TooLarge(
+            f"{texts} text{'s' * (texts != 1)} x {num_samples} samples is over the limit of {limit} per request; {fix}"
+        )
     if request is not None and request.size > limit:
-        widest = max(p.rows for p in request.texts) * request.num_samples     # rows of its largest text
-        fix = ("split the request" if widest <= limit else
-               "narrow the span markers ([MASK:a-b]), fix some lengths ([MASK:N]) or ask for fewer samples")
-        raise TooLarge(f"the request needs {request.size} decode rows (texts x samples x span candidates), over "
-                       f"the limit of {limit}; {fix}")
+        widest = max(p.rows for p in request.texts) * request.num_samples  # rows of its largest text
+        fix = (
+            "split the request"
+            if widest <= limit
+            else "narrow the span markers ([MASK:a-b]), fix some lengths ([MASK:N]) or ask for fewer samples"
+        )
+        raise TooLarge(
+            f"the request needs {request.size} decode rows (texts x samples x span candidates), over "
+            f"the limit of {limit}; {fix}"
+        )
 
 
-def bounded_request(prepare, texts: list, sampling: Sampling, num_samples: int, rerank: bool,
-                    limit: int) -> FillRequest:
+def bounded_request(
+    prepare, texts: list, sampling: Sampling, num_samples: int, rerank: bool, limit: int
+) -> FillRequest:
     """The request for texts in at most `limit` decode rows at once: every combination of span lengths decoded
     side by side where they all fit, else the lengths of each text with several span markers searched gap by gap
     (a round's rows at a time). prepare(texts, rerank, most) -> Prepared per text (Infiller.prepare); raises
     TooLarge where even the search does not fit."""
-    check_size(limit, len(texts), num_samples)                    # before any text is prepared
+    check_size(limit, len(texts), num_samples)  # before any text is prepared
     request = FillRequest(prepare(texts, rerank, MAX_CANDIDATES), sampling, num_samples, rerank)
     if request.size > limit:
         request = FillRequest(prepare(texts, rerank, 1), sampling, num_samples, rerank)
@@ -101,8 +113,7 @@ def _fits(value, kind) -> bool:
         return kind is str and isinstance(value, str)
     if kind is float:
         return isinstance(value, (int, float))
-    return (isinstance(value, int) or isinstance(value, float) and value.is_integer()) and \
-        -2 ** 63 <= value < 2 ** 63
+    return (isinstance(value, int) or isinstance(value, float) and value.is_integer()) and -(2**63) <= value < 2**63
 
 
 def typed_settings(given: dict, kinds: dict) -> dict:

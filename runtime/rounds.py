@@ -32,6 +32,7 @@ OnRequestFill = Callable[[int, int, int, int, int, float], None]  # (request, te
 @dataclass(frozen=True)
 class Row:
     """One decode row: sample `sample` of text `text` of request `number`, with these span lengths."""
+
     number: int
     text: int
     sample: int
@@ -47,8 +48,8 @@ class Rounds:
 
     def __init__(self, filler: Filler, requests: list[FillRequest], numbers: list[int]):
         self.filler, self.requests, self.numbers = filler, requests, numbers
-        self.results = [[[None] * r.num_samples for _ in r.texts] for r in requests]     # [request][text][sample]
-        self.searches = {}           # (number, text, sample) -> (GapSearch, {lengths: Infilled}) while it runs
+        self.results = [[[None] * r.num_samples for _ in r.texts] for r in requests]  # [request][text][sample]
+        self.searches = {}  # (number, text, sample) -> (GapSearch, {lengths: Infilled}) while it runs
         self.rows = []
         for number in numbers:
             request = requests[number]
@@ -64,16 +65,19 @@ class Rounds:
     def hearing(self, on_token: OnRequestFill) -> Callable[[Row], OnFill | None]:
         """The round driver's hear: a row's fills go to on_token(request, text, sample, position, token, logprob),
         except a span text's candidates (its fill is known only once the best is chosen)."""
+
         def hear(row: Row) -> OnFill | None:
             if self.requests[row.number].texts[row.text].spans:
                 return None
             return functools.partial(on_token, row.number, row.text, row.sample)
+
         return hear
 
     def _row(self, number: int, text: int, sample: int, lengths: tuple, encoded: MaskedText, key: list) -> Row:
         request = self.requests[number]
-        rng = np.random.default_rng([request.sampling.seed, request.index(text), request.first_sample + sample]
-                                    + list(key))
+        rng = np.random.default_rng(
+            [request.sampling.seed, request.index(text), request.first_sample + sample] + list(key)
+        )
         return Row(number, text, sample, tuple(lengths), encoded, rng)
 
     def _search_rows(self) -> list[Row]:
@@ -85,19 +89,29 @@ class Rounds:
                 self._end_search(key)
                 continue
             text = self.requests[key[0]].texts[key[1]].text
-            rows += [self._row(*key, lengths, self.filler.encode(with_lengths(text, lengths)), lengths)
-                     for lengths in pending]
+            rows += [
+                self._row(*key, lengths, self.filler.encode(with_lengths(text, lengths)), lengths)
+                for lengths in pending
+            ]
         return rows
 
     def collect(self, fills: list) -> list[Row]:
         """Takes the fills of `rows` (in order): scores what needs a whole-text score, keeps the best candidate of
         span texts, steps the searches; returns the next round, and reranks samples once there is none."""
-        built = [build_result(self.filler.tokenizer, self.requests[row.number].texts[row.text].text, row.encoded,
-                              fill) for row, fill in zip(self.rows, fills)]
-        need = [i for i, row in enumerate(self.rows)
-                if self.requests[row.number].texts[row.text].spans or self.requests[row.number].rerank]
-        scores = ar_loglikelihood(self.filler.backend, [np.asarray(built[i].ids) for i in need],
-                                  self.filler.special) if need else []
+        built = [
+            build_result(self.filler.tokenizer, self.requests[row.number].texts[row.text].text, row.encoded, fill)
+            for row, fill in zip(self.rows, fills)
+        ]
+        need = [
+            i
+            for i, row in enumerate(self.rows)
+            if self.requests[row.number].texts[row.text].spans or self.requests[row.number].rerank
+        ]
+        scores = (
+            ar_loglikelihood(self.filler.backend, [np.asarray(built[i].ids) for i in need], self.filler.special)
+            if need
+            else []
+        )
         for i, score in zip(need, scores):
             built[i].score = score
         candidates = {}
@@ -132,10 +146,15 @@ class Rounds:
         chosen = tried[search.best]
         chosen.span_lengths = list(search.best)
         chosen.candidates = [_candidate(lengths, r) for lengths, r in tried.items()]
-        why = (f"all are tried only up to {MAX_CANDIDATES}" if search.combinations > MAX_CANDIDATES else
-               "all of them take more decode rows than the request may use")
-        chosen.note = (f"span lengths searched gap by gap: {len(tried)} of {search.combinations} combinations "
-                       f"tried ({why}), the best found, not necessarily the best of all")
+        why = (
+            f"all are tried only up to {MAX_CANDIDATES}"
+            if search.combinations > MAX_CANDIDATES
+            else "all of them take more decode rows than the request may use"
+        )
+        chosen.note = (
+            f"span lengths searched gap by gap: {len(tried)} of {search.combinations} combinations "
+            f"tried ({why}), the best found, not necessarily the best of all"
+        )
         self.results[number][text][sample] = chosen
 
     def _rerank(self) -> None:
@@ -153,8 +172,13 @@ def _candidate(lengths: tuple, result: Infilled) -> dict:
     return {"lengths": list(lengths), "score": result.score, "text": result.text, "ids": result.ids}
 
 
-def run_requests(filler: Filler, decoder: Decoder, requests: list[FillRequest], on_token: OnRequestFill | None = None,
-                 on_batch: Callable[[int, int], None] | None = None) -> list[list[Infilled]]:
+def run_requests(
+    filler: Filler,
+    decoder: Decoder,
+    requests: list[FillRequest],
+    on_token: OnRequestFill | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> list[list[Infilled]]:
     """Per request, its results: num_samples per text, text-major (reranked where asked), every request's rows
     through one decoder (the round driver, runtime/driver.py), each with its own seed: one round of rows per
     temperature / top-k / top-p, and another per step of a gap-by-gap search. on_token(request, text, sample,

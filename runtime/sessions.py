@@ -19,7 +19,7 @@ from .cpus import session_threads, usable_cpus
 from .device import choose_device, gpu_index
 from .errors import SettingError
 
-CUDA_ERROR_INSUFFICIENT_DRIVER = 35          # cudaErrorInsufficientDriver: the driver is older than the runtime
+CUDA_ERROR_INSUFFICIENT_DRIVER = 35  # cudaErrorInsufficientDriver: the driver is older than the runtime
 
 
 def gpu_present() -> bool:
@@ -33,7 +33,7 @@ def cuda_libraries_missing() -> str | None:
     execution provider's library; returns which library is missing, or None when all load."""
     provider = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
     if not provider.exists():
-        return None                          # another platform's layout: ONNX Runtime itself will tell
+        return None  # another platform's layout: ONNX Runtime itself will tell
     if hasattr(ort, "preload_dlls"):
         with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
             ort.preload_dlls()
@@ -65,7 +65,7 @@ def cuda_devices() -> tuple[int | None, str | None]:
     """(how many GPUs the CUDA runtime sees, None where it cannot be asked; why it sees none, or None)."""
     found = cuda_runtime()
     if found is None:
-        return None, None                    # no CUDA runtime to ask: ONNX Runtime itself will tell
+        return None, None  # no CUDA runtime to ask: ONNX Runtime itself will tell
     cudart, built_for = found
     count = ctypes.c_int(0)
     status = cudart.cudaGetDeviceCount(ctypes.byref(count))
@@ -75,43 +75,55 @@ def cuda_devices() -> tuple[int | None, str | None]:
     error = f"cudaGetDeviceCount: {cudart.cudaGetErrorString(status).decode()}"
     if status != CUDA_ERROR_INSUFFICIENT_DRIVER:
         return 0, f"CUDA cannot use the GPU ({error}); check the driver with nvidia-smi, and CUDA_VISIBLE_DEVICES"
-    driver = ctypes.c_int(0)                 # the newest CUDA the driver runs, as 12040 for 12.4; 0: no driver
+    driver = ctypes.c_int(0)  # the newest CUDA the driver runs, as 12040 for 12.4; 0: no driver
     needs = f"this onnxruntime-gpu is built for CUDA {built_for}"
     if cudart.cudaDriverGetVersion(ctypes.byref(driver)) == 0 and driver.value:
-        return 0, (f"the NVIDIA driver runs CUDA up to {driver.value // 1000}.{driver.value % 1000 // 10}, and "
-                   f"{needs} ({error}); update the NVIDIA driver")
+        return 0, (
+            f"the NVIDIA driver runs CUDA up to {driver.value // 1000}.{driver.value % 1000 // 10}, and "
+            f"{needs} ({error}); update the NVIDIA driver"
+        )
     return 0, f"the NVIDIA driver cannot be used, and {needs} ({error}); install or update the NVIDIA driver"
 
 
 def cuda_missing() -> str | None:
     """Why ONNX Runtime cannot run on CUDA here, or None where it can try."""
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return ("this onnxruntime has no CUDA execution provider (pip install 'maria-onnx[cuda]' on Linux x86-64 "
-                "or Windows)")
+        return (
+            "this onnxruntime has no CUDA execution provider (pip install 'maria-onnx[cuda]' on Linux x86-64 "
+            "or Windows)"
+        )
     if not gpu_present():
         return "no NVIDIA GPU was found (no /dev/nvidiactl and no nvidia-smi)"
     missing = cuda_libraries_missing()
     if missing:
-        return (f"the CUDA library {missing} cannot be loaded; pip install 'maria-onnx[cuda]' for CUDA and cuDNN "
-                "from pip, or install them system-wide")
+        return (
+            f"the CUDA library {missing} cannot be loaded; pip install 'maria-onnx[cuda]' for CUDA and cuDNN "
+            "from pip, or install them system-wide"
+        )
     return cuda_devices()[1]
 
 
 def installation() -> list[str]:
     """What `maria --version` prints: this package's version, ONNX Runtime's and its providers, whether CUDA can
     run here (or what stops it), Python's."""
+
     def installed(name: str) -> str | None:
         try:
             return metadata.version(name)
         except metadata.PackageNotFoundError:
             return None
-    onnx_runtime = next((f"{name} {installed(name)}" for name in ("onnxruntime-gpu", "onnxruntime")
-                         if installed(name)), f"onnxruntime {ort.__version__}")
-    return [f"maria-onnx {installed('maria-onnx') or '(not installed: run from a source tree)'}",
-            f"{onnx_runtime} (providers: {', '.join(ort.get_available_providers())})",
-            f"CUDA: {cuda_missing() or 'ready'}",
-            cpu_threads(),
-            f"Python {platform.python_version()} on {platform.system()} {platform.machine()}"]
+
+    onnx_runtime = next(
+        (f"{name} {installed(name)}" for name in ("onnxruntime-gpu", "onnxruntime") if installed(name)),
+        f"onnxruntime {ort.__version__}",
+    )
+    return [
+        f"maria-onnx {installed('maria-onnx') or '(not installed: run from a source tree)'}",
+        f"{onnx_runtime} (providers: {', '.join(ort.get_available_providers())})",
+        f"CUDA: {cuda_missing() or 'ready'}",
+        cpu_threads(),
+        f"Python {platform.python_version()} on {platform.system()} {platform.machine()}",
+    ]
 
 
 def cpu_threads() -> str:
@@ -129,11 +141,10 @@ def cuda_providers(device_id: int) -> list:
 def providers_for(device: str) -> list:
     """auto: CUDA where this onnxruntime has it and a GPU is present, else CPU. cuda / cuda:N: CUDA on GPU 0 / N,
     or an error. cpu: CPU."""
-    ort.set_default_logger_severity(3)       # our own one-line warning replaces ORT's provider-loading noise
-    missing = None if device == "cpu" else cuda_missing()      # --device cpu loads no CUDA library
+    ort.set_default_logger_severity(3)  # our own one-line warning replaces ORT's provider-loading noise
+    missing = None if device == "cpu" else cuda_missing()  # --device cpu loads no CUDA library
     if device == "auto" and missing and gpu_present():
-        warnings.warn(f"a GPU is present but CUDA cannot run ({missing}); running on CPU", RuntimeWarning,
-                      stacklevel=2)
+        warnings.warn(f"a GPU is present but CUDA cannot run ({missing}); running on CPU", RuntimeWarning, stacklevel=2)
     if choose_device(device, missing) == "cpu":
         return ["CPUExecutionProvider"]
     count = cuda_devices()[0]
@@ -155,11 +166,10 @@ def shared_cpu_arena() -> None:
     shipped model, 8 texts of 2,000 tokens peaked at 660 MB instead of 899 MB, and 401 MB instead of 643 MB stayed
     resident after them; fills took the same time within the noise (docs/benchmarks.md)."""
     info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-    ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))     # ONNX Runtime's defaults
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))  # ONNX Runtime's defaults
 
 
-def make_session(path: Path, providers: list, insist: bool = False,
-                 threads: int | None = None) -> ort.InferenceSession:
+def make_session(path: Path, providers: list, insist: bool = False, threads: int | None = None) -> ort.InferenceSession:
     """One session on the first provider that loads. Where CUDA cannot load (no driver, no GPU), falls back to
     CPU with one warning, or fails if the user insisted on CUDA. threads: its thread pool's size; None: as many as
     this process may use where that is fewer than the machine's CPUs (runtime/cpus.py), else ONNX Runtime's own."""
@@ -183,12 +193,12 @@ def make_session(path: Path, providers: list, insist: bool = False,
     try:
         with redirect_stdout(sys.stderr):
             session = ort.InferenceSession(str(path), sess_options=options, providers=providers, enable_fallback=0)
-    except (RuntimeError, ValueError) as error:      # what ONNX Runtime's fallback catches: a provider that failed
+    except (RuntimeError, ValueError) as error:  # what ONNX Runtime's fallback catches: a provider that failed
         if provider_name(providers[0]) == "CPUExecutionProvider":
             raise
         _cuda_failed(f"CUDA could not start ({provider_error(error)})", insist)
         return make_session(path, ["CPUExecutionProvider"], threads=threads)
-    session.disable_fallback()      # and a provider failing mid-run raises, not reruns on the CPU behind a print
+    session.disable_fallback()  # and a provider failing mid-run raises, not reruns on the CPU behind a print
     got = session.get_providers()[0]
     if got != provider_name(providers[0]):
         _cuda_failed(f"CUDA could not start (ONNX Runtime fell back to {got})", insist)
@@ -198,8 +208,10 @@ def make_session(path: Path, providers: list, insist: bool = False,
 def _cuda_failed(reason: str, insist: bool) -> None:
     """The user asked for CUDA: one line and stop. auto: one warning, and the session runs on the CPU."""
     if insist:
-        raise SettingError(f"{{device}} cuda: {reason}; check the GPU driver (nvidia-smi) and CUDA libraries, or use "
-                           "{device} cpu", "device")
+        raise SettingError(
+            f"{{device}} cuda: {reason}; check the GPU driver (nvidia-smi) and CUDA libraries, or use {{device}} cpu",
+            "device",
+        )
     warnings.warn(f"{reason}; running on the CPU instead", RuntimeWarning, stacklevel=3)
 
 

@@ -16,6 +16,7 @@ the longest sequence outgrows the buffer, amortized over many steps by growing i
 import numpy as np
 import onnxruntime as ort
 
+
 def capacity_axis(name: str, values_transposed: bool) -> int:
     """The capacity axis of the step graph's cache.N.key or cache.N.value (or cache_out.*)."""
     return 3 if values_transposed and name.endswith(".value") else 2
@@ -29,9 +30,19 @@ def capacity_for(positions: int) -> int:
 
 
 class SlotCache:
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype, slots: int, capacity: int,
-                 device: str = "cpu", device_id: int = 0, ortvalues: bool | None = None,
-                 values_transposed: bool = True):
+    def __init__(
+        self,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype,
+        slots: int,
+        capacity: int,
+        device: str = "cpu",
+        device_id: int = 0,
+        ortvalues: bool | None = None,
+        values_transposed: bool = True,
+    ):
         """ortvalues: the buffers are OrtValues (device memory; the default off the CPU) rather than numpy
         arrays. values_transposed: the values' layout (the module's docstring)."""
         self.layers, self.kv_heads, self.head_dim, self.dtype = layers, kv_heads, head_dim, np.dtype(dtype)
@@ -42,7 +53,7 @@ class SlotCache:
         # the IOBindings that point at these buffers, made by the backend and kept with them: a binding must never
         # outlive the memory it names, so a resize drops them and they go when the cache does
         self.bindings = {}
-        self._arenas, self._turn = [np.empty(0, self.dtype), np.empty(0, self.dtype)], 1     # host buffers' memory
+        self._arenas, self._turn = [np.empty(0, self.dtype), np.empty(0, self.dtype)], 1  # host buffers' memory
         self.resize(capacity)
 
     def shapes(self, rows: int, capacity: int) -> list[tuple]:
@@ -65,7 +76,7 @@ class SlotCache:
                 old = self.buffers[index].numpy() if self.ortvalues else self.buffers[index]
                 buffer[kept[index % 2]] = old[kept[index % 2]]
             buffer[rest[index % 2]] = 0
-        if self.ortvalues:              # device memory, resized through the host, once per resize
+        if self.ortvalues:  # device memory, resized through the host, once per resize
             fresh = [ort.OrtValue.ortvalue_from_numpy(host, self.device, self.device_id) for host in fresh]
         self.buffers, self.capacity, self.bindings = fresh, capacity, {}
 
@@ -77,13 +88,15 @@ class SlotCache:
         keep its longest request's cache."""
         sizes = [int(np.prod(shape)) for shape in shapes]
         self._turn = 1 - self._turn
-        if not sum(sizes) <= self._arenas[self._turn].size <= 2 * sum(sizes):     # too small, or far too large
-            self._arenas[self._turn] = np.empty(sum(sizes) * 5 // 4, self.dtype)   # room for a few resizes more
-        if self._arenas[1 - self._turn].size > 2 * sum(sizes):       # a shrink: the old buffers' arena goes, its
-            self._arenas[1 - self._turn] = np.empty(0, self.dtype)   # memory freed once the resize drops them
+        if not sum(sizes) <= self._arenas[self._turn].size <= 2 * sum(sizes):  # too small, or far too large
+            self._arenas[self._turn] = np.empty(sum(sizes) * 5 // 4, self.dtype)  # room for a few resizes more
+        if self._arenas[1 - self._turn].size > 2 * sum(sizes):  # a shrink: the old buffers' arena goes, its
+            self._arenas[1 - self._turn] = np.empty(0, self.dtype)  # memory freed once the resize drops them
         offsets = np.cumsum([0, *sizes])
-        return [self._arenas[self._turn][start:start + size].reshape(shape)
-                for start, size, shape in zip(offsets, sizes, shapes)]
+        return [
+            self._arenas[self._turn][start : start + size].reshape(shape)
+            for start, size, shape in zip(offsets, sizes, shapes)
+        ]
 
     @property
     def host_bytes(self) -> int:
@@ -107,4 +120,3 @@ class SlotCache:
         buffer = self.buffers[index]
         buffer = np.array(buffer.numpy() if self.ortvalues else buffer)
         return buffer.transpose(0, 1, 3, 2).copy() if index % 2 and self.values_transposed else buffer
-

@@ -22,7 +22,7 @@ class GapSearch:
 
     def __init__(self, ranges: list[range]):
         self.ranges = ranges
-        self.scores: dict[tuple, float] = {}       # every combination decoded so far -> its score, in that order
+        self.scores: dict[tuple, float] = {}  # every combination decoded so far -> its score, in that order
         self.best = tuple(r[0] for r in ranges)
 
     @property
@@ -36,12 +36,12 @@ class GapSearch:
         for _ in range(MAX_PASSES):
             changed = False
             for gap, allowed in enumerate(self.ranges):
-                options = [current[:gap] + (n,) + current[gap + 1:] for n in allowed]
+                options = [current[:gap] + (n,) + current[gap + 1 :] for n in allowed]
                 untried = [lengths for lengths in options if lengths not in self.scores]
                 if untried:
                     return untried
                 best = max(options, key=self.scores.__getitem__)
-                if self.scores[best] > self.scores[current]:            # only a better score moves: it ends
+                if self.scores[best] > self.scores[current]:  # only a better score moves: it ends
                     current, changed = best, True
             if not changed:
                 break

@@ -19,9 +19,9 @@ import numpy as np
 
 MARKER = re.compile(r"\[MASK(?::([0-9]+))?\]")
 SPAN = re.compile(r"\[MASK:(\?|([0-9]+)-([0-9]+))\]")
-ANY_LENGTH = (1, 8)                   # what [MASK:?] allows
-MAX_CANDIDATES = 64                   # combinations of span lengths decoded together; the lengths one marker allows
-MAX_SEARCH = 256                      # lengths all of a text's span markers allow, summed (a gap-by-gap search)
+ANY_LENGTH = (1, 8)  # what [MASK:?] allows
+MAX_CANDIDATES = 64  # combinations of span lengths decoded together; the lengths one marker allows
+MAX_SEARCH = 256  # lengths all of a text's span markers allow, summed (a gap-by-gap search)
 # anything that starts like a marker: up to its closing bracket within 20 characters of the line ([MASK: 2]), or
 # else up to the first space or bracket ([MASK:3 words)
 MARKER_LIKE = re.compile(r"\[MASK\b(?:[^\[\]\n]{0,20}\]|[^\[\]\s]{0,20}\]?)")
@@ -36,7 +36,7 @@ def quoted(value, form=repr) -> str:
     text = form(value)
     if len(text) <= QUOTED_CHARACTERS:
         return text
-    return f"{text[:QUOTED_CHARACTERS - 3]}... ({len(text):,} characters)"
+    return f"{text[: QUOTED_CHARACTERS - 3]}... ({len(text):,} characters)"
 
 
 def marker_number(marker: str, digits: str, max_length: int) -> int:
@@ -44,15 +44,17 @@ def marker_number(marker: str, digits: str, max_length: int) -> int:
     int() refuses one of over 4,300 with a message of its own). Fixed-length markers need no such check: MARKER_LIKE
     refuses any over 20 characters first."""
     if len(digits.lstrip("0")) > 18:
-        raise ValueError(f"{quoted(marker)} asks for a {len(digits.lstrip('0')):,}-digit number of tokens; ask "
-                         f"for 1 to {max_length} (the bundle's maximum length)")
+        raise ValueError(
+            f"{quoted(marker)} asks for a {len(digits.lstrip('0')):,}-digit number of tokens; ask "
+            f"for 1 to {max_length} (the bundle's maximum length)"
+        )
     return int(digits)
 
 
 @dataclass(frozen=True)
 class MaskedText:
-    ids: np.ndarray          # [n] content ids, the mask id at masked positions
-    masked: np.ndarray       # [n] bool
+    ids: np.ndarray  # [n] content ids, the mask id at masked positions
+    masked: np.ndarray  # [n] bool
 
 
 def encode_masked_text(text: str, tokenizer, mask_id: int, max_length: int) -> MaskedText:
@@ -62,8 +64,9 @@ def encode_masked_text(text: str, tokenizer, mask_id: int, max_length: int) -> M
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise ValueError(f"the text is not valid Unicode (a lone surrogate at character {error.start}); "
-                         "pass UTF-8 text") from None
+        raise ValueError(
+            f"the text is not valid Unicode (a lone surrogate at character {error.start}); pass UTF-8 text"
+        ) from None
     if not text.strip():
         raise ValueError("the text is empty; give text with [MASK] (one token) or [MASK:N] (N tokens) markers")
     for like in MARKER_LIKE.finditer(text):
@@ -73,25 +76,29 @@ def encode_masked_text(text: str, tokenizer, mask_id: int, max_length: int) -> M
         raise ValueError("the text has [MASK:?] or [MASK:a-b] markers; expand it with span_candidates first")
     ids, masked, position = [], [], 0
     for match in MARKER.finditer(text):
-        count = int(match.group(1)) if match.group(1) is not None else 1       # MARKER_LIKE bounds its digits
+        count = int(match.group(1)) if match.group(1) is not None else 1  # MARKER_LIKE bounds its digits
         if not 1 <= count <= max_length:
-            raise ValueError(f"'{match.group(0)}' asks for {count} tokens; ask for 1 to {max_length} "
-                             "(the bundle's maximum length)")
-        piece = text[position:match.start()]
-        piece = piece[:-1] if piece.endswith(" ") else piece       # that space belongs to the fill
+            raise ValueError(
+                f"'{match.group(0)}' asks for {count} tokens; ask for 1 to {max_length} (the bundle's maximum length)"
+            )
+        piece = text[position : match.start()]
+        piece = piece[:-1] if piece.endswith(" ") else piece  # that space belongs to the fill
         ids += content_ids(piece, tokenizer, max_length)
         masked += [False] * (len(ids) - len(masked))
-        if len(ids) + count > max_length:       # stops here: 90,000 [MASK:2046] in 1 MB would be 184M ids
-            raise ValueError(f"the text is over the bundle's maximum of {max_length} tokens: {len(ids) + count} "
-                             f"to the end of its marker at character {match.start()}; shorten it or split it")
+        if len(ids) + count > max_length:  # stops here: 90,000 [MASK:2046] in 1 MB would be 184M ids
+            raise ValueError(
+                f"the text is over the bundle's maximum of {max_length} tokens: {len(ids) + count} "
+                f"to the end of its marker at character {match.start()}; shorten it or split it"
+            )
         ids += [mask_id] * count
         masked += [True] * count
         position = match.end()
     ids += content_ids(text[position:], tokenizer, max_length)
     masked += [False] * (len(ids) - len(masked))
     if len(ids) > max_length:
-        raise ValueError(f"the text is {len(ids)} tokens long, over the bundle's maximum of {max_length}; "
-                         "shorten it or split it")
+        raise ValueError(
+            f"the text is {len(ids)} tokens long, over the bundle's maximum of {max_length}; shorten it or split it"
+        )
     return MaskedText(np.asarray(ids, dtype=np.int64), np.asarray(masked, dtype=bool))
 
 
@@ -105,8 +112,10 @@ def content_ids(piece: str, tokenizer, max_length: int) -> list[int]:
     if len(piece) > head:
         count = len(tokenizer.encode(piece[:head], add_special_tokens=False).ids)
         if count > 2 * max_length:
-            raise ValueError(f"the text is far over the bundle's maximum of {max_length} tokens (its first "
-                             f"{head:,} characters alone make {count:,}); shorten it or split it")
+            raise ValueError(
+                f"the text is far over the bundle's maximum of {max_length} tokens (its first "
+                f"{head:,} characters alone make {count:,}); shorten it or split it"
+            )
     return tokenizer.encode(piece, add_special_tokens=False).ids
 
 
@@ -115,19 +124,27 @@ def span_ranges(text: str, max_length: int) -> list[range]:
     ValueError for a bad range, a marker allowing over MAX_CANDIDATES lengths, or over MAX_SEARCH in all."""
     ranges = []
     for match in SPAN.finditer(text):
-        low, high = ANY_LENGTH if match.group(1) == "?" else [marker_number(match.group(0), digits, max_length)
-                                                               for digits in match.group(2, 3)]
+        low, high = (
+            ANY_LENGTH
+            if match.group(1) == "?"
+            else [marker_number(match.group(0), digits, max_length) for digits in match.group(2, 3)]
+        )
         if not 1 <= low <= high <= max_length:
-            raise ValueError(f"'{match.group(0)}' asks for a span of {low} to {high} tokens; use 1 <= a <= b <= "
-                             f"{max_length}")
+            raise ValueError(
+                f"'{match.group(0)}' asks for a span of {low} to {high} tokens; use 1 <= a <= b <= {max_length}"
+            )
         if high - low + 1 > MAX_CANDIDATES:
-            raise ValueError(f"'{match.group(0)}' allows {high - low + 1} lengths, over {MAX_CANDIDATES}; narrow it "
-                             f"to at most {MAX_CANDIDATES} ([MASK:{low}-{low + MAX_CANDIDATES - 1}]) or fix the "
-                             "length with [MASK:N]")
+            raise ValueError(
+                f"'{match.group(0)}' allows {high - low + 1} lengths, over {MAX_CANDIDATES}; narrow it "
+                f"to at most {MAX_CANDIDATES} ([MASK:{low}-{low + MAX_CANDIDATES - 1}]) or fix the "
+                "length with [MASK:N]"
+            )
         ranges.append(range(low, high + 1))
     if sum(len(r) for r in ranges) > MAX_SEARCH:
-        raise ValueError(f"the span markers allow {sum(len(r) for r in ranges)} lengths in all, over {MAX_SEARCH}; "
-                         "fix some lengths with [MASK:N], narrow them with [MASK:a-b] or split the text")
+        raise ValueError(
+            f"the span markers allow {sum(len(r) for r in ranges)} lengths in all, over {MAX_SEARCH}; "
+            "fix some lengths with [MASK:N], narrow them with [MASK:a-b] or split the text"
+        )
     return ranges
 
 
@@ -137,8 +154,7 @@ def with_lengths(text: str, lengths) -> str:
     return SPAN.sub(lambda _: next(pieces), text)
 
 
-def span_candidates(text: str, max_length: int,
-                    most: int = MAX_CANDIDATES) -> list[tuple[tuple[int, ...], str]] | None:
+def span_candidates(text: str, max_length: int, most: int = MAX_CANDIDATES) -> list[tuple[tuple[int, ...], str]] | None:
     """(lengths, text with [MASK:length] at each span marker) for every combination of the allowed lengths,
     [((), text)] when the text has no span marker, or None where several span markers allow over `most`
     combinations (their lengths are then searched gap by gap; one marker's lengths are all decoded together
@@ -146,8 +162,9 @@ def span_candidates(text: str, max_length: int,
     return candidates_of(text, span_ranges(text, max_length), most)
 
 
-def candidates_of(text: str, ranges: list[range],
-                  most: int = MAX_CANDIDATES) -> list[tuple[tuple[int, ...], str]] | None:
+def candidates_of(
+    text: str, ranges: list[range], most: int = MAX_CANDIDATES
+) -> list[tuple[tuple[int, ...], str]] | None:
     """span_candidates for the text's span ranges (span_ranges), read once."""
     if len(ranges) > 1 and math.prod(len(r) for r in ranges) > most:
         return None

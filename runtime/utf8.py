@@ -17,9 +17,9 @@ import re
 
 import numpy as np
 
-FREE = -1                  # a state outside the automaton: the bytes before are not valid UTF-8
+FREE = -1  # a state outside the automaton: the bytes before are not valid UTF-8
 STATES = 4
-REACH = 4                  # within this many tokens, every reachable state is reached
+REACH = 4  # within this many tokens, every reachable state is reached
 
 
 def _byte_state(state: int, byte: int) -> int:
@@ -97,7 +97,7 @@ class Utf8Rule:
         for _ in range(REACH):
             reach.append((steps.astype(np.int64) @ reach[-1].astype(np.int64)) > 0)
         self.reach = reach
-        self._masks, self._refusals = {}, {}       # per (state, fills left, awaited): at most 4 x 5 x 4 each
+        self._masks, self._refusals = {}, {}  # per (state, fills left, awaited): at most 4 x 5 x 4 each
 
     @classmethod
     def from_tokenizer(cls, tokenizer, vocab_size: int, banned) -> "Utf8Rule":
@@ -112,7 +112,7 @@ class Utf8Rule:
             index -= 1
         for back in range(1, min(len(tail), 4) + 1):
             byte = tail[-back]
-            if byte < 0x80 or byte >= 0xC0:                    # a character starts here
+            if byte < 0x80 or byte >= 0xC0:  # a character starts here
                 return _bytes_state(0, tail[-back:])
         return 0 if index < 0 and not tail else FREE
 
@@ -145,7 +145,7 @@ class Utf8Rule:
         """(state before the fill, fills left in its span after it, bytes the text after the span awaits)."""
         position = int(targets[index])
         gaps = np.flatnonzero(np.diff(targets[index:]) != 1)
-        end = index + int(gaps[0]) if len(gaps) else len(targets) - 1      # the span runs to targets[end]
+        end = index + int(gaps[0]) if len(gaps) else len(targets) - 1  # the span runs to targets[end]
         state = self.state_before(ids, position)
         if state == FREE:
             return None
@@ -180,12 +180,12 @@ class FillPieces:
     def __init__(self, tokenizer, ids):
         """tokenizer: a `tokenizers.Tokenizer` or a transformers tokenizer; ids: the text's content ids."""
         self.tokenizer, self.ids = tokenizer, [int(i) for i in ids]
-        self.start = self.read = self.end = -1     # ids[start:read] decoded already; ids[read:end] held back
+        self.start = self.read = self.end = -1  # ids[start:read] decoded already; ids[read:end] held back
 
     def add(self, position: int, token: int) -> str:
         """The piece that filling ids[position] with token adds (fills come left to right)."""
         self.ids[position] = int(token)
-        if position != self.end:                   # a new span
+        if position != self.end:  # a new span
             self.start, self.read = max(position - 1, 0), position
         self.end = position + 1
         return self._advance(complete=False)
@@ -200,7 +200,7 @@ class FillPieces:
         if len(text) <= len(done) or (text.endswith("\ufffd") and not complete):
             return ""
         self.start, self.read = self.read, self.end
-        return text[len(done):]
+        return text[len(done) :]
 
     def _decode(self, start: int, end: int) -> str:
         return self.tokenizer.decode(self.ids[start:end], skip_special_tokens=False) if end > start else ""
@@ -211,6 +211,6 @@ def fill_pieces(tokenizer, ids, positions) -> list[str]:
     pieces, out = FillPieces(tokenizer, ids), []
     for index, position in enumerate(positions):
         out.append(pieces.add(int(position), int(ids[position])))
-        if index + 1 == len(positions) or positions[index + 1] != position + 1:     # the span ends here
+        if index + 1 == len(positions) or positions[index + 1] != position + 1:  # the span ends here
             out[-1] += pieces.rest()
     return out

@@ -24,8 +24,8 @@ def pieces(document: str, encode, size: int = PIECE_CHARS):
             break
         cut = found.start()
         end = document.find("\n", cut)
-        before = document[document.rfind("\n", start, cut - 1) + 1:cut]
-        after = document[cut:len(document) if end < 0 else end]
+        before = document[document.rfind("\n", start, cut - 1) + 1 : cut]
+        after = document[cut : len(document) if end < 0 else end]
         if list(encode(before + after)) != list(encode(before)) + list(encode(after)):
             break
         yield document[start:cut]
@@ -33,13 +33,14 @@ def pieces(document: str, encode, size: int = PIECE_CHARS):
     yield document[start:]
 
 
-def pack_windows(documents, encode, seq_len: int, separator_id: int, name: str = "the text",
-                 most: int | None = None) -> np.ndarray:
+def pack_windows(
+    documents, encode, seq_len: int, separator_id: int, name: str = "the text", most: int | None = None
+) -> np.ndarray:
     """Tokenizes documents (any iterable) with encode (text -> ids, no special tokens; a long document in
     pieces), joins them with separator_id and cuts [windows, seq_len]; with `most`, reads documents only until
     that many windows are full and returns the first `most`. `name` (where the documents come from) names them in
     the error where none fits."""
-    ids = array.array("q")                  # 8 bytes a token (a list of ints takes about 36)
+    ids = array.array("q")  # 8 bytes a token (a list of ints takes about 36)
     for document in documents:
         for piece in pieces(document, encode, PIECE_CHARS):
             ids.extend(encode(piece))
@@ -48,6 +49,7 @@ def pack_windows(documents, encode, seq_len: int, separator_id: int, name: str =
             break
     count = len(ids) // seq_len if most is None else min(most, len(ids) // seq_len)
     if count == 0:
-        raise ValueError(f"{name} holds {len(ids)} tokens, fewer than one window of --seq-len {seq_len}; "
-                         "add text or lower --seq-len")
+        raise ValueError(
+            f"{name} holds {len(ids)} tokens, fewer than one window of --seq-len {seq_len}; add text or lower --seq-len"
+        )
     return np.frombuffer(ids, dtype=np.int64, count=count * seq_len).reshape(count, seq_len)

@@ -43,8 +43,16 @@ from maria_onnx.runtime.utf8 import FillPieces
 from .core import ClientError, ClientLeft, Server, ServeSettings, logged
 from .encoding import EncodingError, accepted, compress, decompress
 from .generate import SSE_TYPE, event, generate_response, read_generate
-from .protocol import BadRequest, InferRequest, infer_response, metadata, model_config, parse_infer, request_json, \
-    text_list
+from .protocol import (
+    BadRequest,
+    InferRequest,
+    infer_response,
+    metadata,
+    model_config,
+    parse_infer,
+    request_json,
+    text_list,
+)
 
 
 class HttpRoutes:
@@ -77,8 +85,14 @@ class HttpRoutes:
 
     async def server_metadata(self, request):
         from importlib.metadata import version
-        return JSONResponse({"name": "maria-onnx", "version": version("maria-onnx"),
-                             "extensions": ["binary_tensor_data", "model_configuration", "statistics"]})
+
+        return JSONResponse(
+            {
+                "name": "maria-onnx",
+                "version": version("maria-onnx"),
+                "extensions": ["binary_tensor_data", "model_configuration", "statistics"],
+            }
+        )
 
     def model(self, request) -> str:
         """The model a route names, with its version where the route has one: the served model, version 1."""
@@ -107,7 +121,9 @@ class HttpRoutes:
             parsed: InferRequest = parse_infer(await self.body(request), int(header) if header else None)
         except BadRequest as error:
             raise ClientError(400, str(error)) from None
-        results = await self.server.run(self.server.job(parsed.texts, parsed.settings, began), left(request), parsed.timeout_s)
+        results = await self.server.run(
+            self.server.job(parsed.texts, parsed.settings, began), left(request), parsed.timeout_s
+        )
         body, headers = infer_response(name, parsed, results)
         return Response(body, headers=headers)
 
@@ -123,8 +139,11 @@ class HttpRoutes:
         if not isinstance(payload, dict):
             raise ClientError(400, f'send a JSON object {{"text": [...], ...}}, got {type(payload).__name__}')
         if "text" not in payload:
-            raise ClientError(400, f'the request has no "text" field (it has {quoted(sorted(payload))}); '
-                                   f'send {{"text": [...], ...}} with fields text, {", ".join(SETTINGS)}')
+            raise ClientError(
+                400,
+                f'the request has no "text" field (it has {quoted(sorted(payload))}); '
+                f'send {{"text": [...], ...}} with fields text, {", ".join(SETTINGS)}',
+            )
         try:
             texts = text_list(payload.pop("text"))
         except BadRequest as error:
@@ -144,15 +163,26 @@ class HttpRoutes:
         began = time.monotonic()
         texts, settings = await self.json_request(request)
         events: asyncio.Queue = asyncio.Queue()
-        pieces = {}                                # (text, sample) -> its FillPieces
+        pieces = {}  # (text, sample) -> its FillPieces
 
         def on_token(index, sample, position, token, logprob):
             if (index, sample) not in pieces:
                 ids = job.request.texts[index].candidates[0][1].ids
                 pieces[index, sample] = FillPieces(self.server.infiller.tokenizer, ids)
             piece = pieces[index, sample].add(position, token)
-            events.put_nowait({"event": "token", "data": {"text": index, "sample": sample, "position": position,
-                                                          "token": token, "piece": piece, "logprob": logprob}})
+            events.put_nowait(
+                {
+                    "event": "token",
+                    "data": {
+                        "text": index,
+                        "sample": sample,
+                        "position": position,
+                        "token": token,
+                        "piece": piece,
+                        "logprob": logprob,
+                    },
+                }
+            )
 
         job = self.server.job(texts, settings, began, on_token)
         task = asyncio.ensure_future(self.server.run(job))
@@ -162,7 +192,7 @@ class HttpRoutes:
             try:
                 while (event := await events.get()) is not None:
                     yield f"event: {event['event']}\ndata: {json.dumps(event['data'], ensure_ascii=False)}\n\n"
-            finally:                               # the client left mid-stream: run() drops the job
+            finally:  # the client left mid-stream: run() drops the job
                 if not task.done():
                     task.cancel()
             try:
@@ -170,7 +200,7 @@ class HttpRoutes:
             except ClientError as error:
                 yield f"event: error\ndata: {json.dumps({'error': str(error), 'status': error.status})}\n\n"
                 return
-            except Exception as error:             # the model failed: logged, and the stream says so
+            except Exception as error:  # the model failed: logged, and the stream says so
                 logging.getLogger("maria.serve").exception("the stream's fill failed")
                 yield f"event: error\ndata: {json.dumps({'error': f'the model failed: {error}', 'status': 500})}\n\n"
                 return
@@ -224,21 +254,37 @@ def create_app(infiller, settings: ServeSettings = ServeSettings()) -> Starlette
     """The ASGI application serving `infiller`."""
     server = Server(infiller, settings)
     http = HttpRoutes(server)
-    model = {"": ("GET", http.model_metadata), "/ready": ("GET", http.model_ready),
-             "/config": ("GET", http.model_config), "/stats": ("GET", http.model_statistics),
-             "/infer": ("POST", http.infer), "/generate": ("POST", http.generate),
-             "/generate_stream": ("POST", http.generate_stream)}
-    routes = {"/v2/health/live": ("GET", http.live), "/v2/health/ready": ("GET", http.ready_route),
-              "/v2": ("GET", http.server_metadata), "/v2/models/stats": ("GET", http.model_statistics),
-              **{prefix + suffix: route for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}")
-                 for suffix, route in model.items()},
-              "/v1/infill": ("POST", http.infill), "/v1/infill/stream": ("POST", http.stream),
-              "/v1/generate": ("POST", http.anneal),
-              "/metrics": ("GET", http.metrics_route)}
-    app = Starlette(routes=[Route(path, guarded(server, path, handler), methods=[method])
-                            for path, (method, handler) in routes.items()],
-                    exception_handlers={404: unrouted(server), 405: unrouted(server)})
-    app.router.redirect_slashes = False      # a 307 with an empty body; the 404 below names the slash instead
+    model = {
+        "": ("GET", http.model_metadata),
+        "/ready": ("GET", http.model_ready),
+        "/config": ("GET", http.model_config),
+        "/stats": ("GET", http.model_statistics),
+        "/infer": ("POST", http.infer),
+        "/generate": ("POST", http.generate),
+        "/generate_stream": ("POST", http.generate_stream),
+    }
+    routes = {
+        "/v2/health/live": ("GET", http.live),
+        "/v2/health/ready": ("GET", http.ready_route),
+        "/v2": ("GET", http.server_metadata),
+        "/v2/models/stats": ("GET", http.model_statistics),
+        **{
+            prefix + suffix: route
+            for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}")
+            for suffix, route in model.items()
+        },
+        "/v1/infill": ("POST", http.infill),
+        "/v1/infill/stream": ("POST", http.stream),
+        "/v1/generate": ("POST", http.anneal),
+        "/metrics": ("GET", http.metrics_route),
+    }
+    app = Starlette(
+        routes=[
+            Route(path, guarded(server, path, handler), methods=[method]) for path, (method, handler) in routes.items()
+        ],
+        exception_handlers={404: unrouted(server), 405: unrouted(server)},
+    )
+    app.router.redirect_slashes = False  # a 307 with an empty body; the 404 below names the slash instead
     app.state.server = server
     return app
 
@@ -246,6 +292,7 @@ def create_app(infiller, settings: ServeSettings = ServeSettings()) -> Starlette
 def unrouted(server: Server):
     """The answer to a path no route has (404) or a method its route does not take (405): one line in JSON, as
     every other error, so a client's error decoding reads it."""
+
     async def answer(request: Request, error):
         began, path = time.monotonic(), request.url.path
         if error.status_code == 405:
@@ -254,11 +301,13 @@ def unrouted(server: Server):
         elif path != "/" and path.endswith("/") and routed(request, path.rstrip("/")):
             message = f"no route {path}; leave out the trailing slash: {path.rstrip('/')}"
         else:
-            message = (f"no route {path}; the routes are /v2/..., /v1/infill, /v1/infill/stream, /v1/generate and "
-                       "/metrics")
+            message = (
+                f"no route {path}; the routes are /v2/..., /v1/infill, /v1/infill/stream, /v1/generate and /metrics"
+            )
         response = JSONResponse({"error": message}, status_code=error.status_code, headers=error.headers)
-        record(server, "(unrouted)", request, error.status_code, began)       # one label: paths are the client's
+        record(server, "(unrouted)", request, error.status_code, began)  # one label: paths are the client's
         return response
+
     return answer
 
 
@@ -276,15 +325,18 @@ def guarded(server: Server, path: str, handler):
         began = time.monotonic()
         try:
             if not open_route and not server.authorized(request.headers.get("authorization", "")):
-                raise ClientError(401, "missing or wrong bearer token; send 'Authorization: Bearer <api key>'",
-                                  {"WWW-Authenticate": "Bearer"})
+                raise ClientError(
+                    401,
+                    "missing or wrong bearer token; send 'Authorization: Bearer <api key>'",
+                    {"WWW-Authenticate": "Bearer"},
+                )
             response = await handler(request)
         except ClientError as error:
             response = JSONResponse({"error": str(error)}, status_code=error.status, headers=error.headers)
-        except Exception:                          # not the client's doing: logged with its traceback here
+        except Exception:  # not the client's doing: logged with its traceback here
             logging.getLogger("maria.serve").exception("%s %s failed", request.method, request.url.path)
             response = JSONResponse({"error": "the server failed on this request; see its log"}, status_code=500)
-        if isinstance(response, StreamingResponse):        # counted and logged when its stream ends
+        if isinstance(response, StreamingResponse):  # counted and logged when its stream ends
             response.body_iterator = logged_stream(server, path, request, began, response.body_iterator)
             return response
         record(server, path, request, response.status_code, began)
@@ -298,14 +350,24 @@ def encoded(response: Response, encoding: str | None) -> Response:
     if encoding is None or not response.body:
         return response
     headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-encoding")}
-    return Response(compress(response.body, encoding), status_code=response.status_code,
-                    headers={**headers, "content-encoding": encoding, "vary": "Accept-Encoding"})
+    return Response(
+        compress(response.body, encoding),
+        status_code=response.status_code,
+        headers={**headers, "content-encoding": encoding, "vary": "Accept-Encoding"},
+    )
 
 
 def record(server: Server, route: str, request: Request, status: int, began: float) -> None:
     """A finished HTTP request: its count and latency in the metrics, its access-log line."""
-    logged(server, route, status, began, method=request.method, path=request.url.path,
-           client=request.client.host if request.client else None)
+    logged(
+        server,
+        route,
+        status,
+        began,
+        method=request.method,
+        path=request.url.path,
+        client=request.client.host if request.client else None,
+    )
 
 
 async def logged_stream(server: Server, path: str, request: Request, began: float, events):
@@ -317,5 +379,5 @@ async def logged_stream(server: Server, path: str, request: Request, began: floa
             yield event
         status = 200
     finally:
-        await events.aclose()                  # the stream's own cleanup runs now, not when it is collected
+        await events.aclose()  # the stream's own cleanup runs now, not when it is collected
         record(server, path, request, status, began)

@@ -29,7 +29,7 @@ class Batcher:
     max_batch_size: int = 8
     max_batch_delay_s: float = 0.005
     max_queue: int = 256
-    observe_batch: Callable[[int, int], None] = lambda size, ns: None    # rows, ns: after each decode batch
+    observe_batch: Callable[[int, int], None] = lambda size, ns: None  # rows, ns: after each decode batch
     jobs: queue.Queue = field(init=False)
     held: collections.deque = field(init=False, default_factory=collections.deque)
 
@@ -68,8 +68,11 @@ class Batcher:
             job = self._next(timeout=until - time.monotonic())
             if job is None:
                 break
-            if (isinstance(job.request, AnnealRequest) or job.sampling_key != first.sampling_key
-                    or size + job.request.size > self.max_batch_size):
+            if (
+                isinstance(job.request, AnnealRequest)
+                or job.sampling_key != first.sampling_key
+                or size + job.request.size > self.max_batch_size
+            ):
                 other.append(job)
                 continue
             batch.append(job)
@@ -94,13 +97,20 @@ class Batcher:
             job.timings.started = started
         try:
             if isinstance(batch[0].request, AnnealRequest):
-                job = batch[0]                 # its deadline or its client leaving stops it between steps
-                results = [run_annealing(self.infiller.new_decoder(self.max_batch_size),
-                                         job.request.start(self.infiller), self.observe_batch, lambda: job.cancelled)]
+                job = batch[0]  # its deadline or its client leaving stops it between steps
+                results = [
+                    run_annealing(
+                        self.infiller.new_decoder(self.max_batch_size),
+                        job.request.start(self.infiller),
+                        self.observe_batch,
+                        lambda: job.cancelled,
+                    )
+                ]
             else:
-                results = self.infiller.infill_requests([job.request for job in batch], on_token,
-                                                        on_batch=self.observe_batch)
-        except Exception as error:           # handed to each request's handler, which answers for it
+                results = self.infiller.infill_requests(
+                    [job.request for job in batch], on_token, on_batch=self.observe_batch
+                )
+        except Exception as error:  # handed to each request's handler, which answers for it
             for job in batch:
                 job.finish(job.future.set_exception, error)
             return

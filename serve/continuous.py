@@ -32,8 +32,11 @@ def started_run(driver: RoundDriver, job: Job, filler: Filler) -> tuple[Run, Cal
         return driver.start(annealing, annealing.sampling), lambda: annealing.results
     rounds = Rounds(filler, [job.request], [0])
     on_token = job.on_token
-    hear = None if on_token is None else rounds.hearing(
-        lambda number, *fill: job.loop.call_soon_threadsafe(on_token, *fill))
+    hear = (
+        None
+        if on_token is None
+        else rounds.hearing(lambda number, *fill: job.loop.call_soon_threadsafe(on_token, *fill))
+    )
     return driver.start(rounds, job.request.sampling, hear), lambda: rounds.flat(0)
 
 

@@ -26,8 +26,8 @@ from .protocol import VERSION
 from .stats import Statistics, Timings
 
 access_log = logging.getLogger("maria.access")
-API_KEY = re.compile(r"[\x21-\x7e]+")          # what a bearer token in an HTTP header can carry
-ClientLeft = Callable[[], Awaitable[None]]      # returns once the request's client has gone
+API_KEY = re.compile(r"[\x21-\x7e]+")  # what a bearer token in an HTTP header can carry
+ClientLeft = Callable[[], Awaitable[None]]  # returns once the request's client has gone
 
 
 @dataclass(frozen=True)
@@ -35,20 +35,24 @@ class ServeSettings:
     model_name: str = "maria"
     max_batch_size: int = 8
     max_batch_delay_ms: float = 5.0
-    max_queue: int = 256              # requests waiting; beyond it, 503
+    max_queue: int = 256  # requests waiting; beyond it, 503
     max_body_bytes: int = 1 << 20
-    max_texts: int = 64               # texts x samples per request
-    timeout_s: float = 60.0           # per request, from arrival to answer
+    max_texts: int = 64  # texts x samples per request
+    timeout_s: float = 60.0  # per request, from arrival to answer
     api_key: str | None = None
 
     def __post_init__(self):
-        for option, value, unit in (("--max-batch-delay-ms", self.max_batch_delay_ms, "milliseconds"),
-                                    ("--timeout", self.timeout_s, "seconds")):
+        for option, value, unit in (
+            ("--max-batch-delay-ms", self.max_batch_delay_ms, "milliseconds"),
+            ("--timeout", self.timeout_s, "seconds"),
+        ):
             if not math.isfinite(value):
                 raise ValueError(f"{option} takes a finite number of {unit}, got {value}")
         if self.api_key is not None and not API_KEY.fullmatch(self.api_key):
-            raise ValueError("--api-key (or MARIA_API_KEY) must be a bearer token: printable ASCII, no spaces, not "
-                             "empty; leave both out to serve without a key")
+            raise ValueError(
+                "--api-key (or MARIA_API_KEY) must be a bearer token: printable ASCII, no spaces, not "
+                "empty; leave both out to serve without a key"
+            )
 
 
 class ClientError(Exception):
@@ -77,8 +81,9 @@ class Server:
         if infiller.decoder == "engine":
             self.batcher = ContinuousBatcher(infiller, settings.max_batch_size, settings.max_queue, self.executed)
         else:
-            self.batcher = Batcher(infiller, settings.max_batch_size, settings.max_batch_delay_ms / 1000,
-                                   settings.max_queue, self.executed)
+            self.batcher = Batcher(
+                infiller, settings.max_batch_size, settings.max_batch_delay_ms / 1000, settings.max_queue, self.executed
+            )
 
     @property
     def ready(self) -> bool:
@@ -149,8 +154,7 @@ class Server:
         try:
             self.batcher.submit(job)
         except QueueFull:
-            raise ClientError(503, "the server is busy: its queue is full; retry later",
-                              {"Retry-After": "1"}) from None
+            raise ClientError(503, "the server is busy: its queue is full; retry later", {"Retry-After": "1"}) from None
         self.metrics.queue_depth.set(self.batcher.depth)
         deadline = self.settings.timeout_s if timeout_s is None else min(self.settings.timeout_s, timeout_s)
         try:
@@ -159,7 +163,7 @@ class Server:
         except asyncio.TimeoutError:
             raise ClientError(504, f"no answer within the deadline of {deadline:g} s") from None
         finally:
-            if not job.future.done():          # the deadline passed, the client left, or this task was cancelled
+            if not job.future.done():  # the deadline passed, the client left, or this task was cancelled
                 job.cancelled = True
             self.metrics.queue_depth.set(self.batcher.depth)
 
@@ -190,8 +194,11 @@ class Server:
     def anneal_job(self, settings: dict, began: float) -> Job:
         """Checks a generation's settings before it is queued."""
         if not self.infiller.manifest.has_baseline_heads:
-            raise ClientError(501, "generation needs the AR's whole-text score, and the served bundle has no "
-                                   "ar_lm_head.onnx; serve a bundle re-exported with `maria export`")
+            raise ClientError(
+                501,
+                "generation needs the AR's whole-text score, and the served bundle has no "
+                "ar_lm_head.onnx; serve a bundle re-exported with `maria export`",
+            )
         try:
             request = anneal_request(self.infiller, settings)
         except SettingTypeError as error:
@@ -199,8 +206,11 @@ class Server:
         except ValueError as error:
             raise ClientError(422, str(error)) from None
         if request.num_samples > self.settings.max_texts:
-            raise ClientError(413, f"{request.num_samples} samples are over the limit of {self.settings.max_texts} "
-                                   f"per request; ask for at most {self.settings.max_texts}")
+            raise ClientError(
+                413,
+                f"{request.num_samples} samples are over the limit of {self.settings.max_texts} "
+                f"per request; ask for at most {self.settings.max_texts}",
+            )
         loop = asyncio.get_running_loop()
         return Job(request, loop, loop.create_future(), Timings(arrived=int(began * 1e9)))
 
@@ -210,5 +220,14 @@ def logged(server: Server, route: str, status: int, began: float, **line) -> Non
     (method, path, client) with its status and time."""
     server.metrics.requests.labels(route, str(status)).inc()
     server.metrics.latency.labels(route).observe(time.monotonic() - began)
-    access_log.info(json.dumps({"method": line["method"], "path": line["path"], "status": status,
-                                "ms": round(1000 * (time.monotonic() - began), 2), "client": line["client"]}))
+    access_log.info(
+        json.dumps(
+            {
+                "method": line["method"],
+                "path": line["path"],
+                "status": status,
+                "ms": round(1000 * (time.monotonic() - began), 2),
+                "client": line["client"],
+            }
+        )
+    )

@@ -6,7 +6,7 @@ large one."""
 
 import zlib
 
-WBITS = {"gzip": 31, "deflate": 15}          # zlib's window bits: gzip container, zlib container
+WBITS = {"gzip": 31, "deflate": 15}  # zlib's window bits: gzip container, zlib container
 
 
 class EncodingError(ValueError):

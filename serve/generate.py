@@ -24,8 +24,10 @@ def read_generate(request) -> tuple[list, dict]:
     if not isinstance(request, dict):
         raise BadRequest(f'send a JSON object {{"text": "...", "parameters": {{...}}}}, got {type(request).__name__}')
     if "text" not in request:
-        raise BadRequest(f'the request has no "text" field (it has {quoted(sorted(request))}); this model\'s input is '
-                         '"text": send {"text": "A [MASK] ...", "parameters": {...}}')
+        raise BadRequest(
+            f'the request has no "text" field (it has {quoted(sorted(request))}); this model\'s input is '
+            '"text": send {"text": "A [MASK] ...", "parameters": {...}}'
+        )
     settings = dict(parameters(request, "the request"))
     for key, value in request.items():
         if key in ("text", "parameters"):
@@ -35,7 +37,7 @@ def read_generate(request) -> tuple[list, dict]:
         settings[key] = value
     texts = request["text"]
     if isinstance(texts, list) and texts and all(isinstance(row, list) for row in texts):
-        texts = [text for row in texts for text in row]            # [n, 1], as Triton's batched input is shaped
+        texts = [text for row in texts for text in row]  # [n, 1], as Triton's batched input is shaped
     return text_list(texts), settings
 
 

@@ -29,43 +29,82 @@ from google.protobuf.message import DecodeError
 
 from . import oip_pb2 as pb
 from .core import ClientError, Server, logged
-from .protocol import (OUTPUTS, VERSION, BadRequest, InferRequest, bytes_tensor, metadata, model_config,
-                       output_tensors, read_infer)
+from .protocol import (
+    OUTPUTS,
+    VERSION,
+    BadRequest,
+    InferRequest,
+    bytes_tensor,
+    metadata,
+    model_config,
+    output_tensors,
+    read_infer,
+)
 
 SERVICE = "inference.GRPCInferenceService"
-FINAL_FLAG = "triton_enable_empty_final_response"      # a stream's request parameter (see stream_method)
-CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
-         413: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT, 499: grpc.StatusCode.CANCELLED,
-         503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED, 500: grpc.StatusCode.INTERNAL}
-CONTENTS = {"BYTES": "bytes_contents", "BOOL": "bool_contents", "FP32": "fp32_contents", "FP64": "fp64_contents",
-            "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
-            "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
-            "UINT64": "uint64_contents"}
+FINAL_FLAG = "triton_enable_empty_final_response"  # a stream's request parameter (see stream_method)
+CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    499: grpc.StatusCode.CANCELLED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+    500: grpc.StatusCode.INTERNAL,
+}
+CONTENTS = {
+    "BYTES": "bytes_contents",
+    "BOOL": "bool_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+}
 
 
 def parameter_values(parameters) -> dict:
     """A protocol parameter map as plain values."""
-    return {key: getattr(value, value.WhichOneof("parameter_choice")) for key, value in parameters.items()
-            if value.WhichOneof("parameter_choice") is not None}
+    return {
+        key: getattr(value, value.WhichOneof("parameter_choice"))
+        for key, value in parameters.items()
+        if value.WhichOneof("parameter_choice") is not None
+    }
 
 
 def read_infer_message(message: pb.ModelInferRequest) -> InferRequest:
     """A ModelInferRequest in the JSON form the HTTP route reads (raw contents as its binary data)."""
     raw = list(message.raw_input_contents)
     if raw and len(raw) != len(message.inputs):
-        raise BadRequest(f"raw_input_contents holds {len(raw)} entries for {len(message.inputs)} inputs; give one per "
-                         "input, in order, or none and each input's contents")
+        raise BadRequest(
+            f"raw_input_contents holds {len(raw)} entries for {len(message.inputs)} inputs; give one per "
+            "input, in order, or none and each input's contents"
+        )
     inputs = []
     for number, tensor in enumerate(message.inputs):
-        spec = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape),
-                "parameters": parameter_values(tensor.parameters)}
+        spec = {
+            "name": tensor.name,
+            "datatype": tensor.datatype,
+            "shape": list(tensor.shape),
+            "parameters": parameter_values(tensor.parameters),
+        }
         if raw:
             spec["parameters"]["binary_data_size"] = len(raw[number])
         else:
             spec["data"] = list(getattr(tensor.contents, CONTENTS.get(tensor.datatype, "bytes_contents")))
         inputs.append(spec)
-    request = {"inputs": inputs, "parameters": parameter_values(message.parameters),
-               "outputs": [{"name": output.name} for output in message.outputs]}
+    request = {
+        "inputs": inputs,
+        "parameters": parameter_values(message.parameters),
+        "outputs": [{"name": output.name} for output in message.outputs],
+    }
     if message.id:
         request["id"] = message.id
     return read_infer(request, b"".join(raw) if raw else None)
@@ -93,13 +132,15 @@ class InferenceService:
         return pb.ServerReadyResponse(ready=self.server.ready)
 
     async def server_metadata(self, message, context):
-        return pb.ServerMetadataResponse(name="maria-onnx", version=version("maria-onnx"),
-                                         extensions=["model_configuration", "statistics"])
+        return pb.ServerMetadataResponse(
+            name="maria-onnx", version=version("maria-onnx"), extensions=["model_configuration", "statistics"]
+        )
 
     async def model_metadata(self, message, context):
         described = metadata(self.server.model_named(message.name, message.version))
-        response = pb.ModelMetadataResponse(name=described["name"], versions=described["versions"],
-                                            platform=described["platform"])
+        response = pb.ModelMetadataResponse(
+            name=described["name"], versions=described["versions"], platform=described["platform"]
+        )
         for kind in ("inputs", "outputs"):
             for tensor in described[kind]:
                 getattr(response, kind).add(**tensor)
@@ -124,7 +165,7 @@ class InferenceService:
         except BadRequest as error:
             raise ClientError(400, str(error)) from None
         job = server.job(parsed.texts, parsed.settings, began)
-        deadlines = [t for t in (parsed.timeout_s, context.time_remaining()) if t is not None]   # request's, call's
+        deadlines = [t for t in (parsed.timeout_s, context.time_remaining()) if t is not None]  # request's, call's
         return infer_message(name, parsed, await server.run(job, None, min(deadlines, default=None)))
 
 
@@ -134,7 +175,7 @@ def method(server: Server, name: str, handler, request_type, response_type, open
     path = f"/{SERVICE}/{name}"
 
     async def call(raw: bytes, context):
-        began, status = time.monotonic(), 499           # 499 unless it ends otherwise: the client cancelled
+        began, status = time.monotonic(), 499  # 499 unless it ends otherwise: the client cancelled
         try:
             if not open_method:
                 check_token(server, context)
@@ -145,7 +186,7 @@ def method(server: Server, name: str, handler, request_type, response_type, open
             await context.abort(CODES.get(error.status, grpc.StatusCode.UNKNOWN), str(error))
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
-        except Exception:                               # not the client's doing: logged with its traceback here
+        except Exception:  # not the client's doing: logged with its traceback here
             status = 500
             logging.getLogger("maria.serve").exception("gRPC %s failed", name)
             await context.abort(grpc.StatusCode.INTERNAL, "the server failed on this request; see its log")
@@ -167,8 +208,11 @@ def parsed(raw: bytes, request_type, name: str):
     try:
         return request_type.FromString(raw)
     except DecodeError:
-        raise ClientError(400, f"the message is not a valid {request_type.DESCRIPTOR.name}; send the Open "
-                               f"Inference Protocol's {name} request") from None
+        raise ClientError(
+            400,
+            f"the message is not a valid {request_type.DESCRIPTOR.name}; send the Open "
+            f"Inference Protocol's {name} request",
+        ) from None
 
 
 STOPPING = "the server is shutting down and ended the stream; open a new one (to another server)"
@@ -187,7 +231,7 @@ def stream_method(server: Server, service: InferenceService, stopping: asyncio.E
     path = f"/{SERVICE}/ModelStreamInfer"
 
     async def answer(raw: bytes, context, peer: str) -> pb.ModelStreamInferResponse:
-        began, status, message = time.monotonic(), 499, pb.ModelInferRequest()    # 499 unless: the client left
+        began, status, message = time.monotonic(), 499, pb.ModelInferRequest()  # 499 unless: the client left
         try:
             message = parsed(raw, pb.ModelInferRequest, "ModelStreamInfer")
             if stopping.is_set():
@@ -202,16 +246,20 @@ def stream_method(server: Server, service: InferenceService, stopping: asyncio.E
             return response
         except ClientError as error:
             status, line = error.status, str(error)
-        except Exception:                               # not the client's doing: logged with its traceback here
+        except Exception:  # not the client's doing: logged with its traceback here
             status, line = 500, "the server failed on this request; see its log"
             logging.getLogger("maria.serve").exception("gRPC ModelStreamInfer failed")
         finally:
             logged(server, path, status, began, method="gRPC", path=path, client=peer)
-        return pb.ModelStreamInferResponse(error_message=line, infer_response=pb.ModelInferResponse(     # its id
-            model_name=message.model_name, model_version=message.model_version, id=message.id))
+        return pb.ModelStreamInferResponse(
+            error_message=line,
+            infer_response=pb.ModelInferResponse(  # its id
+                model_name=message.model_name, model_version=message.model_version, id=message.id
+            ),
+        )
 
     async def call(requests, context):
-        peer = context.peer()            # read now: the call's context must not be touched once it has ended
+        peer = context.peer()  # read now: the call's context must not be touched once it has ended
         try:
             check_token(server, context)
         except ClientError as error:
@@ -223,7 +271,7 @@ def stream_method(server: Server, service: InferenceService, stopping: asyncio.E
         async def one(raw: bytes):
             await answers.put(await answer(raw, context, peer))
 
-        async def read():                               # the stream's requests, then None once all are answered
+        async def read():  # the stream's requests, then None once all are answered
             nonlocal unanswered, sent_all
             try:
                 async for raw in requests:
@@ -232,12 +280,12 @@ def stream_method(server: Server, service: InferenceService, stopping: asyncio.E
                     task = asyncio.create_task(one(raw))
                     running.add(task)
                     task.add_done_callback(running.discard)
-                sent_all = True                         # the client closed its side: the stream ends as usual
+                sent_all = True  # the client closed its side: the stream ends as usual
                 await asyncio.gather(*running)
             finally:
                 await answers.put(None)
 
-        async def stop():                               # wakes the loop below when the server stops
+        async def stop():  # wakes the loop below when the server stops
             await stopping.wait()
             await answers.put(STOPPING)
 
@@ -250,15 +298,16 @@ def stream_method(server: Server, service: InferenceService, stopping: asyncio.E
                     yield response
                 if stopping.is_set() and not unanswered and not sent_all:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, STOPPING)
-            await reader                                # a failed read of the stream fails the call
-        finally:                  # the client left: its requests leave the engine, before the call ends
+            await reader  # a failed read of the stream fails the call
+        finally:  # the client left: its requests leave the engine, before the call ends
             tasks = [reader, watcher, *running]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    return grpc.stream_stream_rpc_method_handler(call,
-                                                 response_serializer=pb.ModelStreamInferResponse.SerializeToString)
+    return grpc.stream_stream_rpc_method_handler(
+        call, response_serializer=pb.ModelStreamInferResponse.SerializeToString
+    )
 
 
 def grpc_server(server: Server, stopping: asyncio.Event) -> grpc.aio.Server:
@@ -266,18 +315,34 @@ def grpc_server(server: Server, stopping: asyncio.Event) -> grpc.aio.Server:
     running event loop). Messages are bounded by --max-body-bytes like HTTP bodies. Set `stopping` before stopping
     it: open streams then end once answered (stream_method)."""
     service = InferenceService(server)
-    handlers = {"ServerLive": service.server_live, "ServerReady": service.server_ready,
-                "ServerMetadata": service.server_metadata, "ModelMetadata": service.model_metadata,
-                "ModelReady": service.model_ready, "ModelConfig": service.model_config,
-                "ModelStatistics": service.model_statistics, "ModelInfer": service.model_infer}
-    methods = {name: method(server, name, handler, getattr(pb, f"{name}Request"), getattr(pb, f"{name}Response"),
-                            open_method=name in ("ServerLive", "ServerReady"))
-               for name, handler in handlers.items()}
+    handlers = {
+        "ServerLive": service.server_live,
+        "ServerReady": service.server_ready,
+        "ServerMetadata": service.server_metadata,
+        "ModelMetadata": service.model_metadata,
+        "ModelReady": service.model_ready,
+        "ModelConfig": service.model_config,
+        "ModelStatistics": service.model_statistics,
+        "ModelInfer": service.model_infer,
+    }
+    methods = {
+        name: method(
+            server,
+            name,
+            handler,
+            getattr(pb, f"{name}Request"),
+            getattr(pb, f"{name}Response"),
+            open_method=name in ("ServerLive", "ServerReady"),
+        )
+        for name, handler in handlers.items()
+    }
     methods["ModelStreamInfer"] = stream_method(server, service, stopping)
-    endpoint = grpc.aio.server(options=[("grpc.max_receive_message_length", server.settings.max_body_bytes),
-                                        ("grpc.so_reuseport", 0)])      # a port in use is refused, not shared
-    endpoint.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),
-                                       Unserved(server, list(methods))))
+    endpoint = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", server.settings.max_body_bytes), ("grpc.so_reuseport", 0)]
+    )  # a port in use is refused, not shared
+    endpoint.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE, methods), Unserved(server, list(methods)))
+    )
     return endpoint
 
 
@@ -293,7 +358,9 @@ class Unserved(grpc.GenericRpcHandler):
 
         async def unserved(message, context):
             logged(server, "(unserved)", 501, time.monotonic(), method="gRPC", path=path, client=context.peer())
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                                f"{path} is not served here; this server's gRPC serves {SERVICE}'s "
-                                f"{', '.join(self.served)}")
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"{path} is not served here; this server's gRPC serves {SERVICE}'s {', '.join(self.served)}",
+            )
+
         return grpc.unary_unary_rpc_method_handler(unserved)

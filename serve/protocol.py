@@ -22,26 +22,44 @@ from maria_onnx.runtime.readers import RefusedJson, loads_json
 
 from maria_onnx.runtime.text import quoted
 
-INPUTS = {"text": "BYTES", "temperature": "FP32", "top_k": "INT32", "top_p": "FP32", "seed": "INT64",
-          "num_samples": "INT32"}
+INPUTS = {
+    "text": "BYTES",
+    "temperature": "FP32",
+    "top_k": "INT32",
+    "top_p": "FP32",
+    "seed": "INT64",
+    "num_samples": "INT32",
+}
 OUTPUTS = {"text": "BYTES", "result": "BYTES"}
-VERSION = "1"                  # the one model version a server serves
+VERSION = "1"  # the one model version a server serves
 # Triton's own request parameters, which tritonclient sends: binary_data_output (all outputs binary), priority
 # (taken and ignored: one queue), timeout (microseconds: the request's deadline where shorter than the server's)
 PROTOCOL_PARAMETERS = ("binary_data_output", "priority", "timeout", "sequence_id", "sequence_start", "sequence_end")
 SEQUENCE_PARAMETERS = PROTOCOL_PARAMETERS[3:]
-NUMERIC = {"FP32": "<f4", "FP64": "<f8", "INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",
-           "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8"}
+NUMERIC = {
+    "FP32": "<f4",
+    "FP64": "<f8",
+    "INT8": "<i1",
+    "INT16": "<i2",
+    "INT32": "<i4",
+    "INT64": "<i8",
+    "UINT8": "<u1",
+    "UINT16": "<u2",
+    "UINT32": "<u4",
+    "UINT64": "<u8",
+}
 
 
-MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")      # safe in a URL path and in config.pbtxt
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # safe in a URL path and in config.pbtxt
 
 
 def check_model_name(name: str) -> str:
     """The name a model is served under, or ValueError where a URL or Triton's config.pbtxt could not carry it."""
     if not MODEL_NAME.fullmatch(name or ""):
-        raise ValueError(f"--model-name takes letters, digits, '_', '-' and '.' (not first), got {name!r}; it names "
-                         "the model in URLs and in Triton's config.pbtxt")
+        raise ValueError(
+            f"--model-name takes letters, digits, '_', '-' and '.' (not first), got {name!r}; it names "
+            "the model in URLs and in Triton's config.pbtxt"
+        )
     return name
 
 
@@ -53,18 +71,24 @@ class BadRequest(ValueError):
 class InferRequest:
     id: str | None
     texts: list[str]
-    settings: dict             # the sampling settings given, as read_settings (runtime/requests.py) takes them
-    binary_outputs: set        # output names asked for as binary data
-    outputs: tuple = tuple(OUTPUTS)    # the outputs asked for (all where the request names none)
-    timeout_s: float | None = None     # the request's own deadline, where it gave one
+    settings: dict  # the sampling settings given, as read_settings (runtime/requests.py) takes them
+    binary_outputs: set  # output names asked for as binary data
+    outputs: tuple = tuple(OUTPUTS)  # the outputs asked for (all where the request names none)
+    timeout_s: float | None = None  # the request's own deadline, where it gave one
 
 
 def metadata(model_name: str, platform: str = "maria_onnx") -> dict:
     """Model metadata: the tensors' names, datatypes and shapes (-1: any length)."""
-    return {"name": model_name, "versions": [VERSION], "platform": platform,
-            "inputs": [{"name": name, "datatype": kind, "shape": [-1, 1] if name == "text" else [1]}
-                       for name, kind in INPUTS.items()],
-            "outputs": [{"name": name, "datatype": kind, "shape": [-1, -1]} for name, kind in OUTPUTS.items()]}
+    return {
+        "name": model_name,
+        "versions": [VERSION],
+        "platform": platform,
+        "inputs": [
+            {"name": name, "datatype": kind, "shape": [-1, 1] if name == "text" else [1]}
+            for name, kind in INPUTS.items()
+        ],
+        "outputs": [{"name": name, "datatype": kind, "shape": [-1, -1]} for name, kind in OUTPUTS.items()],
+    }
 
 
 def model_config(model_name: str, max_batch_size: int, platform: str = "maria_onnx") -> dict:
@@ -72,10 +96,17 @@ def model_config(model_name: str, max_batch_size: int, platform: str = "maria_on
     get_model_config reads): the same tensors as the metadata, the batch dimension left out of dims as Triton
     does for a model with max_batch_size > 0."""
     triton_types = {"BYTES": "TYPE_STRING", "FP32": "TYPE_FP32", "INT32": "TYPE_INT32", "INT64": "TYPE_INT64"}
-    return {"name": model_name, "platform": platform, "backend": platform, "max_batch_size": max_batch_size,
-            "input": [{"name": name, "data_type": triton_types[kind], "dims": [1], "optional": name != "text"}
-                      for name, kind in INPUTS.items()],
-            "output": [{"name": name, "data_type": triton_types[kind], "dims": [-1]} for name, kind in OUTPUTS.items()]}
+    return {
+        "name": model_name,
+        "platform": platform,
+        "backend": platform,
+        "max_batch_size": max_batch_size,
+        "input": [
+            {"name": name, "data_type": triton_types[kind], "dims": [1], "optional": name != "text"}
+            for name, kind in INPUTS.items()
+        ],
+        "output": [{"name": name, "data_type": triton_types[kind], "dims": [-1]} for name, kind in OUTPUTS.items()],
+    }
 
 
 def bytes_elements(raw: bytes) -> list[bytes]:
@@ -87,7 +118,7 @@ def bytes_elements(raw: bytes) -> list[bytes]:
         (length,) = struct.unpack_from("<I", raw, offset)
         if offset + 4 + length > len(raw):
             raise BadRequest("a BYTES tensor's binary data is shorter than its element lengths say")
-        elements.append(raw[offset + 4: offset + 4 + length])
+        elements.append(raw[offset + 4 : offset + 4 + length])
         offset += 4 + length
     return elements
 
@@ -115,8 +146,10 @@ def _element_count(spec: dict) -> int:
     """The number of elements an input's shape says it holds."""
     shape = spec.get("shape")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise BadRequest(f"input {quoted(spec.get('name'))} needs a 'shape', a list of non-negative integers "
-                         f"([n] or [n, 1] for n texts, [1] for a setting), got {quoted(shape)}")
+        raise BadRequest(
+            f"input {quoted(spec.get('name'))} needs a 'shape', a list of non-negative integers "
+            f"([n] or [n, 1] for n texts, [1] for a setting), got {quoted(shape)}"
+        )
     return math.prod(shape)
 
 
@@ -127,15 +160,17 @@ def _tensor_values(spec: dict, binary: bytes | None, offset: int) -> tuple[list,
     if size is not None:
         if binary is None or type(size) is not int or size < 0 or offset + size > len(binary):
             raise BadRequest(f"input '{name}' says binary_data_size {size}, but the binary data is shorter")
-        raw, offset = binary[offset: offset + size], offset + size
+        raw, offset = binary[offset : offset + size], offset + size
         if kind == "BYTES":
             return bytes_elements(raw), offset
         if kind not in NUMERIC:
             raise BadRequest(f"input '{name}' has datatype {quoted(kind)}; expected {INPUTS.get(name, 'a number')}")
         width = np.dtype(NUMERIC[kind]).itemsize
         if size % width:
-            raise BadRequest(f"input '{name}' has {size} bytes of binary data, not a whole number of {kind} values "
-                             f"({width} bytes each)")
+            raise BadRequest(
+                f"input '{name}' has {size} bytes of binary data, not a whole number of {kind} values "
+                f"({width} bytes each)"
+            )
         return np.frombuffer(raw, dtype=NUMERIC[kind]).tolist(), offset
     data = spec.get("data")
     if not isinstance(data, list):
@@ -155,8 +190,10 @@ def _check_range(name: str, kind: str, values: list) -> None:
     for value in values:
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if number and math.isfinite(value) and not low <= value <= high:
-            raise BadRequest(f"input '{name}' is {kind} but holds {value!r}, outside {kind}'s range {low} to "
-                             f"{high}; send a value in range or declare a wider datatype")
+            raise BadRequest(
+                f"input '{name}' is {kind} but holds {value!r}, outside {kind}'s range {low} to "
+                f"{high}; send a value in range or declare a wider datatype"
+            )
 
 
 def parse_infer(body: bytes, header_length: int | None) -> InferRequest:
@@ -184,7 +221,7 @@ def request_json(body: bytes):
         return loads_json(body)
     except RefusedJson as error:
         raise BadRequest(f"the request {error}") from None
-    except ValueError as error:                # and UnicodeDecodeError, one of them
+    except ValueError as error:  # and UnicodeDecodeError, one of them
         raise BadRequest(f"the request is not valid JSON ({error})") from None
 
 
@@ -194,8 +231,9 @@ def read_infer(request, binary: bytes | None) -> InferRequest:
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise BadRequest('the request must be a JSON object with an "inputs" list')
     if not isinstance(request.get("id", ""), str):
-        raise BadRequest(f"the request's 'id' must be a string, got {type(request['id']).__name__}; "
-                         "send it as a JSON string")
+        raise BadRequest(
+            f"the request's 'id' must be a string, got {type(request['id']).__name__}; send it as a JSON string"
+        )
     given = parameters(request, "the request")
     if any(given.get(name) for name in SEQUENCE_PARAMETERS):
         raise BadRequest(f"this model is not a sequence model; leave out {', '.join(SEQUENCE_PARAMETERS)}")
@@ -206,8 +244,10 @@ def read_infer(request, binary: bytes | None) -> InferRequest:
     texts, offset, seen = None, 0, set()
     for spec in request["inputs"]:
         if not isinstance(spec, dict) or spec.get("name") not in INPUTS:
-            raise BadRequest(f"unknown input {quoted(spec.get('name') if isinstance(spec, dict) else spec)}; "
-                             f"inputs are {', '.join(INPUTS)}")
+            raise BadRequest(
+                f"unknown input {quoted(spec.get('name') if isinstance(spec, dict) else spec)}; "
+                f"inputs are {', '.join(INPUTS)}"
+            )
         name, kind = spec["name"], spec.get("datatype")
         if name in seen:
             raise BadRequest(f"input '{name}' is given twice; send each input once")
@@ -219,8 +259,10 @@ def read_infer(request, binary: bytes | None) -> InferRequest:
         count = _element_count(spec)
         values, offset = _tensor_values(spec, binary, offset)
         if len(values) != count:
-            raise BadRequest(f"input '{name}' has shape {quoted(spec['shape'])} ({count} elements) but holds "
-                             f"{len(values)}; make the shape match the data")
+            raise BadRequest(
+                f"input '{name}' has shape {quoted(spec['shape'])} ({count} elements) but holds "
+                f"{len(values)}; make the shape match the data"
+            )
         if name == "text":
             texts = [_decode_text(v) if isinstance(v, (bytes, str)) else _not_text(v) for v in values]
         elif len(values) != 1:
@@ -230,21 +272,32 @@ def read_infer(request, binary: bytes | None) -> InferRequest:
     if texts is None:
         raise BadRequest("the request has no 'text' input (BYTES, one element per text)")
     if binary is not None and offset != len(binary):
-        raise BadRequest(f"the body holds {len(binary) - offset} bytes after the inputs' binary data; each input's "
-                         "binary_data_size must cover its bytes")
+        raise BadRequest(
+            f"the body holds {len(binary) - offset} bytes after the inputs' binary data; each input's "
+            "binary_data_size must cover its bytes"
+        )
     asked = request.get("outputs") or []
     if not isinstance(asked, list) or not all(isinstance(o, dict) for o in asked):
         raise BadRequest(f"'outputs' must be a list of {{\"name\": ...}} objects; outputs are {', '.join(OUTPUTS)}")
     unknown = [o.get("name") for o in asked if o.get("name") not in OUTPUTS]
     if unknown:
         raise BadRequest(f"no output {quoted(unknown[0], json.dumps)}; this model's outputs are {', '.join(OUTPUTS)}")
-    binary_outputs = {o["name"] for o in asked
-                      if _flag(parameters(o, f"output '{o['name']}'"), "binary_data", f"output '{o['name']}'")}
+    binary_outputs = {
+        o["name"]
+        for o in asked
+        if _flag(parameters(o, f"output '{o['name']}'"), "binary_data", f"output '{o['name']}'")
+    }
     if _flag(given, "binary_data_output", "the request"):
         binary_outputs |= set(OUTPUTS)
     outputs = tuple(dict.fromkeys(o["name"] for o in asked)) or tuple(OUTPUTS)
-    return InferRequest(id=request.get("id"), texts=texts, settings=settings, binary_outputs=binary_outputs,
-                        outputs=outputs, timeout_s=None if timeout is None else timeout / 1e6)
+    return InferRequest(
+        id=request.get("id"),
+        texts=texts,
+        settings=settings,
+        binary_outputs=binary_outputs,
+        outputs=outputs,
+        timeout_s=None if timeout is None else timeout / 1e6,
+    )
 
 
 def _flag(given: dict, name: str, what: str) -> bool:
@@ -261,8 +314,15 @@ def _not_text(value):
 
 def output_values(results: list, names=tuple(OUTPUTS)) -> list[tuple[str, list[str]]]:
     """(name, values) of each output named: the filled texts, or each result's JSON object."""
-    return [(name, [r.text for r in results] if name == "text" else
-             [json.dumps(r.to_dict(), ensure_ascii=False) for r in results]) for name in names]
+    return [
+        (
+            name,
+            [r.text for r in results]
+            if name == "text"
+            else [json.dumps(r.to_dict(), ensure_ascii=False) for r in results],
+        )
+        for name in names
+    ]
 
 
 def output_tensors(request: InferRequest, results: list) -> list[tuple[str, list[int], list[str]]]:
@@ -295,5 +355,7 @@ def infer_response(model_name: str, request: InferRequest, results: list) -> tup
     head_bytes = json.dumps(head, ensure_ascii=False).encode("utf-8")
     if not blobs:
         return head_bytes, {"content-type": "application/json"}
-    return head_bytes + b"".join(blobs), {"content-type": "application/octet-stream",
-                                          "inference-header-content-length": str(len(head_bytes))}
+    return head_bytes + b"".join(blobs), {
+        "content-type": "application/octet-stream",
+        "inference-header-content-length": str(len(head_bytes)),
+    }

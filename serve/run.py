@@ -33,26 +33,35 @@ class GracefulServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def serve(infiller, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000,
-          grace_s: float = 30.0, grpc_port: int | None = None) -> None:
+def serve(
+    infiller,
+    settings: ServeSettings,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    grace_s: float = 30.0,
+    grpc_port: int | None = None,
+) -> None:
     """Serves HTTP, and gRPC where grpc_port is given, until SIGTERM / SIGINT; prints the addresses it listens on."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     warm_ms = warm_up(infiller, settings.max_batch_size)
     listener = bound(host, port, "--port")
-    listener.listen(2048)                  # connections wait in the backlog until uvicorn accepts them
-    if grpc_port:                          # refused here with the reason, before gRPC would log its own lines
+    listener.listen(2048)  # connections wait in the backlog until uvicorn accepts them
+    if grpc_port:  # refused here with the reason, before gRPC would log its own lines
         bound(host, grpc_port, "--grpc-port").close()
     app = create_app(infiller, settings)
-    config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=grace_s)
+    config = uvicorn.Config(
+        app, log_config=None, log_level="warning", access_log=False, timeout_graceful_shutdown=grace_s
+    )
     shown = f"[{host}]" if listener.family == socket.AF_INET6 else host
-    announced = (f"maria serve: model '{settings.model_name}' on {infiller.device} (warmed up in {warm_ms:.0f} ms), "
-                 f"listening on http://{shown}:{listener.getsockname()[1]}")
+    announced = (
+        f"maria serve: model '{settings.model_name}' on {infiller.device} (warmed up in {warm_ms:.0f} ms), "
+        f"listening on http://{shown}:{listener.getsockname()[1]}"
+    )
     asyncio.run(serve_all(GracefulServer(config), listener, app.state.server, announced, shown, grpc_port, grace_s))
 
 
 WARM_UP_TEXT = "a [MASK] b"
-WARM_UP_SPANS = "a [MASK:1-2] b"        # span candidates: the AR's LM head too, where the bundle has it
+WARM_UP_SPANS = "a [MASK:1-2] b"  # span candidates: the AR's LM head too, where the bundle has it
 
 
 def warm_up(infiller, slots: int) -> float:
@@ -62,10 +71,12 @@ def warm_up(infiller, slots: int) -> float:
     text = WARM_UP_SPANS if infiller.manifest.has_baseline_heads else WARM_UP_TEXT
     try:
         infiller.infill([text], batch_size=slots)
-    except Exception as error:       # an ONNX Runtime failure (device memory, a kernel): one line, not a traceback
-        raise ValueError(f"the model could not fill a text on {infiller.device} before serving "
-                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); check the "
-                         "bundle and device, or try a smaller --max-batch-size") from None
+    except Exception as error:  # an ONNX Runtime failure (device memory, a kernel): one line, not a traceback
+        raise ValueError(
+            f"the model could not fill a text on {infiller.device} before serving "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); check the "
+            "bundle and device, or try a smaller --max-batch-size"
+        ) from None
     return 1000 * (time.perf_counter() - began)
 
 
@@ -77,13 +88,21 @@ def bound(host: str, port: int, option: str) -> socket.socket:
         bound_socket.bind((host, port))
     except OSError as error:
         bound_socket.close()
-        raise ValueError(f"cannot listen on {host}:{port} ({error.strerror}); choose another {option} or --host") \
-            from None
+        raise ValueError(
+            f"cannot listen on {host}:{port} ({error.strerror}); choose another {option} or --host"
+        ) from None
     return bound_socket
 
 
-async def serve_all(web: GracefulServer, listener: socket.socket, server, announced: str, host: str,
-                    grpc_port: int | None, grace_s: float) -> None:
+async def serve_all(
+    web: GracefulServer,
+    listener: socket.socket,
+    server,
+    announced: str,
+    host: str,
+    grpc_port: int | None,
+    grace_s: float,
+) -> None:
     """uvicorn on listener and, given a port, the gRPC server beside it on the same event loop; both stop
     gracefully on the one signal."""
     if grpc_port is None:
@@ -91,13 +110,15 @@ async def serve_all(web: GracefulServer, listener: socket.socket, server, announ
         await web.serve(sockets=[listener])
         return
     from .grpc_service import grpc_server
+
     stopping = asyncio.Event()
     endpoint = grpc_server(server, stopping)
     try:
         bound = endpoint.add_insecure_port(f"{host}:{grpc_port}")
     except RuntimeError:
-        raise ValueError(f"cannot listen on {host}:{grpc_port} for gRPC; choose another --grpc-port or --host") \
-            from None
+        raise ValueError(
+            f"cannot listen on {host}:{grpc_port} for gRPC; choose another --grpc-port or --host"
+        ) from None
     await endpoint.start()
     print(f"{announced}, gRPC on {host}:{bound}", file=sys.stderr, flush=True)
     stopped = asyncio.ensure_future(stop_with(web, endpoint, stopping, grace_s))

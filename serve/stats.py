@@ -25,6 +25,7 @@ PHASES = ("success", "fail", "queue", "compute_input", "compute_infer", "compute
 @dataclass
 class Timings:
     """When one request passed each point (time.monotonic_ns); set by the route and the decode worker."""
+
     arrived: int
     queued: int = 0
     started: int = 0
@@ -32,19 +33,23 @@ class Timings:
 
     def phases(self, done: int) -> dict:
         """ns spent in each phase by a request answered at `done`: the whole (success) and its four parts."""
-        return {"success": done - self.arrived, "compute_input": self.queued - self.arrived,
-                "queue": self.started - self.queued, "compute_infer": self.filled - self.started,
-                "compute_output": done - self.filled}
+        return {
+            "success": done - self.arrived,
+            "compute_input": self.queued - self.arrived,
+            "queue": self.started - self.queued,
+            "compute_infer": self.filled - self.started,
+            "compute_output": done - self.filled,
+        }
 
 
 @dataclass
 class Statistics:
     lock: threading.Lock = field(default_factory=threading.Lock)
-    last_inference: int = 0             # ms since the epoch
-    inference_count: int = 0            # texts answered
-    execution_count: int = 0            # engine steps or batches run
-    phases: dict = field(default_factory=lambda: {phase: [0, 0] for phase in PHASES})     # phase -> [count, ns]
-    batches: dict = field(default_factory=dict)                                            # rows -> [count, ns]
+    last_inference: int = 0  # ms since the epoch
+    inference_count: int = 0  # texts answered
+    execution_count: int = 0  # engine steps or batches run
+    phases: dict = field(default_factory=lambda: {phase: [0, 0] for phase in PHASES})  # phase -> [count, ns]
+    batches: dict = field(default_factory=dict)  # rows -> [count, ns]
 
     def _add(self, counts: list, ns: int) -> None:
         counts[0] += 1
@@ -71,13 +76,25 @@ class Statistics:
 
     def model_stats(self, name: str, version: str) -> dict:
         """The extension's $model_stat object."""
+
         def duration(counts):
             return {"count": counts[0], "ns": counts[1]}
 
         with self.lock:
-            return {"name": name, "version": version, "last_inference": self.last_inference,
-                    "inference_count": self.inference_count, "execution_count": self.execution_count,
-                    "inference_stats": {phase: duration(counts) for phase, counts in self.phases.items()},
-                    "batch_stats": [{"batch_size": size, "compute_input": duration([counts[0], 0]),
-                                     "compute_infer": duration(counts), "compute_output": duration([counts[0], 0])}
-                                    for size, counts in sorted(self.batches.items())]}
+            return {
+                "name": name,
+                "version": version,
+                "last_inference": self.last_inference,
+                "inference_count": self.inference_count,
+                "execution_count": self.execution_count,
+                "inference_stats": {phase: duration(counts) for phase, counts in self.phases.items()},
+                "batch_stats": [
+                    {
+                        "batch_size": size,
+                        "compute_input": duration([counts[0], 0]),
+                        "compute_infer": duration(counts),
+                        "compute_output": duration([counts[0], 0]),
+                    }
+                    for size, counts in sorted(self.batches.items())
+                ],
+            }

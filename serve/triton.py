@@ -28,8 +28,17 @@ def _source_only(folder, names) -> list[str]:
     return [n for n in names if n == "__pycache__" or ((Path(folder) / n).is_file() and not n.endswith(".py"))]
 
 
-def config_pbtxt(name: str, kind: str, instances: int, max_batch_size: int, max_queue_delay_us: int,
-                 max_queue: int, timeout_us: int, max_texts: int = 64, threads: int | None = None) -> str:
+def config_pbtxt(
+    name: str,
+    kind: str,
+    instances: int,
+    max_batch_size: int,
+    max_queue_delay_us: int,
+    max_queue: int,
+    timeout_us: int,
+    max_texts: int = 64,
+    threads: int | None = None,
+) -> str:
     """config.pbtxt: text [batch, 1] -> text, result [batch, num_samples], all BYTES. threads: CPU threads per
     ONNX Runtime session of each instance; None ("auto"): CPU instances share the CPUs Triton may use equally."""
     return f'''name: "{name}"
@@ -52,48 +61,68 @@ dynamic_batching {{
   }}
 }}
 instance_group [ {{ count: {instances} kind: {KINDS[kind]} }} ]
-parameters {{ key: "device" value: {{ string_value: "{'cuda' if kind == 'gpu' else 'cpu'}" }} }}
+parameters {{ key: "device" value: {{ string_value: "{"cuda" if kind == "gpu" else "cpu"}" }} }}
 parameters {{ key: "max_texts" value: {{ string_value: "{max_texts}" }} }}
-parameters {{ key: "threads" value: {{ string_value: "{threads or 'auto'}" }} }}
+parameters {{ key: "threads" value: {{ string_value: "{threads or "auto"}" }} }}
 '''
 
 
-def write_repository(bundle, out, name: str = "maria", kind: str = "gpu", instances: int = 1,
-                     max_batch_size: int = 8, max_queue_delay_us: int = 5000, max_queue: int = 256,
-                     timeout_us: int = 60_000_000, link: bool = False, overwrite: bool = False,
-                     max_texts: int = 64, threads: int | None = None) -> Path:
+def write_repository(
+    bundle,
+    out,
+    name: str = "maria",
+    kind: str = "gpu",
+    instances: int = 1,
+    max_batch_size: int = 8,
+    max_queue_delay_us: int = 5000,
+    max_queue: int = 256,
+    timeout_us: int = 60_000_000,
+    link: bool = False,
+    overwrite: bool = False,
+    max_texts: int = 64,
+    threads: int | None = None,
+) -> Path:
     """Writes the repository at `out`; returns the model's folder."""
     bundle, out = Path(bundle).resolve(), Path(out).resolve()
-    load_manifest(bundle)                                   # a complete, intact bundle, or a clear error
+    load_manifest(bundle)  # a complete, intact bundle, or a clear error
     if kind not in KINDS:
         raise ValueError(f"--kind must be gpu or cpu, got '{kind}'")
     check_model_name(name)
-    if min(instances, max_batch_size, max_queue, max_texts, threads or 1) < 1 or max_queue_delay_us < 0 \
-            or timeout_us < 1:
-        raise ValueError("instances, max batch size, queue size, max texts and threads must be at least 1; delays "
-                         "non-negative")
+    if (
+        min(instances, max_batch_size, max_queue, max_texts, threads or 1) < 1
+        or max_queue_delay_us < 0
+        or timeout_us < 1
+    ):
+        raise ValueError(
+            "instances, max batch size, queue size, max texts and threads must be at least 1; delays non-negative"
+        )
     if out == bundle or bundle in out.parents:
         raise ValueError(f"--out {out} is inside the bundle {bundle}; write the repository somewhere else")
     if out.exists() and not (overwrite and (out / name / "config.pbtxt").is_file()):
-        raise FileExistsError(f"{out} already exists; choose another --out (--overwrite replaces only a "
-                              "repository this command wrote)")
+        raise FileExistsError(
+            f"{out} already exists; choose another --out (--overwrite replaces only a repository this command wrote)"
+        )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     except OSError as error:
-        raise PermissionError(f"cannot write the repository to {out} ({error.strerror}); choose another --out") \
-            from None
+        raise PermissionError(
+            f"cannot write the repository to {out} ({error.strerror}); choose another --out"
+        ) from None
     try:
         version = staging / name / "1"
         version.mkdir(parents=True)
         (staging / name / "config.pbtxt").write_text(
-            config_pbtxt(name, kind, instances, max_batch_size, max_queue_delay_us, max_queue, timeout_us, max_texts,
-                         threads))
+            config_pbtxt(
+                name, kind, instances, max_batch_size, max_queue_delay_us, max_queue, timeout_us, max_texts, threads
+            )
+        )
         shutil.copy(MODEL_FILE, version / "model.py")
         (version / "maria_onnx").mkdir()
         shutil.copy(maria_onnx.__file__, version / "maria_onnx" / "__init__.py")
-        shutil.copytree(Path(maria_onnx.runtime.__file__).parent, version / "maria_onnx" / "runtime",
-                        ignore=_source_only)
+        shutil.copytree(
+            Path(maria_onnx.runtime.__file__).parent, version / "maria_onnx" / "runtime", ignore=_source_only
+        )
         if link:
             (version / "bundle").symlink_to(bundle, target_is_directory=True)
         else:

@@ -19,7 +19,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))           # maria_onnx (its root and runtime) copied beside this file
+sys.path.insert(0, str(HERE))  # maria_onnx (its root and runtime) copied beside this file
 
 from maria_onnx.runtime.cpus import shared_threads  # noqa: E402
 from maria_onnx.runtime.infiller import FillRequest, Infiller  # noqa: E402
@@ -35,8 +35,9 @@ def instance_threads(config: dict, kind: str | None) -> int | None:
         return int(threads)
     if kind != "CPU":
         return None
-    instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])
-                    if group.get("kind") == "KIND_CPU")
+    instances = sum(
+        int(group.get("count", 1)) for group in config.get("instance_group", []) if group.get("kind") == "KIND_CPU"
+    )
     return shared_threads(instances) if instances > 1 else None
 
 
@@ -48,14 +49,16 @@ class TritonPythonModel:
         kind = args.get("model_instance_kind")
         if kind == "CPU":
             device = "cpu"
-        elif kind == "GPU" and device == "cuda":      # Triton places a group of instances on every visible GPU
+        elif kind == "GPU" and device == "cuda":  # Triton places a group of instances on every visible GPU
             device = f"cuda:{args['model_instance_device_id']}"
         self.max_texts = int(parameters.get("max_texts", {}).get("string_value", "64"))
         self.infiller = Infiller(HERE / "bundle", device=device, threads=instance_threads(config, kind))
 
     def read(self, request) -> FillRequest:
-        texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t)
-                 for t in pb_utils.get_input_tensor_by_name(request, "text").as_numpy().reshape(-1)]
+        texts = [
+            t.decode("utf-8") if isinstance(t, bytes) else str(t)
+            for t in pb_utils.get_input_tensor_by_name(request, "text").as_numpy().reshape(-1)
+        ]
         sampling, num_samples, rerank = read_settings(json.loads(request.parameters() or "{}"))
         return bounded_request(self.prepare, texts, sampling, num_samples, rerank, self.max_texts)
 
@@ -69,13 +72,16 @@ class TritonPythonModel:
                 readable.append((number, self.read(request)))
             except (ValueError, UnicodeDecodeError) as error:
                 responses[number] = pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))        # HTTP 400
+                    error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)
+                )  # HTTP 400
         results = self.infiller.infill_requests([fill for _, fill in readable]) if readable else []
         for (number, fill), filled in zip(readable, results):
-            shape = (len(fill.texts), fill.num_samples)         # [batch, num_samples]
+            shape = (len(fill.texts), fill.num_samples)  # [batch, num_samples]
             texts = np.array([r.text.encode() for r in filled], dtype=np.object_).reshape(shape)
-            objects = np.array([json.dumps(r.to_dict(), ensure_ascii=False).encode() for r in filled],
-                               dtype=np.object_).reshape(shape)
-            responses[number] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("text", texts),
-                                                                           pb_utils.Tensor("result", objects)])
+            objects = np.array(
+                [json.dumps(r.to_dict(), ensure_ascii=False).encode() for r in filled], dtype=np.object_
+            ).reshape(shape)
+            responses[number] = pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor("text", texts), pb_utils.Tensor("result", objects)]
+            )
         return responses

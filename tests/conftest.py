@@ -24,6 +24,7 @@ def corpus_file(tmp_path_factory):
 def checkpoints(pairs, tmp_path_factory):
     """ar_type -> checkpoint folder over the tiny pair."""
     from tiny import make_checkpoint
+
     root = tmp_path_factory.mktemp("checkpoints")
     return {ar_type: make_checkpoint(*pair, root / ar_type) for ar_type, pair in pairs.items()}
 
@@ -32,6 +33,7 @@ def checkpoints(pairs, tmp_path_factory):
 def bundles(checkpoints, tmp_path_factory):
     """ar_type -> fp32 bundle exported from its checkpoint."""
     from maria_onnx.export.bundle import export_bundle
+
     root = tmp_path_factory.mktemp("bundles")
     for ar_type, checkpoint in checkpoints.items():
         export_bundle(checkpoint, root / ar_type)

@@ -21,22 +21,33 @@ def infiller(bundles):
 
 def test_energies_are_the_ar_and_the_best_never_rises(infiller):
     prefix, suffix = np.array([7, 8]), np.array([9])
-    results = anneal(infiller, prefix, suffix, 6, 3, Schedule(steps=12, temperature_start=5.0),
-                     Sampling(temperature=1.5), seed=2)
+    results = anneal(
+        infiller, prefix, suffix, 6, 3, Schedule(steps=12, temperature_start=5.0), Sampling(temperature=1.5), seed=2
+    )
     for result in results:
         assert result.ids[:2] == [7, 8] and result.ids[-1] == 9 and len(result.ids) == 9
         assert len(result.energies) == len(result.best_energies) == 13
         assert all(b <= a + 1e-9 for a, b in zip(result.best_energies, result.best_energies[1:]))
         assert result.best_energies == pytest.approx(np.minimum.accumulate(result.energies).tolist())
         assert result.energy == pytest.approx(min(result.energies))
-        assert -ar_loglikelihood(infiller.backend, [np.array(result.ids)], infiller.special)[0] == \
-            pytest.approx(result.energy)
+        assert -ar_loglikelihood(infiller.backend, [np.array(result.ids)], infiller.special)[0] == pytest.approx(
+            result.energy
+        )
     assert sum(r.accepted for r in results) > 0
 
 
 def test_samples_beyond_the_batch_wait_for_a_slot_and_come_out_the_same(infiller):
-    run = lambda batch_size: anneal(infiller, np.array([7]), np.zeros(0, np.int64), 5, 5, Schedule(steps=4),
-                                    Sampling(temperature=1.0), seed=4, batch_size=batch_size)
+    run = lambda batch_size: anneal(
+        infiller,
+        np.array([7]),
+        np.zeros(0, np.int64),
+        5,
+        5,
+        Schedule(steps=4),
+        Sampling(temperature=1.0),
+        seed=4,
+        batch_size=batch_size,
+    )
     together, two_at_a_time = run(None), run(2)
     assert [(r.ids, r.accepted) for r in together] == [(r.ids, r.accepted) for r in two_at_a_time]
     assert np.allclose([r.energies for r in together], [r.energies for r in two_at_a_time], rtol=1e-5)
@@ -44,17 +55,37 @@ def test_samples_beyond_the_batch_wait_for_a_slot_and_come_out_the_same(infiller
 
 def test_zero_steps_is_one_shot_maria_sampling(infiller):
     sampling = Sampling(temperature=1.0)
-    results = anneal(infiller, np.zeros(0, np.int64), np.zeros(0, np.int64), 5, 4, Schedule(steps=0), sampling,
-                     seed=3)
+    results = anneal(infiller, np.zeros(0, np.int64), np.zeros(0, np.int64), 5, 4, Schedule(steps=0), sampling, seed=3)
     template = np.full(5, infiller.special.mask)
-    one_shot = infiller.fill_ids([template] * 4, [np.ones(5, bool)] * 4, sampling, 4,
-                                 [np.random.default_rng([3, sample, 0]) for sample in range(4)])
+    one_shot = infiller.fill_ids(
+        [template] * 4,
+        [np.ones(5, bool)] * 4,
+        sampling,
+        4,
+        [np.random.default_rng([3, sample, 0]) for sample in range(4)],
+    )
     assert [r.ids for r in results] == [f.ids.tolist() for f in one_shot]
 
 
 def test_a_seed_repeats_a_run_and_the_cli_reports_energies(bundles):
-    args = ["generate", "--length", "4", "--steps", "3", "--num-samples", "2", "--seed", "5", "--json",
-            "--model", str(bundles["llama"]), "--device", "cpu", "--prefix", "the value"]
+    args = [
+        "generate",
+        "--length",
+        "4",
+        "--steps",
+        "3",
+        "--num-samples",
+        "2",
+        "--seed",
+        "5",
+        "--json",
+        "--model",
+        str(bundles["llama"]),
+        "--device",
+        "cpu",
+        "--prefix",
+        "the value",
+    ]
     first, second = (CliRunner().invoke(app, args) for _ in range(2))
     assert first.exit_code == 0, first.output
     assert first.stdout == second.stdout
@@ -69,8 +100,21 @@ def test_samples_beyond_a_group_are_annealed_and_printed_a_group_at_a_time(bundl
     from maria_onnx.console.fill import CHUNK_BATCHES
 
     samples = CHUNK_BATCHES + 2
-    args = ["generate", "--length", "4", "--steps", "2", "--num-samples", str(samples), "--seed", "5",
-            "--model", str(bundles["llama"]), "--device", "cpu"]
+    args = [
+        "generate",
+        "--length",
+        "4",
+        "--steps",
+        "2",
+        "--num-samples",
+        str(samples),
+        "--seed",
+        "5",
+        "--model",
+        str(bundles["llama"]),
+        "--device",
+        "cpu",
+    ]
     whole = CliRunner().invoke(app, args + ["--batch-size", "8"])
     groups, run = [], console_generate.anneal
 
@@ -85,12 +129,15 @@ def test_samples_beyond_a_group_are_annealed_and_printed_a_group_at_a_time(bundl
     assert grouped.stdout == whole.stdout and whole.stdout.count("\n") == samples
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--length", "3000"], "prefix, 3000 tokens and suffix make"),
-    (["--length", "3", "--suffix", "word " * 3000], "--suffix: the text is"),
-    (["--length", "3", "--prefix", "a [MASK] b"], "--prefix and --suffix are plain text"),
-    (["--length", "3", "--anneal-start", "inf"], "--anneal-start is a Metropolis temperature"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--length", "3000"], "prefix, 3000 tokens and suffix make"),
+        (["--length", "3", "--suffix", "word " * 3000], "--suffix: the text is"),
+        (["--length", "3", "--prefix", "a [MASK] b"], "--prefix and --suffix are plain text"),
+        (["--length", "3", "--anneal-start", "inf"], "--anneal-start is a Metropolis temperature"),
+    ],
+)
 def test_bad_generation_requests_get_one_line_naming_the_option(bundles, args, message):
     result = CliRunner().invoke(app, ["generate", "--model", str(bundles["llama"]), "--device", "cpu", *args])
     assert result.exit_code == 2 and message in result.output, result.output

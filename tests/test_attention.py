@@ -57,9 +57,11 @@ def test_fused_fills_equal_the_pytorch_reference_and_the_eager_graph(fused, bund
         np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-4)
         np.testing.assert_allclose(d.logprobs, w.logprobs, atol=1e-4)
     filled = [w.ids for w in want]
-    np.testing.assert_allclose(Infiller(fused[ar_type], device="cpu").score(filled, masked, batch_size=4),
-                               Infiller(bundles[ar_type], device="cpu").score(filled, masked, batch_size=4),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        Infiller(fused[ar_type], device="cpu").score(filled, masked, batch_size=4),
+        Infiller(bundles[ar_type], device="cpu").score(filled, masked, batch_size=4),
+        atol=1e-4,
+    )
 
 
 def test_an_fp16_fused_bundle_runs_its_attention_in_fp16(checkpoints, tmp_path):
@@ -67,27 +69,35 @@ def test_an_fp16_fused_bundle_runs_its_attention_in_fp16(checkpoints, tmp_path):
     graph = onnx.load(str(tmp_path / "fp16" / "ar_step.onnx")).graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
     attention = [node for node in graph.node if node.op_type == "MultiHeadAttention"]
-    assert attention and all(types[name] == onnx.TensorProto.FLOAT16
-                             for node in attention for name in [*node.input, *node.output] if name in types)
-    assert all(name in types for node in attention for name in node.input[1:3])         # the cache, fp16
+    assert attention and all(
+        types[name] == onnx.TensorProto.FLOAT16
+        for node in attention
+        for name in [*node.input, *node.output]
+        if name in types
+    )
+    assert all(name in types for node in attention for name in node.input[1:3])  # the cache, fp16
 
 
 def test_grouped_query_attention_is_refused_before_anything_is_written(checkpoints, tmp_path):
-    result = CliRunner().invoke(app, ["export", str(checkpoints["llama"]), "--out", str(tmp_path / "b"),
-                                      "--attention", "fused"])
+    result = CliRunner().invoke(
+        app, ["export", str(checkpoints["llama"]), "--out", str(tmp_path / "b"), "--attention", "fused"]
+    )
     assert result.exit_code == 2
     assert result.output.strip().splitlines()[-1] == (
         "error: --attention fused needs a key/value head for every query head; this AR shares 2 among 4; use "
-        "--attention eager")
+        "--attention eager"
+    )
     assert not (tmp_path / "b").exists()
-    result = CliRunner().invoke(app, ["export", str(checkpoints["olmo"]), "--out", str(tmp_path / "b"),
-                                      "--attention", "flash"])
+    result = CliRunner().invoke(
+        app, ["export", str(checkpoints["olmo"]), "--out", str(tmp_path / "b"), "--attention", "flash"]
+    )
     assert result.exit_code == 2 and "--attention must be eager or fused, got 'flash'" in result.output
 
 
 def test_a_manifest_that_misnames_the_value_layout_is_refused(fused, tmp_path):
     import json
     import shutil
+
     folder = shutil.copytree(fused["olmo"], tmp_path / "misnamed")
     manifest = json.loads((folder / "maria.json").read_text())
     (folder / "maria.json").write_text(json.dumps({**manifest, "values_transposed": True}))

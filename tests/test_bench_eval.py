@@ -21,18 +21,37 @@ runner = CliRunner()
 
 
 def test_bench_writes_json_and_png(checkpoints, bundles, tmp_path):
-    result = runner.invoke(app, ["bench", "--checkpoint", str(checkpoints["olmo"]), "--model", str(bundles["olmo"]),
-                                 "--out", str(tmp_path), "--lengths", "8,24", "--batch-sizes", "1,2",
-                                 "--repeats", "1", "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "--checkpoint",
+            str(checkpoints["olmo"]),
+            "--model",
+            str(bundles["olmo"]),
+            "--out",
+            str(tmp_path),
+            "--lengths",
+            "8,24",
+            "--batch-sizes",
+            "1,2",
+            "--repeats",
+            "1",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["complete"] is True
-    assert "length 24, batch 2: pytorch" in result.output                  # each point shown as it is measured
+    assert "length 24, batch 2: pytorch" in result.output  # each point shown as it is measured
     systems = {(r["system"], r["length"], r["batch"]) for r in report["results"]}
-    assert systems == {(s, n, b) for s in ("onnx-cpu", "onnx-cpu-concat", "pytorch", "mlm-ar") for n in (8, 24)
-                       for b in (1, 2)}
-    assert all(r["tokens_per_s"] > 0 and r["seconds_min"] <= r["seconds_median"] <= r["seconds_max"]
-               for r in report["results"])
+    assert systems == {
+        (s, n, b) for s in ("onnx-cpu", "onnx-cpu-concat", "pytorch", "mlm-ar") for n in (8, 24) for b in (1, 2)
+    }
+    assert all(
+        r["tokens_per_s"] > 0 and r["seconds_min"] <= r["seconds_median"] <= r["seconds_max"] for r in report["results"]
+    )
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -49,13 +68,24 @@ def test_a_bench_stopped_part_way_keeps_what_it_measured(checkpoints, bundles, t
             if len(ids[0]) == 24:
                 raise KeyboardInterrupt
             return pytorch(ids, masked)
+
         return {**chosen, "pytorch": stops_at_24}, device
+
     systems_of = tools_bench._systems
     monkeypatch.setattr(tools_bench, "_systems", systems)
     (tmp_path / "bench.png").write_bytes(b"an earlier run's plot")
     with pytest.raises(KeyboardInterrupt):
-        tools_bench.bench(tmp_path, checkpoint=checkpoints["olmo"], bundle=bundles["olmo"], lengths=[8, 24],
-                          batch_sizes=[1], repeats=1, device="cpu", mlm_ar=False, concat=False)
+        tools_bench.bench(
+            tmp_path,
+            checkpoint=checkpoints["olmo"],
+            bundle=bundles["olmo"],
+            lengths=[8, 24],
+            batch_sizes=[1],
+            repeats=1,
+            device="cpu",
+            mlm_ar=False,
+            concat=False,
+        )
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["complete"] is False
     assert {(r["system"], r["length"]) for r in report["results"]} == {("onnx-cpu", 8), ("pytorch", 8)}
@@ -64,9 +94,27 @@ def test_a_bench_stopped_part_way_keeps_what_it_measured(checkpoints, bundles, t
 
 
 def test_bench_int8_runs_an_int8_export_of_the_same_weights_beside(checkpoints, tmp_path):
-    result = runner.invoke(app, ["bench", "--checkpoint", str(checkpoints["olmo"]), "--out", str(tmp_path),
-                                 "--lengths", "8", "--batch-sizes", "2", "--repeats", "1", "--device", "cpu",
-                                 "--no-mlm-ar", "--no-concat", "--int8"])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "--checkpoint",
+            str(checkpoints["olmo"]),
+            "--out",
+            str(tmp_path),
+            "--lengths",
+            "8",
+            "--batch-sizes",
+            "2",
+            "--repeats",
+            "1",
+            "--device",
+            "cpu",
+            "--no-mlm-ar",
+            "--no-concat",
+            "--int8",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "bench.json").read_text())
     assert {r["system"] for r in report["results"]} == {"onnx-cpu", "onnx-cpu-int8", "pytorch"}
@@ -78,22 +126,75 @@ def test_bench_int8_runs_an_int8_export_of_the_same_weights_beside(checkpoints, 
 
 
 def test_bench_on_random_shapes_from_a_config_file(tmp_path):
-    shapes = {"mlm": dict(model_type="modernbert", vocab_size=64, hidden_size=16, intermediate_size=32,
-                          num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64,
-                          pad_token_id=1, cls_token_id=2, sep_token_id=3, mask_token_id=4, bos_token_id=2,
-                          eos_token_id=3),
-              "ar": dict(model_type="llama", vocab_size=64, hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                         max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=0)}
+    shapes = {
+        "mlm": dict(
+            model_type="modernbert",
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            pad_token_id=1,
+            cls_token_id=2,
+            sep_token_id=3,
+            mask_token_id=4,
+            bos_token_id=2,
+            eos_token_id=3,
+        ),
+        "ar": dict(
+            model_type="llama",
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=64,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+    }
     (tmp_path / "shapes.json").write_text(json.dumps(shapes))
-    result = runner.invoke(app, ["bench", "--shapes", str(tmp_path / "shapes.json"), "--out", str(tmp_path / "o"),
-                                 "--lengths", "8", "--batch-sizes", "2", "--repeats", "1", "--no-mlm-ar"])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "--shapes",
+            str(tmp_path / "shapes.json"),
+            "--out",
+            str(tmp_path / "o"),
+            "--lengths",
+            "8",
+            "--batch-sizes",
+            "2",
+            "--repeats",
+            "1",
+            "--no-mlm-ar",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "o" / "bench.json").read_text())
     assert {r["system"] for r in report["results"]} == {"onnx-cpu", "onnx-cpu-concat", "pytorch"}
-    result = runner.invoke(app, ["bench", "--shapes", str(tmp_path / "shapes.json"), "--out", str(tmp_path / "o"),
-                                 "--lengths", "8", "--batch-sizes", "2", "--repeats", "1", "--no-mlm-ar",
-                                 "--no-concat"])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "--shapes",
+            str(tmp_path / "shapes.json"),
+            "--out",
+            str(tmp_path / "o"),
+            "--lengths",
+            "8",
+            "--batch-sizes",
+            "2",
+            "--repeats",
+            "1",
+            "--no-mlm-ar",
+            "--no-concat",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "o" / "bench.json").read_text())
     assert {r["system"] for r in report["results"]} == {"onnx-cpu", "pytorch"}
@@ -101,33 +202,60 @@ def test_bench_on_random_shapes_from_a_config_file(tmp_path):
     assert result.exit_code == 2 and "not 'paper', 'default' or a JSON file" in result.output
 
 
-@pytest.mark.parametrize("args, message", [
-    (["bench", "--batch-sizes", "0"], "--batch-sizes takes batch sizes of at least 1, got [0]"),
-    (["bench", "--lengths", "8,1"], "--lengths takes input lengths of at least 2 tokens, got [8, 1]"),
-    (["bench", "--mask-rate", "1.5"], "--mask-rate must be in (0, 1], got 1.5"),
-    (["bench", "--shapes", "SHAPES"], "cannot be read as JSON"),
-    (["bench", "--shapes", "GPT2"], "the ar config is a 'gpt2' model; supported: llama, mistral, olmo"),
-    (["bench", "--shapes", "HEADS"], "the mlm config builds no model (The hidden size (30) is not a multiple of the "
-                                     "number of attention heads (7))"),
-    (["bench", "--shapes", "paper", "--lengths", "128,2048"],
-     "--lengths [2048] exceed the model's maximum of 2047 tokens; give lengths up to 2047"),
-    (["bench", "--shapes", "paper", "--checkpoint", "x"], "give either --checkpoint (trained weights) or --shapes"),
-    (["bench", "--int8", "--device", "cuda"], "--int8 benches an int8 bundle on the CPU; use it with --device cpu"),
-    (["bench-serve", "--clients", "8", "--requests", "4"], "--requests must be at least --clients"),
-    (["bench-serve", "--max-batch-sizes", "4,0"], "--max-batch-sizes takes batch sizes of at least 1, got [4, 0]"),
-    (["bench-serve", "--stagger-ms", "inf"], "--stagger-ms takes a finite number of milliseconds, at least 0; got inf"),
-    (["bench-serve", "--delay-ms", "inf"], "--delay-ms takes a finite number of milliseconds, at least 0; got inf"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["bench", "--batch-sizes", "0"], "--batch-sizes takes batch sizes of at least 1, got [0]"),
+        (["bench", "--lengths", "8,1"], "--lengths takes input lengths of at least 2 tokens, got [8, 1]"),
+        (["bench", "--mask-rate", "1.5"], "--mask-rate must be in (0, 1], got 1.5"),
+        (["bench", "--shapes", "SHAPES"], "cannot be read as JSON"),
+        (["bench", "--shapes", "GPT2"], "the ar config is a 'gpt2' model; supported: llama, mistral, olmo"),
+        (
+            ["bench", "--shapes", "HEADS"],
+            "the mlm config builds no model (The hidden size (30) is not a multiple of the "
+            "number of attention heads (7))",
+        ),
+        (
+            ["bench", "--shapes", "paper", "--lengths", "128,2048"],
+            "--lengths [2048] exceed the model's maximum of 2047 tokens; give lengths up to 2047",
+        ),
+        (["bench", "--shapes", "paper", "--checkpoint", "x"], "give either --checkpoint (trained weights) or --shapes"),
+        (["bench", "--int8", "--device", "cuda"], "--int8 benches an int8 bundle on the CPU; use it with --device cpu"),
+        (["bench-serve", "--clients", "8", "--requests", "4"], "--requests must be at least --clients"),
+        (["bench-serve", "--max-batch-sizes", "4,0"], "--max-batch-sizes takes batch sizes of at least 1, got [4, 0]"),
+        (
+            ["bench-serve", "--stagger-ms", "inf"],
+            "--stagger-ms takes a finite number of milliseconds, at least 0; got inf",
+        ),
+        (["bench-serve", "--delay-ms", "inf"], "--delay-ms takes a finite number of milliseconds, at least 0; got inf"),
+    ],
+)
 def test_bad_bench_settings_are_one_line_and_write_nothing(tmp_path, args, message):
     (tmp_path / "shapes.json").write_text("{not json")
-    (tmp_path / "gpt2.json").write_text(json.dumps({"mlm": {"model_type": "modernbert", "vocab_size": 64},
-                                                    "ar": {"model_type": "gpt2", "vocab_size": 64}}))
-    (tmp_path / "heads.json").write_text(json.dumps({"mlm": {"model_type": "modernbert", "vocab_size": 64,
-                                                             "pad_token_id": 1, "hidden_size": 30,
-                                                             "num_attention_heads": 7},
-                                                     "ar": {"model_type": "olmo", "vocab_size": 64}}))
-    files = {"SHAPES": str(tmp_path / "shapes.json"), "GPT2": str(tmp_path / "gpt2.json"),
-             "HEADS": str(tmp_path / "heads.json")}
+    (tmp_path / "gpt2.json").write_text(
+        json.dumps(
+            {"mlm": {"model_type": "modernbert", "vocab_size": 64}, "ar": {"model_type": "gpt2", "vocab_size": 64}}
+        )
+    )
+    (tmp_path / "heads.json").write_text(
+        json.dumps(
+            {
+                "mlm": {
+                    "model_type": "modernbert",
+                    "vocab_size": 64,
+                    "pad_token_id": 1,
+                    "hidden_size": 30,
+                    "num_attention_heads": 7,
+                },
+                "ar": {"model_type": "olmo", "vocab_size": 64},
+            }
+        )
+    )
+    files = {
+        "SHAPES": str(tmp_path / "shapes.json"),
+        "GPT2": str(tmp_path / "gpt2.json"),
+        "HEADS": str(tmp_path / "heads.json"),
+    }
     args = [files.get(a, a) for a in args]
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and message in result.output, result.output
@@ -135,8 +263,10 @@ def test_bad_bench_settings_are_one_line_and_write_nothing(tmp_path, args, messa
 
 
 def test_lengths_a_checkpoint_cannot_take_are_refused_before_its_export(checkpoints, tmp_path):
-    result = runner.invoke(app, ["bench", "--checkpoint", str(checkpoints["olmo"]), "--lengths", "8,100000",
-                                 "--out", str(tmp_path / "out")])
+    result = runner.invoke(
+        app,
+        ["bench", "--checkpoint", str(checkpoints["olmo"]), "--lengths", "8,100000", "--out", str(tmp_path / "out")],
+    )
     assert result.exit_code == 2 and "--lengths [100000] exceed the model's maximum of" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
@@ -146,7 +276,9 @@ def test_an_out_that_is_a_file_is_named(tmp_path, command, holds):
     (tmp_path / "notes.txt").write_text("keep")
     result = runner.invoke(app, [command, "--out", str(tmp_path / "notes.txt")])
     assert result.exit_code == 2, result.output
-    assert result.output.strip() == f"error: --out {tmp_path / 'notes.txt'} is a file; --out names the folder for {holds}"
+    assert (
+        result.output.strip() == f"error: --out {tmp_path / 'notes.txt'} is a file; --out names the folder for {holds}"
+    )
     assert (tmp_path / "notes.txt").read_text() == "keep"
 
 
@@ -172,11 +304,11 @@ def test_mlm_autoregressive_fills_with_the_mlm_alone(checkpoints):
     filled = mlm_autoregressive(backbones, ids, masked)[0]
     assert np.array_equal(filled[~masked[0]], ids[0][~masked[0]])
     first = torch.from_numpy(ids[0])[None]
-    with torch.no_grad():          # the first fill is the MLM's argmax with both positions masked
+    with torch.no_grad():  # the first fill is the MLM's argmax with both positions masked
         logits = backbones.mlm(mlm_input_ids(backbones, first, torch.from_numpy(masked[0])[None])).logits
     logits = logits[0, 3, : backbones.vocab_size]
     logits[backbones.special.all] = -float("inf")
-    allowed = backbones.utf8.allowed(ids[0], np.array([2, 7]), 0)          # as every decoder's fills
+    allowed = backbones.utf8.allowed(ids[0], np.array([2, 7]), 0)  # as every decoder's fills
     if allowed is not None:
         logits[torch.from_numpy(~allowed)] = -float("inf")
     assert filled[2] == int(logits.argmax())
@@ -203,9 +335,26 @@ def test_baseline_perplexities_agree_with_direct_pytorch(checkpoints, bundles):
 
 def test_eval_reports_maria_and_baselines_on_the_same_masks(checkpoints, bundles, tmp_path):
     (tmp_path / "text.txt").write_text("\n".join(corpus(60, seed=9)))
-    result = runner.invoke(app, ["eval", str(tmp_path / "text.txt"), "--model", str(bundles["olmo"]),
-                                 "--backbones-from", str(checkpoints["olmo"]), "--seq-len", "24", "--windows", "6",
-                                 "--mask-rate", "0.5", "--span", "--json", str(tmp_path / "eval.json")])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            str(tmp_path / "text.txt"),
+            "--model",
+            str(bundles["olmo"]),
+            "--backbones-from",
+            str(checkpoints["olmo"]),
+            "--seq-len",
+            "24",
+            "--windows",
+            "6",
+            "--mask-rate",
+            "0.5",
+            "--span",
+            "--json",
+            str(tmp_path / "eval.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "eval.json").read_text())
     rows = {r["system"]: r for r in report["rows"]}
@@ -222,6 +371,7 @@ def test_eval_reports_maria_and_baselines_on_the_same_masks(checkpoints, bundles
 
 def test_onnx_baselines_match_the_pytorch_ones(checkpoints, bundles):
     from maria_onnx.runtime.evaluate import evaluate_baselines as onnx_baselines
+
     backbones, _, _ = load_maria(checkpoints["olmo2"])
     rng = np.random.default_rng(4)
     windows = rng.integers(6, backbones.vocab_size, (6, 20))
@@ -240,6 +390,7 @@ def test_eval_reads_a_file_as_training_reads_lines(bundles, tmp_path):
     the windows `maria train --line-documents` would pack from the same file."""
     from maria_onnx.data import read_documents
     from maria_onnx.runtime.evaluate import document_windows
+
     infiller = Infiller(bundles["olmo"], device="cpu")
     text = "".join(f"document {i} with\x0ca form feed\r\n" for i in range(40))
     (tmp_path / "held.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
@@ -254,6 +405,7 @@ def test_eval_reads_only_as_far_as_its_windows_need(bundles, tmp_path):
     a file whose tail (or a folder whose last file) is not UTF-8 gives its first windows (reading it all would
     fail), and pack_windows takes documents only until its windows are full."""
     from maria_onnx.runtime.windows import pack_windows
+
     infiller = Infiller(bundles["olmo"], device="cpu")
     head = "".join(f"document {i} of the held-out text\n" for i in range(40)).encode()
     (tmp_path / "head.txt").write_bytes(head)
@@ -261,11 +413,12 @@ def test_eval_reads_only_as_far_as_its_windows_need(bundles, tmp_path):
     want = text_windows(tmp_path / "head.txt", infiller, 16, 8)
     np.testing.assert_array_equal(text_windows(tmp_path / "long.txt", infiller, 16, 8), want)
     from maria_onnx.tools.evaluate import windows_of
+
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "a.txt").write_bytes(head)
-    (tmp_path / "folder" / "b.txt").write_bytes(b"\xff")              # one document a file, in name order
+    (tmp_path / "folder" / "b.txt").write_bytes(b"\xff")  # one document a file, in name order
     assert windows_of(tmp_path / "folder", infiller, 16, 8).shape == (8, 16)
-    with pytest.raises(ValueError, match="b.txt is not valid UTF-8"):    # reached where the windows need it
+    with pytest.raises(ValueError, match="b.txt is not valid UTF-8"):  # reached where the windows need it
         windows_of(tmp_path / "folder", infiller, 16, 1000)
     taken = []
 
@@ -274,15 +427,17 @@ def test_eval_reads_only_as_far_as_its_windows_need(bundles, tmp_path):
             taken.append(number)
             yield "one two three"
 
-    encode = lambda text: [len(word) for word in text.split()]          # noqa: E731
+    encode = lambda text: [len(word) for word in text.split()]  # noqa: E731
     windows = pack_windows(documents(), encode, 4, 0, most=3)
-    assert windows.shape == (3, 4) and len(taken) == 3                   # 4 ids a document, 12 ids wanted
-    assert pack_windows(["a b c"] * 5, encode, 4, 0).shape == (5, 4)     # without most: every document
+    assert windows.shape == (3, 4) and len(taken) == 3  # 4 ids a document, 12 ids wanted
+    assert pack_windows(["a b c"] * 5, encode, 4, 0).shape == (5, 4)  # without most: every document
 
 
 @pytest.mark.parametrize("rate", ["1.5", "0", "nan"])
 def test_eval_names_a_bad_mask_rate_before_reading_the_text(bundles, tmp_path, rate):
     (tmp_path / "short.txt").write_text("too short to fill one window\n")
-    result = runner.invoke(app, ["eval", str(tmp_path / "short.txt"), "--model", str(bundles["olmo"]),
-                                 "--mask-rate", rate, "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        ["eval", str(tmp_path / "short.txt"), "--model", str(bundles["olmo"]), "--mask-rate", rate, "--device", "cpu"],
+    )
     assert result.exit_code == 2 and result.output.strip() == f"error: --mask-rate must be in (0, 1], got {float(rate)}"

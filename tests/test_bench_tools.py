@@ -49,7 +49,7 @@ def test_the_search_is_measured_against_every_combination_on_the_same_texts(infi
     assert report["texts"] == 2 and report["combinations"] == 512
     for row in report["rows"]:
         assert row["every_rows"] == 512 and 8 <= row["search_rows"] < 512
-        assert row["search_score"] <= row["every_score"] + 1e-9           # the best of all is never beaten
+        assert row["search_score"] <= row["every_score"] + 1e-9  # the best of all is never beaten
         assert all(1 <= n <= 8 for n in row["search_lengths"] + row["every_lengths"])
     assert report["score_shortfall"]["max"] >= 0
 
@@ -64,48 +64,53 @@ def test_generation_bench_reports_each_system(infiller, tmp_path):
 
 def test_the_step_profile_names_the_cache_copy_and_the_in_place_writes(bundles, tmp_path):
     from maria_onnx.tools import profile_step
+
     profile_step.main(bundles["olmo"], tmp_path / "profile.json")
     report = json.loads((tmp_path / "profile.json").read_text())
     assert report["shape"]["cached_tokens"] == 1024 and report["shape"]["layers"] == 2
     for new in ("1 new tokens", "4 new tokens"):
         concat, step = report[new]["ar_decoder (concat)"], report[new]["ar_step (in place)"]
         assert concat["ms_per_step_in_kernels"] > 0 and step["ms_per_step_in_kernels"] > 0
-        assert "Concat" in concat["ms_by_op"]                     # the cache copied into present.*
-        writes = {"ScatterElements", "ScatterND"}                 # values and keys written into the slots
+        assert "Concat" in concat["ms_by_op"]  # the cache copied into present.*
+        writes = {"ScatterElements", "ScatterND"}  # values and keys written into the slots
         assert writes <= set(step["ms_by_op"]) and not writes & set(concat["ms_by_op"])
         assert 0 < sum(step["share"].values()) <= 1.001
-    assert list(tmp_path.iterdir()) == [tmp_path / "profile.json"]     # ONNX Runtime's traces removed
+    assert list(tmp_path.iterdir()) == [tmp_path / "profile.json"]  # ONNX Runtime's traces removed
 
 
 def test_two_steps_are_compared_side_by_side(bundles, tmp_path):
     from maria_onnx.tools import compare_steps
+
     report = compare_steps.main(bundles["olmo"], bundles["llama"], tmp_path / "steps.json", runs=4)
     assert json.loads((tmp_path / "steps.json").read_text()) == report
     assert report["nodes"]["A"]["RotaryEmbedding"] == report["nodes"]["B"]["RotaryEmbedding"] == 4
     assert [(r["batch"], r["new_tokens"]) for r in report["shapes"]] == [(1, 1), (1, 1), (8, 1), (8, 4)]
-    assert max(r["cached_tokens"] for r in report["shapes"]) < 512              # the tiny models' positions
+    assert max(r["cached_tokens"] for r in report["shapes"]) < 512  # the tiny models' positions
     for row in report["shapes"]:
-        assert row["A"]["median_ms"] > 0 and row["B_over_A"] == round(row["B"]["median_ms"] /
-                                                                       row["A"]["median_ms"], 3)
+        assert row["A"]["median_ms"] > 0 and row["B_over_A"] == round(row["B"]["median_ms"] / row["A"]["median_ms"], 3)
 
 
-@pytest.mark.parametrize("tool, args, message", [
-    ("compare_steps", ("BUNDLE", "NONE", "OUT"), "bundle NONE does not exist"),
-    ("compare_steps", ("BUNDLE", "BUNDLE", "OUT", "--runs", "2"), "--runs must be at least 4, got 2"),
-    ("profile_step", ("NONE", "OUT"), "bundle NONE does not exist; pass a folder written by `maria export`"),
-    ("profile_step", ("BUNDLE", "OUT", "--batch", "0"), "--batch must be at least 1 and --cached at least 0"),
-    ("profile_step", ("BUNDLE", "NONE/p.json"), "NONE/p.json: no folder NONE; give a path in an existing folder"),
-    ("bench_spans", ("--windows", "NONE", "--out", "OUT"), "NONE: No such file or directory"),
-    ("bench_generate", ("--out", "OUT", "--steps", "a"), "--steps takes comma-separated integers"),
-    ("bench_generate", ("--out", "OUT", "--schedule", '{"foo": 1}'), "--schedule takes a JSON object of"),
-])
+@pytest.mark.parametrize(
+    "tool, args, message",
+    [
+        ("compare_steps", ("BUNDLE", "NONE", "OUT"), "bundle NONE does not exist"),
+        ("compare_steps", ("BUNDLE", "BUNDLE", "OUT", "--runs", "2"), "--runs must be at least 4, got 2"),
+        ("profile_step", ("NONE", "OUT"), "bundle NONE does not exist; pass a folder written by `maria export`"),
+        ("profile_step", ("BUNDLE", "OUT", "--batch", "0"), "--batch must be at least 1 and --cached at least 0"),
+        ("profile_step", ("BUNDLE", "NONE/p.json"), "NONE/p.json: no folder NONE; give a path in an existing folder"),
+        ("bench_spans", ("--windows", "NONE", "--out", "OUT"), "NONE: No such file or directory"),
+        ("bench_generate", ("--out", "OUT", "--steps", "a"), "--steps takes comma-separated integers"),
+        ("bench_generate", ("--out", "OUT", "--schedule", '{"foo": 1}'), "--schedule takes a JSON object of"),
+    ],
+)
 def test_the_tools_name_bad_arguments_in_one_line(bundles, tmp_path, tool, args, message):
     """`python -m maria_onnx.tools.NAME` as the docs run them: one line on stderr, exit status 2, nothing written."""
     paths = {"NONE": str(tmp_path / "none"), "OUT": str(tmp_path / "out.json"), "BUNDLE": str(bundles["olmo"])}
     for placeholder, path in paths.items():
         args, message = tuple(a.replace(placeholder, path) for a in args), message.replace(placeholder, path)
-    result = subprocess.run([sys.executable, "-m", f"tools.{tool}", *args], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", f"tools.{tool}", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 2 and result.stderr.startswith(f"error: {message}"), result.stderr
     assert result.stderr.count("\n") == 1 and not list(tmp_path.iterdir())
 
@@ -142,6 +147,7 @@ def test_a_plot_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     """A plot whose save is interrupted (Ctrl-C, here feigned after some bytes) leaves the previous PNG intact and
     no partial file; a finished save is a PNG whatever the name's suffix."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.figure import Figure

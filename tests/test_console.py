@@ -14,17 +14,28 @@ from maria_onnx.runtime.results import Infilled
 
 
 def result(text: str, segments=(), score=None) -> Infilled:
-    return Infilled(input="a [MASK]", text=text, ids=[1, 2], masked_positions=[1], fill_logprobs=[-0.5],
-                    fills=[" b"], segments=list(segments), score=score)
+    return Infilled(
+        input="a [MASK]",
+        text=text,
+        ids=[1, 2],
+        masked_positions=[1],
+        fill_logprobs=[-0.5],
+        fills=[" b"],
+        segments=list(segments),
+        score=score,
+    )
 
 
 def test_input_lines_from_arguments_and_the_settings_they_refuse():
     lines = InputLines(["a [MASK]", "b [MASK]"], None, None)
     assert [(line.number, line.text) for line in lines] == [(1, "a [MASK]"), (2, "b [MASK]")]
     assert lines.whole
-    for texts, file, form, message in (([], None, None, "no text given"), (["a"], "x.txt", None, "not both"),
-                                       (["a"], None, "jsonl", "--format describes --input"),
-                                       (["a"], None, "xml", "--format must be text or jsonl, got 'xml'")):
+    for texts, file, form, message in (
+        ([], None, None, "no text given"),
+        (["a"], "x.txt", None, "not both"),
+        (["a"], None, "jsonl", "--format describes --input"),
+        (["a"], None, "xml", "--format must be text or jsonl, got 'xml'"),
+    ):
         with pytest.raises(ValueError, match=message):
             InputLines(texts, file, form)
 
@@ -34,7 +45,7 @@ def test_input_lines_read_a_file_twice_and_refuse_evident_jsonl_as_text(tmp_path
     plain.write_text("first [MASK]\n\n second [MASK]\n")
     lines = InputLines([], str(plain), None)
     assert lines.whole and [line.text for line in lines] == ["first [MASK]", " second [MASK]"]
-    assert [line.number for line in lines] == [1, 3]                  # read again, the same lines
+    assert [line.number for line in lines] == [1, 3]  # read again, the same lines
     jsonl = tmp_path / "in.txt"
     jsonl.write_text(json.dumps({"text": "a [MASK]", "id": 7}) + "\n")
     with pytest.raises(ValueError, match="looks like JSONL; pass --format jsonl"):
@@ -49,7 +60,7 @@ def test_input_lines_read_a_file_twice_and_refuse_evident_jsonl_as_text(tmp_path
 def test_chunks_keep_whole_texts_or_split_one_texts_samples():
     assert list(chunks(iter("abc"), num_samples=2, size=4)) == [(["a", "b"], 0, 2), (["c"], 0, 2)]
     assert list(chunks(iter("a"), num_samples=5, size=2)) == [(["a"], 0, 2), (["a"], 2, 2), (["a"], 4, 1)]
-    waiting = iter("abc")           # the next text would mean waiting: the piece goes as it is
+    waiting = iter("abc")  # the next text would mean waiting: the piece goes as it is
     assert [piece for piece, _, _ in chunks(waiting, 1, 8, ready=lambda: False)] == [["a"], ["b"], ["c"]]
 
 
@@ -67,8 +78,10 @@ def test_checked_lines_stop_or_skip_a_bad_line(capsys):
         list(checked_lines(lines, Prepare, skip_invalid=False, where=where))
     kept = list(checked_lines(lines, Prepare, skip_invalid=True, where=where))
     assert [(line.number, prepared) for line, prepared in kept] == [(1, "A [MASK]")]
-    assert capsys.readouterr().err.splitlines() == ["skipped: in:2: no [MASK] marker",
-                                                     "skipped: in.jsonl:3 is not valid JSON"]
+    assert capsys.readouterr().err.splitlines() == [
+        "skipped: in:2: no [MASK] marker",
+        "skipped: in.jsonl:3 is not valid JSON",
+    ]
     clash = Line(4, "a [MASK]", record={"text": "a [MASK]", "score": 1})
     assert clashing_field(clash) == "score"
     with pytest.raises(ValueError, match="has the field 'score', which --json writes"):
@@ -91,7 +104,7 @@ def test_ranked_prints_in_score_order_ties_in_sample_order(capsys):
     out = capsys.readouterr()
     assert out.out.splitlines() == ["sample 1", "sample 3", "sample 0", "sample 2"]
     assert out.err.splitlines() == ["note 1"]
-    assert ranked.print_all() == 0                    # forgotten once printed
+    assert ranked.print_all() == 0  # forgotten once printed
 
 
 def test_warnings_are_one_line_each_and_fail_is_one_line_and_a_status(capsys):

@@ -29,31 +29,50 @@ def tree(tmp_path: Path, files: dict[str, str], cgroup: str) -> tuple[Path, Path
     return root, tmp_path / "proc"
 
 
-@pytest.mark.parametrize("files, cgroup, quota", [
-    ({"cpu.max": "150000 100000\n"}, "0::/\n", 1.5),                                # docker --cpus 1.5, cgroup v2
-    ({"cpu.max": "max 100000\n"}, "0::/\n", None),                                  # no quota
-    ({"cpu.max": "max 100000\n", "kubepods/pod1/cpu.max": "200000 100000\n"},       # v2, no cgroup namespace
-     "0::/kubepods/pod1\n", 2.0),
-    ({"cpu.max": "50000 100000\n", "a/cpu.max": "400000 100000\n"}, "0::/a\n", 0.5),   # a parent's smaller quota
-    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n",           # v1, the process's own cgroup
-      "cpu/mexp/cpu.cfs_quota_us": "100000\n", "cpu/mexp/cpu.cfs_period_us": "100000\n"},
-     "3:cpuset:/\n1:cpu:/mexp\n0::/\n", 1.0),
-    ({"cpu,cpuacct/cpu.cfs_quota_us": "300000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
-     "4:cpu,cpuacct:/docker/0123abcd\n", 3.0),          # v1 in a container: its own path is the mount's root
-    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, "1:cpu:/\n", None),
-    ({"cpu.max": "garbage\n"}, "0::/\n", None),                                     # unreadable: no quota
-    ({}, "", None),                                                                 # no cgroups (another OS)
-])
+@pytest.mark.parametrize(
+    "files, cgroup, quota",
+    [
+        ({"cpu.max": "150000 100000\n"}, "0::/\n", 1.5),  # docker --cpus 1.5, cgroup v2
+        ({"cpu.max": "max 100000\n"}, "0::/\n", None),  # no quota
+        (
+            {"cpu.max": "max 100000\n", "kubepods/pod1/cpu.max": "200000 100000\n"},  # v2, no cgroup namespace
+            "0::/kubepods/pod1\n",
+            2.0,
+        ),
+        ({"cpu.max": "50000 100000\n", "a/cpu.max": "400000 100000\n"}, "0::/a\n", 0.5),  # a parent's smaller quota
+        (
+            {
+                "cpu/cpu.cfs_quota_us": "-1\n",
+                "cpu/cpu.cfs_period_us": "100000\n",  # v1, the process's own cgroup
+                "cpu/mexp/cpu.cfs_quota_us": "100000\n",
+                "cpu/mexp/cpu.cfs_period_us": "100000\n",
+            },
+            "3:cpuset:/\n1:cpu:/mexp\n0::/\n",
+            1.0,
+        ),
+        (
+            {"cpu,cpuacct/cpu.cfs_quota_us": "300000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
+            "4:cpu,cpuacct:/docker/0123abcd\n",
+            3.0,
+        ),  # v1 in a container: its own path is the mount's root
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, "1:cpu:/\n", None),
+        ({"cpu.max": "garbage\n"}, "0::/\n", None),  # unreadable: no quota
+        ({}, "", None),  # no cgroups (another OS)
+    ],
+)
 def test_the_cpu_quota_is_read_from_cgroup_v2_and_v1(tmp_path, files, cgroup, quota):
     assert cpu_quota(*tree(tmp_path, files, cgroup)) == quota
 
 
-@pytest.mark.parametrize("affinity, files, usable", [
-    ({0, 1, 2, 3}, {"cpu.max": "150000 100000\n"}, 2),          # a quota of 1.5 CPUs: 2 threads
-    ({0, 1, 2, 3}, {"cpu.max": "max 100000\n"}, 4),
-    ({5}, {"cpu.max": "800000 100000\n"}, 1),                   # the affinity mask is smaller
-    ({0, 1}, {"cpu.max": "10000 100000\n"}, 1),                 # at least 1
-])
+@pytest.mark.parametrize(
+    "affinity, files, usable",
+    [
+        ({0, 1, 2, 3}, {"cpu.max": "150000 100000\n"}, 2),  # a quota of 1.5 CPUs: 2 threads
+        ({0, 1, 2, 3}, {"cpu.max": "max 100000\n"}, 4),
+        ({5}, {"cpu.max": "800000 100000\n"}, 1),  # the affinity mask is smaller
+        ({0, 1}, {"cpu.max": "10000 100000\n"}, 1),  # at least 1
+    ],
+)
 def test_usable_cpus_are_the_affinity_mask_within_the_quota(tmp_path, monkeypatch, affinity, files, usable):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: affinity, raising=False)
     assert usable_cpus(*tree(tmp_path, files, "0::/\n")) == usable
@@ -63,9 +82,9 @@ def test_sessions_get_the_usable_cpus_only_where_they_are_fewer_than_the_machine
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     monkeypatch.setattr(cpus, "usable_cpus", lambda: 3)
     assert session_threads() == 3
-    assert session_threads(5) == 5                              # --threads wins
+    assert session_threads(5) == 5  # --threads wins
     monkeypatch.setattr(cpus, "usable_cpus", lambda: 8)
-    assert session_threads() is None                            # the whole machine: ONNX Runtime's own choice
+    assert session_threads() is None  # the whole machine: ONNX Runtime's own choice
     for wrong in (0, -1, 2.5, True, "2"):
         with pytest.raises(ValueError, match="^threads must be a whole number >= 1"):
             session_threads(wrong)
@@ -75,12 +94,15 @@ def test_sessions_get_the_usable_cpus_only_where_they_are_fewer_than_the_machine
 
 def test_more_threads_than_cpus_is_one_line_before_any_session_starts(bundles):
     """Thousands of threads per session would take minutes to start; the command says so at once instead."""
-    result = CliRunner().invoke(app, ["infill", "a [MASK] b", "--model", str(bundles["olmo"]), "--device", "cpu",
-                                      "--threads", "100000"])
+    result = CliRunner().invoke(
+        app, ["infill", "a [MASK] b", "--model", str(bundles["olmo"]), "--device", "cpu", "--threads", "100000"]
+    )
     assert result.exit_code == 2, result.output
-    assert result.output.strip() == (f"error: --threads 100000 is more than the {os.cpu_count()} CPUs of this "
-                                     f"machine; use at most {os.cpu_count()}, or leave it out for the CPUs this "
-                                     "process may use")
+    assert result.output.strip() == (
+        f"error: --threads 100000 is more than the {os.cpu_count()} CPUs of this "
+        f"machine; use at most {os.cpu_count()}, or leave it out for the CPUs this "
+        "process may use"
+    )
 
 
 def test_a_session_gets_the_threads_asked_for(bundles, monkeypatch):
@@ -91,7 +113,7 @@ def test_a_session_gets_the_threads_asked_for(bundles, monkeypatch):
     backend = infiller.backend
     for session in (backend.mlm, backend.step, backend.head):
         assert session.get_session_options().intra_op_num_threads == 3
-                                                                # a process given 1 CPU of a 64-CPU machine
+        # a process given 1 CPU of a 64-CPU machine
     monkeypatch.setattr(cpus, "usable_cpus", lambda: 1)
     assert Infiller(bundles["olmo"], device="cpu").backend.step.get_session_options().intra_op_num_threads == 1
 
@@ -112,8 +134,14 @@ def test_a_process_limited_to_one_cpu_runs_no_thread_outside_it(bundles):
     if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs Linux and at least 2 CPUs in this process's affinity mask")
     cpu = min(os.sched_getaffinity(0))
-    run = subprocess.run([sys.executable, "-c", PINNED, str(bundles["olmo"])], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120, preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+    run = subprocess.run(
+        [sys.executable, "-c", PINNED, str(bundles["olmo"])],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
+    )
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout) == [cpu]
     assert "pthread_setaffinity" not in run.stderr
@@ -125,8 +153,10 @@ def test_threads_from_the_cli_fill_alike(bundles):
     from maria_onnx.cli import app
 
     def infill(*args):
-        return CliRunner().invoke(app, ["infill", "a [MASK] b [MASK:3] c", "--model", str(bundles["olmo"]),
-                                        "--device", "cpu", *args])
+        return CliRunner().invoke(
+            app, ["infill", "a [MASK] b [MASK:3] c", "--model", str(bundles["olmo"]), "--device", "cpu", *args]
+        )
+
     default, one = infill(), infill("--threads", "1")
     assert default.exit_code == 0 and one.exit_code == 0 and one.stdout == default.stdout
     assert CliRunner().invoke(app, ["infill", "a [MASK]", "--threads", "2"], env={"MARIA_THREADS": "0"}).exit_code == 0

@@ -48,8 +48,12 @@ def test_fp32_fills_and_scores_match_pytorch_on_the_same_gpu(on_gpu, decoder):
         assert np.array_equal(g.ids, w.ids)
         np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-3)
     filled = [w.ids for w in want]
-    np.testing.assert_allclose(infiller.score(filled, masked, batch_size=4),
-                               reference_score(backbones, head, filled, masked), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(
+        infiller.score(filled, masked, batch_size=4),
+        reference_score(backbones, head, filled, masked),
+        rtol=1e-3,
+        atol=1e-3,
+    )
 
 
 def test_io_binding_on_and_off_give_the_same_fills(on_gpu):
@@ -67,7 +71,7 @@ def test_cuda_graph_steps_fill_like_plain_steps(on_gpu):
     graphed = Infiller(on_gpu[0].bundle, device="cuda", cuda_graph=True)
     assert graphed.backend.cuda_graph
     ids, masked = random_cases(np.random.default_rng(3), plain.manifest.vocab_size, 16)
-    for _ in range(2):                                   # the second pass replays the captured graphs
+    for _ in range(2):  # the second pass replays the captured graphs
         for a, b in zip(plain.fill_ids(ids, masked, batch_size=4), graphed.fill_ids(ids, masked, batch_size=4)):
             assert np.array_equal(a.ids, b.ids)
             np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=0, atol=1e-4)
@@ -92,9 +96,10 @@ def test_fp16_bundle_on_cuda_against_pytorch_fp16(checkpoints, tmp_path, attenti
 
 def test_serve_on_cuda_answers(bundles):
     from test_serve import call, oip, server
+
     reference = Infiller(bundles["olmo"], device="cpu")
     words = corpus(1, seed=9)[0].split()
-    texts = [" ".join(words[:2] + ["[MASK]"] + words[3:-2] + ["[MASK:2]"])]      # --device cuda: CUDA or no server
+    texts = [" ".join(words[:2] + ["[MASK]"] + words[3:-2] + ["[MASK:2]"])]  # --device cuda: CUDA or no server
     with server("--model", bundles["olmo"], device="cuda") as (url, _):
         status, _, body = call(url, "/v2/models/maria/infer", oip(texts))
         assert status == 200

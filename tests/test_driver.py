@@ -80,8 +80,9 @@ def test_runs_share_steps_and_end_on_their_own(bundles):
     long = FillRequest([infiller.prepare("a [MASK:6] b")])
     alone = [infiller.infill_requests([r])[0][0].text for r in (short, long)]
     together = RoundDriver(infiller.new_decoder(4))
-    runs = {together.start(Rounds(infiller, [r], [0]), r.sampling): name for name, r in
-            (("short", short), ("long", long))}
+    runs = {
+        together.start(Rounds(infiller, [r], [0]), r.sampling): name for name, r in (("short", short), ("long", long))
+    }
     order = []
     for _ in range(20):
         order += [runs[run] for run in together.step()]

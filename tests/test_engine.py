@@ -48,8 +48,10 @@ def test_sequences_joining_mid_run_fill_as_they_would_alone(bundles):
     infiller = Infiller(bundles["olmo"], device="cpu")
     ids, masked = random_cases(np.random.default_rng(5), 200, 4, rates=(0.5,))
     sampling = Sampling(temperature=1.2, seed=9)
-    alone = [engine_infill(infiller.backend, [x], [m], infiller.special, sampling, 1, sequence_rngs(9, 4)[i:i + 1])[0]
-             for i, (x, m) in enumerate(zip(ids, masked))]
+    alone = [
+        engine_infill(infiller.backend, [x], [m], infiller.special, sampling, 1, sequence_rngs(9, 4)[i : i + 1])[0]
+        for i, (x, m) in enumerate(zip(ids, masked))
+    ]
     engine = Engine(infiller.backend, infiller.special, slots=2)
     rngs = sequence_rngs(9, 4)
     first = engine.submit(ids[0], masked[0], sampling, rngs[0])
@@ -59,11 +61,11 @@ def test_sequences_joining_mid_run_fill_as_they_would_alone(bundles):
     finished, joined = [], {}
     while engine.busy:
         finished += engine.step()
-        for s in [*engine.active.values(), *finished]:            # (the step it joined at, its slot)
+        for s in [*engine.active.values(), *finished]:  # (the step it joined at, its slot)
             joined.setdefault(id(s), (engine.steps - 1, s.slot))
-    assert len(finished) == 4 and engine.steps < sum(int(m.sum()) for m in masked)   # steps were shared
-    assert joined[id(later[0])] == (1, 1)                       # joined the running batch at step 1, slot 1
-    assert {joined[id(s)][1] for s in later[1:]} <= {0, 1}        # took slots others had left
+    assert len(finished) == 4 and engine.steps < sum(int(m.sum()) for m in masked)  # steps were shared
+    assert joined[id(later[0])] == (1, 1)  # joined the running batch at step 1, slot 1
+    assert {joined[id(s)][1] for s in later[1:]} <= {0, 1}  # took slots others had left
     for sequence, want in zip([first, *later], alone):
         fill = sequence.fill()
         assert np.array_equal(fill.ids, want.ids)
@@ -77,19 +79,19 @@ def test_the_step_writes_the_cache_in_place(bundles):
     position_ids = np.array([[0, 1, 2], [0, 1, 2]])
     backend.cache_step(np.array([[7, 8, 9], [10, 11, 12]]), position_ids, cache)
     assert [cache.pointer(i) for i in range(len(cache.buffers))] == before
-    keys, values = cache.read(0), cache.read(1)                    # [slots, kv, C, d]
+    keys, values = cache.read(0), cache.read(1)  # [slots, kv, C, d]
     assert np.abs(values[:2, :, :3]).min(axis=-1).max() > 0 and not values[:2, :, 3:].any()
-    assert not values[2].any() and not keys[2].any()               # the third slot was not in the step
+    assert not values[2].any() and not keys[2].any()  # the third slot was not in the step
     backend.cache_step(np.array([[13], [14]]), np.array([[3], [3]]), cache)
     assert np.array_equal(cache.read(1)[:2, :, :3], values[:2, :, :3]) and cache.read(1)[:2, :, 3].any()
 
 
 def test_cache_resize_keeps_each_slot_and_device_buffers_work_the_same(bundles):
     cache = SlotCache(layers=1, kv_heads=2, head_dim=4, dtype=np.float32, slots=2, capacity=3)
-    cache.buffers[0][:] = np.arange(2 * 2 * 3 * 4).reshape(2, 2, 3, 4)                       # [slots, kv, C, d]
-    cache.buffers[1][:] = -np.arange(2 * 2 * 3 * 4).reshape(2, 2, 4, 3)                      # [slots, kv, d, C]
+    cache.buffers[0][:] = np.arange(2 * 2 * 3 * 4).reshape(2, 2, 3, 4)  # [slots, kv, C, d]
+    cache.buffers[1][:] = -np.arange(2 * 2 * 3 * 4).reshape(2, 2, 4, 3)  # [slots, kv, d, C]
     keys, values = cache.read(0), cache.read(1)
-    assert np.array_equal(values, cache.buffers[1].transpose(0, 1, 3, 2))          # read: positions on axis 2
+    assert np.array_equal(values, cache.buffers[1].transpose(0, 1, 3, 2))  # read: positions on axis 2
     cache.resize(5)
     assert np.array_equal(cache.read(0)[:, :, :3], keys) and np.array_equal(cache.read(1)[:, :, :3], values)
     assert not cache.read(0)[:, :, 3:].any()
@@ -104,11 +106,19 @@ def test_resizes_in_turn_keep_what_each_slot_holds_and_zero_the_rest(ortvalues, 
     """Host buffers take turns in two arenas, so a resize writes over what an earlier one left there: every
     position past what is kept must come back zeroed, whatever the arena held. Values transposed (the eager step
     graph) or laid out as the keys (--attention fused)."""
-    cache = SlotCache(layers=2, kv_heads=2, head_dim=4, dtype=np.float32, slots=3, capacity=4, ortvalues=ortvalues,
-                      values_transposed=values_transposed)
+    cache = SlotCache(
+        layers=2,
+        kv_heads=2,
+        head_dim=4,
+        dtype=np.float32,
+        slots=3,
+        capacity=4,
+        ortvalues=ortvalues,
+        values_transposed=values_transposed,
+    )
     rng = np.random.default_rng(0)
     kept = 4
-    written = [rng.random(cache.read(i).shape, dtype=np.float32) + 1 for i in range(4)]    # never zero
+    written = [rng.random(cache.read(i).shape, dtype=np.float32) + 1 for i in range(4)]  # never zero
     for index, values in enumerate(written):
         host = values.transpose(0, 1, 3, 2).copy() if index % 2 and values_transposed else values
         if ortvalues:
@@ -147,18 +157,18 @@ def test_the_device_path_on_the_cpu_gives_the_same_fills(bundles):
     backend = infiller.backend
     backend.on_device = True
     shapes, caches, step = [], [], backend.cache_step
-    backend.cache_step = lambda x, p, cache: shapes.append((x.shape, cache.capacity)) or caches.append(cache) or \
-        step(x, p, cache)
+    backend.cache_step = lambda x, p, cache: (
+        shapes.append((x.shape, cache.capacity)) or caches.append(cache) or step(x, p, cache)
+    )
     device_like = infiller.fill_ids(ids, masked, batch_size=3)
     for a, b in zip(plain, device_like):
         assert np.array_equal(a.ids, b.ids)
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
     assert all(rows == 3 and width & (width - 1) == 0 for (rows, width), _ in shapes)
     capacities = [capacity for _, capacity in shapes]
-    assert capacities == sorted(capacities)                      # sized when sequences join, never shrunk
+    assert capacities == sorted(capacities)  # sized when sequences join, never shrunk
     final = [shape for shape in shapes if shape[1] == capacities[-1]]
-    assert len(caches[-1].bindings) < len(final)                 # one binding per shape, reused across its steps
-
+    assert len(caches[-1].bindings) < len(final)  # one binding per shape, reused across its steps
 
 
 @pytest.mark.parametrize("fixed_shapes", [False, True])
@@ -189,8 +199,10 @@ def test_long_chunks_are_fed_a_few_tokens_a_step_with_the_same_fills(bundles, fi
         np.testing.assert_allclose(a.logprobs, b.fill().logprobs, atol=1e-5)
 
 
-REFUSED = ("[ONNXRuntimeError] : 1 : FAIL : This session cannot use the graph capture feature as requested by the "
-           "user as all compute graph nodes have not been partitioned to the CUDAExecutionProvider")
+REFUSED = (
+    "[ONNXRuntimeError] : 1 : FAIL : This session cannot use the graph capture feature as requested by the "
+    "user as all compute graph nodes have not been partitioned to the CUDAExecutionProvider"
+)
 
 
 @pytest.mark.parametrize("error, refused", [(REFUSED, True), ("CUDA failure 2: out of memory", False)])
@@ -200,7 +212,7 @@ def test_a_refused_cuda_graph_capture_runs_the_step_without_it(bundles, monkeypa
     from maria_onnx.runtime import onnx_backend
     from maria_onnx.runtime.sessions import cuda_providers, make_session
 
-    class OnCuda:                   # a CPU session that reports the CUDA provider, as it would on a GPU
+    class OnCuda:  # a CPU session that reports the CUDA provider, as it would on a GPU
         def __init__(self, session):
             self.session = session
 
@@ -217,14 +229,18 @@ def test_a_refused_cuda_graph_capture_runs_the_step_without_it(bundles, monkeypa
 
     monkeypatch.setattr(onnx_backend, "providers_for", lambda device: cuda_providers(0))
     monkeypatch.setattr(onnx_backend, "make_session", session)
-    make = lambda: onnx_backend.OnnxBackend(bundles["olmo"], load_manifest(bundles["olmo"]), device="cuda",
-                                           cuda_graph=True)
+    make = lambda: onnx_backend.OnnxBackend(
+        bundles["olmo"], load_manifest(bundles["olmo"]), device="cuda", cuda_graph=True
+    )
     if not refused:
         with pytest.raises(RuntimeError, match="out of memory"):
             make()
         return
-    with pytest.warns(RuntimeWarning, match=r"CUDA graphs: ONNX Runtime does not capture this step graph \(.*"
-                                            r"partitioned to the CUDAExecutionProvider\); running without capture"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"CUDA graphs: ONNX Runtime does not capture this step graph \(.*"
+        r"partitioned to the CUDAExecutionProvider\); running without capture",
+    ):
         backend = make()
     assert backend.device == "cuda" and backend.step is not None and not backend.cuda_graph
 
@@ -239,24 +255,27 @@ def test_each_decoder_loads_only_its_own_graph_of_the_ar(bundles):
     assert concat.backend.step is None and concat.backend.ar is not None
     ids, masked = random_cases(np.random.default_rng(8), 200, 6)
     np.testing.assert_allclose(engine.score(ids, masked), concat.score(ids, masked), atol=1e-4)
-    assert [f.ids.tolist() for f in engine.fill_ids(ids, masked)] == \
-        [f.ids.tolist() for f in concat.fill_ids(ids, masked)]
+    assert [f.ids.tolist() for f in engine.fill_ids(ids, masked)] == [
+        f.ids.tolist() for f in concat.fill_ids(ids, masked)
+    ]
 
 
 def test_decoder_switch_names_what_a_bundle_lacks(bundles, checkpoints, tmp_path):
     from maria_onnx.export.bundle import export_bundle
+
     with pytest.raises(ValueError, match="^decoder must be one of"):
         Infiller(bundles["olmo"], device="cpu", decoder="fast")
     lean = export_bundle(checkpoints["olmo"], tmp_path / "lean", concat_decoder=False)
     assert "ar_decoder" not in lean.graphs
     with pytest.raises(ValueError, match="needs ar_decoder.onnx"):
         Infiller(tmp_path / "lean", device="cpu", decoder="concat")
-    infiller = Infiller(tmp_path / "lean", device="cpu")        # scores run on the step graph too
+    infiller = Infiller(tmp_path / "lean", device="cpu")  # scores run on the step graph too
     ids, masked = random_cases(np.random.default_rng(7), 200, 4)
     full = Infiller(bundles["olmo"], device="cpu", decoder="concat")
     np.testing.assert_allclose(infiller.score(ids, masked), full.score(ids, masked), atol=1e-4)
-    assert [f.ids.tolist() for f in infiller.fill_ids(ids, masked)] == \
-        [f.ids.tolist() for f in full.fill_ids(ids, masked)]
+    assert [f.ids.tolist() for f in infiller.fill_ids(ids, masked)] == [
+        f.ids.tolist() for f in full.fill_ids(ids, masked)
+    ]
 
 
 def test_a_cancelled_sequence_frees_its_slot_and_leaves_the_others_unchanged(bundles):
@@ -277,6 +296,7 @@ def test_a_bundle_from_before_the_engine_fills_through_the_concat_decoder(bundle
     """A schema-2 bundle (no ar_step.onnx) still loads: auto picks the concat decoder, the engine is refused."""
     import json
     import shutil
+
     folder = shutil.copytree(bundles["olmo"], tmp_path / "old")
     (folder / "ar_step.onnx").unlink()
     manifest = json.loads((folder / "maria.json").read_text())
@@ -298,6 +318,7 @@ def test_a_step_graph_with_the_earlier_cache_layout_is_refused_in_one_line(bundl
     import shutil
     import onnx
     from maria_onnx.runtime.manifest import sha256
+
     folder = shutil.copytree(bundles["olmo"], tmp_path / "earlier")
     graph = onnx.load(str(folder / "ar_step.onnx"))
     for value in [*graph.graph.input, *graph.graph.output]:
@@ -308,8 +329,11 @@ def test_a_step_graph_with_the_earlier_cache_layout_is_refused_in_one_line(bundl
     manifest = json.loads((folder / "maria.json").read_text())
     manifest["files"]["ar_step.onnx"] = sha256(folder / "ar_step.onnx")
     (folder / "maria.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=r"ar_step.onnx 'cache.0.value' is .*'capacity', \d+\], but the manifest "
-                                         r"describes .* re-export the bundle") as error:
+    with pytest.raises(
+        ValueError,
+        match=r"ar_step.onnx 'cache.0.value' is .*'capacity', \d+\], but the manifest "
+        r"describes .* re-export the bundle",
+    ) as error:
         Infiller(folder, device="cpu")
     assert "\n" not in str(error.value)
 
@@ -325,8 +349,8 @@ def test_step_bindings_live_with_the_cache_they_point_at(bundles):
     first.resize(32)
     assert first.bindings == {}
     del first
-    for capacity in (16, 48, 32, 80) * 10:                        # each cache freed before the next is made, so
-        cache = backend.new_cache(1, capacity)                    # a new one often takes the old one's id()
+    for capacity in (16, 48, 32, 80) * 10:  # each cache freed before the next is made, so
+        cache = backend.new_cache(1, capacity)  # a new one often takes the old one's id()
         np.testing.assert_allclose(backend.cache_step(ids, positions, cache), want, atol=1e-6)
         assert cache.read(0)[:, :, :3].any() and not cache.read(0)[:, :, 3:].any()
         del cache

@@ -28,8 +28,14 @@ def session(folder, name):
 @pytest.mark.parametrize("ar_type", AR_TYPES)
 def test_validation_report_is_within_tolerance(bundles, ar_type):
     report = json.loads((bundles[ar_type] / "validation.json").read_text())
-    assert {c["graph"] for c in report["checks"]} == {"mlm", "ar_decoder", "ar_step", "fusion_head", "ar_lm_head",
-                                                      "mlm_decoder"}
+    assert {c["graph"] for c in report["checks"]} == {
+        "mlm",
+        "ar_decoder",
+        "ar_step",
+        "fusion_head",
+        "ar_lm_head",
+        "mlm_decoder",
+    }
     assert all(c["max_abs_diff"] <= c["tolerance"] <= 1e-3 for c in report["checks"])
     assert report["end_to_end"]["top1_agreement"] == 1.0
     assert report["end_to_end"]["engine_greedy_fill_agreement"] == 1.0
@@ -50,7 +56,8 @@ def test_mlm_and_head_graphs_match_pytorch(bundles, checkpoints, ar_type):
         mlm_hidden = rng.standard_normal((batch, head.mlm_hidden_size)).astype(np.float32)
         ar_hidden = rng.standard_normal((batch, backbones.ar_hidden_size)).astype(np.float32)
         (logits,) = session(bundles[ar_type], "fusion_head.onnx").run(
-            None, {"mlm_hidden": mlm_hidden, "ar_hidden": ar_hidden})
+            None, {"mlm_hidden": mlm_hidden, "ar_hidden": ar_hidden}
+        )
         with torch.no_grad():
             want = head(torch.from_numpy(mlm_hidden), torch.from_numpy(ar_hidden)).numpy()
         assert logits.dtype == np.float32 and logits.shape == (batch, backbones.vocab_size)
@@ -68,21 +75,38 @@ def test_cached_decoder_matches_one_full_pass(bundles, checkpoints, ar_type, bat
     total, prefill = 12, 7
     ids = rng.integers(5, backbones.vocab_size, (batch, total))
     mask = np.ones((batch, total), dtype=np.int64)
-    mask[1:, :2] = 0                          # rows 1.. are left-padded by two: holes in the cache
+    mask[1:, :2] = 0  # rows 1.. are left-padded by two: holes in the cache
     positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-    past = {name: np.zeros((batch, manifest.num_key_value_heads, 0, manifest.head_dim), np.float32)
-            for name in manifest.graph("ar_decoder").inputs if name.startswith("past_key_values.")}
+    past = {
+        name: np.zeros((batch, manifest.num_key_value_heads, 0, manifest.head_dim), np.float32)
+        for name in manifest.graph("ar_decoder").inputs
+        if name.startswith("past_key_values.")
+    }
     hidden = []
     for begin, end in [(0, prefill)] + [(t, t + 1) for t in range(prefill, total)]:
-        outputs = dict(zip([o.name for o in decoder.get_outputs()], decoder.run(None, {
-            "input_ids": ids[:, begin:end], "attention_mask": mask[:, :end],
-            "position_ids": positions[:, begin:end], **past})))
+        outputs = dict(
+            zip(
+                [o.name for o in decoder.get_outputs()],
+                decoder.run(
+                    None,
+                    {
+                        "input_ids": ids[:, begin:end],
+                        "attention_mask": mask[:, :end],
+                        "position_ids": positions[:, begin:end],
+                        **past,
+                    },
+                ),
+            )
+        )
         past = {name: outputs[name.replace("past_key_values.", "present.")] for name in past}
         hidden.append(outputs["last_hidden_state"])
         assert outputs["present.0.key"].shape[2] == end
     with torch.no_grad():
-        full = backbones.ar.base_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                                       position_ids=torch.from_numpy(positions)).last_hidden_state.numpy()
+        full = backbones.ar.base_model(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            position_ids=torch.from_numpy(positions),
+        ).last_hidden_state.numpy()
     real = mask == 1
     np.testing.assert_allclose(np.concatenate(hidden, axis=1)[real], full[real], atol=1e-4)
 
@@ -92,7 +116,7 @@ def test_manifest_round_trips_and_describes_the_graphs(bundles, checkpoints):
     manifest = load_manifest(folder)
     assert Manifest.from_dict(json.loads(json.dumps(manifest.to_dict()))) == manifest
     backbones, _, _ = load_maria(checkpoints["llama"])
-    assert manifest.num_key_value_heads == backbones.ar.config.num_key_value_heads == 2    # grouped-query
+    assert manifest.num_key_value_heads == backbones.ar.config.num_key_value_heads == 2  # grouped-query
     assert manifest.num_hidden_layers == 2 and manifest.vocab_size == backbones.vocab_size
     assert manifest.special_ids.mask == backbones.special.mask
     for name in ("mlm", "ar_decoder", "ar_step", "fusion_head", "ar_lm_head", "mlm_decoder"):
@@ -101,13 +125,22 @@ def test_manifest_round_trips_and_describes_the_graphs(bundles, checkpoints):
         assert [i.name for i in graph.get_inputs()] == spec.inputs
         assert [o.name for o in graph.get_outputs()] == spec.outputs
     assert manifest.graph("ar_decoder").outputs[0] == "last_hidden_state"
-    assert set(manifest.files) == {"mlm.onnx", "ar_decoder.onnx", "ar_step.onnx", "fusion_head.onnx",
-                                   "ar_lm_head.onnx", "mlm_decoder.onnx", "tokenizer.json", "validation.json"}
+    assert set(manifest.files) == {
+        "mlm.onnx",
+        "ar_decoder.onnx",
+        "ar_step.onnx",
+        "fusion_head.onnx",
+        "ar_lm_head.onnx",
+        "mlm_decoder.onnx",
+        "tokenizer.json",
+        "validation.json",
+    }
     assert set(manifest.source["versions"]) >= {"torch", "transformers", "onnx", "optimum-onnx"}
 
 
-@pytest.mark.parametrize("name", ["mlm.onnx", "ar_decoder.onnx", "fusion_head.onnx", "tokenizer.json",
-                                  "validation.json"])
+@pytest.mark.parametrize(
+    "name", ["mlm.onnx", "ar_decoder.onnx", "fusion_head.onnx", "tokenizer.json", "validation.json"]
+)
 def test_a_changed_byte_fails_the_checksum(bundles, tmp_path, name):
     folder = shutil.copytree(bundles["olmo"], tmp_path / "bundle")
     data = bytearray((folder / name).read_bytes())
@@ -128,12 +161,12 @@ def test_newer_schema_and_missing_manifest_are_refused(bundles, tmp_path):
         load_manifest(folder)
 
 
-
 def test_a_checkpoint_given_as_a_bundle_is_named(checkpoints):
     result = CliRunner().invoke(app, ["infill", "a [MASK]", "--model", str(checkpoints["olmo"]), "--device", "cpu"])
     assert result.exit_code == 2 and result.output.strip() == (
         f"error: {checkpoints['olmo']} is a training checkpoint, not a bundle; export it first: maria export "
-        f"{checkpoints['olmo']} --out BUNDLE")
+        f"{checkpoints['olmo']} --out BUNDLE"
+    )
 
 
 @pytest.mark.parametrize("dtype, int8", [("fp16", False), ("fp32", True)])
@@ -143,9 +176,13 @@ def test_reduced_precision_exports_are_judged_by_top1(checkpoints, tmp_path, dty
     assert report["variant"] == ("int8" if int8 else "fp16")
     assert report["end_to_end"]["top1_agreement"] >= report["end_to_end"]["least_top1_agreement"]
     assert manifest.dtype == dtype and manifest.quantization == ("int8-dynamic" if int8 else "none")
-    (logits,) = session(tmp_path / "b", "fusion_head.onnx").run(None, {
-        "mlm_hidden": np.zeros((1, manifest.mlm_hidden_size), np.float16 if dtype == "fp16" else np.float32),
-        "ar_hidden": np.zeros((1, manifest.ar_hidden_size), np.float16 if dtype == "fp16" else np.float32)})
+    (logits,) = session(tmp_path / "b", "fusion_head.onnx").run(
+        None,
+        {
+            "mlm_hidden": np.zeros((1, manifest.mlm_hidden_size), np.float16 if dtype == "fp16" else np.float32),
+            "ar_hidden": np.zeros((1, manifest.ar_hidden_size), np.float16 if dtype == "fp16" else np.float32),
+        },
+    )
     assert logits.dtype == np.float32
 
 
@@ -196,6 +233,7 @@ def test_bad_inputs_are_refused_before_anything_is_written(checkpoints, pairs, t
 
 def test_unsupported_architecture_is_refused(checkpoints, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
+
     ar = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=300)).save_pretrained(ar)
     folder = shutil.copytree(checkpoints["olmo"], tmp_path / "ckpt")
@@ -212,13 +250,20 @@ def test_graphs_with_external_weights_export_and_load(checkpoints, tmp_path, mon
     import onnx
 
     from maria_onnx.runtime.infiller import Infiller
+
     export_backbones = bundle_module.export_backbones
 
     def as_if_large(backbones, folder, opset, concat_decoder):
         specs = export_backbones(backbones, folder, opset, concat_decoder)
         for name in ("mlm.onnx", "ar_decoder.onnx"):
-            onnx.save(onnx.load(str(folder / name)), str(folder / name), save_as_external_data=True,
-                      all_tensors_to_one_file=True, location=name + "_data", size_threshold=0)
+            onnx.save(
+                onnx.load(str(folder / name)),
+                str(folder / name),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=name + "_data",
+                size_threshold=0,
+            )
         return specs
 
     monkeypatch.setattr(bundle_module, "export_backbones", as_if_large)
@@ -226,28 +271,30 @@ def test_graphs_with_external_weights_export_and_load(checkpoints, tmp_path, mon
     referenced = set()
     for name in ("mlm.onnx", "ar_decoder.onnx"):
         graph = onnx.load(str(tmp_path / "b" / name), load_external_data=False).graph
-        referenced |= {entry.value for tensor in graph.initializer for entry in tensor.external_data
-                       if entry.key == "location"}
-    assert referenced and referenced <= set(manifest.files)        # external weights ship, checksummed
+        referenced |= {
+            entry.value for tensor in graph.initializer for entry in tensor.external_data if entry.key == "location"
+        }
+    assert referenced and referenced <= set(manifest.files)  # external weights ship, checksummed
     assert not [name for name in manifest.files if name.endswith("_data")]
     assert len(Infiller(tmp_path / "b", device="cpu").infill(["a [MASK:2] b"])[0].fills) == 2
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-def test_tensors_written_one_file_each_end_up_in_one_weights_file_per_graph(checkpoints, tmp_path, monkeypatch,
-                                                                           dtype):
+def test_tensors_written_one_file_each_end_up_in_one_weights_file_per_graph(checkpoints, tmp_path, monkeypatch, dtype):
     """torch.onnx writes a graph over 2 GB with each tensor in a file of its own, named after the tensor (Optimum
     gathers only the initializers among them): at OLMo-1B size the bundle held 293 loose files, and fp16 failed
     to save a 2.4 GB graph. Every graph is made to come out that way here."""
     import onnx
 
     from maria_onnx.runtime.infiller import Infiller
+
     export = torch.onnx.export
 
     def scattered(model, args, f, **options):
         export(model, args, f, **options)
-        onnx.save(onnx.load(str(f)), str(f), save_as_external_data=True, all_tensors_to_one_file=False,
-                  size_threshold=0)
+        onnx.save(
+            onnx.load(str(f)), str(f), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0
+        )
 
     monkeypatch.setattr(torch.onnx, "export", scattered)
     manifest = export_bundle(checkpoints["llama"], tmp_path / "b", dtype=dtype)
@@ -276,6 +323,7 @@ def test_baseline_heads_match_the_backbones_and_can_be_left_out(bundles, checkpo
     lean = export_bundle(checkpoints["olmo"], tmp_path / "lean", baseline_heads=False)
     assert not lean.has_baseline_heads and "ar_lm_head.onnx" not in lean.files
     from maria_onnx.runtime.infiller import Infiller
+
     infiller = Infiller(tmp_path / "lean", device="cpu")
     assert infiller.infill(["a [MASK] b"])[0].fills
     with pytest.raises(ValueError, match="has no ar_lm_head.onnx .*re-export"):
@@ -293,8 +341,8 @@ def test_an_fp16_bundle_computes_in_fp16(checkpoints, tmp_path):
     for spec in (manifest.graph(name) for name in ("mlm", "ar_step", "ar_decoder")):
         graph = onnx.load(str(tmp_path / "b" / spec.file)).graph
         weights = {tensor.name: tensor.data_type for tensor in graph.initializer}
-        assert not [node.name for node in graph.node if node.op_type == "Cast" and node.input[0] in weights], \
-            spec.file
-        read = [weights[name] for node in graph.node if node.op_type == "MatMul" for name in node.input
-                if name in weights]
+        assert not [node.name for node in graph.node if node.op_type == "Cast" and node.input[0] in weights], spec.file
+        read = [
+            weights[name] for node in graph.node if node.op_type == "MatMul" for name in node.input if name in weights
+        ]
         assert read and set(read) == {onnx.TensorProto.FLOAT16}, spec.file

@@ -17,8 +17,11 @@ from maria_onnx.runtime.infiller import Infiller
 from tests.test_serve import ROOT, TEXTS, call, oip, server
 
 FLOORS_PYTHON = os.environ.get("MARIA_FLOORS_PYTHON")
-pytestmark = pytest.mark.skipif(not FLOORS_PYTHON, reason="MARIA_FLOORS_PYTHON names no environment with "
-                                "pyproject.toml's lowest versions (.ci/run builds one with tools/floors.py)")
+pytestmark = pytest.mark.skipif(
+    not FLOORS_PYTHON,
+    reason="MARIA_FLOORS_PYTHON names no environment with "
+    "pyproject.toml's lowest versions (.ci/run builds one with tools/floors.py)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +32,15 @@ def reference():
 def same_fills(got: list[dict], want: list[dict]) -> bool:
     """The same texts and fills, log-probabilities within 1e-4 (another onnxruntime rounds differently)."""
     return [(g["text"], g["fills"]) for g in got] == [(w["text"], w["fills"]) for w in want] and all(
-        np.allclose(g["fill_logprobs"], w["fill_logprobs"], atol=1e-4) for g, w in zip(got, want))
+        np.allclose(g["fill_logprobs"], w["fill_logprobs"], atol=1e-4) for g, w in zip(got, want)
+    )
 
 
 def test_the_environment_holds_the_floors():
     from packaging.version import Version
 
     from maria_onnx.tools.floors import floors
+
     wanted = floors()
     script = "import importlib.metadata as m, json, sys; print(json.dumps({n: m.version(n) for n in sys.argv[1:]}))"
     run = subprocess.run([FLOORS_PYTHON, "-c", script, *wanted], capture_output=True, text=True, timeout=60)
@@ -45,8 +50,13 @@ def test_the_environment_holds_the_floors():
 
 
 def test_infill_at_the_floors(reference):
-    run = subprocess.run([FLOORS_PYTHON, str(ROOT / "cli.py"), "infill", "--device", "cpu", "--json", *TEXTS],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [FLOORS_PYTHON, str(ROOT / "cli.py"), "infill", "--device", "cpu", "--json", *TEXTS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert same_fills([json.loads(line) for line in run.stdout.splitlines()], reference)
 
@@ -62,28 +72,31 @@ def test_serve_http_and_grpc_at_the_floors(reference):
         assert status == 200, body
         results = {o["name"]: o["data"] for o in json.loads(body)["outputs"]}["result"]
         assert same_fills([json.loads(r) for r in results], reference)
-        for route in ("generate", "generate_stream"):          # Triton's generate extension
+        for route in ("generate", "generate_stream"):  # Triton's generate extension
             status, _, body = call(url, f"/v2/models/maria/{route}", {"text": TEXTS})
             assert status == 200, body
             answer = json.loads(body.removeprefix(b"data: "))
             assert same_fills([json.loads(r) for r in answer["result"]], reference)
 
         request = pb.ModelInferRequest(model_name="maria")
-        request.inputs.add(name="text", datatype="BYTES", shape=[len(TEXTS), 1],
-                           contents=pb.InferTensorContents(bytes_contents=[t.encode() for t in TEXTS]))
+        request.inputs.add(
+            name="text",
+            datatype="BYTES",
+            shape=[len(TEXTS), 1],
+            contents=pb.InferTensorContents(bytes_contents=[t.encode() for t in TEXTS]),
+        )
         response = bare_infer(grpc_address(process), request)
         result = response.raw_output_contents[[o.name for o in response.outputs].index("result")]
         assert same_fills([json.loads(r) for r in bytes_elements(result)], reference)
 
-        client = grpcclient.InferenceServerClient(grpc_address(process))          # the same on a stream
+        client = grpcclient.InferenceServerClient(grpc_address(process))  # the same on a stream
         try:
             ((streamed, error),) = stream(client, [{"inputs": [text_input(TEXTS)]}])
         finally:
             client.close()
-        assert error is None and same_fills([json.loads(r) for r in streamed.as_numpy("result").reshape(-1)],
-                                            reference)
+        assert error is None and same_fills([json.loads(r) for r in streamed.as_numpy("result").reshape(-1)], reference)
 
-        client, answers = grpcclient.InferenceServerClient(grpc_address(process)), []   # a stream left open
+        client, answers = grpcclient.InferenceServerClient(grpc_address(process)), []  # a stream left open
         try:
             client.start_stream(lambda result, error: answers.append(error))
             client.async_stream_infer("maria", [text_input(TEXTS[:1])])
@@ -91,7 +104,7 @@ def test_serve_http_and_grpc_at_the_floors(reference):
             while not answers and time.monotonic() < deadline:
                 time.sleep(0.02)
             process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=60) == 0                    # ended by the server, long before --grace
+            assert process.wait(timeout=60) == 0  # ended by the server, long before --grace
             while len(answers) < 2 and time.monotonic() < deadline:
                 time.sleep(0.02)
         finally:
@@ -100,17 +113,33 @@ def test_serve_http_and_grpc_at_the_floors(reference):
         assert len(answers) == 2 and answers[0] is None and answers[1].status() == "StatusCode.UNAVAILABLE", answers
 
 
-
 def test_a_fused_attention_bundle_fills_alike_at_the_floors(checkpoints, tmp_path):
     """ONNX Runtime 1.20 misread an attention bias broadcast over the heads (wrong fills at batch > 1, no error):
     the fused step graph feeds it a bias per head, so a batch of texts fills there as here."""
     from maria_onnx.export.bundle import export_bundle
     from tiny import corpus
+
     export_bundle(checkpoints["olmo"], tmp_path / "fused", attention="fused", concat_decoder=False)
     texts = [" ".join(w[:2] + ["[MASK]"] + w[3:-2] + ["[MASK:2]"]) for w in (t.split() for t in corpus(6, seed=9))]
     want = [r.to_dict() for r in Infiller(tmp_path / "fused", device="cpu").infill(texts, batch_size=6)]
-    run = subprocess.run([FLOORS_PYTHON, str(ROOT / "cli.py"), "infill", "--model", str(tmp_path / "fused"),
-                          "--device", "cpu", "--json", "--batch-size", "6", *texts],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            FLOORS_PYTHON,
+            str(ROOT / "cli.py"),
+            "infill",
+            "--model",
+            str(tmp_path / "fused"),
+            "--device",
+            "cpu",
+            "--json",
+            "--batch-size",
+            "6",
+            *texts,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert same_fills([json.loads(line) for line in run.stdout.splitlines()], want)

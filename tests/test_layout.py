@@ -8,10 +8,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # The repository's folders and the subpackages of maria_onnx they are installed as (pyproject.toml's package-dir).
-FOLDERS = {"runtime": "maria_onnx.runtime", "export": "maria_onnx.export", "tools": "maria_onnx.tools",
-           "serve": "maria_onnx.serve", "console": "maria_onnx.console", "maria_onnx": "maria_onnx"}
-LAYERS = {"maria_onnx.runtime": 0, "maria_onnx": 1, "maria_onnx.export": 2, "maria_onnx.tools": 3,
-          "maria_onnx.serve": 3, "maria_onnx.console": 4, "maria_onnx.cli": 4}
+FOLDERS = {
+    "runtime": "maria_onnx.runtime",
+    "export": "maria_onnx.export",
+    "tools": "maria_onnx.tools",
+    "serve": "maria_onnx.serve",
+    "console": "maria_onnx.console",
+    "maria_onnx": "maria_onnx",
+}
+LAYERS = {
+    "maria_onnx.runtime": 0,
+    "maria_onnx": 1,
+    "maria_onnx.export": 2,
+    "maria_onnx.tools": 3,
+    "maria_onnx.serve": 3,
+    "maria_onnx.console": 4,
+    "maria_onnx.cli": 4,
+}
 
 
 def modules() -> dict[str, Path]:
@@ -19,7 +32,7 @@ def modules() -> dict[str, Path]:
     found = {"maria_onnx.cli": ROOT / "cli.py"}
     for folder, package in FOLDERS.items():
         for path in sorted((ROOT / folder).rglob("*.py")):
-            if path.is_symlink():                   # maria_onnx/cli.py: the top-level cli.py, counted above
+            if path.is_symlink():  # maria_onnx/cli.py: the top-level cli.py, counted above
                 continue
             parts = path.relative_to(ROOT / folder).with_suffix("").parts
             found[".".join([package, *(parts[:-1] if parts[-1] == "__init__" else parts)])] = path
@@ -72,19 +85,27 @@ def test_the_graph_sees_the_known_edges():
     edges = graph()
     assert "maria_onnx.runtime.decode" in edges["maria_onnx.runtime.infiller"]
     assert "maria_onnx.backbones" in edges["maria_onnx.train"]
-    assert "maria_onnx.export.bundle" in edges["maria_onnx.tools.bench"]     # from a module-level import
-    assert "maria_onnx.tools.bench" in edges["maria_onnx.cli"]               # from an import inside a function
+    assert "maria_onnx.export.bundle" in edges["maria_onnx.tools.bench"]  # from a module-level import
+    assert "maria_onnx.tools.bench" in edges["maria_onnx.cli"]  # from an import inside a function
 
 
 def test_no_import_runs_from_a_lower_layer_to_a_higher_one():
-    upward = sorted(f"{source} -> {target}" for source, targets in graph().items() for target in targets
-                    if layer(target) > layer(source))
+    upward = sorted(
+        f"{source} -> {target}"
+        for source, targets in graph().items()
+        for target in targets
+        if layer(target) > layer(source)
+    )
     assert upward == []
 
 
 def test_serving_and_tools_do_not_import_each_other():
-    sideways = sorted(f"{source} -> {target}" for source, targets in graph().items() for target in targets
-                      if layer(source) == layer(target) == 3 and subpackage(source) != subpackage(target))
+    sideways = sorted(
+        f"{source} -> {target}"
+        for source, targets in graph().items()
+        for target in targets
+        if layer(source) == layer(target) == 3 and subpackage(source) != subpackage(target)
+    )
     assert sideways == []
 
 
@@ -95,7 +116,7 @@ def test_the_module_graph_has_no_cycle():
         state[module] = "open"
         for target in sorted(edges[module]):
             if state.get(target) == "open":
-                cycles.append(" -> ".join(path[path.index(target):] + [target]))
+                cycles.append(" -> ".join(path[path.index(target) :] + [target]))
             elif target not in state:
                 visit(target, path + [target])
         state[module] = "done"

@@ -23,7 +23,7 @@ def model(request, pairs):
     backbones = load_backbones(*pairs[request.param])
     head = FusionHead.product_of_experts(backbones)
     torch.manual_seed(1)
-    with torch.no_grad():    # a head that is not the average, so the tests see both halves of W
+    with torch.no_grad():  # a head that is not the average, so the tests see both halves of W
         head.linear.weight.add_(0.05 * torch.randn_like(head.linear.weight))
     return backbones, head
 
@@ -61,17 +61,33 @@ def test_cached_infill_agrees_with_a_teacher_forced_pass(model):
         assert np.array_equal(fill.ids[~masked], ids[~masked])
         assert np.array_equal(fill.positions, np.flatnonzero(masked))
         with torch.no_grad():
-            nll = masked_nll(head, *teacher_forced_hidden(backbones, torch.from_numpy(fill.ids)[None],
-                                                          torch.from_numpy(masked)[None]),
-                             torch.from_numpy(fill.ids)[None], torch.from_numpy(masked)[None])
+            nll = masked_nll(
+                head,
+                *teacher_forced_hidden(backbones, torch.from_numpy(fill.ids)[None], torch.from_numpy(masked)[None]),
+                torch.from_numpy(fill.ids)[None],
+                torch.from_numpy(masked)[None],
+            )
         np.testing.assert_allclose(-fill.logprobs, nll.numpy(), atol=1e-4)
         # greedy: no token the UTF-8 rule allows scores higher than the chosen one at the first masked position
         first = np.flatnonzero(masked)[0]
-        logits = head(*(h[:, first] for h in teacher_forced_hidden(
-            backbones, torch.from_numpy(fill.ids)[None], torch.from_numpy(masked)[None])))[0]
+        logits = head(
+            *(
+                h[:, first]
+                for h in teacher_forced_hidden(
+                    backbones, torch.from_numpy(fill.ids)[None], torch.from_numpy(masked)[None]
+                )
+            )
+        )[0]
         logits = logits.detach()
-        logits[[backbones.special.mask, backbones.special.pad, backbones.special.cls,
-                backbones.special.sep, backbones.special.start]] = -float("inf")
+        logits[
+            [
+                backbones.special.mask,
+                backbones.special.pad,
+                backbones.special.cls,
+                backbones.special.sep,
+                backbones.special.start,
+            ]
+        ] = -float("inf")
         allowed = backbones.utf8.allowed(ids, np.flatnonzero(masked), 0)
         if allowed is not None:
             logits[torch.from_numpy(~allowed)] = -float("inf")
@@ -102,8 +118,13 @@ def test_sampling_is_repeatable_and_never_picks_special_tokens(model):
     other = reference_infill(backbones, head, [ids] * 3, [masked] * 3, Sampling(temperature=5.0, seed=8))
     assert all(np.array_equal(a.ids, b.ids) for a, b in zip(first, again))
     assert any(not np.array_equal(a.ids, b.ids) for a, b in zip(first, other))
-    special = {backbones.special.mask, backbones.special.pad, backbones.special.cls, backbones.special.sep,
-               backbones.special.start}
+    special = {
+        backbones.special.mask,
+        backbones.special.pad,
+        backbones.special.cls,
+        backbones.special.sep,
+        backbones.special.start,
+    }
     assert not special & {int(t) for f in first for t in f.ids[f.positions]}
     top1 = reference_infill(backbones, head, [ids], [masked], Sampling(temperature=1.0, top_k=1, seed=3))[0]
     assert np.array_equal(top1.ids, reference_infill(backbones, head, [ids], [masked])[0].ids)

@@ -28,27 +28,40 @@ def bytes_tensor(texts: list[str]) -> bytes:
 
 
 def test_well_formed_requests_are_read():
-    body = json.dumps({"inputs": [text_input(["a [MASK]", "b [MASK]"], shape=[2, 1]),
-                                  {"name": "seed", "datatype": "INT64", "shape": [1], "data": [3]}]}).encode()
+    body = json.dumps(
+        {
+            "inputs": [
+                text_input(["a [MASK]", "b [MASK]"], shape=[2, 1]),
+                {"name": "seed", "datatype": "INT64", "shape": [1], "data": [3]},
+            ]
+        }
+    ).encode()
     parsed = parse_infer(body, None)
     assert parsed.texts == ["a [MASK]", "b [MASK]"] and parsed.settings == {"seed": 3}
-    nested = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2, 1],
-                                     "data": [["a [MASK]"], ["b [MASK]"]]}]}).encode()
+    nested = json.dumps(
+        {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2, 1], "data": [["a [MASK]"], ["b [MASK]"]]}]}
+    ).encode()
     assert parse_infer(nested, None).texts == ["a [MASK]", "b [MASK]"]
-    body, length = binary_request([({"name": "text", "datatype": "BYTES", "shape": [1]}, bytes_tensor(["c [MASK]"])),
-                                   ({"name": "temperature", "datatype": "FP32", "shape": [1]},
-                                    struct.pack("<f", 0.5))])
+    body, length = binary_request(
+        [
+            ({"name": "text", "datatype": "BYTES", "shape": [1]}, bytes_tensor(["c [MASK]"])),
+            ({"name": "temperature", "datatype": "FP32", "shape": [1]}, struct.pack("<f", 0.5)),
+        ]
+    )
     parsed = parse_infer(body, length)
     assert parsed.texts == ["c [MASK]"] and parsed.settings == {"temperature": 0.5}
 
 
-@pytest.mark.parametrize("spec, message", [
-    (text_input(["a [MASK]"], shape=[3]), "input 'text' has shape [3] (3 elements) but holds 1; make the shape"),
-    (text_input(["a [MASK]", "b [MASK]"], shape=[1, 1]), "has shape [1, 1] (1 elements) but holds 2"),
-    ({"name": "text", "datatype": "BYTES", "data": ["a [MASK]"]}, "input 'text' needs a 'shape'"),
-    (text_input(["a [MASK]"], shape=[-1]), "a list of non-negative integers"),
-    (text_input(["a [MASK]"], shape=["1"]), "a list of non-negative integers"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (text_input(["a [MASK]"], shape=[3]), "input 'text' has shape [3] (3 elements) but holds 1; make the shape"),
+        (text_input(["a [MASK]", "b [MASK]"], shape=[1, 1]), "has shape [1, 1] (1 elements) but holds 2"),
+        ({"name": "text", "datatype": "BYTES", "data": ["a [MASK]"]}, "input 'text' needs a 'shape'"),
+        (text_input(["a [MASK]"], shape=[-1]), "a list of non-negative integers"),
+        (text_input(["a [MASK]"], shape=["1"]), "a list of non-negative integers"),
+    ],
+)
 def test_a_shape_that_does_not_match_the_data_is_refused(spec, message):
     with pytest.raises(BadRequest) as refused:
         parse_infer(json.dumps({"inputs": [spec]}).encode(), None)
@@ -58,26 +71,36 @@ def test_a_shape_that_does_not_match_the_data_is_refused(spec, message):
 def test_malformed_binary_data_is_refused():
     text = ({"name": "text", "datatype": "BYTES", "shape": [1]}, bytes_tensor(["a [MASK]"]))
     body, length = binary_request([text, ({"name": "temperature", "datatype": "FP32", "shape": [1]}, b"abc")])
-    with pytest.raises(BadRequest, match=r"input 'temperature' has 3 bytes of binary data, not a whole number of "
-                                         r"FP32 values \(4 bytes each\)"):
+    with pytest.raises(
+        BadRequest,
+        match=r"input 'temperature' has 3 bytes of binary data, not a whole number of "
+        r"FP32 values \(4 bytes each\)",
+    ):
         parse_infer(body, length)
     body, length = binary_request([text], trailing=b"extra")
     with pytest.raises(BadRequest, match="the body holds 5 bytes after the inputs' binary data"):
         parse_infer(body, length)
-    body, length = binary_request([({"name": "text", "datatype": "BYTES", "shape": [2]},
-                                    bytes_tensor(["a [MASK]"]))])
+    body, length = binary_request([({"name": "text", "datatype": "BYTES", "shape": [2]}, bytes_tensor(["a [MASK]"]))])
     with pytest.raises(BadRequest, match=r"shape \[2\] \(2 elements\) but holds 1"):
         parse_infer(body, length)
 
 
-@pytest.mark.parametrize("name, kind, value, fits", [
-    ("top_k", "INT32", 3_000_000_000, False), ("top_k", "INT32", 2**31 - 1, True),
-    ("seed", "INT64", 2**63, False), ("seed", "INT64", 2**63 - 1, True),
-    ("temperature", "FP32", 1e39, False), ("temperature", "FP32", 3e38, True), ("top_k", "UINT8", -1, False),
-])
+@pytest.mark.parametrize(
+    "name, kind, value, fits",
+    [
+        ("top_k", "INT32", 3_000_000_000, False),
+        ("top_k", "INT32", 2**31 - 1, True),
+        ("seed", "INT64", 2**63, False),
+        ("seed", "INT64", 2**63 - 1, True),
+        ("temperature", "FP32", 1e39, False),
+        ("temperature", "FP32", 3e38, True),
+        ("top_k", "UINT8", -1, False),
+    ],
+)
 def test_json_data_must_fit_its_datatype(name, kind, value, fits):
-    body = json.dumps({"inputs": [text_input(["a [MASK]"]),
-                                  {"name": name, "datatype": kind, "shape": [1], "data": [value]}]}).encode()
+    body = json.dumps(
+        {"inputs": [text_input(["a [MASK]"]), {"name": name, "datatype": kind, "shape": [1], "data": [value]}]}
+    ).encode()
     if fits:
         assert parse_infer(body, None).settings == {name: value}
         return
@@ -86,9 +109,20 @@ def test_json_data_must_fit_its_datatype(name, kind, value, fits):
     assert str(refused.value).startswith(f"input '{name}' is {kind} but holds {value!r}, outside {kind}'s range ")
 
 
-@pytest.mark.parametrize("name, value", [("seed", float("nan")), ("seed", float("inf")), ("top_k", float("-inf")),
-                                         ("num_samples", 2.5), ("seed", "1"), ("top_k", True),
-                                         ("seed", 1e30), ("seed", 2 ** 63), ("num_samples", -2 ** 63 - 1)])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("seed", float("nan")),
+        ("seed", float("inf")),
+        ("top_k", float("-inf")),
+        ("num_samples", 2.5),
+        ("seed", "1"),
+        ("top_k", True),
+        ("seed", 1e30),
+        ("seed", 2**63),
+        ("num_samples", -(2**63) - 1),
+    ],
+)
 def test_a_setting_that_is_not_an_integer_is_refused(name, value):
     with pytest.raises(ClientError) as refused:
         sampling_of({name: value})
@@ -99,22 +133,46 @@ def test_a_setting_that_is_not_an_integer_is_refused(name, value):
 LONG = "x" * 10_000
 
 
-@pytest.mark.parametrize("refuse, message", [
-    (lambda: sampling_of({"top_p": LONG}), "parameter 'top_p' must be a number, got 'xxxx"),
-    (lambda: sampling_of({LONG: 1}), "unknown parameters ['xxxx"),
-    (lambda: sampling_of({"seed": list(range(5_000))}), "parameter 'seed' must be a 64-bit integer, got [0, 1, 2"),
-    (lambda: parse_infer(json.dumps({"inputs": [{"name": LONG, "datatype": "BYTES", "shape": [1],
-                                                 "data": ["a [MASK]"]}]}).encode(), None), "unknown input 'xxxx"),
-    (lambda: parse_infer(json.dumps({"inputs": [text_input(["a [MASK]"], shape=[1] + [1] * 5_000 + [2])]}).encode(),
-                         None), "input 'text' has shape [1, 1, 1"),
-    (lambda: parse_infer(json.dumps({"inputs": [dict(text_input(["a [MASK]"]), datatype=LONG)]}).encode(), None),
-     "input 'text' has datatype 'xxxx"),
-    (lambda: parse_infer(json.dumps({"inputs": [text_input(["a [MASK]"])], "outputs": [{"name": LONG}]}).encode(),
-                         None), 'no output "xxxx'),
-    (lambda: parse_infer(json.dumps({"inputs": [text_input(["a [MASK]"])],
-                                     "parameters": {"binary_data_output": LONG}}).encode(), None),
-     "parameter 'binary_data_output' of the request must be true or false, got \"xxxx"),
-])
+@pytest.mark.parametrize(
+    "refuse, message",
+    [
+        (lambda: sampling_of({"top_p": LONG}), "parameter 'top_p' must be a number, got 'xxxx"),
+        (lambda: sampling_of({LONG: 1}), "unknown parameters ['xxxx"),
+        (lambda: sampling_of({"seed": list(range(5_000))}), "parameter 'seed' must be a 64-bit integer, got [0, 1, 2"),
+        (
+            lambda: parse_infer(
+                json.dumps(
+                    {"inputs": [{"name": LONG, "datatype": "BYTES", "shape": [1], "data": ["a [MASK]"]}]}
+                ).encode(),
+                None,
+            ),
+            "unknown input 'xxxx",
+        ),
+        (
+            lambda: parse_infer(
+                json.dumps({"inputs": [text_input(["a [MASK]"], shape=[1] + [1] * 5_000 + [2])]}).encode(), None
+            ),
+            "input 'text' has shape [1, 1, 1",
+        ),
+        (
+            lambda: parse_infer(json.dumps({"inputs": [dict(text_input(["a [MASK]"]), datatype=LONG)]}).encode(), None),
+            "input 'text' has datatype 'xxxx",
+        ),
+        (
+            lambda: parse_infer(
+                json.dumps({"inputs": [text_input(["a [MASK]"])], "outputs": [{"name": LONG}]}).encode(), None
+            ),
+            'no output "xxxx',
+        ),
+        (
+            lambda: parse_infer(
+                json.dumps({"inputs": [text_input(["a [MASK]"])], "parameters": {"binary_data_output": LONG}}).encode(),
+                None,
+            ),
+            "parameter 'binary_data_output' of the request must be true or false, got \"xxxx",
+        ),
+    ],
+)
 def test_a_clients_long_value_is_quoted_cut_short(refuse, message):
     """An error quotes what the client sent, but a value of any size is cut to a few dozen characters with its
     length named: the answer (and the access log's line) stays one short line."""
@@ -138,12 +196,13 @@ def test_only_the_outputs_asked_for_come_back():
         return parse_infer(json.dumps(body).encode(), None)
 
     assert request(None).outputs == ("text", "result") and request([{"name": "result"}]).outputs == ("result",)
-    with pytest.raises(BadRequest, match="^no output \"logits\"; this model's outputs are text, result$"):
+    with pytest.raises(BadRequest, match='^no output "logits"; this model\'s outputs are text, result$'):
         request([{"name": "logits"}])
     with pytest.raises(BadRequest, match="'outputs' must be a list of"):
         request({"name": "text"})
-    filled = Infilled(input="a [MASK]", text="a b", ids=[1, 2], masked_positions=[1], fill_logprobs=[-0.5],
-                      fills=[" b"])
+    filled = Infilled(
+        input="a [MASK]", text="a b", ids=[1, 2], masked_positions=[1], fill_logprobs=[-0.5], fills=[" b"]
+    )
     body, _ = infer_response("maria", request([{"name": "text"}]), [filled])
     assert json.loads(body)["outputs"] == [{"name": "text", "datatype": "BYTES", "shape": [1, 1], "data": ["a b"]}]
 
@@ -151,33 +210,43 @@ def test_only_the_outputs_asked_for_come_back():
 def test_the_request_id_comes_back():
     from maria_onnx.runtime.results import Infilled
 
-    filled = Infilled(input="a [MASK]", text="a b", ids=[1, 2], masked_positions=[1], fill_logprobs=[-0.5],
-                      fills=[" b"])
+    filled = Infilled(
+        input="a [MASK]", text="a b", ids=[1, 2], masked_positions=[1], fill_logprobs=[-0.5], fills=[" b"]
+    )
     for body, echoed in [({"id": "r1"}, {"id": "r1"}), ({}, {})]:
         parsed = parse_infer(json.dumps({"inputs": [text_input(["a [MASK]"])], **body}).encode(), None)
         head = json.loads(infer_response("maria", parsed, [filled])[0])
         assert {key: head[key] for key in ("id",) if key in head} == echoed
 
 
-@pytest.mark.parametrize("extra, message", [
-    ({"parameters": 3}, "'parameters' of the request must be a JSON object, got int"),
-    ({"id": 7}, "the request's 'id' must be a string, got int; send it as a JSON string"),
-    ({"parameters": {"sequence_id": 7}}, "this model is not a sequence model; leave out sequence_id"),
-    ({"parameters": {"timeout": -1}}, "parameter 'timeout' is in microseconds, a non-negative integer; got -1"),
-    ({"outputs": [{"name": "text", "parameters": [1]}]}, "'parameters' of output 'text' must be a JSON object"),
-    ({"parameters": {"binary_data_output": "no"}},                  # a string would count as true: binary output
-     "parameter 'binary_data_output' of the request must be true or false, got \"no\""),
-    ({"outputs": [{"name": "text", "parameters": {"binary_data": 1}}]},
-     "parameter 'binary_data' of output 'text' must be true or false, got 1"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"parameters": 3}, "'parameters' of the request must be a JSON object, got int"),
+        ({"id": 7}, "the request's 'id' must be a string, got int; send it as a JSON string"),
+        ({"parameters": {"sequence_id": 7}}, "this model is not a sequence model; leave out sequence_id"),
+        ({"parameters": {"timeout": -1}}, "parameter 'timeout' is in microseconds, a non-negative integer; got -1"),
+        ({"outputs": [{"name": "text", "parameters": [1]}]}, "'parameters' of output 'text' must be a JSON object"),
+        (
+            {"parameters": {"binary_data_output": "no"}},  # a string would count as true: binary output
+            "parameter 'binary_data_output' of the request must be true or false, got \"no\"",
+        ),
+        (
+            {"outputs": [{"name": "text", "parameters": {"binary_data": 1}}]},
+            "parameter 'binary_data' of output 'text' must be true or false, got 1",
+        ),
+    ],
+)
 def test_protocol_parameters_are_read_or_refused(extra, message):
     with pytest.raises(BadRequest, match=re.escape(message)):
         parse_infer(json.dumps({"inputs": [text_input(["a [MASK]"])], **extra}).encode(), None)
 
 
 def test_tritons_own_parameters_are_not_sampling_settings():
-    body = {"inputs": [text_input(["a [MASK]"])],
-            "parameters": {"binary_data_output": True, "priority": 2, "timeout": 250_000, "seed": 4}}
+    body = {
+        "inputs": [text_input(["a [MASK]"])],
+        "parameters": {"binary_data_output": True, "priority": 2, "timeout": 250_000, "seed": 4},
+    }
     parsed = parse_infer(json.dumps(body).encode(), None)
     assert parsed.settings == {"seed": 4} and parsed.binary_outputs == {"text", "result"}
     assert parsed.timeout_s == 0.25
@@ -189,8 +258,10 @@ def test_nothing_given_twice_is_dropped():
     for body, message in [
         ({"inputs": [text_input(["a [MASK]"]), text_input(["b [MASK]"])]}, "input 'text' is given twice"),
         ({"inputs": [text_input(["a [MASK]"]), seed, seed]}, "input 'seed' is given twice"),
-        ({"inputs": [text_input(["a [MASK]"]), seed], "parameters": {"seed": 4}},
-         "'seed' is given both as a request parameter and as an input; give it once"),
+        (
+            {"inputs": [text_input(["a [MASK]"]), seed], "parameters": {"seed": 4}},
+            "'seed' is given both as a request parameter and as an input; give it once",
+        ),
     ]:
         with pytest.raises(BadRequest, match=re.escape(message)):
             parse_infer(json.dumps(body).encode(), None)
@@ -210,14 +281,29 @@ def test_json_nesting_is_counted_outside_strings_and_bounded_alike_on_every_pyth
             parse_infer(("[" * depth + "]" * depth).encode(), None)
 
 
-@pytest.mark.parametrize("texts, samples, message", [
-    (1, 100, "1 text x 100 samples is over the limit of 64 per request; ask for at most 64 samples"),
-    (9, 8, "9 texts x 8 samples is over the limit of 64 per request; split the request (at most 8 texts of 8 "
-           "samples each)"),
-    (2, 40, "2 texts x 40 samples is over the limit of 64 per request; split the request (at most 1 text of 40 "
-            "samples each)"),
-    (2, 65, "2 texts x 65 samples is over the limit of 64 per request; ask for at most 64 samples of one text per request"),
-])
+@pytest.mark.parametrize(
+    "texts, samples, message",
+    [
+        (1, 100, "1 text x 100 samples is over the limit of 64 per request; ask for at most 64 samples"),
+        (
+            9,
+            8,
+            "9 texts x 8 samples is over the limit of 64 per request; split the request (at most 8 texts of 8 "
+            "samples each)",
+        ),
+        (
+            2,
+            40,
+            "2 texts x 40 samples is over the limit of 64 per request; split the request (at most 1 text of 40 "
+            "samples each)",
+        ),
+        (
+            2,
+            65,
+            "2 texts x 65 samples is over the limit of 64 per request; ask for at most 64 samples of one text per request",
+        ),
+    ],
+)
 def test_a_request_over_the_row_limit_is_told_how_to_fit(texts, samples, message):
     from maria_onnx.runtime.requests import TooLarge, check_size
 
@@ -233,11 +319,13 @@ def test_a_span_request_over_the_row_limit_is_told_how_to_fit():
     def prepared(candidates):
         return Prepared("t", [((length,), None) for length in range(1, candidates + 1)])
 
-    for texts, fix in [([prepared(8)] * 3, "split the request"),
-                       ([prepared(8), prepared(40)], "narrow the span markers ([MASK:a-b]), fix some lengths")]:
+    for texts, fix in [
+        ([prepared(8)] * 3, "split the request"),
+        ([prepared(8), prepared(40)], "narrow the span markers ([MASK:a-b]), fix some lengths"),
+    ]:
         with pytest.raises(TooLarge, match=re.escape(fix)):
             check_size(16, len(texts), 1, FillRequest(texts))
-    searched = Prepared("t", [], (range(1, 9), range(1, 9), range(1, 9)))    # a round holds one gap's lengths
+    searched = Prepared("t", [], (range(1, 9), range(1, 9), range(1, 9)))  # a round holds one gap's lengths
     assert searched.rows == 8 and FillRequest([searched, prepared(1)], num_samples=2).size == 18
     with pytest.raises(TooLarge, match="needs 24 decode rows"):
         check_size(16, 3, 1, FillRequest([searched] * 3))

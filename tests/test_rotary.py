@@ -13,8 +13,14 @@ from maria_onnx.export.rotary import fusable
 from maria_onnx.runtime.infiller import Infiller
 from maria_onnx.runtime.manifest import load_manifest
 
-SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-             max_position_embeddings=64)
+SMALL = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+)
 
 
 @pytest.mark.parametrize("ar_type", ["olmo", "olmo2", "llama"])
@@ -43,11 +49,12 @@ def test_padding_past_the_models_last_position_leaves_the_real_tokens_alone(bund
     long chunk): those positions are clamped into the tables, and the real token's hidden state is the one it has
     fed alone."""
     infiller = Infiller(bundles["olmo"], device="cpu")
-    last = infiller.manifest.max_sequence_length          # the tiny AR's 512 positions: 0 .. 511
+    last = infiller.manifest.max_sequence_length  # the tiny AR's 512 positions: 0 .. 511
     backend = infiller.backend
     position = 510
     alone = backend.cache_step(np.array([[7]]), np.array([[position]]), backend.new_cache(1, 528))
-    padded = backend.cache_step(np.array([[7, 1, 1, 1]]), np.array([[position + i for i in range(4)]]),
-                                backend.new_cache(1, 528))
+    padded = backend.cache_step(
+        np.array([[7, 1, 1, 1]]), np.array([[position + i for i in range(4)]]), backend.new_cache(1, 528)
+    )
     assert position + 3 > last and np.isfinite(padded).all()
     np.testing.assert_allclose(padded[0, 0], alone[0, 0], atol=1e-5)

@@ -87,8 +87,13 @@ def test_masked_text_keeps_the_space_with_the_fill(pair):
     infiller, _, _ = pair
     tokenizer, mask = infiller.tokenizer, infiller.special.mask
     encoded = infiller.encode("The [MASK] statement is [MASK:2].")
-    expected = (tokenizer.encode("The").ids + [mask] + tokenizer.encode(" statement is").ids + [mask, mask]
-                + tokenizer.encode(".").ids)
+    expected = (
+        tokenizer.encode("The").ids
+        + [mask]
+        + tokenizer.encode(" statement is").ids
+        + [mask, mask]
+        + tokenizer.encode(".").ids
+    )
     assert encoded.ids.tolist() == expected
     result = infiller.infill(["The [MASK] statement is [MASK:2]."])[0]
     assert result.text == "".join(piece for piece, _ in result.segments)
@@ -113,22 +118,26 @@ def run_blocked(args: list, tmp_path):
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name.split('.')[0] in ('torch', 'transformers', 'optimum'):\n"
         "            raise ImportError(f'{name} is blocked in this test')\n"
-        "sys.meta_path.insert(0, Block())\n")
+        "sys.meta_path.insert(0, Block())\n"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     code = f"import sys; from cli import app; app({[str(a) for a in args]!r})"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     check = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
-    assert "blocked in this test" in check.stderr       # the blocker really blocks
+    assert "blocked in this test" in check.stderr  # the blocker really blocks
     return run
 
 
-@pytest.mark.parametrize("args, shows", [
-    (["infill", "--json", "A [MASK:2] of [MASK]."], '"masked_positions"'),
-    (["infill", "--json", "the [MASK:?] value"], '"span_lengths"'),
-    (["infill", "--json", "--num-samples", "2", "--temperature", "1", "--rerank", "a [MASK] b"], '"score"'),
-    (["generate", "--length", "3", "--steps", "2", "--json"], '"energies"'),
-    (["eval", "CORPUS", "--seq-len", "16", "--windows", "4"], "AR alone"),
-])
+@pytest.mark.parametrize(
+    "args, shows",
+    [
+        (["infill", "--json", "A [MASK:2] of [MASK]."], '"masked_positions"'),
+        (["infill", "--json", "the [MASK:?] value"], '"span_lengths"'),
+        (["infill", "--json", "--num-samples", "2", "--temperature", "1", "--rerank", "a [MASK] b"], '"score"'),
+        (["generate", "--length", "3", "--steps", "2", "--json"], '"energies"'),
+        (["eval", "CORPUS", "--seq-len", "16", "--windows", "4"], "AR alone"),
+    ],
+)
 def test_runtime_runs_with_torch_transformers_and_optimum_unimportable(bundles, tmp_path, args, shows):
     (tmp_path / "corpus.txt").write_text("\n".join(corpus(40, seed=5)) + "\n")
     args = [str(tmp_path / "corpus.txt") if a == "CORPUS" else a for a in args]
@@ -137,8 +146,10 @@ def test_runtime_runs_with_torch_transformers_and_optimum_unimportable(bundles, 
     assert shows in run.stdout and "Traceback" not in run.stderr
 
 
-@pytest.mark.skipif(not (gpu_present() and "CUDAExecutionProvider" in ort.get_available_providers()),
-                    reason="needs an NVIDIA GPU and onnxruntime-gpu's CUDA execution provider")
+@pytest.mark.skipif(
+    not (gpu_present() and "CUDAExecutionProvider" in ort.get_available_providers()),
+    reason="needs an NVIDIA GPU and onnxruntime-gpu's CUDA execution provider",
+)
 def test_cuda_io_binding_fills_like_cpu(bundles):
     cpu, cuda = Infiller(bundles["llama"], device="cpu"), Infiller(bundles["llama"], device="cuda")
     assert cuda.device == "cuda" and cuda.backend.io_binding
@@ -173,8 +184,10 @@ def test_cpu_sessions_share_one_memory_arena():
     grown, logits = map(int, run.stdout.split())
     assert grown < logits / 2, (grown, logits)
     backend = Infiller(device="cpu").backend
-    assert all(s.get_session_options().get_session_config_entry("session.use_env_allocators") == "1"
-               for s in (backend.mlm, backend.step, backend.head))
+    assert all(
+        s.get_session_options().get_session_config_entry("session.use_env_allocators") == "1"
+        for s in (backend.mlm, backend.step, backend.head)
+    )
 
 
 def test_length_groups_bound_the_padding_and_keep_every_sequence():
@@ -184,15 +197,20 @@ def test_length_groups_bound_the_padding_and_keep_every_sequence():
     for group in groups:
         longest = max(lengths[i] for i in group)
         assert lengths[group[0]] == longest and longest * len(group) <= 1.5 * sum(lengths[i] for i in group)
-    assert len(groups) > 1 and set(groups[0]) >= {0, 3, 4, 6}                   # the long ones run together
-
+    assert len(groups) > 1 and set(groups[0]) >= {0, 3, 4, 6}  # the long ones run together
 
 
 def test_long_texts_go_to_the_mlm_a_few_at_a_time():
     """Attention's memory grows with rows x width^2: a call holds at most MLM_CALL_SCORES of it."""
     from maria_onnx.runtime.decode import MLM_CALL_SCORES
-    for lengths, sizes in [([1024] * 8, [1] * 8), ([512] * 8, [4, 4]), ([256] * 8, [8]), ([2040, 30, 30], [1, 2]),
-                           ([300] * 20, [11, 9])]:
+
+    for lengths, sizes in [
+        ([1024] * 8, [1] * 8),
+        ([512] * 8, [4, 4]),
+        ([256] * 8, [8]),
+        ([2040, 30, 30], [1, 2]),
+        ([300] * 20, [11, 9]),
+    ]:
         groups = length_groups(lengths)
         assert [len(group) for group in groups] == sizes, lengths
         assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
@@ -208,7 +226,7 @@ def test_the_mlm_pass_in_length_groups_equals_each_text_alone(bundles):
     run = infiller.backend.mlm_hidden
     infiller.backend.mlm_hidden = lambda input_ids, mask: shapes.append(input_ids.shape) or run(input_ids, mask)
     hidden = encode_masked(infiller.backend, ids, masked, infiller.special)
-    assert hidden.shape[:2] == (5, 152) and sum(r * w for r, w in shapes) < 5 * 152      # less padding than one call
+    assert hidden.shape[:2] == (5, 152) and sum(r * w for r, w in shapes) < 5 * 152  # less padding than one call
     for row, (x, m) in enumerate(zip(ids, masked)):
         alone = encode_masked(infiller.backend, [x], [m], infiller.special)[0]
         np.testing.assert_allclose(hidden[row, : len(x) + 2], alone, atol=1e-5)
@@ -216,7 +234,7 @@ def test_the_mlm_pass_in_length_groups_equals_each_text_alone(bundles):
 
 def test_token_logprobs_equal_a_float64_log_softmax():
     rng = np.random.default_rng(2)
-    logits = (rng.standard_normal((6, 50_000)) * 30).astype(np.float32)     # wide range: exp would overflow
+    logits = (rng.standard_normal((6, 50_000)) * 30).astype(np.float32)  # wide range: exp would overflow
     tokens = rng.integers(0, 50_000, 6)
     wide = logits.astype(np.float64)
     exact = wide[np.arange(6), tokens] - wide.max(-1) - np.log(np.exp(wide - wide.max(-1, keepdims=True)).sum(-1))
@@ -227,6 +245,16 @@ def test_result_fields_name_every_key_of_the_json_result():
     """`maria infill --json` refuses an input field that a result key would write over; the list must be whole."""
     from maria_onnx.runtime.results import Infilled
 
-    full = Infilled(input="a", text="b", ids=[1], masked_positions=[0], fill_logprobs=[-1.0], fills=["b"], note="",
-                    score=-1.0, span_lengths=[1], candidates=[{"lengths": [1]}])
+    full = Infilled(
+        input="a",
+        text="b",
+        ids=[1],
+        masked_positions=[0],
+        fill_logprobs=[-1.0],
+        fills=["b"],
+        note="",
+        score=-1.0,
+        span_lengths=[1],
+        candidates=[{"lengths": [1]}],
+    )
     assert list(full.to_dict()) == list(Infilled.FIELDS)

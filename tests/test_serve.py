@@ -30,16 +30,20 @@ pytest.importorskip("starlette", reason="the serve extra (starlette, uvicorn, pr
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ["The [MASK] statement is used to [MASK] an exception.", "Use the [MASK] module to read [MASK:2] files."]
-SLOW = "[MASK:300]"                      # 300 AR steps: long enough to still be running when we act
+SLOW = "[MASK:300]"  # 300 AR steps: long enough to still be running when we act
 
 
 @contextmanager
 def server(*args, seconds: float = 60, device: str = "cpu", python: str = sys.executable):
     """Starts `maria serve --port 0` (with `python`), yields (base url, process); stops it by pid with SIGTERM (then
     SIGKILL). process.announced is the line the server printed when it started listening."""
-    process = subprocess.Popen([python, str(ROOT / "cli.py"), "serve", "--port", "0", "--device", device,
-                                *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen(
+        [python, str(ROOT / "cli.py"), "serve", "--port", "0", "--device", device, *map(str, args)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline, url = time.monotonic() + seconds, None
         while url is None and time.monotonic() < deadline and process.poll() is None:
@@ -55,8 +59,9 @@ def server(*args, seconds: float = 60, device: str = "cpu", python: str = sys.ex
 def call(url, path, payload=None, headers=None, raw: bytes | None = None, timeout: float = 60):
     """(status, headers, body bytes) of one request."""
     data = raw if raw is not None else (json.dumps(payload).encode() if payload is not None else None)
-    request = urllib.request.Request(url + path, data=data, headers=headers or {},
-                                     method="POST" if data is not None else "GET")
+    request = urllib.request.Request(
+        url + path, data=data, headers=headers or {}, method="POST" if data is not None else "GET"
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, dict(response.headers), response.read()
@@ -65,8 +70,10 @@ def call(url, path, payload=None, headers=None, raw: bytes | None = None, timeou
 
 
 def oip(texts, **parameters):
-    return {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}],
-            "parameters": parameters}
+    return {
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": texts}],
+        "parameters": parameters,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -117,17 +124,24 @@ def test_triton_generate_extension_fills_like_infer(running, reference):
     want = reference.infill([TEXTS[0]])[0]
     status, headers, body = call(running, "/v2/models/maria/generate", {"text": TEXTS[0]})
     assert status == 200 and headers["content-type"] == "application/json"
-    assert json.loads(body) == {"model_name": "maria", "model_version": "1", "text": want.text,
-                                "result": json.dumps(want.to_dict(), ensure_ascii=False)}
+    assert json.loads(body) == {
+        "model_name": "maria",
+        "model_version": "1",
+        "text": want.text,
+        "result": json.dumps(want.to_dict(), ensure_ascii=False),
+    }
     want = reference.infill(TEXTS, Sampling(temperature=1.0, seed=11), num_samples=2)
     for path in ("/v2/models/maria/generate", "/v2/models/maria/versions/1/generate_stream"):
-        status, headers, body = call(running, path, {"text": [[t] for t in TEXTS], "seed": 11,
-                                                     "parameters": {"temperature": 1.0, "num_samples": 2}})
+        status, headers, body = call(
+            running,
+            path,
+            {"text": [[t] for t in TEXTS], "seed": 11, "parameters": {"temperature": 1.0, "num_samples": 2}},
+        )
         assert status == 200, body
-        if path.endswith("_stream"):           # one server-sent event carrying the same object
+        if path.endswith("_stream"):  # one server-sent event carrying the same object
             assert headers["content-type"] == "text/event-stream; charset=utf-8"
             assert body.startswith(b"data: ") and body.endswith(b"\n\n") and body.count(b"\n\n") == 1
-            body = body[len(b"data: "):]
+            body = body[len(b"data: ") :]
         answer = json.loads(body)
         assert answer["text"] == [r.text for r in want]
         assert [json.loads(r) for r in answer["result"]] == [r.to_dict() for r in want]
@@ -136,21 +150,27 @@ def test_triton_generate_extension_fills_like_infer(running, reference):
 def test_infer_with_binary_tensors(running, reference):
     texts = [t.encode() for t in TEXTS]
     blob = b"".join(struct.pack("<I", len(t)) + t for t in texts)
-    head = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2],
-                                   "parameters": {"binary_data_size": len(blob)}}],
-                       "outputs": [{"name": "text", "parameters": {"binary_data": True}}]}).encode()
-    status, headers, body = call(running, "/v2/models/maria/infer", raw=head + blob,
-                                 headers={"Inference-Header-Content-Length": str(len(head))})
+    head = json.dumps(
+        {
+            "inputs": [
+                {"name": "text", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": len(blob)}}
+            ],
+            "outputs": [{"name": "text", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    status, headers, body = call(
+        running, "/v2/models/maria/infer", raw=head + blob, headers={"Inference-Header-Content-Length": str(len(head))}
+    )
     assert status == 200
     length = int({k.lower(): v for k, v in headers.items()}["inference-header-content-length"])
     outputs = json.loads(body[:length])["outputs"]
-    assert [o["name"] for o in outputs] == ["text"]                    # the output asked for, alone
+    assert [o["name"] for o in outputs] == ["text"]  # the output asked for, alone
     text_output = outputs[0]
-    raw, filled = body[length:length + text_output["parameters"]["binary_data_size"]], []
+    raw, filled = body[length : length + text_output["parameters"]["binary_data_size"]], []
     while raw:
         (size,) = struct.unpack_from("<I", raw)
-        filled.append(raw[4:4 + size].decode())
-        raw = raw[4 + size:]
+        filled.append(raw[4 : 4 + size].decode())
+        raw = raw[4 + size :]
     assert filled == [r.text for r in reference.infill(TEXTS)]
 
 
@@ -159,40 +179,49 @@ def test_tritonclient_binary_infer(running, reference):
     client = httpclient.InferenceServerClient(running.removeprefix("http://"), concurrency=2)
     try:
         assert client.is_server_live() and client.is_model_ready("maria")
-        text = httpclient.InferInput("text", [2, 1], "BYTES")                  # Triton's [batch, 1]
+        text = httpclient.InferInput("text", [2, 1], "BYTES")  # Triton's [batch, 1]
         text.set_data_from_numpy(np.array([[t.encode()] for t in TEXTS], dtype=np.object_), binary_data=True)
         seed = httpclient.InferInput("seed", [1], "INT64")
         seed.set_data_from_numpy(np.array([5], dtype=np.int64))
         temperature = httpclient.InferInput("temperature", [1], "FP32")
         temperature.set_data_from_numpy(np.array([0.8], dtype=np.float32))
-        outputs = [httpclient.InferRequestedOutput("text", binary_data=True),
-                   httpclient.InferRequestedOutput("result", binary_data=False)]
+        outputs = [
+            httpclient.InferRequestedOutput("text", binary_data=True),
+            httpclient.InferRequestedOutput("result", binary_data=False),
+        ]
         result = client.async_infer("maria", [text, seed, temperature], outputs=outputs).get_result(timeout=60)
         want = reference.infill(TEXTS, Sampling(temperature=0.8, seed=5))
         assert result.as_numpy("text").shape == (2, 1)
         assert [t.decode() for t in result.as_numpy("text").reshape(-1)] == [r.text for r in want]
         assert [json.loads(r)["fills"] for r in result.as_numpy("result").reshape(-1)] == [r.fills for r in want]
-        assert client.is_model_ready("maria", model_version="1")                # /v2/models/maria/versions/1/...
+        assert client.is_model_ready("maria", model_version="1")  # /v2/models/maria/versions/1/...
         assert client.get_model_metadata("maria", model_version="1")["versions"] == ["1"]
-        config = client.get_model_config("maria")                                # Triton's configuration form
+        config = client.get_model_config("maria")  # Triton's configuration form
         assert config == client.get_model_config("maria", model_version="1")
         assert config["max_batch_size"] == 16 and [i["name"] for i in config["input"] if not i["optional"]] == ["text"]
-        assert [(o["name"], o["data_type"]) for o in config["output"]] == [("text", "TYPE_STRING"),
-                                                                         ("result", "TYPE_STRING")]
+        assert [(o["name"], o["data_type"]) for o in config["output"]] == [
+            ("text", "TYPE_STRING"),
+            ("result", "TYPE_STRING"),
+        ]
         pinned = client.infer("maria", [text, seed, temperature], model_version="1", outputs=outputs)
         assert [t.decode() for t in pinned.as_numpy("text").reshape(-1)] == [r.text for r in want]
         with pytest.raises(Exception, match="no version '2' of model 'maria' here; it has version 1"):
             client.infer("maria", [text], model_version="2")
-        plain = client.infer("maria", [text, seed, temperature], priority=1, timeout=60_000_000)   # no outputs named
+        plain = client.infer("maria", [text, seed, temperature], priority=1, timeout=60_000_000)  # no outputs named
         assert [t.decode() for t in plain.as_numpy("text").reshape(-1)] == [r.text for r in want]
         assert [json.loads(r)["fills"] for r in plain.as_numpy("result").reshape(-1)] == [r.fills for r in want]
         slow = httpclient.InferInput("text", [1, 1], "BYTES")
         slow.set_data_from_numpy(np.array([[SLOW.encode()]], dtype=np.object_))
         with pytest.raises(Exception, match=r"\[504\] no answer within the deadline of 0.001 s"):
-            client.infer("maria", [slow], timeout=1000)                         # the request's own, in µs
-        for request, response in (("gzip", "deflate"), ("deflate", "gzip")):      # compressed both ways
-            packed = client.infer("maria", [text, seed, temperature], outputs=outputs,
-                                  request_compression_algorithm=request, response_compression_algorithm=response)
+            client.infer("maria", [slow], timeout=1000)  # the request's own, in µs
+        for request, response in (("gzip", "deflate"), ("deflate", "gzip")):  # compressed both ways
+            packed = client.infer(
+                "maria",
+                [text, seed, temperature],
+                outputs=outputs,
+                request_compression_algorithm=request,
+                response_compression_algorithm=response,
+            )
             assert [t.decode() for t in packed.as_numpy("text").reshape(-1)] == [r.text for r in want]
     finally:
         client.close()
@@ -205,8 +234,10 @@ def stream(url: str, texts: list[str], **settings) -> tuple[list[str], list]:
     with urllib.request.urlopen(request, timeout=60) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [block for block in response.read().decode().split("\n\n") if block.strip()]
-    return ([block.split("\n")[0].removeprefix("event: ") for block in events],
-            [json.loads(block.split("\n")[1].removeprefix("data: ")) for block in events])
+    return (
+        [block.split("\n")[0].removeprefix("event: ") for block in events],
+        [json.loads(block.split("\n")[1].removeprefix("data: ")) for block in events],
+    )
 
 
 def test_the_stream_sends_each_fill_then_the_result(running, reference):
@@ -214,7 +245,7 @@ def test_the_stream_sends_each_fill_then_the_result(running, reference):
     want = reference.infill([TEXTS[0]])[0]
     assert kinds == ["token"] * len(want.fills) + ["result"]
     assert [d["piece"] for d in data[:-1]] == want.fills and data[-1]["results"] == [want.to_dict()]
-    kinds, data = stream(running, ["Use the [MASK:1-3] module.", TEXTS[0]])        # a span text: its result only
+    kinds, data = stream(running, ["Use the [MASK:1-3] module.", TEXTS[0]])  # a span text: its result only
     want = reference.infill(["Use the [MASK:1-3] module.", TEXTS[0]])
     assert kinds == ["token"] * len(want[1].fills) + ["result"] and {d["text"] for d in data[:-1]} == {1}
     assert data[-1]["results"] == [r.to_dict() for r in want]
@@ -232,7 +263,7 @@ def test_span_lengths_are_searched_where_every_combination_would_not_fit(running
     want = reference.infill_requests([searched])[0]
     assert status == 200 and json.loads(body)["results"] == [r.to_dict() for r in want]
     assert all(len(r.candidates) < 64 and "more decode rows than the request may use" in r.note for r in want)
-    status, _, body = call(running, "/v1/infill", {"text": [text] * 9})       # 9 x 8 rows even searched
+    status, _, body = call(running, "/v1/infill", {"text": [text] * 9})  # 9 x 8 rows even searched
     assert status == 413 and "needs 72 decode rows" in json.loads(body)["error"]
 
 
@@ -252,8 +283,9 @@ def test_concurrent_requests_form_batches_and_do_not_change_results(running, ref
     want = reference.infill(texts, Sampling(temperature=1.0, seed=3))
     before = batches(running)
     with ThreadPoolExecutor(32) as pool:
-        answers = list(pool.map(lambda text: call(running, "/v1/infill", {"text": [text], "temperature": 1.0,
-                                                                          "seed": 3}), texts))
+        answers = list(
+            pool.map(lambda text: call(running, "/v1/infill", {"text": [text], "temperature": 1.0, "seed": 3}), texts)
+        )
     assert all(status == 200 for status, _, _ in answers)
     # each request holds one text (index 0): its samples match a one-text run with the same seed
     alone = [reference.infill([t], Sampling(temperature=1.0, seed=3))[0] for t in texts]
@@ -261,7 +293,7 @@ def test_concurrent_requests_form_batches_and_do_not_change_results(running, ref
     assert len(want) == 32
     after = batches(running)
     steps, rows = after[0] - before[0], after[1] - before[1]
-    assert rows / steps > 1                                 # engine steps held several texts at once
+    assert rows / steps > 1  # engine steps held several texts at once
 
 
 def test_a_request_joins_the_running_batch_and_leaves_before_a_longer_one():
@@ -281,20 +313,21 @@ def test_a_request_joins_the_running_batch_and_leaves_before_a_longer_one():
 
 
 def test_the_concat_decoder_batches_a_batch_at_a_time(bundles):
-    with server("--model", str(bundles["olmo"]), "--decoder", "concat", "--max-batch-delay-ms", "200",
-                "--max-batch-size", "16") as (url, _):
+    with server(
+        "--model", str(bundles["olmo"]), "--decoder", "concat", "--max-batch-delay-ms", "200", "--max-batch-size", "16"
+    ) as (url, _):
         before = batches(url)
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda i: call(url, "/v1/infill", {"text": [f"a [MASK] b {i}"]}), range(8)))
         assert all(status == 200 for status, _, _ in answers)
         after = batches(url)
-        assert after[0] - before[0] < 8 and after[1] - before[1] == 8    # fewer batches than requests
-        text = "a [MASK:?] b [MASK:?] c [MASK:?]"                     # lengths searched gap by gap, batch by batch
+        assert after[0] - before[0] < 8 and after[1] - before[1] == 8  # fewer batches than requests
+        text = "a [MASK:?] b [MASK:?] c [MASK:?]"  # lengths searched gap by gap, batch by batch
         want = Infiller(bundles["olmo"], device="cpu", decoder="concat").infill([text])
         before = batches(url)
         status, _, body = call(url, "/v1/infill", {"text": [text]})
         assert status == 200 and json.loads(body)["results"] == [r.to_dict() for r in want]
-        after = batches(url)                                          # one batch per round, each round's rows
+        after = batches(url)  # one batch per round, each round's rows
         assert after[0] - before[0] > 1 and after[1] - before[1] == len(want[0].candidates)
 
 
@@ -308,9 +341,15 @@ def batches(url) -> tuple[float, float]:
 def test_metrics_in_prometheus_format(running):
     call(running, "/v1/infill", {"text": ["a [MASK] b"]})
     metrics = call(running, "/metrics")[2].decode()
-    for name in ("maria_requests_total", "maria_queue_depth", "maria_batch_size_bucket",
-                 "maria_request_latency_seconds_bucket", "maria_tokens_filled_total", "maria_queue_seconds_bucket",
-                 "maria_infer_seconds_bucket"):
+    for name in (
+        "maria_requests_total",
+        "maria_queue_depth",
+        "maria_batch_size_bucket",
+        "maria_request_latency_seconds_bucket",
+        "maria_tokens_filled_total",
+        "maria_queue_seconds_bucket",
+        "maria_infer_seconds_bucket",
+    ):
         assert re.search(rf"^{name}", metrics, re.M), name
     assert re.search(r'^maria_requests_total\{route="/v1/infill",status="200"\} [1-9]', metrics, re.M)
     assert re.search(r"^maria_infer_seconds_count [1-9]", metrics, re.M)
@@ -325,37 +364,93 @@ BOUNDS = [
     ("/v1/infill", {"text": ["a [MASK:x]"]}, None, 422, "is not a marker"),
     ("/v1/infill", {"text": ["a [MASK]"], "temperature": "hot"}, None, 400, "parameter 'temperature' must be"),
     ("/v1/infill", {"text": ["a [MASK]"], "top_p": 3}, None, 422, "top-p must be in (0, 1]"),
-    ("/v1/infill", {"text": ["a [MASK]"], "seed": float("inf")}, None, 400, "parameter 'seed' must be a 64-bit integer"),
+    (
+        "/v1/infill",
+        {"text": ["a [MASK]"], "seed": float("inf")},
+        None,
+        400,
+        "parameter 'seed' must be a 64-bit integer",
+    ),
     ("/v1/infill", {"text": ["a [MASK]"] * 9}, None, 413, "over the limit of 8 per request"),
     ("/v1/infill", {"text": ["a [MASK]" + " x" * 10000]}, None, 413, "over the limit of 16384"),
-    ("/v2/models/maria/infer", {"inputs": [{"name": "text", "datatype": "INT32", "shape": [1], "data": [1]}]},
-     None, 400, "input 'text' has datatype 'INT32'; expected BYTES"),
-    ("/v2/models/maria/infer", {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [3], "data": ["a [MASK]"]}]},
-     None, 400, "input 'text' has shape [3] (3 elements) but holds 1"),
-    ("/v2/models/maria/infer", {**oip(["a [MASK]"]), "parameters": {"tempx": 1}}, None, 400,
-     "unknown parameters ['tempx']; parameters are temperature, top_k"),
+    (
+        "/v2/models/maria/infer",
+        {"inputs": [{"name": "text", "datatype": "INT32", "shape": [1], "data": [1]}]},
+        None,
+        400,
+        "input 'text' has datatype 'INT32'; expected BYTES",
+    ),
+    (
+        "/v2/models/maria/infer",
+        {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [3], "data": ["a [MASK]"]}]},
+        None,
+        400,
+        "input 'text' has shape [3] (3 elements) but holds 1",
+    ),
+    (
+        "/v2/models/maria/infer",
+        {**oip(["a [MASK]"]), "parameters": {"tempx": 1}},
+        None,
+        400,
+        "unknown parameters ['tempx']; parameters are temperature, top_k",
+    ),
     ("/v2/models/maria/infer", None, b'{"inputs": []}xx', 400, "not valid JSON"),
     ("/v2/models/other/infer", oip(["a [MASK]"]), None, 404, "no model 'other' here"),
-    ("/v1/infill", None, b'{"text": ["a [MASK]"], "text": ["b [MASK]"]}', 400,
-     "the request repeats the key 'text' in one object; give each key once"),
-    ("/v2/models/maria/infer", {"inputs": oip(["a [MASK]"])["inputs"] * 2}, None, 400,
-     "input 'text' is given twice; send each input once"),
-    ("/v1/infill", None, b'{"text": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400,
-     "the request nests arrays or objects more than 128 deep; send flatter JSON"),
+    (
+        "/v1/infill",
+        None,
+        b'{"text": ["a [MASK]"], "text": ["b [MASK]"]}',
+        400,
+        "the request repeats the key 'text' in one object; give each key once",
+    ),
+    (
+        "/v2/models/maria/infer",
+        {"inputs": oip(["a [MASK]"])["inputs"] * 2},
+        None,
+        400,
+        "input 'text' is given twice; send each input once",
+    ),
+    (
+        "/v1/infill",
+        None,
+        b'{"text": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        400,
+        "the request nests arrays or objects more than 128 deep; send flatter JSON",
+    ),
     ("/v2/models/maria/infer", None, b"[" * 200 + b"]" * 200, 400, "the request nests arrays or objects more than 128"),
-    ("/v2/models/maria/generate", {"text_input": "a [MASK]"}, None, 400,
-     'the request has no "text" field (it has [\'text_input\']); this model\'s input is "text"'),
-    ("/v2/models/maria/generate", {"text": "a [MASK]", "seed": 1, "parameters": {"seed": 2}}, None, 400,
-     "'seed' is given both as a field and in 'parameters'; give it once"),
+    (
+        "/v2/models/maria/generate",
+        {"text_input": "a [MASK]"},
+        None,
+        400,
+        'the request has no "text" field (it has [\'text_input\']); this model\'s input is "text"',
+    ),
+    (
+        "/v2/models/maria/generate",
+        {"text": "a [MASK]", "seed": 1, "parameters": {"seed": 2}},
+        None,
+        400,
+        "'seed' is given both as a field and in 'parameters'; give it once",
+    ),
     ("/v2/models/maria/generate", {"text": 5}, None, 400, '"text" must be a string or a list of strings, got int'),
-    ("/v2/models/maria/generate", {"text": "a [MASK]", "parameters": [1]}, None, 400,
-     "'parameters' of the request must be a JSON object, got list"),
+    (
+        "/v2/models/maria/generate",
+        {"text": "a [MASK]", "parameters": [1]},
+        None,
+        400,
+        "'parameters' of the request must be a JSON object, got list",
+    ),
     ("/v2/models/maria/generate", {"text": "a [MASK]", "id": "x"}, None, 400, "unknown parameters ['id']"),
     ("/v2/models/maria/generate_stream", {"text": "a [MASK:0]"}, None, 422, "text 0: '[MASK:0]' asks for 0 tokens"),
     ("/v2/models/maria/generate_stream", {"text": ["a [MASK]"] * 9}, None, 413, "over the limit of 8 per request"),
     ("/v2/models/other/generate", {"text": "a [MASK]"}, None, 404, "no model 'other' here"),
-    ("/v1/infill", {"text": ["a [MASK]"], "k" * 2000: 1}, None, 400,
-     "unknown fields ['kkkkkkkkkk"),                          # a client's names and values are quoted cut short
+    (
+        "/v1/infill",
+        {"text": ["a [MASK]"], "k" * 2000: 1},
+        None,
+        400,
+        "unknown fields ['kkkkkkkkkk",
+    ),  # a client's names and values are quoted cut short
     ("/v1/infill", {"text": ["a [MASK]"], "k" * 2000: 1}, None, 400, "... (2,004 characters); fields are text, "),
     ("/v2/models/maria/generate", {"k" * 2000: 1}, None, 400, "... (2,004 characters)); this model's input is"),
 ]
@@ -366,7 +461,7 @@ def test_each_bound_gives_its_status_and_one_line():
         auth = {"Authorization": "Bearer secret"}
         status, headers, body = call(url, "/v1/infill", {"text": ["a [MASK]"]})
         assert status == 401 and "bearer token" in json.loads(body)["error"]
-        assert call(url, "/v2/health/ready")[0] == 200                               # health stays open
+        assert call(url, "/v2/health/ready")[0] == 200  # health stays open
         assert call(url, "/v1/infill", {"text": ["a [MASK]"]}, headers=auth)[0] == 200
         for path, payload, raw, status, message in BOUNDS:
             got, _, body = call(url, path, payload, headers=auth, raw=raw)
@@ -395,7 +490,7 @@ def test_tritonclient_reads_the_statistics_of_each_request():
             with pytest.raises(Exception, match="deadline"):
                 client.infer("maria", [slow], timeout=1000)
             stats = client.get_inference_statistics("maria", model_version="1")["model_stats"][0]
-            every = client.get_inference_statistics()["model_stats"]                      # /v2/models/stats
+            every = client.get_inference_statistics()["model_stats"]  # /v2/models/stats
             assert [(m["name"], m["inference_stats"]) for m in every] == [("maria", stats["inference_stats"])]
             phases = stats["inference_stats"]
             assert stats["inference_count"] == 3 and phases["success"]["count"] == 2 and phases["fail"]["count"] == 1
@@ -410,15 +505,18 @@ def test_tritonclient_reads_the_statistics_of_each_request():
                 client.load_model("maria")
         finally:
             client.close()
-        status, headers, body = call(url, "/v2/models/maria/infer")                       # GET, not POST
+        status, headers, body = call(url, "/v2/models/maria/infer")  # GET, not POST
         assert status == 405 and json.loads(body) == {"error": "/v2/models/maria/infer takes POST, not GET"}
-        status, _, body = call(url, "/v2/models/maria/infer/", oip(TEXTS))         # no redirect with no body
-        assert (status, json.loads(body)) == (404, {"error": "no route /v2/models/maria/infer/; leave out the "
-                                                             "trailing slash: /v2/models/maria/infer"})
+        status, _, body = call(url, "/v2/models/maria/infer/", oip(TEXTS))  # no redirect with no body
+        assert (status, json.loads(body)) == (
+            404,
+            {"error": "no route /v2/models/maria/infer/; leave out the trailing slash: /v2/models/maria/infer"},
+        )
         status, _, body = call(url, "/v2/nothing/")
-        assert (status, json.loads(body)["error"]) == (404, "no route /v2/nothing/; the routes are /v2/..., "
-                                                            "/v1/infill, /v1/infill/stream, /v1/generate and "
-                                                            "/metrics")
+        assert (status, json.loads(body)["error"]) == (
+            404,
+            "no route /v2/nothing/; the routes are /v2/..., /v1/infill, /v1/infill/stream, /v1/generate and /metrics",
+        )
 
 
 def test_a_full_queue_gives_503_and_a_deadline_504():
@@ -426,7 +524,11 @@ def test_a_full_queue_gives_503_and_a_deadline_504():
         with ThreadPoolExecutor(12) as pool:
             statuses = list(pool.map(lambda _: call(url, "/v1/infill", {"text": [SLOW]})[:2], range(12)))
         busy = [headers for status, headers in statuses if status == 503]
-        assert busy and all({k.lower(): v for k, v in h.items()}.get("retry-after") == "1" for h in busy) and any(s == 200 for s, _ in statuses)
+        assert (
+            busy
+            and all({k.lower(): v for k, v in h.items()}.get("retry-after") == "1" for h in busy)
+            and any(s == 200 for s, _ in statuses)
+        )
     with server("--timeout", "0.05") as (url, _):
         status, _, body = call(url, "/v1/infill", {"text": [SLOW]})
         assert status == 504 and "deadline of 0.05 s" in json.loads(body)["error"]
@@ -439,36 +541,39 @@ def engine_steps(url) -> int:
 def test_a_client_that_leaves_frees_its_slot():
     """A client that disconnects before its answer (plain or streaming) is logged as 499 or ends its stream, and its
     rows leave the engine at once instead of being filled for nobody."""
-    long_text = "[MASK:2000]"                      # 2,000 steps each if they were run to the end
+    long_text = "[MASK:2000]"  # 2,000 steps each if they were run to the end
     with server("--max-batch-size", "1") as (url, _):
         host, port = url.removeprefix("http://").split(":")
         for path in ("/v1/infill", "/v1/infill/stream"):
             before, body = engine_steps(url), json.dumps({"text": [long_text]}).encode()
             client = socket.create_connection((host, int(port)), timeout=60)
-            client.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                           f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-            if path.endswith("stream"):            # its first token: its rows are in the engine
+            client.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            if path.endswith("stream"):  # its first token: its rows are in the engine
                 received = b""
                 while b"event: token" not in received and len(received) < 65536:
                     received += client.recv(4096)
             else:
-                for _ in range(400):               # the engine steps: its rows are in
+                for _ in range(400):  # the engine steps: its rows are in
                     if engine_steps(url) > before:
                         break
                     time.sleep(0.025)
             client.close()
-        for _ in range(400):                       # both are logged as 499 (the stream when it notices)
+        for _ in range(400):  # both are logged as 499 (the stream when it notices)
             metrics = call(url, "/metrics")[2].decode()
             if all(f'{path}",status="499"}} 1.0' in metrics for path in ("/v1/infill", "/v1/infill/stream")):
                 break
             time.sleep(0.025)
         steps = engine_steps(url)
-        for _ in range(50):                        # the stream's rows leave at its next token's failed send
+        for _ in range(50):  # the stream's rows leave at its next token's failed send
             time.sleep(0.2)
             if engine_steps(url) == steps:
                 break
             steps = engine_steps(url)
-        time.sleep(1.0)                            # an engine still filling for them would step on meanwhile
+        time.sleep(1.0)  # an engine still filling for them would step on meanwhile
         assert engine_steps(url) == steps < 2000, steps
         status, _, body = call(url, "/v1/infill", {"text": ["a [MASK] b"]})
         assert status == 200 and json.loads(body)["results"][0]["text"].startswith("a")
@@ -488,16 +593,24 @@ def test_sigterm_lets_requests_in_flight_finish():
         assert process.wait(timeout=60) == 0
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--max-batch-delay-ms", "inf"], "--max-batch-delay-ms takes a finite number of milliseconds, got inf"),
-    (["--timeout", "inf"], "--timeout takes a finite number of seconds, got inf"),
-    (["--grace", "inf"], "--grace takes a finite number of seconds, got inf"),
-    (["--api-key", ""], "--api-key (or MARIA_API_KEY) must be a bearer token: printable ASCII, no spaces, not empty"),
-    (["--api-key", "two words"], "--api-key (or MARIA_API_KEY) must be a bearer token"),
-    (["--api-key", "key\r"], "--api-key (or MARIA_API_KEY) must be a bearer token"),
-    (["--port", "8123", "--grpc-port", "8123"], "--port and --grpc-port are both 8123; HTTP and gRPC each need a "
-                                                "port of their own"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--max-batch-delay-ms", "inf"], "--max-batch-delay-ms takes a finite number of milliseconds, got inf"),
+        (["--timeout", "inf"], "--timeout takes a finite number of seconds, got inf"),
+        (["--grace", "inf"], "--grace takes a finite number of seconds, got inf"),
+        (
+            ["--api-key", ""],
+            "--api-key (or MARIA_API_KEY) must be a bearer token: printable ASCII, no spaces, not empty",
+        ),
+        (["--api-key", "two words"], "--api-key (or MARIA_API_KEY) must be a bearer token"),
+        (["--api-key", "key\r"], "--api-key (or MARIA_API_KEY) must be a bearer token"),
+        (
+            ["--port", "8123", "--grpc-port", "8123"],
+            "--port and --grpc-port are both 8123; HTTP and gRPC each need a port of their own",
+        ),
+    ],
+)
 def test_settings_no_server_can_honour_are_one_line(monkeypatch, args, message):
     """A delay or timeout of inf waits forever; an empty key or one no client can send in a header locks out
     every client or none; one port cannot take both HTTP and gRPC: refused before the model loads (the server's
@@ -536,24 +649,31 @@ def test_listening_beyond_loopback_without_a_key_is_warned(monkeypatch):
 def test_compressed_bodies_are_read_within_the_limit_and_answers_compressed_where_accepted():
     import gzip
     import zlib
+
     with server("--max-body-bytes", "16384") as (url, _):
         body = json.dumps({"text": ["a [MASK] b"]}).encode()
-        status, headers, answer = call(url, "/v1/infill", raw=gzip.compress(body),
-                                       headers={"Content-Encoding": "gzip", "Accept-Encoding": "gzip"})
+        status, headers, answer = call(
+            url, "/v1/infill", raw=gzip.compress(body), headers={"Content-Encoding": "gzip", "Accept-Encoding": "gzip"}
+        )
         headers = {k.lower(): v for k, v in headers.items()}
         assert status == 200 and headers["content-encoding"] == "gzip"
         plain = json.loads(call(url, "/v1/infill", {"text": ["a [MASK] b"]})[2])
         assert json.loads(gzip.decompress(answer)) == plain
-        status, headers, answer = call(url, "/v1/infill", raw=zlib.compress(body),
-                                       headers={"Content-Encoding": "deflate", "Accept-Encoding": "br, gzip;q=0"})
+        status, headers, answer = call(
+            url,
+            "/v1/infill",
+            raw=zlib.compress(body),
+            headers={"Content-Encoding": "deflate", "Accept-Encoding": "br, gzip;q=0"},
+        )
         assert status == 200 and "content-encoding" not in {k.lower() for k in headers}
         assert json.loads(answer) == plain
         bomb = gzip.compress(json.dumps({"text": ["a [MASK] " + "x " * 20000]}).encode())
         for raw, encoding, want, message in (
-                (bomb, "gzip", 413, "over the limit of 16384 bytes once decompressed"),
-                (body, "gzip", 400, "the body is not valid gzip data"),
-                (gzip.compress(body)[:-12], "gzip", 400, "the gzip body ends before its data does"),
-                (body, "br", 415, "Content-Encoding 'br' is not supported; send gzip, deflate or none")):
+            (bomb, "gzip", 413, "over the limit of 16384 bytes once decompressed"),
+            (body, "gzip", 400, "the body is not valid gzip data"),
+            (gzip.compress(body)[:-12], "gzip", 400, "the gzip body ends before its data does"),
+            (body, "br", 415, "Content-Encoding 'br' is not supported; send gzip, deflate or none"),
+        ):
             assert len(raw) < 16384
             status, _, answer = call(url, "/v1/infill", raw=raw, headers={"Content-Encoding": encoding})
             assert status == want and message in json.loads(answer)["error"], (encoding, answer)
@@ -564,10 +684,24 @@ def test_fuzzed_requests_get_an_answer_or_one_line_never_a_5xx():
     that do not add up): each is filled or refused with a 4xx and one line."""
     import gzip
     import random
+
     rng = random.Random(0)
     atoms = [None, True, False, 0, -1, 2.5, 1e300, "", "a [MASK]", "[MASK:?]", "[MASK:0]", [], {}]
-    keys = ["text", "inputs", "name", "datatype", "shape", "data", "parameters", "seed", "temperature", "outputs",
-            "binary_data_size", "timeout", "sequence_id"]
+    keys = [
+        "text",
+        "inputs",
+        "name",
+        "datatype",
+        "shape",
+        "data",
+        "parameters",
+        "seed",
+        "temperature",
+        "outputs",
+        "binary_data_size",
+        "timeout",
+        "sequence_id",
+    ]
 
     def rand(depth=0):
         pick = rng.random()
@@ -584,21 +718,41 @@ def test_fuzzed_requests_get_an_answer_or_one_line_never_a_5xx():
                 path, raw = "/v1/infill", json.dumps({"text": rand(), "seed": rand()}).encode()
             elif kind < 0.3:
                 path = rng.choice(["/v2/models/maria/generate", "/v2/models/maria/generate_stream"])
-                raw = json.dumps(rng.choice([{"text": rand(), "parameters": rand(), rng.choice(keys): rand()},
-                                             rand()])).encode()
+                raw = json.dumps(
+                    rng.choice([{"text": rand(), "parameters": rand(), rng.choice(keys): rand()}, rand()])
+                ).encode()
             elif kind < 0.75:
-                spec = {"name": rng.choice(["text", "seed", "x"]), "datatype": rng.choice(["BYTES", "FP32", None]),
-                        "shape": rng.choice([[1], [2], [1, 1], None]), "data": rand(), "parameters": rand()}
+                spec = {
+                    "name": rng.choice(["text", "seed", "x"]),
+                    "datatype": rng.choice(["BYTES", "FP32", None]),
+                    "shape": rng.choice([[1], [2], [1, 1], None]),
+                    "data": rand(),
+                    "parameters": rand(),
+                }
                 path = "/v2/models/maria/infer"
-                raw = json.dumps({"inputs": rng.choice([[spec], spec, rand()]), "outputs": rand(),
-                                  "parameters": rand()}).encode()
+                raw = json.dumps(
+                    {"inputs": rng.choice([[spec], spec, rand()]), "outputs": rand(), "parameters": rand()}
+                ).encode()
             elif kind < 0.85:
                 path, headers = "/v1/infill", {"Content-Encoding": rng.choice(["gzip", "deflate", "zstd"])}
                 raw = gzip.compress(json.dumps({"text": [rand()]}).encode())[: rng.randint(0, 60)]
             else:
-                head = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "parameters": {
-                    "binary_data_size": rng.choice([0, 4, 12, -1])}}]}).encode()
-                path, raw = "/v2/models/maria/infer", head + bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 20)))
+                head = json.dumps(
+                    {
+                        "inputs": [
+                            {
+                                "name": "text",
+                                "datatype": "BYTES",
+                                "shape": [1],
+                                "parameters": {"binary_data_size": rng.choice([0, 4, 12, -1])},
+                            }
+                        ]
+                    }
+                ).encode()
+                path, raw = (
+                    "/v2/models/maria/infer",
+                    head + bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 20))),
+                )
                 headers = {"Inference-Header-Content-Length": str(len(head) + rng.choice([0, -1, 5]))}
             status, _, body = call(url, path, raw=raw, headers=headers)
             assert 200 <= status < 500, (path, raw[:200], body[:200])
@@ -622,6 +776,7 @@ def test_the_warm_up_runs_every_graph_a_request_runs(monkeypatch):
             if name == "new_cache":
                 slots.append(args[0] if args else kwargs["slots"])
             return original(*args, **kwargs)
+
         monkeypatch.setattr(infiller.backend, name, recorded)
     assert warm_up(infiller, 5) > 0
     assert set(ran) == {"mlm_hidden", "cache_step", "fuse", "ar_logits", "new_cache"} and slots[0] == 5
@@ -636,12 +791,17 @@ def test_a_model_that_cannot_fill_is_refused_before_the_server_listens(monkeypat
     from maria_onnx.cli import app
 
     def fails(self, texts, **kwargs):
-        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while "
-                           "running MatMul node.\n  at a C++ frame")
+        raise RuntimeError(
+            "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while "
+            "running MatMul node.\n  at a C++ frame"
+        )
+
     monkeypatch.setattr(Infiller, "infill", fails)
     monkeypatch.setattr(serve_run, "bound", lambda *args: pytest.fail("the server bound a port"))
     result = CliRunner().invoke(app, ["serve", "--device", "cpu", "--port", "0"])
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
-    assert result.output.startswith("error: the model could not fill a text on cpu before serving (RuntimeError: "
-                                    "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned "
-                                    "while running MatMul node.); check the bundle and device"), result.output
+    assert result.output.startswith(
+        "error: the model could not fill a text on cpu before serving (RuntimeError: "
+        "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned "
+        "while running MatMul node.); check the bundle and device"
+    ), result.output

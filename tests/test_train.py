@@ -26,8 +26,14 @@ def head_of(folder):
 
 def test_training_lowers_held_out_perplexity(pairs, corpus_file, tmp_path, capsys):
     mlm, ar = pairs["olmo"]
-    train(mlm, ar, corpus_file, tmp_path / "zero", TrainConfig(steps=1, learning_rate=1e-9, **{
-        k: v for k, v in SMALL.items() if k != "learning_rate"}), device="cpu")
+    train(
+        mlm,
+        ar,
+        corpus_file,
+        tmp_path / "zero",
+        TrainConfig(steps=1, learning_rate=1e-9, **{k: v for k, v in SMALL.items() if k != "learning_rate"}),
+        device="cpu",
+    )
     before = "".join(capsys.readouterr())
     train(mlm, ar, corpus_file, tmp_path / "run", TrainConfig(steps=40, **SMALL), device="cpu")
     after = "".join(capsys.readouterr())
@@ -45,19 +51,22 @@ def test_same_seed_same_run_and_resume_is_exact(pairs, corpus_file, tmp_path, mo
     train(mlm, ar, corpus_file, tmp_path / "b", config, device="cpu")
 
     save = maria_train._save
+
     def save_then_crash(*args):
         save(*args)
         raise KeyboardInterrupt
+
     monkeypatch.setattr(maria_train, "_save", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        train(mlm, ar, corpus_file, tmp_path / "c", config, device="cpu")      # interrupted after step 3
+        train(mlm, ar, corpus_file, tmp_path / "c", config, device="cpu")  # interrupted after step 3
     monkeypatch.setattr(maria_train, "_save", save)
     assert not torch.equal(head_of(tmp_path / "a")["weight"], head_of(tmp_path / "c")["weight"])
-    train(mlm, ar, corpus_file, tmp_path / "c", config, device="cpu")          # resumed
+    train(mlm, ar, corpus_file, tmp_path / "c", config, device="cpu")  # resumed
     for other in ("b", "c"):
         for name in ("weight", "bias"):
-            torch.testing.assert_close(head_of(tmp_path / other)[name], head_of(tmp_path / "a")[name],
-                                       atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(
+                head_of(tmp_path / other)[name], head_of(tmp_path / "a")[name], atol=1e-6, rtol=1e-5
+            )
     with pytest.raises(ValueError, match="other settings \\(seq_len\\)"):
         train(mlm, ar, corpus_file, tmp_path / "c", TrainConfig(steps=8, **{**SMALL, "seq_len": 16}), device="cpu")
 
@@ -68,42 +77,84 @@ def test_a_run_into_another_pairs_checkpoint_is_refused(pairs, corpus_file, tmp_
     out, config = tmp_path / "c", TrainConfig(steps=2, **SMALL)
     train(*pairs["olmo"], corpus_file, out, config, device="cpu")
     before = head_of(out)["weight"]
-    message = f"holds a checkpoint of other backbones (--mlm {pairs['olmo'][0].resolve()} --ar {pairs['olmo'][1].resolve()})"
+    message = (
+        f"holds a checkpoint of other backbones (--mlm {pairs['olmo'][0].resolve()} --ar {pairs['olmo'][1].resolve()})"
+    )
     for left in ("with its training state", "finished, its training state deleted"):
         with pytest.raises(ValueError, match=re.escape(message)):
             train(*pairs["llama"], corpus_file, out, config, device="cpu")
         assert torch.equal(head_of(out)["weight"], before) and MariaConfig.load(out).ar_model_type == "olmo", left
         shutil.rmtree(out / "train_state", ignore_errors=True)
-    train(*pairs["olmo"], corpus_file, out, config, device="cpu")       # its own backbones: trained afresh
+    train(*pairs["olmo"], corpus_file, out, config, device="cpu")  # its own backbones: trained afresh
 
 
 def test_cli_train_writes_a_checkpoint(pairs, corpus_file, tmp_path):
     mlm, ar = pairs["olmo2"]
     out = tmp_path / "ckpt"
-    result = CliRunner().invoke(app, ["train", "--mlm", str(mlm), "--ar", str(ar), "--data", str(corpus_file),
-                                      "--out", str(out), "--steps", "3", "--seq-len", "16", "--batch-size", "2",
-                                      "--device", "cpu"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--mlm",
+            str(mlm),
+            "--ar",
+            str(ar),
+            "--data",
+            str(corpus_file),
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     config = MariaConfig.from_dict(json.loads((out / "maria_config.json").read_text()))
     assert config.ar_model_type == "olmo2" and config.trained_steps == 3
-    assert "warning: --warmup-steps 50 is not below --steps 3: the learning rate rises for the whole run" in \
-        result.output                                                    # the default warmup outlasts 3 steps
+    assert (
+        "warning: --warmup-steps 50 is not below --steps 3: the learning rate rises for the whole run" in result.output
+    )  # the default warmup outlasts 3 steps
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--mask-rate-min", "0.8", "--mask-rate-max", "0.2"], "mask rate range"),
-    (["--data", "/nowhere/text.txt"], "does not exist"),
-    (["--seq-len", "100000"], "over the backbones' maximum"),
-    (["--seq-len", "500", "--data", str(Path(__file__).parent.parent / ".gitignore")],
-     f"{Path(__file__).parent.parent / '.gitignore'} holds"),
-    (["--seq-len", "500", "--data", str(Path(__file__).parent.parent / ".gitignore")],
-     "fewer than one window of --seq-len 500; add text or lower --seq-len"),
-    (["--out", __file__], "is a file; --out names the checkpoint folder to write"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mask-rate-min", "0.8", "--mask-rate-max", "0.2"], "mask rate range"),
+        (["--data", "/nowhere/text.txt"], "does not exist"),
+        (["--seq-len", "100000"], "over the backbones' maximum"),
+        (
+            ["--seq-len", "500", "--data", str(Path(__file__).parent.parent / ".gitignore")],
+            f"{Path(__file__).parent.parent / '.gitignore'} holds",
+        ),
+        (
+            ["--seq-len", "500", "--data", str(Path(__file__).parent.parent / ".gitignore")],
+            "fewer than one window of --seq-len 500; add text or lower --seq-len",
+        ),
+        (["--out", __file__], "is a file; --out names the checkpoint folder to write"),
+    ],
+)
 def test_cli_train_bad_input_is_one_line(pairs, corpus_file, tmp_path, args, message):
     mlm, ar = pairs["olmo"]
-    base = ["train", "--mlm", str(mlm), "--ar", str(ar), "--data", str(corpus_file), "--out", str(tmp_path / "o"),
-            "--steps", "1", "--device", "cpu"]
+    base = [
+        "train",
+        "--mlm",
+        str(mlm),
+        "--ar",
+        str(ar),
+        "--data",
+        str(corpus_file),
+        "--out",
+        str(tmp_path / "o"),
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+    ]
     result = CliRunner().invoke(app, base + args)
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
@@ -117,13 +168,15 @@ def test_documents_from_jsonl_and_lines(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"body": "x"}\n')
     with pytest.raises(ValueError, match="no string field 'text'"):
         read_documents(tmp_path / "c.jsonl")
-    (tmp_path / "c.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "marked doc"}\n')     # a byte order mark: not text
+    (tmp_path / "c.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "marked doc"}\n')  # a byte order mark: not text
     (tmp_path / "d.txt").write_bytes(b"\xef\xbb\xbfmarked\x0cpage\n")
     assert read_documents(tmp_path / "c.jsonl") == ["marked doc"]
     assert read_documents(tmp_path / "d.txt", line_documents=True) == ["marked\x0cpage"]
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "cat.jpg").write_bytes(b"meow")
-    with pytest.raises(ValueError, match="photos holds no .txt, .md, .rst or .jsonl files; pass a text file or a folder"):
+    with pytest.raises(
+        ValueError, match="photos holds no .txt, .md, .rst or .jsonl files; pass a text file or a folder"
+    ):
         read_documents(tmp_path / "photos")
 
 
@@ -131,6 +184,7 @@ def test_a_folder_is_read_without_its_hidden_files_and_with_suffixes_in_any_case
     """A dataset cloned with git: its .git/ (binary objects, no suffix) and .gitattributes are not documents;
     NOTES.TXT and DATA.JSONL are read as their suffixes say."""
     import subprocess
+
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "a.txt").write_text("first document\n")
     (tmp_path / "data" / "NOTES.TXT").write_text("shouting document\n")
@@ -142,8 +196,12 @@ def test_a_folder_is_read_without_its_hidden_files_and_with_suffixes_in_any_case
     git = ["git", "-c", "user.email=maria@example.com", "-c", "user.name=maria", "-C", str(tmp_path / "data")]
     for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "data"]):
         subprocess.run(git + args, check=True)
-    assert read_documents(tmp_path / "data") == ["json document", "shouting document\n", "first document\n",
-                                                 "ndjson document"]
+    assert read_documents(tmp_path / "data") == [
+        "json document",
+        "shouting document\n",
+        "first document\n",
+        "ndjson document",
+    ]
     assert read_documents(tmp_path / "data" / "DATA.JSONL") == ["json document"]
 
 
@@ -155,6 +213,7 @@ def test_a_long_document_is_tokenized_in_pieces_to_the_same_ids(pairs, monkeypat
     from maria_onnx.runtime import windows as corpus_windows
     from maria_onnx.runtime.text import plain_encoder
     from maria_onnx.runtime.windows import pack_windows, pieces
+
     encode = plain_encoder(AutoTokenizer.from_pretrained(pairs["olmo"][1]))
     document = "".join(f"Line {i}: the quick  brown fox,\n\n  indented {i}\tand tabbed\r\n" for i in range(400))
     cut = list(pieces(document, encode, size=1000))
@@ -163,14 +222,15 @@ def test_a_long_document_is_tokenized_in_pieces_to_the_same_ids(pairs, monkeypat
     assert [i for piece in cut for i in encode(piece)] == encode(document)
     from tokenizers import Tokenizer
     from maria_onnx.runtime.default_model import DEFAULT_MODEL
+
     shipped = plain_encoder(Tokenizer.from_file(str(DEFAULT_MODEL / "tokenizer.json")))
     assert [i for piece in pieces(document, shipped, size=1000) for i in shipped(piece)] == shipped(document)
     monkeypatch.setattr(corpus_windows, "PIECE_CHARS", 1000)
     seen = []
     windows = pack_windows([document, document], lambda piece: seen.append(piece) or encode(piece), 16, 0)
     whole = (encode(document) + [0]) * 2
-    assert document not in seen and all(seen.count(piece) == 2 for piece in cut)     # cut, both times
-    assert windows.tolist() == [whole[i:i + 16] for i in range(0, len(whole) - 15, 16)]
-    marked = lambda text: [0] + [ord(c) for c in text]                  # noqa: E731
+    assert document not in seen and all(seen.count(piece) == 2 for piece in cut)  # cut, both times
+    assert windows.tolist() == [whole[i : i + 16] for i in range(0, len(whole) - 15, 16)]
+    marked = lambda text: [0] + [ord(c) for c in text]  # noqa: E731
     assert list(pieces(document, marked, size=1000)) == [document]
     assert list(pieces("no line breaks " * 200, encode, size=100)) == ["no line breaks " * 200]

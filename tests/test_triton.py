@@ -22,8 +22,11 @@ from maria_onnx.serve.triton import write_repository
 from tests.test_serve import call, server
 
 TRITON_PYTHON = os.environ.get("MARIA_TRITON_PYTHON")
-pytestmark = pytest.mark.skipif(not TRITON_PYTHON, reason="MARIA_TRITON_PYTHON names no Python environment with "
-                                "nvidia-pytriton 0.7.0, numpy<2, onnxruntime and tokenizers (.ci/run builds one)")
+pytestmark = pytest.mark.skipif(
+    not TRITON_PYTHON,
+    reason="MARIA_TRITON_PYTHON names no Python environment with "
+    "nvidia-pytriton 0.7.0, numpy<2, onnxruntime and tokenizers (.ci/run builds one)",
+)
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed")
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
 
@@ -38,18 +41,25 @@ def free_port() -> int:
 
 def tritonserver(workdir: Path) -> tuple[list[str], dict]:
     """The command prefix and environment that run pytriton's tritonserver with the Python backend."""
-    probe = ("import pathlib, sys, sysconfig, pytriton; print(pathlib.Path(pytriton.__file__).parent); "
-             "print(sysconfig.get_config_var('LIBDIR')); print(f'{sys.version_info[0]}.{sys.version_info[1]}')")
+    probe = (
+        "import pathlib, sys, sysconfig, pytriton; print(pathlib.Path(pytriton.__file__).parent); "
+        "print(sysconfig.get_config_var('LIBDIR')); print(f'{sys.version_info[0]}.{sys.version_info[1]}')"
+    )
     package, libdir, version = subprocess.check_output([TRITON_PYTHON, "-c", probe], text=True).split()
-    server = shutil.copytree(Path(package) / "tritonserver", workdir / "tritonserver",
-                             ignore=shutil.ignore_patterns("python_backend_stubs"))
-    shutil.copy(Path(package) / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub",
-                server / "backends" / "python")
-    environment = {**os.environ,
-                   # the backend stub takes its site-packages from the first python3 on PATH
-                   "PATH": f"{Path(TRITON_PYTHON).parent}{os.pathsep}{os.environ['PATH']}",
-                   # its libraries and, under a pyenv-built Python, libpython
-                   "LD_LIBRARY_PATH": os.pathsep.join([str(Path(package).parent / "nvidia_pytriton.libs"), libdir])}
+    server = shutil.copytree(
+        Path(package) / "tritonserver", workdir / "tritonserver", ignore=shutil.ignore_patterns("python_backend_stubs")
+    )
+    shutil.copy(
+        Path(package) / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub",
+        server / "backends" / "python",
+    )
+    environment = {
+        **os.environ,
+        # the backend stub takes its site-packages from the first python3 on PATH
+        "PATH": f"{Path(TRITON_PYTHON).parent}{os.pathsep}{os.environ['PATH']}",
+        # its libraries and, under a pyenv-built Python, libpython
+        "LD_LIBRARY_PATH": os.pathsep.join([str(Path(package).parent / "nvidia_pytriton.libs"), libdir]),
+    }
     return [str(server / "bin" / "tritonserver"), "--backend-directory", str(server / "backends")], environment
 
 
@@ -59,9 +69,23 @@ def test_triton_serves_the_repository_like_maria_serve(tmp_path):
     assert (repository / "maria" / "1" / "runtime" / "decode.py").is_file()
     command, environment = tritonserver(tmp_path)
     port, grpc_port = free_port(), free_port()
-    process = subprocess.Popen([*command, "--model-repository", str(repository), "--http-port", str(port),
-                                "--grpc-port", str(grpc_port), "--allow-metrics", "false"], env=environment,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [
+            *command,
+            "--model-repository",
+            str(repository),
+            "--http-port",
+            str(port),
+            "--grpc-port",
+            str(grpc_port),
+            "--allow-metrics",
+            "false",
+        ],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     client = None
     try:
         client = httpclient.InferenceServerClient(f"127.0.0.1:{port}", concurrency=4)
@@ -70,7 +94,7 @@ def test_triton_serves_the_repository_like_maria_serve(tmp_path):
             try:
                 if client.is_model_ready("maria"):
                     break
-            except Exception:                      # not listening yet
+            except Exception:  # not listening yet
                 pass
             time.sleep(0.25)
         assert process.poll() is None and client.is_model_ready("maria"), "tritonserver did not load the model"
@@ -89,21 +113,21 @@ def test_triton_serves_the_repository_like_maria_serve(tmp_path):
         assert result.as_numpy("text").shape == (2, 2)
         assert [t.decode() for t in result.as_numpy("text").reshape(-1)] == [r.text for r in want]
         got = [json.loads(r) for r in result.as_numpy("result").reshape(-1)]
-        for one, other in zip(got, [r.to_dict() for r in want]):     # ONNX Runtime there may be another build
+        for one, other in zip(got, [r.to_dict() for r in want]):  # ONNX Runtime there may be another build
             assert one["fill_logprobs"] == pytest.approx(other.pop("fill_logprobs"), abs=1e-4)
             assert {k: v for k, v in one.items() if k != "fill_logprobs"} == other
 
-        text = httpclient.InferInput("text", [1, 1], "BYTES")                        # no outputs named: all
+        text = httpclient.InferInput("text", [1, 1], "BYTES")  # no outputs named: all
         text.set_data_from_numpy(np.array([[TEXTS[0].encode()]], dtype=np.object_), binary_data=True)
         plain = client.infer("maria", [text], priority=1, timeout=60_000_000)
         assert plain.as_numpy("text")[0, 0].decode() == reference.infill(TEXTS[:1])[0].text
 
-        pending = [request([f"Use the [MASK] module number {i}."]) for i in range(8)]      # dynamic batching
+        pending = [request([f"Use the [MASK] module number {i}."]) for i in range(8)]  # dynamic batching
         filled = [p.get_result(timeout=60).as_numpy("text")[0, 0].decode() for p in pending]
         assert filled == [r.text for r in reference.infill([f"Use the [MASK] module number {i}." for i in range(8)])]
 
-        over_grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")     # what maria serve --grpc-port
-        try:                                                                         # answers (tests/test_grpc.py)
+        over_grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")  # what maria serve --grpc-port
+        try:  # answers (tests/test_grpc.py)
             text = grpcclient.InferInput("text", [len(TEXTS), 1], "BYTES")
             text.set_data_from_numpy(np.array([[t.encode()] for t in TEXTS], dtype=np.object_))
             answer = over_grpc.infer("maria", [text], parameters={"temperature": 0.8, "seed": 5, "num_samples": 2})
@@ -114,22 +138,29 @@ def test_triton_serves_the_repository_like_maria_serve(tmp_path):
         with pytest.raises(Exception, match="asks for 0 tokens"):
             request(["bad [MASK:0]"]).get_result(timeout=60)
         with pytest.raises(Exception, match="parameter 'rerank' must be true or false, got 'false'"):
-            request(TEXTS, rerank="false").get_result(timeout=60)                # never read as true
+            request(TEXTS, rerank="false").get_result(timeout=60)  # never read as true
         with pytest.raises(Exception, match="parameter 'num_samples' must be a 64-bit integer, got 2.5"):
-            request(TEXTS, num_samples=2.5).get_result(timeout=60)                # never truncated to 2
+            request(TEXTS, num_samples=2.5).get_result(timeout=60)  # never truncated to 2
         with pytest.raises(Exception, match="2 texts x 3 samples is over the limit of 4 per request"):
             request(TEXTS, num_samples=3, temperature=1.0).get_result(timeout=60)
-        with pytest.raises(Exception, match=r"needs 8 decode rows \(texts x samples x span candidates\), over the "
-                                            "limit of 4"):
+        with pytest.raises(
+            Exception,
+            match=r"needs 8 decode rows \(texts x samples x span candidates\), over the "
+            "limit of 4",
+        ):
             request(["Use the [MASK:?] module."]).get_result(timeout=60)
-        two = "Use the [MASK:1-2] module to [MASK:1-2] files."      # 2 x 2 combinations x 2 samples: over 4 rows
-        searched = json.loads(request([two], num_samples=2, temperature=1.0, seed=2).get_result(timeout=60)
-                              .as_numpy("result")[0, 0])
-        want = reference.infill_requests([FillRequest([reference.prepare(two, most=1)],
-                                                      Sampling(temperature=1.0, seed=2), 2)])[0][0]
+        two = "Use the [MASK:1-2] module to [MASK:1-2] files."  # 2 x 2 combinations x 2 samples: over 4 rows
+        searched = json.loads(
+            request([two], num_samples=2, temperature=1.0, seed=2).get_result(timeout=60).as_numpy("result")[0, 0]
+        )
+        want = reference.infill_requests(
+            [FillRequest([reference.prepare(two, most=1)], Sampling(temperature=1.0, seed=2), 2)]
+        )[0][0]
         assert searched["text"] == want.text and "more decode rows than the request may use" in searched["note"]
-        assert request(TEXTS[:1]).get_result(timeout=60).as_numpy("text")[0, 0].decode() == \
-            reference.infill(TEXTS[:1])[0].text                                     # and the model still serves
+        assert (
+            request(TEXTS[:1]).get_result(timeout=60).as_numpy("text")[0, 0].decode()
+            == reference.infill(TEXTS[:1])[0].text
+        )  # and the model still serves
         generate_like_maria_serve(f"http://127.0.0.1:{port}")
     finally:
         if client is not None:
@@ -137,11 +168,13 @@ def test_triton_serves_the_repository_like_maria_serve(tmp_path):
         stop(process)
 
 
-GENERATE = [("generate", {"text": TEXTS[0]}),
-            ("generate", {"text": TEXTS, "parameters": {"temperature": 0.8, "seed": 5, "num_samples": 2}}),
-            ("generate", {"text": [[t] for t in TEXTS], "temperature": 0.8, "seed": 5}),    # settings as fields
-            ("generate_stream", {"text": TEXTS, "parameters": {"temperature": 0.8, "seed": 5, "num_samples": 2}}),
-            ("generate", {"text": "no marker here"})]
+GENERATE = [
+    ("generate", {"text": TEXTS[0]}),
+    ("generate", {"text": TEXTS, "parameters": {"temperature": 0.8, "seed": 5, "num_samples": 2}}),
+    ("generate", {"text": [[t] for t in TEXTS], "temperature": 0.8, "seed": 5}),  # settings as fields
+    ("generate_stream", {"text": TEXTS, "parameters": {"temperature": 0.8, "seed": 5, "num_samples": 2}}),
+    ("generate", {"text": "no marker here"}),
+]
 
 
 def generate_like_maria_serve(triton_url: str) -> None:
@@ -155,22 +188,28 @@ def generate_like_maria_serve(triton_url: str) -> None:
                 status, headers, body = call(base, f"/v2/models/maria/{route}", payload)
                 assert status == 200, (base, route, payload, body)
                 if route == "generate_stream":
-                    assert {k.lower(): v for k, v in headers.items()}["content-type"] == \
-                        "text/event-stream; charset=utf-8"
+                    assert {k.lower(): v for k, v in headers.items()}[
+                        "content-type"
+                    ] == "text/event-stream; charset=utf-8"
                     assert body.startswith(b"data: ") and body.rstrip(b"\n").count(b"\n\n") == 0, body
-                    body = body[len(b"data: "):]
+                    body = body[len(b"data: ") :]
                 answers.append(json.loads(body))
             triton, ours = answers
-            assert {k: v for k, v in triton.items() if k != "result"} == {k: v for k, v in ours.items()
-                                                                          if k != "result"}, payload
-            results = [[json.loads(r) for r in ([a["result"]] if isinstance(a["result"], str) else a["result"])]
-                       for a in answers]
+            assert {k: v for k, v in triton.items() if k != "result"} == {
+                k: v for k, v in ours.items() if k != "result"
+            }, payload
+            results = [
+                [json.loads(r) for r in ([a["result"]] if isinstance(a["result"], str) else a["result"])]
+                for a in answers
+            ]
             assert len(results[0]) == len(results[1])
             for one, other in zip(*results):
                 assert one.pop("fill_logprobs") == pytest.approx(other.pop("fill_logprobs"), abs=1e-4)
                 assert one == other
-        for payload, line in (({"text": "bad [MASK:0]"}, "'[MASK:0]' asks for 0 tokens"),
-                              ({"text": TEXTS[0], "id": "x"}, "unknown parameters ['id']")):
+        for payload, line in (
+            ({"text": "bad [MASK:0]"}, "'[MASK:0]' asks for 0 tokens"),
+            ({"text": TEXTS[0], "id": "x"}, "unknown parameters ['id']"),
+        ):
             for base in (triton_url, url):
                 status, _, body = call(base, "/v2/models/maria/generate", payload)
                 assert 400 <= status < 500 and line in json.loads(body)["error"], (base, payload, body)

@@ -4,13 +4,23 @@ import random
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForCausalLM, LlamaConfig, ModernBertConfig, ModernBertForMaskedLM, OlmoConfig,
-                          Olmo2Config, Qwen2Config)
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
+    OlmoConfig,
+    Olmo2Config,
+    Qwen2Config,
+)
 
 from maria_onnx.tools.pretrain import save_tokenizer, train_tokenizer
-WORDS = ("the a an of to in is was for on with as by at from raise return import class function value list "
-         "error exception statement module string number loop file object method name type data python code "
-         "call run use used make new old first last each every other some many small large quick brown fox").split()
+
+WORDS = (
+    "the a an of to in is was for on with as by at from raise return import class function value list "
+    "error exception statement module string number loop file object method name type data python code "
+    "call run use used make new old first last each every other some many small large quick brown fox"
+).split()
 
 
 def corpus(count: int, seed: int = 0) -> list[str]:
@@ -23,17 +33,25 @@ def tokenizer_file(folder: Path, seed: int = 0, vocab_size: int = 300) -> Path:
 
 
 def ar_config(ar_type: str, vocab_size: int, eos: int, pad: int):
-    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=512, bos_token_id=eos, eos_token_id=eos,
-                  pad_token_id=pad)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
     if ar_type == "olmo":
         return OlmoConfig(**common)
     if ar_type == "olmo2":
         return Olmo2Config(**common)
     if ar_type == "llama":
-        return LlamaConfig(num_key_value_heads=2, **common)     # grouped-query attention
+        return LlamaConfig(num_key_value_heads=2, **common)  # grouped-query attention
     if ar_type == "qwen2":
-        return Qwen2Config(num_key_value_heads=2, **common)     # grouped-query attention, q/k/v biases
+        return Qwen2Config(num_key_value_heads=2, **common)  # grouped-query attention, q/k/v biases
     raise ValueError(ar_type)
 
 
@@ -47,11 +65,24 @@ def make_pair(root: Path, ar_type: str = "olmo", seed: int = 0, ar_tokenizer_see
     ar_tok_json = tok_json if ar_tokenizer_seed is None else tokenizer_file(root / "tok-ar", seed=ar_tokenizer_seed)
     ar_tok = save_tokenizer(ar_tok_json, ar_dir, "ar")
     vocab = len(mlm_tok)
-    mlm = ModernBertForMaskedLM(ModernBertConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=512, global_attn_every_n_layers=2, local_attention=16,
-        pad_token_id=mlm_tok.pad_token_id, cls_token_id=mlm_tok.cls_token_id, sep_token_id=mlm_tok.sep_token_id,
-        bos_token_id=mlm_tok.cls_token_id, eos_token_id=mlm_tok.sep_token_id, mask_token_id=mlm_tok.mask_token_id))
+    mlm = ModernBertForMaskedLM(
+        ModernBertConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=512,
+            global_attn_every_n_layers=2,
+            local_attention=16,
+            pad_token_id=mlm_tok.pad_token_id,
+            cls_token_id=mlm_tok.cls_token_id,
+            sep_token_id=mlm_tok.sep_token_id,
+            bos_token_id=mlm_tok.cls_token_id,
+            eos_token_id=mlm_tok.sep_token_id,
+            mask_token_id=mlm_tok.mask_token_id,
+        )
+    )
     mlm.save_pretrained(mlm_dir)
     ar = AutoModelForCausalLM.from_config(ar_config(ar_type, len(ar_tok), ar_tok.eos_token_id, ar_tok.pad_token_id))
     ar.save_pretrained(ar_dir)

@@ -33,8 +33,9 @@ def baseline_heads(backbones: Backbones) -> dict[str, FusionHead]:
             head.linear.weight.zero_()
             head.linear.weight[:, keep] = 2 * poe.linear.weight[:, keep]
             bias = backbones.mlm_decoder().bias if name == "MLM alone" else None
-            head.linear.bias.copy_(bias[: backbones.vocab_size] if bias is not None else
-                                   torch.zeros(backbones.vocab_size))
+            head.linear.bias.copy_(
+                bias[: backbones.vocab_size] if bias is not None else torch.zeros(backbones.vocab_size)
+            )
         heads[name] = head.eval()
     return heads
 
@@ -57,8 +58,10 @@ def load_baseline_backbones(manifest, backbones_from=None):
     mlm, ar = manifest.source.get("mlm_path"), manifest.source.get("ar_path")
     if mlm and ar and Path(mlm).is_dir() and Path(ar).is_dir():
         return load_backbones(mlm, ar), ""
-    return None, ("the bundle's backbone folders are not on this machine; pass --backbones-from CHECKPOINT "
-                  "for the baselines; MARIA only")
+    return None, (
+        "the bundle's backbone folders are not on this machine; pass --backbones-from CHECKPOINT "
+        "for the baselines; MARIA only"
+    )
 
 
 @torch.no_grad()
@@ -69,13 +72,13 @@ def mlm_autoregressive(backbones: Backbones, ids, masked) -> list[np.ndarray]:
     targets = [np.flatnonzero(m) for m in masked]
     decoder, vocab = backbones.mlm_decoder(), backbones.vocab_size
     for step in range(max(len(t) for t in targets)):
-        hidden = encode_masked(backend, current, remaining, special)          # [batch, n + 2, d_mlm]
+        hidden = encode_masked(backend, current, remaining, special)  # [batch, n + 2, d_mlm]
         rows = [row for row, t in enumerate(targets) if step < len(t)]
         positions = [targets[row][step] for row in rows]
         chosen = backend.tensor(hidden[rows, np.array(positions) + 1]).to(decoder.weight.dtype)  # fp16 on GPU
-        logits = decoder(chosen)[:, :vocab].float()                                          # [rows, V]
+        logits = decoder(chosen)[:, :vocab].float()  # [rows, V]
         logits[:, special.all] = -float("inf")
-        for index, row in enumerate(rows):                 # fills keep the text valid UTF-8, as MARIA's do
+        for index, row in enumerate(rows):  # fills keep the text valid UTF-8, as MARIA's do
             refused = backbones.utf8.refused(current[row], targets[row], step)
             if refused is not None:
                 logits[index, torch.from_numpy(refused)] = -float("inf")

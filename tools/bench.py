@@ -39,18 +39,32 @@ from .baselines import mlm_autoregressive
 from .shapes import load_shapes, model_config, random_checkpoint
 
 
-def _systems(bundle: Path, graphs: dict, checkpoint: Path, device: str, mlm_ar: bool, dtype: str,
-             concat: bool = True, int8_bundle: Path | None = None) -> dict:
+def _systems(
+    bundle: Path,
+    graphs: dict,
+    checkpoint: Path,
+    device: str,
+    mlm_ar: bool,
+    dtype: str,
+    concat: bool = True,
+    int8_bundle: Path | None = None,
+) -> dict:
     """name -> fill(ids, masked) for one batch; graphs: the bundle's manifest's. concat: the concat decoder beside
     the engine (each holds its own copy of the AR). int8_bundle: its engine on the CPU too."""
     torch_device = choose_torch_device(device)
     torch_dtype = torch.float16 if dtype == "fp16" and torch_device == "cuda" else torch.float32
     backbones, head, _ = load_maria(checkpoint, device=torch_device, dtype=torch_dtype)
     systems = {}
-    onnx_devices = ["cpu"] if device == "cpu" else ([device] if device.startswith("cuda") else
-                                                    (["cpu", "cuda"] if cuda_missing() is None else ["cpu"]))
-    decoders = [d for d, graph in (("engine", "ar_step"), ("concat", "ar_decoder"))
-                if graph in graphs and (concat or d != "concat")]
+    onnx_devices = (
+        ["cpu"]
+        if device == "cpu"
+        else ([device] if device.startswith("cuda") else (["cpu", "cuda"] if cuda_missing() is None else ["cpu"]))
+    )
+    decoders = [
+        d
+        for d, graph in (("engine", "ar_step"), ("concat", "ar_decoder"))
+        if graph in graphs and (concat or d != "concat")
+    ]
     for onnx_device in onnx_devices:
         for decoder in decoders:
             infiller = Infiller(bundle, device=onnx_device, decoder=decoder)
@@ -71,8 +85,18 @@ def _inputs(length: int, batch: int, vocab: int, mask_rate: float, seed: int):
     return ids, draw_masks(ids, mask_rate, seed)
 
 
-def measure(systems: dict, lengths, batch_sizes, vocab: int, mask_rate: float, repeats: int, seed: int,
-            console: Console, mlm_ar_max_tokens: int, measured=lambda point: None) -> list[dict]:
+def measure(
+    systems: dict,
+    lengths,
+    batch_sizes,
+    vocab: int,
+    mask_rate: float,
+    repeats: int,
+    seed: int,
+    console: Console,
+    mlm_ar_max_tokens: int,
+    measured=lambda point: None,
+) -> list[dict]:
     """Interleaved repetitions after one warm-up call per system and shape; medians with min and max.
     The quadratic mlm-ar baseline runs only where batch x length <= mlm_ar_max_tokens. measured(point) is
     called with each (length, batch)'s rows as they are measured."""
@@ -84,7 +108,7 @@ def measure(systems: dict, lengths, batch_sizes, vocab: int, mask_rate: float, r
                 ids, masked = _inputs(length, batch, vocab, mask_rate, seed)
                 times = {name: [] for name in systems if name != "mlm-ar" or batch * length <= mlm_ar_max_tokens}
                 progress.advance(task, (repeats + 1) * (len(systems) - len(times)))
-                for repeat in range(repeats + 1):             # repeat 0 is the warm-up
+                for repeat in range(repeats + 1):  # repeat 0 is the warm-up
                     for name in times:
                         fill = systems[name]
                         progress.update(task, description=f"length {length}, batch {batch}: {name}")
@@ -96,19 +120,31 @@ def measure(systems: dict, lengths, batch_sizes, vocab: int, mask_rate: float, r
                 filled = int(sum(m.sum() for m in masked))
                 for name, seconds in times.items():
                     median = statistics.median(seconds)
-                    results.append({"system": name, "length": length, "batch": batch, "filled_tokens": filled,
-                                    "seconds_median": median, "seconds_min": min(seconds),
-                                    "seconds_max": max(seconds), "tokens_per_s": length * batch / median,
-                                    "filled_tokens_per_s": filled / median, "ms_per_filled_token":
-                                    1000 * median / filled})
-                measured(results[-len(times):])
+                    results.append(
+                        {
+                            "system": name,
+                            "length": length,
+                            "batch": batch,
+                            "filled_tokens": filled,
+                            "seconds_median": median,
+                            "seconds_min": min(seconds),
+                            "seconds_max": max(seconds),
+                            "tokens_per_s": length * batch / median,
+                            "filled_tokens_per_s": filled / median,
+                            "ms_per_filled_token": 1000 * median / filled,
+                        }
+                    )
+                measured(results[-len(times) :])
     return results
 
 
 def _ratios(results: list[dict]) -> None:
     for row in results:
-        onnx = [r for r in results if r["system"].startswith("onnx") and r["length"] == row["length"]
-                and r["batch"] == row["batch"]]
+        onnx = [
+            r
+            for r in results
+            if r["system"].startswith("onnx") and r["length"] == row["length"] and r["batch"] == row["batch"]
+        ]
         best = max(onnx, key=lambda r: r["tokens_per_s"]) if onnx else None
         row["vs_onnx"] = row["tokens_per_s"] / best["tokens_per_s"] if best else None
 
@@ -119,25 +155,41 @@ def table(results: list[dict]) -> Table:
         out.add_column(column, justify="right")
     for r in sorted(results, key=lambda r: (r["batch"], r["length"])):
         spread = (r["seconds_max"] - r["seconds_min"]) / r["seconds_median"]
-        out.add_row(str(r["batch"]), str(r["length"]), r["system"], f"{r['tokens_per_s']:.0f}",
-                    f"{r['ms_per_filled_token']:.3f}", f"{100 * spread:.0f}%", f"{r['vs_onnx']:.2f}")
+        out.add_row(
+            str(r["batch"]),
+            str(r["length"]),
+            r["system"],
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['ms_per_filled_token']:.3f}",
+            f"{100 * spread:.0f}%",
+            f"{r['vs_onnx']:.2f}",
+        )
     return out
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
     """Throughput against input length, a colour per system and a line style per batch size."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
+
     figure, axis = plt.subplots(figsize=(7, 4.5))
     lengths = sorted({r["length"] for r in results})
     for colour, system in enumerate(dict.fromkeys(r["system"] for r in results)):
         for style, batch in zip(("-", "--", ":", "-."), sorted({r["batch"] for r in results})):
-            rows = sorted((r for r in results if r["system"] == system and r["batch"] == batch),
-                          key=lambda r: r["length"])
-            axis.plot([r["length"] for r in rows], [r["tokens_per_s"] for r in rows], style, marker="o",
-                      color=f"C{colour}", label=f"{system}, batch {batch}")
+            rows = sorted(
+                (r for r in results if r["system"] == system and r["batch"] == batch), key=lambda r: r["length"]
+            )
+            axis.plot(
+                [r["length"] for r in rows],
+                [r["tokens_per_s"] for r in rows],
+                style,
+                marker="o",
+                color=f"C{colour}",
+                label=f"{system}, batch {batch}",
+            )
     axis.set(xscale="log", yscale="log", xlabel="input length (tokens)", ylabel="tokens / s", title=title)
     axis.set_xticks(lengths, labels=[str(n) for n in lengths])
     axis.xaxis.set_minor_formatter(NullFormatter())
@@ -149,8 +201,12 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
 
 def machine() -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads()}
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": __import__("os").cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -161,12 +217,20 @@ def random_shapes(checkpoint=None, shapes=None) -> dict | None:
     if checkpoint is not None and shapes is not None:
         raise ValueError("give either --checkpoint (trained weights) or --shapes (random weights), not both")
     if checkpoint is None and shapes is None:
-        shapes = "default"             # the shipped model's shapes: its speed, whatever the weights
+        shapes = "default"  # the shipped model's shapes: its speed, whatever the weights
     return None if shapes is None else load_shapes(shapes)
 
 
-def prepare(out: Path, checkpoint=None, bundle=None, configs: dict | None = None, shapes: str | None = None,
-            dtype: str = "fp32", console=None, int8: bool = False):
+def prepare(
+    out: Path,
+    checkpoint=None,
+    bundle=None,
+    configs: dict | None = None,
+    shapes: str | None = None,
+    dtype: str = "fp32",
+    console=None,
+    int8: bool = False,
+):
     """The (checkpoint, bundle, int8 bundle or None) to bench: a trained checkpoint, or random backbones of the
     configs random_shapes read (named `shapes`); a bundle is exported from the checkpoint unless one is given, and
     with int8 an int8 bundle (the engine only) always, its export's own check judging it as `maria export --int8`
@@ -179,13 +243,21 @@ def prepare(out: Path, checkpoint=None, bundle=None, configs: dict | None = None
         export_bundle(checkpoint, bundle, dtype=dtype, overwrite=True, console=console)
     int8_bundle = out / "bundle-int8" if int8 else None
     if int8:
-        export_bundle(checkpoint, int8_bundle, int8=True, overwrite=True, console=console, baseline_heads=False,
-                      concat_decoder=False)
+        export_bundle(
+            checkpoint,
+            int8_bundle,
+            int8=True,
+            overwrite=True,
+            console=console,
+            baseline_heads=False,
+            concat_decoder=False,
+        )
     return Path(checkpoint), Path(bundle), int8_bundle
 
 
-def check_settings(mask_rate: float, repeats: int, lengths, batch_sizes, int8: bool = False,
-                   device: str = "auto") -> None:
+def check_settings(
+    mask_rate: float, repeats: int, lengths, batch_sizes, int8: bool = False, device: str = "auto"
+) -> None:
     """Names the first setting maria bench cannot run with."""
     check_mask_rate(mask_rate, "--mask-rate")
     if int8 and device.startswith("cuda"):
@@ -204,27 +276,43 @@ def longest_text(checkpoint, configs: dict | None) -> int:
     if configs is not None:
         return max_sequence_length(model_config(configs["mlm"]), model_config(configs["ar"]))
     config = load_config(checkpoint)
-    return max_sequence_length(*(AutoConfig.from_pretrained(path, local_files_only=True)
-                                 for path in (config.mlm_path, config.ar_path)))
+    return max_sequence_length(
+        *(AutoConfig.from_pretrained(path, local_files_only=True) for path in (config.mlm_path, config.ar_path))
+    )
 
 
 def check_lengths(lengths, longest: int) -> None:
     too_long = [n for n in lengths if n > longest]
     if too_long:
-        raise ValueError(f"--lengths {too_long} exceed the model's maximum of {longest} tokens; give lengths up to "
-                         f"{longest}")
+        raise ValueError(
+            f"--lengths {too_long} exceed the model's maximum of {longest} tokens; give lengths up to {longest}"
+        )
 
 
-def bench(out: Path, checkpoint=None, bundle=None, shapes=None, dtype: str = "fp32",
-          lengths=(64, 128, 256, 512, 1024), batch_sizes=(1, 8), mask_rate: float = 0.5, repeats: int = 3,
-          seed: int = 0, device: str = "auto", mlm_ar: bool = True, mlm_ar_max_tokens: int = 512,
-          console: Console | None = None, concat: bool = True, int8: bool = False) -> dict:
+def bench(
+    out: Path,
+    checkpoint=None,
+    bundle=None,
+    shapes=None,
+    dtype: str = "fp32",
+    lengths=(64, 128, 256, 512, 1024),
+    batch_sizes=(1, 8),
+    mask_rate: float = 0.5,
+    repeats: int = 3,
+    seed: int = 0,
+    device: str = "auto",
+    mlm_ar: bool = True,
+    mlm_ar_max_tokens: int = 512,
+    console: Console | None = None,
+    concat: bool = True,
+    int8: bool = False,
+) -> dict:
     """Runs every system on every (length, batch); writes out/bench.json and out/bench.png; returns the report."""
     check_device(device)
     console = console or Console(stderr=True)
     check_settings(mask_rate, repeats, lengths, batch_sizes, int8, device)
     configs = random_shapes(checkpoint, shapes)  # a bad --shapes is named before --out is made
-    if bundle is None:                           # and lengths the model cannot take, before an export of minutes
+    if bundle is None:  # and lengths the model cannot take, before an export of minutes
         check_lengths(lengths, longest_text(checkpoint, configs))
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -233,25 +321,47 @@ def bench(out: Path, checkpoint=None, bundle=None, shapes=None, dtype: str = "fp
     checkpoint, bundle, int8_bundle = prepare(out, checkpoint, bundle, configs, shapes, dtype, console, int8)
     manifest = load_manifest(bundle)
     check_lengths(lengths, manifest.max_sequence_length)
-    systems, torch_device = _systems(bundle, manifest.graphs, checkpoint, device, mlm_ar, dtype, concat,
-                                     int8_bundle)
-    report = {"bundle": str(bundle), "int8_bundle": int8_bundle and str(int8_bundle), "checkpoint": str(checkpoint),
-              "shapes": shapes, "dtype": manifest.dtype,
-              "mask_rate": mask_rate, "repeats": repeats, "seed": seed, "torch_device": torch_device,
-              "mlm_ar_max_tokens": mlm_ar_max_tokens, "machine": machine(), "complete": False, "results": []}
+    systems, torch_device = _systems(bundle, manifest.graphs, checkpoint, device, mlm_ar, dtype, concat, int8_bundle)
+    report = {
+        "bundle": str(bundle),
+        "int8_bundle": int8_bundle and str(int8_bundle),
+        "checkpoint": str(checkpoint),
+        "shapes": shapes,
+        "dtype": manifest.dtype,
+        "mask_rate": mask_rate,
+        "repeats": repeats,
+        "seed": seed,
+        "torch_device": torch_device,
+        "mlm_ar_max_tokens": mlm_ar_max_tokens,
+        "machine": machine(),
+        "complete": False,
+        "results": [],
+    }
 
-    def measured(point: list[dict]) -> None:       # a bench stopped part way keeps, and has shown, what it measured
+    def measured(point: list[dict]) -> None:  # a bench stopped part way keeps, and has shown, what it measured
         _ratios(point)
         if not report["results"]:
-            (out / "bench.png").unlink(missing_ok=True)        # the plot of the bench.json this one replaces
+            (out / "bench.png").unlink(missing_ok=True)  # the plot of the bench.json this one replaces
         report["results"].extend(point)
         for r in point:
-            console.print(f"length {r['length']}, batch {r['batch']}: {r['system']} {r['tokens_per_s']:.0f} "
-                          f"tokens/s, {r['ms_per_filled_token']:.3f} ms per filled token, x onnx {r['vs_onnx']:.2f}")
+            console.print(
+                f"length {r['length']}, batch {r['batch']}: {r['system']} {r['tokens_per_s']:.0f} "
+                f"tokens/s, {r['ms_per_filled_token']:.3f} ms per filled token, x onnx {r['vs_onnx']:.2f}"
+            )
         write_json(out / "bench.json", report)
 
-    results = measure(systems, lengths, batch_sizes, manifest.vocab_size, mask_rate, repeats, seed, console,
-                      mlm_ar_max_tokens, measured)
+    results = measure(
+        systems,
+        lengths,
+        batch_sizes,
+        manifest.vocab_size,
+        mask_rate,
+        repeats,
+        seed,
+        console,
+        mlm_ar_max_tokens,
+        measured,
+    )
     report["complete"] = True
     write_json(out / "bench.json", report)
     plot(results, out / "bench.png", f"MARIA infilling, mask rate {mask_rate}")

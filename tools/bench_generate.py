@@ -35,22 +35,32 @@ def generative_perplexity(infiller, ids: list) -> float:
 
 def run_ar(infiller, length: int, samples: int, seed: int) -> list:
     rngs = [np.random.default_rng([seed, sample]) for sample in range(samples)]
-    return ar_sample(infiller.backend, [np.zeros(0, np.int64)] * samples, length, infiller.special,
-                     Sampling(temperature=1.0), rngs)
+    return ar_sample(
+        infiller.backend, [np.zeros(0, np.int64)] * samples, length, infiller.special, Sampling(temperature=1.0), rngs
+    )
 
 
 def run_maria(infiller, length: int, samples: int, steps: int, seed: int, schedule: dict) -> list:
-    results = anneal(infiller, np.zeros(0, np.int64), np.zeros(0, np.int64), length, samples,
-                     Schedule(steps=steps, **schedule), Sampling(temperature=1.0), seed)
+    results = anneal(
+        infiller,
+        np.zeros(0, np.int64),
+        np.zeros(0, np.int64),
+        length,
+        samples,
+        Schedule(steps=steps, **schedule),
+        Sampling(temperature=1.0),
+        seed,
+    )
     return [np.array(r.ids) for r in results]
 
 
-def measure(infiller, length: int, samples: int, steps: list[int], repeats: int, seed: int,
-            schedule: dict) -> list[dict]:
+def measure(
+    infiller, length: int, samples: int, steps: list[int], repeats: int, seed: int, schedule: dict
+) -> list[dict]:
     systems = {"AR sampling": lambda: run_ar(infiller, length, samples, seed)}
     for k in steps:
         systems[f"MARIA, K={k}"] = lambda k=k: run_maria(infiller, length, samples, k, seed, schedule)
-    systems["AR sampling"]()                          # warm-up: sessions and allocations, not counted
+    systems["AR sampling"]()  # warm-up: sessions and allocations, not counted
     systems[f"MARIA, K={steps[0]}"]()
     times, outputs = {name: [] for name in systems}, {}
     for _ in range(repeats):
@@ -60,24 +70,41 @@ def measure(infiller, length: int, samples: int, steps: list[int], repeats: int,
             times[name].append(time.perf_counter() - began)
     rows = []
     for name in systems:
-        rows.append({"system": name, "seconds_median": statistics.median(times[name]),
-                     "seconds_min": min(times[name]), "seconds_max": max(times[name]),
-                     "generative_perplexity": generative_perplexity(infiller, outputs[name]),
-                     "example": infiller.tokenizer.decode(np.asarray(outputs[name][0]).tolist())})
+        rows.append(
+            {
+                "system": name,
+                "seconds_median": statistics.median(times[name]),
+                "seconds_min": min(times[name]),
+                "seconds_max": max(times[name]),
+                "generative_perplexity": generative_perplexity(infiller, outputs[name]),
+                "example": infiller.tokenizer.decode(np.asarray(outputs[name][0]).tolist()),
+            }
+        )
     return rows
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
     maria = [r for r in rows if r["system"].startswith("MARIA")]
-    axis.plot([r["seconds_median"] for r in maria], [r["generative_perplexity"] for r in maria], "-o",
-              label="MARIA + annealing")
+    axis.plot(
+        [r["seconds_median"] for r in maria],
+        [r["generative_perplexity"] for r in maria],
+        "-o",
+        label="MARIA + annealing",
+    )
     for r in maria:
-        axis.annotate(r["system"].split(", ")[1], (r["seconds_median"], r["generative_perplexity"]),
-                      textcoords="offset points", xytext=(5, 5), fontsize=8)
+        axis.annotate(
+            r["system"].split(", ")[1],
+            (r["seconds_median"], r["generative_perplexity"]),
+            textcoords="offset points",
+            xytext=(5, 5),
+            fontsize=8,
+        )
     ar = next(r for r in rows if r["system"] == "AR sampling")
     axis.plot([ar["seconds_median"]], [ar["generative_perplexity"]], "s", color="C3", label="AR sampling")
     axis.set(xscale="log", xlabel="wall-clock seconds (median)", ylabel="generative perplexity (AR)", title=title)
@@ -102,21 +129,31 @@ def main():
     try:
         steps, schedule = [int(k) for k in args.steps.split(",")], json.loads(args.schedule)
     except ValueError:
-        raise ValueError(f"--steps takes comma-separated integers and --schedule a JSON object; got "
-                         f"{args.steps!r} and {args.schedule!r}") from None
+        raise ValueError(
+            f"--steps takes comma-separated integers and --schedule a JSON object; got "
+            f"{args.steps!r} and {args.schedule!r}"
+        ) from None
     known = {field.name for field in dataclasses.fields(Schedule)} - {"steps"}
     if not isinstance(schedule, dict) or set(schedule) - known:
         raise ValueError(f"--schedule takes a JSON object of {', '.join(sorted(known))}; got {args.schedule!r}")
     infiller = Infiller(args.model, device="cpu")
     rows = measure(infiller, args.length, args.samples, steps, args.repeats, args.seed, schedule)
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"length": args.length, "samples": args.samples, "repeats": args.repeats, "seed": args.seed,
-              "steps": steps,
-              "schedule": {k: v for k, v in {**dataclasses.asdict(Schedule()), **schedule}.items() if k != "steps"}, "rows": rows}
+    report = {
+        "length": args.length,
+        "samples": args.samples,
+        "repeats": args.repeats,
+        "seed": args.seed,
+        "steps": steps,
+        "schedule": {k: v for k, v in {**dataclasses.asdict(Schedule()), **schedule}.items() if k != "steps"},
+        "rows": rows,
+    }
     write_json(args.out / "bench-generate.json", report)
     plot(rows, args.out / "bench-generate.png", f"{args.samples} texts of {args.length} tokens")
     for r in rows:
-        print(f"{r['system']:>14}  {r['seconds_median']:8.2f} s  generative perplexity {r['generative_perplexity']:.1f}")
+        print(
+            f"{r['system']:>14}  {r['seconds_median']:8.2f} s  generative perplexity {r['generative_perplexity']:.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -32,17 +32,48 @@ from rich.table import Table
 
 from . import write_json
 
-TEXTS = ["The [MASK] statement is used to [MASK] an exception.", "Use the [MASK] module to read [MASK:2] files.",
-         "A [MASK:3] is a function defined inside a class.", "The [MASK] keyword defines a [MASK]."]
+TEXTS = [
+    "The [MASK] statement is used to [MASK] an exception.",
+    "Use the [MASK] module to read [MASK:2] files.",
+    "A [MASK:3] is a function defined inside a class.",
+    "The [MASK] keyword defines a [MASK].",
+]
 
 
-def start_server(model, max_batch_size: int, delay_ms: float, device: str, seconds: float = 120,
-                 decoder: str = "auto", grpc: bool = False):
+def start_server(
+    model,
+    max_batch_size: int,
+    delay_ms: float,
+    device: str,
+    seconds: float = 120,
+    decoder: str = "auto",
+    grpc: bool = False,
+):
     """(base url, gRPC address or None, process) of a `maria serve` started on ephemeral ports."""
-    args = [sys.executable, "-m", "maria_onnx.cli", "serve", "--port", "0", "--device", device, "--max-batch-size",
-            str(max_batch_size), "--max-batch-delay-ms", str(delay_ms), "--max-queue", "4096", "--decoder", decoder]
-    process = subprocess.Popen(args + (["--model", str(model)] if model else []) + (["--grpc-port", "0"] * grpc),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    args = [
+        sys.executable,
+        "-m",
+        "maria_onnx.cli",
+        "serve",
+        "--port",
+        "0",
+        "--device",
+        device,
+        "--max-batch-size",
+        str(max_batch_size),
+        "--max-batch-delay-ms",
+        str(delay_ms),
+        "--max-queue",
+        "4096",
+        "--decoder",
+        decoder,
+    ]
+    process = subprocess.Popen(
+        args + (["--model", str(model)] if model else []) + (["--grpc-port", "0"] * grpc),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline, said = time.monotonic() + seconds, ""
     while time.monotonic() < deadline and process.poll() is None:
         line = process.stderr.readline()
@@ -97,11 +128,14 @@ def warm_up(url: str, texts: list[str], timeout: float) -> None:
                 (result,) = json.loads(response.read())["results"]
         except urllib.error.HTTPError as error:
             reason = json.loads(error.read() or b"{}").get("error", error.reason)
-            raise ValueError(f"the server refuses the text {text[:60]!r} ({error.code}: {reason}); fix it or leave "
-                             "it out of --texts") from None
+            raise ValueError(
+                f"the server refuses the text {text[:60]!r} ({error.code}: {reason}); fix it or leave it out of --texts"
+            ) from None
         if not result["masked_positions"]:
-            raise ValueError(f"the text {text[:60]!r} has no [MASK] marker, so it would measure nothing; give each "
-                             "text of --texts a marker")
+            raise ValueError(
+                f"the text {text[:60]!r} has no [MASK] marker, so it would measure nothing; give each "
+                "text of --texts a marker"
+            )
 
 
 @contextlib.contextmanager
@@ -113,6 +147,7 @@ def http_sender(url: str, address: str | None):
 def text_tensor(text: str):
     import numpy as np
     from tritonclient.grpc import InferInput
+
     tensor = InferInput("text", [1, 1], "BYTES")
     tensor.set_data_from_numpy(np.array([[text.encode()]], dtype=np.object_))
     return tensor
@@ -123,6 +158,7 @@ def grpc_sender(url: str, address: str):
     """A function sending one text as a ModelInfer through tritonclient.grpc, returning (status, seconds): the HTTP
     status the same outcome gets (200, or 0 for any error)."""
     from tritonclient.grpc import InferenceServerClient
+
     client = InferenceServerClient(address)
 
     def send(text: str, timeout: float) -> tuple[int, float]:
@@ -130,9 +166,10 @@ def grpc_sender(url: str, address: str):
         try:
             client.infer("maria", [text_tensor(text)], client_timeout=timeout)
             status = 200
-        except Exception:                          # tritonclient's InferenceServerException: counted as an error
+        except Exception:  # tritonclient's InferenceServerException: counted as an error
             status = 0
         return status, time.perf_counter() - began
+
     try:
         yield send
     finally:
@@ -144,6 +181,7 @@ def grpc_stream_sender(url: str, address: str):
     """A function sending one text on this client's ModelStreamInfer stream (tritonclient.grpc) and waiting for its
     answer, returning (status, seconds) as grpc_sender; the stream is closed when the client is done."""
     from tritonclient.grpc import InferenceServerClient
+
     client, answers = InferenceServerClient(address), queue.Queue()
     client.start_stream(lambda result, error: answers.put(error))
 
@@ -152,9 +190,10 @@ def grpc_stream_sender(url: str, address: str):
         try:
             client.async_stream_infer("maria", [text_tensor(text)])
             status = 200 if answers.get(timeout=timeout) is None else 0
-        except Exception:                          # a closed stream, or no answer within the timeout
+        except Exception:  # a closed stream, or no answer within the timeout
             status = 0
         return status, time.perf_counter() - began
+
     try:
         yield send
     finally:
@@ -171,14 +210,25 @@ def server_stats(url: str) -> dict:
     with urllib.request.urlopen(url + "/v2/models/stats", timeout=30) as response:
         (stats,) = json.loads(response.read())["model_stats"]
     phases = stats["inference_stats"]
-    return {"batches": stats["execution_count"],
-            "rows": sum(b["batch_size"] * b["compute_infer"]["count"] for b in stats["batch_stats"]),
-            "answered": phases["success"]["count"], "queue_ns": phases["queue"]["ns"],
-            "infer_ns": phases["compute_infer"]["ns"]}
+    return {
+        "batches": stats["execution_count"],
+        "rows": sum(b["batch_size"] * b["compute_infer"]["count"] for b in stats["batch_stats"]),
+        "answered": phases["success"]["count"],
+        "queue_ns": phases["queue"]["ns"],
+        "infer_ns": phases["compute_infer"]["ns"],
+    }
 
 
-def load(url: str, clients: int, requests: int, stagger_s: float, timeout: float,
-         texts: list[str] = TEXTS, grpc_address: str | None = None, protocol: str = "http") -> list[tuple[int, float]]:
+def load(
+    url: str,
+    clients: int,
+    requests: int,
+    stagger_s: float,
+    timeout: float,
+    texts: list[str] = TEXTS,
+    grpc_address: str | None = None,
+    protocol: str = "http",
+) -> list[tuple[int, float]]:
     """Each client sends its share of the requests one after another, starting stagger_s after the last; client c's
     i-th request is texts[(c + i) % len(texts)]. Over gRPC a channel per client (and with grpc-stream a stream)."""
     shares = [requests // clients + (c < requests % clients) for c in range(clients)]
@@ -192,11 +242,22 @@ def load(url: str, clients: int, requests: int, stagger_s: float, timeout: float
         return [answer for answers in pool.map(client, range(clients)) for answer in answers]
 
 
-def run_one(model, max_batch_size: int, delay_ms: float, device: str, clients: int, requests: int,
-            stagger_s: float, timeout: float, decoder: str = "auto", texts: list[str] = TEXTS,
-            protocol: str = "http") -> dict:
-    url, grpc_address, process = start_server(model, max_batch_size, delay_ms, device, decoder=decoder,
-                                              grpc=protocol != "http")
+def run_one(
+    model,
+    max_batch_size: int,
+    delay_ms: float,
+    device: str,
+    clients: int,
+    requests: int,
+    stagger_s: float,
+    timeout: float,
+    decoder: str = "auto",
+    texts: list[str] = TEXTS,
+    protocol: str = "http",
+) -> dict:
+    url, grpc_address, process = start_server(
+        model, max_batch_size, delay_ms, device, decoder=decoder, grpc=protocol != "http"
+    )
     try:
         warm_up(url, texts, timeout)
         before = server_stats(url)
@@ -209,27 +270,51 @@ def run_one(model, max_batch_size: int, delay_ms: float, device: str, clients: i
     latencies = sorted(seconds for status, seconds in answers if status == 200)
     served = {key: after[key] - before[key] for key in after}
     batches, answered = served["batches"], served["answered"]
-    return {"protocol": protocol, "decoder": decoder, "max_batch_size": max_batch_size, "max_batch_delay_ms": delay_ms, "clients": clients,
-            "requests": len(answers), "ok": len(latencies), "errors": len(answers) - len(latencies),
-            "seconds": wall, "requests_per_s": len(latencies) / wall,
-            "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
-            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else None,
-            "batches": batches, "mean_batch_size": served["rows"] / batches if batches else None,
-            "queue_ms": served["queue_ns"] / answered / 1e6 if answered else None,
-            "infer_ms": served["infer_ns"] / answered / 1e6 if answered else None}
+    return {
+        "protocol": protocol,
+        "decoder": decoder,
+        "max_batch_size": max_batch_size,
+        "max_batch_delay_ms": delay_ms,
+        "clients": clients,
+        "requests": len(answers),
+        "ok": len(latencies),
+        "errors": len(answers) - len(latencies),
+        "seconds": wall,
+        "requests_per_s": len(latencies) / wall,
+        "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
+        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else None,
+        "batches": batches,
+        "mean_batch_size": served["rows"] / batches if batches else None,
+        "queue_ms": served["queue_ns"] / answered / 1e6 if answered else None,
+        "infer_ms": served["infer_ns"] / answered / 1e6 if answered else None,
+    }
 
 
-def bench_serve(out: Path, model=None, clients: int = 32, requests: int = 256, max_batch_sizes=(1, 16),
-                delay_ms: float = 5.0, stagger_ms: float = 10.0, repeats: int = 1, device: str = "cpu",
-                timeout: float = 120.0, console: Console | None = None, decoders=("auto",),
-                texts: list[str] = TEXTS, protocols=("http",)) -> dict:
+def bench_serve(
+    out: Path,
+    model=None,
+    clients: int = 32,
+    requests: int = 256,
+    max_batch_sizes=(1, 16),
+    delay_ms: float = 5.0,
+    stagger_ms: float = 10.0,
+    repeats: int = 1,
+    device: str = "cpu",
+    timeout: float = 120.0,
+    console: Console | None = None,
+    decoders=("auto",),
+    texts: list[str] = TEXTS,
+    protocols=("http",),
+) -> dict:
     """Runs the load once per setting and repeat (settings interleaved); writes out/bench-serve.json."""
     console = console or Console(stderr=True)
     if clients < 1:
         raise ValueError(f"--clients must be at least 1, got {clients}")
     if requests < clients:
-        raise ValueError(f"--requests must be at least --clients (each client sends one or more), got {requests} "
-                         f"requests for {clients} clients")
+        raise ValueError(
+            f"--requests must be at least --clients (each client sends one or more), got {requests} "
+            f"requests for {clients} clients"
+        )
     if repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {repeats}")
     for option, value in (("--delay-ms", delay_ms), ("--stagger-ms", stagger_ms)):
@@ -244,8 +329,10 @@ def bench_serve(out: Path, model=None, clients: int = 32, requests: int = 256, m
             import grpc  # noqa: F401
             import tritonclient.grpc  # noqa: F401
         except ImportError as error:
-            raise ValueError(f"{error.name}: --protocols grpc and grpc-stream need tritonclient[grpc] and the grpc "
-                             "extra; pip install 'maria-onnx[serve,grpc]' 'tritonclient[grpc]'") from None
+            raise ValueError(
+                f"{error.name}: --protocols grpc and grpc-stream need tritonclient[grpc] and the grpc "
+                "extra; pip install 'maria-onnx[serve,grpc]' 'tritonclient[grpc]'"
+            ) from None
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; --out names the folder for bench-serve.json")
@@ -253,13 +340,38 @@ def bench_serve(out: Path, model=None, clients: int = 32, requests: int = 256, m
     runs = []
     for repeat in range(repeats):
         for decoder, size, protocol in itertools.product(decoders, max_batch_sizes, protocols):
-            console.print(f"repeat {repeat + 1}: --decoder {decoder} --max-batch-size {size}, {clients} {protocol} "
-                          f"clients, {requests} requests")
-            runs.append({"repeat": repeat, **run_one(model, size, delay_ms, device, clients, requests,
-                                                     stagger_ms / 1000, timeout, decoder, texts, protocol)})
-    report = {"model": str(model) if model else "default", "device": device, "clients": clients,
-              "requests": requests, "stagger_ms": stagger_ms, "texts": texts, "cpu_count": os.cpu_count(),
-              "runs": runs}
+            console.print(
+                f"repeat {repeat + 1}: --decoder {decoder} --max-batch-size {size}, {clients} {protocol} "
+                f"clients, {requests} requests"
+            )
+            runs.append(
+                {
+                    "repeat": repeat,
+                    **run_one(
+                        model,
+                        size,
+                        delay_ms,
+                        device,
+                        clients,
+                        requests,
+                        stagger_ms / 1000,
+                        timeout,
+                        decoder,
+                        texts,
+                        protocol,
+                    ),
+                }
+            )
+    report = {
+        "model": str(model) if model else "default",
+        "device": device,
+        "clients": clients,
+        "requests": requests,
+        "stagger_ms": stagger_ms,
+        "texts": texts,
+        "cpu_count": os.cpu_count(),
+        "runs": runs,
+    }
     write_json(out / "bench-serve.json", report)
     console.print(table(runs))
     console.print(f"wrote {out / 'bench-serve.json'}")
@@ -267,15 +379,30 @@ def bench_serve(out: Path, model=None, clients: int = 32, requests: int = 256, m
 
 
 def table(runs: list[dict]) -> Table:
-    out = Table(title="maria serve under load (one text per request; times in ms, queue and infer: the server's mean "
-                      "per request)", box=box.SIMPLE_HEAD)
+    out = Table(
+        title="maria serve under load (one text per request; times in ms, queue and infer: the server's mean "
+        "per request)",
+        box=box.SIMPLE_HEAD,
+    )
     for column in ("run", "decoder via", "max batch", "req/s", "p50", "p99", "queue", "infer", "mean batch", "errors"):
-        out.add_column(column, justify="right", min_width=max(map(len, column.split())),     # no word cut
-                       no_wrap=column == "decoder via")
+        out.add_column(
+            column,
+            justify="right",
+            min_width=max(map(len, column.split())),  # no word cut
+            no_wrap=column == "decoder via",
+        )
     for r in runs:
         shown = lambda key, form: form.format(r[key]) if r[key] is not None else "-"
-        out.add_row(str(r["repeat"] + 1), f"{r['decoder']} {r['protocol']}", str(r["max_batch_size"]),
-                    f"{r['requests_per_s']:.1f}",
-                    shown("p50_ms", "{:.0f}"), shown("p99_ms", "{:.0f}"), shown("queue_ms", "{:.1f}"),
-                    shown("infer_ms", "{:.1f}"), shown("mean_batch_size", "{:.2f}"), str(r["errors"]))
+        out.add_row(
+            str(r["repeat"] + 1),
+            f"{r['decoder']} {r['protocol']}",
+            str(r["max_batch_size"]),
+            f"{r['requests_per_s']:.1f}",
+            shown("p50_ms", "{:.0f}"),
+            shown("p99_ms", "{:.0f}"),
+            shown("queue_ms", "{:.1f}"),
+            shown("infer_ms", "{:.1f}"),
+            shown("mean_batch_size", "{:.2f}"),
+            str(r["errors"]),
+        )
     return out

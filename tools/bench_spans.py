@@ -41,8 +41,11 @@ def whole_words(tokenizer, window: np.ndarray, longest: int = 4) -> list[tuple[i
         begins = piece.startswith("Ġ") and piece[1:2].isalpha()
         continues = start is not None and not piece.startswith("Ġ") and piece.isalpha()
         if start is not None and not continues:
-            if position - start <= longest and position < len(pieces) and pieces[position][:1] in ("Ġ", ".", ",",
-                                                                                                    ":", ";", ")"):
+            if (
+                position - start <= longest
+                and position < len(pieces)
+                and pieces[position][:1] in ("Ġ", ".", ",", ":", ";", ")")
+            ):
                 words.append((start, position))
             start = None
         if begins:
@@ -63,26 +66,33 @@ def measure(infiller: Infiller, windows: np.ndarray, count: int, seed: int = 0, 
     rows = []
     for begin in range(0, len(words), batch):
         requests = []
-        for w, start, end in words[begin:begin + batch]:
+        for w, start, end in words[begin : begin + batch]:
             window = windows[w]
             candidates = []
             for length in range(low, high + 1):
                 ids = np.concatenate([window[:start], np.full(length, infiller.special.mask), window[end:]])
                 masked = np.zeros(len(ids), dtype=bool)
-                masked[start:start + length] = True
+                masked[start : start + length] = True
                 candidates.append(((length,), MaskedText(ids.astype(np.int64), masked)))
             requests.append(FillRequest([Prepared(f"window {w}, tokens {start}-{end}", candidates)]))
-        for (w, start, end), (result,) in zip(words[begin:begin + batch], infiller.infill_requests(requests)):
+        for (w, start, end), (result,) in zip(words[begin : begin + batch], infiller.infill_requests(requests)):
             true = windows[w][start:end].tolist()
             fill_scores = _fill_scores(infiller, result.candidates, start)
             by_fills = result.candidates[int(np.argmax(fill_scores))]
-            rows.append({"window": w, "start": start, "true_length": end - start, "true": true,
-                         "ar_total_length": result.span_lengths[0],
-                         "ar_total_exact": result.ids[start:start + result.span_lengths[0]] == true
-                         and result.span_lengths[0] == end - start,
-                         "maria_fills_length": by_fills["lengths"][0],
-                         "maria_fills_exact": by_fills["ids"][start:start + by_fills["lengths"][0]] == true
-                         and by_fills["lengths"][0] == end - start})
+            rows.append(
+                {
+                    "window": w,
+                    "start": start,
+                    "true_length": end - start,
+                    "true": true,
+                    "ar_total_length": result.span_lengths[0],
+                    "ar_total_exact": result.ids[start : start + result.span_lengths[0]] == true
+                    and result.span_lengths[0] == end - start,
+                    "maria_fills_length": by_fills["lengths"][0],
+                    "maria_fills_exact": by_fills["ids"][start : start + by_fills["lengths"][0]] == true
+                    and by_fills["lengths"][0] == end - start,
+                }
+            )
     return summarize(rows)
 
 
@@ -91,7 +101,7 @@ def _fill_scores(infiller, candidates: list[dict], start: int) -> list[float]:
     ids = [np.asarray(c["ids"]) for c in candidates]
     masked = [np.zeros(len(x), dtype=bool) for x in ids]
     for flags, candidate in zip(masked, candidates):
-        flags[start:start + candidate["lengths"][0]] = True
+        flags[start : start + candidate["lengths"][0]] = True
     return [-nll for nll in infiller.score(ids, masked, batch_size=len(ids))]
 
 
@@ -99,17 +109,22 @@ def summarize(rows: list[dict]) -> dict:
     lengths = collections.Counter(r["true_length"] for r in rows)
     common = lengths.most_common(1)[0][0]
     share = lambda key: sum(bool(r[key]) for r in rows) / len(rows)
-    return {"words": len(rows), "true_lengths": dict(sorted(lengths.items())), "most_common_length": common,
-            "length_accuracy": {"AR total": sum(r["ar_total_length"] == r["true_length"] for r in rows) / len(rows),
-                                "MARIA fills": sum(r["maria_fills_length"] == r["true_length"] for r in rows)
-                                / len(rows),
-                                "most common": lengths[common] / len(rows)},
-            "exact_match": {"AR total": share("ar_total_exact"), "MARIA fills": share("maria_fills_exact")},
-            "chosen_lengths": {"AR total": dict(sorted(collections.Counter(r["ar_total_length"] for r in rows)
-                                                       .items())),
-                               "MARIA fills": dict(sorted(collections.Counter(r["maria_fills_length"]
-                                                                              for r in rows).items()))},
-            "rows": rows}
+    return {
+        "words": len(rows),
+        "true_lengths": dict(sorted(lengths.items())),
+        "most_common_length": common,
+        "length_accuracy": {
+            "AR total": sum(r["ar_total_length"] == r["true_length"] for r in rows) / len(rows),
+            "MARIA fills": sum(r["maria_fills_length"] == r["true_length"] for r in rows) / len(rows),
+            "most common": lengths[common] / len(rows),
+        },
+        "exact_match": {"AR total": share("ar_total_exact"), "MARIA fills": share("maria_fills_exact")},
+        "chosen_lengths": {
+            "AR total": dict(sorted(collections.Counter(r["ar_total_length"] for r in rows).items())),
+            "MARIA fills": dict(sorted(collections.Counter(r["maria_fills_length"] for r in rows).items())),
+        },
+        "rows": rows,
+    }
 
 
 def gap_texts(infiller: Infiller, windows: np.ndarray, count: int, gaps: int, seed: int) -> list[tuple]:
@@ -129,8 +144,9 @@ def gap_texts(infiller: Infiller, windows: np.ndarray, count: int, gaps: int, se
         if len(texts) == count:
             break
     if not texts:
-        raise ValueError(f"no window without special tokens holds {gaps} whole words; give other windows or fewer "
-                         "--gaps")
+        raise ValueError(
+            f"no window without special tokens holds {gaps} whole words; give other windows or fewer --gaps"
+        )
     return texts
 
 
@@ -139,14 +155,22 @@ def measure_search(infiller: Infiller, texts: list[tuple], batch_size: int = 8) 
     (as `maria infill` decodes)."""
     rows = []
     for number, (text, true) in enumerate(texts):
-        ways = {"search": infiller.prepare(text, most=1),                  # several gaps: searched
-                "every": infiller.prepare(text, most=math.inf)}
+        ways = {
+            "search": infiller.prepare(text, most=1),  # several gaps: searched
+            "every": infiller.prepare(text, most=math.inf),
+        }
         row = {"text": text, "true_lengths": true}
         for name in sorted(ways, reverse=number % 2 == 1):
             began = time.perf_counter()
             (result,) = infiller.infill_requests([FillRequest([ways[name]])], batch_size=batch_size)[0]
-            row.update({f"{name}_seconds": time.perf_counter() - began, f"{name}_lengths": result.span_lengths,
-                        f"{name}_score": result.score, f"{name}_rows": len(result.candidates)})
+            row.update(
+                {
+                    f"{name}_seconds": time.perf_counter() - began,
+                    f"{name}_lengths": result.span_lengths,
+                    f"{name}_score": result.score,
+                    f"{name}_rows": len(result.candidates),
+                }
+            )
         rows.append(row)
     return summarize_search(rows)
 
@@ -155,16 +179,24 @@ def summarize_search(rows: list[dict]) -> dict:
     shortfall = np.array([r["every_score"] - r["search_score"] for r in rows])
     speedup = np.array([r["every_seconds"] / r["search_seconds"] for r in rows])
     right = lambda name: np.mean([np.equal(r[f"{name}_lengths"], r["true_lengths"]).mean() for r in rows])
-    return {"texts": len(rows), "gaps": len(rows[0]["true_lengths"]), "combinations": rows[0]["every_rows"],
-            "same_lengths": float(np.mean([r["search_lengths"] == r["every_lengths"] for r in rows])),
-            "score_shortfall": {"median": float(np.median(shortfall)), "max": float(shortfall.max())},
-            "search_rows": {"median": float(np.median([r["search_rows"] for r in rows])),
-                            "max": max(r["search_rows"] for r in rows)},
-            "time_ratio_every_over_search": {"median": float(np.median(speedup)),
-                                             "p10": float(np.percentile(speedup, 10)),
-                                             "p90": float(np.percentile(speedup, 90))},
-            "gap_length_right": {"search": float(right("search")), "every": float(right("every"))},
-            "rows": rows}
+    return {
+        "texts": len(rows),
+        "gaps": len(rows[0]["true_lengths"]),
+        "combinations": rows[0]["every_rows"],
+        "same_lengths": float(np.mean([r["search_lengths"] == r["every_lengths"] for r in rows])),
+        "score_shortfall": {"median": float(np.median(shortfall)), "max": float(shortfall.max())},
+        "search_rows": {
+            "median": float(np.median([r["search_rows"] for r in rows])),
+            "max": max(r["search_rows"] for r in rows),
+        },
+        "time_ratio_every_over_search": {
+            "median": float(np.median(speedup)),
+            "p10": float(np.percentile(speedup, 10)),
+            "p90": float(np.percentile(speedup, 90)),
+        },
+        "gap_length_right": {"search": float(right("search")), "every": float(right("every"))},
+        "rows": rows,
+    }
 
 
 def main():
@@ -172,8 +204,9 @@ def main():
     parser.add_argument("--windows", type=Path, required=True, help=".npy of token-id windows of held-out text")
     parser.add_argument("--model", type=Path, default=None, help="a bundle; default: the shipped model")
     parser.add_argument("--words", type=int, default=300)
-    parser.add_argument("--gaps", type=int, default=1, help="[MASK:?] per text; 2 or more: the search against "
-                        "every combination")
+    parser.add_argument(
+        "--gaps", type=int, default=1, help="[MASK:?] per text; 2 or more: the search against every combination"
+    )
     parser.add_argument("--texts", type=int, default=40, help="texts to measure with --gaps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)

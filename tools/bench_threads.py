@@ -17,7 +17,7 @@ from maria_onnx.runtime import sessions
 from maria_onnx.runtime.cpus import cpu_quota, session_threads, usable_cpus
 from maria_onnx.runtime.infiller import Infiller
 
-TEXT = " ".join(["The [MASK] statement is used to [MASK] an exception."] * 9)      # 117 tokens, 18 masked
+TEXT = " ".join(["The [MASK] statement is used to [MASK] an exception."] * 9)  # 117 tokens, 18 masked
 
 
 def infiller(model, setting: str) -> Infiller:
@@ -39,11 +39,14 @@ def main() -> None:
     args = parser.parse_args()
     settings = args.threads.split(",")
     infillers = {setting: infiller(args.model, setting) for setting in settings}
-    print(json.dumps({"cpus": os.cpu_count(), "usable": usable_cpus(), "quota": cpu_quota(),
-                      "auto_threads": session_threads()}))
+    print(
+        json.dumps(
+            {"cpus": os.cpu_count(), "usable": usable_cpus(), "quota": cpu_quota(), "auto_threads": session_threads()}
+        )
+    )
     for batch in map(int, args.batch_sizes.split(",")):
         texts = [TEXT] * batch
-        fills = {setting: [r.text for r in each.infill(texts)] for setting, each in infillers.items()}   # warm-up
+        fills = {setting: [r.text for r in each.infill(texts)] for setting, each in infillers.items()}  # warm-up
         assert all(fill == fills[settings[0]] for fill in fills.values()), "the settings filled differently"
         times = {setting: [] for setting in settings}
         for _ in range(args.repeats):
@@ -54,9 +57,17 @@ def main() -> None:
         first = np.array(times[settings[0]])
         for setting, seconds in times.items():
             q25, q50, q75 = np.percentile(np.array(seconds) / first, [25, 50, 75])
-            print(json.dumps({"batch": batch, "threads": setting,
-                              "median_ms": round(statistics.median(seconds) * 1e3, 1),
-                              f"over_{settings[0]}": round(q50, 3), "quartiles": [round(q25, 3), round(q75, 3)]}))
+            print(
+                json.dumps(
+                    {
+                        "batch": batch,
+                        "threads": setting,
+                        "median_ms": round(statistics.median(seconds) * 1e3, 1),
+                        f"over_{settings[0]}": round(q50, 3),
+                        "quartiles": [round(q25, 3), round(q75, 3)],
+                    }
+                )
+            )
 
 
 if __name__ == "__main__":

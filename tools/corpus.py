@@ -10,16 +10,50 @@ from pathlib import Path
 
 SOURCES = "usr/share/doc/python3.11/html/_sources"
 # directives whose indented body is not prose
-SKIP_BODY = {"index", "toctree", "highlight", "code-block", "sourcecode", "literalinclude", "productionlist",
-             "testsetup", "testcleanup", "doctest", "testcode", "testoutput", "image", "figure", "raw", "csv-table",
-             "list-table", "only", "tabularcolumns", "sectionauthor", "moduleauthor", "include", "audit-event",
-             "opcode", "cmdoption", "option", "envvar", "c:macro", "c:type", "c:var", "c:member", "c:function",
-             "c:struct", "impl-detail", "availability", "pdbcommand", "2to3fixer"}
+SKIP_BODY = {
+    "index",
+    "toctree",
+    "highlight",
+    "code-block",
+    "sourcecode",
+    "literalinclude",
+    "productionlist",
+    "testsetup",
+    "testcleanup",
+    "doctest",
+    "testcode",
+    "testoutput",
+    "image",
+    "figure",
+    "raw",
+    "csv-table",
+    "list-table",
+    "only",
+    "tabularcolumns",
+    "sectionauthor",
+    "moduleauthor",
+    "include",
+    "audit-event",
+    "opcode",
+    "cmdoption",
+    "option",
+    "envvar",
+    "c:macro",
+    "c:type",
+    "c:var",
+    "c:member",
+    "c:function",
+    "c:struct",
+    "impl-detail",
+    "availability",
+    "pdbcommand",
+    "2to3fixer",
+}
 ROLE = re.compile(r":[\w:.-]+:`([^`]+)`")
 LINK = re.compile(r"`([^`<]+?)\s*<[^`>]+>`_+")
 INLINE = re.compile(r"``(.+?)``|\*\*(.+?)\*\*|\*(\S.*?)\*|`([^`]+)`_*")
 UNDERLINE = re.compile(r"^([=\-~^\"'`#*+<>_.:])\1{2,}\s*$")
-TABLE = re.compile(r"^\s*([+=][-=+| ]*|\|.*)$")          # grid / simple tables and line blocks
+TABLE = re.compile(r"^\s*([+=][-=+| ]*|\|.*)$")  # grid / simple tables and line blocks
 
 
 def download_python_docs(folder: Path) -> Path:
@@ -54,7 +88,7 @@ def rst_to_prose(source: str) -> str:
     skip_indent, literal_indent, doctest = None, None, False
     for line in lines:
         stripped, indent = line.strip(), len(line) - len(line.lstrip())
-        doctest = doctest and bool(stripped)          # a doctest and its output run to the next blank line
+        doctest = doctest and bool(stripped)  # a doctest and its output run to the next blank line
         if doctest or stripped.startswith(">>>"):
             doctest = True
             continue

@@ -8,12 +8,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (ModernBertConfig, ModernBertForMaskedLM, OlmoConfig, OlmoForCausalLM,
-                          PreTrainedTokenizerFast, get_cosine_schedule_with_warmup)
+from transformers import (
+    ModernBertConfig,
+    ModernBertForMaskedLM,
+    OlmoConfig,
+    OlmoForCausalLM,
+    PreTrainedTokenizerFast,
+    get_cosine_schedule_with_warmup,
+)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "[PAD]", "[CLS]", "[SEP]", "[MASK]"]
-ROLES = {"mlm": dict(cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", pad_token="[PAD]"),
-         "ar": dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="[PAD]")}
+ROLES = {
+    "mlm": dict(cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", pad_token="[PAD]"),
+    "ar": dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="[PAD]"),
+}
 
 
 def train_tokenizer(texts, vocab_size: int, path: Path) -> Path:
@@ -21,8 +29,12 @@ def train_tokenizer(texts, vocab_size: int, path: Path) -> Path:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts, trainer)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(path))
@@ -40,18 +52,36 @@ def save_tokenizer(tokenizer_json: Path, folder: Path, role: str) -> PreTrainedT
 DEFAULT_SIZE = dict(vocab_size=4096, hidden_size=256, layers=4, heads=4, intermediate_size=512, max_positions=2048)
 
 
-def backbone_configs(vocab_size: int, hidden_size: int, layers: int, heads: int, intermediate_size: int,
-                     max_positions: int) -> dict:
+def backbone_configs(
+    vocab_size: int, hidden_size: int, layers: int, heads: int, intermediate_size: int, max_positions: int
+) -> dict:
     """Hugging Face config arguments of the pair: a ModernBERT MLM and an OLMo AR of one size, whose special
     ids are SPECIAL_TOKENS' positions (the BPE trainer puts them first)."""
     eos, pad, cls, sep, mask = range(len(SPECIAL_TOKENS))
-    size = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-                num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=max_positions,
-                tie_word_embeddings=True)
-    return {"mlm": dict(model_type="modernbert", **size, global_attn_every_n_layers=2, local_attention=128,
-                        pad_token_id=pad, cls_token_id=cls, sep_token_id=sep, bos_token_id=cls,
-                        eos_token_id=sep, mask_token_id=mask),
-            "ar": dict(model_type="olmo", **size, bos_token_id=eos, eos_token_id=eos, pad_token_id=pad)}
+    size = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+    )
+    return {
+        "mlm": dict(
+            model_type="modernbert",
+            **size,
+            global_attn_every_n_layers=2,
+            local_attention=128,
+            pad_token_id=pad,
+            cls_token_id=cls,
+            sep_token_id=sep,
+            bos_token_id=cls,
+            eos_token_id=sep,
+            mask_token_id=mask,
+        ),
+        "ar": dict(model_type="olmo", **size, bos_token_id=eos, eos_token_id=eos, pad_token_id=pad),
+    }
 
 
 def new_backbone(kind: str, config: dict):
@@ -83,8 +113,17 @@ def ar_batch(windows: np.ndarray, tokenizer):
     return dict(input_ids=ids, labels=ids)
 
 
-def pretrain(model, make_batch, windows: np.ndarray, eval_windows: np.ndarray, steps: int, batch_size: int,
-             learning_rate: float, seed: int, log=print) -> dict:
+def pretrain(
+    model,
+    make_batch,
+    windows: np.ndarray,
+    eval_windows: np.ndarray,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    log=print,
+) -> dict:
     """AdamW + warmup/cosine on random windows; returns the held-out loss before and after."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -95,8 +134,10 @@ def pretrain(model, make_batch, windows: np.ndarray, eval_windows: np.ndarray, s
     def held_out_loss():
         model.eval()
         eval_rng = np.random.default_rng(seed + 1)
-        losses = [model(**make_batch(eval_windows[i:i + batch_size], eval_rng)).loss.item()
-                  for i in range(0, min(len(eval_windows), 8 * batch_size), batch_size)]
+        losses = [
+            model(**make_batch(eval_windows[i : i + batch_size], eval_rng)).loss.item()
+            for i in range(0, min(len(eval_windows), 8 * batch_size), batch_size)
+        ]
         model.train()
         return float(np.mean(losses))
 
@@ -115,5 +156,4 @@ def pretrain(model, make_batch, windows: np.ndarray, eval_windows: np.ndarray, s
     after = held_out_loss()
     log(f"  held-out loss {before:.3f} -> {after:.3f} (perplexity {math.exp(after):.1f})")
     model.eval()
-    return {"held_out_loss_before": before, "held_out_loss_after": after,
-            "seconds": time.perf_counter() - began}
+    return {"held_out_loss_before": before, "held_out_loss_after": after, "seconds": time.perf_counter() - began}

@@ -13,6 +13,7 @@ taken without the profiler, on CUDA with and without a CUDA graph of the step. O
 step's floor: the bytes one step must read (weights, less embedding tables, of which it reads a row; the KV cache)
 over the GPU's memory bandwidth, measured here by a device-to-device copy.
 """
+
 import argparse
 import collections
 import json
@@ -48,11 +49,13 @@ def kernel_times(session, run_once) -> dict:
             providers[event["args"].get("provider", "?")] += 1
             total += event["dur"]
     ms, runs = 1000 * (WARMUP + RUNS), WARMUP + RUNS
-    return {"ms_per_step_in_kernels": round(total / ms, 3),
-            "share": {op: round(t / total, 3) for op, t in by_op.most_common(8)},
-            "ms_by_op": {op: round(t / ms, 3) for op, t in by_op.most_common()},       # every op, costliest first
-            "memcpy_nodes": sum(n for op, n in nodes.items() if op.startswith("Memcpy")) // runs,
-            "nodes_by_provider": {p: n // runs for p, n in providers.items()}}
+    return {
+        "ms_per_step_in_kernels": round(total / ms, 3),
+        "share": {op: round(t / total, 3) for op, t in by_op.most_common(8)},
+        "ms_by_op": {op: round(t / ms, 3) for op, t in by_op.most_common()},  # every op, costliest first
+        "memcpy_nodes": sum(n for op, n in nodes.items() if op.startswith("Memcpy")) // runs,
+        "nodes_by_provider": {p: n // runs for p, n in providers.items()},
+    }
 
 
 def wall_ms(run_once) -> dict:
@@ -61,7 +64,7 @@ def wall_ms(run_once) -> dict:
     times = []
     for _ in range(TIMED):
         start = time.perf_counter()
-        run_once()                       # ONNX Runtime waits for the device at the end of a run
+        run_once()  # ONNX Runtime waits for the device at the end of a run
         times.append(1000 * (time.perf_counter() - start))
     return quartiles_ms(times)
 
@@ -69,15 +72,18 @@ def wall_ms(run_once) -> dict:
 def quartiles_ms(times: list[float]) -> dict:
     """Median and quartiles of times in milliseconds."""
     quartiles = statistics.quantiles(times, n=4)
-    return {"median_ms": round(statistics.median(times), 4), "q1_ms": round(quartiles[0], 4),
-            "q3_ms": round(quartiles[2], 4)}
+    return {
+        "median_ms": round(statistics.median(times), 4),
+        "q1_ms": round(quartiles[0], 4),
+        "q3_ms": round(quartiles[2], 4),
+    }
 
 
 class Step:
     """One graph's session with every input and output bound once (on the device where there is one)."""
 
     def __init__(self, path: Path, device: str, dtype, profile_prefix: str | None = None, cuda_graph=False):
-        options = ort.SessionOptions()                  # as runtime/sessions.py makes them
+        options = ort.SessionOptions()  # as runtime/sessions.py makes them
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if profile_prefix:
             options.enable_profiling, options.profile_file_prefix = True, profile_prefix
@@ -117,8 +123,12 @@ def concat_step(bundle: Path, device: str, dtype, batch: int, cached: int, new: 
         s.bind(value.name, rng.random(shape, dtype=np.float32).astype(dtype))
     kv_heads, head_dim = s.session.get_inputs()[3].shape[1], s.session.get_inputs()[3].shape[3]
     for value in s.session.get_outputs():
-        s.bind_output(value.name, [batch, kv_heads, cached + new, head_dim] if value.name.startswith("present")
-                      else [batch, new, value.shape[-1]])
+        s.bind_output(
+            value.name,
+            [batch, kv_heads, cached + new, head_dim]
+            if value.name.startswith("present")
+            else [batch, new, value.shape[-1]],
+        )
     return s
 
 
@@ -128,11 +138,14 @@ def engine_step(bundle: Path, device: str, dtype, batch: int, cached: int, new: 
     rng = np.random.default_rng(0)
     s.bind("input_ids", np.full((batch, new), 7, dtype=np.int64))
     s.bind("position_ids", np.tile(np.arange(cached, cached + new), (batch, 1)))
-    capacity = cached + 64                  # the engine's buffer holds what the step writes, and a block more
+    capacity = cached + 64  # the engine's buffer holds what the step writes, and a block more
     for value in s.session.get_inputs()[2:]:
         shape = [batch if d == "batch_size" else capacity if d == "capacity" else d for d in value.shape]
-        s.bind(value.name, rng.random(shape, dtype=np.float32).astype(dtype),
-               output=value.name.replace("cache.", "cache_out."))
+        s.bind(
+            value.name,
+            rng.random(shape, dtype=np.float32).astype(dtype),
+            output=value.name.replace("cache.", "cache_out."),
+        )
     hidden = s.session.get_outputs()[0]
     s.bind_output(hidden.name, [batch, new, hidden.shape[-1]])
     return s
@@ -142,8 +155,10 @@ def weight_bytes(path: Path) -> tuple[int, int]:
     """(bytes of all initializers, bytes of those only gathered from: embedding tables)."""
     model = onnx.load(str(path), load_external_data=False)
     gathered = {node.input[0] for node in model.graph.node if node.op_type == "Gather"}
-    sizes = {t.name: int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-             for t in model.graph.initializer}
+    sizes = {
+        t.name: int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        for t in model.graph.initializer
+    }
     return sum(sizes.values()), sum(size for name, size in sizes.items() if name in gathered)
 
 
@@ -172,10 +187,14 @@ def floor(bundle: Path, m: Manifest, batch: int, cached: int, itemsize: int) -> 
     cache = 2 * m.num_hidden_layers * batch * m.num_key_value_heads * cached * m.head_dim * itemsize
     bandwidth = copy_bandwidth_gbs()
     read = total - gathered + cache
-    return {"weights_gb": round(total / 1e9, 3), "embedding_tables_gb": round(gathered / 1e9, 3),
-            "kv_cache_read_gb": round(cache / 1e9, 3), "bytes_read_per_step_gb": round(read / 1e9, 3),
-            "copy_bandwidth_gbs": bandwidth,
-            "floor_ms": round(read / (bandwidth * 1e9) * 1000, 4) if bandwidth else None}
+    return {
+        "weights_gb": round(total / 1e9, 3),
+        "embedding_tables_gb": round(gathered / 1e9, 3),
+        "kv_cache_read_gb": round(cache / 1e9, 3),
+        "bytes_read_per_step_gb": round(read / 1e9, 3),
+        "copy_bandwidth_gbs": bandwidth,
+        "floor_ms": round(read / (bandwidth * 1e9) * 1000, 4) if bandwidth else None,
+    }
 
 
 def check(bundle: Path, out: Path, device: str, batch: int, cached: int) -> Manifest:
@@ -197,9 +216,17 @@ def main(bundle: Path, out: Path, device: str = "cpu", batch: int = 8, cached: i
     m = check(bundle, out, device, batch, cached)
     dtype = DTYPES[m.dtype]
     prefix = str(out.with_suffix("")) + "-ort"
-    report = {"device": device, "dtype": m.dtype,
-              "shape": {"batch": batch, "cached_tokens": cached, "layers": m.num_hidden_layers,
-                        "kv_heads": m.num_key_value_heads, "head_dim": m.head_dim}}
+    report = {
+        "device": device,
+        "dtype": m.dtype,
+        "shape": {
+            "batch": batch,
+            "cached_tokens": cached,
+            "layers": m.num_hidden_layers,
+            "kv_heads": m.num_key_value_heads,
+            "head_dim": m.head_dim,
+        },
+    }
     graphs = {"ar_decoder (concat)": concat_step, "ar_step (in place)": engine_step}
     if "ar_decoder" not in m.graphs:
         del graphs["ar_decoder (concat)"]
@@ -207,11 +234,14 @@ def main(bundle: Path, out: Path, device: str = "cpu", batch: int = 8, cached: i
         report[f"{new} new tokens"] = row = {}
         for name, make in graphs.items():
             profiled = make(bundle, device, dtype, batch, cached, new, profile_prefix=prefix)
-            row[name] = {**kernel_times(profiled.session, profiled.run),
-                         "wall": wall_ms(make(bundle, device, dtype, batch, cached, new).run)}
+            row[name] = {
+                **kernel_times(profiled.session, profiled.run),
+                "wall": wall_ms(make(bundle, device, dtype, batch, cached, new).run),
+            }
             if device == "cuda" and name.startswith("ar_step"):
-                row[name]["wall_cuda_graph"] = wall_ms(make(bundle, device, dtype, batch, cached, new,
-                                                            cuda_graph=True).run)
+                row[name]["wall_cuda_graph"] = wall_ms(
+                    make(bundle, device, dtype, batch, cached, new, cuda_graph=True).run
+                )
     if device == "cuda":
         report["floor"] = floor(bundle, m, batch, cached, np.dtype(dtype).itemsize)
     write_json(out, report)

@@ -31,8 +31,17 @@ from maria_onnx.runtime.windows import pack_windows
 
 from . import run_main
 from .corpus import build_corpus, download_python_docs
-from .pretrain import (DEFAULT_SIZE, SPECIAL_TOKENS, ar_batch, backbone_configs, mlm_batch, new_backbone, pretrain,
-                       save_tokenizer, train_tokenizer)
+from .pretrain import (
+    DEFAULT_SIZE,
+    SPECIAL_TOKENS,
+    ar_batch,
+    backbone_configs,
+    mlm_batch,
+    new_backbone,
+    pretrain,
+    save_tokenizer,
+    train_tokenizer,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +51,7 @@ class Recipe:
     layers: int = DEFAULT_SIZE["layers"]
     heads: int = DEFAULT_SIZE["heads"]
     intermediate_size: int = DEFAULT_SIZE["intermediate_size"]
-    max_positions: int = DEFAULT_SIZE["max_positions"]      # RoPE in both: the bundle accepts up to 2046 tokens
+    max_positions: int = DEFAULT_SIZE["max_positions"]  # RoPE in both: the bundle accepts up to 2046 tokens
     seq_len: int = 128
     batch_size: int = 32
     mlm_steps: int = 1600
@@ -57,13 +66,23 @@ class Recipe:
     seed: int = 0
 
     def backbone_configs(self) -> dict:
-        return backbone_configs(self.vocab_size, self.hidden_size, self.layers, self.heads, self.intermediate_size,
-                                self.max_positions)
+        return backbone_configs(
+            self.vocab_size, self.hidden_size, self.layers, self.heads, self.intermediate_size, self.max_positions
+        )
 
 
 TEST_WINDOWS = Path(__file__).resolve().parent.parent / "tests" / "data" / "default_model_eval_windows.npy"
-QUICK = dict(vocab_size=512, hidden_size=32, layers=2, intermediate_size=64, mlm_steps=20, ar_steps=20,
-             head_steps=10, eval_windows=8, batch_size=8)
+QUICK = dict(
+    vocab_size=512,
+    hidden_size=32,
+    layers=2,
+    intermediate_size=64,
+    mlm_steps=20,
+    ar_steps=20,
+    head_steps=10,
+    eval_windows=8,
+    batch_size=8,
+)
 
 
 def run(work: Path, recipe: Recipe, log=print) -> dict:
@@ -85,39 +104,70 @@ def run(work: Path, recipe: Recipe, log=print) -> dict:
 
     corpus = work / "corpus"
     stage("corpus", lambda: log(f"  documents: {build_corpus(download_python_docs(work / 'debian'), corpus)}"))
-    stage("tokenizer", lambda: train_tokenizer(read_documents(corpus / "train"), recipe.vocab_size,
-                                               work / "tokenizer.json"))
+    stage(
+        "tokenizer",
+        lambda: train_tokenizer(read_documents(corpus / "train"), recipe.vocab_size, work / "tokenizer.json"),
+    )
     configs = recipe.backbone_configs()
 
     def backbone(kind: str):
         tokenizer = save_tokenizer(work / "tokenizer.json", work / kind, kind)
         separator = tokenizer.sep_token_id if kind == "mlm" else tokenizer.eos_token_id
-        windows, eval_windows = (pack_windows(read_documents(corpus / split), plain_encoder(tokenizer), recipe.seq_len,
-                                              separator)
-                                 for split in ("train", "validation"))
+        windows, eval_windows = (
+            pack_windows(read_documents(corpus / split), plain_encoder(tokenizer), recipe.seq_len, separator)
+            for split in ("train", "validation")
+        )
         assert tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS) == list(range(len(SPECIAL_TOKENS))), "special ids"
         torch.manual_seed(recipe.seed)
         model = new_backbone(kind, configs[kind])
-        make_batch = ((lambda w, r: mlm_batch(w, r, tokenizer, recipe.mlm_mask_rate)) if kind == "mlm"
-                      else (lambda w, r: ar_batch(w, tokenizer)))
+        make_batch = (
+            (lambda w, r: mlm_batch(w, r, tokenizer, recipe.mlm_mask_rate))
+            if kind == "mlm"
+            else (lambda w, r: ar_batch(w, tokenizer))
+        )
         steps = recipe.mlm_steps if kind == "mlm" else recipe.ar_steps
-        log(f"  {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {steps} steps of "
-            f"{recipe.batch_size}x{recipe.seq_len} tokens ({len(windows)} training windows)")
-        metrics = pretrain(model, make_batch, windows, eval_windows, steps, recipe.batch_size,
-                           recipe.learning_rate, recipe.seed, log)
+        log(
+            f"  {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {steps} steps of "
+            f"{recipe.batch_size}x{recipe.seq_len} tokens ({len(windows)} training windows)"
+        )
+        metrics = pretrain(
+            model, make_batch, windows, eval_windows, steps, recipe.batch_size, recipe.learning_rate, recipe.seed, log
+        )
         model.save_pretrained(work / kind)
         (work / kind / "pretrain.json").write_text(json.dumps(metrics, indent=2))
 
     stage("mlm", lambda: backbone("mlm"))
     stage("ar", lambda: backbone("ar"))
-    stage("head", lambda: train(work / "mlm", work / "ar", corpus / "train", work / "maria", TrainConfig(
-        steps=recipe.head_steps, seq_len=recipe.seq_len, batch_size=recipe.head_batch_size,
-        learning_rate=recipe.head_learning_rate, warmup_steps=max(1, recipe.head_steps // 20),
-        eval_every=max(1, recipe.head_steps // 4), save_every=max(1, recipe.head_steps // 4), seed=recipe.seed),
-        eval_data=corpus / "validation", device="cpu"))
-    stage("export", lambda: [export_bundle(work / "maria", work / name, int8=name.endswith("int8"), overwrite=True,
-                                           concat_decoder=False)          # the engine's graph only: under 50 MB
-                             for name in ("bundle", "bundle-int8")])
+    stage(
+        "head",
+        lambda: train(
+            work / "mlm",
+            work / "ar",
+            corpus / "train",
+            work / "maria",
+            TrainConfig(
+                steps=recipe.head_steps,
+                seq_len=recipe.seq_len,
+                batch_size=recipe.head_batch_size,
+                learning_rate=recipe.head_learning_rate,
+                warmup_steps=max(1, recipe.head_steps // 20),
+                eval_every=max(1, recipe.head_steps // 4),
+                save_every=max(1, recipe.head_steps // 4),
+                seed=recipe.seed,
+            ),
+            eval_data=corpus / "validation",
+            device="cpu",
+        ),
+    )
+    stage(
+        "export",
+        lambda: [
+            export_bundle(
+                work / "maria", work / name, int8=name.endswith("int8"), overwrite=True, concat_decoder=False
+            )  # the engine's graph only: under 50 MB
+            for name in ("bundle", "bundle-int8")
+        ],
+    )
     stage("quality", lambda: (work / "quality.json").write_text(json.dumps(quality(work, recipe, log), indent=2)))
     return {"timings": timings, "recipe": dataclasses.asdict(recipe)}
 
@@ -131,8 +181,10 @@ def test_windows(work: Path, recipe: Recipe, infiller):
 def quality(work: Path, recipe: Recipe, log=print) -> dict:
     """The model card's table: every system on the same masks of the held-out test documents, all through ONNX
     Runtime (what `maria eval runs/default/corpus/test --seq-len 128 --windows 128` computes)."""
-    infillers = {"MARIA": Infiller(work / "bundle", device="cpu"),
-                 "MARIA int8": Infiller(work / "bundle-int8", device="cpu")}
+    infillers = {
+        "MARIA": Infiller(work / "bundle", device="cpu"),
+        "MARIA int8": Infiller(work / "bundle-int8", device="cpu"),
+    }
     windows = test_windows(work, recipe, infillers["MARIA"])
     table = {"windows": int(len(windows)), "seq_len": recipe.seq_len, "rates": {}}
     for rate in recipe.eval_rates:
@@ -149,8 +201,7 @@ def quality_markdown(table: dict) -> str:
     """The model card's table: perplexity (top-1 accuracy) per system and mask rate."""
     rates = sorted(table["rates"], key=float)
     systems = [row["system"] for row in table["rates"][rates[0]]]
-    lines = ["| system | " + " | ".join(f"mask rate {rate}" for rate in rates) + " |",
-             "|---|" + "---:|" * len(rates)]
+    lines = ["| system | " + " | ".join(f"mask rate {rate}" for rate in rates) + " |", "|---|" + "---:|" * len(rates)]
     for system in systems:
         cells = []
         for rate in rates:

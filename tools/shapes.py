@@ -19,20 +19,45 @@ from .pretrain import DEFAULT_SIZE, SPECIAL_TOKENS, backbone_configs, save_token
 
 # The paper's pairing at its smallest size: ModernBERT-large and OLMo-1B (their Hugging Face configs' shapes).
 PAPER = {
-    "mlm": dict(model_type="modernbert", vocab_size=50368, hidden_size=1024, intermediate_size=2624,
-                num_hidden_layers=28, num_attention_heads=16, max_position_embeddings=8192,
-                global_attn_every_n_layers=3, local_attention=128, global_rope_theta=160000.0,
-                local_rope_theta=10000.0, pad_token_id=1, cls_token_id=2, sep_token_id=3, mask_token_id=4,
-                bos_token_id=2, eos_token_id=3),
-    "ar": dict(model_type="olmo", vocab_size=50304, hidden_size=2048, intermediate_size=8192,
-               num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
-               max_position_embeddings=2048, rope_theta=10000.0, pad_token_id=1, bos_token_id=None,
-               eos_token_id=0, tie_word_embeddings=True),
+    "mlm": dict(
+        model_type="modernbert",
+        vocab_size=50368,
+        hidden_size=1024,
+        intermediate_size=2624,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        max_position_embeddings=8192,
+        global_attn_every_n_layers=3,
+        local_attention=128,
+        global_rope_theta=160000.0,
+        local_rope_theta=10000.0,
+        pad_token_id=1,
+        cls_token_id=2,
+        sep_token_id=3,
+        mask_token_id=4,
+        bos_token_id=2,
+        eos_token_id=3,
+    ),
+    "ar": dict(
+        model_type="olmo",
+        vocab_size=50304,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        pad_token_id=1,
+        bos_token_id=None,
+        eos_token_id=0,
+        tie_word_embeddings=True,
+    ),
 }
 
 
 AUTO = {"mlm": AutoModelForMaskedLM, "ar": AutoModelForCausalLM}
-SHAPES = {"paper": lambda: PAPER, "default": lambda: backbone_configs(**DEFAULT_SIZE)}   # default: the shipped model
+SHAPES = {"paper": lambda: PAPER, "default": lambda: backbone_configs(**DEFAULT_SIZE)}  # default: the shipped model
 
 
 def load_shapes(name_or_file: str) -> dict:
@@ -46,8 +71,12 @@ def load_shapes(name_or_file: str) -> dict:
         shapes = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise ValueError(f"--shapes {path}: cannot be read as JSON ({error})") from None
-    if not isinstance(shapes, dict) or set(shapes) != {"mlm", "ar"} or not all(isinstance(shapes[k], dict) and "model_type" in shapes[k] for k in shapes):
-        raise ValueError(f"{path} must hold {{\"mlm\": {{...}}, \"ar\": {{...}}}} Hugging Face configs with model_type")
+    if (
+        not isinstance(shapes, dict)
+        or set(shapes) != {"mlm", "ar"}
+        or not all(isinstance(shapes[k], dict) and "model_type" in shapes[k] for k in shapes)
+    ):
+        raise ValueError(f'{path} must hold {{"mlm": {{...}}, "ar": {{...}}}} Hugging Face configs with model_type')
     check_configs(shapes, path)
     return shapes
 
@@ -56,16 +85,20 @@ def check_configs(shapes: dict, path: Path) -> None:
     """Names the first thing in a --shapes file that gives no supported model pair."""
     for kind, supported in (("mlm", MLM_ADAPTERS), ("ar", AR_FAMILIES)):
         if shapes[kind]["model_type"] not in supported:
-            raise ValueError(f"{path}: the {kind} config is a {shapes[kind]['model_type']!r} model; supported: "
-                             f"{', '.join(sorted(supported))}")
+            raise ValueError(
+                f"{path}: the {kind} config is a {shapes[kind]['model_type']!r} model; supported: "
+                f"{', '.join(sorted(supported))}"
+            )
         if type(shapes[kind].get("vocab_size")) is not int:
             raise ValueError(f"{path}: the {kind} config needs vocab_size, an integer (the pair shares a vocabulary)")
         positions = shapes[kind].get("max_position_embeddings", 3)
         if type(positions) is not int or positions < 3:
-            raise ValueError(f"{path}: the {kind} config's max_position_embeddings must be an integer of at least 3, "
-                             f"got {positions!r}")
+            raise ValueError(
+                f"{path}: the {kind} config's max_position_embeddings must be an integer of at least 3, "
+                f"got {positions!r}"
+            )
     for kind in AUTO:
-        try:                       # built on the meta device: the library's own checks, no memory, no time
+        try:  # built on the meta device: the library's own checks, no memory, no time
             with torch.device("meta"):
                 AUTO[kind].from_config(model_config(shapes[kind]))
         except (AssertionError, TypeError, ValueError) as error:
@@ -98,6 +131,9 @@ def random_checkpoint(shapes: dict, folder: Path, seed: int = 0) -> Path:
         auto.from_config(model_config(shapes[kind])).save_pretrained(folder / kind)
         save_tokenizer(tokenizer_json, folder / kind, kind)
     backbones = load_backbones(folder / "mlm", folder / "ar")
-    save_checkpoint(folder / "maria", FusionHead.product_of_experts(backbones),
-                    maria_config(backbones, folder / "mlm", folder / "ar", {"random_weights": True}, 0))
+    save_checkpoint(
+        folder / "maria",
+        FusionHead.product_of_experts(backbones),
+        maria_config(backbones, folder / "mlm", folder / "ar", {"random_weights": True}, 0),
+    )
     return folder / "maria"

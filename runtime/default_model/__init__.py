@@ -10,6 +10,7 @@ def resolve_bundle(bundle=None) -> Path:
     if bundle is not None:
         return Path(bundle)
     if not (DEFAULT_MODEL / "maria.json").is_file():
-        raise ValueError("no --model given and this install has no default model; pass a bundle folder "
-                         "written by `maria export`")
+        raise ValueError(
+            "no --model given and this install has no default model; pass a bundle folder written by `maria export`"
+        )
     return DEFAULT_MODEL
