@@ -9,7 +9,6 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -85,7 +84,7 @@ def train(
     ar: Path = typer.Option(..., help="Local Hugging Face folder of the causal LM (e.g. OLMo)."),
     data: Path = typer.Option(..., help="Training text: a .txt/.md/.rst/.jsonl file or a folder of them."),
     out: Path = typer.Option(..., help="Checkpoint folder; an interrupted run in it is resumed."),
-    eval_data: Optional[Path] = typer.Option(None, help="Held-out text; default: 5% of the training windows."),
+    eval_data: Path | None = typer.Option(None, help="Held-out text; default: 5% of the training windows."),
     steps: int = typer.Option(1000, min=1),
     seq_len: int = typer.Option(128, min=2, help="Tokens per training window."),
     batch_size: int = typer.Option(8, min=1, help="Windows per step and process."),
@@ -102,8 +101,8 @@ def train(
 ):
     """Train the MARIA fusion head (L_MARIA) on frozen MLM + AR backbones."""
     from maria_onnx.config import TrainConfig
-    from maria_onnx.train import train as run_train
     from maria_onnx.runtime.device import check_device
+    from maria_onnx.train import train as run_train
 
     check_device(device)
     config = TrainConfig(
@@ -184,11 +183,11 @@ def export_command(
 @one_line_errors
 def infill(
     texts: list[str] = typer.Argument(None, help="Texts with [MASK] (one token) or [MASK:N] (N tokens) markers."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="A bundle folder written by `maria export`."),
-    input_file: Optional[str] = typer.Option(
+    model: Path | None = typer.Option(None, "--model", "-m", help="A bundle folder written by `maria export`."),
+    input_file: str | None = typer.Option(
         None, "--input", "-i", help='One text per line, or JSONL with a "text" field; - for stdin.'
     ),
-    input_format: Optional[str] = typer.Option(
+    input_format: str | None = typer.Option(
         None, "--format", help="text | jsonl (default: from --input's suffix, .jsonl/.ndjson = jsonl)."
     ),
     skip_invalid: bool = typer.Option(
@@ -211,7 +210,7 @@ def infill(
     num_samples: int = typer.Option(1, min=1, help="Results per input."),
     rerank: bool = typer.Option(False, "--rerank", help="Order each text's samples by the AR's whole-text score."),
     device: str = typer.Option("auto", help="auto | cuda | cuda:N (GPU N) | cpu"),
-    threads: Optional[int] = threads_option(),
+    threads: int | None = threads_option(),
     decoder: str = typer.Option(
         "auto",
         help="engine (the KV cache written in place, texts joining as others "
@@ -261,10 +260,10 @@ def generate(
     temperature: float = typer.Option(1.0, help="Sampling temperature of MARIA's fills."),
     top_p: float = typer.Option(1.0, help="Top-p of MARIA's fills."),
     seed: int = typer.Option(0, help="Seed: sample j's draws at step k come from (seed, j, k)."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="A bundle; default: the shipped model."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="A bundle; default: the shipped model."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per sample, with the energy per step."),
     device: str = typer.Option("auto", help="auto | cuda | cuda:N (GPU N) | cpu"),
-    threads: Optional[int] = threads_option(),
+    threads: int | None = threads_option(),
 ):
     """Generate text by simulated annealing with MARIA (energy: -log p under the AR), optionally between a prefix
     and a suffix."""
@@ -300,9 +299,9 @@ def int_list(text: str, option: str) -> list[int]:
 @one_line_errors
 def bench(
     out: Path = typer.Option(Path("bench-results"), help="Folder for bench.json, bench.png (and exported bundles)."),
-    checkpoint: Optional[Path] = typer.Option(None, help="A trained checkpoint (`maria train --out`)."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Its bundle; exported into --out if omitted."),
-    shapes: Optional[str] = typer.Option(
+    checkpoint: Path | None = typer.Option(None, help="A trained checkpoint (`maria train --out`)."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="Its bundle; exported into --out if omitted."),
+    shapes: str | None = typer.Option(
         None,
         help="Random weights instead: 'default' (the shipped model's "
         "shapes; used when no --checkpoint is given), 'paper' "
@@ -361,7 +360,7 @@ def bench(
 @one_line_errors
 def bench_serve(
     out: Path = typer.Option(Path("bench-results"), help="Folder for bench-serve.json."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="A bundle; default: the shipped model."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="A bundle; default: the shipped model."),
     clients: int = typer.Option(32, min=1, help="Concurrent clients."),
     requests: int = typer.Option(256, min=1, help="Requests in all, one text each."),
     max_batch_sizes: str = typer.Option("1,16", help="Server --max-batch-size settings to compare (1: none)."),
@@ -373,7 +372,7 @@ def bench_serve(
         "auto",
         help="Server --decoder settings to compare: engine (continuous batching), concat (batch at a time), auto.",
     ),
-    texts_file: Optional[Path] = typer.Option(
+    texts_file: Path | None = typer.Option(
         None, "--texts", help="The texts the clients send, one per line (default: four short texts)."
     ),
     protocols: str = typer.Option(
@@ -428,17 +427,17 @@ def eval_command(
     text_file: Path = typer.Argument(
         ..., help="UTF-8 text to mask: a file (one document per line) or a folder (one document per file)."
     ),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="A bundle; default: the shipped model."),
-    backbones_from: Optional[Path] = typer.Option(None, help="Checkpoint whose backbones give the baselines."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="A bundle; default: the shipped model."),
+    backbones_from: Path | None = typer.Option(None, help="Checkpoint whose backbones give the baselines."),
     mask_rate: float = typer.Option(0.5),
     span: bool = typer.Option(False, help="Mask spans (mean length 4) instead of single tokens."),
     seq_len: int = typer.Option(128, help="Tokens per evaluation window."),
     windows: int = typer.Option(64, min=1, help="At most this many windows."),
     seed: int = typer.Option(0, min=0),
     batch_size: int = typer.Option(16, min=1),
-    as_json: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON here."),
+    as_json: Path | None = typer.Option(None, "--json", help="Also write the table as JSON here."),
     device: str = typer.Option("auto", help="auto | cuda | cuda:N (GPU N) | cpu"),
-    threads: Optional[int] = threads_option(),
+    threads: int | None = threads_option(),
 ):
     """Masked-token perplexity and greedy top-1 accuracy: MARIA (ONNX) and, with the train extra, the baselines."""
     from maria_onnx.console.evaluation import evaluate_text
@@ -462,10 +461,10 @@ def eval_command(
 @app.command()
 @one_line_errors
 def serve(
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="A bundle; default: the shipped model."),
+    model: Path | None = typer.Option(None, "--model", "-m", help="A bundle; default: the shipped model."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback unless told otherwise)."),
     port: int = typer.Option(8000, min=0, max=65535, help="Port (0: any free port, printed at start)."),
-    grpc_port: Optional[int] = typer.Option(
+    grpc_port: int | None = typer.Option(
         None,
         min=0,
         max=65535,
@@ -474,7 +473,7 @@ def serve(
         "the grpc extra.",
     ),
     device: str = typer.Option("auto", help="auto | cuda | cuda:N (GPU N) | cpu"),
-    threads: Optional[int] = threads_option(),
+    threads: int | None = threads_option(),
     model_name: str = typer.Option("maria", help="The model's name in the protocol's paths."),
     max_batch_size: int = typer.Option(
         8,
@@ -490,7 +489,7 @@ def serve(
     max_body_bytes: int = typer.Option(1 << 20, min=1, help="Largest request body; beyond it, 413."),
     max_texts: int = typer.Option(64, min=1, help="Texts x samples per request; beyond it, 413."),
     timeout: float = typer.Option(60.0, min=0.001, help="Seconds a request may take; beyond it, 504."),
-    api_key: Optional[str] = typer.Option(
+    api_key: str | None = typer.Option(
         None, envvar="MARIA_API_KEY", help="Require 'Authorization: Bearer KEY' (health routes stay open)."
     ),
     grace: float = typer.Option(30.0, min=0, help="Seconds in-flight requests get to finish on SIGTERM."),
@@ -528,7 +527,7 @@ def serve(
 @app.command("triton-repo")
 @one_line_errors
 def triton_repo(
-    bundle: Optional[Path] = typer.Argument(None, help="A bundle folder; default: the shipped model."),
+    bundle: Path | None = typer.Argument(None, help="A bundle folder; default: the shipped model."),
     out: Path = typer.Option(..., help="The model repository folder to write."),
     model_name: str = typer.Option("maria", help="The model's name in the repository and the protocol's paths."),
     kind: str = typer.Option("gpu", help="gpu | cpu: where Triton runs the model's instances."),
@@ -540,7 +539,7 @@ def triton_repo(
     max_texts: int = typer.Option(
         64, min=1, help="Texts x samples (x span candidates) per request; beyond it, refused."
     ),
-    threads: Optional[int] = typer.Option(
+    threads: int | None = typer.Option(
         None,
         min=1,
         help="CPU threads per ONNX Runtime session of each instance "

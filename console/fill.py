@@ -75,6 +75,7 @@ def fill_texts(
                     if ranked is None:
                         printed(note, output)
                     else:
+                        assert result.score is not None, "--rerank scores every sample"
                         ranked.add(result.score, first + number, note, output)
                 if ranked is None:
                     written += len(results)

@@ -54,7 +54,7 @@ def generate_samples(
                 schedule,
                 sampling,
                 sampling.seed,
-                on_step=lambda step, energies: progress.update(
+                on_step=lambda step, energies, which=which: progress.update(
                     task, completed=step + 1, description=f"{which}step {step}: mean energy {energies.mean():.1f}"
                 ),
                 batch_size=batch_size,

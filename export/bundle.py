@@ -23,8 +23,8 @@ import torch
 from rich.console import Console
 
 from maria_onnx.checkpoint import load_maria
-from maria_onnx.runtime.onnx_backend import OnnxBackend
 from maria_onnx.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, GraphSpec, Manifest, sha256
+from maria_onnx.runtime.onnx_backend import OnnxBackend
 
 from .graphs import (
     AR_FILE,
@@ -339,8 +339,8 @@ def _build(
             variant,
         )
         (folder / VALIDATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
-    manifest = Manifest(**{**vars(manifest), "files": {name: sha256(folder / name) for name in files}})
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
+    manifest = Manifest(**{**vars(manifest), "files": {name: sha256(folder / name) for name in names}})
     manifest.save(folder)
     return manifest
 

@@ -200,7 +200,7 @@ def validate(open_backend, concat: bool, backbones, head, special: SpecialIds, v
     torch_backend = TorchBackend(backbones, head)
     onnx = open_backend("concat" if concat else "engine")
     vocab = onnx.manifest.vocab_size
-    checks = []
+    checks: list = []
     _check_mlm(checks, onnx, torch_backend, rng, vocab, bound)
     _check_ar(checks, onnx, torch_backend, rng, vocab, bound)
     if concat:

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from maria_onnx.runtime.backend import SpecialIds
-from maria_onnx.runtime.manifest import CHECKPOINT_CONFIG as CONFIG_NAME, from_dict
+from maria_onnx.runtime.manifest import CHECKPOINT_CONFIG as CONFIG_NAME
+from maria_onnx.runtime.manifest import from_dict
 
 HEAD_NAME = "head.safetensors"
 

@@ -17,7 +17,7 @@ from .model import FusionHead, VocabularyHead
 class TorchBackend:
     """runtime.backend.Backend on eager PyTorch modules; the KV cache is a transformers DynamicCache."""
 
-    def __init__(self, backbones: Backbones, head: FusionHead):
+    def __init__(self, backbones: Backbones, head: FusionHead | None):
         self.backbones, self.head = backbones, head
         self.device = next(backbones.ar.parameters()).device
 
@@ -53,6 +53,7 @@ class TorchBackend:
 
     @torch.no_grad()
     def fuse(self, mlm_hidden, ar_hidden):
+        assert self.head is not None, "a backend without a fusion head (the MLM baseline's) does not fuse"
         return self.head(self.tensor(mlm_hidden), self.tensor(ar_hidden)).cpu().numpy()
 
 

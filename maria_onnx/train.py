@@ -21,12 +21,12 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .backbones import load_backbones, torch_device
-from .checkpoint import fsync_path, maria_config, save_checkpoint
-from .config import MariaConfig, TrainConfig
 from maria_onnx.runtime.text import plain_encoder
 from maria_onnx.runtime.windows import pack_windows
 
+from .backbones import load_backbones, torch_device
+from .checkpoint import fsync_path, maria_config, save_checkpoint
+from .config import MariaConfig, TrainConfig
 from .data import random_masks, read_documents, split_windows
 from .model import FusionHead, masked_nll, teacher_forced_hidden
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .choose import Sampling
-from .likelihood import ar_loglikelihood
 from .driver import Decoder, Filler, RoundDriver, fill_rounds
 from .errors import SettingError
+from .likelihood import ar_loglikelihood
 from .requests import SettingTypeError, typed_settings
 from .text import MaskedText
 
@@ -35,12 +35,12 @@ class Schedule:
     def __post_init__(self):
         if self.steps < 0:
             raise SettingError(f"{{steps}} must be >= 0, got {self.steps}", "steps")
-        for field, value in (("fraction_start", self.fraction_start), ("fraction_end", self.fraction_end)):
+        for name, value in (("fraction_start", self.fraction_start), ("fraction_end", self.fraction_end)):
             if not 0 < value <= 1:
-                raise SettingError(f"{{{field}}} is a share of the generated tokens, in (0, 1], got {value}", field)
-        for field, value in (("anneal_start", self.temperature_start), ("anneal_end", self.temperature_end)):
+                raise SettingError(f"{{{name}}} is a share of the generated tokens, in (0, 1], got {value}", name)
+        for name, value in (("anneal_start", self.temperature_start), ("anneal_end", self.temperature_end)):
             if not 0 < value < math.inf:
-                raise SettingError(f"{{{field}}} is a Metropolis temperature, a finite number > 0, got {value}", field)
+                raise SettingError(f"{{{name}}} is a Metropolis temperature, a finite number > 0, got {value}", name)
 
     def _at(self, start: float, end: float, step: int) -> float:
         """Geometric interpolation, step 1 -> start, step K -> end."""

@@ -42,6 +42,13 @@ class SpecialIds:
         return cls(**data)
 
 
+class MlmPass(Protocol):
+    """The MLM pass alone, which Backend and SlotBackend both give."""
+
+    def mlm_hidden(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """As in Backend."""
+
+
 class Backend(Protocol):
     """What the decode loop needs from a model: numpy arrays in and out, the KV cache an opaque value.
 

@@ -33,8 +33,8 @@ def _quota_in(folder: Path) -> float | None:
     """The CPU quota set on one cgroup folder, in CPUs, or None where it sets none."""
     try:
         if (folder / "cpu.max").exists():  # v2: "max 100000" or "150000 100000"
-            quota, period = (folder / "cpu.max").read_text().split()[:2]
-            return None if quota == "max" else int(quota) / int(period)
+            limit, every = (folder / "cpu.max").read_text().split()[:2]
+            return None if limit == "max" else int(limit) / int(every)
         if (folder / "cpu.cfs_quota_us").exists():  # v1: -1 where there is none
             quota = int((folder / "cpu.cfs_quota_us").read_text())
             period = int((folder / "cpu.cfs_period_us").read_text())

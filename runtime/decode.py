@@ -12,12 +12,12 @@ A batch takes as many AR steps as its sequence with the most masked tokens. The 
 so a sequence's samples do not depend on the batch it runs in.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
-from .backend import Backend, SpecialIds
+from .backend import Backend, MlmPass, SpecialIds
 from .choose import Sampling, choose_tokens, token_logprobs
 from .utf8 import Utf8Rule
 
@@ -46,7 +46,7 @@ MLM_CALL_SCORES = 1 << 20
 def length_groups(lengths: list[int], waste: float = 0.5, scores: int = MLM_CALL_SCORES) -> list[list[int]]:
     """Indices in groups of similar length, longest first: padding a group to its longest adds at most `waste`
     times its real tokens, and a group of several holds at most `scores` rows x longest^2."""
-    groups = []
+    groups: list[list[int]] = []
     for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         group = groups[-1] if groups else None
         if (
@@ -60,7 +60,7 @@ def length_groups(lengths: list[int], waste: float = 0.5, scores: int = MLM_CALL
     return groups
 
 
-def encode_masked(backend: Backend, ids: list[np.ndarray], masked: list[np.ndarray], special: SpecialIds) -> np.ndarray:
+def encode_masked(backend: MlmPass, ids: list[np.ndarray], masked: list[np.ndarray], special: SpecialIds) -> np.ndarray:
     """The MLM pass; returns mlm_hidden [batch, max_n + 2, d_mlm] with h_mlm[b, i + 1] for x_i (what lies past
     a sequence's end is not defined). Sequences of very different lengths run in separate calls (length_groups):
     padded to the longest, a short text costs as much as a long one; long texts run a few at a time, which bounds
@@ -78,6 +78,7 @@ def encode_masked(backend: Backend, ids: list[np.ndarray], masked: list[np.ndarr
         if mlm_hidden is None:  # the first group holds the longest sequence
             mlm_hidden = np.zeros((len(ids), width, hidden.shape[-1]), dtype=hidden.dtype)
         mlm_hidden[group, :width] = hidden
+    assert mlm_hidden is not None, "the MLM pass of no sequences"
     return mlm_hidden
 
 
@@ -189,7 +190,7 @@ def teacher_forced_logits(backend: Backend, ids, masked, special: SpecialIds) ->
 def score_batch(backend: Backend, ids, masked, special: SpecialIds) -> list[np.ndarray]:
     """Teacher forced, one pass: -log p(x_i) of the true tokens at each sequence's masked positions."""
     logits = teacher_forced_logits(backend, ids, masked, special)
-    return [-token_logprobs(l, x[np.flatnonzero(m)]) for l, x, m in zip(logits, ids, masked)]
+    return [-token_logprobs(row, x[np.flatnonzero(m)]) for row, x, m in zip(logits, ids, masked)]
 
 
 def in_batches(run_batch, ids, masked, batch_size: int, unmasked) -> list:

@@ -12,7 +12,7 @@ joining between steps), or with the concat decoder the batch loop behind the sam
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,9 +33,14 @@ class Filler(Protocol):
     """What rounds of rows need of a loaded model (Infiller is one): its tokenizer and special ids, the backend
     that scores whole texts, the encoding of a text with markers, and decoders to fill rows with."""
 
-    tokenizer: Tokenizer
-    special: SpecialIds
-    backend: Backend
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    @property
+    def special(self) -> SpecialIds: ...
+
+    @property
+    def backend(self) -> Backend: ...
 
     @property
     def max_sequence_length(self) -> int: ...
@@ -95,7 +100,7 @@ class Decoder(Protocol):
         on_token: OnFill | None = None,
     ) -> Decoded: ...
 
-    def cancel(self, sequence: Decoded) -> None: ...
+    def cancel(self, sequence: Any) -> None: ...  # a Decoded this decoder's submit returned
 
     def step(self) -> object: ...
 
@@ -189,7 +194,7 @@ class RoundDriver:
 
 def fill_rounds(
     driver: RoundDriver,
-    runs: list[tuple[RoundSource, Sampling, Hear | None]],
+    runs: Sequence[tuple[RoundSource, Sampling, Hear | None]],
     on_round: Callable[[int, int], None] | None = None,
     cancelled: Callable[[], bool] = lambda: False,
 ) -> bool:

@@ -14,8 +14,9 @@ sequence sees only its own slot, and draws its samples from its own generator.
 """
 
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any
 
 import numpy as np
 
@@ -42,8 +43,8 @@ class Sequence:
     sampling: Sampling
     rng: np.random.Generator
     on_token: Callable | None = None  # (position, token, logprob)
-    logprobs: np.ndarray = None
-    mlm_hidden: np.ndarray = None  # [n + 2, d_mlm]
+    logprobs: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per target, as it is filled
+    mlm_hidden: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # [n + 2, d_mlm], once admitted
     slot: int = -1
     cursor: int = 0  # AR tokens fed
     filled: int = 0  # masks filled
@@ -72,7 +73,7 @@ class Engine:
     max_chunk: int = MAX_CHUNK  # tokens a sequence feeds per step at most
     waiting: collections.deque = field(default_factory=collections.deque)
     active: dict = field(default_factory=dict)  # slot -> Sequence
-    cache: object = None
+    cache: Any = None  # the backend's cache of slots (runtime/slots.py), made at the first step
     steps: int = 0
     last_batch: int = 0  # sequences in the last step
 

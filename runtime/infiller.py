@@ -114,7 +114,7 @@ class Infiller:
         self._check_ids(ids, masked)
         return [float(n.sum()) for n in score(self.backend, ids, masked, self.special, batch_size)]
 
-    def prepare(self, text: str, rerank: bool = False, most: int = MAX_CANDIDATES) -> Prepared:
+    def prepare(self, text: str, rerank: bool = False, most: float = MAX_CANDIDATES) -> Prepared:
         """Checks and encodes a text: one candidate per combination of its span lengths ([MASK:?], [MASK:a-b]), or,
         where several span markers allow over `most` combinations, their ranges to search gap by gap (its longest
         combination checked). Raises ValueError for text the model cannot fill, naming the problem and the fix."""

@@ -17,12 +17,13 @@ import functools
 import itertools
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from .manifest import REEXPORT, Manifest
 from .device import gpu_index
+from .manifest import REEXPORT, Manifest
 from .sessions import make_session, provider_name, providers_for
 from .slots import SlotCache, capacity_axis, capacity_for
 
@@ -39,7 +40,7 @@ def check_graphs(manifest: Manifest, sessions: dict) -> None:
     """Checks the manifest against what the graphs declare (names, element types, fixed dimensions); raises
     ValueError naming the first difference."""
     m, element = manifest, ELEMENTS[manifest.dtype]
-    expected = {
+    expected: dict[str, dict[str, tuple[str, dict[int, Any]]]] = {
         "mlm": {"hidden_states": (element, {-1: m.mlm_hidden_size})},
         "ar_decoder": {"last_hidden_state": (element, {-1: m.ar_hidden_size})},
         "fusion_head": {
@@ -138,7 +139,8 @@ class OnnxBackend:
         self.mlm = session(Path(folder) / manifest.graph("mlm").file, providers, insist=device not in ("auto", "cpu"))
         if self.mlm.get_providers()[0] != provider_name(providers[0]):
             providers = ["CPUExecutionProvider"]  # after a CUDA fallback, the rest start on CPU directly
-        self.ar = self.step = None
+        self.ar: Any = None  # ONNX Runtime sessions, where the decoder asked for loads them
+        self.step: Any = None
         self.cuda_graph = False
         if "ar_decoder" in manifest.graphs and decoder != "engine":
             self.ar = session(Path(folder) / manifest.graph("ar_decoder").file, providers)

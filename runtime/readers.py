@@ -182,4 +182,4 @@ def texts_of(lines: list[Line]) -> list[str]:
     for line in lines:
         if line.error:
             raise ValueError(line.error)
-    return [line.text for line in lines]
+    return [line.text for line in lines if line.text is not None]

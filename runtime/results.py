@@ -2,6 +2,7 @@
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from .decode import Fill
 from .text import MaskedText, segments
@@ -41,7 +42,7 @@ class Infilled:
 
     def to_dict(self) -> dict:
         """The JSON object of one result, as `maria infill --json` prints it."""
-        out = {
+        out: dict[str, Any] = {
             "input": self.input,
             "text": self.text,
             "ids": self.ids,

@@ -25,7 +25,6 @@ from .results import Infilled, build_result
 from .spans import GapSearch
 from .text import MAX_CANDIDATES, MaskedText, with_lengths
 
-
 OnRequestFill = Callable[[int, int, int, int, int, float], None]  # (request, text, sample, position, token, logprob)
 
 
@@ -48,9 +47,11 @@ class Rounds:
 
     def __init__(self, filler: Filler, requests: list[FillRequest], numbers: list[int]):
         self.filler, self.requests, self.numbers = filler, requests, numbers
-        self.results = [[[None] * r.num_samples for _ in r.texts] for r in requests]  # [request][text][sample]
-        self.searches = {}  # (number, text, sample) -> (GapSearch, {lengths: Infilled}) while it runs
-        self.rows = []
+        # [request][text][sample]: None until that sample's result is in
+        self.results: list[list[list[Infilled | None]]] = [[[None] * r.num_samples for _ in r.texts] for r in requests]
+        # (number, text, sample) -> (GapSearch, {lengths: Infilled}) while it runs
+        self.searches: dict[tuple[int, int, int], tuple[GapSearch, dict[tuple, Infilled]]] = {}
+        self.rows: list[Row] = []
         for number in numbers:
             request = requests[number]
             for text, prepared in enumerate(request.texts):
@@ -88,9 +89,12 @@ class Rounds:
             if not pending:
                 self._end_search(key)
                 continue
-            text = self.requests[key[0]].texts[key[1]].text
+            number, text, sample = key
+            written = self.requests[number].texts[text].text
             rows += [
-                self._row(*key, lengths, self.filler.encode(with_lengths(text, lengths)), lengths)
+                self._row(
+                    number, text, sample, lengths, self.filler.encode(with_lengths(written, lengths)), list(lengths)
+                )
                 for lengths in pending
             ]
         return rows
@@ -114,12 +118,12 @@ class Rounds:
         )
         for i, score in zip(need, scores):
             built[i].score = score
-        candidates = {}
+        candidates: dict[tuple[int, int, int], list[Infilled]] = {}
         for row, result in zip(self.rows, built):
             key = (row.number, row.text, row.sample)
             if key in self.searches:
                 search, tried = self.searches[key]
-                search.scores[row.lengths], tried[row.lengths] = result.score, result
+                search.scores[row.lengths], tried[row.lengths] = _score(result), result
             else:
                 candidates.setdefault(key, []).append(result)
         for key, results in candidates.items():
@@ -133,7 +137,7 @@ class Rounds:
         """The result of a text decoded in one round: its one fill, or its span candidate with the best score."""
         number, text, sample = key
         prepared = self.requests[number].texts[text]
-        best = max(range(len(candidates)), key=lambda c: candidates[c].score) if prepared.spans else 0
+        best = max(range(len(candidates)), key=lambda c: _score(candidates[c])) if prepared.spans else 0
         chosen = candidates[best]
         if prepared.spans:
             chosen.span_lengths = list(prepared.candidates[best][0])
@@ -161,11 +165,19 @@ class Rounds:
         for number in self.numbers:
             if self.requests[number].rerank:
                 for samples in self.results[number]:
-                    samples.sort(key=lambda r: -r.score)
+                    samples.sort(key=lambda r: -_score(r))
 
     def flat(self, number: int) -> list[Infilled]:
         """The results of request `number`: num_samples per text, text-major."""
-        return [result for samples in self.results[number] for result in samples]
+        results = [result for samples in self.results[number] for result in samples]
+        assert all(r is not None for r in results), "flat() before every round was collected"
+        return results  # type: ignore[return-value]
+
+
+def _score(result: Infilled | None) -> float:
+    """A result's whole-text score (computed wherever a choice or a reranking needs it)."""
+    assert result is not None and result.score is not None, "a result chosen or reranked without its score"
+    return result.score
 
 
 def _candidate(lengths: tuple, result: Infilled) -> dict:

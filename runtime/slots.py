@@ -6,12 +6,14 @@ a row (slot) per sequence, written in place by the graph and never copied betwee
            step graph's attention is not one fused node (see export/step.py); the manifest's values_transposed
            says which
 
-Position p of a sequence lives at index p of its slot's capacity axis. A step over the first `rows` slots binds
-each buffer's first rows (a contiguous prefix) as both the graph's cache.* input and its cache_out.* output, so
-ONNX Runtime's scatters write the new keys and values into the buffer itself. On CUDA the buffers are device memory that no step
-copies to the host. `resize` changes the capacity of every slot, keeping what each holds (the one copy, made when
-the longest sequence outgrows the buffer, amortized over many steps by growing in blocks).
+Position p of a sequence lives at index p of its slot's capacity axis. A step over the first `rows` slots binds each
+buffer's first rows (a contiguous prefix) as both the graph's cache.* input and its cache_out.* output, so ONNX
+Runtime's scatters write the new keys and values into the buffer itself. On CUDA the buffers are device memory that
+no step copies to the host. `resize` changes the capacity of every slot, keeping what each holds (the one copy, made
+when the longest sequence outgrows the buffer, amortized over many steps by growing in blocks).
 """
+
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -49,10 +51,11 @@ class SlotCache:
         self.values_transposed = values_transposed
         self.slots, self.device, self.device_id = slots, device, device_id
         self.ortvalues = device != "cpu" if ortvalues is None else ortvalues
-        self.capacity, self.buffers = 0, []
+        self.capacity = 0
+        self.buffers: list[Any] = []  # per layer, keys then values: numpy arrays or OrtValues
         # the IOBindings that point at these buffers, made by the backend and kept with them: a binding must never
         # outlive the memory it names, so a resize drops them and they go when the cache does
-        self.bindings = {}
+        self.bindings: dict[Any, Any] = {}  # rows, or (rows, width) on a device -> binding
         self._arenas, self._turn = [np.empty(0, self.dtype), np.empty(0, self.dtype)], 1  # host buffers' memory
         self.resize(capacity)
 

@@ -74,7 +74,9 @@ def encode_masked_text(text: str, tokenizer, mask_id: int, max_length: int) -> M
             raise ValueError(f"'{like.group(0)}' is not a marker; write [MASK] for one token or [MASK:N] for N")
     if SPAN.search(text):
         raise ValueError("the text has [MASK:?] or [MASK:a-b] markers; expand it with span_candidates first")
-    ids, masked, position = [], [], 0
+    ids: list[int] = []
+    masked: list[bool] = []
+    position = 0
     for match in MARKER.finditer(text):
         count = int(match.group(1)) if match.group(1) is not None else 1  # MARKER_LIKE bounds its digits
         if not 1 <= count <= max_length:
@@ -163,7 +165,7 @@ def span_candidates(text: str, max_length: int, most: int = MAX_CANDIDATES) -> l
 
 
 def candidates_of(
-    text: str, ranges: list[range], most: int = MAX_CANDIDATES
+    text: str, ranges: list[range], most: float = MAX_CANDIDATES
 ) -> list[tuple[tuple[int, ...], str]] | None:
     """span_candidates for the text's span ranges (span_ranges), read once."""
     if len(ranges) > 1 and math.prod(len(r) for r in ranges) > most:

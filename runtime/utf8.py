@@ -97,7 +97,8 @@ class Utf8Rule:
         for _ in range(REACH):
             reach.append((steps.astype(np.int64) @ reach[-1].astype(np.int64)) > 0)
         self.reach = reach
-        self._masks, self._refusals = {}, {}  # per (state, fills left, awaited): at most 4 x 5 x 4 each
+        self._masks: dict[tuple, np.ndarray | None] = {}  # per (state, fills left, awaited)
+        self._refusals: dict[tuple, np.ndarray] = {}  # per (state, fills left, awaited): at most 4 x 5 x 4 each
 
     @classmethod
     def from_tokenizer(cls, tokenizer, vocab_size: int, banned) -> "Utf8Rule":
@@ -166,7 +167,8 @@ class Utf8Rule:
     def _refused(self, state: int, left: int, awaited: int) -> np.ndarray:
         key = (state, left, awaited)
         if key not in self._refusals:
-            self._refusals[key] = np.flatnonzero(~self._mask(state, left, awaited))
+            mask = self._mask(state, left, awaited)
+            self._refusals[key] = np.flatnonzero(~mask) if mask is not None else np.zeros(0, dtype=np.int64)
         return self._refusals[key]
 
 

@@ -351,7 +351,7 @@ def encoded(response: Response, encoding: str | None) -> Response:
         return response
     headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-encoding")}
     return Response(
-        compress(response.body, encoding),
+        compress(bytes(response.body), encoding),
         status_code=response.status_code,
         headers={**headers, "content-encoding": encoding, "vary": "Accept-Encoding"},
     )

@@ -14,11 +14,12 @@ import collections
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from maria_onnx.runtime.anneal import AnnealRequest, run_annealing
 from maria_onnx.runtime.infiller import Infiller
+from maria_onnx.runtime.requests import FillRequest
 
 from .jobs import Job, QueueFull
 
@@ -49,6 +50,7 @@ class Batcher:
             raise QueueFull from None
 
     def _next(self, timeout: float | None) -> Job | None:
+        """The next job (held ones first); None where none comes within timeout (None: wait for one)."""
         if self.held:
             return self.held.popleft()
         try:
@@ -60,9 +62,11 @@ class Batcher:
         """The first waiting job and those that join it within max_batch_delay_s, up to max_batch_size texts; a
         generation runs alone."""
         first = self._next(timeout=None)
+        assert first is not None, "a wait with no timeout returns a job"
         if isinstance(first.request, AnnealRequest):
             return [] if first.cancelled else [first]
         batch, size, other = [first], first.request.size, []
+        job: Job | None
         until = time.monotonic() + self.max_batch_delay_s
         while size < self.max_batch_size:
             job = self._next(timeout=until - time.monotonic())
@@ -96,20 +100,16 @@ class Batcher:
         for job in batch:
             job.timings.started = started
         try:
-            if isinstance(batch[0].request, AnnealRequest):
-                job = batch[0]  # its deadline or its client leaving stops it between steps
+            results: list[list]
+            first, request = batch[0], batch[0].request
+            if isinstance(request, AnnealRequest):  # its deadline or its client leaving stops it between steps
+                decoder = self.infiller.new_decoder(self.max_batch_size)
                 results = [
-                    run_annealing(
-                        self.infiller.new_decoder(self.max_batch_size),
-                        job.request.start(self.infiller),
-                        self.observe_batch,
-                        lambda: job.cancelled,
-                    )
+                    run_annealing(decoder, request.start(self.infiller), self.observe_batch, lambda: first.cancelled)
                 ]
             else:
-                results = self.infiller.infill_requests(
-                    [job.request for job in batch], on_token, on_batch=self.observe_batch
-                )
+                fills = [job.request for job in batch if isinstance(job.request, FillRequest)]
+                results = list(self.infiller.infill_requests(fills, on_token, on_batch=self.observe_batch))
         except Exception as error:  # handed to each request's handler, which answers for it
             for job in batch:
                 job.finish(job.future.set_exception, error)

@@ -31,12 +31,14 @@ def started_run(driver: RoundDriver, job: Job, filler: Filler) -> tuple[Run, Cal
         annealing = job.request.start(filler)
         return driver.start(annealing, annealing.sampling), lambda: annealing.results
     rounds = Rounds(filler, [job.request], [0])
-    on_token = job.on_token
-    hear = (
-        None
-        if on_token is None
-        else rounds.hearing(lambda number, *fill: job.loop.call_soon_threadsafe(on_token, *fill))
-    )
+    hear = None
+    if job.on_token is not None:
+        on_token = job.on_token
+
+        def heard(number: int, *fill: object) -> None:  # on the worker thread: the callback runs on the job's loop
+            job.loop.call_soon_threadsafe(on_token, *fill)
+
+        hear = rounds.hearing(heard)
     return driver.start(rounds, job.request.sampling, hear), lambda: rounds.flat(0)
 
 
@@ -114,10 +116,9 @@ class ContinuousBatcher:
             try:
                 if run.error is not None:
                     raise run.error
-                outcome = job.future.set_result, results()
+                job.finish(job.future.set_result, results())
             except Exception as error:  # handed to the request's handler, which answers for it
-                outcome = job.future.set_exception, error
-            job.finish(*outcome)
+                job.finish(job.future.set_exception, error)
 
     def _fail_all(self, error: Exception) -> None:
         """An engine step failed: every running job is answered with the error, and a fresh engine goes on."""

@@ -78,6 +78,7 @@ class Server:
 
     def __init__(self, infiller: Infiller, settings: ServeSettings):
         self.infiller, self.settings, self.metrics, self.stats = infiller, settings, Metrics(), Statistics()
+        self.batcher: ContinuousBatcher | Batcher
         if infiller.decoder == "engine":
             self.batcher = ContinuousBatcher(infiller, settings.max_batch_size, settings.max_queue, self.executed)
         else:
@@ -148,9 +149,9 @@ class Server:
 
     async def queued(self, job: Job, left: ClientLeft | None, timeout_s: float | None) -> list:
         """Queues the job and waits for its results, its deadline (504) or, given left (a coroutine function that
-        returns once the client has gone), its client leaving (499). A job that ends any way but with its results is dropped from the decode worker: its rows free their
-        slots at the next step instead of being filled for nobody. The deadline is the server's --timeout, or the
-        request's own timeout_s where that is shorter."""
+        returns once the client has gone), its client leaving (499). A job that ends any way but with its results
+        is dropped from the decode worker: its rows free their slots at the next step instead of being filled for
+        nobody. The deadline is the server's --timeout, or the request's own timeout_s where that is shorter."""
         try:
             self.batcher.submit(job)
         except QueueFull:

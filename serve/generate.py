@@ -43,7 +43,7 @@ def read_generate(request) -> tuple[list, dict]:
 
 def generate_response(model_name: str, results: list) -> dict:
     """The response object: each output's one value, or its values as a list (texts x samples, text-major)."""
-    response = {"model_name": model_name, "model_version": VERSION}
+    response: dict[str, object] = {"model_name": model_name, "model_version": VERSION}
     for name, values in output_values(results):
         response[name] = values[0] if len(values) == 1 else values
     return response

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from maria_onnx.runtime.readers import RefusedJson, loads_json
-
 from maria_onnx.runtime.text import quoted
 
 INPUTS = {
@@ -155,7 +154,7 @@ def _element_count(spec: dict) -> int:
 
 def _tensor_values(spec: dict, binary: bytes | None, offset: int) -> tuple[list, int]:
     """The flat values of one input tensor, and the offset of the next tensor's binary data."""
-    kind, name = spec.get("datatype"), spec.get("name")
+    kind, name = str(spec.get("datatype")), str(spec.get("name"))
     size = parameters(spec, f"input '{name}'").get("binary_data_size")
     if size is not None:
         if binary is None or type(size) is not int or size < 0 or offset + size > len(binary):
@@ -341,7 +340,7 @@ def infer_response(model_name: str, request: InferRequest, results: list) -> tup
     asked."""
     outputs, blobs = [], []
     for name, shape, values in output_tensors(request, results):
-        output = {"name": name, "datatype": OUTPUTS[name], "shape": shape}
+        output: dict[str, object] = {"name": name, "datatype": OUTPUTS[name], "shape": shape}
         if name in request.binary_outputs:
             blob = bytes_tensor(values)
             output["parameters"] = {"binary_data_size": len(blob)}

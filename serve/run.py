@@ -50,7 +50,11 @@ def serve(
         bound(host, grpc_port, "--grpc-port").close()
     app = create_app(infiller, settings)
     config = uvicorn.Config(
-        app, log_config=None, log_level="warning", access_log=False, timeout_graceful_shutdown=grace_s
+        app,
+        log_config=None,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=grace_s,  # type: ignore[arg-type]  # seconds, a float, as asyncio.wait_for takes
     )
     shown = f"[{host}]" if listener.family == socket.AF_INET6 else host
     announced = (

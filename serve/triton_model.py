@@ -1,11 +1,11 @@
 """A Triton Inference Server Python-backend model that fills masked text with a MARIA bundle.
 
 `maria triton-repo` copies this file as `<repo>/<name>/1/model.py`, beside a copy of the package root and its
-runtime (`maria_onnx/`) and the bundle (`bundle/`). ONNX Runtime runs inside the backend, so the decode loop keeps its KV cache on the
-device between steps. With dynamic batching Triton hands several requests to one `execute` call; they are filled
-in one decode batch, each with its own seed (request parameters: temperature, top_k, top_p, seed, num_samples).
-A request over `max_texts` decode rows (texts x samples x span candidates; a parameter of config.pbtxt) is
-refused.
+runtime (`maria_onnx/`) and the bundle (`bundle/`). ONNX Runtime runs inside the backend, so the decode loop keeps
+its KV cache on the device between steps. With dynamic batching Triton hands several requests to one `execute` call;
+they are filled in one decode batch, each with its own seed (request parameters: temperature, top_k, top_p, seed,
+num_samples). A request over `max_texts` decode rows (texts x samples x span candidates; a parameter of
+config.pbtxt) is refused.
 
 Tensors, as `maria serve` declares them: input `text` BYTES [batch, 1]; outputs `text` and `result` (the JSON of
 `maria infill --json`) BYTES [batch, num_samples].

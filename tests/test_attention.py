@@ -8,15 +8,14 @@ import collections
 import numpy as np
 import onnx
 import pytest
+from test_runtime import random_cases
 from typer.testing import CliRunner
 
+from maria_onnx.checkpoint import load_maria
 from maria_onnx.cli import app
 from maria_onnx.export.bundle import export_bundle
-from maria_onnx.checkpoint import load_maria
 from maria_onnx.reference import reference_infill
 from maria_onnx.runtime.infiller import Infiller
-
-from test_runtime import random_cases
 
 
 @pytest.fixture(scope="module")

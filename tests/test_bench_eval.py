@@ -7,15 +7,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from tiny import corpus
 from typer.testing import CliRunner
 
-from maria_onnx.cli import app
 from maria_onnx.checkpoint import load_maria
-from maria_onnx.tools.baselines import baseline_heads, evaluate_baselines, mlm_autoregressive
+from maria_onnx.cli import app
 from maria_onnx.model import mlm_input_ids
 from maria_onnx.runtime.evaluate import draw_masks, text_windows
 from maria_onnx.runtime.infiller import Infiller
-from tiny import corpus
+from maria_onnx.tools.baselines import baseline_heads, evaluate_baselines, mlm_autoregressive
 
 runner = CliRunner()
 

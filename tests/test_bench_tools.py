@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import corpus
 
 from maria_onnx.runtime.infiller import Infiller
 from maria_onnx.runtime.text import plain_encoder
-from tiny import corpus
 from maria_onnx.tools import bench_generate, bench_spans, error_line, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +28,7 @@ def test_whole_words_are_found_and_lengths_chosen_within_range(infiller):
     found = [bench_spans.whole_words(infiller.tokenizer, window) for window in windows]
     assert all(1 <= end - start <= 4 for words in found for start, end in words)
     for window, words in zip(windows, found):
-        for start, end in words:
+        for start, _ in words:
             assert infiller.tokenizer.id_to_token(int(window[start])).startswith("Ġ")
     count = min(6, sum(map(len, found)))
     assert count >= 3

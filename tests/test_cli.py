@@ -409,6 +409,7 @@ def test_version_names_the_package_onnx_runtime_cuda_and_python(monkeypatch):
     from importlib import metadata
 
     import onnxruntime
+
     from maria_onnx.runtime import sessions
 
     result = runner.invoke(app, ["--version"])

@@ -109,7 +109,7 @@ def test_ranked_prints_in_score_order_ties_in_sample_order(capsys):
 
 def test_warnings_are_one_line_each_and_fail_is_one_line_and_a_status(capsys):
     with warnings_shown():
-        warnings.warn("CUDA cannot start; running on the CPU instead", RuntimeWarning)
+        warnings.warn("CUDA cannot start; running on the CPU instead", RuntimeWarning, stacklevel=1)
     assert capsys.readouterr().err == "warning: CUDA cannot start; running on the CPU instead\n"
     with pytest.raises(typer.Exit) as stopped:
         fail("the bundle is missing", code=2)

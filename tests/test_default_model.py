@@ -115,11 +115,10 @@ def test_a_plain_wheel_install_is_one_package_carrying_the_default_model(tmp_pat
     (user / "cli.py").write_text("raise SystemExit('the user cli.py ran')\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     code = (
-        "import maria_onnx, sys; assert maria_onnx.__file__.startswith(%r), maria_onnx.__file__\n"
+        f"import maria_onnx, sys; assert maria_onnx.__file__.startswith({str(tmp_path / 'site')!r})\n"
         "from maria_onnx import Infiller, Sampling\n"
         "assert 'torch' not in sys.modules\n"
         "print(Infiller().infill(['The [MASK] statement is used to [MASK] an exception.'], Sampling())[0].text)"
-        % str(tmp_path / "site")
     )
     run = subprocess.run([sys.executable, "-c", code], env=env, cwd=user, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr

@@ -3,6 +3,7 @@ slots reused, sequences joining mid-run, the cache written in place and resized.
 
 import numpy as np
 import pytest
+from test_runtime import random_cases
 
 from maria_onnx.checkpoint import load_maria
 from maria_onnx.reference import reference_infill
@@ -13,8 +14,6 @@ from maria_onnx.runtime.infiller import Infiller
 from maria_onnx.runtime.manifest import load_manifest
 from maria_onnx.runtime.onnx_backend import OnnxBackend
 from maria_onnx.runtime.slots import SlotCache, capacity_for
-
-from test_runtime import random_cases
 
 FAMILIES = ["olmo", "olmo2", "llama", "qwen2"]
 
@@ -316,7 +315,9 @@ def test_a_step_graph_with_the_earlier_cache_layout_is_refused_in_one_line(bundl
     it, and loading says to re-export."""
     import json
     import shutil
+
     import onnx
+
     from maria_onnx.runtime.manifest import sha256
 
     folder = shutil.copytree(bundles["olmo"], tmp_path / "earlier")

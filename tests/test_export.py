@@ -10,12 +10,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from maria_onnx.checkpoint import load_maria
 from maria_onnx.cli import app
 from maria_onnx.export import bundle as bundle_module
 from maria_onnx.export import validate as validate_module
 from maria_onnx.export.bundle import export_bundle
 from maria_onnx.export.validate import ValidationError
-from maria_onnx.checkpoint import load_maria
 from maria_onnx.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
 
 AR_TYPES = ["olmo", "olmo2", "llama"]

@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from maria_onnx.serve.core import ClientError, sampling_of
 from maria_onnx.runtime.readers import loads_json, nesting
+from maria_onnx.serve.core import ClientError, sampling_of
 from maria_onnx.serve.protocol import BadRequest, infer_response, parse_infer
 
 
@@ -300,7 +300,8 @@ def test_json_nesting_is_counted_outside_strings_and_bounded_alike_on_every_pyth
         (
             2,
             65,
-            "2 texts x 65 samples is over the limit of 64 per request; ask for at most 64 samples of one text per request",
+            "2 texts x 65 samples is over the limit of 64 per request; ask for at most 64 samples of one text per "
+            "request",
         ),
     ],
 )

@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 
 from maria_onnx.cli import app
 from maria_onnx.console.outputs import NEWLINES, shown
-from maria_onnx.tools import error_line
 from maria_onnx.export.bundle import export_bundle
 from maria_onnx.runtime.choose import Sampling
 from maria_onnx.runtime.default_model import DEFAULT_MODEL
 from maria_onnx.runtime.infiller import Infilled, Infiller
+from maria_onnx.tools import error_line
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -386,8 +386,9 @@ def test_a_special_tokens_spelling_in_the_text_is_text(default):
     assert not special_ids & set(result.ids)
     fill = result.fills[0]
     assert result.text == f"Split on [SEP] or <|endoftext|> and [CLS], then{fill} the rest."
-    from maria_onnx.runtime.text import plain_encoder
     from transformers import PreTrainedTokenizerFast
+
+    from maria_onnx.runtime.text import plain_encoder
 
     hf = PreTrainedTokenizerFast(tokenizer_file=str(DEFAULT_MODEL / "tokenizer.json"))  # training reads text alike
     assert not special_ids & set(plain_encoder(hf)(text))
@@ -707,7 +708,7 @@ def test_a_gpu_number_beyond_the_machines_is_refused(monkeypatch):
 
     monkeypatch.setattr(sessions, "cuda_missing", lambda: None)
     for count, device, gpus in [(1, "cuda:1", "1 GPU here (cuda:0)"), (2, "cuda:2", "2 GPUs here (cuda:0 to cuda:1)")]:
-        monkeypatch.setattr(sessions, "cuda_devices", lambda: (count, None))
+        monkeypatch.setattr(sessions, "cuda_devices", lambda count=count: (count, None))
         with pytest.raises(ValueError) as refused:
             sessions.providers_for(device)
         assert (

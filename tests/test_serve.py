@@ -617,8 +617,8 @@ def test_settings_no_server_can_honour_are_one_line(monkeypatch, args, message):
     start is replaced, so nothing binds)."""
     from typer.testing import CliRunner
 
-    from maria_onnx.serve import run as serve_run
     from maria_onnx.cli import app
+    from maria_onnx.serve import run as serve_run
 
     monkeypatch.setattr(serve_run, "serve", lambda *args, **kwargs: pytest.fail("the server started"))
     result = CliRunner().invoke(app, ["serve", "--device", "cpu", *args])
@@ -630,9 +630,9 @@ def test_listening_beyond_loopback_without_a_key_is_warned(monkeypatch):
     """Nothing is bound here: the server's start is replaced, so only the warning before it is seen."""
     from typer.testing import CliRunner
 
-    from maria_onnx.serve import run as serve_run
     from maria_onnx.cli import app
     from maria_onnx.console.serving import is_loopback
+    from maria_onnx.serve import run as serve_run
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("example.org")
@@ -787,8 +787,8 @@ def test_a_model_that_cannot_fill_is_refused_before_the_server_listens(monkeypat
     bound, instead of a server whose every request fails."""
     from typer.testing import CliRunner
 
-    from maria_onnx.serve import run as serve_run
     from maria_onnx.cli import app
+    from maria_onnx.serve import run as serve_run
 
     def fails(self, texts, **kwargs):
         raise RuntimeError(

@@ -9,8 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from maria_onnx.cli import app
 from maria_onnx.checkpoint import load_maria
+from maria_onnx.cli import app
 from maria_onnx.runtime.choose import Sampling
 from maria_onnx.runtime.infiller import Infiller
 from maria_onnx.runtime.likelihood import ar_loglikelihood, ar_sample

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from maria_onnx.cli import app
+from maria_onnx import train as maria_train
 from maria_onnx.checkpoint import load_maria
+from maria_onnx.cli import app
 from maria_onnx.config import MariaConfig, TrainConfig
 from maria_onnx.data import read_documents
-from maria_onnx import train as maria_train
 from maria_onnx.train import train
 
 SMALL = dict(seq_len=32, batch_size=4, learning_rate=3e-2, warmup_steps=2, eval_every=100, eval_batches=2, seed=3)
@@ -221,6 +221,7 @@ def test_a_long_document_is_tokenized_in_pieces_to_the_same_ids(pairs, monkeypat
     assert all(piece.startswith("Line") for piece in cut[1:])
     assert [i for piece in cut for i in encode(piece)] == encode(document)
     from tokenizers import Tokenizer
+
     from maria_onnx.runtime.default_model import DEFAULT_MODEL
 
     shipped = plain_encoder(Tokenizer.from_file(str(DEFAULT_MODEL / "tokenizer.json")))

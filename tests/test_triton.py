@@ -17,8 +17,8 @@ from maria_onnx.runtime.choose import Sampling
 from maria_onnx.runtime.default_model import DEFAULT_MODEL
 from maria_onnx.runtime.infiller import Infiller
 from maria_onnx.runtime.requests import FillRequest
-from maria_onnx.tools.bench_serve import stop
 from maria_onnx.serve.triton import write_repository
+from maria_onnx.tools.bench_serve import stop
 from tests.test_serve import call, server
 
 TRITON_PYTHON = os.environ.get("MARIA_TRITON_PYTHON")

@@ -9,8 +9,8 @@ from transformers import (
     LlamaConfig,
     ModernBertConfig,
     ModernBertForMaskedLM,
-    OlmoConfig,
     Olmo2Config,
+    OlmoConfig,
     Qwen2Config,
 )
 

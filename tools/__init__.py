@@ -1,4 +1,5 @@
-"""Benchmarks, baselines, the default model's recipe and profiling: `maria bench*`, `python -m maria_onnx.tools.NAME`."""
+"""Benchmarks, baselines, the default model's recipe and profiling: `maria bench*`,
+`python -m maria_onnx.tools.NAME`."""
 
 import json
 import os
@@ -25,8 +26,8 @@ def error_line(error: Exception) -> str:
 
 
 def run_main(main, *args) -> None:
-    """Runs a `python -m maria_onnx.tools.NAME` entry point: an error in its input is one line on stderr and exit status 2, as
-    in the `maria` commands."""
+    """Runs a `python -m maria_onnx.tools.NAME` entry point: an error in its input is one line on stderr and exit
+    status 2, as in the `maria` commands."""
     try:
         main(*args)
     except (ValueError, OSError) as error:

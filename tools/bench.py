@@ -11,9 +11,11 @@ Systems:
     mlm-ar                 the MLM decoded autoregressively: left to right, the MLM re-run after every fill
 """
 
+import functools
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +25,10 @@ from rich.progress import Progress
 from rich.table import Table
 from transformers import AutoConfig
 
-from maria_onnx.export.bundle import export_bundle
-from maria_onnx.backbones import max_sequence_length, torch_device as choose_torch_device
+from maria_onnx.backbones import max_sequence_length
+from maria_onnx.backbones import torch_device as choose_torch_device
 from maria_onnx.checkpoint import load_config, load_maria
+from maria_onnx.export.bundle import export_bundle
 from maria_onnx.reference import reference_infill
 from maria_onnx.runtime.choose import Sampling
 from maria_onnx.runtime.device import check_device
@@ -39,6 +42,11 @@ from .baselines import mlm_autoregressive
 from .shapes import load_shapes, model_config, random_checkpoint
 
 
+def _fill(infiller: Infiller, ids: list, masked: list) -> list:
+    """One batch of every sequence at once."""
+    return infiller.fill_ids(ids, masked, batch_size=len(ids))
+
+
 def _systems(
     bundle: Path,
     graphs: dict,
@@ -48,13 +56,13 @@ def _systems(
     dtype: str,
     concat: bool = True,
     int8_bundle: Path | None = None,
-) -> dict:
-    """name -> fill(ids, masked) for one batch; graphs: the bundle's manifest's. concat: the concat decoder beside
-    the engine (each holds its own copy of the AR). int8_bundle: its engine on the CPU too."""
+) -> tuple[dict[str, Callable[[list, list], list]], str]:
+    """(name -> fill(ids, masked) for one batch, the torch device); graphs: the bundle's manifest's. concat: the
+    concat decoder beside the engine (each holds its own copy of the AR). int8_bundle: its engine on the CPU too."""
     torch_device = choose_torch_device(device)
     torch_dtype = torch.float16 if dtype == "fp16" and torch_device == "cuda" else torch.float32
     backbones, head, _ = load_maria(checkpoint, device=torch_device, dtype=torch_dtype)
-    systems = {}
+    systems: dict[str, Callable[[list, list], list]] = {}
     onnx_devices = (
         ["cpu"]
         if device == "cpu"
@@ -69,10 +77,10 @@ def _systems(
         for decoder in decoders:
             infiller = Infiller(bundle, device=onnx_device, decoder=decoder)
             name = f"onnx-{infiller.device}" + ("-concat" if decoder == "concat" else "")
-            systems[name] = lambda ids, masked, infiller=infiller: infiller.fill_ids(ids, masked, batch_size=len(ids))
+            systems[name] = functools.partial(_fill, infiller)
     if int8_bundle is not None:
         quantized = Infiller(int8_bundle, device="cpu", decoder="engine")
-        systems["onnx-cpu-int8"] = lambda ids, masked: quantized.fill_ids(ids, masked, batch_size=len(ids))
+        systems["onnx-cpu-int8"] = functools.partial(_fill, quantized)
     systems["pytorch"] = lambda ids, masked: reference_infill(backbones, head, ids, masked, Sampling(), len(ids))
     if mlm_ar:
         systems["mlm-ar"] = lambda ids, masked: mlm_autoregressive(backbones, ids, masked)
@@ -106,7 +114,9 @@ def measure(
         for length in lengths:
             for batch in batch_sizes:
                 ids, masked = _inputs(length, batch, vocab, mask_rate, seed)
-                times = {name: [] for name in systems if name != "mlm-ar" or batch * length <= mlm_ar_max_tokens}
+                times: dict[str, list[float]] = {
+                    name: [] for name in systems if name != "mlm-ar" or batch * length <= mlm_ar_max_tokens
+                }
                 progress.advance(task, (repeats + 1) * (len(systems) - len(times)))
                 for repeat in range(repeats + 1):  # repeat 0 is the warm-up
                     for name in times:

@@ -11,9 +11,11 @@ times, interleaved; times are medians.
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -57,12 +59,13 @@ def run_maria(infiller, length: int, samples: int, steps: int, seed: int, schedu
 def measure(
     infiller, length: int, samples: int, steps: list[int], repeats: int, seed: int, schedule: dict
 ) -> list[dict]:
-    systems = {"AR sampling": lambda: run_ar(infiller, length, samples, seed)}
+    systems: dict[str, Callable[[], list]] = {"AR sampling": lambda: run_ar(infiller, length, samples, seed)}
     for k in steps:
-        systems[f"MARIA, K={k}"] = lambda k=k: run_maria(infiller, length, samples, k, seed, schedule)
+        systems[f"MARIA, K={k}"] = functools.partial(run_maria, infiller, length, samples, k, seed, schedule)
     systems["AR sampling"]()  # warm-up: sessions and allocations, not counted
     systems[f"MARIA, K={steps[0]}"]()
-    times, outputs = {name: [] for name in systems}, {}
+    times: dict[str, list[float]] = {name: [] for name in systems}
+    outputs: dict[str, list] = {}
     for _ in range(repeats):
         for name, fill in systems.items():
             began = time.perf_counter()

@@ -74,18 +74,19 @@ def start_server(
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline, said = time.monotonic() + seconds, ""
+    deadline, said, stderr = time.monotonic() + seconds, "", process.stderr
+    assert stderr is not None, "stderr is a pipe"
     while time.monotonic() < deadline and process.poll() is None:
-        line = process.stderr.readline()
+        line = stderr.readline()
         said = line.strip() or said
         match = re.search(r"listening on (http://[^\s,]+)", line)
         if match:
             address = re.search(r"gRPC on (\S+)", line)
             # its access log goes on to stderr: read and dropped, or a full pipe would stall the server
-            threading.Thread(target=process.stderr.read, daemon=True).start()
+            threading.Thread(target=stderr.read, daemon=True).start()
             return match.group(1), address.group(1) if address else None, process
     stop(process)
-    said = said or process.stderr.read().strip().rpartition("\n")[2]
+    said = said or stderr.read().strip().rpartition("\n")[2]
     raise ValueError(f"the server did not start ({said.removeprefix('error: ') or f'nothing said in {seconds:g} s'})")
 
 
@@ -154,11 +155,12 @@ def text_tensor(text: str):
 
 
 @contextlib.contextmanager
-def grpc_sender(url: str, address: str):
+def grpc_sender(url: str, address: str | None):
     """A function sending one text as a ModelInfer through tritonclient.grpc, returning (status, seconds): the HTTP
     status the same outcome gets (200, or 0 for any error)."""
     from tritonclient.grpc import InferenceServerClient
 
+    assert address is not None, "gRPC clients need the server's gRPC address"
     client = InferenceServerClient(address)
 
     def send(text: str, timeout: float) -> tuple[int, float]:
@@ -177,12 +179,13 @@ def grpc_sender(url: str, address: str):
 
 
 @contextlib.contextmanager
-def grpc_stream_sender(url: str, address: str):
+def grpc_stream_sender(url: str, address: str | None):
     """A function sending one text on this client's ModelStreamInfer stream (tritonclient.grpc) and waiting for its
     answer, returning (status, seconds) as grpc_sender; the stream is closed when the client is done."""
     from tritonclient.grpc import InferenceServerClient
 
-    client, answers = InferenceServerClient(address), queue.Queue()
+    assert address is not None, "gRPC clients need the server's gRPC address"
+    client, answers = InferenceServerClient(address), queue.Queue[object]()
     client.start_stream(lambda result, error: answers.put(error))
 
     def send(text: str, timeout: float) -> tuple[int, float]:
@@ -392,7 +395,7 @@ def table(runs: list[dict]) -> Table:
             no_wrap=column == "decoder via",
         )
     for r in runs:
-        shown = lambda key, form: form.format(r[key]) if r[key] is not None else "-"
+        shown = lambda key, form, r=r: form.format(r[key]) if r[key] is not None else "-"
         out.add_row(
             str(r["repeat"] + 1),
             f"{r['decoder']} {r['protocol']}",

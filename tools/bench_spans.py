@@ -1,7 +1,8 @@
 """How well MARIA picks the length of a gap: mask one whole word (1 to 4 tokens) of held-out text at a time,
 ask for [MASK:?] (1 to 8 tokens), and compare the chosen length and fill with the truth.
 
-    python -m maria_onnx.tools.bench_spans --windows tests/data/default_model_eval_windows.npy --words 300 --out spans.json
+    python -m maria_onnx.tools.bench_spans --windows tests/data/default_model_eval_windows.npy --words 300 \
+        --out spans.json
 
 Criteria compared on the same candidates (every length decoded greedily, one batch per word):
     AR total        log p_AR of the whole filled text (what `[MASK:?]` uses)
@@ -136,7 +137,9 @@ def gap_texts(infiller: Infiller, windows: np.ndarray, count: int, gaps: int, se
         words = whole_words(infiller.tokenizer, windows[w])
         if len(words) < gaps or np.isin(windows[w], infiller.special.all).any():
             continue
-        pieces, position, true = [], 0, []
+        pieces: list[str] = []
+        true: list[int] = []
+        position = 0
         for start, end in (words[i] for i in sorted(rng.choice(len(words), gaps, replace=False))):
             pieces += [decode(windows[w][position:start].tolist()), " [MASK:?]"]
             position, true = end, true + [end - start]

@@ -48,7 +48,7 @@ def main() -> None:
         texts = [TEXT] * batch
         fills = {setting: [r.text for r in each.infill(texts)] for setting, each in infillers.items()}  # warm-up
         assert all(fill == fills[settings[0]] for fill in fills.values()), "the settings filled differently"
-        times = {setting: [] for setting in settings}
+        times: dict = {setting: [] for setting in settings}
         for _ in range(args.repeats):
             for setting, each in infillers.items():
                 began = time.perf_counter()

@@ -36,7 +36,7 @@ def main(first: Path, second: Path, out: Path, device: str = "cpu", runs: int = 
         raise ValueError(f"--runs must be at least 4, got {runs}")
     dtype = DTYPES[manifests[0].dtype]
     longest = min(m.max_sequence_length for m in manifests)
-    report = {
+    report: dict = {
         "device": device,
         "dtype": manifests[0].dtype,
         "runs": runs,
@@ -53,13 +53,13 @@ def main(first: Path, second: Path, out: Path, device: str = "cpu", runs: int = 
         for step in steps.values():
             for _ in range(WARMUP):
                 step.run()
-        times = {name: [] for name in steps}
+        times: dict[str, list[float]] = {name: [] for name in steps}
         for _ in range(runs):
             for name, step in steps.items():
                 began = time.perf_counter()
                 step.run()
                 times[name].append(1000 * (time.perf_counter() - began))
-        row = {
+        row: dict = {
             "batch": batch,
             "cached_tokens": cached,
             "new_tokens": new,

@@ -84,8 +84,12 @@ def _inline(text: str) -> str:
 def rst_to_prose(source: str) -> str:
     """Drops directives that are not prose, literal blocks, doctests, tables and section underlines;
     keeps the indented prose of description directives; one paragraph per line."""
-    lines, paragraphs, current = source.splitlines(), [], []
-    skip_indent, literal_indent, doctest = None, None, False
+    lines = source.splitlines()
+    paragraphs: list[str] = []
+    current: list[str] = []
+    skip_indent: int | None = None
+    literal_indent: int | None = None
+    doctest = False
     for line in lines:
         stripped, indent = line.strip(), len(line) - len(line.lstrip())
         doctest = doctest and bool(stripped)  # a doctest and its output run to the next blank line
@@ -94,6 +98,7 @@ def rst_to_prose(source: str) -> str:
             continue
         if skip_indent is not None or literal_indent is not None:
             limit = skip_indent if skip_indent is not None else literal_indent
+            assert limit is not None
             if not stripped or indent > limit:
                 continue
             skip_indent = literal_indent = None

@@ -1,10 +1,10 @@
 """The lowest versions pyproject.toml allows for the runtime and `maria serve` (the base dependencies and the serve
-and grpc extras) on this machine: `python -m maria_onnx.tools.floors` prints them as pins, which .ci/run installs into an
-environment of their own for tests/test_floors.py. Needs the packaging module (the dev extra)."""
+and grpc extras) on this machine: `python -m maria_onnx.tools.floors` prints them as pins, which .ci/run installs
+into an environment of their own for tests/test_floors.py. Needs the packaging module (the dev extra)."""
 
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"

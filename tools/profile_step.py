@@ -41,7 +41,10 @@ def kernel_times(session, run_once) -> dict:
     trace = session.end_profiling()
     events = json.loads(Path(trace).read_text())
     os.remove(trace)
-    by_op, nodes, providers, total = collections.Counter(), collections.Counter(), collections.Counter(), 0
+    by_op: collections.Counter = collections.Counter()
+    nodes: collections.Counter = collections.Counter()
+    providers: collections.Counter = collections.Counter()
+    total = 0
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
             by_op[event["args"]["op_name"]] += event["dur"]
@@ -87,12 +90,13 @@ class Step:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if profile_prefix:
             options.enable_profiling, options.profile_file_prefix = True, profile_prefix
-        providers = ["CPUExecutionProvider"]
+        providers: list = ["CPUExecutionProvider"]
         if device == "cuda":
             (name, settings), *rest = cuda_providers(0)
             providers = [(name, {**settings, **({"enable_cuda_graph": "1"} if cuda_graph else {})}), *rest]
         self.session = ort.InferenceSession(str(path), options, providers=providers)
-        self.device, self.dtype, self.binding, self.values = device, dtype, self.session.io_binding(), []
+        self.device, self.dtype, self.binding = device, dtype, self.session.io_binding()
+        self.values: list = []  # what the binding points at, kept alive with it
 
     def bind(self, name: str, array: np.ndarray, output: str | None = None) -> None:
         """Binds array (copied to the device) as input `name`, and the same memory as output `output`."""

@@ -18,16 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maria_onnx.export.bundle import export_bundle
 from maria_onnx.config import TrainConfig
 from maria_onnx.data import read_documents
-from maria_onnx.train import train
+from maria_onnx.export.bundle import export_bundle
 from maria_onnx.runtime.default_model import DEFAULT_MODEL
 from maria_onnx.runtime.evaluate import document_windows, draw_masks, evaluate_maria
 from maria_onnx.runtime.evaluate import evaluate_baselines as onnx_baselines
 from maria_onnx.runtime.infiller import Infiller
 from maria_onnx.runtime.text import plain_encoder
 from maria_onnx.runtime.windows import pack_windows
+from maria_onnx.train import train
 
 from . import run_main
 from .corpus import build_corpus, download_python_docs
@@ -186,7 +186,7 @@ def quality(work: Path, recipe: Recipe, log=print) -> dict:
         "MARIA int8": Infiller(work / "bundle-int8", device="cpu"),
     }
     windows = test_windows(work, recipe, infillers["MARIA"])
-    table = {"windows": int(len(windows)), "seq_len": recipe.seq_len, "rates": {}}
+    table: dict = {"windows": int(len(windows)), "seq_len": recipe.seq_len, "rates": {}}
     for rate in recipe.eval_rates:
         masks = draw_masks(windows, rate, seed=recipe.seed)
         rows = onnx_baselines(infillers["MARIA"], windows, masks)
