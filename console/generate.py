@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import Progress
@@ -46,6 +47,11 @@ def generate_samples(
         for first in range(0, num_samples, group):
             samples = min(group, num_samples - first)
             which = f"samples {first + 1}-{first + samples} of {num_samples}, " if samples < num_samples else ""
+
+            def stepped(step: int, energies: np.ndarray, which: str = which) -> None:
+                description = f"{which}step {step}: mean energy {energies.mean():.1f}"
+                progress.update(task, completed=step + 1, description=description)
+
             results = anneal(
                 infiller,
                 *ends,
@@ -54,9 +60,7 @@ def generate_samples(
                 schedule,
                 sampling,
                 sampling.seed,
-                on_step=lambda step, energies, which=which: progress.update(
-                    task, completed=step + 1, description=f"{which}step {step}: mean energy {energies.mean():.1f}"
-                ),
+                on_step=stepped,
                 batch_size=batch_size,
                 first_sample=first,
             )

@@ -11,6 +11,8 @@ from typing import NoReturn
 
 import typer
 
+from maria_onnx.runtime.results import Infilled
+
 NEWLINES = str.maketrans({"\n": "\\n", "\r": "\\r"})
 
 
@@ -21,7 +23,7 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 
 @contextlib.contextmanager
-def results_to_stdout():
+def results_to_stdout() -> Iterator[None]:
     """Printing results: a write that fails (a full disk, a closed terminal) is named as stdout's, with the output
     said to be incomplete; a reader that left (`| head`) stays a quiet stop (one_line_errors)."""
     try:
@@ -48,9 +50,10 @@ class Ranked:
     file, its score in memory, and all are printed in score order (ties in sample order, as one sort of them all
     would give) once the last is filled."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.file = tempfile.TemporaryFile()
-        self.samples = []  # (-score, sample, offset, note's bytes, output's bytes)
+        # (-score, sample, offset, note's bytes, output's bytes)
+        self.samples: list[tuple[float, int, int, int, int]] = []
 
     def add(self, score: float, sample: int, note: str, output: str) -> None:
         note_bytes, output_bytes = note.encode(), output.encode()
@@ -69,7 +72,7 @@ class Ranked:
         return count
 
 
-def shown(result, as_json: bool, styled: bool, kept: dict) -> str:
+def shown(result: Infilled, as_json: bool, styled: bool, kept: dict) -> str:
     """A result's line: JSON exact, after the `kept` fields of its input line; plain text with a newline inside a
     fill shown escaped (\\n)."""
     if as_json:

@@ -32,7 +32,7 @@ class Schedule:
     temperature_start: float = 1.0  # Metropolis temperature (nats) at the first step
     temperature_end: float = 0.05  # ... and at the last
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.steps < 0:
             raise SettingError(f"{{steps}} must be >= 0, got {self.steps}", "steps")
         for name, value in (("fraction_start", self.fraction_start), ("fraction_end", self.fraction_end)):
@@ -103,8 +103,8 @@ class Annealing:
         sampling: Sampling = Sampling(temperature=1.0),
         seed: int = 0,
         first_sample: int = 0,
-        on_step=None,
-    ):
+        on_step: Callable[[int, np.ndarray], None] | None = None,
+    ) -> None:
         self.check(filler, prefix, suffix, length, num_samples)
         self.filler, self.schedule, self.sampling, self.on_step = filler, schedule, sampling, on_step
         self.seed, self.first_sample, self.num_samples, self.step = seed, first_sample, num_samples, 0
@@ -287,7 +287,7 @@ def anneal(
     schedule: Schedule,
     sampling: Sampling = Sampling(temperature=1.0),
     seed: int = 0,
-    on_step=None,
+    on_step: Callable[[int, np.ndarray], None] | None = None,
     batch_size: int | None = None,
     first_sample: int = 0,
 ) -> list[Annealed]:

@@ -24,7 +24,7 @@ class SpecialIds:
     start: int  # the AR's bos, or its eos where it has none
     pad: int
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in SPECIAL_NAMES:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -35,7 +35,7 @@ class SpecialIds:
         return sorted({self.cls, self.sep, self.mask, self.start, self.pad})
 
     @classmethod
-    def from_dict(cls, data) -> "SpecialIds":
+    def from_dict(cls, data: object) -> "SpecialIds":
         if not isinstance(data, dict) or set(data) != set(SPECIAL_NAMES):
             found = sorted(data) if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"special ids must be an object with keys {list(SPECIAL_NAMES)}, got {found}")

@@ -1,5 +1,6 @@
 """Choosing a token from the fusion head's logits: greedy, or sampling with temperature / top-k / top-p."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +17,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int = 0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
@@ -31,7 +32,7 @@ class Sampling:
         return self.temperature == 0
 
 
-def token_logprobs(logits: np.ndarray, tokens) -> np.ndarray:
+def token_logprobs(logits: np.ndarray, tokens: np.ndarray | Sequence[int]) -> np.ndarray:
     """log p(tokens[r]) under softmax(logits[r]) for each row of logits [rows, V] -> [rows] float64: the token's
     logit less the row's log-sum-exp, the exponentials in the logits' own precision (fast) and summed in float64."""
     top = logits.max(axis=-1, keepdims=True)
@@ -57,8 +58,12 @@ def _sample_row(scores: np.ndarray, sampling: Sampling, rng: np.random.Generator
 
 
 def choose_tokens(
-    logits: np.ndarray, banned_ids, sampling: Sampling, rngs: list[np.random.Generator], refused: list | None = None
-):
+    logits: np.ndarray,
+    banned_ids: Sequence[int],
+    sampling: Sampling,
+    rngs: list[np.random.Generator],
+    refused: list | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """logits [rows, V] -> (token ids [rows], their log-probabilities under the head's full distribution [rows]).
     Row r samples with rngs[r], never a banned id nor one of the ids refused[r] (where that is not None)."""
     scores = logits.copy()

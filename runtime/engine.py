@@ -14,6 +14,7 @@ sequence sees only its own slot, and draws its samples from its own generator.
 """
 
 import collections
+import collections.abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,8 +80,8 @@ class Engine:
 
     def submit(
         self,
-        ids,
-        masked,
+        ids: np.ndarray | collections.abc.Sequence[int],
+        masked: np.ndarray | collections.abc.Sequence[bool],
         sampling: Sampling = Sampling(),
         rng: np.random.Generator | None = None,
         on_token: Callable | None = None,
@@ -198,13 +199,13 @@ class Engine:
 
 def engine_infill(
     backend: SlotBackend,
-    ids,
-    masked,
+    ids: collections.abc.Sequence[np.ndarray],
+    masked: collections.abc.Sequence[np.ndarray],
     special: SpecialIds,
     sampling: Sampling,
     slots: int,
     rngs: list[np.random.Generator],
-    on_token=None,
+    on_token: Callable[[int, int, int, float], None] | None = None,
     fixed_shapes: bool = False,
     utf8: Utf8Rule | None = None,
 ) -> list[Fill]:

@@ -6,7 +6,8 @@ the batch loop over Optimum's decoder (runtime/decode.py); runtime/rounds.py add
 per-text seeds.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -32,13 +33,13 @@ DECODERS = ("auto", "engine", "concat")
 class Infiller:
     def __init__(
         self,
-        bundle=None,
+        bundle: str | Path | None = None,
         device: str = "auto",
         io_binding: bool | None = None,
         decoder: str = "auto",
         cuda_graph: bool = False,
         threads: int | None = None,
-    ):
+    ) -> None:
         """bundle: a folder written by `maria export`; None for the default model shipped in the package.
         decoder: engine (ar_step.onnx, the KV cache written in place), concat (ar_decoder.onnx, today's path), or
         auto: the engine where the bundle has it. cuda_graph: on CUDA, capture the engine's steps as CUDA graphs.
@@ -83,12 +84,12 @@ class Infiller:
 
     def fill_ids(
         self,
-        ids,
-        masked,
+        ids: Sequence[np.ndarray],
+        masked: Sequence[np.ndarray],
         sampling: Sampling = Sampling(),
         batch_size: int = 8,
         rngs: list[np.random.Generator] | None = None,
-        on_token=None,
+        on_token: Callable[[int, int, int, float], None] | None = None,
     ) -> list[Fill]:
         """Fills content ids at masked positions; sequences without masked positions come back unchanged.
         rngs[i] draws sequence i's samples; by default one generator per sequence from (seed, i, 0)."""
@@ -109,7 +110,7 @@ class Infiller:
             utf8=self.utf8,
         )
 
-    def score(self, ids, masked, batch_size: int = 8) -> list[float]:
+    def score(self, ids: Sequence[np.ndarray], masked: Sequence[np.ndarray], batch_size: int = 8) -> list[float]:
         """Summed negative log-likelihood of the given tokens at the masked positions (teacher forced)."""
         self._check_ids(ids, masked)
         return [float(n.sum()) for n in score(self.backend, ids, masked, self.special, batch_size)]
@@ -193,7 +194,7 @@ class Infiller:
                 "`maria export`"
             )
 
-    def _check_ids(self, ids, masked) -> None:
+    def _check_ids(self, ids: Sequence[np.ndarray], masked: Sequence[np.ndarray]) -> None:
         for row, (x, m) in enumerate(zip(ids, masked)):
             x = np.asarray(x)
             if len(x) != len(m) or len(x) > self.manifest.max_sequence_length or len(x) == 0:

@@ -5,6 +5,7 @@ FillRequest: texts (each Prepared: one candidate per combination of span lengths
 runtime/rounds.py decodes them: one batch per sampling setting, round after round where lengths are searched
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .choose import Sampling
@@ -87,7 +88,12 @@ def check_size(limit: int, texts: int, num_samples: int, request: FillRequest | 
 
 
 def bounded_request(
-    prepare, texts: list, sampling: Sampling, num_samples: int, rerank: bool, limit: int
+    prepare: Callable[[list, bool, int], list[Prepared]],
+    texts: list,
+    sampling: Sampling,
+    num_samples: int,
+    rerank: bool,
+    limit: int,
 ) -> FillRequest:
     """The request for texts in at most `limit` decode rows at once: every combination of span lengths decoded
     side by side where they all fit, else the lengths of each text with several span markers searched gap by gap
@@ -105,7 +111,7 @@ class SettingTypeError(ValueError):
     """A request setting that is unknown or of the wrong type (a server answers 400; a refused value, 422)."""
 
 
-def _fits(value, kind) -> bool:
+def _fits(value: object, kind: type) -> bool:
     """A value of this kind: an integer is integral and fits in 64 bits, as the protocol's INT64 tensors hold."""
     if kind is bool or isinstance(value, bool):
         return kind is bool and isinstance(value, bool)

@@ -4,6 +4,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from tokenizers import Tokenizer
+
 from .decode import Fill
 from .text import MaskedText, segments
 from .utf8 import fill_pieces
@@ -58,7 +60,7 @@ class Infilled:
         return out
 
 
-def build_result(tokenizer, text: str, encoded: MaskedText, fill: Fill) -> Infilled:
+def build_result(tokenizer: Tokenizer, text: str, encoded: MaskedText, fill: Fill) -> Infilled:
     """The result of one text from its encoding and its fill."""
     if not encoded.masked.any():
         other_case = re.search(r"\[mask\b[^\]\s]{0,20}\]?", text, re.IGNORECASE)  # [mask], [Mask:2]

@@ -34,7 +34,7 @@ class Batcher:
     jobs: queue.Queue = field(init=False)
     held: collections.deque = field(init=False, default_factory=collections.deque)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.jobs = queue.Queue(maxsize=self.max_queue)
         self.worker = threading.Thread(target=self._work, name="maria-batcher", daemon=True)
         self.worker.start()
@@ -91,7 +91,7 @@ class Batcher:
                 self._run(batch)
 
     def _run(self, batch: list[Job]) -> None:
-        def on_token(number, index, sample, position, token, logprob):
+        def on_token(number: int, index: int, sample: int, position: int, token: int, logprob: float) -> None:
             job = batch[number]
             if job.on_token is not None:
                 job.loop.call_soon_threadsafe(job.on_token, index, sample, position, token, logprob)

@@ -41,7 +41,7 @@ class ServeSettings:
     timeout_s: float = 60.0  # per request, from arrival to answer
     api_key: str | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for option, value, unit in (
             ("--max-batch-delay-ms", self.max_batch_delay_ms, "milliseconds"),
             ("--timeout", self.timeout_s, "seconds"),
@@ -107,7 +107,7 @@ class Server:
         self.metrics.batch_size.observe(rows)
         self.stats.executed(rows, ns)
 
-    def job(self, texts: list, settings: dict, began: float, on_token=None) -> Job:
+    def job(self, texts: list, settings: dict, began: float, on_token: Callable | None = None) -> Job:
         """Checks every text and setting before anything is queued; began: when the request arrived
         (time.monotonic)."""
         if not texts:
@@ -216,7 +216,7 @@ class Server:
         return Job(request, loop, loop.create_future(), Timings(arrived=int(began * 1e9)))
 
 
-def logged(server: Server, route: str, status: int, began: float, **line) -> None:
+def logged(server: Server, route: str, status: int, began: float, **line: object) -> None:
     """A finished request, HTTP or gRPC: counted by route and status, timed, and logged as one JSON line of `line`
     (method, path, client) with its status and time."""
     server.metrics.requests.labels(route, str(status)).inc()
