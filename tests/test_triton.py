@@ -66,7 +66,8 @@ def tritonserver(workdir: Path) -> tuple[list[str], dict]:
 def test_triton_serves_the_repository_like_maria_serve(tmp_path):
     repository = tmp_path / "repo"
     write_repository(DEFAULT_MODEL, repository, kind="cpu", max_queue_delay_us=20_000, max_texts=4)
-    assert (repository / "maria" / "1" / "runtime" / "decode.py").is_file()
+    assert (repository / "maria" / "1" / "maria_onnx" / "runtime" / "decode.py").is_file()
+    assert (repository / "maria" / "1" / "maria_onnx" / "__init__.py").is_file()
     command, environment = tritonserver(tmp_path)
     port, grpc_port = free_port(), free_port()
     process = subprocess.Popen(
