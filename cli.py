@@ -133,6 +133,27 @@ def train(
     typer.echo(f"wrote {out} (step {result.trained_steps})")
 
 
+@app.command("tiny-backbones")
+@one_line_errors
+def tiny_backbones(
+    out: Path = typer.Argument(..., help="A new folder for the backbones and the training text."),
+    ar_type: str = typer.Option("olmo", help="The causal LM's family: olmo | olmo2 | llama | qwen2."),
+    seed: int = typer.Option(0, min=0),
+):
+    """Make tiny random backbones (a ModernBERT and a causal LM sharing a vocabulary) and a small training text, for
+    a first try of train -> export -> infill with no model hub."""
+    from maria_onnx.tools.tiny import tiny_backbones as make_tiny_backbones
+
+    made = make_tiny_backbones(out, ar_type, seed)
+    checkpoint, bundle = out / "checkpoint", out / "bundle"
+    typer.echo(f"wrote {made['mlm']}, {made['ar']} and {made['data']}; next:")
+    typer.echo(
+        f"  maria train --mlm {made['mlm']} --ar {made['ar']} --data {made['data']} --out {checkpoint} --steps 50"
+    )
+    typer.echo(f"  maria export {checkpoint} --out {bundle}")
+    typer.echo(f'  maria infill "The [MASK] statement is used to [MASK] an exception." --model {bundle}')
+
+
 @app.command("export")
 @one_line_errors
 def export_command(

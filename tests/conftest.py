@@ -1,11 +1,6 @@
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from tiny import make_pair, write_corpus  # noqa: E402
+from maria_onnx.tools.tiny import make_pair, write_corpus
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +18,7 @@ def corpus_file(tmp_path_factory):
 @pytest.fixture(scope="session")
 def checkpoints(pairs, tmp_path_factory):
     """ar_type -> checkpoint folder over the tiny pair."""
-    from tiny import make_checkpoint
+    from maria_onnx.tools.tiny import make_checkpoint
 
     root = tmp_path_factory.mktemp("checkpoints")
     return {ar_type: make_checkpoint(*pair, root / ar_type) for ar_type, pair in pairs.items()}

@@ -7,7 +7,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from tiny import corpus
 from typer.testing import CliRunner
 
 from maria_onnx.checkpoint import load_maria
@@ -16,6 +15,7 @@ from maria_onnx.model import mlm_input_ids
 from maria_onnx.runtime.evaluate import draw_masks, text_windows
 from maria_onnx.runtime.infiller import Infiller
 from maria_onnx.tools.baselines import baseline_heads, evaluate_baselines, mlm_autoregressive
+from maria_onnx.tools.tiny import corpus
 
 runner = CliRunner()
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny import corpus
 
 from maria_onnx.runtime.infiller import Infiller
 from maria_onnx.runtime.text import plain_encoder
 from maria_onnx.tools import bench_generate, bench_spans, error_line, write_json
+from maria_onnx.tools.tiny import corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 from test_runtime import random_cases
-from tiny import corpus
 
 from maria_onnx.checkpoint import load_maria
 from maria_onnx.export.bundle import export_bundle
 from maria_onnx.reference import reference_infill, reference_score
 from maria_onnx.runtime.infiller import Infiller
 from maria_onnx.runtime.sessions import cuda_missing
+from maria_onnx.tools.tiny import corpus
 
 MISSING = cuda_missing() or (None if torch.cuda.is_available() else "PyTorch sees no CUDA device")
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"needs CUDA: {MISSING}")

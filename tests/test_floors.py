@@ -116,9 +116,8 @@ def test_serve_http_and_grpc_at_the_floors(reference):
 def test_a_fused_attention_bundle_fills_alike_at_the_floors(checkpoints, tmp_path):
     """ONNX Runtime 1.20 misread an attention bias broadcast over the heads (wrong fills at batch > 1, no error):
     the fused step graph feeds it a bias per head, so a batch of texts fills there as here."""
-    from tiny import corpus
-
     from maria_onnx.export.bundle import export_bundle
+    from maria_onnx.tools.tiny import corpus
 
     export_bundle(checkpoints["olmo"], tmp_path / "fused", attention="fused", concat_decoder=False)
     texts = [" ".join(w[:2] + ["[MASK]"] + w[3:-2] + ["[MASK:2]"]) for w in (t.split() for t in corpus(6, seed=9))]

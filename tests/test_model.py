@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from tiny import make_pair
 
 from maria_onnx.backbones import load_backbones
 from maria_onnx.model import FusionHead, ar_input_ids, masked_nll, mlm_input_ids, teacher_forced_hidden
 from maria_onnx.reference import reference_infill, reference_score
 from maria_onnx.runtime.choose import Sampling
+from maria_onnx.tools.tiny import make_pair
 
 
 def random_case(rng, backbones, length, rate):

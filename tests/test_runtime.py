@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from tiny import corpus
 
 from maria_onnx.checkpoint import load_maria
 from maria_onnx.reference import reference_infill, reference_score
@@ -16,6 +15,7 @@ from maria_onnx.runtime.choose import Sampling, token_logprobs
 from maria_onnx.runtime.decode import encode_masked, length_groups
 from maria_onnx.runtime.infiller import Infiller
 from maria_onnx.runtime.sessions import gpu_present
+from maria_onnx.tools.tiny import corpus
 
 ROOT = Path(__file__).parent.parent
 

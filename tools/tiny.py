@@ -1,4 +1,5 @@
-"""Tiny random backbones and a tiny byte-level BPE tokenizer, built inside the tests (nothing is downloaded)."""
+"""Tiny random backbones and a tiny byte-level BPE tokenizer, made offline (nothing is downloaded): the tests'
+models, and `maria tiny-backbones` for a first try of train -> export -> infill without a model hub."""
 
 import random
 from pathlib import Path
@@ -11,10 +12,11 @@ from transformers import (
     ModernBertForMaskedLM,
     Olmo2Config,
     OlmoConfig,
+    PretrainedConfig,
     Qwen2Config,
 )
 
-from maria_onnx.tools.pretrain import save_tokenizer, train_tokenizer
+from .pretrain import save_tokenizer, train_tokenizer
 
 WORDS = (
     "the a an of to in is was for on with as by at from raise return import class function value list "
@@ -32,7 +34,10 @@ def tokenizer_file(folder: Path, seed: int = 0, vocab_size: int = 300) -> Path:
     return train_tokenizer(corpus(400, seed), vocab_size, Path(folder) / "tokenizer.json")
 
 
-def ar_config(ar_type: str, vocab_size: int, eos: int, pad: int):
+AR_TYPES = ("olmo", "olmo2", "llama", "qwen2")
+
+
+def ar_config(ar_type: str, vocab_size: int, eos: int, pad: int) -> PretrainedConfig:
     common = dict(
         vocab_size=vocab_size,
         hidden_size=32,
@@ -52,10 +57,12 @@ def ar_config(ar_type: str, vocab_size: int, eos: int, pad: int):
         return LlamaConfig(num_key_value_heads=2, **common)  # grouped-query attention
     if ar_type == "qwen2":
         return Qwen2Config(num_key_value_heads=2, **common)  # grouped-query attention, q/k/v biases
-    raise ValueError(ar_type)
+    raise ValueError(f"the causal LM must be one of {', '.join(AR_TYPES)}, got '{ar_type}'")
 
 
-def make_pair(root: Path, ar_type: str = "olmo", seed: int = 0, ar_tokenizer_seed: int | None = None):
+def make_pair(
+    root: Path, ar_type: str = "olmo", seed: int = 0, ar_tokenizer_seed: int | None = None
+) -> tuple[Path, Path]:
     """Writes tiny random MLM and AR folders under root; returns (mlm_dir, ar_dir)."""
     torch.manual_seed(seed)
     root = Path(root)
@@ -108,3 +115,16 @@ def make_checkpoint(mlm_dir: Path, ar_dir: Path, folder: Path, noise: float = 0.
         head.linear.bias.add_(noise * torch.randn(head.linear.bias.shape, generator=generator))
     save_checkpoint(folder, head, maria_config(backbones, mlm_dir, ar_dir, {}, 0))
     return Path(folder)
+
+
+def tiny_backbones(out: Path, ar_type: str = "olmo", seed: int = 0) -> dict[str, Path]:
+    """`maria tiny-backbones`: a tiny random ModernBERT, a tiny random causal LM of ar_type sharing its
+    vocabulary, and a small training text, under out; their paths by name (mlm, ar, data)."""
+    if ar_type not in AR_TYPES:
+        raise ValueError(f"--ar-type must be one of {', '.join(AR_TYPES)}, got '{ar_type}'")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty; give a new folder for the tiny backbones")
+    out.mkdir(parents=True, exist_ok=True)
+    mlm, ar = make_pair(out, ar_type, seed)
+    return {"mlm": mlm, "ar": ar, "data": write_corpus(out / "train.txt", seed=seed + 1)}
