@@ -449,7 +449,9 @@ def eval_command(
         ..., help="UTF-8 text to mask: a file (one document per line) or a folder (one document per file)."
     ),
     model: Path | None = typer.Option(None, "--model", "-m", help="A bundle; default: the shipped model."),
-    backbones_from: Path | None = typer.Option(None, help="Checkpoint whose backbones give the baselines."),
+    backbones_from: Path | None = typer.Option(
+        None, help="Checkpoint whose backbones give the baselines in PyTorch (instead of the bundle's heads)."
+    ),
     mask_rate: float = typer.Option(0.5),
     span: bool = typer.Option(False, help="Mask spans (mean length 4) instead of single tokens."),
     seq_len: int = typer.Option(128, help="Tokens per evaluation window."),
@@ -460,7 +462,9 @@ def eval_command(
     device: str = typer.Option("auto", help="auto | cuda | cuda:N (GPU N) | cpu"),
     threads: int | None = threads_option(),
 ):
-    """Masked-token perplexity and greedy top-1 accuracy: MARIA (ONNX) and, with the train extra, the baselines."""
+    """Masked-token perplexity and greedy top-1 accuracy of MARIA and its baselines (AR alone, MLM alone, product of
+    experts), all from the bundle's own heads on ONNX Runtime; with --backbones-from, or a bundle exported with
+    --no-baseline-heads, the baselines run in PyTorch (the train extra) on the backbone folders."""
     from maria_onnx.console.evaluation import evaluate_text
 
     evaluate_text(
