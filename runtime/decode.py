@@ -36,10 +36,8 @@ class Fill:
         return cls(ids=np.asarray(ids, dtype=np.int64), positions=np.zeros(0, dtype=np.int64), logprobs=np.zeros(0))
 
 
-# The MLM's attention holds rows x width^2 scores (per head and layer) at once: one call over 8 texts of 2,040 tokens
-# peaked at 3.7 GB of resident memory, one text per call at 0.6 GB, in no more time (the shipped model on the 2-core
-# CPU: 8 x 1,024 tokens 1,065 MB and 326 ms against 265 MB and 294 ms; 8 x 512, four rows a call: 264 MB against
-# 379 MB, 124 ms both). A call takes at most this many rows x width^2; a longer text runs alone.
+# The MLM's attention holds rows x width^2 scores at once: a call takes at most this many (a longer text runs alone),
+# which bounds its memory in no more time (docs/benchmarks.md, "Smaller measurements").
 MLM_CALL_SCORES = 1 << 20
 
 

@@ -27,11 +27,8 @@ from .decode import Fill, encode_masked
 from .slots import capacity_for
 from .utf8 import Utf8Rule
 
-# A step feeds each sequence at most this many tokens; attention over a chunk holds chunk x cache scores. The shipped
-# model on the 2-core CPU, texts of 1,534 tokens with one mask at the end (the first chunk runs up to it), one
-# process per setting: 8 texts peaked at 1,932 MB resident in 1.64 s as one chunk, 994 MB in 1.12 s at 512 tokens a
-# step, 763 MB in 1.18 s at 256, 647 MB in 1.18 s at 128; one text 625-628 MB in 162-176 ms as one chunk, 555-559
-# MB in 161 ms at 256 (medians of 3 to 9 runs). Texts whose masks lie closer together than this run as before.
+# Tokens a sequence feeds per step at most: attention over a chunk holds chunk x cache scores, so long prefills are
+# cut to bound memory at no cost in time (docs/benchmarks.md, "Smaller measurements").
 MAX_CHUNK = 256
 
 

@@ -162,9 +162,8 @@ def provider_name(provider) -> str:
 @cache
 def shared_cpu_arena() -> None:
     """Registers one CPU memory arena in ONNX Runtime's environment, for the CPU sessions of this process to share
-    (session.use_env_allocators) instead of an arena each: what the MLM pass took, the decode steps reuse. On the
-    shipped model, 8 texts of 2,000 tokens peaked at 660 MB instead of 899 MB, and 401 MB instead of 643 MB stayed
-    resident after them; fills took the same time within the noise (docs/benchmarks.md)."""
+    (session.use_env_allocators) instead of an arena each: what the MLM pass took, the decode steps reuse (a lower
+    peak and less kept resident: docs/benchmarks.md, "Smaller measurements")."""
     info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
     ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))  # ONNX Runtime's defaults
 
@@ -179,10 +178,8 @@ def make_session(path: Path, providers: list, insist: bool = False, threads: int
     threads = session_threads(threads)
     if threads is not None:
         options.intra_op_num_threads = threads
-    # ONNX Runtime's pool threads spin between calls by default, taking the cores that the Python between the
-    # decode loop's many small calls (and a server's event loop) needs. Without spinning, on the 2-core CPU
-    # machine, fills took 18-24% less time (batch 8 x 512 and batch 1 x 128, both decoders, one run each) and
-    # `maria serve` answered 1.4-1.7x the requests under the uneven load of docs/benchmarks.md (two runs each)
+    # ONNX Runtime's pool threads spin between calls by default, taking the cores that the Python between the decode
+    # loop's many small calls (and a server's event loop) needs (docs/benchmarks.md, "CPU: the decode engine")
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if [provider_name(p) for p in providers] == ["CPUExecutionProvider"]:
         shared_cpu_arena()

@@ -86,7 +86,7 @@ class SlotCache:
     def _host_buffers(self, shapes: list[tuple]) -> list[np.ndarray]:
         """Buffers of these shapes in the arena the current ones are not in. Two arenas take turns, so a resize
         writes into memory the process already holds: in fresh memory, faulting its pages in cost as much as the
-        copy itself (a resize of 8 slots x 1,024 positions: 30 ms fresh, 4 ms reused). Host memory: up to 2.5x
+        copy itself (docs/benchmarks.md, "Smaller measurements"). Host memory: up to 2.5x
         the buffers' own; after a shrink, the other arena (the longer buffers') is let go, so a server does not
         keep its longest request's cache."""
         sizes = [int(np.prod(shape)) for shape in shapes]

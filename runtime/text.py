@@ -87,7 +87,7 @@ def encode_masked_text(text: str, tokenizer, mask_id: int, max_length: int) -> M
         piece = piece[:-1] if piece.endswith(" ") else piece  # that space belongs to the fill
         ids += content_ids(piece, tokenizer, max_length)
         masked += [False] * (len(ids) - len(masked))
-        if len(ids) + count > max_length:  # stops here: 90,000 [MASK:2046] in 1 MB would be 184M ids
+        if len(ids) + count > max_length:  # stops here, before a text of many markers becomes millions of ids
             raise ValueError(
                 f"the text is over the bundle's maximum of {max_length} tokens: {len(ids) + count} "
                 f"to the end of its marker at character {match.start()}; shorten it or split it"
@@ -106,8 +106,8 @@ def encode_masked_text(text: str, tokenizer, mask_id: int, max_length: int) -> M
 
 def content_ids(piece: str, tokenizer, max_length: int) -> list[int]:
     """The ids of text between markers. A piece of over 32 characters per token allowed is refused where its
-    start alone makes twice the maximum, before the tokenizer takes all of it (a 20 MB line took 2.8 GB only to
-    be refused)."""
+    start alone makes twice the maximum, before the tokenizer takes all of it (docs/benchmarks.md, "Smaller
+    measurements")."""
     if not piece:
         return []
     head = 32 * max_length

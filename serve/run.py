@@ -2,8 +2,8 @@
 --grpc-port the gRPC server beside it (serve/grpc_service.py); stopping gracefully on SIGTERM or Ctrl-C: no new
 connections or calls, in-flight requests finish within the grace period. Before it listens, the model fills one
 text through every graph a request runs (warm_up): ONNX Runtime's first run of a session sets up what later runs
-reuse (on CUDA: cuBLAS and cuDNN handles, kernels, the memory arena; 285 ms of the first request on an H100), and a
-model that cannot fill on this device is refused at start instead of failing every request."""
+reuse (on CUDA: cuBLAS and cuDNN handles, kernels, the memory arena; docs/benchmarks.md, "GPU"), and a model that
+cannot fill on this device is refused at start instead of failing every request."""
 
 import asyncio
 import contextlib
