@@ -114,11 +114,11 @@ def test_a_plain_wheel_install_is_one_package_carrying_the_default_model(tmp_pat
     (user / "runtime" / "__init__.py").write_text("raise ImportError('the user runtime package was imported')\n")
     (user / "cli.py").write_text("raise SystemExit('the user cli.py ran')\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    example = re.search(r"## Set up\n.*?```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
     code = (
         f"import maria_onnx, sys; assert maria_onnx.__file__.startswith({str(tmp_path / 'site')!r})\n"
-        "from maria_onnx import Infiller, Sampling\n"
-        "assert 'torch' not in sys.modules\n"
-        "print(Infiller().infill(['The [MASK] statement is used to [MASK] an exception.'], Sampling())[0].text)"
+        + example
+        + "assert 'torch' not in sys.modules\n"
     )
     run = subprocess.run([sys.executable, "-c", code], env=env, cwd=user, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
