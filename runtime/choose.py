@@ -42,8 +42,10 @@ def token_logprobs(logits: np.ndarray, tokens: np.ndarray | Sequence[int]) -> np
 
 
 def _sample_row(scores: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
-    """scores [V] with banned ids at -inf -> one token id."""
-    scores = scores / sampling.temperature
+    """scores [V] with banned ids at -inf -> one token id. The best score is taken off before the temperature divides,
+    so a temperature near 0 leaves 0 for the best ids and -inf for the rest (greedy's choice), never inf - inf."""
+    with np.errstate(over="ignore"):  # a difference over a tiny temperature is -inf, as meant
+        scores = (scores - scores.max()) / sampling.temperature
     if sampling.top_k:
         kth = np.partition(scores, -min(sampling.top_k, scores.size))[-min(sampling.top_k, scores.size)]
         scores = np.where(scores < kth, -np.inf, scores)

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 
 from maria_onnx.checkpoint import load_maria
 from maria_onnx.reference import reference_infill, reference_score
-from maria_onnx.runtime.choose import Sampling, token_logprobs
+from maria_onnx.runtime.choose import Sampling, choose_tokens, token_logprobs
 from maria_onnx.runtime.decode import encode_masked, length_groups
 from maria_onnx.runtime.infiller import Infiller
 from maria_onnx.runtime.sessions import gpu_present
@@ -258,3 +259,19 @@ def test_result_fields_name_every_key_of_the_json_result():
         candidates=[{"lengths": [1]}],
     )
     assert list(full.to_dict()) == list(Infilled.FIELDS)
+
+
+@pytest.mark.parametrize("temperature", [1e-310, 5e-324, 1e-300, 1e-30])
+def test_a_temperature_near_zero_chooses_as_greedy_does_and_never_a_banned_id(temperature):
+    """Below about 1e-308 the logits over the temperature overflowed to inf - inf: the choice was the last id,
+    past the ban on special tokens."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 50)).astype(np.float32)
+    banned = [int(row.argmax()) for row in logits[:1]] + [49]  # the first row's best id is banned
+    rngs = [np.random.default_rng(i) for i in range(6)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing printed either
+        tokens, logprobs = choose_tokens(logits, banned, Sampling(temperature=temperature), rngs)
+    greedy, _ = choose_tokens(logits, banned, Sampling(), rngs)
+    assert tokens.tolist() == greedy.tolist() and not set(tokens.tolist()) & set(banned)
+    assert np.isfinite(logprobs).all()
