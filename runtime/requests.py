@@ -5,6 +5,7 @@ FillRequest: texts (each Prepared: one candidate per combination of span lengths
 runtime/rounds.py decodes them: one batch per sampling setting, round after round where lengths are searched
 """
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -117,8 +118,8 @@ def _fits(value: object, kind: type) -> bool:
         return kind is bool and isinstance(value, bool)
     if kind is str or isinstance(value, str):
         return kind is str and isinstance(value, str)
-    if kind is float:
-        return isinstance(value, (int, float))
+    if kind is float:  # an integer too large for a float64 is not a number it can hold (float() would overflow)
+        return isinstance(value, float) or isinstance(value, int) and abs(value) <= sys.float_info.max
     return (isinstance(value, int) or isinstance(value, float) and value.is_integer()) and -(2**63) <= value < 2**63
 
 
@@ -132,7 +133,8 @@ def typed_settings(given: dict, kinds: dict) -> dict:
     for name, value in given.items():
         kind = kinds[name]
         if not _fits(value, kind):
-            raise SettingTypeError(f"parameter '{name}' must be {KIND_NAMES[kind]}, got {quoted(value)}")
+            within = " within ±1.8e308" if kind is float and isinstance(value, int) else ""  # over a float64
+            raise SettingTypeError(f"parameter '{name}' must be {KIND_NAMES[kind]}{within}, got {quoted(value)}")
         values[name] = kind(value)
     return values
 

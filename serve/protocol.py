@@ -187,10 +187,10 @@ def _check_range(name: str, kind: str, values: list) -> None:
     limits = np.iinfo(NUMERIC[kind]) if integer else np.finfo(NUMERIC[kind])
     low, high = (int if integer else float)(limits.min), (int if integer else float)(limits.max)
     for value in values:
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if number and math.isfinite(value) and not low <= value <= high:
+        number = isinstance(value, int) or isinstance(value, float) and math.isfinite(value)  # ints are exact
+        if number and not isinstance(value, bool) and not low <= value <= high:
             raise BadRequest(
-                f"input '{name}' is {kind} but holds {value!r}, outside {kind}'s range {low} to "
+                f"input '{name}' is {kind} but holds {quoted(value)}, outside {kind}'s range {low} to "
                 f"{high}; send a value in range or declare a wider datatype"
             )
 
@@ -239,6 +239,8 @@ def read_infer(request, binary: bytes | None) -> InferRequest:
     timeout = given.get("timeout")
     if timeout is not None and (type(timeout) is not int or timeout < 0):
         raise BadRequest(f"parameter 'timeout' is in microseconds, a non-negative integer; got {quoted(timeout)}")
+    if timeout is not None and timeout >= 2**63:
+        raise BadRequest(f"parameter 'timeout' is in microseconds, at most 2^63 - 1; got {quoted(timeout)}")
     settings = {name: value for name, value in given.items() if name not in PROTOCOL_PARAMETERS}
     texts, offset, seen = None, 0, set()
     for spec in request["inputs"]:

@@ -805,3 +805,37 @@ def test_a_model_that_cannot_fill_is_refused_before_the_server_listens(monkeypat
         "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned "
         "while running MatMul node.); check the bundle and device"
     ), result.output
+
+
+HUGE = 10**400  # a JSON integer no float64 or 64-bit integer holds
+
+
+@pytest.mark.parametrize(
+    "path, payload, field",
+    [
+        ("/v1/infill", {"text": ["a [MASK]"], "temperature": HUGE}, "temperature"),
+        ("/v1/infill", {"text": ["a [MASK]"], "top_k": HUGE}, "top_k"),
+        ("/v1/generate", {"length": 4, "anneal_start": HUGE}, "anneal_start"),
+        ("/v1/generate", {"length": HUGE}, "length"),
+        ("/v2/models/maria/generate", {"text": "a [MASK]", "top_p": HUGE}, "top_p"),
+        ("/v2/models/maria/infer", oip(["a [MASK]"], seed=HUGE), "seed"),
+        ("/v2/models/maria/infer", oip(["a [MASK]"], timeout=HUGE), "timeout"),
+        (
+            "/v2/models/maria/infer",
+            {
+                "inputs": [
+                    {"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a [MASK]"]},
+                    {"name": "top_k", "datatype": "INT32", "shape": [1], "data": [HUGE]},
+                ]
+            },
+            "top_k",
+        ),
+    ],
+)
+def test_numbers_too_large_for_their_type_are_one_line_naming_the_field(running, path, payload, field):
+    """A 401-digit integer where a number goes was a 500 (float() overflowed); now a 4xx naming the field, with the
+    value cut short."""
+    status, _, body = call(running, path, payload)
+    message = json.loads(body)["error"]
+    assert 400 <= status < 500, (status, message)
+    assert field in message and "\n" not in message and len(message) < 300, message
