@@ -93,9 +93,10 @@ class Server:
 
     def authorized(self, authorization: str) -> bool:
         """An Authorization header (or gRPC metadata) value that passes: any without --api-key, else the bearer
-        token, compared in constant time."""
+        token (the scheme's name in any case, as RFC 7235 has it), compared in constant time."""
         key = self.settings.api_key
-        return not key or hmac.compare_digest(authorization.encode(), f"Bearer {key}".encode())
+        scheme, _, token = authorization.partition(" ")
+        return not key or (scheme.lower() == "bearer") & hmac.compare_digest(token.encode(), key.encode())
 
     def statistics(self, name: str | None, version: str | None) -> dict:
         """The statistics of the named model (404 for another), or without a name those of every model: one."""

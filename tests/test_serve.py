@@ -463,6 +463,10 @@ def test_each_bound_gives_its_status_and_one_line():
         assert status == 401 and "bearer token" in json.loads(body)["error"]
         assert call(url, "/v2/health/ready")[0] == 200  # health stays open
         assert call(url, "/v1/infill", {"text": ["a [MASK]"]}, headers=auth)[0] == 200
+        for scheme, token, status in (("bearer", "secret", 200), ("BEARER", "secret", 200), ("Basic", "secret", 401)):
+            headers = {"Authorization": f"{scheme} {token}"}  # the scheme's name is case-insensitive
+            assert call(url, "/v1/infill", {"text": ["a [MASK]"]}, headers=headers)[0] == status, scheme
+        assert call(url, "/v1/infill", {"text": ["a [MASK]"]}, headers={"Authorization": "Bearer Secret"})[0] == 401
         for path, payload, raw, status, message in BOUNDS:
             got, _, body = call(url, path, payload, headers=auth, raw=raw)
             assert got == status and message in json.loads(body)["error"], (path, payload, body)
