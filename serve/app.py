@@ -32,7 +32,7 @@ import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Match, Route
 
@@ -67,11 +67,14 @@ class HttpRoutes:
         if declared and declared.isdigit() and int(declared) > self.settings.max_body_bytes:
             raise ClientError(413, f"the body is {declared} bytes, over the limit of {self.settings.max_body_bytes}")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.settings.max_body_bytes:
-                raise ClientError(413, f"the body is over the limit of {self.settings.max_body_bytes} bytes")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.settings.max_body_bytes:
+                    raise ClientError(413, f"the body is over the limit of {self.settings.max_body_bytes} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:  # the client's doing, not the server's: counted and logged as 499
+            raise ClientError(499, "the client closed the connection before its body was sent") from None
         try:
             return decompress(b"".join(chunks), request.headers.get("content-encoding"), self.settings.max_body_bytes)
         except EncodingError as error:

@@ -843,3 +843,26 @@ def test_numbers_too_large_for_their_type_are_one_line_naming_the_field(running,
     message = json.loads(body)["error"]
     assert 400 <= status < 500, (status, message)
     assert field in message and "\n" not in message and len(message) < 300, message
+
+
+def test_a_client_that_leaves_mid_upload_is_a_499_not_a_server_error():
+    """Headers of POST /v1/infill with Content-Length: 100 and one byte, then the connection closed: logged and
+    counted as the client's leaving (499), with no traceback and no 500 in the metrics."""
+    import socket
+
+    with server() as (url, process):
+        host, port = url.removeprefix("http://").split(":")
+        for _ in range(5):
+            with socket.create_connection((host, int(port)), timeout=10) as connection:
+                connection.sendall(
+                    b"POST /v1/infill HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 100\r\n\r\n{"
+                )
+        deadline, metrics = time.monotonic() + 30, ""
+        while time.monotonic() < deadline and 'route="/v1/infill",status="499"} 5.0' not in metrics:
+            time.sleep(0.1)
+            metrics = call(url, "/metrics")[2].decode()
+        assert 'route="/v1/infill",status="499"} 5.0' in metrics
+        assert 'status="500"' not in metrics
+        stop(process)
+        assert "Traceback" not in process.stderr.read()
