@@ -298,14 +298,15 @@ def unrouted(server: Server):
 
     async def answer(request: Request, error):
         began, path = time.monotonic(), request.url.path
+        shown = quoted(path, str)  # the client's path, cut short
         if error.status_code == 405:
             allowed = error.headers.get("Allow", "")
-            message = f"{path} takes {allowed}, not {request.method}"
+            message = f"{shown} takes {allowed}, not {quoted(request.method, str)}"
         elif path != "/" and path.endswith("/") and routed(request, path.rstrip("/")):
-            message = f"no route {path}; leave out the trailing slash: {path.rstrip('/')}"
+            message = f"no route {shown}; leave out the trailing slash: {quoted(path.rstrip('/'), str)}"
         else:
             message = (
-                f"no route {path}; the routes are /v2/..., /v1/infill, /v1/infill/stream, /v1/generate and /metrics"
+                f"no route {shown}; the routes are /v2/..., /v1/infill, /v1/infill/stream, /v1/generate and /metrics"
             )
         response = JSONResponse({"error": message}, status_code=error.status_code, headers=error.headers)
         record(server, "(unrouted)", request, error.status_code, began)  # one label: paths are the client's

@@ -17,6 +17,7 @@ from maria_onnx.runtime.anneal import anneal_request
 from maria_onnx.runtime.choose import Sampling
 from maria_onnx.runtime.infiller import Infiller
 from maria_onnx.runtime.requests import SettingTypeError, TooLarge, bounded_request, read_settings
+from maria_onnx.runtime.text import quoted
 
 from .batcher import Batcher
 from .continuous import ContinuousBatcher
@@ -188,9 +189,9 @@ class Server:
         ClientError 404."""
         version = version or VERSION
         if name != self.settings.model_name:
-            raise ClientError(404, f"no model '{name}' here; this server serves '{self.settings.model_name}'")
+            raise ClientError(404, f"no model {quoted(name)} here; this server serves '{self.settings.model_name}'")
         if version != VERSION:
-            raise ClientError(404, f"no version '{version}' of model '{name}' here; it has version {VERSION}")
+            raise ClientError(404, f"no version {quoted(version)} of model '{name}' here; it has version {VERSION}")
         return name
 
     def anneal_job(self, settings: dict, began: float) -> Job:
@@ -226,7 +227,7 @@ def logged(server: Server, route: str, status: int, began: float, **line: object
         json.dumps(
             {
                 "method": line["method"],
-                "path": line["path"],
+                "path": quoted(str(line["path"]), str),  # the client's, cut short
                 "status": status,
                 "ms": round(1000 * (time.monotonic() - began), 2),
                 "client": line["client"],

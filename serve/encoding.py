@@ -6,6 +6,8 @@ large one."""
 
 import zlib
 
+from maria_onnx.runtime.text import quoted
+
 WBITS = {"gzip": 31, "deflate": 15}  # zlib's window bits: gzip container, zlib container
 
 
@@ -22,17 +24,23 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     if encoding == "identity":
         return body
     if encoding not in WBITS:
-        raise EncodingError(415, f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or none")
-    unpacker = zlib.decompressobj(wbits=WBITS[encoding])
-    try:
-        data = unpacker.decompress(body, limit + 1)
-    except zlib.error as error:
-        raise EncodingError(400, f"the body is not valid {encoding} data ({error})") from None
-    if len(data) > limit:
-        raise EncodingError(413, f"the body is over the limit of {limit} bytes once decompressed")
-    if not unpacker.eof:
-        raise EncodingError(400, f"the {encoding} body ends before its data does")
-    return data
+        raise EncodingError(415, f"Content-Encoding {quoted(encoding)} is not supported; send gzip, deflate or none")
+    data, rest = b"", body
+    while True:  # gzip: one member after another (RFC 1952), as gunzip reads them
+        unpacker = zlib.decompressobj(wbits=WBITS[encoding])
+        try:
+            data += unpacker.decompress(rest, limit + 1 - len(data))
+        except zlib.error as error:
+            raise EncodingError(400, f"the body is not valid {encoding} data ({error})") from None
+        if len(data) > limit:
+            raise EncodingError(413, f"the body is over the limit of {limit} bytes once decompressed")
+        if not unpacker.eof:
+            raise EncodingError(400, f"the {encoding} body ends before its data does")
+        rest = unpacker.unused_data
+        if not rest:
+            return data
+        if encoding != "gzip":
+            raise EncodingError(400, f"the body holds {len(rest)} bytes after its {encoding} data; send the data alone")
 
 
 def accepted(accept_encoding: str | None) -> str | None:

@@ -330,3 +330,24 @@ def test_a_span_request_over_the_row_limit_is_told_how_to_fit():
     assert searched.rows == 8 and FillRequest([searched, prepared(1)], num_samples=2).size == 18
     with pytest.raises(TooLarge, match="needs 24 decode rows"):
         check_size(16, 3, 1, FillRequest([searched] * 3))
+
+
+def test_a_gzip_body_of_several_members_is_read_whole_and_junk_after_the_data_is_refused():
+    import gzip
+    import zlib
+
+    from maria_onnx.serve.encoding import EncodingError, decompress
+
+    body = b'{"text": ["a [MASK]"]}'
+    members = gzip.compress(body[:10]) + gzip.compress(body[10:])  # what `cat a.gz b.gz` gives; gunzip reads both
+    assert decompress(members, "gzip", 1 << 20) == body
+    with pytest.raises(EncodingError, match="over the limit of 20 bytes once decompressed"):
+        decompress(members, "gzip", 20)  # the limit holds across members
+    with pytest.raises(EncodingError, match="not valid gzip data") as junk:
+        decompress(gzip.compress(body) + b"junk", "gzip", 1 << 20)
+    assert junk.value.status == 400
+    with pytest.raises(EncodingError, match="holds 4 bytes after its deflate data"):
+        decompress(zlib.compress(body) + b"junk", "deflate", 1 << 20)
+    with pytest.raises(EncodingError) as unknown:
+        decompress(body, "x" * 60_000, 1 << 20)
+    assert unknown.value.status == 415 and len(str(unknown.value)) < 200 and "(60,002 characters)" in str(unknown.value)

@@ -866,3 +866,25 @@ def test_a_client_that_leaves_mid_upload_is_a_499_not_a_server_error():
         assert 'status="500"' not in metrics
         stop(process)
         assert "Traceback" not in process.stderr.read()
+
+
+def test_what_a_client_sent_comes_back_cut_short_in_errors_and_the_log():
+    """A 100 KB path in a 404 or 405, a long model name or version: each quoted to 80 characters with its length
+    named, in the answer and in the access log."""
+    long = "a" * 100_000
+    with server() as (url, process):
+        for path, payload in (
+            (f"/{long}", None),  # no route
+            (f"/v1/infill/{long}", None),
+            (f"/v2/models/{long}", None),  # no such model
+            (f"/v2/models/maria/versions/{long}", None),
+        ):
+            status, _, body = call(url, path, payload)
+            message = json.loads(body)["error"]
+            assert status == 404 and len(message) < 300 and "(100,0" in message, (status, message[:200])
+        status, _, body = call(url, "/v1/infill")  # a GET where only POST goes: 405
+        assert status == 405 and len(json.loads(body)["error"]) < 200
+        stop(process)
+        log = process.stderr.read()
+    assert '"path": "/aaaa' in log and "(100,001 characters)" in log  # the access log has the requests
+    assert max(map(len, log.splitlines())) < 1000, "an access-log line carried the whole path"
