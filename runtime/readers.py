@@ -27,6 +27,7 @@ def not_utf8(name: str, byte: int) -> ValueError:
     return ValueError(f"{name} is not valid UTF-8 (byte {byte}); convert it to UTF-8")
 
 
+MAX_DIGITS = 1000  # digits of a JSON integer: far past any number a setting takes
 MAX_NESTING = 128  # arrays and objects within each other in one JSON value (serde_json's limit)
 JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
@@ -54,14 +55,25 @@ def nesting(text: str) -> int:
     return int(np.cumsum(np.where(opening, 1, -1)).max(initial=0))
 
 
+def _not_json(constant: str) -> float:
+    raise RefusedJson(f"holds {constant}, which is not JSON (RFC 8259 has no NaN or infinity); send a number")
+
+
+def _integer(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_DIGITS:  # int() refuses over 4,300 with Python's own advice
+        raise RefusedJson(f"holds an integer of {len(digits.lstrip('-')):,} digits; send at most {MAX_DIGITS}")
+    return int(digits)
+
+
 def loads_json(text):
-    """json.loads (of text, or of bytes in UTF-8, -16 or -32 as json.loads reads them) that refuses an object
-    repeating a key instead of dropping all but its last value, and nesting deeper than MAX_NESTING (RefusedJson)."""
+    """json.loads (of text, or of bytes in UTF-8, -16 or -32 as json.loads reads them), strict: RefusedJson for an
+    object repeating a key (json.loads would keep the last value), nesting deeper than MAX_NESTING, NaN or Infinity
+    (Python's extensions, which other parsers refuse), and an integer of over MAX_DIGITS digits."""
     if isinstance(text, (bytes, bytearray)):
         text = text.decode(json.detect_encoding(text), "surrogatepass")
     too_deep = RefusedJson(f"nests arrays or objects more than {MAX_NESTING} deep; send flatter JSON")
     try:
-        value = json.loads(text, object_pairs_hook=_unique_keys)
+        value = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_not_json, parse_int=_integer)
     except RecursionError:
         raise too_deep from None
     if isinstance(value, (list, dict)) and nesting(text) > MAX_NESTING:

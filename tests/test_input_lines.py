@@ -325,3 +325,25 @@ def test_fuzzed_texts_never_give_the_cli_a_traceback(tmp_path):
     (tmp_path / "in.txt").write_text("\n".join(texts), encoding="utf-8", errors="surrogatepass")
     result = cli("infill", "--input", tmp_path / "in.txt", "--device", "cpu", "--skip-invalid")
     assert result.exit_code in (0, 2) and "Traceback" not in result.output
+
+
+def test_a_jsonl_line_python_alone_would_read_is_a_bad_line_and_the_output_stays_strict_json(tmp_path):
+    """An integer of 5,000 digits stopped the whole run with Python's own advice, even with --skip-invalid; NaN and
+    Infinity were read and echoed into --json output, which strict JSON parsers refuse."""
+    lines = [
+        {"text": "a [MASK]", "id": 1},
+        '{"text": "b [MASK]", "id": ' + "7" * 5000 + "}",
+        '{"text": "c [MASK]", "score_in": NaN}',
+        '{"text": "d [MASK]", "weight": -Infinity}',
+        {"text": "e [MASK]", "id": 5},
+    ]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    stopped = cli("infill", "--input", path, "--json", "--device", "cpu")
+    one_line_error(stopped, f"{path}:2 holds an integer of 5,000 digits; send at most 1000")
+    result = cli("infill", "--input", path, "--json", "--skip-invalid", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    strict = [json.loads(line, parse_constant=lambda name: pytest.fail(name)) for line in result.stdout.splitlines()]
+    assert [row["line"] for row in strict] == [1, 5] and [row["id"] for row in strict] == [1, 5]
+    assert f"skipped: {path}:3 holds NaN, which is not JSON" in result.stderr
+    assert f"skipped: {path}:4 holds -Infinity, which is not JSON" in result.stderr

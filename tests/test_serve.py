@@ -364,12 +364,13 @@ BOUNDS = [
     ("/v1/infill", {"text": ["a [MASK:x]"]}, None, 422, "is not a marker"),
     ("/v1/infill", {"text": ["a [MASK]"], "temperature": "hot"}, None, 400, "parameter 'temperature' must be"),
     ("/v1/infill", {"text": ["a [MASK]"], "top_p": 3}, None, 422, "top-p must be in (0, 1]"),
+    ("/v1/infill", {"text": ["a [MASK]"], "seed": 1e30}, None, 400, "parameter 'seed' must be a 64-bit integer"),
     (
         "/v1/infill",
-        {"text": ["a [MASK]"], "seed": float("inf")},
+        {"text": ["a [MASK]"], "seed": float("inf")},  # json.dumps writes Infinity, which is not JSON
         None,
         400,
-        "parameter 'seed' must be a 64-bit integer",
+        "the request holds Infinity, which is not JSON",
     ),
     ("/v1/infill", {"text": ["a [MASK]"] * 9}, None, 413, "over the limit of 8 per request"),
     ("/v1/infill", {"text": ["a [MASK]" + " x" * 10000]}, None, 413, "over the limit of 16384"),
