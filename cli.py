@@ -69,6 +69,8 @@ def one_line_errors(command):
             raise typer.Exit(141) from None  # 128 + SIGPIPE, the status a shell gives such a tool
         except (ValueError, OSError) as error:  # FileNotFoundError, PermissionError, UnicodeDecodeError...
             fail(error_line(error))
+        except MemoryError:  # numpy's own message names a size in GiB and a Python type
+            fail("out of memory: the work does not fit this machine; lower --batch-size (or the texts' lengths)")
         except ImportError as error:
             fail(f"{error.name or error}: this command needs the training extra; pip install 'maria-onnx[train]'")
         except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for SIGINT

@@ -158,7 +158,7 @@ class Infiller:
                 f"{num_samples}), and indices one per text ({len(indices)} for {len(texts)})"
             )
         request = FillRequest([self.prepare(text, rerank) for text in texts], sampling, num_samples, rerank, indices)
-        return run_requests(self, self.new_decoder(batch_size), [request])[0]
+        return self.infill_requests([request], batch_size=batch_size)[0]
 
     def infill_requests(
         self,
@@ -167,10 +167,11 @@ class Infiller:
         batch_size: int | None = None,
         on_batch: Callable[[int, int], None] | None = None,
     ) -> list[list[Infilled]]:
-        """Several requests through one decoder of batch_size rows (default: every row of their first rounds at
-        once); each keeps its own seed, so its results do not depend on the others. on_token(request, text,
+        """Several requests through one decoder of batch_size rows (default, and at most: every row of their first
+        rounds at once); each keeps its own seed, so its results do not depend on the others. on_token(request, text,
         sample, position, token, logprob) hears each fill as it is chosen, on_batch(rows, ns) each decoder step."""
-        slots = batch_size or max(1, sum(request.size for request in requests))
+        rows = max(1, sum(request.size for request in requests))
+        slots = min(batch_size or rows, rows)  # memory follows the rows there are, not a large batch_size
         return run_requests(self, self.new_decoder(slots), requests, on_token, on_batch)
 
     def new_decoder(self, slots: int) -> Decoder:

@@ -347,3 +347,16 @@ def test_a_jsonl_line_python_alone_would_read_is_a_bad_line_and_the_output_stays
     assert [row["line"] for row in strict] == [1, 5] and [row["id"] for row in strict] == [1, 5]
     assert f"skipped: {path}:3 holds NaN, which is not JSON" in result.stderr
     assert f"skipped: {path}:4 holds -Infinity, which is not JSON" in result.stderr
+
+
+def test_memory_follows_the_texts_not_the_batch_size(monkeypatch):
+    """One text with --batch-size 1000000 sized the engine for a million rows (153 GiB, a traceback); the engine
+    now has the rows there are. A failed allocation is one line and exit 2."""
+    slots = []
+    new_decoder = Infiller.new_decoder
+    monkeypatch.setattr(Infiller, "new_decoder", lambda self, n: slots.append(n) or new_decoder(self, n))
+    result = cli("infill", "The [MASK] statement is used to [MASK] an exception.", "--batch-size", 1_000_000)
+    assert result.exit_code == 0 and result.stdout == "The following statement is used to raise an exception.\n"
+    assert slots == [1]
+    monkeypatch.setattr(Infiller, "new_decoder", lambda self, n: (_ for _ in ()).throw(MemoryError("153. GiB")))
+    one_line_error(cli("infill", "a [MASK]", "--device", "cpu"), "out of memory: the work does not fit this machine")
