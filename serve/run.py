@@ -15,6 +15,9 @@ import time
 
 import uvicorn
 
+from maria_onnx.runtime.requests import FillRequest
+from maria_onnx.runtime.rounds import run_requests
+
 from .app import create_app
 from .core import ServeSettings
 
@@ -74,7 +77,7 @@ def warm_up(infiller, slots: int) -> float:
     began = time.perf_counter()
     text = WARM_UP_SPANS if infiller.manifest.has_baseline_heads else WARM_UP_TEXT
     try:
-        infiller.infill([text], batch_size=slots)
+        run_requests(infiller, infiller.new_decoder(slots), [FillRequest([infiller.prepare(text)])])
     except Exception as error:  # an ONNX Runtime failure (device memory, a kernel): one line, not a traceback
         raise ValueError(
             f"the model could not fill a text on {infiller.device} before serving "
