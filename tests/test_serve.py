@@ -795,13 +795,13 @@ def test_a_model_that_cannot_fill_is_refused_before_the_server_listens(monkeypat
     from maria_onnx.cli import app
     from maria_onnx.serve import run as serve_run
 
-    def fails(self, texts, **kwargs):
+    def fails(self, slots):  # where the warm-up's fill first runs the model
         raise RuntimeError(
             "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while "
             "running MatMul node.\n  at a C++ frame"
         )
 
-    monkeypatch.setattr(Infiller, "infill", fails)
+    monkeypatch.setattr(Infiller, "new_decoder", fails)
     monkeypatch.setattr(serve_run, "bound", lambda *args: pytest.fail("the server bound a port"))
     result = CliRunner().invoke(app, ["serve", "--device", "cpu", "--port", "0"])
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
