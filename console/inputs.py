@@ -14,6 +14,8 @@ from maria_onnx.runtime.readers import Line, StreamLines, line_of
 from maria_onnx.runtime.requests import Prepared
 from maria_onnx.runtime.results import Infilled
 
+from .outputs import CONTROLS
+
 Checked = tuple[Line, Prepared]  # an input line and its text ready to fill
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -136,4 +138,4 @@ def checked_lines(
         if not skip_invalid:
             raise ValueError(f"{error} (--skip-invalid fills the other lines)")
         if report:
-            typer.secho(f"skipped: {error}", fg=typer.colors.YELLOW, err=True)
+            typer.secho(f"skipped: {error.translate(CONTROLS)}", fg=typer.colors.YELLOW, err=True)

@@ -16,9 +16,13 @@ from maria_onnx.runtime.results import Infilled
 NEWLINES = str.maketrans({"\n": "\\n", "\r": "\\r"})
 
 
+# Control characters of the input (ESC, CR, NUL...) shown escaped in a message, never sent to the terminal as they are
+CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]}
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
-    """One line on stderr and the exit status `code`."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    """One line on stderr (control characters escaped) and the exit status `code`."""
+    typer.secho(f"error: {message.translate(CONTROLS)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 

@@ -127,11 +127,13 @@ class StreamLines:
     can be had without waiting for the writer (always, where the stream cannot be polled: BytesIO, Windows)."""
 
     PIECE = 1 << 16
+    MAX_LINE = 16 << 20  # bytes of one line: far past the longest text a bundle takes, and a bound on memory
 
     def __init__(self, stream, name: str, jsonl: bool, field: str = "text"):
         self.stream, self.name, self.jsonl, self.field = stream, name, jsonl, field
         self.read: collections.deque = collections.deque()  # Lines (or a ValueError) read and not yet taken
         self.rest: list[bytes] = []  # the start of a line whose newline has not come
+        self.resting = 0  # its bytes
         self.offset = 0  # bytes of the stream before `rest`
         self.number = 0
         self.ended = False
@@ -155,10 +157,20 @@ class StreamLines:
         piece = self.stream.read1(self.PIECE)  # what the stream has (blocks only while it has nothing)
         if piece and b"\n" not in piece:
             self.rest.append(piece)
+            self.resting += len(piece)
+            if self.resting > self.MAX_LINE:  # a stream with no newline is refused before it fills the memory
+                self.read.append(
+                    ValueError(
+                        f"{self.name}:{self.number + 1} runs over {self.MAX_LINE >> 20} MiB without a newline; "
+                        "give one text per line"
+                    )
+                )
+                self.ended, self.rest = True, []
             return
         first, *raws = piece.split(b"\n")
         raws.insert(0, b"".join([*self.rest, first]))
         self.rest = [raws.pop()] if piece else []
+        self.resting = len(self.rest[0]) if self.rest else 0
         self.ended = not piece
         for raw in raws:
             self.number += 1

@@ -1,5 +1,6 @@
 """Every bad input is one line and nothing is lost: input lines and files, texts, arguments, fuzzed texts."""
 
+import io
 import json
 import signal
 import subprocess
@@ -360,3 +361,40 @@ def test_memory_follows_the_texts_not_the_batch_size(monkeypatch):
     assert slots == [1]
     monkeypatch.setattr(Infiller, "new_decoder", lambda self, n: (_ for _ in ()).throw(MemoryError("153. GiB")))
     one_line_error(cli("infill", "a [MASK]", "--device", "cpu"), "out of memory: the work does not fit this machine")
+
+
+def test_control_characters_of_the_input_are_shown_escaped_in_errors(tmp_path):
+    """ESC, CR and NUL from the input went raw to the terminal in error lines (an ESC sequence recolours it)."""
+    for args in (["--input", "in\x1b[31m\rred.txt"], ["a [MASK]", "--model", "bundle\x1b[2J\r"]):
+        result = cli("infill", *args, "--device", "cpu")
+        one_line_error(result, "\\x1b[")
+        assert not set(result.output) & {"\x1b", "\r", "\x00"}, result.output
+    path = tmp_path / "in.txt"
+    path.write_bytes(b"a [MASK]\nb [MASK:\x1b] c\n")
+    result = cli("infill", "--input", path, "--skip-invalid", "--device", "cpu")
+    assert result.exit_code == 0 and "\x1b" not in result.stderr and "\\x1b" in result.stderr
+
+
+def test_a_stream_without_a_newline_is_refused_within_a_bounded_read():
+    """A 400 MB line on stdin peaked at 972 MB before it was refused: a line is refused once it runs past
+    StreamLines.MAX_LINE, having read no more than that and a piece."""
+    from maria_onnx.runtime.readers import StreamLines
+
+    class Endless(io.RawIOBase):
+        read_so_far = 0
+
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            Endless.read_so_far += len(buffer)
+            buffer[:] = b"x" * len(buffer)
+            return len(buffer)
+
+    stream = io.BufferedReader(Endless())
+    with pytest.raises(ValueError, match=r"^stdin:2 runs over 16 MiB without a newline; give one text per line$"):
+        for _ in StreamLines(io.BufferedReader(io.BytesIO(b"a [MASK]\n" + b"x" * (40 << 20))), "stdin", False):
+            pass
+    with pytest.raises(ValueError, match="runs over 16 MiB"):
+        list(StreamLines(stream, "stdin", False))
+    assert Endless.read_so_far <= StreamLines.MAX_LINE + 2 * StreamLines.PIECE + io.DEFAULT_BUFFER_SIZE
