@@ -3,7 +3,8 @@
 The bundle is written to a temporary folder beside the target (`.NAME.partial-PID-*`) and renamed into place
 only after every graph has passed validation, so a failed or interrupted export never leaves a folder that looks
 complete. `overwrite` replaces only an existing bundle, never the checkpoint being exported or a folder holding
-it; partial folders left by a killed export of the same target are removed by the next one.
+it; partial folders left by a killed export of the same target are removed by the next one, and a previous
+bundle that an export killed between its two renames left aside is restored first.
 """
 
 import json
@@ -108,17 +109,39 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale_partials(out: Path) -> None:
-    """Removes the partial folders of earlier exports to `out` whose process is gone (killed mid-export)."""
+def _stale_partials(out: Path) -> list[Path]:
+    """The partial folders of earlier exports to `out` whose process is gone (killed mid-export)."""
+    stale = []
     for partial in out.parent.glob(f".{glob_escape(out.name)}.partial-*"):
         pid = partial.name[len(f".{out.name}.partial-") :].split("-")[0]
         if not (pid.isdigit() and _alive(int(pid))) and partial.is_dir() and not partial.is_symlink():
-            shutil.rmtree(partial, ignore_errors=True)
+            stale.append(partial)
+    return stale
 
 
-def _target(out: Path, checkpoint: Path, overwrite: bool) -> Path:
+def _restore_swapped(out: Path, console: Console) -> None:
+    """An export killed between its two renames (_publish) left no bundle at `out` and the previous one aside as
+    `.NAME.partial-PID-*.old`: it goes back to `out` before anything else looks there."""
+    if out.exists() or not out.parent.is_dir():
+        return
+    for partial in _stale_partials(out):
+        if partial.name.endswith(".old"):
+            os.replace(partial, out)
+            console.print(f"restored the previous bundle at {out} (an export killed while replacing it left it aside)")
+            _remove_stale_partials(out)  # the killed export's own, unfinished from the user's side
+            return
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Removes the partial folders of earlier exports to `out` whose process is gone (killed mid-export)."""
+    for partial in _stale_partials(out):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _target(out: Path, checkpoint: Path, overwrite: bool, console: Console) -> Path:
     """Checks that out can be written before any work is done; returns a fresh temporary folder beside it."""
     out = Path(out).resolve()
+    _restore_swapped(out, console)
     _check_target(out, checkpoint, overwrite)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -235,7 +258,7 @@ def export_bundle(
         )
     console = console or Console(stderr=True)
     variant = "int8" if int8 else dtype
-    staging = _target(out, checkpoint, overwrite)
+    staging = _target(out, checkpoint, overwrite, console)
     try:
         with stage(console, f"loading checkpoint {checkpoint}"):
             backbones, head, config = load_maria(checkpoint)

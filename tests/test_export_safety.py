@@ -47,7 +47,7 @@ def start_export(checkpoint, out) -> subprocess.Popen:
     holds graphs always lands mid-export (a tiny export can otherwise finish before the signal is sent). Ctrl-C
     acts as in a terminal even where the tests run as a background job, which starts with SIGINT ignored."""
     stalled = (
-        "import runpy, sys, time; import export.bundle as bundle; "
+        "import runpy, sys, time; import maria_onnx.export.bundle as bundle; "
         "bundle.validate = lambda *args, **kwargs: time.sleep(120); "
         f"sys.argv = ['cli.py', 'export', {str(checkpoint)!r}, '--out', {str(out)!r}]; "
         "runpy.run_path('cli.py', run_name='__main__')"
@@ -80,6 +80,30 @@ def test_a_killed_export_leaves_a_partial_that_the_next_export_removes(checkpoin
     process.wait(timeout=30)
     assert partial.exists() and not (tmp_path / "b").exists()
     export_bundle(checkpoints["llama"], tmp_path / "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_an_export_killed_between_its_two_renames_loses_no_bundle(checkpoints, tmp_path):
+    """--overwrite swaps bundles with two renames (the old one aside, the new one in); killed between them, the
+    target was empty and the next export deleted the old bundle as a leftover. Now the next export restores it."""
+    target = tmp_path / "b"
+    export_bundle(checkpoints["olmo"], target)
+    before = (target / "maria.json").read_bytes()
+    killed = (
+        "import os, runpy, signal, sys; import maria_onnx.export.bundle as bundle; replace = os.replace\n"
+        "def first_rename_only(src, dst):\n"
+        "    replace(src, dst)\n"
+        f"    if os.fspath(src) == {str(target)!r}: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "bundle.os.replace = first_rename_only\n"
+        f"sys.argv = ['cli.py', 'export', {str(checkpoints['llama'])!r}, '--out', {str(target)!r}, '--overwrite']\n"
+        "runpy.run_path('cli.py', run_name='__main__')"
+    )
+    run = subprocess.run([sys.executable, "-c", killed], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    assert not target.exists() and [p.name for p in tmp_path.glob(".b.partial-*.old")]  # the state a kill leaves
+    again = cli("export", checkpoints["olmo"], "--out", target)  # no --overwrite: the restored bundle is kept
+    assert again.exit_code == 2 and "restored the previous bundle at" in again.output, again.output
+    assert (target / "maria.json").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
