@@ -26,9 +26,11 @@ gzip- or deflate-compressed, and answers go compressed where the client accepts 
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -63,15 +65,19 @@ class HttpRoutes:
         self.settings = server.settings
 
     async def body(self, request: Request) -> bytes:
+        limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.settings.max_body_bytes:
-            raise ClientError(413, f"the body is {declared} bytes, over the limit of {self.settings.max_body_bytes}")
         chunks, size = [], 0
+        stream = request.stream()
         try:
-            async for chunk in request.stream():
+            if declared and declared.isdigit() and int(declared) > limit:
+                await drained(stream, int(declared))
+                raise ClientError(413, f"the body is {quoted(declared, str)} bytes, over the limit of {limit}")
+            async for chunk in stream:
                 size += len(chunk)
-                if size > self.settings.max_body_bytes:
-                    raise ClientError(413, f"the body is over the limit of {self.settings.max_body_bytes} bytes")
+                if size > limit:
+                    await drained(stream, size)
+                    raise ClientError(413, f"the body is over the limit of {limit} bytes")
                 chunks.append(chunk)
         except ClientDisconnect:  # the client's doing, not the server's: counted and logged as 499
             raise ClientError(499, "the client closed the connection before its body was sent") from None
@@ -240,6 +246,28 @@ class HttpRoutes:
     async def metrics_route(self, request):
         self.server.metrics.queue_depth.set(self.server.batcher.depth)
         return Response(generate_latest(self.server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+DRAIN_BYTES = 64 << 20  # of a body over the limit, read and dropped before the 413 (nginx's lingering close)
+DRAIN_SECONDS = 5.0
+
+
+async def drained(stream: AsyncIterator[bytes], size: int) -> None:
+    """Reads and drops the rest of a body over the limit, so that a client still sending it reads the 413: closed
+    with its bytes unread, the connection is reset and clients like urllib see only that. A body over DRAIN_BYTES,
+    or one that takes over DRAIN_SECONDS, is left unread (the answer goes, and the connection closes)."""
+    if size > DRAIN_BYTES:
+        return
+
+    async def read_rest() -> None:
+        read = 0
+        async for chunk in stream:
+            read += len(chunk)
+            if read > DRAIN_BYTES:
+                return
+
+    with contextlib.suppress(asyncio.TimeoutError, ClientDisconnect):
+        await asyncio.wait_for(read_rest(), DRAIN_SECONDS)
 
 
 def left(request: Request) -> ClientLeft:
