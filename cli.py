@@ -520,6 +520,14 @@ def serve(
         None, envvar="MARIA_API_KEY", help="Require 'Authorization: Bearer KEY' (health routes stay open)."
     ),
     grace: float = typer.Option(30.0, min=0, help="Seconds in-flight requests get to finish on SIGTERM."),
+    head_timeout: float = typer.Option(
+        10.0, min=0.001, help="Seconds a connection may take to send a whole request head; beyond it, 408."
+    ),
+    body_timeout: float = typer.Option(30.0, min=0.001, help="Seconds a request's body may take; beyond it, 408."),
+    keep_alive: float = typer.Option(5.0, min=0.001, help="Seconds an idle connection (HTTP or gRPC) stays open."),
+    max_connections: int = typer.Option(
+        512, min=1, help="Open HTTP connections (and gRPC streams a connection); beyond it, 503 as they open."
+    ),
     decoder: str = typer.Option(
         "auto",
         help="engine (the KV cache written in place, texts joining as others "
@@ -531,24 +539,21 @@ def serve(
     /v1/infill and its SSE stream; with --grpc-port, the Open Inference Protocol over gRPC too."""
     from maria_onnx.console.serving import start_server
 
-    start_server(
-        model,
-        host=host,
-        port=port,
-        grpc_port=grpc_port,
-        device=device,
-        threads=threads,
+    settings = dict(  # serve/core.py's ServeSettings: the server's name, batching, bounds and deadlines
         model_name=model_name,
         max_batch_size=max_batch_size,
         max_batch_delay_ms=max_batch_delay_ms,
         max_queue=max_queue,
         max_body_bytes=max_body_bytes,
         max_texts=max_texts,
-        timeout=timeout,
+        timeout_s=timeout,
         api_key=api_key,
-        grace=grace,
-        decoder=decoder,
+        head_timeout_s=head_timeout,
+        body_timeout_s=body_timeout,
+        keep_alive_s=keep_alive,
+        max_connections=max_connections,
     )
+    start_server(model, settings, host, port, grpc_port, device, threads, grace, decoder)
 
 
 @app.command("triton-repo")

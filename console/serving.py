@@ -10,24 +10,17 @@ from .outputs import warnings_shown
 
 def start_server(
     model: Path | None,
+    settings: dict,
     host: str = "127.0.0.1",
     port: int = 8000,
     grpc_port: int | None = None,
     device: str = "auto",
     threads: int | None = None,
-    model_name: str = "maria",
-    max_batch_size: int = 8,
-    max_batch_delay_ms: float = 5.0,
-    max_queue: int = 256,
-    max_body_bytes: int = 1 << 20,
-    max_texts: int = 64,
-    timeout: float = 60.0,
-    api_key: str | None = None,
     grace: float = 30.0,
     decoder: str = "auto",
 ) -> None:
-    """Serves the bundle until SIGTERM or SIGINT; the serve (and, with grpc_port, grpc) extra's imports are checked
-    first, with the extra to install named."""
+    """Serves the bundle until SIGTERM or SIGINT; settings: ServeSettings' fields. The serve (and, with grpc_port,
+    grpc) extra's imports are checked first, with the extra to install named."""
     try:
         from maria_onnx.serve.core import ServeSettings
         from maria_onnx.serve.run import serve as run_serve
@@ -49,29 +42,20 @@ def start_server(
     from maria_onnx.serve.protocol import check_model_name
 
     check_device(device)
-    check_model_name(model_name)
+    check_model_name(settings["model_name"])
     if not math.isfinite(grace):
         raise ValueError(f"--grace takes a finite number of seconds, got {grace}")
-    settings = ServeSettings(
-        model_name=model_name,
-        max_batch_size=max_batch_size,
-        max_batch_delay_ms=max_batch_delay_ms,
-        max_queue=max_queue,
-        max_body_bytes=max_body_bytes,
-        max_texts=max_texts,
-        timeout_s=timeout,
-        api_key=api_key,
-    )
+    served = ServeSettings(**settings)
     with warnings_shown():
         infiller = Infiller(model, device=device, decoder=decoder, threads=threads)
-    if not api_key and not is_loopback(host):
+    if not served.api_key and not is_loopback(host):
         typer.secho(
             f"warning: --host {host} takes requests from other machines and no --api-key is set: anyone who "
             "reaches the port can use the model; set --api-key or MARIA_API_KEY",
             fg=typer.colors.YELLOW,
             err=True,
         )
-    run_serve(infiller, settings, host=host, port=port, grace_s=grace, grpc_port=grpc_port)
+    run_serve(infiller, served, host=host, port=port, grace_s=grace, grpc_port=grpc_port)
 
 
 def is_loopback(host: str) -> bool:

@@ -65,26 +65,35 @@ class HttpRoutes:
         self.settings = server.settings
 
     async def body(self, request: Request) -> bytes:
+        """The request's body, decompressed: 413 over the limit, 408 where it does not come within
+        --body-timeout, 499 where the client leaves first."""
+        deadline = self.settings.body_timeout_s
+        try:
+            raw = await asyncio.wait_for(self.raw_body(request), deadline)
+        except asyncio.TimeoutError:
+            raise ClientError(408, f"the request's body did not come whole within {deadline:g} s") from None
+        except ClientDisconnect:  # the client's doing, not the server's: counted and logged as 499
+            raise ClientError(499, "the client closed the connection before its body was sent") from None
+        try:
+            return decompress(raw, request.headers.get("content-encoding"), self.settings.max_body_bytes)
+        except EncodingError as error:
+            raise ClientError(error.status, str(error)) from None
+
+    async def raw_body(self, request: Request) -> bytes:
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length")
         chunks, size = [], 0
         stream = request.stream()
-        try:
-            if declared and declared.isdigit() and int(declared) > limit:
-                await drained(stream, int(declared))
-                raise ClientError(413, f"the body is {quoted(declared, str)} bytes, over the limit of {limit}")
-            async for chunk in stream:
-                size += len(chunk)
-                if size > limit:
-                    await drained(stream, size)
-                    raise ClientError(413, f"the body is over the limit of {limit} bytes")
-                chunks.append(chunk)
-        except ClientDisconnect:  # the client's doing, not the server's: counted and logged as 499
-            raise ClientError(499, "the client closed the connection before its body was sent") from None
-        try:
-            return decompress(b"".join(chunks), request.headers.get("content-encoding"), self.settings.max_body_bytes)
-        except EncodingError as error:
-            raise ClientError(error.status, str(error)) from None
+        if declared and declared.isdigit() and int(declared) > limit:
+            await drained(stream, int(declared))
+            raise ClientError(413, f"the body is {quoted(declared, str)} bytes, over the limit of {limit}")
+        async for chunk in stream:
+            size += len(chunk)
+            if size > limit:
+                await drained(stream, size)
+                raise ClientError(413, f"the body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def live(self, request):
         return JSONResponse({"live": True})

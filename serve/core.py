@@ -41,11 +41,18 @@ class ServeSettings:
     max_texts: int = 64  # texts x samples per request
     timeout_s: float = 60.0  # per request, from arrival to answer
     api_key: str | None = None
+    head_timeout_s: float = 10.0  # a connection's request head must come whole within this; beyond it, 408
+    body_timeout_s: float = 30.0  # a request's body likewise, once its head has come; beyond it, 408
+    keep_alive_s: float = 5.0  # an idle keep-alive connection (and an idle gRPC connection) is closed after this
+    max_connections: int = 512  # open HTTP connections (and gRPC streams a connection); beyond it, 503
 
     def __post_init__(self) -> None:
         for option, value, unit in (
             ("--max-batch-delay-ms", self.max_batch_delay_ms, "milliseconds"),
             ("--timeout", self.timeout_s, "seconds"),
+            ("--head-timeout", self.head_timeout_s, "seconds"),
+            ("--body-timeout", self.body_timeout_s, "seconds"),
+            ("--keep-alive", self.keep_alive_s, "seconds"),
         ):
             if not math.isfinite(value):
                 raise ValueError(f"{option} takes a finite number of {unit}, got {value}")

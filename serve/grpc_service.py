@@ -338,8 +338,13 @@ def grpc_server(server: Server, stopping: asyncio.Event) -> grpc.aio.Server:
     }
     methods["ModelStreamInfer"] = stream_method(server, service, stopping)
     endpoint = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", server.settings.max_body_bytes), ("grpc.so_reuseport", 0)]
-    )  # a port in use is refused, not shared
+        options=[
+            ("grpc.max_receive_message_length", server.settings.max_body_bytes),
+            ("grpc.so_reuseport", 0),  # a port in use is refused, not shared
+            ("grpc.max_concurrent_streams", server.settings.max_connections),
+            ("grpc.max_connection_idle_ms", int(1000 * server.settings.keep_alive_s)),
+        ]
+    )
     endpoint.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(SERVICE, methods), Unserved(server, list(methods)))
     )

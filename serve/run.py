@@ -19,6 +19,7 @@ from maria_onnx.runtime.requests import FillRequest
 from maria_onnx.runtime.rounds import run_requests
 
 from .app import create_app
+from .connections import bounded_protocol
 from .core import ServeSettings
 
 
@@ -58,6 +59,8 @@ def serve(
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=grace_s,  # type: ignore[arg-type]  # seconds, a float, as asyncio.wait_for takes
+        timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]  # likewise, for loop.call_later
+        http=bounded_protocol(open_connections(settings.max_connections), settings.head_timeout_s),
     )
     shown = f"[{host}]" if listener.family == socket.AF_INET6 else host
     announced = (
@@ -65,6 +68,23 @@ def serve(
         f"listening on http://{shown}:{listener.getsockname()[1]}"
     )
     asyncio.run(serve_all(GracefulServer(config), listener, app.state.server, announced, shown, grpc_port, grace_s))
+
+
+def open_connections(wanted: int) -> int:
+    """max_connections, within what this process may open: its file limit less room for the model's own files,
+    the gRPC port and the logs. Past the limit, accept() fails with a traceback for every connection."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # no resource module (Windows)
+        return wanted
+    room = max(16, limit - 128) if limit != resource.RLIM_INFINITY else wanted
+    if wanted > room:
+        logging.getLogger("maria.serve").warning(
+            "--max-connections %d is over what the file limit (ulimit -n %d) leaves; holding %d", wanted, limit, room
+        )
+    return min(wanted, room)
 
 
 WARM_UP_TEXT = "a [MASK] b"

@@ -2,6 +2,7 @@
 urllib, curl-like JSON, binary tensors and tritonclient. Every request loop is bounded; each test stops the server
 it started, by its process id."""
 
+import contextlib
 import json
 import os
 import re
@@ -910,3 +911,43 @@ def test_python_clients_read_the_413_of_a_body_over_the_limit():
                     status, _, answer = call(url, "/v1/infill", raw=body)
                 assert status == 413 and "over the limit of 1048576" in json.loads(answer)["error"]
         assert call(url, "/v1/infill", {"text": ["a [MASK]"]})[0] == 200  # and the server goes on
+
+
+def read_answer(connection, seconds: float = 10) -> bytes:
+    """What the server sends on a raw connection until it closes it (at most `seconds`)."""
+    connection.settimeout(seconds)
+    data = b""
+    with contextlib.suppress(OSError):
+        while chunk := connection.recv(65536):
+            data += chunk
+    return data
+
+
+def test_slow_and_idle_clients_are_bounded_and_timed_out():
+    """1,100 connections sending half a request locked everyone out: a connection over --max-connections is
+    answered 503 as it opens, one without a whole request head within --head-timeout 408, a body slower than
+    --body-timeout 408; then the server serves again."""
+    import socket
+
+    args = ("--max-connections", "4", "--head-timeout", "1", "--body-timeout", "1")
+    with server(*args) as (url, process):
+        host, port = url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(4)]
+        try:
+            with socket.create_connection((host, int(port)), timeout=10) as over:
+                began = time.monotonic()
+                refused = read_answer(over)
+                assert refused.startswith(b"HTTP/1.1 503") and b"limit of 4 open connections" in refused
+                assert time.monotonic() - began < 1  # at once, not after a timeout
+            late = [read_answer(connection) for connection in idle]  # each closed after --head-timeout
+            assert all(answer.startswith(b"HTTP/1.1 408") and b"no whole request head" in answer for answer in late)
+        finally:
+            for connection in idle:
+                connection.close()
+        with socket.create_connection((host, int(port)), timeout=10) as slow:
+            slow.sendall(b"POST /v1/infill HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            answer = read_answer(slow)
+            assert answer.startswith(b"HTTP/1.1 408") and b"body did not come whole within 1 s" in answer
+        assert call(url, "/v1/infill", {"text": ["a [MASK]"]})[0] == 200
+        stop(process)
+        assert "Traceback" not in process.stderr.read()
