@@ -11,6 +11,7 @@ with.
 """
 
 import collections
+import contextlib
 import queue
 import threading
 import time
@@ -35,7 +36,8 @@ class Batcher:
     held: collections.deque = field(init=False, default_factory=collections.deque)
 
     def __post_init__(self) -> None:
-        self.jobs = queue.Queue(maxsize=self.max_queue)
+        self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=self.max_queue)
+        self.stopping = False
         self.worker = threading.Thread(target=self._work, name="maria-batcher", daemon=True)
         self.worker.start()
 
@@ -62,7 +64,8 @@ class Batcher:
         """The first waiting job and those that join it within max_batch_delay_s, up to max_batch_size texts; a
         generation runs alone."""
         first = self._next(timeout=None)
-        assert first is not None, "a wait with no timeout returns a job"
+        if first is None:  # stop() woke the worker
+            return []
         if isinstance(first.request, AnnealRequest):
             return [] if first.cancelled else [first]
         batch, size, other = [first], first.request.size, []
@@ -84,8 +87,15 @@ class Batcher:
         self.held.extend(other)
         return [job for job in batch if not job.cancelled]
 
+    def stop(self) -> None:
+        """The worker stops once its batch is filled (the server answered every job it holds); waits for it."""
+        self.stopping = True
+        with contextlib.suppress(queue.Full):
+            self.jobs.put_nowait(None)  # wakes a worker waiting for a job
+        self.worker.join()
+
     def _work(self) -> None:
-        while True:
+        while not self.stopping:
             batch = self._gather()
             if batch:
                 self._run(batch)

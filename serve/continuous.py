@@ -11,6 +11,7 @@ behind a long one, and rows of different temperatures share steps (each draws fr
 while fewer rows than slots wait, so the queue bound (503) still applies.
 """
 
+import contextlib
 import queue
 import threading
 import time
@@ -51,7 +52,8 @@ class ContinuousBatcher:
     jobs: queue.Queue = field(init=False)
 
     def __post_init__(self) -> None:
-        self.jobs = queue.Queue(maxsize=self.max_queue)
+        self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=self.max_queue)
+        self.stopping = False
         self.driver = RoundDriver(self._new_engine())
         self.running: dict[Run, tuple[Job, Callable[[], list]]] = {}
         self.worker = threading.Thread(target=self._work, name="maria-engine", daemon=True)
@@ -70,14 +72,21 @@ class ContinuousBatcher:
     def depth(self) -> int:
         return self.jobs.qsize()
 
+    def stop(self) -> None:
+        """The worker stops between steps (what it holds is dropped unanswered: the server answered it); waits."""
+        self.stopping = True
+        with contextlib.suppress(queue.Full):
+            self.jobs.put_nowait(None)  # wakes a worker waiting for a job
+        self.worker.join()
+
     def submit(self, job: Job) -> None:
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
             raise QueueFull from None
 
-    def _admit(self, job: Job) -> None:
-        if job.cancelled:
+    def _admit(self, job: Job | None) -> None:
+        if job is None or job.cancelled:  # None: stop() woke the worker
             return
         try:
             run, results = started_run(self.driver, job, self.filler)
@@ -128,7 +137,7 @@ class ContinuousBatcher:
         self.driver = RoundDriver(self._new_engine())
 
     def _work(self) -> None:
-        while True:
+        while not self.stopping:
             self._take_jobs()
             self._drop_cancelled()
             try:

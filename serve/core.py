@@ -29,6 +29,7 @@ from .stats import Statistics, Timings
 access_log = logging.getLogger("maria.access")
 API_KEY = re.compile(r"[\x21-\x7e]+")  # what a bearer token in an HTTP header can carry
 ClientLeft = Callable[[], Awaitable[None]]  # returns once the request's client has gone
+STOPPED = "the server stopped before this request was answered (its grace period ended); retry it"
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class Server:
 
     def __init__(self, infiller: Infiller, settings: ServeSettings):
         self.infiller, self.settings, self.metrics, self.stats = infiller, settings, Metrics(), Statistics()
+        self.in_flight: set[Job] = set()  # queued or running, until answered
         self.batcher: ContinuousBatcher | Batcher
         if infiller.decoder == "engine":
             self.batcher = ContinuousBatcher(infiller, settings.max_batch_size, settings.max_queue, self.executed)
@@ -93,6 +95,17 @@ class Server:
             self.batcher = Batcher(
                 infiller, settings.max_batch_size, settings.max_batch_delay_ms / 1000, settings.max_queue, self.executed
             )
+
+    def answer_the_rest(self) -> None:
+        """The stop has outlasted its grace period: every request still waiting or running is answered 503, and
+        its rows leave the decode worker at the next step."""
+        for job in list(self.in_flight):
+            job.cancelled = True
+            job.finish(job.future.set_exception, ClientError(503, STOPPED, {"Retry-After": "1"}))
+
+    def close(self) -> None:
+        """Stops the decode worker between steps and waits for it: no model call is left running at exit."""
+        self.batcher.stop()
 
     @property
     def ready(self) -> bool:
@@ -167,6 +180,7 @@ class Server:
             raise ClientError(503, "the server is busy: its queue is full; retry later", {"Retry-After": "1"}) from None
         self.metrics.queue_depth.set(self.batcher.depth)
         deadline = self.settings.timeout_s if timeout_s is None else min(self.settings.timeout_s, timeout_s)
+        self.in_flight.add(job)
         try:
             waited = (time.monotonic_ns() - job.timings.arrived) / 1e9
             return await asyncio.wait_for(self.answer(job, left), deadline - waited)
@@ -175,6 +189,7 @@ class Server:
         finally:
             if not job.future.done():  # the deadline passed, the client left, or this task was cancelled
                 job.cancelled = True
+            self.in_flight.discard(job)
             self.metrics.queue_depth.set(self.batcher.depth)
 
     @staticmethod

@@ -14,7 +14,7 @@ class QueueFull(Exception):
     """The batcher's queue holds max_queue requests: the server answers 503."""
 
 
-@dataclass
+@dataclass(eq=False)  # each job is itself: kept in sets while in flight
 class Job:
     """One request (HTTP or gRPC): what to fill (or, from /v1/generate, to generate), and where its result goes."""
 

@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 import uvicorn
 
@@ -22,10 +23,26 @@ from .app import create_app
 from .connections import bounded_protocol
 from .core import ServeSettings
 
+# After the grace period the requests still running are answered 503; uvicorn and gRPC wait this much longer for
+# those answers to go out before they cancel what is left.
+ANSWER_SECONDS = 10.0
+
 
 class GracefulServer(uvicorn.Server):
     """uvicorn's server, except that after a graceful stop on SIGTERM / SIGINT the process exits 0 instead of
-    re-raising the signal."""
+    re-raising the signal, and that when the stop outlasts grace_s, on_grace_over answers what is still running
+    (uvicorn itself would cancel the requests' tasks: plain-text 500s and a traceback each)."""
+
+    def __init__(self, config: uvicorn.Config, grace_s: float, on_grace_over: Callable[[], None]):
+        super().__init__(config)
+        self.grace_s, self.on_grace_over = grace_s, on_grace_over
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        late = asyncio.get_running_loop().call_later(self.grace_s, self.on_grace_over)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            late.cancel()
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -58,7 +75,7 @@ def serve(
         log_config=None,
         log_level="warning",
         access_log=False,
-        timeout_graceful_shutdown=grace_s,  # type: ignore[arg-type]  # seconds, a float, as asyncio.wait_for takes
+        timeout_graceful_shutdown=grace_s + ANSWER_SECONDS,  # type: ignore[arg-type]  # a float, as asyncio takes
         timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]  # likewise, for loop.call_later
         http=bounded_protocol(open_connections(settings.max_connections), settings.head_timeout_s),
     )
@@ -67,7 +84,12 @@ def serve(
         f"maria serve: model '{settings.model_name}' on {infiller.device} (warmed up in {warm_ms:.0f} ms), "
         f"listening on http://{shown}:{listener.getsockname()[1]}"
     )
-    asyncio.run(serve_all(GracefulServer(config), listener, app.state.server, announced, shown, grpc_port, grace_s))
+    core = app.state.server
+    try:
+        web = GracefulServer(config, grace_s, core.answer_the_rest)
+        asyncio.run(serve_all(web, listener, core, announced, shown, grpc_port, grace_s))
+    finally:
+        core.close()  # the decode worker stops between steps; no model call is left running at exit
 
 
 def open_connections(wanted: int) -> int:
@@ -160,4 +182,4 @@ async def stop_with(web: GracefulServer, endpoint, stopping: asyncio.Event, grac
     while not web.should_exit:
         await asyncio.sleep(0.05)
     stopping.set()
-    await endpoint.stop(grace_s)
+    await endpoint.stop(grace_s + ANSWER_SECONDS)  # the core answers what is left at grace_s (GracefulServer)

@@ -951,3 +951,67 @@ def test_slow_and_idle_clients_are_bounded_and_timed_out():
         assert call(url, "/v1/infill", {"text": ["a [MASK]"]})[0] == 200
         stop(process)
         assert "Traceback" not in process.stderr.read()
+
+
+def test_a_stop_past_the_grace_period_answers_every_request_in_its_protocol_and_exits_cleanly():
+    """SIGTERM with long requests in flight and --grace 1: the stop used to cancel the requests' tasks (plain-text
+    500s, a traceback each, streams cut, at times an abort of the process). Now each still running gets the
+    server's 503 line (HTTP), an error event (SSE) or UNAVAILABLE (gRPC), the decode worker stops between steps,
+    and the process exits 0."""
+    import threading
+
+    grpc = pytest.importorskip("grpc", reason="grpcio is not installed")
+    from maria_onnx.serve import oip_pb2 as pb
+
+    answers, streamed, called = [], [], []
+    with server("--grace", "1", "--max-batch-size", "4", "--grpc-port", "0") as (url, process):
+        grpc_address = re.search(r"gRPC on (\S+)", process.announced).group(1)
+
+        def infill():
+            answers.append(call(url, "/v1/infill", {"text": ["[MASK:2000]"]}, timeout=120))
+
+        def stream():
+            request = urllib.request.Request(
+                url + "/v1/infill/stream", data=json.dumps({"text": ["[MASK:2000]"]}).encode(), method="POST"
+            )
+            with urllib.request.urlopen(request, timeout=120) as response:
+                streamed.append(response.read().decode())
+
+        def infer():
+            message = pb.ModelInferRequest(model_name="maria")
+            message.inputs.add(
+                name="text",
+                datatype="BYTES",
+                shape=[1],
+                contents=pb.InferTensorContents(bytes_contents=[b"[MASK:2000]"]),
+            )
+            with grpc.insecure_channel(grpc_address) as channel:
+                method = channel.unary_unary(
+                    "/inference.GRPCInferenceService/ModelInfer",
+                    request_serializer=pb.ModelInferRequest.SerializeToString,
+                    response_deserializer=pb.ModelInferResponse.FromString,
+                )
+                try:
+                    method(message, timeout=120)
+                    called.append(grpc.StatusCode.OK)
+                except grpc.RpcError as error:
+                    called.append((error.code(), error.details()))
+
+        threads = [threading.Thread(target=target) for target in (infill,) * 6 + (stream, infer)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)  # every request is in: queued or in the engine
+        process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(timeout=120)
+        assert process.wait(timeout=120) == 0
+        log = process.stderr.read()
+    stopped = "the server stopped before this request was answered"
+    assert len(answers) == 6 and all(
+        status == 503 and stopped in json.loads(body)["error"] for status, _, body in answers
+    )
+    (events,) = streamed
+    assert "event: error" in events and '"status": 503' in events and stopped in events
+    ((code, details),) = called
+    assert code == grpc.StatusCode.UNAVAILABLE and stopped in details
+    assert "Traceback" not in log and "Internal Server Error" not in log
