@@ -1,0 +1,226 @@
+"""Clients that try to stall or crash `maria serve`, counted: what docs/reliability.md records, so the next run can
+be compared. Servers on 127.0.0.1, ephemeral ports, stopped by process id; every loop bounded.
+
+    python -m maria_onnx.tools.abuse --out reliability.json [--rounds 3]
+
+slow clients (half a request each, past --max-connections) and the normal requests among them; clients leaving
+mid-upload; oversized bodies sent by urllib; numbers too large for their type on every numeric field; a stop
+past --grace with long requests in flight.
+"""
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+from . import run_main, write_json
+
+HUGE = 10**400
+
+
+def start(*args: str) -> tuple[str, subprocess.Popen]:
+    """(base url, process) of a `maria serve --port 0 --device cpu` with these flags."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "maria_onnx.cli", "serve", "--port", "0", "--device", "cpu", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        line = process.stderr.readline()
+        if "listening on http://" in line:
+            return line.rsplit("listening on ", 1)[1].split(",")[0].strip(), process
+    process.kill()
+    raise ValueError("the server did not start")
+
+
+def stopped(process: subprocess.Popen) -> tuple[int, str]:
+    """SIGTERM, then (exit status, its log)."""
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGTERM)
+    try:
+        code = process.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        code = process.wait(timeout=10)
+    assert process.stderr is not None
+    return code, process.stderr.read()
+
+
+def post(url: str, path: str, payload: object = None, raw: bytes | None = None, timeout: float = 120) -> int:
+    """The status of one POST (0 where the connection failed)."""
+    data = raw if raw is not None else json.dumps(payload).encode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url + path, data=data, method="POST"), timeout=timeout):
+            return 200
+    except urllib.error.HTTPError as error:
+        error.read()
+        return error.code
+    except OSError:
+        return 0
+
+
+def half_requests(url: str, count: int) -> list[socket.socket]:
+    host, port = url.removeprefix("http://").split(":")
+    opened = []
+    for _ in range(count):
+        connection = socket.create_connection((host, int(port)), timeout=30)
+        connection.sendall(b"POST /v1/infill HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        opened.append(connection)
+    return opened
+
+
+def slow_clients(half: int, max_connections: int, normal: int) -> dict:
+    url, process = start("--max-connections", str(max_connections), "--head-timeout", "2", "--body-timeout", "2")
+    began = time.monotonic()
+    held = half_requests(url, half)
+    times: list[float] = []
+    statuses: Counter = Counter()
+    for _ in range(normal):
+        sent = time.monotonic()
+        statuses[post(url, "/v1/infill", {"text": ["a [MASK]"]}, timeout=30)] += 1
+        times.append(time.monotonic() - sent)
+    time.sleep(3)  # past --body-timeout: the half requests are answered 408
+    answers: Counter = Counter()
+    for connection in held:
+        connection.settimeout(5)
+        try:
+            answers[connection.recv(64).split(b" ")[1].decode() or "closed"] += 1
+        except (OSError, IndexError):
+            answers["closed"] += 1
+        connection.close()
+    after = post(url, "/v1/infill", {"text": ["a [MASK]"]})
+    code, log = stopped(process)
+    return {
+        "half_requests": half,
+        "max_connections": max_connections,
+        "normal_statuses": dict(statuses),
+        "normal_seconds_max": round(max(times), 3),
+        "half_request_answers": dict(answers),
+        "after_status": after,
+        "seconds": round(time.monotonic() - began, 1),
+        "exit": code,
+        "tracebacks": log.count("Traceback"),
+    }
+
+
+def left_mid_upload(count: int) -> dict:
+    url, process = start()
+    host, port = url.removeprefix("http://").split(":")
+    for _ in range(count):
+        with socket.create_connection((host, int(port)), timeout=30) as connection:
+            connection.sendall(b"POST /v1/infill HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    time.sleep(1)
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
+        metrics = response.read().decode()
+    counted = {
+        line.split("status=")[1].split('"')[1]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith('maria_requests_total{route="/v1/infill"')
+    }
+    code, log = stopped(process)
+    return {"clients": count, "counted_by_status": counted, "exit": code, "tracebacks": log.count("Traceback")}
+
+
+def oversized(count: int) -> dict:
+    url, process = start()
+    body = json.dumps({"text": ["a [MASK]" + " x" * (4 << 20)]}).encode()
+    statuses = Counter(post(url, "/v1/infill", raw=body) for _ in range(count))
+    code, log = stopped(process)
+    return {"bodies_8_mib": count, "statuses": dict(statuses), "exit": code, "tracebacks": log.count("Traceback")}
+
+
+def large_numbers() -> dict:
+    url, process = start()
+    text = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a [MASK]"]}]}
+    cases = [
+        ("/v1/infill", {"text": ["a [MASK]"], field: value})
+        for field in ("temperature", "top_k", "top_p", "seed", "num_samples")
+        for value in (HUGE, -HUGE)
+    ]
+    cases += [
+        ("/v1/generate", {"length": 4, field: HUGE})
+        for field in (
+            "length",
+            "steps",
+            "anneal_start",
+            "anneal_end",
+            "fraction_start",
+            "temperature",
+            "seed",
+            "num_samples",
+        )
+    ]
+    cases += [
+        ("/v2/models/maria/generate", {"text": "a [MASK]", field: HUGE})
+        for field in ("temperature", "top_k", "top_p", "seed")
+    ]
+    cases += [
+        ("/v2/models/maria/infer", {**text, "parameters": {field: HUGE}})
+        for field in ("temperature", "top_k", "seed", "timeout")
+    ]
+    cases += [
+        (
+            "/v2/models/maria/infer",
+            {"inputs": [*text["inputs"], {"name": field, "datatype": kind, "shape": [1], "data": [HUGE]}]},
+        )
+        for field, kind in (("top_k", "INT32"), ("seed", "INT64"), ("temperature", "FP32"))
+    ]
+    statuses = Counter(post(url, path, payload) for path, payload in cases)
+    code, log = stopped(process)
+    return {"requests": len(cases), "statuses": dict(statuses), "exit": code, "tracebacks": log.count("Traceback")}
+
+
+def stop_past_grace(requests: int) -> dict:
+    url, process = start("--grace", "1", "--max-batch-size", "8")
+    statuses: Counter = Counter()
+    threads = [
+        threading.Thread(target=lambda: statuses.update([post(url, "/v1/infill", {"text": ["[MASK:2000]"]})]))
+        for _ in range(requests)
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.5)
+    code, log = stopped(process)
+    for thread in threads:
+        thread.join(timeout=120)
+    return {"requests": requests, "statuses": dict(statuses), "exit": code, "tracebacks": log.count("Traceback")}
+
+
+def abuse(out: Path, rounds: int = 1) -> dict:
+    report: dict = {"rounds": []}
+    for number in range(rounds):
+        found = {
+            "slow_clients": slow_clients(half=200, max_connections=64, normal=20),
+            "left_mid_upload": left_mid_upload(100),
+            "oversized_bodies": oversized(15),
+            "large_numbers": large_numbers(),
+            "stop_past_grace": stop_past_grace(16),
+        }
+        report["rounds"].append(found)
+        print(f"round {number + 1}: {json.dumps(found)}", flush=True)
+    write_json(Path(out), report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--rounds", type=int, default=1)
+    args = parser.parse_args(argv)
+    abuse(args.out, args.rounds)
+
+
+if __name__ == "__main__":
+    run_main(main)
