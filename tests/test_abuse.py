@@ -1,0 +1,18 @@
+"""tools/abuse.py, small: each case runs and counts what docs/reliability.md records."""
+
+from maria_onnx.tools import abuse
+
+
+def test_each_case_counts_what_the_clients_got(tmp_path):
+    slow = abuse.slow_clients(half=8, max_connections=4, normal=2)
+    assert slow["half_request_answers"] == {"503": 4, "408": 4} and slow["after_status"] == 200
+    assert set(slow["normal_statuses"]) <= {200, 503} and sum(slow["normal_statuses"].values()) == 2
+    left = abuse.left_mid_upload(3)
+    assert left["counted_by_status"] == {"499": 3.0}
+    assert abuse.oversized(1)["statuses"] == {413: 1}
+    numbers = abuse.large_numbers()
+    assert numbers["statuses"] == {400: numbers["requests"]}
+    stop = abuse.stop_past_grace(12)  # 8 slots: at least 4 wait in the queue past the grace period
+    assert set(stop["statuses"]) <= {200, 503} and stop["statuses"].get(503, 0) >= 4 and stop["exit"] == 0
+    for case in (slow, left, numbers, stop):
+        assert case["tracebacks"] == 0 and case["exit"] == 0
