@@ -14,5 +14,11 @@ def test_each_case_counts_what_the_clients_got(tmp_path):
     assert numbers["statuses"] == {400: numbers["requests"]}
     stop = abuse.stop_past_grace(12)  # 8 slots: at least 4 wait in the queue past the grace period
     assert set(stop["statuses"]) <= {200, 503} and stop["statuses"].get(503, 0) >= 4 and stop["exit"] == 0
-    for case in (slow, left, numbers, stop):
+    fuzzed = abuse.fuzz(40)
+    assert sum(fuzzed["statuses"].values()) == 40 and all(200 <= s < 500 for s in fuzzed["statuses"])
+    flood = abuse.queue_flood(24, 2)
+    assert flood["statuses"].get(503, 0) > 0 and set(flood["statuses"]) <= {200, 503}
+    drained = abuse.drain(4)
+    assert drained["statuses"] == {200: 4}
+    for case in (slow, left, numbers, stop, fuzzed, flood, drained):
         assert case["tracebacks"] == 0 and case["exit"] == 0

@@ -5,12 +5,13 @@ be compared. Servers on 127.0.0.1, ephemeral ports, stopped by process id; every
 
 slow clients (half a request each, past --max-connections) and the normal requests among them; clients leaving
 mid-upload; oversized bodies sent by urllib; numbers too large for their type on every numeric field; a stop
-past --grace with long requests in flight.
+past --grace with long requests in flight, and a drain within it; random JSON on every route; a queue flood.
 """
 
 import argparse
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -198,6 +199,97 @@ def stop_past_grace(requests: int) -> dict:
     return {"requests": requests, "statuses": dict(statuses), "exit": code, "tracebacks": log.count("Traceback")}
 
 
+def fuzz(count: int, seed: int = 0) -> dict:
+    """Seeded random JSON values of the protocol's fields on every POST route, numbers of every size among them."""
+    rng = random.Random(seed)
+    atoms: list[object] = [
+        None,
+        True,
+        0,
+        -1,
+        2.5,
+        1e308,
+        HUGE,
+        -HUGE,
+        2**63,
+        "",
+        "a [MASK]",
+        "[MASK:?]",
+        "x" * 300,
+        [],
+        {},
+    ]
+    fields = ["text", "temperature", "top_k", "top_p", "seed", "num_samples", "rerank", "length", "steps", "prefix"]
+
+    def value(depth: int = 0) -> object:
+        if depth > 1 or rng.random() < 0.6:
+            return rng.choice(atoms)
+        return [value(depth + 1) for _ in range(rng.randint(0, 3))]
+
+    url, process = start("--max-texts", "8")
+    statuses: Counter = Counter()
+    for _ in range(count):
+        payload = {rng.choice(fields): value() for _ in range(rng.randint(1, 4))}
+        path = rng.choice(["/v1/infill", "/v1/generate", "/v2/models/maria/generate"])
+        if rng.random() < 0.3:
+            path, payload = (
+                "/v2/models/maria/infer",
+                {
+                    "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [value()]}],
+                    "parameters": payload,
+                },
+            )
+        statuses[post(url, path, payload, timeout=60)] += 1
+    code, log = stopped(process)
+    return {"requests": count, "statuses": dict(statuses), "exit": code, "tracebacks": log.count("Traceback")}
+
+
+def queue_flood(requests: int, max_queue: int) -> dict:
+    """More requests at once than the queue holds: the rest are answered 503 at once."""
+    url, process = start("--max-queue", str(max_queue), "--max-batch-size", "2")
+    statuses: Counter = Counter()
+    times: list[float] = []
+
+    def one() -> None:
+        began = time.monotonic()
+        status = post(url, "/v1/infill", {"text": ["a [MASK:200]"]})
+        statuses.update([status])
+        if status == 503:
+            times.append(time.monotonic() - began)
+
+    threads = [threading.Thread(target=one) for _ in range(requests)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    code, log = stopped(process)
+    return {
+        "requests": requests,
+        "max_queue": max_queue,
+        "statuses": dict(statuses),
+        "seconds_to_503_max": round(max(times), 3) if times else None,
+        "exit": code,
+        "tracebacks": log.count("Traceback"),
+    }
+
+
+def drain(requests: int) -> dict:
+    """SIGTERM with requests in flight that end well within --grace: every one is answered 200, exit 0."""
+    url, process = start("--grace", "60")
+    statuses: Counter = Counter()
+    threads = [
+        threading.Thread(target=lambda: statuses.update([post(url, "/v1/infill", {"text": ["[MASK:300]"]})]))
+        for _ in range(requests)
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    code, log = stopped(process)
+    for thread in threads:
+        thread.join(timeout=120)
+    return {"requests": requests, "statuses": dict(statuses), "exit": code, "tracebacks": log.count("Traceback")}
+
+
 def abuse(out: Path, rounds: int = 1) -> dict:
     report: dict = {"rounds": []}
     for number in range(rounds):
@@ -207,6 +299,9 @@ def abuse(out: Path, rounds: int = 1) -> dict:
             "oversized_bodies": oversized(15),
             "large_numbers": large_numbers(),
             "stop_past_grace": stop_past_grace(16),
+            "fuzz": fuzz(500, seed=number),
+            "queue_flood": queue_flood(64, 8),
+            "drain": drain(16),
         }
         report["rounds"].append(found)
         print(f"round {number + 1}: {json.dumps(found)}", flush=True)
