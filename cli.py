@@ -469,19 +469,9 @@ def eval_command(
     --no-baseline-heads, the baselines run in PyTorch (the train extra) on the backbone folders."""
     from maria_onnx.console.evaluation import evaluate_text
 
+    options = dict(mask_rate=mask_rate, span=span, seq_len=seq_len, windows=windows, seed=seed)
     evaluate_text(
-        text_file,
-        model,
-        backbones_from,
-        mask_rate=mask_rate,
-        span=span,
-        seq_len=seq_len,
-        windows=windows,
-        seed=seed,
-        batch_size=batch_size,
-        as_json=as_json,
-        device=device,
-        threads=threads,
+        text_file, model, as_json, device, threads, batch_size=batch_size, backbones_from=backbones_from, **options
     )
 
 

@@ -1,6 +1,7 @@
 """`maria eval`: masked-token perplexity and top-1 accuracy of MARIA and the baselines, as a table."""
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -16,20 +17,15 @@ from maria_onnx.tools.evaluate import evaluate
 def evaluate_text(
     text_file: Path,
     model: Path | None,
-    backbones_from: Path | None,
-    mask_rate: float = 0.5,
-    span: bool = False,
-    seq_len: int = 128,
-    windows: int = 64,
-    seed: int = 0,
-    batch_size: int = 16,
     as_json: Path | None = None,
     device: str = "auto",
     threads: int | None = None,
+    **options: Any,
 ) -> None:
-    """Prints the table of tools.evaluate.evaluate over text_file's windows (and writes it to as_json)."""
+    """Prints the table of tools.evaluate.evaluate over text_file's windows (and writes it to as_json); options:
+    evaluate's (mask_rate, span, seq_len, windows, seed, batch_size, backbones_from)."""
     check_device(device)
-    check_mask_rate(mask_rate, "--mask-rate")
+    check_mask_rate(options.get("mask_rate", 0.5), "--mask-rate")
     if as_json is not None and as_json.is_dir():
         raise ValueError(f"--json {as_json} is a folder; give a file path, e.g. {as_json / 'eval.json'}")
     if as_json is not None and not as_json.parent.is_dir():
@@ -37,20 +33,10 @@ def evaluate_text(
             f"--json {as_json}: the folder {as_json.parent} does not exist; create it or give a path "
             "in an existing folder"
         )
-    report = evaluate(
-        text_file,
-        Infiller(model, device=device, threads=threads),
-        mask_rate=mask_rate,
-        span=span,
-        seq_len=seq_len,
-        windows=windows,
-        seed=seed,
-        batch_size=batch_size,
-        backbones_from=backbones_from,
-    )
+    report = evaluate(text_file, Infiller(model, device=device, threads=threads), **options)
     table = Table(
-        title=f"{report['windows']} windows of {seq_len} tokens, mask rate {mask_rate}"
-        f"{' (spans)' if span else ''}, seed {seed}"
+        title=f"{report['windows']} windows of {report['seq_len']} tokens, mask rate {report['mask_rate']}"
+        f"{' (spans)' if report['span'] else ''}, seed {report['seed']}"
     )
     for column in ("system", "perplexity", "top-1 accuracy", "masked tokens"):
         table.add_column(column, justify="right")

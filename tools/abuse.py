@@ -183,20 +183,26 @@ def large_numbers() -> dict:
     return {"requests": len(cases), "statuses": dict(statuses), "exit": code, "tracebacks": log.count("Traceback")}
 
 
-def stop_past_grace(requests: int) -> dict:
-    url, process = start("--grace", "1", "--max-batch-size", "8")
+def stop_in_flight(requests: int, text: str, after_s: float, *flags: str) -> dict:
+    """`requests` concurrent requests of `text`, and SIGTERM after_s in: what each got, and how the server ended."""
+    url, process = start(*flags)
     statuses: Counter = Counter()
     threads = [
-        threading.Thread(target=lambda: statuses.update([post(url, "/v1/infill", {"text": ["[MASK:2000]"]})]))
+        threading.Thread(target=lambda: statuses.update([post(url, "/v1/infill", {"text": [text]})]))
         for _ in range(requests)
     ]
     for thread in threads:
         thread.start()
-    time.sleep(1.5)
+    time.sleep(after_s)
     code, log = stopped(process)
     for thread in threads:
         thread.join(timeout=120)
     return {"requests": requests, "statuses": dict(statuses), "exit": code, "tracebacks": log.count("Traceback")}
+
+
+def stop_past_grace(requests: int) -> dict:
+    """SIGTERM with requests that outlast --grace: every one still running is answered 503, exit 0."""
+    return stop_in_flight(requests, "[MASK:2000]", 1.5, "--grace", "1", "--max-batch-size", "8")
 
 
 def fuzz(count: int, seed: int = 0) -> dict:
@@ -275,19 +281,7 @@ def queue_flood(requests: int, max_queue: int) -> dict:
 
 def drain(requests: int) -> dict:
     """SIGTERM with requests in flight that end well within --grace: every one is answered 200, exit 0."""
-    url, process = start("--grace", "60")
-    statuses: Counter = Counter()
-    threads = [
-        threading.Thread(target=lambda: statuses.update([post(url, "/v1/infill", {"text": ["[MASK:300]"]})]))
-        for _ in range(requests)
-    ]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.3)
-    code, log = stopped(process)
-    for thread in threads:
-        thread.join(timeout=120)
-    return {"requests": requests, "statuses": dict(statuses), "exit": code, "tracebacks": log.count("Traceback")}
+    return stop_in_flight(requests, "[MASK:300]", 0.3, "--grace", "60")
 
 
 def abuse(out: Path, rounds: int = 1) -> dict:
