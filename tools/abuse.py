@@ -5,7 +5,8 @@ be compared. Servers on 127.0.0.1, ephemeral ports, stopped by process id; every
 
 slow clients (half a request each, past --max-connections) and the normal requests among them; clients leaving
 mid-upload; oversized bodies sent by urllib; numbers too large for their type on every numeric field; a stop
-past --grace with long requests in flight, and a drain within it; random JSON on every route; a queue flood.
+past --grace with long requests in flight, and a drain within it; random JSON on every route, random ModelInfer
+messages over gRPC and random `maria` command lines; a queue flood; kills of `maria export --overwrite`; a soak.
 """
 
 import argparse
@@ -28,20 +29,27 @@ from . import run_main, write_json
 HUGE = 10**400
 
 
-def start(*args: str) -> tuple[str, subprocess.Popen]:
-    """(base url, process) of a `maria serve --port 0 --device cpu` with these flags."""
+LOGS: dict[int, list[str]] = {}  # per server process, the lines of its log read so far
+
+
+def start(*args: str) -> tuple[str, subprocess.Popen, str]:
+    """(base url, process, the line it announced itself with) of a `maria serve --port 0 --device cpu`. Its log is
+    read as it comes (a full pipe would stall the server) and kept for stopped()."""
     process = subprocess.Popen(
         [sys.executable, "-m", "maria_onnx.cli", "serve", "--port", "0", "--device", "cpu", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert process.stderr is not None
+    stderr = process.stderr
+    assert stderr is not None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
-        line = process.stderr.readline()
+        line = stderr.readline()
         if "listening on http://" in line:
-            return line.rsplit("listening on ", 1)[1].split(",")[0].strip(), process
+            LOGS[process.pid] = []
+            threading.Thread(target=LOGS[process.pid].extend, args=(stderr,), daemon=True).start()
+            return line.rsplit("listening on ", 1)[1].split(",")[0].strip(), process, line
     process.kill()
     raise ValueError("the server did not start")
 
@@ -55,8 +63,8 @@ def stopped(process: subprocess.Popen) -> tuple[int, str]:
     except subprocess.TimeoutExpired:
         process.kill()
         code = process.wait(timeout=10)
-    assert process.stderr is not None
-    return code, process.stderr.read()
+    time.sleep(0.2)  # the reader takes the last lines
+    return code, "".join(LOGS.pop(process.pid, []))
 
 
 def post(url: str, path: str, payload: object = None, raw: bytes | None = None, timeout: float = 120) -> int:
@@ -83,7 +91,7 @@ def half_requests(url: str, count: int) -> list[socket.socket]:
 
 
 def slow_clients(half: int, max_connections: int, normal: int) -> dict:
-    url, process = start("--max-connections", str(max_connections), "--head-timeout", "2", "--body-timeout", "2")
+    url, process, _ = start("--max-connections", str(max_connections), "--head-timeout", "2", "--body-timeout", "2")
     began = time.monotonic()
     held = half_requests(url, half)
     times: list[float] = []
@@ -117,7 +125,7 @@ def slow_clients(half: int, max_connections: int, normal: int) -> dict:
 
 
 def left_mid_upload(count: int) -> dict:
-    url, process = start()
+    url, process, _ = start()
     host, port = url.removeprefix("http://").split(":")
     for _ in range(count):
         with socket.create_connection((host, int(port)), timeout=30) as connection:
@@ -135,7 +143,7 @@ def left_mid_upload(count: int) -> dict:
 
 
 def oversized(count: int) -> dict:
-    url, process = start()
+    url, process, _ = start()
     body = json.dumps({"text": ["a [MASK]" + " x" * (4 << 20)]}).encode()
     statuses = Counter(post(url, "/v1/infill", raw=body) for _ in range(count))
     code, log = stopped(process)
@@ -143,7 +151,7 @@ def oversized(count: int) -> dict:
 
 
 def large_numbers() -> dict:
-    url, process = start()
+    url, process, _ = start()
     text = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a [MASK]"]}]}
     cases = [
         ("/v1/infill", {"text": ["a [MASK]"], field: value})
@@ -185,7 +193,7 @@ def large_numbers() -> dict:
 
 def stop_in_flight(requests: int, text: str, after_s: float, *flags: str) -> dict:
     """`requests` concurrent requests of `text`, and SIGTERM after_s in: what each got, and how the server ended."""
-    url, process = start(*flags)
+    url, process, _ = start(*flags)
     statuses: Counter = Counter()
     threads = [
         threading.Thread(target=lambda: statuses.update([post(url, "/v1/infill", {"text": [text]})]))
@@ -232,7 +240,7 @@ def fuzz(count: int, seed: int = 0) -> dict:
             return rng.choice(atoms)
         return [value(depth + 1) for _ in range(rng.randint(0, 3))]
 
-    url, process = start("--max-texts", "8")
+    url, process, _ = start("--max-texts", "8")
     statuses: Counter = Counter()
     for _ in range(count):
         payload = {rng.choice(fields): value() for _ in range(rng.randint(1, 4))}
@@ -252,7 +260,7 @@ def fuzz(count: int, seed: int = 0) -> dict:
 
 def queue_flood(requests: int, max_queue: int) -> dict:
     """More requests at once than the queue holds: the rest are answered 503 at once."""
-    url, process = start("--max-queue", str(max_queue), "--max-batch-size", "2")
+    url, process, _ = start("--max-queue", str(max_queue), "--max-batch-size", "2")
     statuses: Counter = Counter()
     times: list[float] = []
 
@@ -284,6 +292,144 @@ def drain(requests: int) -> dict:
     return stop_in_flight(requests, "[MASK:300]", 0.3, "--grace", "60")
 
 
+def cli_fuzz(count: int, seed: int = 0) -> dict:
+    """Seeded random `maria infill` and `maria generate` command lines, run in-process: exit codes, and any error
+    that is not one line (a traceback)."""
+    from typer.testing import CliRunner
+
+    from maria_onnx.cli import app
+
+    rng = random.Random(seed)
+    values = ["0", "-1", "1e-310", "nan", "inf", str(HUGE), "2.5", "a\x1b[31m\r", "", "/nowhere", "[MASK]"]
+    flags = ["--temperature", "--top-k", "--top-p", "--seed", "--num-samples", "--batch-size", "--length"]
+    flags += ["--steps", "--input", "--format", "--model", "--threads", "--decoder", "--prefix"]
+    texts = ["a [MASK]", "[MASK:?] b", "[MASK:0]", "x" * 5000 + " [MASK]", "\x00[MASK]", "[MASK:3-1]"]
+    codes: Counter = Counter()
+    not_one_line = 0
+    for _ in range(count):
+        command = rng.choice(["infill", "generate"])
+        args = [command, *rng.sample(texts, rng.randint(0, 2))] if command == "infill" else [command]
+        for _ in range(rng.randint(0, 3)):
+            args += [rng.choice(flags), rng.choice(values)]
+        result = CliRunner().invoke(app, [*args, "--device", "cpu"])
+        codes[result.exit_code] += 1
+        failed = result.exit_code != 0 and not isinstance(result.exception, SystemExit)
+        not_one_line += failed or "Traceback" in result.output
+    return {"commands": count, "exit_codes": dict(codes), "tracebacks": not_one_line, "exit": 0}
+
+
+def grpc_fuzz(count: int, seed: int = 0) -> dict:
+    """Seeded random ModelInfer messages (inputs, datatypes, shapes, parameters of every size): their status codes;
+    UNKNOWN or INTERNAL would be the server's own failure."""
+    import grpc
+
+    from maria_onnx.serve import oip_pb2 as pb
+
+    rng = random.Random(seed)
+    _, process, announced = start("--grpc-port", "0")
+    codes: Counter = Counter()
+    with grpc.insecure_channel(announced.rsplit("gRPC on ", 1)[1].strip()) as channel:
+        infer = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
+        for _ in range(count):
+            message = pb.ModelInferRequest(model_name=rng.choice(["maria", "other", ""]))
+            tensor = message.inputs.add(name=rng.choice(["text", "seed", "x"]), datatype=rng.choice(["BYTES", "INT64"]))
+            tensor.shape.extend(rng.choice([[1], [2], [], [1, 1], [2**40]]))
+            if tensor.datatype == "BYTES":
+                tensor.contents.bytes_contents.extend(rng.choice([[b"a [MASK]"], [b"\xff"], [], [b"[MASK:0]"] * 2]))
+            else:
+                tensor.contents.int64_contents.extend(rng.choice([[1], [-(2**63)], [2**63 - 1], []]))
+            for name in rng.sample(["temperature", "seed", "top_k", "timeout", "binary_data_output", "x"], 2):
+                parameter = message.parameters[name]
+                choice = rng.random()
+                if choice < 0.4:
+                    parameter.int64_param = rng.choice([0, -1, 2**63 - 1, -(2**63)])
+                elif choice < 0.7:
+                    parameter.double_param = rng.choice([0.5, 1e308, -1e-310, float("nan")])
+                else:
+                    parameter.string_param = rng.choice(["", "x" * 1000, "\x00"])
+            try:
+                infer(message, timeout=60)
+                codes["OK"] += 1
+            except grpc.RpcError as error:
+                codes[error.code().name] += 1
+    code, log = stopped(process)
+    return {"messages": count, "codes": dict(codes), "exit": code, "tracebacks": log.count("Traceback")}
+
+
+def export_kills(kills: int, seed: int = 0) -> dict:
+    """`maria export --overwrite` of tiny backbones over a bundle, SIGKILLed at seeded random times: after each
+    kill a bundle is at the target or set aside for the next export to restore; then one export runs whole."""
+    import tempfile
+
+    from .tiny import make_checkpoint, make_pair
+
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory() as work:
+        root = Path(work)
+        checkpoint = make_checkpoint(*make_pair(root / "backbones"), root / "checkpoint")
+        command = [sys.executable, "-m", "maria_onnx.cli", "export", str(checkpoint), "--out", str(root / "bundle")]
+        subprocess.run(command, check=True, capture_output=True, timeout=600)
+        found: Counter = Counter()
+        for _ in range(kills):
+            process = subprocess.Popen([*command, "--overwrite"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(0.5, 6.0))
+            process.kill()
+            process.wait(timeout=60)
+            aside = list(root.glob(".bundle.partial-*.old"))
+            found[
+                "bundle in place" if (root / "bundle" / "maria.json").is_file() else "set aside" if aside else "lost"
+            ] += 1
+        last = subprocess.run([*command, "--overwrite"], capture_output=True, text=True, timeout=600)
+        left = sorted(p.name for p in root.iterdir() if p.name.startswith(".bundle"))
+    return {
+        "kills": kills,
+        "after_each": dict(found),
+        "last_export": last.returncode,
+        "left_over": left,
+        "exit": 0,
+        "tracebacks": last.stderr.count("Traceback"),
+    }
+
+
+def soak(seconds: float, clients: int) -> dict:
+    """`clients` clients sending requests back to back for `seconds`: the server's resident memory over time."""
+    url, process, _ = start("--max-batch-size", "8")
+    stop_at = time.monotonic() + seconds
+    statuses: Counter = Counter()
+
+    def client() -> None:
+        while time.monotonic() < stop_at:
+            statuses.update([post(url, "/v1/infill", {"text": ["The [MASK] statement is used to [MASK:4] it."]})])
+
+    def resident() -> int:
+        status = Path(f"/proc/{process.pid}/status").read_text()
+        return int(status.split("VmRSS:")[1].split()[0]) // 1024
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    samples = []
+    while time.monotonic() < stop_at:
+        samples.append(resident())
+        time.sleep(min(2.0, max(0.0, stop_at - time.monotonic())))
+    for thread in threads:
+        thread.join(timeout=120)
+    samples.append(resident())
+    code, log = stopped(process)
+    return {
+        "seconds": seconds,
+        "clients": clients,
+        "statuses": dict(statuses),
+        "rss_mib_first_last_max": [samples[0], samples[-1], max(samples)],
+        "exit": code,
+        "tracebacks": log.count("Traceback"),
+    }
+
+
 def abuse(out: Path, rounds: int = 1) -> dict:
     report: dict = {"rounds": []}
     for number in range(rounds):
@@ -296,6 +442,10 @@ def abuse(out: Path, rounds: int = 1) -> dict:
             "fuzz": fuzz(500, seed=number),
             "queue_flood": queue_flood(64, 8),
             "drain": drain(16),
+            "cli_fuzz": cli_fuzz(200, seed=number),
+            "grpc_fuzz": grpc_fuzz(300, seed=number),
+            "export_kills": export_kills(8, seed=number),
+            "soak": soak(60, 16),
         }
         report["rounds"].append(found)
         print(f"round {number + 1}: {json.dumps(found)}", flush=True)
