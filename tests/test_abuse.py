@@ -20,5 +20,16 @@ def test_each_case_counts_what_the_clients_got(tmp_path):
     assert flood["statuses"].get(503, 0) > 0 and set(flood["statuses"]) <= {200, 503}
     drained = abuse.drain(4)
     assert drained["statuses"] == {200: 4}
-    for case in (slow, left, numbers, stop, fuzzed, flood, drained):
+    commands = abuse.cli_fuzz(10)
+    assert sum(commands["exit_codes"].values()) == 10
+    messages = abuse.grpc_fuzz(20)
+    assert sum(messages["codes"].values()) == 20 and not {"UNKNOWN", "INTERNAL"} & set(messages["codes"])
+    soaked = abuse.soak(2, 2)
+    assert set(soaked["statuses"]) == {200} and len(soaked["rss_mib_first_last_max"]) == 3
+    for case in (slow, left, numbers, stop, fuzzed, flood, drained, commands, messages, soaked):
         assert case["tracebacks"] == 0 and case["exit"] == 0
+
+
+def test_a_killed_export_leaves_a_bundle_in_place_or_set_aside(tmp_path):
+    killed = abuse.export_kills(2)
+    assert killed["after_each"].get("lost", 0) == 0 and killed["last_export"] == 0 and killed["left_over"] == []
