@@ -11,9 +11,7 @@ messages over gRPC and random `maria` command lines; a queue flood; kills of `ma
 
 import argparse
 import json
-import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 from . import run_main, write_json
+from .bench_serve import start_server, stop
 
 HUGE = 10**400
 
@@ -32,39 +31,20 @@ HUGE = 10**400
 LOGS: dict[int, list[str]] = {}  # per server process, the lines of its log read so far
 
 
-def start(*args: str) -> tuple[str, subprocess.Popen, str]:
-    """(base url, process, the line it announced itself with) of a `maria serve --port 0 --device cpu`. Its log is
-    read as it comes (a full pipe would stall the server) and kept for stopped()."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "maria_onnx.cli", "serve", "--port", "0", "--device", "cpu", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    stderr = process.stderr
-    assert stderr is not None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        line = stderr.readline()
-        if "listening on http://" in line:
-            LOGS[process.pid] = []
-            threading.Thread(target=LOGS[process.pid].extend, args=(stderr,), daemon=True).start()
-            return line.rsplit("listening on ", 1)[1].split(",")[0].strip(), process, line
-    process.kill()
-    raise ValueError("the server did not start")
+def start(*flags: str, grpc: bool = False) -> tuple[str, str | None, subprocess.Popen]:
+    """(base url, gRPC address or None, process) of a `maria serve --device cpu` of the shipped model with these
+    flags; its log is kept for stopped()."""
+    log: list[str] = []
+    url, grpc_address, process = start_server(None, 8, 5.0, "cpu", grpc=grpc, extra=flags, log=log)
+    LOGS[process.pid] = log
+    return url, grpc_address, process
 
 
 def stopped(process: subprocess.Popen) -> tuple[int, str]:
-    """SIGTERM, then (exit status, its log)."""
-    if process.poll() is None:
-        os.kill(process.pid, signal.SIGTERM)
-    try:
-        code = process.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        code = process.wait(timeout=10)
+    """Stops the server (bench_serve.stop), then (its exit status, its log)."""
+    stop(process)
     time.sleep(0.2)  # the reader takes the last lines
-    return code, "".join(LOGS.pop(process.pid, []))
+    return process.returncode, "".join(LOGS.pop(process.pid, []))
 
 
 def post(url: str, path: str, payload: object = None, raw: bytes | None = None, timeout: float = 120) -> int:
@@ -91,7 +71,7 @@ def half_requests(url: str, count: int) -> list[socket.socket]:
 
 
 def slow_clients(half: int, max_connections: int, normal: int) -> dict:
-    url, process, _ = start("--max-connections", str(max_connections), "--head-timeout", "2", "--body-timeout", "2")
+    url, _, process = start("--max-connections", str(max_connections), "--head-timeout", "2", "--body-timeout", "2")
     began = time.monotonic()
     held = half_requests(url, half)
     times: list[float] = []
@@ -125,7 +105,7 @@ def slow_clients(half: int, max_connections: int, normal: int) -> dict:
 
 
 def left_mid_upload(count: int) -> dict:
-    url, process, _ = start()
+    url, _, process = start()
     host, port = url.removeprefix("http://").split(":")
     for _ in range(count):
         with socket.create_connection((host, int(port)), timeout=30) as connection:
@@ -143,7 +123,7 @@ def left_mid_upload(count: int) -> dict:
 
 
 def oversized(count: int) -> dict:
-    url, process, _ = start()
+    url, _, process = start()
     body = json.dumps({"text": ["a [MASK]" + " x" * (4 << 20)]}).encode()
     statuses = Counter(post(url, "/v1/infill", raw=body) for _ in range(count))
     code, log = stopped(process)
@@ -151,7 +131,7 @@ def oversized(count: int) -> dict:
 
 
 def large_numbers() -> dict:
-    url, process, _ = start()
+    url, _, process = start()
     text = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a [MASK]"]}]}
     cases = [
         ("/v1/infill", {"text": ["a [MASK]"], field: value})
@@ -193,7 +173,7 @@ def large_numbers() -> dict:
 
 def stop_in_flight(requests: int, text: str, after_s: float, *flags: str) -> dict:
     """`requests` concurrent requests of `text`, and SIGTERM after_s in: what each got, and how the server ended."""
-    url, process, _ = start(*flags)
+    url, _, process = start(*flags)
     statuses: Counter = Counter()
     threads = [
         threading.Thread(target=lambda: statuses.update([post(url, "/v1/infill", {"text": [text]})]))
@@ -240,7 +220,7 @@ def fuzz(count: int, seed: int = 0) -> dict:
             return rng.choice(atoms)
         return [value(depth + 1) for _ in range(rng.randint(0, 3))]
 
-    url, process, _ = start("--max-texts", "8")
+    url, _, process = start("--max-texts", "8")
     statuses: Counter = Counter()
     for _ in range(count):
         payload = {rng.choice(fields): value() for _ in range(rng.randint(1, 4))}
@@ -260,7 +240,7 @@ def fuzz(count: int, seed: int = 0) -> dict:
 
 def queue_flood(requests: int, max_queue: int) -> dict:
     """More requests at once than the queue holds: the rest are answered 503 at once."""
-    url, process, _ = start("--max-queue", str(max_queue), "--max-batch-size", "2")
+    url, _, process = start("--max-queue", str(max_queue), "--max-batch-size", "2")
     statuses: Counter = Counter()
     times: list[float] = []
 
@@ -325,9 +305,10 @@ def grpc_fuzz(count: int, seed: int = 0) -> dict:
     from tritonclient.grpc import service_pb2 as pb  # the protocol's messages, as a client has them
 
     rng = random.Random(seed)
-    _, process, announced = start("--grpc-port", "0")
+    _, address, process = start(grpc=True)
+    assert address is not None, "a server started with gRPC announces its address"
     codes: Counter = Counter()
-    with grpc.insecure_channel(announced.rsplit("gRPC on ", 1)[1].strip()) as channel:
+    with grpc.insecure_channel(address) as channel:
         infer = channel.unary_unary(
             "/inference.GRPCInferenceService/ModelInfer",
             request_serializer=pb.ModelInferRequest.SerializeToString,
@@ -396,7 +377,7 @@ def export_kills(kills: int, seed: int = 0) -> dict:
 
 def soak(seconds: float, clients: int) -> dict:
     """`clients` clients sending requests back to back for `seconds`: the server's resident memory over time."""
-    url, process, _ = start("--max-batch-size", "8")
+    url, _, process = start("--max-batch-size", "8")
     stop_at = time.monotonic() + seconds
     statuses: Counter = Counter()
 

@@ -10,6 +10,7 @@ waiting for a slot (queue) or being filled (infer). The server is stopped by its
 """
 
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -48,8 +49,12 @@ def start_server(
     seconds: float = 120,
     decoder: str = "auto",
     grpc: bool = False,
+    extra: tuple[str, ...] = (),
+    log: list[str] | None = None,
 ):
-    """(base url, gRPC address or None, process) of a `maria serve` started on ephemeral ports."""
+    """(base url, gRPC address or None, process) of a `maria serve` started on ephemeral ports; `extra` flags go
+    last (a flag given twice takes its last value). Its log is read as it comes, or a full pipe would stall the
+    server: into `log` where given, else dropped."""
     args = [
         sys.executable,
         "-m",
@@ -69,7 +74,7 @@ def start_server(
         decoder,
     ]
     process = subprocess.Popen(
-        args + (["--model", str(model)] if model else []) + (["--grpc-port", "0"] * grpc),
+        args + (["--model", str(model)] if model else []) + (["--grpc-port", "0"] * grpc) + list(extra),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -82,8 +87,8 @@ def start_server(
         match = re.search(r"listening on (http://[^\s,]+)", line)
         if match:
             address = re.search(r"gRPC on (\S+)", line)
-            # its access log goes on to stderr: read and dropped, or a full pipe would stall the server
-            threading.Thread(target=stderr.read, daemon=True).start()
+            keep = stderr.read if log is None else functools.partial(log.extend, stderr)
+            threading.Thread(target=keep, daemon=True).start()
             return match.group(1), address.group(1) if address else None, process
     stop(process)
     said = said or stderr.read().strip().rpartition("\n")[2]
