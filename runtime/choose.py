@@ -28,6 +28,11 @@ class Sampling:
             raise SettingError(f"{{seed}} must be a non-negative integer, got {self.seed}", "seed")
 
     @property
+    def batch_key(self) -> tuple[float, int, float]:
+        """What rows must share to be chosen together: everything but the seed (each row has its own generator)."""
+        return self.temperature, self.top_k, self.top_p
+
+    @property
     def greedy(self) -> bool:
         return self.temperature == 0
 

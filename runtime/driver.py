@@ -267,9 +267,9 @@ class BatchDecoder:
     def step(self) -> list[Batched]:
         rows, self.waiting = self.waiting, []
         self.last_batch = len(rows)
-        groups: dict[tuple, list[Batched]] = {}  # the seed aside: each row draws from its own generator
+        groups: dict[tuple, list[Batched]] = {}
         for row in rows:
-            groups.setdefault((row.sampling.temperature, row.sampling.top_k, row.sampling.top_p), []).append(row)
+            groups.setdefault(row.sampling.batch_key, []).append(row)
         for group in groups.values():
 
             def heard(index: int, position: int, token: int, logprob: float, group: list = group) -> None:

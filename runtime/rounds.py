@@ -198,8 +198,7 @@ def run_requests(
     filled."""
     groups: dict[tuple, list[int]] = {}
     for number, request in enumerate(requests):
-        sampling = request.sampling
-        groups.setdefault((sampling.temperature, sampling.top_k, sampling.top_p), []).append(number)
+        groups.setdefault(request.sampling.batch_key, []).append(number)
     rounds = [Rounds(filler, requests, numbers) for numbers in groups.values()]
     runs = [(r, requests[r.numbers[0]].sampling, r.hearing(on_token) if on_token else None) for r in rounds]
     fill_rounds(RoundDriver(decoder), runs, on_batch)

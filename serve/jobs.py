@@ -27,8 +27,7 @@ class Job:
 
     @property
     def sampling_key(self) -> tuple:
-        sampling = self.request.sampling
-        return sampling.temperature, sampling.top_k, sampling.top_p
+        return self.request.sampling.batch_key
 
     @property
     def inferences(self) -> int:
