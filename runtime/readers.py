@@ -133,7 +133,6 @@ class StreamLines:
         self.stream, self.name, self.jsonl, self.field = stream, name, jsonl, field
         self.read: collections.deque = collections.deque()  # Lines (or a ValueError) read and not yet taken
         self.rest: list[bytes] = []  # the start of a line whose newline has not come
-        self.resting = 0  # its bytes
         self.offset = 0  # bytes of the stream before `rest`
         self.number = 0
         self.ended = False
@@ -157,8 +156,8 @@ class StreamLines:
         piece = self.stream.read1(self.PIECE)  # what the stream has (blocks only while it has nothing)
         if piece and b"\n" not in piece:
             self.rest.append(piece)
-            self.resting += len(piece)
-            if self.resting > self.MAX_LINE:  # a stream with no newline is refused before it fills the memory
+            # a stream with no newline is refused before it fills the memory
+            if sum(map(len, self.rest)) > self.MAX_LINE:
                 self.read.append(
                     ValueError(
                         f"{self.name}:{self.number + 1} runs over {self.MAX_LINE >> 20} MiB without a newline; "
@@ -170,7 +169,6 @@ class StreamLines:
         first, *raws = piece.split(b"\n")
         raws.insert(0, b"".join([*self.rest, first]))
         self.rest = [raws.pop()] if piece else []
-        self.resting = len(self.rest[0]) if self.rest else 0
         self.ended = not piece
         for raw in raws:
             self.number += 1
