@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.progress import Progress
 
-from maria_onnx.runtime.anneal import Schedule, anneal, encode_ends
+from maria_onnx.runtime.anneal import AnnealRequest, Schedule, anneal, encode_ends
 from maria_onnx.runtime.choose import Sampling
 from maria_onnx.runtime.device import check_device
 from maria_onnx.runtime.infiller import Infiller
@@ -54,12 +54,7 @@ def generate_samples(
 
             results = anneal(
                 infiller,
-                *ends,
-                length,
-                samples,
-                schedule,
-                sampling,
-                sampling.seed,
+                AnnealRequest(*ends, length, samples, schedule, sampling),
                 on_step=stepped,
                 batch_size=batch_size,
                 first_sample=first,

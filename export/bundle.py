@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from glob import escape as glob_escape
 from importlib.metadata import version
 from pathlib import Path
@@ -39,7 +40,7 @@ from .graphs import (
 )
 from .step import STEP_FILE, check_fused_attention, export_step
 from .validate import validate
-from .weights import bundle_weights, external_data
+from .weights import bundle_weights, external_data, save
 
 DEFAULT_OPSET = 17
 OPSETS = range(17, 21)  # from the opset the graphs need to the newest torch.onnx's exporter writes
@@ -162,7 +163,7 @@ def _to_fp16(path: Path) -> None:
     weights = bundle_weights(path)  # where _optimize put a large graph's weights
     large = weights.exists()
     weights.unlink(missing_ok=True)
-    onnx.save(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True, location=weights.name)
+    save(model, path, weights if large else None)
 
 
 def _to_int8(path: Path) -> None:
@@ -200,13 +201,7 @@ def _weights_as_optimized(path: Path) -> None:
     if external_data(path).exists():
         model = onnx.load(str(path))
         external_data(path).unlink()
-        onnx.save(
-            model,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=bundle_weights(path).name,
-        )
+        save(model, path, bundle_weights(path))
 
 
 def _kv_shape(path: Path) -> tuple[int, int, int]:
@@ -229,6 +224,37 @@ def _source(config) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What an export writes: the graphs' dtype, int8 weights or not, the opset, the optional graphs and the step
+    graph's attention ("eager": the operations themselves; "fused": one ONNX Runtime node a layer,
+    export/attention.py)."""
+
+    dtype: str = "fp32"
+    int8: bool = False
+    opset: int = DEFAULT_OPSET
+    baseline_heads: bool = True
+    concat_decoder: bool = True
+    attention: str = "eager"
+
+    @property
+    def variant(self) -> str:
+        return "int8" if self.int8 else self.dtype
+
+    def check(self) -> None:
+        if self.dtype not in ("fp32", "fp16"):
+            raise ValueError(f"--dtype must be fp32 or fp16, got '{self.dtype}'")
+        if self.int8 and self.dtype != "fp32":
+            raise ValueError("--int8 quantizes an fp32 export for CPUs; use it with --dtype fp32")
+        if self.attention not in ("eager", "fused"):
+            raise ValueError(f"--attention must be eager or fused, got '{self.attention}'")
+        if self.opset not in OPSETS:
+            raise ValueError(
+                f"--opset {self.opset} is not supported; use {OPSETS.start} to {OPSETS.stop - 1} "
+                f"(default {DEFAULT_OPSET})"
+            )
+
+
 def export_bundle(
     checkpoint,
     out,
@@ -243,60 +269,27 @@ def export_bundle(
 ) -> Manifest:
     """Exports a trained checkpoint to a validated bundle at `out`; returns its manifest. baseline_heads adds the
     AR's LM head and the MLM's decoder (ar_lm_head.onnx, mlm_decoder.onnx); concat_decoder adds Optimum's decoder
-    (ar_decoder.onnx) for the concat path beside the engine's step graph (ar_step.onnx). attention: the step
-    graph's attention, "eager" (the operations themselves) or "fused" (one ONNX Runtime node a layer,
-    export/attention.py)."""
-    if dtype not in ("fp32", "fp16"):
-        raise ValueError(f"--dtype must be fp32 or fp16, got '{dtype}'")
-    if int8 and dtype != "fp32":
-        raise ValueError("--int8 quantizes an fp32 export for CPUs; use it with --dtype fp32")
-    if attention not in ("eager", "fused"):
-        raise ValueError(f"--attention must be eager or fused, got '{attention}'")
-    if opset not in OPSETS:
-        raise ValueError(
-            f"--opset {opset} is not supported; use {OPSETS.start} to {OPSETS.stop - 1} (default {DEFAULT_OPSET})"
-        )
+    (ar_decoder.onnx) for the concat path beside the engine's step graph (ar_step.onnx); see Plan."""
+    plan = Plan(dtype, int8, opset, baseline_heads, concat_decoder, attention)
+    plan.check()
     console = console or Console(stderr=True)
-    variant = "int8" if int8 else dtype
     staging = _target(out, checkpoint, overwrite, console)
     try:
         with stage(console, f"loading checkpoint {checkpoint}"):
             backbones, head, config = load_maria(checkpoint)
         if attention == "fused":
             check_fused_attention(backbones.ar.config)
-        manifest = _build(
-            staging,
-            backbones,
-            head,
-            config,
-            dtype,
-            variant,
-            opset,
-            console,
-            baseline_heads,
-            concat_decoder,
-            attention == "fused",
-        )
+        manifest = _build(staging, backbones, head, config, plan, console)
         _publish(staging, Path(out).resolve())
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    console.print(f"[green]✓[/green] wrote {out} ({variant})")
+    console.print(f"[green]✓[/green] wrote {out} ({plan.variant})")
     return manifest
 
 
-def _build(
-    folder: Path,
-    backbones,
-    head,
-    config,
-    dtype,
-    variant,
-    opset,
-    console,
-    baseline_heads,
-    concat_decoder,
-    fuse_attention,
-) -> Manifest:
+def _build(folder: Path, backbones, head, config, plan: Plan, console: Console) -> Manifest:
+    dtype, variant, opset, concat_decoder = plan.dtype, plan.variant, plan.opset, plan.concat_decoder
+    fuse_attention = plan.attention == "fused"
     hidden_dtype = torch.float16 if dtype == "fp16" else torch.float32
     with stage(console, f"exporting mlm.onnx{' and ar_decoder.onnx' if concat_decoder else ''} with Optimum"):
         specs = export_backbones(backbones, folder, opset, concat_decoder)
@@ -310,7 +303,7 @@ def _build(
         **({"ar_decoder": AR_FILE} if concat_decoder else {}),
         "fusion_head": HEAD_FILE,
     }
-    if baseline_heads:
+    if plan.baseline_heads:
         with stage(console, "exporting the baseline heads (ar_lm_head.onnx, mlm_decoder.onnx)"):
             specs.update(export_baseline_heads(backbones, folder, opset, hidden_dtype))
         files.update(ar_lm_head=AR_LM_HEAD_FILE, mlm_decoder=MLM_DECODER_FILE)

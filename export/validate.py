@@ -118,45 +118,23 @@ def _check_step(checks, onnx, torch_backend, rng, vocab, bound):
         )
 
 
-def _check_head(checks, onnx, torch_backend, rng, bound):
-    m = onnx.manifest
-    for batch in (1, 5):
-        mlm_hidden = rng.standard_normal((batch, m.mlm_hidden_size)).astype(onnx.dtype)
-        ar_hidden = rng.standard_normal((batch, m.ar_hidden_size)).astype(onnx.dtype)
-        _compare(
-            checks,
-            "fusion_head",
-            "logits",
-            f"batch {batch}",
-            onnx.fuse(mlm_hidden, ar_hidden),
-            torch_backend.fuse(mlm_hidden.astype(np.float32), ar_hidden.astype(np.float32)),
-            bound,
-        )
+HEADS = {  # graph: its logits on a backend, from the MLM's and the AR's hidden states
+    "fusion_head": lambda backend, mlm, ar: backend.fuse(mlm, ar),
+    "ar_lm_head": lambda backend, mlm, ar: backend.ar_logits(ar),
+    "mlm_decoder": lambda backend, mlm, ar: backend.mlm_logits(mlm),
+}
 
 
-def _check_baseline_heads(checks, onnx, torch_backend, rng, bound):
+def _check_heads(checks, onnx, torch_backend, rng, bound, names):
+    """Each named head's logits on random hidden states, at batch 1 and 5."""
     m = onnx.manifest
     for batch in (1, 5):
-        ar_hidden = rng.standard_normal((batch, m.ar_hidden_size)).astype(onnx.dtype)
-        mlm_hidden = rng.standard_normal((batch, m.mlm_hidden_size)).astype(onnx.dtype)
-        _compare(
-            checks,
-            "ar_lm_head",
-            "logits",
-            f"batch {batch}",
-            onnx.ar_logits(ar_hidden),
-            torch_backend.ar_logits(ar_hidden.astype(np.float32)),
-            bound,
-        )
-        _compare(
-            checks,
-            "mlm_decoder",
-            "logits",
-            f"batch {batch}",
-            onnx.mlm_logits(mlm_hidden),
-            torch_backend.mlm_logits(mlm_hidden.astype(np.float32)),
-            bound,
-        )
+        mlm = rng.standard_normal((batch, m.mlm_hidden_size)).astype(onnx.dtype)
+        ar = rng.standard_normal((batch, m.ar_hidden_size)).astype(onnx.dtype)
+        for name in names:
+            call = HEADS[name]
+            want = call(torch_backend, mlm.astype(np.float32), ar.astype(np.float32))
+            _compare(checks, name, "logits", f"batch {batch}", call(onnx, mlm, ar), want, bound)
 
 
 def _end_to_end(onnx, torch_backend, special: SpecialIds, rng, vocab, bound, agreement):
@@ -208,9 +186,8 @@ def validate(open_backend, concat: bool, backbones, head, special: SpecialIds, v
         gc.collect()
         onnx = open_backend("engine")
     _check_step(checks, onnx, torch_backend, rng, vocab, bound)
-    _check_head(checks, onnx, torch_backend, rng, bound)
-    if onnx.manifest.has_baseline_heads:
-        _check_baseline_heads(checks, onnx, torch_backend, rng, bound)
+    heads = list(HEADS) if onnx.manifest.has_baseline_heads else ["fusion_head"]
+    _check_heads(checks, onnx, torch_backend, rng, bound, heads)
     end_to_end = _end_to_end(onnx, torch_backend, special, rng, vocab, bound, agreement)
     report = {"variant": variant, "checks": [asdict(c) for c in checks], "end_to_end": end_to_end}
     if variant == "int8":  # int8 weights are judged end to end; graph differences are recorded

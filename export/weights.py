@@ -47,14 +47,21 @@ def gather(exported: Path, path: Path) -> None:
     if others == [external_data(exported)]:  # already gathered (Optimum's own convention)
         os.replace(others[0], external_data(path))
     elif others:
-        model = onnx.load(str(exported))  # initializers and constant attributes, from their files
+        save(onnx.load(str(exported)), path, external_data(path))  # initializers and constant attributes
+        return
+    os.replace(exported, path)
+
+
+def save(model: onnx.ModelProto, path: Path, weights: Path | None) -> None:
+    """Writes model to path, its tensors of 1 KiB or more in the one file `weights` beside it (None: inside)."""
+    if weights is None:
+        onnx.save(model, str(path))
+    else:
         onnx.save(
             model,
             str(path),
             save_as_external_data=True,
             all_tensors_to_one_file=True,
-            location=external_data(path).name,
+            location=weights.name,
             size_threshold=1024,
         )
-        return
-    os.replace(exported, path)

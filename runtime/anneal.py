@@ -85,6 +85,22 @@ class AnnealRow:
     rng: np.random.Generator
 
 
+@dataclass(frozen=True)
+class AnnealRequest:
+    """What maria generate asks for: `length` tokens between prefix and suffix (content ids), num_samples samples
+    (sample j drawing from generators of (sampling.seed, j, step))."""
+
+    prefix: np.ndarray
+    suffix: np.ndarray
+    length: int
+    num_samples: int = 1
+    schedule: Schedule = Schedule()
+    sampling: Sampling = Sampling(temperature=1.0)
+
+    def start(self, filler: Filler) -> "Annealing":
+        return Annealing(filler, self)
+
+
 class Annealing:
     """One annealing run as rounds of decode rows, one round a step: `rows` to fill (one per sample), `collect`
     takes their fills and returns the next step's rows ([] after the last), then `results` holds the samples.
@@ -95,19 +111,14 @@ class Annealing:
     def __init__(
         self,
         filler: Filler,
-        prefix: np.ndarray,
-        suffix: np.ndarray,
-        length: int,
-        num_samples: int,
-        schedule: Schedule,
-        sampling: Sampling = Sampling(temperature=1.0),
-        seed: int = 0,
+        request: AnnealRequest,
         first_sample: int = 0,
         on_step: Callable[[int, np.ndarray], None] | None = None,
     ) -> None:
+        prefix, suffix, length, num_samples = request.prefix, request.suffix, request.length, request.num_samples
         self.check(filler, prefix, suffix, length, num_samples)
-        self.filler, self.schedule, self.sampling, self.on_step = filler, schedule, sampling, on_step
-        self.seed, self.first_sample, self.num_samples, self.step = seed, first_sample, num_samples, 0
+        self.filler, self.schedule, self.sampling, self.on_step = filler, request.schedule, request.sampling, on_step
+        self.seed, self.first_sample, self.num_samples, self.step = request.sampling.seed, first_sample, num_samples, 0
         self.free = np.arange(len(prefix), len(prefix) + length)
         template = np.concatenate([prefix, np.full(length, filler.special.mask), suffix]).astype(np.int64)
         masked = np.zeros(len(template), dtype=bool)
@@ -227,31 +238,6 @@ GENERATE_SETTINGS = {
 }
 
 
-@dataclass(frozen=True)
-class AnnealRequest:
-    """What maria generate asks for: `length` tokens between prefix and suffix (content ids), num_samples samples
-    (sample j drawing from generators of (sampling.seed, j, step))."""
-
-    prefix: np.ndarray
-    suffix: np.ndarray
-    length: int
-    num_samples: int = 1
-    schedule: Schedule = Schedule()
-    sampling: Sampling = Sampling(temperature=1.0)
-
-    def start(self, filler: Filler) -> Annealing:
-        return Annealing(
-            filler,
-            self.prefix,
-            self.suffix,
-            self.length,
-            self.num_samples,
-            self.schedule,
-            self.sampling,
-            self.sampling.seed,
-        )
-
-
 def anneal_request(filler: Filler, given: dict) -> AnnealRequest:
     """The request of maria generate's options given as JSON fields (GENERATE_SETTINGS; the CLI's defaults).
     SettingTypeError for an unknown field or a wrong type, ValueError for a value the model refuses, with the
@@ -280,23 +266,18 @@ def anneal_request(filler: Filler, given: dict) -> AnnealRequest:
 
 def anneal(
     filler: Filler,
-    prefix: np.ndarray,
-    suffix: np.ndarray,
-    length: int,
-    num_samples: int,
-    schedule: Schedule,
-    sampling: Sampling = Sampling(temperature=1.0),
-    seed: int = 0,
+    request: AnnealRequest,
     on_step: Callable[[int, np.ndarray], None] | None = None,
     batch_size: int | None = None,
     first_sample: int = 0,
 ) -> list[Annealed]:
-    """Generates `length` tokens between prefix and suffix (content ids) for num_samples samples, batch_size of
+    """Generates request.length tokens between its prefix and suffix for its num_samples samples, batch_size of
     them decoded at once (default: all; the others wait for a free slot, with the same fills). Samples are
     numbered from first_sample (their generators with them), so samples can be generated a group at a time.
     on_step(step, energies) is called after the start and after every step."""
-    annealing = Annealing(filler, prefix, suffix, length, num_samples, schedule, sampling, seed, first_sample, on_step)
-    return run_annealing(filler.new_decoder(min(num_samples, batch_size or num_samples)), annealing)
+    annealing = Annealing(filler, request, first_sample, on_step)
+    slots = min(request.num_samples, batch_size or request.num_samples)
+    return run_annealing(filler.new_decoder(slots), annealing)
 
 
 def run_annealing(

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from maria_onnx.cli import app
-from maria_onnx.runtime.anneal import Schedule, anneal
+from maria_onnx.runtime.anneal import AnnealRequest, Schedule, anneal
 from maria_onnx.runtime.choose import Sampling
 from maria_onnx.runtime.infiller import Infiller
 from maria_onnx.runtime.likelihood import ar_loglikelihood
@@ -21,9 +21,8 @@ def infiller(bundles):
 
 def test_energies_are_the_ar_and_the_best_never_rises(infiller):
     prefix, suffix = np.array([7, 8]), np.array([9])
-    results = anneal(
-        infiller, prefix, suffix, 6, 3, Schedule(steps=12, temperature_start=5.0), Sampling(temperature=1.5), seed=2
-    )
+    schedule = Schedule(steps=12, temperature_start=5.0)
+    results = anneal(infiller, AnnealRequest(prefix, suffix, 6, 3, schedule, Sampling(temperature=1.5, seed=2)))
     for result in results:
         assert result.ids[:2] == [7, 8] and result.ids[-1] == 9 and len(result.ids) == 9
         assert len(result.energies) == len(result.best_energies) == 13
@@ -37,25 +36,16 @@ def test_energies_are_the_ar_and_the_best_never_rises(infiller):
 
 
 def test_samples_beyond_the_batch_wait_for_a_slot_and_come_out_the_same(infiller):
-    run = lambda batch_size: anneal(
-        infiller,
-        np.array([7]),
-        np.zeros(0, np.int64),
-        5,
-        5,
-        Schedule(steps=4),
-        Sampling(temperature=1.0),
-        seed=4,
-        batch_size=batch_size,
-    )
+    request = AnnealRequest(np.array([7]), np.zeros(0, np.int64), 5, 5, Schedule(steps=4), Sampling(1.0, seed=4))
+    run = lambda batch_size: anneal(infiller, request, batch_size=batch_size)
     together, two_at_a_time = run(None), run(2)
     assert [(r.ids, r.accepted) for r in together] == [(r.ids, r.accepted) for r in two_at_a_time]
     assert np.allclose([r.energies for r in together], [r.energies for r in two_at_a_time], rtol=1e-5)
 
 
 def test_zero_steps_is_one_shot_maria_sampling(infiller):
-    sampling = Sampling(temperature=1.0)
-    results = anneal(infiller, np.zeros(0, np.int64), np.zeros(0, np.int64), 5, 4, Schedule(steps=0), sampling, seed=3)
+    sampling, empty = Sampling(temperature=1.0, seed=3), np.zeros(0, np.int64)
+    results = anneal(infiller, AnnealRequest(empty, empty, 5, 4, Schedule(steps=0), sampling))
     template = np.full(5, infiller.special.mask)
     one_shot = infiller.fill_ids(
         [template] * 4,
@@ -119,7 +109,7 @@ def test_samples_beyond_a_group_are_annealed_and_printed_a_group_at_a_time(bundl
     groups, run = [], console_generate.anneal
 
     def counted(*rest, **kwargs):
-        groups.append((rest[4], kwargs["first_sample"]))
+        groups.append((rest[1].num_samples, kwargs["first_sample"]))
         return run(*rest, **kwargs)
 
     monkeypatch.setattr(console_generate, "anneal", counted)

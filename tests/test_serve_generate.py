@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from maria_onnx.runtime.anneal import Schedule, anneal, encode_ends
+from maria_onnx.runtime.anneal import AnnealRequest, Schedule, anneal, encode_ends
 from maria_onnx.runtime.choose import Sampling
 from maria_onnx.runtime.default_model import DEFAULT_MODEL
 from maria_onnx.runtime.infiller import Infiller
@@ -33,17 +33,9 @@ def expected(bundle, decoder: str, batch_size: int) -> list[dict]:
     """The samples `maria generate` makes in process for SETTINGS."""
     infiller = Infiller(bundle, device="cpu", decoder=decoder)
     prefix, suffix = encode_ends(infiller, SETTINGS["prefix"], SETTINGS["suffix"])
-    results = anneal(
-        infiller,
-        prefix,
-        suffix,
-        SETTINGS["length"],
-        SETTINGS["num_samples"],
-        Schedule(steps=SETTINGS["steps"]),
-        Sampling(temperature=0.9, seed=7),
-        seed=7,
-        batch_size=batch_size,
-    )
+    schedule, sampling = Schedule(steps=SETTINGS["steps"]), Sampling(temperature=0.9, seed=7)
+    request = AnnealRequest(prefix, suffix, SETTINGS["length"], SETTINGS["num_samples"], schedule, sampling)
+    results = anneal(infiller, request, batch_size=batch_size)
     return [r.to_dict() for r in results]
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from maria_onnx.runtime.anneal import Schedule, anneal
+from maria_onnx.runtime.anneal import AnnealRequest, Schedule, anneal
 from maria_onnx.runtime.choose import Sampling
 from maria_onnx.runtime.infiller import Infiller
 from maria_onnx.runtime.likelihood import ar_loglikelihood, ar_sample
@@ -43,16 +43,9 @@ def run_ar(infiller, length: int, samples: int, seed: int) -> list:
 
 
 def run_maria(infiller, length: int, samples: int, steps: int, seed: int, schedule: dict) -> list:
-    results = anneal(
-        infiller,
-        np.zeros(0, np.int64),
-        np.zeros(0, np.int64),
-        length,
-        samples,
-        Schedule(steps=steps, **schedule),
-        Sampling(temperature=1.0),
-        seed,
-    )
+    empty = np.zeros(0, np.int64)
+    request = AnnealRequest(empty, empty, length, samples, Schedule(steps=steps, **schedule), Sampling(1.0, seed=seed))
+    results = anneal(infiller, request)
     return [np.array(r.ids) for r in results]
 
 
