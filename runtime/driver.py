@@ -82,6 +82,10 @@ class Decoded(Protocol):
     def fill(self) -> Fill: ...
 
 
+Submit = Callable[[np.ndarray, np.ndarray, Sampling, np.random.Generator, OnFill | None], Decoded]
+"""submit(ids, masked, sampling, rng, on_token) queues one row to fill and returns it."""
+
+
 class Decoder(Protocol):
     """What the driver steps: the decode engine (runtime/engine.py), or BatchDecoder."""
 
@@ -91,14 +95,8 @@ class Decoder(Protocol):
     @property
     def last_batch(self) -> int: ...
 
-    def submit(
-        self,
-        ids: np.ndarray,
-        masked: np.ndarray,
-        sampling: Sampling,
-        rng: np.random.Generator,
-        on_token: OnFill | None = None,
-    ) -> Decoded: ...
+    @property
+    def submit(self) -> Submit: ...
 
     def cancel(self, sequence: Any) -> None: ...  # a Decoded this decoder's submit returned
 

@@ -12,22 +12,8 @@ pytest.importorskip("starlette", reason="the serve extra (starlette, uvicorn, pr
 
 
 def test_bench_serve_reports_both_settings(tmp_path):
-    result = CliRunner().invoke(
-        app,
-        [
-            "bench-serve",
-            "--out",
-            str(tmp_path),
-            "--clients",
-            "4",
-            "--requests",
-            "8",
-            "--max-batch-sizes",
-            "1,8",
-            "--delay-ms",
-            "20",
-        ],
-    )
+    args = "--clients 4 --requests 8 --max-batch-sizes 1,8 --delay-ms 20".split()
+    result = CliRunner().invoke(app, ["bench-serve", "--out", str(tmp_path), *args])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "bench-serve.json").read_text())
     runs = {run["max_batch_size"]: run for run in report["runs"]}
@@ -90,22 +76,8 @@ def test_a_server_that_does_not_start_is_named_with_its_reason(tmp_path):
 def test_bench_serve_compares_http_grpc_and_grpc_stream_clients(tmp_path):
     pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
     pytest.importorskip("grpc", reason="the grpc extra (grpcio, protobuf) is not installed")
-    result = CliRunner().invoke(
-        app,
-        [
-            "bench-serve",
-            "--out",
-            str(tmp_path),
-            "--clients",
-            "4",
-            "--requests",
-            "8",
-            "--max-batch-sizes",
-            "8",
-            "--protocols",
-            "http,grpc,grpc-stream",
-        ],
-    )
+    args = "--clients 4 --requests 8 --max-batch-sizes 8 --protocols http,grpc,grpc-stream".split()
+    result = CliRunner().invoke(app, ["bench-serve", "--out", str(tmp_path), *args])
     assert result.exit_code == 0, result.output
     runs = {run["protocol"]: run for run in json.loads((tmp_path / "bench-serve.json").read_text())["runs"]}
     assert set(runs) == {"http", "grpc", "grpc-stream"}

@@ -91,28 +91,8 @@ def test_a_run_into_another_pairs_checkpoint_is_refused(pairs, corpus_file, tmp_
 def test_cli_train_writes_a_checkpoint(pairs, corpus_file, tmp_path):
     mlm, ar = pairs["olmo2"]
     out = tmp_path / "ckpt"
-    result = CliRunner().invoke(
-        app,
-        [
-            "train",
-            "--mlm",
-            str(mlm),
-            "--ar",
-            str(ar),
-            "--data",
-            str(corpus_file),
-            "--out",
-            str(out),
-            "--steps",
-            "3",
-            "--seq-len",
-            "16",
-            "--batch-size",
-            "2",
-            "--device",
-            "cpu",
-        ],
-    )
+    paths = ["--mlm", str(mlm), "--ar", str(ar), "--data", str(corpus_file), "--out", str(out)]
+    result = CliRunner().invoke(app, ["train", *paths, *"--steps 3 --seq-len 16 --batch-size 2 --device cpu".split()])
     assert result.exit_code == 0, result.output
     config = MariaConfig.from_dict(json.loads((out / "maria_config.json").read_text()))
     assert config.ar_model_type == "olmo2" and config.trained_steps == 3
@@ -140,21 +120,8 @@ def test_cli_train_writes_a_checkpoint(pairs, corpus_file, tmp_path):
 )
 def test_cli_train_bad_input_is_one_line(pairs, corpus_file, tmp_path, args, message):
     mlm, ar = pairs["olmo"]
-    base = [
-        "train",
-        "--mlm",
-        str(mlm),
-        "--ar",
-        str(ar),
-        "--data",
-        str(corpus_file),
-        "--out",
-        str(tmp_path / "o"),
-        "--steps",
-        "1",
-        "--device",
-        "cpu",
-    ]
+    paths = ["--mlm", str(mlm), "--ar", str(ar), "--data", str(corpus_file), "--out", str(tmp_path / "o")]
+    base = ["train", *paths, "--steps", "1", "--device", "cpu"]
     result = CliRunner().invoke(app, base + args)
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
