@@ -14,13 +14,16 @@ at a time with --decoder concat (serve/batcher.py).
     POST /v1/infill/stream             SSE: one "token" event per chosen fill token, then one "result" event
     POST /v1/generate                  {"length": N, "prefix": ..., "steps": ...} -> {"results": [maria generate
                                        --json]}: simulated annealing, one round of decode rows a step
+    POST /v1/completions               OpenAI's completions, `suffix` for insertion (serve/openai.py); streams
+                                       OpenAI's chunks with "stream": true
+    GET  /v1/models  /v1/models/{model}   OpenAI's model list and model
     GET  /metrics                      Prometheus text format
     (and with --grpc-port the Open Inference Protocol over gRPC, serve/grpc_service.py, over the same Server)
 
 Client errors get one line in {"error": ...}: 400 unreadable request, 401 bad token, 404 unknown model,
 413 body or texts over the bounds, 422 a text or setting the model refuses, 501 generation without the AR's
 head, 503 queue full, 504 deadline passed
-(and 404 / 405 for a path or method no route has);
+(and 404 / 405 for a path or method no route has); on OpenAI's routes, in OpenAI's error object;
 a client that leaves before its answer is logged as 499, and its rows leave the decode worker. Bodies may come
 gzip- or deflate-compressed, and answers go compressed where the client accepts it (serve/encoding.py).
 """
@@ -42,6 +45,7 @@ from maria_onnx.runtime.requests import SETTINGS
 from maria_onnx.runtime.text import quoted
 from maria_onnx.runtime.utf8 import FillPieces
 
+from . import openai
 from .core import ClientError, ClientLeft, Server, ServeSettings, logged
 from .encoding import EncodingError, accepted, compress, decompress
 from .generate import SSE_TYPE, event, generate_response, read_generate
@@ -203,29 +207,86 @@ class HttpRoutes:
             )
 
         job = self.server.job(texts, settings, began, on_token)
-        task = asyncio.ensure_future(self.server.run(job))
-        task.add_done_callback(lambda _: events.put_nowait(None))
 
-        async def lines():
-            try:
-                while (event := await events.get()) is not None:
-                    yield f"event: {event['event']}\ndata: {json.dumps(event['data'], ensure_ascii=False)}\n\n"
-            finally:  # the client left mid-stream: run() drops the job
-                if not task.done():
-                    task.cancel()
-            try:
-                results = task.result()
-            except ClientError as error:
-                yield f"event: error\ndata: {json.dumps({'error': str(error), 'status': error.status})}\n\n"
-                return
-            except Exception as error:  # the model failed: logged, and the stream says so
-                logging.getLogger("maria.serve").exception("the stream's fill failed")
-                yield f"event: error\ndata: {json.dumps({'error': f'the model failed: {error}', 'status': 500})}\n\n"
-                return
+        def line(event: dict) -> str:
+            return f"event: {event['event']}\ndata: {json.dumps(event['data'], ensure_ascii=False)}\n\n"
+
+        def answered(results: list) -> list[str]:
             payload = {"results": [r.to_dict() for r in results]}
-            yield f"event: result\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
+            return [f"event: result\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"]
 
-        return StreamingResponse(lines(), media_type="text/event-stream")
+        def failed(error: ClientError) -> str:
+            return f"event: error\ndata: {json.dumps({'error': str(error), 'status': error.status})}\n\n"
+
+        return StreamingResponse(streamed(self.server, job, events, line, answered, failed), media_type=SSE_TYPE)
+
+    async def completions(self, request):
+        """OpenAI's completions (serve/openai.py): insertion with `suffix`, continuation without."""
+        began, name = time.monotonic(), self.settings.model_name
+        infiller = self.server.infiller
+        completion = openai.read_completion(
+            await self.json_body(request), name, self.settings.max_texts, infiller.max_sequence_length
+        )
+        if not completion.stream:
+            job = self.server.job(completion.texts(), completion.settings, began)
+            results = await self.server.run(job, left(request))
+            return JSONResponse(openai.response(completion, name, self.choices(completion, results), results))
+        events: asyncio.Queue = asyncio.Queue()
+        streams: dict = {}  # (prompt, sample) -> its Streamed
+        pieces: dict = {}  # (prompt, sample) -> its FillPieces
+
+        def on_token(index, sample, position, token, logprob):
+            if (index, sample) not in pieces:
+                ids = job.request.texts[index].candidates[0][1].ids
+                pieces[index, sample] = FillPieces(infiller.tokenizer, ids)
+                streams[index, sample] = openai.Streamed(completion.prompts[index], completion.stop)
+            text, tokens, finish = streams[index, sample].add(pieces[index, sample].add(position, token), logprob)
+            if text or finish:
+                events.put_nowait((index * completion.n + sample, text, tokens, finish))
+
+        job = self.server.job(
+            completion.texts(), completion.settings, began, on_token if completion.streams_tokens else None
+        )
+
+        def line(event: tuple) -> str:
+            number, text, tokens, finish = event
+            choice = {"text": text, "index": number, "logprobs": openai.logprobs_of(completion, tokens)}
+            return openai.chunk(completion, name, [{**choice, "finish_reason": finish}])
+
+        def answered(results: list) -> list[str]:
+            lines = []
+            for number, choice in enumerate(self.choices(completion, results)):
+                stream = streams.get(divmod(number, completion.n))
+                if stream is None:  # not streamed token by token: the whole choice now
+                    text, logprobs, finish = openai.rendered(completion, choice)
+                    whole = {"text": text, "index": number, "logprobs": logprobs, "finish_reason": finish}
+                    lines.append(openai.chunk(completion, name, [whole]))
+                elif not stream.done:
+                    lines.append(line((number, *stream.flush(len(stream.text)), choice.finish_reason)))
+            if completion.include_usage:
+                lines.append(openai.chunk(completion, name, [], openai.usage_of(completion, results)))
+            return [*lines, openai.DONE]
+
+        if completion.echo and completion.streams_tokens:
+            for number in range(len(completion.prompts) * completion.n):
+                events.put_nowait((number, completion.prompts[number // completion.n], [], None))
+        return StreamingResponse(
+            streamed(self.server, job, events, line, answered, openai.error_event), media_type=SSE_TYPE
+        )
+
+    def choices(self, completion: "openai.Completion", results: list) -> list:
+        """A choice per result, prompt-major as the results come (num_samples per text)."""
+        tokenizer = self.server.infiller.tokenizer
+        return [openai.choice_of(completion, number // completion.n, r, tokenizer) for number, r in enumerate(results)]
+
+    async def models(self, request):
+        return JSONResponse(openai.models(self.settings.model_name, self.server.started))
+
+    async def model_card(self, request):
+        name = request.path_params["model"]
+        if name != self.settings.model_name:
+            raise openai.unknown_model(name, self.settings.model_name)
+        return JSONResponse(openai.model_card(name, self.server.started))
 
     async def generate(self, request):
         """Triton's generate extension (serve/generate.py): one JSON object."""
@@ -279,6 +340,34 @@ async def drained(stream: AsyncIterator[bytes], size: int) -> None:
         await asyncio.wait_for(read_rest(), DRAIN_SECONDS)
 
 
+def streamed(server: Server, job, events: asyncio.Queue, line, answered, failed) -> AsyncIterator[str]:
+    """A job's server-sent events: line(event) for each event put on `events` while it runs, then answered(results)
+    (its last lines), or failed(error) where it fails. A client that leaves mid-stream drops the job."""
+    task = asyncio.ensure_future(server.run(job))
+    task.add_done_callback(lambda _: events.put_nowait(None))
+
+    async def lines() -> AsyncIterator[str]:
+        try:
+            while (event := await events.get()) is not None:
+                yield line(event)
+        finally:  # the client left mid-stream: run() drops the job
+            if not task.done():
+                task.cancel()
+        try:
+            results = task.result()
+        except ClientError as error:
+            yield failed(error)
+            return
+        except Exception as error:  # the model failed: logged, and the stream says so
+            logging.getLogger("maria.serve").exception("the stream's fill failed")
+            yield failed(ClientError(500, f"the model failed: {error}"))
+            return
+        for text in answered(results):
+            yield text
+
+    return lines()
+
+
 def left(request: Request) -> ClientLeft:
     """The server core's ClientLeft of an HTTP request."""
     return lambda: client_left(request)
@@ -316,6 +405,9 @@ def create_app(infiller, settings: ServeSettings = ServeSettings()) -> Starlette
         "/v1/infill": ("POST", http.infill),
         "/v1/infill/stream": ("POST", http.stream),
         "/v1/generate": ("POST", http.anneal),
+        "/v1/completions": ("POST", http.completions),
+        "/v1/models": ("GET", http.models),
+        "/v1/models/{model}": ("GET", http.model_card),
         "/metrics": ("GET", http.metrics_route),
     }
     app = Starlette(
@@ -343,9 +435,11 @@ def unrouted(server: Server):
             message = f"no route {shown}; leave out the trailing slash: {quoted(path.rstrip('/'), str)}"
         else:
             message = (
-                f"no route {shown}; the routes are /v2/..., /v1/infill, /v1/infill/stream, /v1/generate and /metrics"
+                f"no route {shown}; the routes are /v2/..., /v1/infill, /v1/infill/stream, /v1/generate, "
+                "/v1/completions, /v1/models and /metrics"
             )
-        response = JSONResponse({"error": message}, status_code=error.status_code, headers=error.headers)
+        body = error_body(path)(ClientError(error.status_code, message))
+        response = JSONResponse(body, status_code=error.status_code, headers=error.headers)
         record(server, "(unrouted)", request, error.status_code, began)  # one label: paths are the client's
         return response
 
@@ -358,9 +452,21 @@ def routed(request: Request, path: str) -> bool:
     return any(route.matches(scope)[0] != Match.NONE for route in request.app.router.routes)
 
 
+def error_body(path: str):
+    """How a route's errors are written: OpenAI's error object on OpenAI's routes, else {"error": line}."""
+    if openai_path(path):
+        return openai.error_body
+    return lambda error: {"error": str(error)}
+
+
+def openai_path(path: str) -> bool:
+    """A path of OpenAI's API (or one its clients would try): /v1/ but for this server's own /v1 routes."""
+    return path.startswith("/v1/") and not path.startswith(("/v1/infill", "/v1/generate"))
+
+
 def guarded(server: Server, path: str, handler):
     """Wraps a route: the bearer token (health routes stay open), one-line errors, metrics, an access log line."""
-    open_route = path.startswith("/v2/health")
+    open_route, body = path.startswith("/v2/health"), error_body(path)
 
     async def route(request: Request):
         began = time.monotonic()
@@ -373,10 +479,11 @@ def guarded(server: Server, path: str, handler):
                 )
             response = await handler(request)
         except ClientError as error:
-            response = JSONResponse({"error": str(error)}, status_code=error.status, headers=error.headers)
+            response = JSONResponse(body(error), status_code=error.status, headers=error.headers)
         except Exception:  # not the client's doing: logged with its traceback here
             logging.getLogger("maria.serve").exception("%s %s failed", request.method, request.url.path)
-            response = JSONResponse({"error": "the server failed on this request; see its log"}, status_code=500)
+            failed = ClientError(500, "the server failed on this request; see its log")
+            response = JSONResponse(body(failed), status_code=500)
         if isinstance(response, StreamingResponse):  # counted and logged when its stream ends
             response.body_iterator = logged_stream(server, path, request, began, response.body_iterator)
             return response

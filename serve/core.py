@@ -87,6 +87,7 @@ class Server:
 
     def __init__(self, infiller: Infiller, settings: ServeSettings):
         self.infiller, self.settings, self.metrics, self.stats = infiller, settings, Metrics(), Statistics()
+        self.started = int(time.time())  # what OpenAI's model list gives as the model's creation
         self.in_flight: set[Job] = set()  # queued or running, until answered
         self.batcher: ContinuousBatcher | Batcher
         if infiller.decoder == "engine":

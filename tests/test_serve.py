@@ -521,7 +521,8 @@ def test_tritonclient_reads_the_statistics_of_each_request():
         status, _, body = call(url, "/v2/nothing/")
         assert (status, json.loads(body)["error"]) == (
             404,
-            "no route /v2/nothing/; the routes are /v2/..., /v1/infill, /v1/infill/stream, /v1/generate and /metrics",
+            "no route /v2/nothing/; the routes are /v2/..., /v1/infill, /v1/infill/stream, /v1/generate, "
+            "/v1/completions, /v1/models and /metrics",
         )
 
 
