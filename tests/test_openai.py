@@ -155,3 +155,31 @@ def test_unknown_fields_and_a_wrong_key_are_refused(running, client):
         stranger.completions.create(model="maria", prompt=PROMPT)
     with pytest.raises(openai.NotFoundError, match="no route /v1/chat/completions"):
         client.chat.completions.create(model="maria", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_fuzzed_completions_get_an_answer_or_one_line_never_a_5xx(running):
+    """150 seeded random bodies of OpenAI's fields: each is answered, or refused with a 4xx and OpenAI's error
+    object holding one line."""
+    import random
+
+    rng = random.Random(0)
+    atoms = [None, True, False, 0, -1, 1, 2, 2.5, 1e300, 2**70, "", "maria", "a [MASK]", "[MASK:?]", "x", [], {}]
+    fields = ["model", "prompt", "suffix", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "echo"]
+    fields += ["logprobs", "stream", "stream_options", "user", "best_of", "include_usage", "tools"]
+
+    def rand(depth=0):
+        pick = rng.random()
+        if depth > 1 or pick < 0.6:
+            return rng.choice(atoms)
+        if pick < 0.8:
+            return [rand(depth + 1) for _ in range(rng.randint(0, 3))]
+        return {rng.choice(fields): rand(depth + 1) for _ in range(rng.randint(0, 3))}
+
+    for _ in range(150):
+        body = {"model": "maria", "prompt": "Hello", "max_tokens": 2}
+        body.update({rng.choice(fields): rand() for _ in range(rng.randint(1, 4))})
+        status, _, answer = call(running, "/v1/completions", body, {"Authorization": "Bearer sesame"})
+        assert 200 <= status < 500, (body, answer[:300])
+        if status >= 400:
+            error = json.loads(answer)["error"]
+            assert error["message"] and "\n" not in error["message"], (body, error)
