@@ -222,62 +222,23 @@ class HttpRoutes:
 
     async def completions(self, request):
         """OpenAI's completions (serve/openai.py): insertion with `suffix`, continuation without."""
-        began, name = time.monotonic(), self.settings.model_name
-        infiller = self.server.infiller
+        began, name, infiller = time.monotonic(), self.settings.model_name, self.server.infiller
         completion = openai.read_completion(
             await self.json_body(request), name, self.settings.max_texts, infiller.max_sequence_length
         )
+        answer = openai.Answer(completion, name, infiller.tokenizer)
         if not completion.stream:
-            job = self.server.job(completion.texts(), completion.settings, began)
-            results = await self.server.run(job, left(request))
-            return JSONResponse(openai.response(completion, name, self.choices(completion, results), results))
-        events: asyncio.Queue = asyncio.Queue()
-        streams: dict = {}  # (prompt, sample) -> its Streamed
-        pieces: dict = {}  # (prompt, sample) -> its FillPieces
-
-        def on_token(index, sample, position, token, logprob):
-            if (index, sample) not in pieces:
-                ids = job.request.texts[index].candidates[0][1].ids
-                pieces[index, sample] = FillPieces(infiller.tokenizer, ids)
-                streams[index, sample] = openai.Streamed(completion.prompts[index], completion.stop)
-            text, tokens, finish = streams[index, sample].add(pieces[index, sample].add(position, token), logprob)
-            if text or finish:
-                events.put_nowait((index * completion.n + sample, text, tokens, finish))
-
-        job = self.server.job(
-            completion.texts(), completion.settings, began, on_token if completion.streams_tokens else None
-        )
-
-        def line(event: tuple) -> str:
-            number, text, tokens, finish = event
-            choice = {"text": text, "index": number, "logprobs": openai.logprobs_of(completion, tokens)}
-            return openai.chunk(completion, name, [{**choice, "finish_reason": finish}])
-
-        def answered(results: list) -> list[str]:
-            lines = []
-            for number, choice in enumerate(self.choices(completion, results)):
-                stream = streams.get(divmod(number, completion.n))
-                if stream is None:  # not streamed token by token: the whole choice now
-                    text, logprobs, finish = openai.rendered(completion, choice)
-                    whole = {"text": text, "index": number, "logprobs": logprobs, "finish_reason": finish}
-                    lines.append(openai.chunk(completion, name, [whole]))
-                elif not stream.done:
-                    lines.append(line((number, *stream.flush(len(stream.text)), choice.finish_reason)))
-            if completion.include_usage:
-                lines.append(openai.chunk(completion, name, [], openai.usage_of(completion, results)))
-            return [*lines, openai.DONE]
-
-        if completion.echo and completion.streams_tokens:
-            for number in range(len(completion.prompts) * completion.n):
-                events.put_nowait((number, completion.prompts[number // completion.n], [], None))
+            results = await self.server.run(
+                self.server.job(completion.texts(), completion.settings, began), left(request)
+            )
+            return JSONResponse(answer.body(results))
+        stream = openai.Stream(answer)
+        job = self.server.job(completion.texts(), completion.settings, began, stream.hear)
+        stream.encoded = lambda index: job.request.texts[index].candidates[0][1].ids
         return StreamingResponse(
-            streamed(self.server, job, events, line, answered, openai.error_event), media_type=SSE_TYPE
+            streamed(self.server, job, stream.events, stream.line, stream.answered, openai.error_event),
+            media_type=SSE_TYPE,
         )
-
-    def choices(self, completion: "openai.Completion", results: list) -> list:
-        """A choice per result, prompt-major as the results come (num_samples per text)."""
-        tokenizer = self.server.infiller.tokenizer
-        return [openai.choice_of(completion, number // completion.n, r, tokenizer) for number, r in enumerate(results)]
 
     async def models(self, request):
         return JSONResponse(openai.models(self.settings.model_name, self.server.started))

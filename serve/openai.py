@@ -6,14 +6,19 @@ length the model chooses (runtime/spans.py); without a suffix the prompt is cont
 `[MASK]` markers inside the prompt are filled too, and such a prompt comes back filled, before the completion.
 """
 
+import asyncio
 import json
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from maria_onnx.runtime.requests import KIND_NAMES
 from maria_onnx.runtime.text import MARKER_LIKE, MAX_CANDIDATES, quoted
+from maria_onnx.runtime.utf8 import FillPieces
 
 from .core import ClientError
 
@@ -313,43 +318,87 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def response(completion: Completion, model: str, choices: list, results: list) -> dict:
-    """The answer to a completions request: a choice per prompt and sample, prompt-major, with usage."""
-    body = []
-    for number, choice in enumerate(choices):
-        text, logprobs, finish = rendered(completion, choice)
-        body.append({"text": text, "index": number, "logprobs": logprobs, "finish_reason": finish})
-    return {
-        "id": completion.id,
-        "object": "text_completion",
-        "created": completion.created,
-        "model": model,
-        "choices": body,
-        "usage": usage_of(completion, results),
-    }
-
-
 def usage_of(completion: Completion, results: list) -> dict:
     """Prompt tokens (each prompt's and suffix's content once) and completion tokens (every fill of every choice)."""
     prompt = sum(len(r.ids) - len(r.masked_positions) for r in results[:: completion.n])
     return usage(prompt, sum(len(r.masked_positions) for r in results))
 
 
-def chunk(completion: Completion, model: str, choices: list, usage_now: dict | None = None) -> str:
-    """One server-sent event of a stream: `data: {...}` with these choices."""
-    body = {
-        "id": completion.id,
-        "object": "text_completion",
-        "created": completion.created,
-        "model": model,
-        "choices": choices,
-    }
-    if usage_now is not None:
-        body["usage"] = usage_now
-    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-
 DONE = "data: [DONE]\n\n"
+
+
+class Answer:
+    """The answer to one completions request, from its results (Infilled, num_samples per text)."""
+
+    def __init__(self, completion: Completion, model: str, tokenizer):
+        self.completion, self.model, self.tokenizer = completion, model, tokenizer
+
+    def choices(self, results: list) -> list[Choice]:
+        """A choice per result, prompt-major as the results come."""
+        n = self.completion.n
+        return [choice_of(self.completion, number // n, r, self.tokenizer) for number, r in enumerate(results)]
+
+    def body(self, results: list) -> dict:
+        """The whole answer: a choice per prompt and sample, with usage."""
+        choices = [self.rendered(number, choice) for number, choice in enumerate(self.choices(results))]
+        return {**self.head(), "choices": choices, "usage": usage_of(self.completion, results)}
+
+    def rendered(self, number: int, choice: Choice) -> dict:
+        text, logprobs, finish = rendered(self.completion, choice)
+        return {"text": text, "index": number, "logprobs": logprobs, "finish_reason": finish}
+
+    def head(self) -> dict:
+        c = self.completion
+        return {"id": c.id, "object": "text_completion", "created": c.created, "model": self.model}
+
+    def chunk(self, choices: list, usage_now: dict | None = None) -> str:
+        """One server-sent event of a stream: `data: {...}` with these choices."""
+        body = {**self.head(), "choices": choices, **({"usage": usage_now} if usage_now is not None else {})}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+class Stream:
+    """A streamed answer: `hear` takes each fill token as it is chosen (a plain continuation's; the others are
+    sent whole at the end), `events` holds what to send, `line` writes one, `answered` the last ones."""
+
+    def __init__(self, answer: Answer):
+        self.answer, self.completion = answer, answer.completion
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.encoded: Callable[[int], np.ndarray] = lambda index: np.zeros(0)  # a prompt's ids: set once queued
+        self.choices: dict = {}  # (prompt, sample) -> (its FillPieces, its Streamed)
+        c = self.completion
+        self.hear = self._hear if c.streams_tokens else None
+        if c.echo and c.streams_tokens:
+            for number in range(len(c.prompts) * c.n):
+                self.events.put_nowait((number, c.prompts[number // c.n], [], None))
+
+    def _hear(self, index: int, sample: int, position: int, token: int, logprob: float) -> None:
+        if (index, sample) not in self.choices:
+            pieces = FillPieces(self.answer.tokenizer, self.encoded(index))
+            self.choices[index, sample] = pieces, Streamed(self.completion.prompts[index], self.completion.stop)
+        pieces, streamed = self.choices[index, sample]
+        text, tokens, finish = streamed.add(pieces.add(position, token), logprob)
+        if text or finish:
+            self.events.put_nowait((index * self.completion.n + sample, text, tokens, finish))
+
+    def line(self, event: tuple) -> str:
+        number, text, tokens, finish = event
+        logprobs = logprobs_of(self.completion, tokens)
+        return self.answer.chunk([{"text": text, "index": number, "logprobs": logprobs, "finish_reason": finish}])
+
+    def answered(self, results: list) -> list[str]:
+        """Each choice's rest: whole where it was not streamed, else what was held back, and its finish."""
+        lines = []
+        for number, choice in enumerate(self.answer.choices(results)):
+            held = self.choices.get(divmod(number, self.completion.n))
+            if held is None:
+                lines.append(self.answer.chunk([self.answer.rendered(number, choice)]))
+            elif not held[1].done:
+                rest = held[1].flush(len(held[1].text))
+                lines.append(self.line((number, *rest, choice.finish_reason)))
+        if self.completion.include_usage:
+            lines.append(self.answer.chunk([], usage_of(self.completion, results)))
+        return [*lines, DONE]
 
 
 def error_event(error: ClientError) -> str:

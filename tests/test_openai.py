@@ -4,14 +4,14 @@ ephemeral port) and stopped by its process id; every SDK call has a timeout and 
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
-
-from maria_onnx.serve.openai import Streamed
 
 pytest.importorskip("starlette", reason="the serve extra (starlette, uvicorn, prometheus-client) is not installed")
 openai = pytest.importorskip("openai", reason="the openai SDK (the dev extra) is not installed")
 
+from maria_onnx.serve.openai import Streamed  # noqa: E402
 from tests.test_serve import call, server  # noqa: E402
 
 CODE, AFTER = "def add(a, b):\n    return ", "\n\nprint(add(1, 2))"
@@ -183,3 +183,12 @@ def test_fuzzed_completions_get_an_answer_or_one_line_never_a_5xx(running):
         if status >= 400:
             error = json.loads(answer)["error"]
             assert error["message"] and "\n" not in error["message"], (body, error)
+
+
+def test_the_readmes_sdk_example_runs_as_written(running, capsys):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### OpenAI SDK") :]
+    example = section[section.index("```python\n") + len("```python\n") : section.index("```\n", 10)]
+    example = example.replace("http://127.0.0.1:8000", running).replace('api_key="unused"', 'api_key="sesame"')
+    exec(compile(example, "README.md", "exec"), {})
+    assert capsys.readouterr().out == "None stop\nos\n"  # what the README says the shipped model prints
