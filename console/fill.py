@@ -53,6 +53,7 @@ def fill_texts(
     if num_samples > 1 and sampling.greedy:
         typer.echo(f"note: --temperature 0 is greedy: the {num_samples} samples of each text are identical", err=True)
     styled = sys.stdout.isatty() and not as_json
+    bundle = {"dtype": infiller.manifest.dtype, "quantization": infiller.manifest.quantization}
     size = CHUNK_BATCHES * batch_size
     ranked = Ranked() if rerank and num_samples > size else None  # a text's samples come in several pieces
     written = 0
@@ -71,7 +72,7 @@ def fill_texts(
                 for number, result in enumerate(results):
                     line = chunk[number // samples][0]
                     note = f"note: {where(line)}: {result.note}" if result.note and not as_json else ""
-                    output = shown(result, as_json, styled, kept_fields(line, bool(input_file)))
+                    output = shown(result, as_json, styled, kept_fields(line, bool(input_file)), bundle)
                     if ranked is None:
                         printed(note, output)
                     else:

@@ -105,7 +105,7 @@ def kept_fields(line: Line, from_file: bool) -> dict:
 
 def clashing_field(line: Line) -> str:
     """A field of a JSONL line's object that `--json` would write over with a result's own, or ''."""
-    taken = {"line", *Infilled.FIELDS}
+    taken = {"line", "bundle", *Infilled.FIELDS}
     return next((key for key in line.record or {} if key != "text" and key in taken), "")
 
 

@@ -76,11 +76,11 @@ class Ranked:
         return count
 
 
-def shown(result: Infilled, as_json: bool, styled: bool, kept: dict) -> str:
-    """A result's line: JSON exact, after the `kept` fields of its input line; plain text with a newline inside a
-    fill shown escaped (\\n)."""
+def shown(result: Infilled, as_json: bool, styled: bool, kept: dict, bundle: dict | None = None) -> str:
+    """A result's line: JSON exact, after the `kept` fields of its input line and before what filled it (`bundle`:
+    its dtype and quantization); plain text with a newline inside a fill shown escaped (\\n)."""
     if as_json:
-        return json.dumps({**kept, **result.to_dict()}, ensure_ascii=False)
+        return json.dumps({**kept, **result.to_dict(), **({"bundle": bundle} if bundle else {})}, ensure_ascii=False)
     if styled:
         return "".join(
             typer.style(piece.translate(NEWLINES), fg=typer.colors.GREEN, bold=True)

@@ -8,7 +8,6 @@ bundle that an export killed between its two renames left aside is restored firs
 """
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -38,6 +37,7 @@ from .graphs import (
     export_baseline_heads,
     export_fusion_head,
 )
+from .quantize import QUANTIZATIONS, quantize, settings
 from .step import STEP_FILE, check_fused_attention, export_step
 from .validate import validate
 from .weights import bundle_weights, external_data, save
@@ -166,19 +166,6 @@ def _to_fp16(path: Path) -> None:
     save(model, path, weights if large else None)
 
 
-def _to_int8(path: Path) -> None:
-    """Dynamic int8 quantization of the weights (for CPU edge devices); activations stay fp32."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantized = path.with_suffix(".int8.onnx")
-    logging.disable(logging.WARNING)  # the quantizer logs advice on every graph through the root logger
-    try:
-        quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8)
-    finally:
-        logging.disable(logging.NOTSET)
-    os.replace(quantized, path)
-
-
 def _optimize(path: Path) -> None:
     """ONNX Runtime's provider-independent (basic) graph optimizations, done once offline. A graph with external
     weights keeps them external, in <name>.weights (the file name the optimized graph refers to)."""
@@ -226,12 +213,12 @@ def _source(config) -> dict:
 
 @dataclass(frozen=True)
 class Plan:
-    """What an export writes: the graphs' dtype, int8 weights or not, the opset, the optional graphs and the step
-    graph's attention ("eager": the operations themselves; "fused": one ONNX Runtime node a layer,
-    export/attention.py)."""
+    """What an export writes: the graphs' dtype, their weights quantized or not (export/quantize.py: "int8",
+    "int4" or None), the opset, the optional graphs and the step graph's attention ("eager": the operations
+    themselves; "fused": one ONNX Runtime node a layer, export/attention.py)."""
 
     dtype: str = "fp32"
-    int8: bool = False
+    quantize: str | None = None
     opset: int = DEFAULT_OPSET
     baseline_heads: bool = True
     concat_decoder: bool = True
@@ -239,13 +226,15 @@ class Plan:
 
     @property
     def variant(self) -> str:
-        return "int8" if self.int8 else self.dtype
+        return self.quantize or self.dtype
 
     def check(self) -> None:
         if self.dtype not in ("fp32", "fp16"):
             raise ValueError(f"--dtype must be fp32 or fp16, got '{self.dtype}'")
-        if self.int8 and self.dtype != "fp32":
-            raise ValueError("--int8 quantizes an fp32 export for CPUs; use it with --dtype fp32")
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
+            raise ValueError(f"--quantize must be {' or '.join(QUANTIZATIONS)}, got '{self.quantize}'")
+        if self.quantize and self.dtype != "fp32":
+            raise ValueError(f"--quantize {self.quantize} quantizes an fp32 export's weights; use it with --dtype fp32")
         if self.attention not in ("eager", "fused"):
             raise ValueError(f"--attention must be eager or fused, got '{self.attention}'")
         if self.opset not in OPSETS:
@@ -259,7 +248,7 @@ def export_bundle(
     checkpoint,
     out,
     dtype: str = "fp32",
-    int8: bool = False,
+    quantize: str | None = None,
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
     console: Console | None = None,
@@ -270,7 +259,7 @@ def export_bundle(
     """Exports a trained checkpoint to a validated bundle at `out`; returns its manifest. baseline_heads adds the
     AR's LM head and the MLM's decoder (ar_lm_head.onnx, mlm_decoder.onnx); concat_decoder adds Optimum's decoder
     (ar_decoder.onnx) for the concat path beside the engine's step graph (ar_step.onnx); see Plan."""
-    plan = Plan(dtype, int8, opset, baseline_heads, concat_decoder, attention)
+    plan = Plan(dtype, quantize, opset, baseline_heads, concat_decoder, attention)
     plan.check()
     console = console or Console(stderr=True)
     staging = _target(out, checkpoint, overwrite, console)
@@ -307,10 +296,6 @@ def _build(folder: Path, backbones, head, config, plan: Plan, console: Console) 
         with stage(console, "exporting the baseline heads (ar_lm_head.onnx, mlm_decoder.onnx)"):
             specs.update(export_baseline_heads(backbones, folder, opset, hidden_dtype))
         files.update(ar_lm_head=AR_LM_HEAD_FILE, mlm_decoder=MLM_DECODER_FILE)
-    if variant == "int8":
-        for file in files.values():
-            with stage(console, f"quantizing {file} to int8"):
-                _to_int8(folder / file)
     backbone_files = (MLM_FILE, STEP_FILE, *([AR_FILE] if concat_decoder else []))
     with stage(console, "optimizing graphs offline"):
         for file in files.values():
@@ -318,6 +303,10 @@ def _build(folder: Path, backbones, head, config, plan: Plan, console: Console) 
                 _weights_as_optimized(folder / file)
             else:
                 _optimize(folder / file)
+    if plan.quantize:
+        for file in files.values():
+            with stage(console, f"quantizing {file} to {plan.quantize}"):
+                quantize(folder / file, plan.quantize)
     if dtype == "fp16":
         for file in backbone_files:
             with stage(console, f"converting {file} to fp16"):
@@ -327,7 +316,7 @@ def _build(folder: Path, backbones, head, config, plan: Plan, console: Console) 
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
         dtype=dtype,
-        quantization="int8-dynamic" if variant == "int8" else "none",
+        quantization=QUANTIZATIONS.get(plan.quantize or "", "none"),
         opset=opset,
         mlm_hidden_size=config.mlm_hidden_size,
         ar_hidden_size=config.ar_hidden_size,
@@ -342,7 +331,7 @@ def _build(folder: Path, backbones, head, config, plan: Plan, console: Console) 
         },
         tokenizer=TOKENIZER_FILE,
         files={},
-        source=_source(config),
+        source={**_source(config), **({"quantization": settings(plan.quantize)} if plan.quantize else {})},
         values_transposed=not fuse_attention,
     )
     with stage(console, "validating every graph against PyTorch"):

@@ -31,7 +31,7 @@ AR_GRAPHS = ("ar_step", "ar_decoder")  # at least one
 
 BASELINE_GRAPHS = ("ar_lm_head", "mlm_decoder")  # optional: ar_hidden / mlm_hidden -> logits over V
 DTYPES = ("fp32", "fp16")
-QUANTIZATIONS = ("none", "int8-dynamic")
+QUANTIZATIONS = ("none", "int8-dynamic", "int4-weight-only")
 REEXPORT = "re-export the bundle with `maria export`"
 
 
@@ -75,7 +75,7 @@ class GraphSpec:
 class Manifest:
     schema_version: int
     dtype: str  # fp32 | fp16: the dtype of hidden states and the KV cache
-    quantization: str  # none | int8-dynamic
+    quantization: str  # none | int8-dynamic | int4-weight-only (export/quantize.py)
     opset: int
     mlm_hidden_size: int
     ar_hidden_size: int

@@ -122,8 +122,24 @@ def installation() -> list[str]:
         f"{onnx_runtime} (providers: {', '.join(ort.get_available_providers())})",
         f"CUDA: {cuda_missing() or 'ready'}",
         cpu_threads(),
+        shipped_model(),
         f"Python {platform.python_version()} on {platform.system()} {platform.machine()}",
     ]
+
+
+def shipped_model() -> str:
+    """The shipped model's precision: its graphs' dtype and their weights' quantization (maria.json)."""
+    from .default_model import DEFAULT_MODEL
+    from .manifest import load_manifest
+
+    try:
+        manifest = load_manifest(DEFAULT_MODEL, verify=False)
+    except (OSError, ValueError):
+        return "shipped model: none in this install (--model BUNDLE)"
+    return (
+        f"shipped model: {manifest.dtype}, quantization {manifest.quantization} (a bundle's own: maria.json; "
+        "`maria export --quantize int8|int4` writes quantized ones)"
+    )
 
 
 def cpu_threads() -> str:

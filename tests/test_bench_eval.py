@@ -93,36 +93,19 @@ def test_a_bench_stopped_part_way_keeps_what_it_measured(checkpoints, bundles, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]
 
 
-def test_bench_int8_runs_an_int8_export_of_the_same_weights_beside(checkpoints, tmp_path):
-    result = runner.invoke(
-        app,
-        [
-            "bench",
-            "--checkpoint",
-            str(checkpoints["olmo"]),
-            "--out",
-            str(tmp_path),
-            "--lengths",
-            "8",
-            "--batch-sizes",
-            "2",
-            "--repeats",
-            "1",
-            "--device",
-            "cpu",
-            "--no-mlm-ar",
-            "--no-concat",
-            "--int8",
-        ],
-    )
+def test_bench_quantize_runs_quantized_exports_of_the_same_weights_beside(checkpoints, tmp_path):
+    args = ["bench", "--checkpoint", str(checkpoints["olmo"]), "--out", str(tmp_path), "--lengths", "8"]
+    args += "--batch-sizes 2 --repeats 1 --device cpu --no-mlm-ar --no-concat --quantize int4 --int8".split()
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "bench.json").read_text())
-    assert {r["system"] for r in report["results"]} == {"onnx-cpu", "onnx-cpu-int8", "pytorch"}
-    int8 = json.loads((tmp_path / "bundle-int8" / "maria.json").read_text())
-    assert report["int8_bundle"] == str(tmp_path / "bundle-int8") and int8["quantization"] == "int8-dynamic"
+    assert {r["system"] for r in report["results"]} == {"onnx-cpu", "onnx-cpu-int4", "onnx-cpu-int8", "pytorch"}
+    assert report["quantized_bundles"] == {how: str(tmp_path / f"bundle-{how}") for how in ("int4", "int8")}
     assert json.loads((tmp_path / "bundle-fp32" / "maria.json").read_text())["quantization"] == "none"
-    step = onnx.load(str(tmp_path / "bundle-int8" / "ar_step.onnx"))
-    assert "MatMulInteger" in {node.op_type for node in step.graph.node}
+    for how, kernel in (("int8", "MatMulInteger"), ("int4", "MatMulNBits")):
+        assert json.loads((tmp_path / f"bundle-{how}" / "maria.json").read_text())["quantization"].startswith(how)
+        step = onnx.load(str(tmp_path / f"bundle-{how}" / "ar_step.onnx"))
+        assert kernel in {node.op_type for node in step.graph.node}
 
 
 def test_bench_on_random_shapes_from_a_config_file(tmp_path):
@@ -189,7 +172,11 @@ def test_bench_on_random_shapes_from_a_config_file(tmp_path):
             "--lengths [2048] exceed the model's maximum of 2047 tokens; give lengths up to 2047",
         ),
         (["bench", "--shapes", "paper", "--checkpoint", "x"], "give either --checkpoint (trained weights) or --shapes"),
-        (["bench", "--int8", "--device", "cuda"], "--int8 benches an int8 bundle on the CPU; use it with --device cpu"),
+        (
+            ["bench", "--int8", "--device", "cuda"],
+            "--quantize benches quantized bundles on the CPU; use it with --device cpu",
+        ),
+        (["bench", "--quantize", "int3"], "--quantize takes int8 and int4, got int3"),
         (["bench-serve", "--clients", "8", "--requests", "4"], "--requests must be at least --clients"),
         (["bench-serve", "--max-batch-sizes", "4,0"], "--max-batch-sizes takes batch sizes of at least 1, got [4, 0]"),
         (

@@ -414,10 +414,11 @@ def test_version_names_the_package_onnx_runtime_cuda_and_python(monkeypatch):
 
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0, result.output
-    package, runtime, cuda, cpus, python = result.stdout.splitlines()
+    package, runtime, cuda, cpus, model, python = result.stdout.splitlines()
     assert package == f"maria-onnx {metadata.version('maria-onnx')}"
     assert onnxruntime.__version__ in runtime and "CPUExecutionProvider" in runtime
     assert cuda == f"CUDA: {sessions.cuda_missing() or 'ready'}" and platform.python_version() in python
     assert cpus.startswith(f"CPUs: {sessions.usable_cpus()} of {os.cpu_count()} usable") and "--threads" in cpus
+    assert model.startswith("shipped model: fp32, quantization none")
     monkeypatch.setattr(sessions, "cuda_missing", lambda: "the CUDA library libcublasLt.so.13 cannot be loaded")
     assert "CUDA: the CUDA library libcublasLt.so.13" in runner.invoke(app, ["--version"]).stdout

@@ -1,18 +1,22 @@
 """Export: three graphs that agree with PyTorch, a manifest that round-trips, checksums, and clear refusals."""
 
+import collections
 import json
 import shutil
 import weakref
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import numpy_helper
 from typer.testing import CliRunner
 
 from maria_onnx.checkpoint import load_maria
 from maria_onnx.cli import app
 from maria_onnx.export import bundle as bundle_module
+from maria_onnx.export import quantize as quantize_module
 from maria_onnx.export import validate as validate_module
 from maria_onnx.export.bundle import export_bundle
 from maria_onnx.export.validate import ValidationError
@@ -169,13 +173,22 @@ def test_a_checkpoint_given_as_a_bundle_is_named(checkpoints):
     )
 
 
-@pytest.mark.parametrize("dtype, int8", [("fp16", False), ("fp32", True)])
-def test_reduced_precision_exports_are_judged_by_top1(checkpoints, tmp_path, dtype, int8):
-    manifest = export_bundle(checkpoints["olmo"], tmp_path / "b", dtype=dtype, int8=int8)
+@pytest.mark.parametrize("dtype, quantize", [("fp16", None), ("fp32", "int8"), ("fp32", "int4")])
+def test_reduced_precision_exports_are_judged_at_their_own_level(checkpoints, tmp_path, dtype, quantize):
+    manifest = export_bundle(checkpoints["olmo"], tmp_path / "b", dtype=dtype, quantize=quantize)
     report = json.loads((tmp_path / "b" / "validation.json").read_text())
-    assert report["variant"] == ("int8" if int8 else "fp16")
-    assert report["end_to_end"]["top1_agreement"] >= report["end_to_end"]["least_top1_agreement"]
-    assert manifest.dtype == dtype and manifest.quantization == ("int8-dynamic" if int8 else "none")
+    end = report["end_to_end"]
+    assert report["variant"] == (quantize or "fp16")
+    if quantize is None:
+        assert end["top1_agreement"] >= end["least_top1_agreement"]
+    else:  # against PyTorch's fp32: relative errors within the bound, clear choices kept
+        bound, agreement = validate_module.QUANTIZED[quantize]
+        assert 0 < max(c["relative_error"] for c in report["checks"]) <= bound
+        assert 0 < end["logits_relative_error"] <= bound and end["clear_choices"] > 0
+        assert end["clear_top1_agreement"] >= agreement and end["engine_clear_agreement"] >= agreement
+        assert manifest.source["quantization"] == quantize_module.settings(quantize)
+    assert manifest.dtype == dtype
+    assert manifest.quantization == {None: "none", "int8": "int8-dynamic", "int4": "int4-weight-only"}[quantize]
     (logits,) = session(tmp_path / "b", "fusion_head.onnx").run(
         None,
         {
@@ -184,6 +197,45 @@ def test_reduced_precision_exports_are_judged_by_top1(checkpoints, tmp_path, dty
         },
     )
     assert logits.dtype == np.float32
+
+
+def test_int4_quantizes_every_weight_matrix_and_leaves_the_embeddings(checkpoints, tmp_path):
+    export_bundle(checkpoints["llama"], tmp_path / "b", quantize="int4")
+    for file in ("mlm.onnx", "ar_step.onnx", "ar_decoder.onnx", "fusion_head.onnx", "ar_lm_head.onnx"):
+        graph = onnx.load(str(tmp_path / "b" / file)).graph
+        constants = {t.name for t in graph.initializer}
+        kinds = collections.Counter(n.op_type for n in graph.node)
+        weighted = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in constants]
+        assert kinds["MatMulNBits"] > 0 and not weighted, (file, weighted)
+        gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in constants]
+        assert all(numpy_helper.to_array(graph_tensor(graph, n.input[0])).dtype == np.float32 for n in gathers)
+    for node in onnx.load(str(tmp_path / "b" / "ar_step.onnx")).graph.node:
+        if node.op_type == "MatMulNBits":
+            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            assert (attributes["bits"], attributes["block_size"], attributes["accuracy_level"]) == (4, 32, 4)
+
+
+def graph_tensor(graph, name: str):
+    return next(t for t in graph.initializer if t.name == name)
+
+
+def test_a_broken_quantized_bundle_is_refused(checkpoints, tmp_path, monkeypatch):
+    """Scales of the step graph's int4 weights turned around, as a faulty quantizer might write them: the relative
+    errors are near 1 and the export is refused, leaving nothing."""
+    real = quantize_module.to_int4
+
+    def broken(path, large):
+        model = real(path, large)
+        if path.name == "ar_step.onnx":
+            for tensor in model.graph.initializer:
+                if tensor.name.endswith("_scales"):
+                    tensor.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(tensor)[::-1].copy(), tensor.name))
+        return model
+
+    monkeypatch.setattr(quantize_module, "to_int4", broken)
+    with pytest.raises(ValidationError, match=r"ar_step.onnx output 'last_hidden_state' differs from PyTorch's fp32"):
+        export_bundle(checkpoints["olmo"], tmp_path / "b", quantize="int4")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_validation_holds_one_ar_graph_at_a_time(checkpoints, tmp_path, monkeypatch):

@@ -187,3 +187,26 @@ def test_an_unsupported_opset_is_one_line(checkpoints, tmp_path, opset):
         f"--opset {opset} is not supported; use 17 to 20",
     )
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--quantize", "int3"], "--quantize must be int8 or int4, got 'int3'"),
+        (["--quantize", "int4", "--dtype", "fp16"], "--quantize int4 quantizes an fp32 export's weights; use it with"),
+        (["--quantize", "int4", "--int8"], "--int8 is --quantize int8; drop one of --int8 and --quantize int4"),
+    ],
+)
+def test_a_quantization_that_cannot_be_written_is_one_line(checkpoints, tmp_path, args, message):
+    one_line_error(cli("export", checkpoints["olmo"], "--out", tmp_path / "b", *args), message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_int4_from_the_command_line_and_int8_by_its_old_spelling(checkpoints, tmp_path):
+    for how, args in (("int4", ["--quantize", "int4"]), ("int8", ["--int8"])):
+        result = cli("export", checkpoints["olmo"], "--out", tmp_path / how, *args)
+        assert result.exit_code == 0, result.output
+        manifest = json.loads((tmp_path / how / "maria.json").read_text())
+        assert manifest["quantization"].startswith(how) and manifest["source"]["quantization"]
+        filled = cli("infill", "a [MASK] b", "--model", tmp_path / how, "--device", "cpu", "--json")
+        assert json.loads(filled.stdout)["bundle"] == {"dtype": "fp32", "quantization": manifest["quantization"]}

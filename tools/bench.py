@@ -5,8 +5,9 @@ Systems:
     onnx-cpu / onnx-cuda   the runtime's decode engine (ar_step.onnx: the KV cache written in place)
     onnx-*-concat          the runtime's concat decoder (Optimum's ar_decoder.onnx: the cache copied each step),
                            where the bundle has it
-    onnx-cpu-int8          with --int8: the decode engine on an int8 (dynamically quantized) export of the same
-                           weights, on the CPU
+    onnx-cpu-int8          with --quantize int8 (or --int8): the decode engine on an int8 (dynamically quantized)
+                           export of the same weights, on the CPU
+    onnx-cpu-int4          with --quantize int4: the same on an int4 (weight-only, MatMulNBits) export
     pytorch                the PyTorch reference: eager, with the AR's KV cache
     mlm-ar                 the MLM decoded autoregressively: left to right, the MLM re-run after every fill
 """
@@ -29,6 +30,7 @@ from maria_onnx.backbones import max_sequence_length
 from maria_onnx.backbones import torch_device as choose_torch_device
 from maria_onnx.checkpoint import load_config, load_maria
 from maria_onnx.export.bundle import export_bundle
+from maria_onnx.export.quantize import QUANTIZATIONS
 from maria_onnx.reference import reference_infill
 from maria_onnx.runtime.choose import Sampling
 from maria_onnx.runtime.device import check_device
@@ -55,10 +57,11 @@ def _systems(
     mlm_ar: bool,
     dtype: str,
     concat: bool = True,
-    int8_bundle: Path | None = None,
+    quantized: dict | None = None,
 ) -> tuple[dict[str, Callable[[list, list], list]], str]:
     """(name -> fill(ids, masked) for one batch, the torch device); graphs: the bundle's manifest's. concat: the
-    concat decoder beside the engine (each holds its own copy of the AR). int8_bundle: its engine on the CPU too."""
+    concat decoder beside the engine (each holds its own copy of the AR). quantized: "int8" / "int4" -> a bundle whose
+    engine runs on the CPU too."""
     torch_device = choose_torch_device(device)
     torch_dtype = torch.float16 if dtype == "fp16" and torch_device == "cuda" else torch.float32
     backbones, head, _ = load_maria(checkpoint, device=torch_device, dtype=torch_dtype)
@@ -78,9 +81,8 @@ def _systems(
             infiller = Infiller(bundle, device=onnx_device, decoder=decoder)
             name = f"onnx-{infiller.device}" + ("-concat" if decoder == "concat" else "")
             systems[name] = functools.partial(_fill, infiller)
-    if int8_bundle is not None:
-        quantized = Infiller(int8_bundle, device="cpu", decoder="engine")
-        systems["onnx-cpu-int8"] = functools.partial(_fill, quantized)
+    for how, path in (quantized or {}).items():
+        systems[f"onnx-cpu-{how}"] = functools.partial(_fill, Infiller(path, device="cpu", decoder="engine"))
     systems["pytorch"] = lambda ids, masked: reference_infill(backbones, head, ids, masked, Sampling(), len(ids))
     if mlm_ar:
         systems["mlm-ar"] = lambda ids, masked: mlm_autoregressive(backbones, ids, masked)
@@ -239,39 +241,42 @@ def prepare(
     shapes: str | None = None,
     dtype: str = "fp32",
     console=None,
-    int8: bool = False,
+    quantize: tuple = (),
 ):
-    """The (checkpoint, bundle, int8 bundle or None) to bench: a trained checkpoint, or random backbones of the
+    """The (checkpoint, bundle, {quantization: bundle}) to bench: a trained checkpoint, or random backbones of the
     configs random_shapes read (named `shapes`); a bundle is exported from the checkpoint unless one is given, and
-    with int8 an int8 bundle (the engine only) always, its export's own check judging it as `maria export --int8`
-    does."""
+    for each of `quantize` a quantized bundle (the engine only) always, its export's own check judging it as
+    `maria export --quantize` does."""
     if configs is not None:
         console.print(f"building random backbones with the '{shapes or 'default'}' shapes")
         checkpoint = random_checkpoint(configs, out / "model")
     if bundle is None:
         bundle = out / f"bundle-{dtype}"
         export_bundle(checkpoint, bundle, dtype=dtype, overwrite=True, console=console)
-    int8_bundle = out / "bundle-int8" if int8 else None
-    if int8:
+    quantized = {how: out / f"bundle-{how}" for how in quantize}
+    for how, path in quantized.items():
         export_bundle(
             checkpoint,
-            int8_bundle,
-            int8=True,
+            path,
+            quantize=how,
             overwrite=True,
             console=console,
             baseline_heads=False,
             concat_decoder=False,
         )
-    return Path(checkpoint), Path(bundle), int8_bundle
+    return Path(checkpoint), Path(bundle), quantized
 
 
 def check_settings(
-    mask_rate: float, repeats: int, lengths, batch_sizes, int8: bool = False, device: str = "auto"
+    mask_rate: float, repeats: int, lengths, batch_sizes, quantize: tuple = (), device: str = "auto"
 ) -> None:
     """Names the first setting maria bench cannot run with."""
     check_mask_rate(mask_rate, "--mask-rate")
-    if int8 and device.startswith("cuda"):
-        raise ValueError("--int8 benches an int8 bundle on the CPU; use it with --device cpu or auto")
+    unknown = [how for how in quantize if how not in QUANTIZATIONS]
+    if unknown:
+        raise ValueError(f"--quantize takes {' and '.join(QUANTIZATIONS)}, got {', '.join(unknown)}")
+    if quantize and device.startswith("cuda"):
+        raise ValueError("--quantize benches quantized bundles on the CPU; use it with --device cpu or auto")
     if repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {repeats}")
     if not lengths or min(lengths) < 2:
@@ -315,12 +320,12 @@ def bench(
     mlm_ar_max_tokens: int = 512,
     console: Console | None = None,
     concat: bool = True,
-    int8: bool = False,
+    quantize: tuple = (),
 ) -> dict:
     """Runs every system on every (length, batch); writes out/bench.json and out/bench.png; returns the report."""
     check_device(device)
     console = console or Console(stderr=True)
-    check_settings(mask_rate, repeats, lengths, batch_sizes, int8, device)
+    check_settings(mask_rate, repeats, lengths, batch_sizes, quantize, device)
     configs = random_shapes(checkpoint, shapes)  # a bad --shapes is named before --out is made
     if bundle is None:  # and lengths the model cannot take, before an export of minutes
         check_lengths(lengths, longest_text(checkpoint, configs))
@@ -328,13 +333,13 @@ def bench(
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; --out names the folder for bench.json and bench.png")
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint, bundle, int8_bundle = prepare(out, checkpoint, bundle, configs, shapes, dtype, console, int8)
+    checkpoint, bundle, quantized = prepare(out, checkpoint, bundle, configs, shapes, dtype, console, quantize)
     manifest = load_manifest(bundle)
     check_lengths(lengths, manifest.max_sequence_length)
-    systems, torch_device = _systems(bundle, manifest.graphs, checkpoint, device, mlm_ar, dtype, concat, int8_bundle)
+    systems, torch_device = _systems(bundle, manifest.graphs, checkpoint, device, mlm_ar, dtype, concat, quantized)
     report = {
         "bundle": str(bundle),
-        "int8_bundle": int8_bundle and str(int8_bundle),
+        "quantized_bundles": {how: str(path) for how, path in quantized.items()},
         "checkpoint": str(checkpoint),
         "shapes": shapes,
         "dtype": manifest.dtype,

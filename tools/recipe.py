@@ -163,7 +163,11 @@ def run(work: Path, recipe: Recipe, log=print) -> dict:
         "export",
         lambda: [
             export_bundle(
-                work / "maria", work / name, int8=name.endswith("int8"), overwrite=True, concat_decoder=False
+                work / "maria",
+                work / name,
+                quantize="int8" if name.endswith("int8") else None,
+                overwrite=True,
+                concat_decoder=False,
             )  # the engine's graph only: under 50 MB
             for name in ("bundle", "bundle-int8")
         ],
