@@ -12,6 +12,7 @@ pytest.importorskip("starlette", reason="the serve extra (starlette, uvicorn, pr
 openai = pytest.importorskip("openai", reason="the openai SDK (the dev extra) is not installed")
 
 from maria_onnx.serve.openai import Streamed  # noqa: E402
+from tests.fuzz import random_json  # noqa: E402
 from tests.test_serve import call, server  # noqa: E402
 
 CODE, AFTER = "def add(a, b):\n    return ", "\n\nprint(add(1, 2))"
@@ -167,13 +168,8 @@ def test_fuzzed_completions_get_an_answer_or_one_line_never_a_5xx(running):
     fields = ["model", "prompt", "suffix", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "echo"]
     fields += ["logprobs", "stream", "stream_options", "user", "best_of", "include_usage", "tools"]
 
-    def rand(depth=0):
-        pick = rng.random()
-        if depth > 1 or pick < 0.6:
-            return rng.choice(atoms)
-        if pick < 0.8:
-            return [rand(depth + 1) for _ in range(rng.randint(0, 3))]
-        return {rng.choice(fields): rand(depth + 1) for _ in range(rng.randint(0, 3))}
+    def rand():
+        return random_json(rng, atoms, fields, deepest=1, leaves=0.6)
 
     for _ in range(150):
         body = {"model": "maria", "prompt": "Hello", "max_tokens": 2}

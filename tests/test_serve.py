@@ -26,6 +26,7 @@ from maria_onnx.runtime.default_model import DEFAULT_MODEL
 from maria_onnx.runtime.infiller import Infiller
 from maria_onnx.runtime.requests import FillRequest
 from maria_onnx.tools.bench_serve import stop
+from tests.fuzz import random_json
 
 pytest.importorskip("starlette", reason="the serve extra (starlette, uvicorn, prometheus-client) is not installed")
 
@@ -710,13 +711,8 @@ def test_fuzzed_requests_get_an_answer_or_one_line_never_a_5xx():
         "sequence_id",
     ]
 
-    def rand(depth=0):
-        pick = rng.random()
-        if depth > 2 or pick < 0.5:
-            return rng.choice(atoms)
-        if pick < 0.75:
-            return [rand(depth + 1) for _ in range(rng.randint(0, 3))]
-        return {rng.choice(keys): rand(depth + 1) for _ in range(rng.randint(0, 4))}
+    def rand():
+        return random_json(rng, atoms, keys)
 
     with server("--max-texts", "8") as (url, _):
         for _ in range(300):

@@ -1,6 +1,7 @@
 """Benchmarks, baselines, the default model's recipe and profiling: `maria bench*`,
 `python -m maria_onnx.tools.NAME`."""
 
+import argparse
 import json
 import os
 import sys
@@ -63,3 +64,14 @@ def write_json(path: Path, value) -> None:
 def save_figure(figure, path: Path) -> None:
     """Saves a matplotlib figure as PNG, whole or not at all (write_whole)."""
     write_whole(path, lambda file: figure.savefig(file, dpi=120, format="png"))
+
+
+def held_out_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line of a measurement on held-out windows of the shipped model or another bundle: --windows,
+    --model, --seed and --out; the tool adds its own."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--windows", type=Path, required=True, help=".npy of token-id windows of held-out text")
+    parser.add_argument("--model", type=Path, default=None, help="a bundle; default: the shipped model")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    return parser

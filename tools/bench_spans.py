@@ -17,12 +17,10 @@ text: how often they agree, how far the search's score falls short, and what eac
         --out search.json
 """
 
-import argparse
 import collections
 import json
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -30,7 +28,7 @@ from maria_onnx.runtime.infiller import Infiller
 from maria_onnx.runtime.requests import FillRequest, Prepared
 from maria_onnx.runtime.text import ANY_LENGTH, MaskedText
 
-from . import run_main, write_json
+from . import held_out_parser, run_main, write_json
 
 
 def whole_words(tokenizer, window: np.ndarray, longest: int = 4) -> list[tuple[int, int]]:
@@ -203,16 +201,12 @@ def summarize_search(rows: list[dict]) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--windows", type=Path, required=True, help=".npy of token-id windows of held-out text")
-    parser.add_argument("--model", type=Path, default=None, help="a bundle; default: the shipped model")
+    parser = held_out_parser(__doc__)
     parser.add_argument("--words", type=int, default=300)
     parser.add_argument(
         "--gaps", type=int, default=1, help="[MASK:?] per text; 2 or more: the search against every combination"
     )
     parser.add_argument("--texts", type=int, default=40, help="texts to measure with --gaps")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     infiller, windows = Infiller(args.model, device="cpu"), np.load(args.windows).astype(np.int64)
     if args.gaps > 1:
