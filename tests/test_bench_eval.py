@@ -15,6 +15,7 @@ from maria_onnx.model import mlm_input_ids
 from maria_onnx.runtime.evaluate import draw_masks, text_windows
 from maria_onnx.runtime.infiller import Infiller
 from maria_onnx.tools.baselines import baseline_heads, evaluate_baselines, mlm_autoregressive
+from maria_onnx.tools.shapes import PAPER
 from maria_onnx.tools.tiny import corpus
 
 runner = CliRunner()
@@ -109,36 +110,12 @@ def test_bench_quantize_runs_quantized_exports_of_the_same_weights_beside(checkp
 
 
 def test_bench_on_random_shapes_from_a_config_file(tmp_path):
-    shapes = {
-        "mlm": dict(
-            model_type="modernbert",
-            vocab_size=64,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=64,
-            pad_token_id=1,
-            cls_token_id=2,
-            sep_token_id=3,
-            mask_token_id=4,
-            bos_token_id=2,
-            eos_token_id=3,
-        ),
-        "ar": dict(
-            model_type="llama",
-            vocab_size=64,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=64,
-            pad_token_id=1,
-            bos_token_id=0,
-            eos_token_id=0,
-        ),
+    size = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    shapes = {  # the paper's MLM made small, and a Llama with grouped-query attention: any shapes, any family
+        "mlm": {**PAPER["mlm"], **size, "max_position_embeddings": 64},
+        "ar": dict(model_type="llama", **size, num_key_value_heads=1, max_position_embeddings=64, pad_token_id=1),
     }
+    shapes["ar"].update(bos_token_id=0, eos_token_id=0)
     (tmp_path / "shapes.json").write_text(json.dumps(shapes))
 
     def bench(*extra: str) -> set:
