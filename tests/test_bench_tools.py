@@ -171,3 +171,17 @@ def test_a_plot_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
         save_figure(figure, png)
     plt.close(figure)
     assert png.read_bytes() == before and list(tmp_path.iterdir()) == [png]
+
+
+def test_an_fp32_step_is_compared_with_its_int4_export_and_profiled(checkpoints, bundles, tmp_path):
+    from maria_onnx.export.bundle import export_bundle
+    from maria_onnx.tools import compare_steps, profile_step
+
+    export_bundle(checkpoints["olmo"], tmp_path / "int4", quantize="int4", concat_decoder=False)
+    report = compare_steps.main(bundles["olmo"], tmp_path / "int4", tmp_path / "steps.json", runs=4)
+    assert report["quantization"] == {"A": "none", "B": "int4-weight-only"}
+    assert report["nodes"]["B"]["MatMulNBits"] > 0 and "MatMulNBits" not in report["nodes"]["A"]
+    assert all(row["B"]["median_ms"] > 0 for row in report["shapes"])
+    profiled = profile_step.main(tmp_path / "int4", tmp_path / "profile.json")
+    assert profiled["quantization"] == "int4-weight-only"
+    assert "MatMulNBits" in profiled["1 new tokens"]["ar_step (in place)"]["ms_by_op"]

@@ -1,6 +1,6 @@
 """Two bundles' decode steps (ar_step.onnx) side by side: the same shapes, runs interleaved (A, B, A, B, ...) after a
 warm-up, so a noisy machine slows both alike; medians with quartiles and the ratio B / A. For a change to the
-step graph: export the bundle before and after it, then
+step graph, or fp32 against quantized weights (`maria export --quantize int4`): export both bundles, then
 
     python -m maria_onnx.tools.compare_steps BUNDLE_A BUNDLE_B OUT.json [--device cuda] [--runs 200]
 
@@ -41,6 +41,7 @@ def main(first: Path, second: Path, out: Path, device: str = "cpu", runs: int = 
         "dtype": manifests[0].dtype,
         "runs": runs,
         "bundles": {"A": str(first), "B": str(second)},
+        "quantization": {"A": manifests[0].quantization, "B": manifests[1].quantization},
         "nodes": {"A": nodes(first), "B": nodes(second)},
         "shapes": [],
     }

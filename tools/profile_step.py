@@ -223,6 +223,7 @@ def main(bundle: Path, out: Path, device: str = "cpu", batch: int = 8, cached: i
     report = {
         "device": device,
         "dtype": m.dtype,
+        "quantization": m.quantization,  # the floor counts the weights as stored: int4 blocks and their scales
         "shape": {
             "batch": batch,
             "cached_tokens": cached,
