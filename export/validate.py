@@ -25,8 +25,10 @@ from maria_onnx.runtime.engine import engine_infill
 
 # variant -> (relative bound on graph outputs and logits, least top-1 agreement of fills end to end)
 TOLERANCE = {"fp32": (1e-4, 1.0), "fp16": (3e-2, 0.95)}
-# quantized variant -> (bound on each output's relative error, least agreement where fp32's choice is clear)
-QUANTIZED = {"int8": (0.25, 0.95), "int4": (0.35, 0.95)}
+# quantized variant -> (bound on each output's relative error, least agreement where fp32's choice is clear).
+# Measured largest relative errors (random weights, whose outputs move most): int8 0.012 at the tests' tiny shapes,
+# 0.15 at OLMo-1B's; int4 0.096 and 0.54. A broken graph is at 1 or over (zeroed: 1, unrelated: about 1.4).
+QUANTIZED = {"int8": (0.25, 0.95), "int4": (0.75, 0.95)}
 CLEAR = 6.0  # a clear choice: a margin of over CLEAR x the logits' RMS error (flips seen: up to 3.3x)
 
 
