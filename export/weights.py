@@ -56,12 +56,15 @@ def save(model: onnx.ModelProto, path: Path, weights: Path | None) -> None:
     """Writes model to path, its tensors of 1 KiB or more in the one file `weights` beside it (None: inside)."""
     if weights is None:
         onnx.save(model, str(path))
-    else:
-        onnx.save(
-            model,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=weights.name,
-            size_threshold=1024,
-        )
+        return
+    onnx.save(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=weights.name,
+        size_threshold=1024,
+    )
+    umask = os.umask(0)
+    os.umask(umask)
+    weights.chmod(0o666 & ~umask)  # onnx writes it private (0600); it is as readable as the graph beside it

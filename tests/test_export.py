@@ -2,6 +2,7 @@
 
 import collections
 import json
+import os
 import shutil
 import weakref
 
@@ -331,11 +332,14 @@ def test_graphs_with_external_weights_export_and_load(checkpoints, tmp_path, mon
     assert len(Infiller(tmp_path / "b", device="cpu").infill(["a [MASK:2] b"])[0].fills) == 2
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-def test_tensors_written_one_file_each_end_up_in_one_weights_file_per_graph(checkpoints, tmp_path, monkeypatch, dtype):
+@pytest.mark.parametrize("dtype, quantize", [("fp32", None), ("fp16", None), ("fp32", "int4")])
+def test_tensors_written_one_file_each_end_up_in_one_weights_file_per_graph(
+    checkpoints, tmp_path, monkeypatch, dtype, quantize
+):
     """torch.onnx writes a graph over 2 GB with each tensor in a file of its own, named after the tensor (Optimum
     gathers only the initializers among them): at OLMo-1B size the bundle held 293 loose files, and fp16 failed
-    to save a 2.4 GB graph. Every graph is made to come out that way here."""
+    to save a 2.4 GB graph. Every graph is made to come out that way here. Every file of the bundle is as readable
+    as the others (onnx writes a weights file private: at OLMo-1B size the int4 and fp16 step graphs' were)."""
     import onnx
 
     from maria_onnx.runtime.infiller import Infiller
@@ -349,12 +353,17 @@ def test_tensors_written_one_file_each_end_up_in_one_weights_file_per_graph(chec
         )
 
     monkeypatch.setattr(torch.onnx, "export", scattered)
-    manifest = export_bundle(checkpoints["llama"], tmp_path / "b", dtype=dtype)
+    manifest = export_bundle(checkpoints["llama"], tmp_path / "b", dtype=dtype, quantize=quantize)
     graphs = {spec.file for spec in manifest.graphs.values()}
     weights = {name for name in manifest.files if name.endswith(".weights")}
     assert weights and weights <= {graph + ".weights" for graph in graphs}
     assert set(manifest.files) == graphs | weights | {"tokenizer.json", "validation.json"}
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted({*manifest.files, MANIFEST_NAME})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {name: (tmp_path / "b" / name).stat().st_mode & 0o777 for name in manifest.files} == {
+        name: 0o666 & ~umask for name in manifest.files
+    }
     assert len(Infiller(tmp_path / "b", device="cpu").infill(["a [MASK:2] b"])[0].fills) == 2
 
 
