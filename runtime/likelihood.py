@@ -30,6 +30,26 @@ def ar_loglikelihood(backend, ids: list[np.ndarray], special: SpecialIds, batch_
     return [float(p.sum()) for p in ar_token_logprobs(backend, ids, special, batch_size)]
 
 
+def insertion_scores(backend, ids: list[np.ndarray], masked: list[np.ndarray], special: SpecialIds) -> list[float]:
+    """Per filled sequence, log p_AR of its given tokens plus, for each run of filled positions, the mean log p_AR
+    of its tokens: the text around a fill judges it whatever its length, the fill only by how likely its tokens
+    are on average. Chooses an insertion's length better than the whole text's log p_AR, which every extra token
+    lowers (MODEL.md, "Insertion with suffix")."""
+    scores = []
+    for logprobs, flags in zip(ar_token_logprobs(backend, ids, special), masked):
+        flags = np.asarray(flags, dtype=bool)
+        runs = np.split(logprobs, np.flatnonzero(np.diff(flags.astype(np.int8)) != 0) + 1)
+        starts = np.concatenate([[0], np.cumsum([len(r) for r in runs])[:-1]])
+        scores.append(float(logprobs[~flags].sum() + sum(run.mean() for run, at in zip(runs, starts) if flags[at])))
+    return scores
+
+
+SPAN_SCORES = {  # how a candidate of span lengths is scored: (backend, ids, masked, special) -> scores
+    "text": lambda backend, ids, masked, special: ar_loglikelihood(backend, ids, special),
+    "insertion": insertion_scores,
+}
+
+
 def ar_sample(
     backend,
     prefixes: list[np.ndarray],

@@ -42,6 +42,7 @@ class FillRequest:
     indices: list | None = None  # per text, the index its generators derive from (default 0, 1, ...)
     first_sample: int = 0  # its samples are numbered from here (so are their generators): a text's samples
     # can be filled a piece at a time with the same results
+    span_score: str = "text"  # how a span marker's length is chosen: SPAN_SCORES in runtime/likelihood.py
 
     @property
     def size(self) -> int:
@@ -95,15 +96,16 @@ def bounded_request(
     num_samples: int,
     rerank: bool,
     limit: int,
+    span_score: str = "text",
 ) -> FillRequest:
     """The request for texts in at most `limit` decode rows at once: every combination of span lengths decoded
     side by side where they all fit, else the lengths of each text with several span markers searched gap by gap
     (a round's rows at a time). prepare(texts, rerank, most) -> Prepared per text (Infiller.prepare); raises
     TooLarge where even the search does not fit."""
     check_size(limit, len(texts), num_samples)  # before any text is prepared
-    request = FillRequest(prepare(texts, rerank, MAX_CANDIDATES), sampling, num_samples, rerank)
+    request = FillRequest(prepare(texts, rerank, MAX_CANDIDATES), sampling, num_samples, rerank, span_score=span_score)
     if request.size > limit:
-        request = FillRequest(prepare(texts, rerank, 1), sampling, num_samples, rerank)
+        request = FillRequest(prepare(texts, rerank, 1), sampling, num_samples, rerank, span_score=span_score)
     check_size(limit, len(texts), num_samples, request)
     return request
 

@@ -14,7 +14,8 @@ from .utf8 import fill_pieces
 @dataclass
 class Infilled:
     """One filled text: the filled string, its content ids, where the fills are and how likely each was.
-    score: log p_AR of the whole filled text, where it was computed (span choice, --rerank). span_lengths and
+    score: what its span lengths were chosen by, where it was computed (span choice, --rerank): log p_AR of the
+    whole filled text, or a request's other span score (runtime/likelihood.py's SPAN_SCORES). span_lengths and
     candidates: for [MASK:?] / [MASK:a-b] markers, the lengths chosen and every candidate with its score."""
 
     input: str

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .driver import Decoder, Filler, OnFill, RoundDriver, fill_rounds
-from .likelihood import ar_loglikelihood
+from .likelihood import SPAN_SCORES
 from .requests import FillRequest
 from .results import Infilled, build_result
 from .spans import GapSearch
@@ -111,13 +111,13 @@ class Rounds:
             for i, row in enumerate(self.rows)
             if self.requests[row.number].texts[row.text].spans or self.requests[row.number].rerank
         ]
-        scores = (
-            ar_loglikelihood(self.filler.backend, [np.asarray(built[i].ids) for i in need], self.filler.special)
-            if need
-            else []
-        )
-        for i, score in zip(need, scores):
-            built[i].score = score
+        for rule, score in SPAN_SCORES.items():
+            scored = [i for i in need if self.requests[self.rows[i].number].span_score == rule]
+            if scored:
+                ids = [np.asarray(built[i].ids) for i in scored]
+                masked = [np.isin(np.arange(len(x)), built[i].masked_positions) for x, i in zip(ids, scored)]
+                for i, value in zip(scored, score(self.filler.backend, ids, masked, self.filler.special)):
+                    built[i].score = value
         candidates: dict[tuple[int, int, int], list[Infilled]] = {}
         for row, result in zip(self.rows, built):
             key = (row.number, row.text, row.sample)

@@ -227,13 +227,12 @@ class HttpRoutes:
             await self.json_body(request), name, self.settings.max_texts, infiller.max_sequence_length
         )
         answer = openai.Answer(completion, name, infiller.tokenizer)
+        texts, settings, rule = completion.texts(), completion.settings, completion.span_score
         if not completion.stream:
-            results = await self.server.run(
-                self.server.job(completion.texts(), completion.settings, began), left(request)
-            )
-            return JSONResponse(answer.body(results))
+            job = self.server.job(texts, settings, began, span_score=rule)
+            return JSONResponse(answer.body(await self.server.run(job, left(request))))
         stream = openai.Stream(answer)
-        job = self.server.job(completion.texts(), completion.settings, began, stream.hear)
+        job = self.server.job(texts, settings, began, stream.hear, rule)
         stream.encoded = lambda index: job.request.texts[index].candidates[0][1].ids
         return StreamingResponse(
             streamed(self.server, job, stream.events, stream.line, stream.answered, openai.error_event),

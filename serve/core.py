@@ -130,14 +130,18 @@ class Server:
         self.metrics.batch_size.observe(rows)
         self.stats.executed(rows, ns)
 
-    def job(self, texts: list, settings: dict, began: float, on_token: Callable | None = None) -> Job:
+    def job(
+        self, texts: list, settings: dict, began: float, on_token: Callable | None = None, span_score: str = "text"
+    ) -> Job:
         """Checks every text and setting before anything is queued; began: when the request arrived
-        (time.monotonic)."""
+        (time.monotonic); span_score: how span lengths are chosen (runtime/likelihood.py's SPAN_SCORES)."""
         if not texts:
             raise ClientError(400, "no text given; send at least one text with [MASK] markers")
         sampling, num_samples, rerank = sampling_of(settings)
         try:
-            request = bounded_request(self.prepared, texts, sampling, num_samples, rerank, self.settings.max_texts)
+            request = bounded_request(
+                self.prepared, texts, sampling, num_samples, rerank, self.settings.max_texts, span_score
+            )
         except TooLarge as error:
             raise ClientError(413, str(error)) from None
         loop = asyncio.get_running_loop()

@@ -2,7 +2,8 @@
 the core fills, and its answer, chunks and errors in OpenAI's shapes (serve/app.py routes it).
 
 `suffix` is insertion: the text goes between prompt and suffix as one span marker, `[MASK:1-max_tokens]`, whose
-length the model chooses (runtime/spans.py); without a suffix the prompt is continued by `[MASK:max_tokens]`.
+length is chosen by the insertion score (runtime/likelihood.py); without a suffix the prompt is continued by
+`[MASK:max_tokens]`.
 `[MASK]` markers inside the prompt are filled too, and such a prompt comes back filled, before the completion.
 """
 
@@ -98,6 +99,12 @@ class Completion:
         """Each prompt with the completion's marker: a span between it and the suffix, or fixed after it."""
         marker = f"[MASK:1-{self.max_tokens}]" if self.suffix is not None else f"[MASK:{self.max_tokens}]"
         return [prompt + marker + (self.suffix or "") for prompt in self.prompts]
+
+    @property
+    def span_score(self) -> str:
+        """How the insertion's length is chosen: by the text around it and its mean token log-probability
+        (measured better than the whole text's likelihood for spans of 1 to 16 tokens: MODEL.md)."""
+        return "insertion" if self.suffix is not None else "text"
 
     def marked(self, index: int) -> bool:
         """Whether prompt `index` has markers of its own (it comes back filled)."""

@@ -6,11 +6,15 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("starlette", reason="the serve extra (starlette, uvicorn, prometheus-client) is not installed")
 openai = pytest.importorskip("openai", reason="the openai SDK (the dev extra) is not installed")
 
+from maria_onnx.runtime.default_model import DEFAULT_MODEL  # noqa: E402
+from maria_onnx.runtime.infiller import Infiller  # noqa: E402
+from maria_onnx.runtime.likelihood import insertion_scores  # noqa: E402
 from maria_onnx.serve.openai import Streamed  # noqa: E402
 from tests.fuzz import random_json  # noqa: E402
 from tests.test_serve import call, server  # noqa: E402
@@ -37,19 +41,27 @@ def infill(url: str, text: str, **settings) -> dict:
     return json.loads(body)["results"][0]
 
 
-def test_insertion_with_suffix_is_the_span_maria_infill_chooses(running, client):
+def test_insertion_with_suffix_is_the_candidate_of_best_insertion_score(running, client):
     got = client.completions.create(model="maria", prompt=CODE, suffix=AFTER, max_tokens=8, temperature=0, logprobs=0)
-    want = infill(running, CODE + "[MASK:1-8]" + AFTER, temperature=0)
+    every = infill(running, CODE + "[MASK:1-8]" + AFTER, temperature=0)  # each length's greedy fill
+    start = every["masked_positions"][0]
+    ids = [np.array(c["ids"]) for c in every["candidates"]]
+    masked = [
+        np.isin(np.arange(len(x)), range(start, start + c["lengths"][0])) for x, c in zip(ids, every["candidates"])
+    ]
+    reference = Infiller(DEFAULT_MODEL, device="cpu")
+    scores = insertion_scores(reference.backend, ids, masked, reference.special)
+    best = every["candidates"][int(np.argmax(scores))]
+    length = best["lengths"][0]
+    inserted = reference.tokenizer.decode(best["ids"][start : start + length])
     (choice,) = got.choices
-    length = want["span_lengths"][-1]
-    inserted = "".join(want["fills"][-length:])
     assert choice.text == inserted[1:] if inserted.startswith(" ") else inserted  # the prompt's space is not repeated
-    assert want["text"].endswith(AFTER) and choice.finish_reason == ("length" if length == 8 else "stop")
-    assert choice.logprobs.tokens == want["fills"][-length:]
-    assert choice.logprobs.token_logprobs == pytest.approx(want["fill_logprobs"][-length:])
+    assert choice.finish_reason == ("length" if length == 8 else "stop")
+    assert "".join(choice.logprobs.tokens) == inserted and len(choice.logprobs.token_logprobs) == length
+    assert all(lp <= 0 for lp in choice.logprobs.token_logprobs)
     assert choice.logprobs.text_offset[0] == len(CODE) - inserted.startswith(" ")
     assert got.usage.completion_tokens == length
-    assert got.usage.prompt_tokens == len(want["ids"]) - length
+    assert got.usage.prompt_tokens == len(best["ids"]) - length
     assert got.usage.total_tokens == got.usage.prompt_tokens + length
     assert got.object == "text_completion" and got.model == "maria" and got.id.startswith("cmpl-")
 
@@ -187,4 +199,5 @@ def test_the_readmes_sdk_example_runs_as_written(running, capsys):
     example = section[section.index("```python\n") + len("```python\n") : section.index("```\n", 10)]
     example = example.replace("http://127.0.0.1:8000", running).replace('api_key="unused"', 'api_key="sesame"')
     exec(compile(example, "README.md", "exec"), {})
-    assert capsys.readouterr().out == "None stop\nos\n"  # what the README says the shipped model prints
+    printed = "None if the path is not None. length\nos.path\n"  # what the README says the shipped model prints
+    assert capsys.readouterr().out == printed

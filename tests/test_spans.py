@@ -173,3 +173,29 @@ def test_cli_reports_the_chosen_length(bundles):
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert len(out["candidates"]) == 8 and 1 <= out["span_lengths"][0] <= 8
+
+
+def test_the_insertion_score_judges_a_fill_by_its_context_and_its_mean(tmp_path):
+    """insertion_scores: the given tokens' log p_AR, plus each run of fills' mean; and a request with
+    span_score="insertion" keeps the candidate it scores best."""
+    from maria_onnx.runtime.default_model import DEFAULT_MODEL
+    from maria_onnx.runtime.likelihood import ar_token_logprobs, insertion_scores
+    from maria_onnx.runtime.requests import FillRequest
+
+    infiller = Infiller(DEFAULT_MODEL, device="cpu")
+    ids = np.array(infiller.tokenizer.encode("The exception is raised when the file is missing.").ids)
+    masked = np.zeros(len(ids), bool)
+    masked[[2, 3, 6]] = True
+    (per_token,) = ar_token_logprobs(infiller.backend, [ids], infiller.special)
+    want = per_token[~masked].sum() + per_token[[2, 3]].mean() + per_token[6]
+    assert insertion_scores(infiller.backend, [ids], [masked], infiller.special) == [pytest.approx(want)]
+    text = "Use the [MASK:1-6] module to read files."
+    request = FillRequest([infiller.prepare(text)], span_score="insertion")
+    (chosen,) = infiller.infill_requests([request])[0]
+    start = chosen.masked_positions[0]
+    candidates = [np.array(c["ids"]) for c in chosen.candidates]
+    lengths = [c["lengths"][0] for c in chosen.candidates]
+    flags = [np.isin(np.arange(len(x)), range(start, start + n)) for x, n in zip(candidates, lengths)]
+    scores = insertion_scores(infiller.backend, candidates, flags, infiller.special)
+    assert chosen.span_lengths == chosen.candidates[int(np.argmax(scores))]["lengths"]
+    assert chosen.score == pytest.approx(max(scores))
