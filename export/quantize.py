@@ -1,11 +1,12 @@
 """Weight quantization of a bundle's graphs, with ONNX Runtime's own quantizers (activations stay fp32).
 
-    int8: dynamic int8 (quantize_dynamic): int8 weights, activations quantized per call (MatMulInteger)
+    int8: dynamic int8 (quantize_dynamic): int8 weights, activations quantized per call (MatMulInteger); its
+          embedding tables too (a uint8 Gather and a DequantizeLinear)
     int4: weight-only int4 (MatMulNBitsQuantizer -> MatMulNBits), blocks of INT4_BLOCK along the input axis,
           symmetric, accuracy level INT4_ACCURACY (int8 activations inside the kernel on the CPU)
 
 int4 quantizes every weight matrix: each MatMul with a constant weight, and each Gemm (the fusion head's and the
-MLM decoder's Linear) once written as a MatMul and an Add. Embedding tables stay fp32: ONNX Runtime's quantized
+MLM decoder's Linear) once written as a MatMul and an Add. Its embedding tables stay fp32: ONNX Runtime's quantized
 gather (GatherBlockQuantized) has given silently wrong rows on CUDA (onnxruntime#31692, #32663), and a gather
 reads one row a token, so its table costs memory but no time (docs/benchmarks.md, "4-bit weights").
 """
@@ -30,7 +31,7 @@ def settings(quantize: str | None) -> dict:
     if quantize == "int4":
         return {"block_size": INT4_BLOCK, "symmetric": True, "accuracy_level": INT4_ACCURACY, "embeddings": "fp32"}
     if quantize == "int8":
-        return {"weights": "int8, symmetric, per tensor", "activations": "dynamic uint8", "embeddings": "fp32"}
+        return {"weights": "int8, symmetric, per tensor", "activations": "dynamic uint8", "embeddings": "int8"}
     return {}
 
 
