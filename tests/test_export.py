@@ -407,3 +407,36 @@ def test_an_fp16_bundle_computes_in_fp16(checkpoints, tmp_path):
             weights[name] for node in graph.node if node.op_type == "MatMul" for name in node.input if name in weights
         ]
         assert read and set(read) == {onnx.TensorProto.FLOAT16}, spec.file
+
+
+def test_an_int4_bundle_fills_scores_serves_and_round_trips_through_its_manifest(checkpoints, tmp_path):
+    from maria_onnx.runtime.infiller import Infiller
+
+    manifest = export_bundle(checkpoints["olmo"], tmp_path / "b", quantize="int4", concat_decoder=False)
+    again = load_manifest(tmp_path / "b")  # checksums verified
+    assert again == manifest and Manifest.from_dict(json.loads(json.dumps(manifest.to_dict()))) == manifest
+    assert again.quantization == "int4-weight-only" and again.source["quantization"]["block_size"] == 32
+    infiller = Infiller(tmp_path / "b", device="cpu")
+    (filled,) = infiller.infill(["a [MASK:3] b"])
+    assert len(filled.fills) == 3 and all(lp <= 0 for lp in filled.fill_logprobs)
+    (nll,) = infiller.score([np.array(filled.ids)], [np.isin(np.arange(len(filled.ids)), filled.masked_positions)])
+    assert np.isfinite(nll) and nll > 0
+    pytest.importorskip("starlette", reason="the serve extra (starlette, uvicorn, prometheus-client) is not installed")
+    from tests.test_serve import call, server
+
+    with server("--model", tmp_path / "b") as (url, _):
+        status, _, body = call(url, "/v1/infill", {"text": ["a [MASK:3] b"]})
+    assert status == 200 and json.loads(body)["results"][0]["fills"] == filled.fills
+
+
+def test_the_shipped_model_quantized_in_place_of_an_export_keeps_a_valid_manifest(tmp_path):
+    from maria_onnx.runtime.default_model import DEFAULT_MODEL
+    from maria_onnx.runtime.infiller import Infiller
+    from maria_onnx.tools.quantized_quality import quantized_copy
+
+    copy = quantized_copy(DEFAULT_MODEL, tmp_path / "int4", "int4")
+    manifest = load_manifest(copy)  # every checksum renewed
+    assert manifest.quantization == "int4-weight-only" and manifest.source["quantized_from"] == str(DEFAULT_MODEL)
+    step = onnx.load(str(copy / "ar_step.onnx"), load_external_data=False)
+    assert "MatMulNBits" in {node.op_type for node in step.graph.node}
+    assert len(Infiller(copy, device="cpu").infill(["The [MASK] statement"])[0].fills) == 1
