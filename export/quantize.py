@@ -21,7 +21,8 @@ from onnx import helper, numpy_helper
 
 from .weights import bundle_weights, save
 
-INT4_BLOCK = 32  # weights per scale: the finest MatMulNBits takes, and what llama.cpp's q4_0 uses
+INT4_BLOCK = 32  # weights per scale, as llama.cpp's q4_0; 128 is up to 22% faster and doubles the quality cost
+# (docs/benchmarks.md, "4-bit weights")
 INT4_ACCURACY = 4  # MatMulNBits' accuracy_level: int8 activations in the CPU kernel (the fastest measured)
 QUANTIZATIONS = {"int8": "int8-dynamic", "int4": "int4-weight-only"}  # --quantize -> the manifest's quantization
 
