@@ -201,3 +201,14 @@ def test_the_readmes_sdk_example_runs_as_written(running, capsys):
     exec(compile(example, "README.md", "exec"), {})
     printed = "None if the path is not None. length\nos.path\n"  # what the README says the shipped model prints
     assert capsys.readouterr().out == printed
+
+
+def test_the_deadline_holds_on_openai_routes_too():
+    with server("--timeout", "0.3") as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        with pytest.raises(openai.InternalServerError, match="no answer within the deadline of 0.3 s") as raised:
+            client.completions.create(model="maria", prompt=PROMPT, max_tokens=1500)
+        assert raised.value.status_code == 504 and raised.value.body["type"] == "server_error"
+        chunks = client.completions.create(model="maria", prompt=PROMPT, max_tokens=1500, stream=True)
+        with pytest.raises(openai.APIError, match="no answer within the deadline of 0.3 s"):
+            list(chunks)
