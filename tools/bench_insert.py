@@ -8,12 +8,13 @@ choosing the length with the truth.
 
 Windows are split in two: the first half chooses what is tuned (the constant length, a rule's weight), the second
 half reports. Each rule picks one of the same candidates:
-    AR total           log p_AR of the whole filled text (what `[MASK:a-b]` and `suffix` use)
+    AR total           log p_AR of the whole filled text (what `[MASK:a-b]` uses)
     AR total + b x len the same, plus b per inserted token (b tuned on the first half)
     AR mean            log p_AR of the whole filled text over its token count
-    suffix + mean fill log p_AR of the suffix given the fill, plus the fill's mean log p_AR per token
+    suffix + mean fill log p_AR of the suffix given the fill, plus the fill's mean log p_AR per token (what
+                       `suffix` uses: runtime/likelihood.py's insertion_scores, less the prefix's constant)
     MARIA + suffix     MARIA's own log-probabilities of the fill (teacher forced), plus log p_AR of the suffix
-    constant           always the length most often right on the first half
+    constant           always one length: the one most often right, and the one of best token F1, on the first half
 Against them: the AR alone continuing the prefix for the true span's length (it is told the length), and the best
 candidate in hindsight (an upper bound on any rule over these candidates).
 """
@@ -48,7 +49,7 @@ def boundaries(tokenizer, window: np.ndarray) -> tuple[list[int], set[int]]:
 
 def pick_spans(windows: np.ndarray, tokenizer, windows_of: range, per_length: int, seed: int) -> list[tuple]:
     """(window, start, end) of up to `per_length` spans of each length 1..LONGEST, drawn with `seed` from the
-    windows `windows_of`, with EDGE tokens of context each side, no special token inside."""
+    windows `windows_of`, with EDGE tokens of context each side."""
     by_length = collections.defaultdict(list)
     for w in windows_of:
         starts, ends = boundaries(tokenizer, windows[w])
