@@ -49,16 +49,16 @@ def test_the_environment_holds_the_floors():
     assert {name: Version(v) for name, v in installed.items()} == {name: Version(v) for name, v in wanted.items()}
 
 
-def test_infill_at_the_floors(reference):
-    run = subprocess.run(
-        [FLOORS_PYTHON, str(ROOT / "cli.py"), "infill", "--device", "cpu", "--json", *TEXTS],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def infill_at_the_floors(*args: str) -> list[dict]:
+    """`maria infill --json ARGS` run by the floors' python: each result's object."""
+    command = [FLOORS_PYTHON, str(ROOT / "cli.py"), "infill", "--device", "cpu", "--json", *args]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert same_fills([json.loads(line) for line in run.stdout.splitlines()], reference)
+    return [json.loads(line) for line in run.stdout.splitlines()]
+
+
+def test_infill_at_the_floors(reference):
+    assert same_fills(infill_at_the_floors(*TEXTS), reference)
 
 
 def test_serve_http_and_grpc_at_the_floors(reference):
@@ -122,24 +122,4 @@ def test_a_fused_attention_bundle_fills_alike_at_the_floors(checkpoints, tmp_pat
     export_bundle(checkpoints["olmo"], tmp_path / "fused", attention="fused", concat_decoder=False)
     texts = [" ".join(w[:2] + ["[MASK]"] + w[3:-2] + ["[MASK:2]"]) for w in (t.split() for t in corpus(6, seed=9))]
     want = [r.to_dict() for r in Infiller(tmp_path / "fused", device="cpu").infill(texts, batch_size=6)]
-    run = subprocess.run(
-        [
-            FLOORS_PYTHON,
-            str(ROOT / "cli.py"),
-            "infill",
-            "--model",
-            str(tmp_path / "fused"),
-            "--device",
-            "cpu",
-            "--json",
-            "--batch-size",
-            "6",
-            *texts,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 0, run.stderr
-    assert same_fills([json.loads(line) for line in run.stdout.splitlines()], want)
+    assert same_fills(infill_at_the_floors("--model", str(tmp_path / "fused"), "--batch-size", "6", *texts), want)
