@@ -43,7 +43,6 @@ from starlette.routing import Match, Route
 
 from maria_onnx.runtime.requests import SETTINGS
 from maria_onnx.runtime.text import quoted
-from maria_onnx.runtime.utf8 import FillPieces
 
 from . import openai
 from .core import ClientError, ClientLeft, Server, ServeSettings, logged
@@ -185,13 +184,9 @@ class HttpRoutes:
         began = time.monotonic()
         texts, settings = await self.json_request(request)
         events: asyncio.Queue = asyncio.Queue()
-        pieces = {}  # (text, sample) -> its FillPieces
 
         def on_token(index, sample, position, token, logprob):
-            if (index, sample) not in pieces:
-                ids = job.request.texts[index].candidates[0][1].ids
-                pieces[index, sample] = FillPieces(self.server.infiller.tokenizer, ids)
-            piece = pieces[index, sample].add(position, token)
+            piece = job.piece(self.server.infiller.tokenizer, index, sample, position, token)
             events.put_nowait(
                 {
                     "event": "token",
@@ -231,9 +226,8 @@ class HttpRoutes:
         if not completion.stream:
             job = self.server.job(texts, settings, began, span_score=rule)
             return JSONResponse(answer.body(await self.server.run(job, left(request))))
-        stream = openai.Stream(answer)
+        stream = openai.Stream(answer, lambda *fill: job.piece(infiller.tokenizer, *fill))
         job = self.server.job(texts, settings, began, stream.hear, rule)
-        stream.encoded = lambda index: job.request.texts[index].candidates[0][1].ids
         return StreamingResponse(
             streamed(self.server, job, stream.events, stream.line, stream.answered, openai.error_event),
             media_type=SSE_TYPE,

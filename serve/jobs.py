@@ -2,10 +2,13 @@
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from tokenizers import Tokenizer
 
 from maria_onnx.runtime.anneal import AnnealRequest
 from maria_onnx.runtime.requests import FillRequest
+from maria_onnx.runtime.utf8 import FillPieces
 
 from .stats import Timings
 
@@ -24,6 +27,15 @@ class Job:
     timings: Timings
     on_token: Callable | None = None  # (text index, sample, position, token, logprob), called on the loop
     cancelled: bool = False
+    pieces: dict = field(default_factory=dict)  # (text index, sample) -> its FillPieces, for a stream
+
+    def piece(self, tokenizer: Tokenizer, text: int, sample: int, position: int, token: int) -> str:
+        """What a fill token adds to its text in whole characters (runtime/utf8.py), as a stream sends it: the
+        fills of each text and sample are pieced together apart (a text with fixed markers: one candidate)."""
+        if (text, sample) not in self.pieces:
+            assert isinstance(self.request, FillRequest), "pieces of a generation's fills"
+            self.pieces[text, sample] = FillPieces(tokenizer, self.request.texts[text].candidates[0][1].ids)
+        return self.pieces[text, sample].add(position, token)
 
     @property
     def sampling_key(self) -> tuple:

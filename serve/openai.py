@@ -15,11 +15,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from maria_onnx.runtime.requests import KIND_NAMES
 from maria_onnx.runtime.text import MARKER_LIKE, MAX_CANDIDATES, quoted
-from maria_onnx.runtime.utf8 import FillPieces
 
 from .core import ClientError
 
@@ -238,9 +235,15 @@ def choice_of(completion: Completion, index: int, result, tokenizer) -> Choice:
         lead, drop = tokenizer.decode(result.ids[: result.masked_positions[-length]], skip_special_tokens=False), False
     else:
         prompt = completion.prompts[index]
-        lead, drop = prompt, prompt.endswith(" ") and bool(pieces) and pieces[0].startswith(" ")
+        lead, drop = prompt, bool(pieces) and repeats_space(prompt, pieces[0])
     finish = "length" if completion.suffix is None or length == completion.max_tokens else "stop"
     return Choice(lead, list(pieces), list(logprobs), drop, finish, completion.marked(index))
+
+
+def repeats_space(prompt: str, first: str) -> bool:
+    """Whether the first token's leading space is the prompt's last one: a marker takes the space before it into
+    its fill (runtime/text.py), so the completion leaves it out rather than show it twice."""
+    return prompt.endswith(" ") and first.startswith(" ")
 
 
 def stopped(text: str, stops: tuple) -> int | None:
@@ -300,7 +303,7 @@ class Streamed:
         """(text to send, its tokens, "stop" where a stop sequence ended the choice) after one more token."""
         if self.done:
             return "", [], None
-        drop = not self.text and self.prompt.endswith(" ") and piece.startswith(" ")
+        drop = not self.text and repeats_space(self.prompt, piece)
         self.waiting.append((piece, logprob, len(self.prompt) + len(self.text) - drop))
         self.text += piece[1:] if drop else piece
         cut = stopped(self.text, self.stops)
@@ -317,18 +320,11 @@ class Streamed:
         return text, tokens
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
 def usage_of(completion: Completion, results: list) -> dict:
     """Prompt tokens (each prompt's and suffix's content once) and completion tokens (every fill of every choice)."""
     prompt = sum(len(r.ids) - len(r.masked_positions) for r in results[:: completion.n])
-    return usage(prompt, sum(len(r.masked_positions) for r in results))
+    filled = sum(len(r.masked_positions) for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": filled, "total_tokens": prompt + filled}
 
 
 DONE = "data: [DONE]\n\n"
@@ -368,11 +364,11 @@ class Stream:
     """A streamed answer: `hear` takes each fill token as it is chosen (a plain continuation's; the others are
     sent whole at the end), `events` holds what to send, `line` writes one, `answered` the last ones."""
 
-    def __init__(self, answer: Answer):
-        self.answer, self.completion = answer, answer.completion
+    def __init__(self, answer: Answer, piece: Callable[[int, int, int, int], str]):
+        """piece(prompt, sample, position, token): what a fill token adds in whole characters (Job.piece)."""
+        self.answer, self.completion, self.piece = answer, answer.completion, piece
         self.events: asyncio.Queue = asyncio.Queue()
-        self.encoded: Callable[[int], np.ndarray] = lambda index: np.zeros(0)  # a prompt's ids: set once queued
-        self.choices: dict = {}  # (prompt, sample) -> (its FillPieces, its Streamed)
+        self.choices: dict = {}  # (prompt, sample) -> its Streamed
         c = self.completion
         self.hear = self._hear if c.streams_tokens else None
         if c.echo and c.streams_tokens:
@@ -381,10 +377,8 @@ class Stream:
 
     def _hear(self, index: int, sample: int, position: int, token: int, logprob: float) -> None:
         if (index, sample) not in self.choices:
-            pieces = FillPieces(self.answer.tokenizer, self.encoded(index))
-            self.choices[index, sample] = pieces, Streamed(self.completion.prompts[index], self.completion.stop)
-        pieces, streamed = self.choices[index, sample]
-        text, tokens, finish = streamed.add(pieces.add(position, token), logprob)
+            self.choices[index, sample] = Streamed(self.completion.prompts[index], self.completion.stop)
+        text, tokens, finish = self.choices[index, sample].add(self.piece(index, sample, position, token), logprob)
         if text or finish:
             self.events.put_nowait((index * self.completion.n + sample, text, tokens, finish))
 
@@ -397,11 +391,11 @@ class Stream:
         """Each choice's rest: whole where it was not streamed, else what was held back, and its finish."""
         lines = []
         for number, choice in enumerate(self.answer.choices(results)):
-            held = self.choices.get(divmod(number, self.completion.n))
-            if held is None:
+            streamed = self.choices.get(divmod(number, self.completion.n))
+            if streamed is None:
                 lines.append(self.answer.chunk([self.answer.rendered(number, choice)]))
-            elif not held[1].done:
-                rest = held[1].flush(len(held[1].text))
+            elif not streamed.done:
+                rest = streamed.flush(len(streamed.text))
                 lines.append(self.line((number, *rest, choice.finish_reason)))
         if self.completion.include_usage:
             lines.append(self.answer.chunk([], usage_of(self.completion, results)))
