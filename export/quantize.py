@@ -107,8 +107,8 @@ def gemms_as_matmuls(model: onnx.ModelProto) -> None:
         nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}.matmul"))
         if len(node.input) >= 3:
             nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{node.name}.bias"))
-    used = {name for node in nodes for name in node.input}
-    kept = [t for t in graph.initializer if t.name in used or t.name in {i.name for i in graph.input}]
+    used = {name for node in nodes for name in node.input} | {i.name for i in graph.input}
+    kept = [t for t in graph.initializer if t.name in used]
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.initializer[:]

@@ -38,9 +38,9 @@ def insertion_scores(backend, ids: list[np.ndarray], masked: list[np.ndarray], s
     scores = []
     for logprobs, flags in zip(ar_token_logprobs(backend, ids, special), masked):
         flags = np.asarray(flags, dtype=bool)
-        runs = np.split(logprobs, np.flatnonzero(np.diff(flags.astype(np.int8)) != 0) + 1)
-        starts = np.concatenate([[0], np.cumsum([len(r) for r in runs])[:-1]])
-        scores.append(float(logprobs[~flags].sum() + sum(run.mean() for run, at in zip(runs, starts) if flags[at])))
+        edges = np.flatnonzero(np.diff(flags)) + 1  # where a run of fills or of given tokens begins
+        runs = zip(np.split(logprobs, edges), np.split(flags, edges))
+        scores.append(float(logprobs[~flags].sum() + sum(run.mean() for run, filled in runs if filled[0])))
     return scores
 
 
