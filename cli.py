@@ -163,6 +163,11 @@ def quantized(quantize: str | None, int8: bool) -> str | None:
     return "int8" if int8 else quantize
 
 
+def quantizations(quantize: str, int8: bool) -> tuple[str, ...]:
+    """bench's --quantize (int8, int4 or both, comma-separated), with int8 where --int8 asks for it, each once."""
+    return tuple(dict.fromkeys([*filter(None, quantize.split(",")), *(["int8"] if int8 else [])]))
+
+
 @app.command("export")
 @one_line_errors
 def export_command(
@@ -387,7 +392,7 @@ def bench(
         mlm_ar=mlm_ar,
         mlm_ar_max_tokens=mlm_ar_max_tokens,
         concat=concat,
-        quantize=tuple(dict.fromkeys([*filter(None, quantize.split(",")), *(["int8"] if int8 else [])])),
+        quantize=quantizations(quantize, int8),
     )
 
 
