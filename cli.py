@@ -57,6 +57,16 @@ def threads_option():
     )
 
 
+def speculate_option():
+    return typer.Option(
+        0,
+        min=0,
+        help="Fill up to this many masked positions per AR step, drafted by the MLM head and kept while MARIA "
+        "agrees (greedy fills unchanged, sampled ones drawn from the same distribution); 0: one per step. "
+        "Pays only where an AR step costs about the same whatever its width (docs/benchmarks.md).",
+    )
+
+
 def one_line_errors(command):
     """Turns the library's edge errors into one line on stderr and exit code 2, with no traceback."""
 
@@ -257,6 +267,7 @@ def infill(
         "finish) | concat (Optimum's decoder, the cache copied each step) | "
         "auto (the engine where the bundle has it).",
     ),
+    speculate: int = speculate_option(),
 ):
     """Fill the masked tokens of each text with a MARIA bundle (no PyTorch needed). [MASK] is one token,
     [MASK:N] N tokens, [MASK:?] 1 to 8 and [MASK:a-b] a to b tokens (the model chooses the length; over 64
@@ -279,6 +290,7 @@ def infill(
         device=device,
         threads=threads,
         decoder=decoder,
+        speculate=speculate,
     )
 
 
@@ -304,6 +316,7 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per sample, with the energy per step."),
     device: str = typer.Option("auto", help="auto | cuda | cuda:N (GPU N) | cpu"),
     threads: int | None = threads_option(),
+    speculate: int = speculate_option(),
 ):
     """Generate text by simulated annealing with MARIA (energy: -log p under the AR), optionally between a prefix
     and a suffix."""
@@ -325,6 +338,7 @@ def generate(
         as_json=as_json,
         device=device,
         threads=threads,
+        speculate=speculate,
     )
 
 
@@ -541,6 +555,7 @@ def serve(
         "finish) | concat (Optimum's decoder, the cache copied each step) | "
         "auto (the engine where the bundle has it).",
     ),
+    speculate: int = speculate_option(),
 ):
     """Serve a bundle over HTTP: the Open Inference Protocol (KServe v2 / Triton) with Triton's generate extension,
     /v1/infill and its SSE stream; with --grpc-port, the Open Inference Protocol over gRPC too."""
@@ -560,7 +575,7 @@ def serve(
         keep_alive_s=keep_alive,
         max_connections=max_connections,
     )
-    start_server(model, settings, host, port, grpc_port, device, threads, grace, decoder)
+    start_server(model, settings, host, port, grpc_port, device, threads, grace, decoder, speculate)
 
 
 @app.command("triton-repo")

@@ -33,6 +33,7 @@ def fill_texts(
     device: str = "auto",
     threads: int | None = None,
     decoder: str = "auto",
+    speculate: int = 0,
 ) -> None:
     """Fills every text (the arguments, or --input's lines as they come) and prints each result: a piece of
     CHUNK_BATCHES batches at a time, before the next piece is filled."""
@@ -43,7 +44,7 @@ def fill_texts(
         typer.echo(nothing, err=True)
         return
     with warnings_shown():
-        infiller = Infiller(model, device=device, decoder=decoder, threads=threads)
+        infiller = Infiller(model, device=device, decoder=decoder, threads=threads, speculate=speculate)
     where = (lambda line: f"{lines.name}:{line.number}") if input_file else (lambda line: f"text {line.number}")
     check = functools.partial(
         checked_lines, infiller=infiller, skip_invalid=skip_invalid, where=where, rerank=rerank, as_json=as_json

@@ -29,11 +29,12 @@ def generate_samples(
     as_json: bool = False,
     device: str = "auto",
     threads: int | None = None,
+    speculate: int = 0,
 ) -> None:
     """Generates num_samples texts of `length` tokens between prefix and suffix, CHUNK_BATCHES batches of samples
     annealed together and printed before the next group starts; progress on stderr where it is a terminal."""
     check_device(device)
-    infiller = Infiller(model, device=device, threads=threads)
+    infiller = Infiller(model, device=device, threads=threads, speculate=speculate)
     if not infiller.manifest.has_baseline_heads:
         raise ValueError(
             "generation needs the AR's whole-text score, and this bundle has no ar_lm_head.onnx; "

@@ -18,6 +18,7 @@ def start_server(
     threads: int | None = None,
     grace: float = 30.0,
     decoder: str = "auto",
+    speculate: int = 0,
 ) -> None:
     """Serves the bundle until SIGTERM or SIGINT; settings: ServeSettings' fields. The serve (and, with grpc_port,
     grpc) extra's imports are checked first, with the extra to install named."""
@@ -47,7 +48,7 @@ def start_server(
         raise ValueError(f"--grace takes a finite number of seconds, got {grace}")
     served = ServeSettings(**settings)
     with warnings_shown():
-        infiller = Infiller(model, device=device, decoder=decoder, threads=threads)
+        infiller = Infiller(model, device=device, decoder=decoder, threads=threads, speculate=speculate)
     if not served.api_key and not is_loopback(host):
         typer.secho(
             f"warning: --host {host} takes requests from other machines and no --api-key is set: anyone who "

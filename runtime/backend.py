@@ -92,3 +92,6 @@ class SlotBackend(Protocol):
 
     def fuse(self, mlm_hidden: np.ndarray, ar_hidden: np.ndarray) -> np.ndarray:
         """As in Backend."""
+
+    def mlm_logits(self, mlm_hidden: np.ndarray) -> np.ndarray:
+        """mlm_hidden [r, d_mlm] -> the MLM's own logits [r, V] (fp32): the drafts of speculative infilling."""

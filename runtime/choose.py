@@ -46,9 +46,10 @@ def token_logprobs(logits: np.ndarray, tokens: np.ndarray | Sequence[int]) -> np
     return picked - top[:, 0] - np.log(total)
 
 
-def _sample_row(scores: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
-    """scores [V] with banned ids at -inf -> one token id. The best score is taken off before the temperature divides,
-    so a temperature near 0 leaves 0 for the best ids and -inf for the rest (greedy's choice), never inf - inf."""
+def distribution(scores: np.ndarray, sampling: Sampling) -> np.ndarray:
+    """scores [V] float64 with banned ids at -inf -> the probabilities a sample is drawn from [V]: temperature, then
+    top-k, then top-p. The best score is taken off before the temperature divides, so a temperature near 0 leaves 0
+    for the best ids and -inf for the rest (greedy's choice), never inf - inf."""
     with np.errstate(over="ignore"):  # a difference over a tiny temperature is -inf, as meant
         scores = (scores - scores.max()) / sampling.temperature
     if sampling.top_k:
@@ -61,7 +62,58 @@ def _sample_row(scores: np.ndarray, sampling: Sampling, rng: np.random.Generator
         keep = np.cumsum(probs[order]) - probs[order] < sampling.top_p  # smallest set reaching top_p
         probs[order[~keep]] = 0.0
         probs /= probs.sum()
+    return probs
+
+
+def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """One id from probabilities [V] (not necessarily normalised), with one uniform from rng."""
     return int(np.searchsorted(np.cumsum(probs), rng.random() * probs.sum(), side="right").clip(max=probs.size - 1))
+
+
+def keep_draft(p: np.ndarray, q: np.ndarray, draft: int, rng: np.random.Generator) -> int:
+    """Speculative sampling's rule: the draft, drawn from q, is kept with probability min(1, p/q); otherwise a draw
+    from max(0, p - q), normalised. The id returned follows p exactly, whatever q is."""
+    if rng.random() * q[draft] < p[draft]:
+        return draft
+    residual = np.maximum(p - q, 0.0)
+    return draw(residual if residual.sum() > 0 else p, rng)  # (p == q to rounding: nothing left over)
+
+
+def _scores(logits: np.ndarray, banned_ids: Sequence[int], refused: list | None) -> np.ndarray:
+    """logits [rows, V] with the banned ids, and row r's refused ids, at -inf."""
+    scores = logits.copy()
+    scores[:, list(banned_ids)] = -np.inf
+    for row, ids in enumerate(refused or []):
+        if ids is not None:
+            scores[row, ids] = -np.inf
+    return scores
+
+
+@dataclass
+class Drafts:
+    """Draft ids [rows] (-1: no draft) and, when sampling, the distributions they were drawn from [rows, V]."""
+
+    ids: np.ndarray
+    probs: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, drafts: list[tuple[int, np.ndarray | None] | None]) -> "Drafts":
+        """Rows of (id, distribution or None when greedy), or None where a row has no draft."""
+        ids = np.array([-1 if d is None else d[0] for d in drafts], dtype=np.int64)
+        sampled = [d[1] for d in drafts if d is not None and d[1] is not None]
+        if not sampled:
+            return cls(ids)
+        none = np.zeros_like(sampled[0])  # (a row without a draft is drawn from p alone)
+        return cls(ids, np.stack([none if d is None or d[1] is None else d[1] for d in drafts]))
+
+
+def _sample(scores: np.ndarray, row: int, sampling: Sampling, rng: np.random.Generator, drafts: Drafts | None) -> int:
+    """Row `row`'s id: a draw from its distribution, or its draft kept or replaced by keep_draft's rule."""
+    p = distribution(scores[row].astype(np.float64), sampling)
+    if drafts is None or drafts.ids[row] < 0:
+        return draw(p, rng)
+    assert drafts.probs is not None, "sampled drafts carry the distributions they were drawn from"
+    return keep_draft(p, drafts.probs[row], int(drafts.ids[row]), rng)
 
 
 def choose_tokens(
@@ -70,18 +122,27 @@ def choose_tokens(
     sampling: Sampling,
     rngs: list[np.random.Generator],
     refused: list | None = None,
+    drafts: Drafts | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """logits [rows, V] -> (token ids [rows], their log-probabilities under the head's full distribution [rows]).
-    Row r samples with rngs[r], never a banned id nor one of the ids refused[r] (where that is not None)."""
-    scores = logits.copy()
-    scores[:, list(banned_ids)] = -np.inf
-    for row, ids in enumerate(refused or []):
-        if ids is not None:
-            scores[row, ids] = -np.inf
+    Row r samples with rngs[r], never a banned id nor one of the ids refused[r] (where that is not None). Where
+    drafts gives row r a draft (an id >= 0), it is kept or replaced by keep_draft's rule (greedy: kept where it is
+    the best id), so the id chosen follows the same distribution as without it."""
+    scores = _scores(logits, banned_ids, refused)
     if sampling.greedy:
         tokens = scores.argmax(axis=-1)
     else:
-        tokens = np.array(
-            [_sample_row(row.astype(np.float64), sampling, rng) for row, rng in zip(scores, rngs)], dtype=np.int64
-        )
+        tokens = np.array([_sample(scores, row, sampling, rngs[row], drafts) for row in range(len(rngs))])
     return tokens.astype(np.int64), token_logprobs(logits, tokens)
+
+
+def draft_tokens(
+    logits: np.ndarray, banned_ids: Sequence[int], sampling: Sampling, rngs: list[np.random.Generator]
+) -> Drafts:
+    """A draft model's logits [rows, V] -> a draft per row: greedy, its best id; sampling, a draw from its
+    distribution under the same temperature, top-k and top-p (kept, for keep_draft's rule)."""
+    scores = _scores(logits, banned_ids, None)
+    if sampling.greedy:
+        return Drafts(scores.argmax(axis=-1).astype(np.int64))
+    probs = np.stack([distribution(row.astype(np.float64), sampling) for row in scores])
+    return Drafts(np.array([draw(p, rng) for p, rng in zip(probs, rngs)], dtype=np.int64), probs)

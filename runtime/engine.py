@@ -6,11 +6,18 @@
             runs on (h_mlm, h_ar) at each sequence's masked position; the fills are chosen and written in
     a sequence whose last mask is filled leaves its slot, and a waiting one takes it at the next step
 
-Every sequence in a slot fills one token per step, so a step costs one AR call and one fusion-head call whatever
-mix of new and old sequences it holds; a sequence whose next masked position lies more than `max_chunk` tokens on
-feeds that many per step until it is within reach (chunked prefill), so no step holds attention over a whole long
-text at once, and the others do not wait on it. Fills are the same as the batch loop's (runtime/decode.py): each
-sequence sees only its own slot, and draws its samples from its own generator.
+Every sequence in a slot fills a token per step (or more, speculating), so a step costs one AR call and one fusion-
+head call whatever mix of new and old sequences it holds; a sequence whose next masked position lies more than
+`max_chunk` tokens on feeds that many per step until it is within reach (chunked prefill), so no step holds
+attention over a whole long text at once, and the others do not wait on it. Fills are the same as the batch loop's
+(runtime/decode.py): each sequence sees only its own slot, and draws its samples from its own generator.
+
+Speculative infilling (speculate=k): a sequence's chunk runs on to its k-th next masked position, with the MLM
+head's draft written in at each masked position before it; the fusion head runs at all k, and the fills are chosen
+left to right while MARIA keeps the drafts (greedy: its best id is the draft; sampling: runtime/choose.py's
+keep_draft). At the first fill that is not the draft, MARIA's own id is written there and the cursor moves back to
+it: the positions past it in the slot are written over by the next step. Greedy fills are the same as with k = 0;
+sampled fills follow the same distribution, drawn differently.
 """
 
 import collections
@@ -22,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .backend import SlotBackend, SpecialIds
-from .choose import Sampling, choose_tokens
+from .choose import Drafts, Sampling, choose_tokens, draft_tokens
 from .decode import Fill, encode_masked
 from .slots import capacity_for
 from .utf8 import Utf8Rule
@@ -30,6 +37,10 @@ from .utf8 import Utf8Rule
 # Tokens a sequence feeds per step at most: attention over a chunk holds chunk x cache scores, so long prefills are
 # cut to bound memory at no cost in time (docs/benchmarks.md, "Smaller measurements").
 MAX_CHUNK = 256
+# Speculating, a masked position is drafted only where the MLM head's best probability is at least this: below it
+# MARIA seldom keeps the draft, and a longer chunk costs more (docs/benchmarks.md, "Speculative infilling").
+DRAFT_FLOOR = 0.0
+DRAFT_ROWS = 1024  # masked positions the MLM head's drafts are read at per call
 
 
 @dataclass(eq=False)
@@ -43,6 +54,8 @@ class Sequence:
     on_token: Callable | None = None  # (position, token, logprob)
     logprobs: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per target, as it is filled
     mlm_hidden: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # [n + 2, d_mlm], once admitted
+    drafts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # per target, speculating: the
+    confidence: np.ndarray = field(default_factory=lambda: np.zeros(0))  # MLM head's best id and its probability
     slot: int = -1
     cursor: int = 0  # AR tokens fed
     filled: int = 0  # masks filled
@@ -61,6 +74,23 @@ class Sequence:
 
 
 @dataclass
+class Chunk:
+    """What a sequence feeds in one step: tokens[cursor:end], with `drafts` written in at its first masked
+    positions (sampling: drawn from `probs` [drafts, V]); the step fills up to `fills` masked positions."""
+
+    end: int
+    fills: int
+    drafts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    probs: np.ndarray | None = None
+
+    def draft(self, j: int) -> tuple[int, np.ndarray | None] | None:
+        """The draft at the j-th masked position of the chunk and its distribution (None: greedy), or None."""
+        if j >= len(self.drafts):
+            return None
+        return int(self.drafts[j]), None if self.probs is None else self.probs[j]
+
+
+@dataclass
 class Engine:
     backend: SlotBackend
     special: SpecialIds
@@ -69,11 +99,15 @@ class Engine:
     # the cache sized for whole sequences when they join (no resize mid-run)
     utf8: Utf8Rule | None = None  # fills keep the text valid UTF-8 (runtime/utf8.py); None: free
     max_chunk: int = MAX_CHUNK  # tokens a sequence feeds per step at most
+    speculate: int = 0  # masked positions a sequence may fill per step, drafted by the MLM head (0: one, no drafts)
+    draft_floor: float = DRAFT_FLOOR  # drafts only where the MLM head's best probability is at least this
     waiting: collections.deque = field(default_factory=collections.deque)
     active: dict = field(default_factory=dict)  # slot -> Sequence
     cache: Any = None  # the backend's cache of slots (runtime/slots.py), made at the first step
     steps: int = 0
     last_batch: int = 0  # sequences in the last step
+    drafted: int = 0  # drafts fed to the step graph
+    kept: int = 0  # drafts MARIA kept
 
     def submit(
         self,
@@ -121,6 +155,22 @@ class Engine:
         for sequence, slot, rows in zip(joining, free, hidden):
             sequence.slot, sequence.mlm_hidden = slot, rows[: len(sequence.tokens) + 1]
             self.active[slot] = sequence
+        if self.speculate > 1:
+            self._read_drafts(joining)
+
+    def _read_drafts(self, joining: list[Sequence]) -> None:
+        """The MLM head at every masked position of the joining sequences, once: its best id there and that id's
+        probability, DRAFT_ROWS rows a call (the logits of a whole text at once could take gigabytes)."""
+        rows = np.concatenate([s.mlm_hidden[s.targets + 1] for s in joining])
+        best, confidence = np.zeros(len(rows), dtype=np.int64), np.zeros(len(rows))
+        for begin in range(0, len(rows), DRAFT_ROWS):
+            logits = self.backend.mlm_logits(rows[begin : begin + DRAFT_ROWS])
+            logits[:, self.special.all] = -np.inf
+            top = logits.max(axis=-1, keepdims=True)
+            best[begin : begin + len(logits)] = logits.argmax(axis=-1)
+            confidence[begin : begin + len(logits)] = 1 / np.exp(logits - top).sum(axis=-1, dtype=np.float64)
+        for s, at in zip(joining, np.split(np.arange(len(rows)), np.cumsum([len(s.targets) for s in joining])[:-1])):
+            s.drafts, s.confidence = best[at], confidence[at]
 
     def _ensure_capacity(self, width: int) -> None:
         """The cache holds every position this step writes (chunks are right-padded to `width`)."""
@@ -131,14 +181,23 @@ class Engine:
         elif need > self.cache.capacity or (capacity_for(need) * 2 <= self.cache.capacity and not self.fixed_shapes):
             self.cache.resize(capacity_for(need))  # grow, or shrink once the longest sequences have left
 
+    def _reach(self, s: Sequence) -> Chunk:
+        """Up to `speculate` next masked positions of s (one without speculation) whose chunk fits in max_chunk
+        tokens; where even the next lies past that, max_chunk tokens on and no fill (chunked prefill)."""
+        ends = s.targets[s.filled : s.filled + max(1, self.speculate)] + 1
+        fills = int(np.searchsorted(ends - s.cursor, self.max_chunk, side="right"))
+        return Chunk(int(ends[fills - 1]), fills) if fills else Chunk(s.cursor + self.max_chunk, 0)
+
     def step(self) -> list[Sequence]:
         """One AR step for every sequence in a slot; returns the sequences finished by it."""
         self._admit()
         self.last_batch = len(self.active)
         if not self.active:
             return []
-        ends = {slot: min(s.chunk_end, s.cursor + self.max_chunk) for slot, s in self.active.items()}
-        width = max(ends[slot] - s.cursor for slot, s in self.active.items())
+        chunks = {slot: self._reach(s) for slot, s in self.active.items()}
+        if self.speculate > 1:
+            self._draft(chunks)
+        width = max(chunks[slot].end - s.cursor for slot, s in self.active.items())
         if self.fixed_shapes:
             width = 1 << (width - 1).bit_length()  # few shapes, so few graphs to capture
         self._ensure_capacity(width)
@@ -146,47 +205,83 @@ class Engine:
         input_ids = np.full((rows, width), self.special.pad, dtype=np.int64)
         cursors = np.zeros(rows, dtype=np.int64)  # free slots in range feed padding into themselves
         for slot, s in self.active.items():
-            input_ids[slot, : ends[slot] - s.cursor] = s.tokens[s.cursor : ends[slot]]
+            input_ids[slot, : chunks[slot].end - s.cursor] = s.tokens[s.cursor : chunks[slot].end]
+            input_ids[slot, s.targets[s.filled : s.filled + len(chunks[slot].drafts)] + 1 - s.cursor] = chunks[
+                slot
+            ].drafts
             cursors[slot] = s.cursor
         hidden = self.backend.cache_step(input_ids, cursors[:, None] + np.arange(width), self.cache)
-        order = sorted(slot for slot, s in self.active.items() if ends[slot] == s.chunk_end)  # at a mask
-        if order:
-            sequences = [self.active[slot] for slot in order]
-            ar_hidden = hidden[order, [ends[slot] - 1 for slot in order] - cursors[order]]
-            mlm_hidden = np.stack([s.mlm_hidden[s.targets[s.filled] + 1] for s in sequences])
-            self._choose(sequences, self.backend.fuse(mlm_hidden, ar_hidden))
+        fused = [(s, j) for slot, s in sorted(self.active.items()) for j in range(chunks[slot].fills)]
+        if fused:
+            at = [(s.slot, int(s.targets[s.filled + j]) - s.cursor) for s, j in fused]
+            ar_hidden = hidden[tuple(np.array(at).T)]
+            mlm_hidden = np.stack([s.mlm_hidden[s.targets[s.filled + j] + 1] for s, j in fused])
+            self._choose(fused, self.backend.fuse(mlm_hidden, ar_hidden), chunks)
         finished = []
         for slot, s in sorted(self.active.items()):
-            s.cursor = ends[slot]
+            s.cursor = int(s.targets[s.filled - 1]) + 1 if chunks[slot].fills else chunks[slot].end
             if s.done:
                 finished.append(self.active.pop(slot))
         self.steps += 1
         return finished
 
-    def _choose(self, sequences: list[Sequence], logits: np.ndarray) -> None:
-        """Chooses each sequence's fill with its own sampling and generator, and writes it in."""
-        groups = collections.defaultdict(list)
-        for row, s in enumerate(sequences):
-            groups[s.sampling].append(row)
-        for sampling, rows in groups.items():
-            refused = (
-                None
-                if self.utf8 is None
-                else [
-                    self.utf8.refused(sequences[row].tokens[1:], sequences[row].targets, sequences[row].filled)
-                    for row in rows
-                ]
-            )
-            tokens, logprobs = choose_tokens(
-                logits[rows], self.special.all, sampling, [sequences[row].rng for row in rows], refused
-            )
-            for row, token, logprob in zip(rows, tokens, logprobs):
-                s = sequences[row]
-                position = int(s.targets[s.filled])
-                s.tokens[position + 1], s.logprobs[s.filled] = token, logprob
-                s.filled += 1
-                if s.on_token is not None:
-                    s.on_token(position, int(token), float(logprob))
+    def _draft(self, chunks: dict[int, Chunk]) -> None:
+        """Drafts each chunk's masked positions but its last: a draft is written in where the MLM head's best
+        probability there is at least draft_floor, and the chunk ends at the first masked position where it is not
+        (decided before a sampled draft is drawn, so sampled fills stay exact). Greedy drafts are the head's best
+        ids; sampled ones are drawn from its distribution, computed here for the positions drafted."""
+        sampled: list[tuple[Sequence, int]] = []
+        for slot, s in self.active.items():
+            chunk = chunks[slot]
+            confident = s.confidence[s.filled : s.filled + chunk.fills - 1] >= self.draft_floor
+            kept = int(np.argmin(confident)) if not confident.all() else len(confident)
+            chunk.fills, chunk.end = kept + 1, int(s.targets[s.filled + kept]) + 1
+            chunk.drafts = s.drafts[s.filled : s.filled + kept]
+            sampled += [(s, j) for j in range(kept) if not s.sampling.greedy]
+            self.drafted += kept
+        if sampled:
+            logits = self.backend.mlm_logits(np.stack([s.mlm_hidden[s.targets[s.filled + j] + 1] for s, j in sampled]))
+            for s in {s.slot: s for s, _ in sampled}.values():
+                mine = [row for row, (t, _) in enumerate(sampled) if t is s]
+                drafts = draft_tokens(logits[mine], self.special.all, s.sampling, [s.rng] * len(mine))
+                chunks[s.slot].drafts, chunks[s.slot].probs = drafts.ids, drafts.probs
+
+    def _choose(self, fused: list[tuple[Sequence, int]], logits: np.ndarray, chunks: dict[int, Chunk]) -> None:
+        """Chooses fills left to right, each sequence's with its own sampling and generator, and writes them in: a
+        sequence's j-th fill is chosen only where its fills before it kept their drafts (the AR's state there saw
+        them), and its fills end at the first that is not its draft."""
+        stopped: set[int] = set()
+        for j in range(max(j for _, j in fused) + 1):
+            groups = collections.defaultdict(list)
+            for row, (s, at) in enumerate(fused):
+                if at == j and s.slot not in stopped:
+                    groups[s.sampling].append(row)
+            for sampling, rows in groups.items():
+                sequences = [fused[row][0] for row in rows]
+                refused = (
+                    None
+                    if self.utf8 is None
+                    else [self.utf8.refused(s.tokens[1:], s.targets, s.filled) for s in sequences]
+                )
+                drafts = [chunks[s.slot].draft(j) for s in sequences]
+                tokens, logprobs = choose_tokens(
+                    logits[rows],
+                    self.special.all,
+                    sampling,
+                    [s.rng for s in sequences],
+                    refused,
+                    Drafts.of(drafts) if any(d is not None for d in drafts) else None,
+                )
+                for s, token, logprob, draft in zip(sequences, tokens, logprobs, drafts):
+                    position = int(s.targets[s.filled])
+                    s.tokens[position + 1], s.logprobs[s.filled] = token, logprob
+                    s.filled += 1
+                    if draft is None or token != draft[0]:
+                        stopped.add(s.slot)
+                    else:
+                        self.kept += 1
+                    if s.on_token is not None:
+                        s.on_token(position, int(token), float(logprob))
 
     def run(self) -> None:
         """Steps until every submitted sequence is filled."""
@@ -205,11 +300,12 @@ def engine_infill(
     on_token: Callable[[int, int, int, float], None] | None = None,
     fixed_shapes: bool = False,
     utf8: Utf8Rule | None = None,
+    speculate: int = 0,
 ) -> list[Fill]:
     """Fills every sequence through one engine of `slots` slots, sequences joining as others finish; sequences
     without a masked position come back unchanged. on_token(i, position, token, logprob) and utf8 as in
-    decode.infill."""
-    engine = Engine(backend, special, slots=slots, fixed_shapes=fixed_shapes, utf8=utf8)
+    decode.infill; speculate as Engine's."""
+    engine = Engine(backend, special, slots=slots, fixed_shapes=fixed_shapes, utf8=utf8, speculate=speculate)
     results, sequences = [], {}
     for index, (x, m) in enumerate(zip(ids, masked)):
         x, m = np.asarray(x, dtype=np.int64), np.asarray(m, dtype=bool)

@@ -30,6 +30,24 @@ __all__ = ["FillRequest", "Infilled", "Infiller", "Prepared"]
 DECODERS = ("auto", "engine", "concat")
 
 
+def check_speculate(speculate: int, decoder: str, has_mlm_head: bool) -> int:
+    """speculate, where the decoder and the bundle can draft; a SettingError naming what stands in the way."""
+    if isinstance(speculate, bool) or not isinstance(speculate, int) or speculate < 0 or speculate == 1:
+        raise SettingError(
+            f"{{speculate}} takes 0 (off) or the masked positions a step may fill, at least 2; got {speculate!r}",
+            "speculate",
+        )
+    if speculate and decoder != "engine":
+        raise SettingError("{speculate} needs the engine; use it with {decoder} engine or auto", "speculate", "decoder")
+    if speculate and not has_mlm_head:
+        raise SettingError(
+            "{speculate} drafts with the MLM head (mlm_decoder.onnx), which this bundle lacks; re-export it with "
+            "`maria export` (without --no-baseline-heads), or leave {speculate} at 0",
+            "speculate",
+        )
+    return speculate
+
+
 class Infiller:
     def __init__(
         self,
@@ -39,12 +57,15 @@ class Infiller:
         decoder: str = "auto",
         cuda_graph: bool = False,
         threads: int | None = None,
+        speculate: int = 0,
     ) -> None:
         """bundle: a folder written by `maria export`; None for the default model shipped in the package.
         decoder: engine (ar_step.onnx, the KV cache written in place), concat (ar_decoder.onnx, today's path), or
         auto: the engine where the bundle has it. cuda_graph: on CUDA, capture the engine's steps as CUDA graphs.
         threads: CPU threads per ONNX Runtime session; None: as many as this process may use where that is fewer
-        than the machine's CPUs (an affinity mask, a container's cpuset or CPU quota), else ONNX Runtime's own."""
+        than the machine's CPUs (an affinity mask, a container's cpuset or CPU quota), else ONNX Runtime's own.
+        speculate: the engine fills up to this many masked positions a step, drafted by the MLM head and kept while
+        MARIA agrees (runtime/engine.py); 0: one a step. Greedy fills are the same either way."""
         if decoder not in DECODERS:
             raise SettingError(f"{{decoder}} must be one of {', '.join(DECODERS)}, got '{decoder}'", "decoder")
         self.bundle = resolve_bundle(bundle)
@@ -61,6 +82,7 @@ class Infiller:
                 "decoder",
             )
         self.decoder = decoder
+        self.speculate = check_speculate(speculate, decoder, "mlm_decoder" in self.manifest.graphs)
         self.tokenizer = literal(Tokenizer.from_file(str(self.bundle / self.manifest.tokenizer)))
         self.backend = OnnxBackend(
             self.bundle,
@@ -108,6 +130,7 @@ class Infiller:
             on_token,
             fixed_shapes=self.backend.on_device,
             utf8=self.utf8,
+            speculate=self.speculate,
         )
 
     def score(self, ids: Sequence[np.ndarray], masked: Sequence[np.ndarray], batch_size: int = 8) -> list[float]:
@@ -179,7 +202,14 @@ class Infiller:
         batch loop over Optimum's decoder."""
         if self.decoder == "concat":
             return BatchDecoder(self.backend, self.special, slots, self.utf8)
-        return Engine(self.backend, self.special, slots=slots, fixed_shapes=self.backend.on_device, utf8=self.utf8)
+        return Engine(
+            self.backend,
+            self.special,
+            slots=slots,
+            fixed_shapes=self.backend.on_device,
+            utf8=self.utf8,
+            speculate=self.speculate,
+        )
 
     @property
     def max_sequence_length(self) -> int:
