@@ -354,7 +354,12 @@ def int_list(text: str, option: str) -> list[int]:
 def bench(
     out: Path = typer.Option(Path("bench-results"), help="Folder for bench.json, bench.png (and exported bundles)."),
     checkpoint: Path | None = typer.Option(None, help="A trained checkpoint (`maria train --out`)."),
-    model: Path | None = typer.Option(None, "--model", "-m", help="Its bundle; exported into --out if omitted."),
+    model: Path | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Its bundle; exported into --out if omitted. Without --checkpoint: the ONNX systems alone.",
+    ),
     shapes: str | None = typer.Option(
         None,
         help="Random weights instead: 'default' (the shipped model's "
@@ -381,15 +386,18 @@ def bench(
         "--out/bundle-int4 and bench each one's engine on the CPU (onnx-cpu-int8, onnx-cpu-int4).",
     ),
     int8: bool = typer.Option(False, "--int8", help="The same as --quantize int8."),
+    speculate: int = typer.Option(
+        0, help="Also bench each engine with --speculate K (rows named -spec); drafts pay only on real --text."
+    ),
+    text: Path | None = typer.Option(
+        None, help="Inputs cut from this text (UTF-8, or a .npy of token ids) instead of random ids."
+    ),
 ):
     """Infilling throughput against input length: ONNX runtime, PyTorch reference, MLM decoded autoregressively."""
     from maria_onnx.tools.bench import bench as run_bench
 
-    if model is not None and checkpoint is None:
-        raise ValueError(
-            "--model needs --checkpoint, the checkpoint it was exported from: the PyTorch systems "
-            "must run the same weights as the bundle"
-        )
+    if model is not None and checkpoint is None and shapes is not None:
+        raise ValueError("--model with --shapes: the PyTorch systems would run other weights; give --checkpoint")
 
     run_bench(
         out,
@@ -407,6 +415,8 @@ def bench(
         mlm_ar_max_tokens=mlm_ar_max_tokens,
         concat=concat,
         quantize=quantizations(quantize, int8),
+        speculate=speculate,
+        text=text,
     )
 
 

@@ -37,9 +37,11 @@ from .utf8 import Utf8Rule
 # Tokens a sequence feeds per step at most: attention over a chunk holds chunk x cache scores, so long prefills are
 # cut to bound memory at no cost in time (docs/benchmarks.md, "Smaller measurements").
 MAX_CHUNK = 256
-# Speculating, a masked position is drafted only where the MLM head's best probability is at least this: below it
-# MARIA seldom keeps the draft, and a longer chunk costs more (docs/benchmarks.md, "Speculative infilling").
-DRAFT_FLOOR = 0.0
+# Speculating, a masked position is drafted only where the MLM head's best probability is at least DRAFT_FLOOR (below
+# it MARIA seldom keeps the draft), within DRAFT_WIDTH tokens or the step's widest chunk: a wider step costs more
+# (docs/benchmarks.md, "Speculative infilling").
+DRAFT_FLOOR = 0.1
+DRAFT_WIDTH = 4
 DRAFT_ROWS = 1024  # masked positions the MLM head's drafts are read at per call
 
 
@@ -100,6 +102,7 @@ class Engine:
     utf8: Utf8Rule | None = None  # fills keep the text valid UTF-8 (runtime/utf8.py); None: free
     max_chunk: int = MAX_CHUNK  # tokens a sequence feeds per step at most
     speculate: int = 0  # masked positions a sequence may fill per step, drafted by the MLM head (0: one, no drafts)
+    draft_width: int = DRAFT_WIDTH  # drafts widen a chunk to this many tokens, or to the step's widest without them
     draft_floor: float = DRAFT_FLOOR  # drafts only where the MLM head's best probability is at least this
     waiting: collections.deque = field(default_factory=collections.deque)
     active: dict = field(default_factory=dict)  # slot -> Sequence
@@ -226,14 +229,21 @@ class Engine:
         return finished
 
     def _draft(self, chunks: dict[int, Chunk]) -> None:
-        """Drafts each chunk's masked positions but its last: a draft is written in where the MLM head's best
-        probability there is at least draft_floor, and the chunk ends at the first masked position where it is not
-        (decided before a sampled draft is drawn, so sampled fills stay exact). Greedy drafts are the head's best
-        ids; sampled ones are drawn from its distribution, computed here for the positions drafted."""
+        """Drafts each chunk's masked positions but its last where the chunk stays within reach and the MLM head is
+        sure enough, and ends the chunk at the first masked position where either fails. Within reach: at most
+        draft_width tokens on, or as far as the widest chunk without drafts (greedy rows: the step's, whose padding
+        the drafts then fill; sampled rows: their own, so their draws do not depend on their batch). Sure enough:
+        the head's best probability there is at least draft_floor. Both are decided before a sampled draft is
+        drawn, so sampled fills stay exact. Greedy drafts are the head's best ids; sampled ones are drawn from its
+        distribution, computed here for the positions drafted."""
+        widths = {slot: min(int(s.targets[s.filled]) + 1 - s.cursor, self.max_chunk) for slot, s in self.active.items()}
+        widest = max(widths.values())
         sampled: list[tuple[Sequence, int]] = []
         for slot, s in self.active.items():
             chunk = chunks[slot]
-            confident = s.confidence[s.filled : s.filled + chunk.fills - 1] >= self.draft_floor
+            room = max(widest if s.sampling.greedy else widths[slot], self.draft_width)
+            fits = s.targets[s.filled + 1 : s.filled + chunk.fills] + 1 - s.cursor <= room
+            confident = (s.confidence[s.filled : s.filled + chunk.fills - 1] >= self.draft_floor) & fits
             kept = int(np.argmin(confident)) if not confident.all() else len(confident)
             chunk.fills, chunk.end = kept + 1, int(s.targets[s.filled + kept]) + 1
             chunk.drafts = s.drafts[s.filled : s.filled + kept]
@@ -247,41 +257,47 @@ class Engine:
                 chunks[s.slot].drafts, chunks[s.slot].probs = drafts.ids, drafts.probs
 
     def _choose(self, fused: list[tuple[Sequence, int]], logits: np.ndarray, chunks: dict[int, Chunk]) -> None:
-        """Chooses fills left to right, each sequence's with its own sampling and generator, and writes them in: a
-        sequence's j-th fill is chosen only where its fills before it kept their drafts (the AR's state there saw
-        them), and its fills end at the first that is not its draft."""
+        """Chooses every fused position's fill at once, each sequence's with its own sampling and generator (the
+        j-th as if the drafts before it were kept: its AR state saw them), and writes them in left to right up to
+        and including the first that is not its draft; the fills past it are dropped."""
+        groups = collections.defaultdict(list)
+        for row, (s, _) in enumerate(fused):
+            groups[s.sampling].append(row)
+        chosen = np.zeros(len(fused), dtype=np.int64), np.zeros(len(fused))
+        for sampling, rows in groups.items():
+            drafts = [chunks[fused[row][0].slot].draft(fused[row][1]) for row in rows]
+            tokens, logprobs = choose_tokens(
+                logits[rows],
+                self.special.all,
+                sampling,
+                [fused[row][0].rng for row in rows],
+                None if self.utf8 is None else [self._refused(*fused[row], chunks) for row in rows],
+                Drafts.of(drafts) if any(d is not None for d in drafts) else None,
+            )
+            chosen[0][rows], chosen[1][rows] = tokens, logprobs
         stopped: set[int] = set()
-        for j in range(max(j for _, j in fused) + 1):
-            groups = collections.defaultdict(list)
-            for row, (s, at) in enumerate(fused):
-                if at == j and s.slot not in stopped:
-                    groups[s.sampling].append(row)
-            for sampling, rows in groups.items():
-                sequences = [fused[row][0] for row in rows]
-                refused = (
-                    None
-                    if self.utf8 is None
-                    else [self.utf8.refused(s.tokens[1:], s.targets, s.filled) for s in sequences]
-                )
-                drafts = [chunks[s.slot].draft(j) for s in sequences]
-                tokens, logprobs = choose_tokens(
-                    logits[rows],
-                    self.special.all,
-                    sampling,
-                    [s.rng for s in sequences],
-                    refused,
-                    Drafts.of(drafts) if any(d is not None for d in drafts) else None,
-                )
-                for s, token, logprob, draft in zip(sequences, tokens, logprobs, drafts):
-                    position = int(s.targets[s.filled])
-                    s.tokens[position + 1], s.logprobs[s.filled] = token, logprob
-                    s.filled += 1
-                    if draft is None or token != draft[0]:
-                        stopped.add(s.slot)
-                    else:
-                        self.kept += 1
-                    if s.on_token is not None:
-                        s.on_token(position, int(token), float(logprob))
+        for row, (s, j) in enumerate(fused):
+            if s.slot in stopped:
+                continue
+            token, logprob, draft = int(chosen[0][row]), float(chosen[1][row]), chunks[s.slot].draft(j)
+            position = int(s.targets[s.filled])
+            s.tokens[position + 1], s.logprobs[s.filled] = token, logprob
+            s.filled += 1
+            if draft is None or token != draft[0]:
+                stopped.add(s.slot)
+            else:
+                self.kept += 1
+            if s.on_token is not None:
+                s.on_token(position, token, logprob)
+
+    def _refused(self, s: Sequence, j: int, chunks: dict[int, Chunk]) -> np.ndarray | None:
+        """The ids the UTF-8 rule refuses at s's j-th fused position, the drafts before it written in."""
+        assert self.utf8 is not None
+        tokens, drafts = s.tokens, chunks[s.slot].drafts[:j]
+        if len(drafts):
+            tokens = tokens.copy()
+            tokens[s.targets[s.filled : s.filled + j] + 1] = drafts
+        return self.utf8.refused(tokens[1:], s.targets, s.filled + j)
 
     def run(self) -> None:
         """Steps until every submitted sequence is filled."""

@@ -239,7 +239,7 @@ def test_greedy_samples_are_said_to_be_identical():
             "--json nowhere/eval.json: the folder nowhere does not "
             "exist; create it or give a path in an existing folder",
         ),
-        (["bench", "--model", "runtime/default_model"], "--model needs --checkpoint"),
+        (["bench", "--model", "runtime/default_model", "--shapes", "paper"], "--model with --shapes: the PyTorch"),
         (
             ["train", "--mlm", "x", "--ar", "y", "--data", "README.md", "--out", "never", "--learning-rate", "inf"],
             "--learning-rate must be a positive number, got inf",

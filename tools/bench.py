@@ -8,8 +8,12 @@ Systems:
     onnx-cpu-int8          with --quantize int8 (or --int8): the decode engine on an int8 (dynamically quantized)
                            export of the same weights, on the CPU
     onnx-cpu-int4          with --quantize int4: the same on an int4 (weight-only, MatMulNBits) export
-    pytorch                the PyTorch reference: eager, with the AR's KV cache
+    onnx-*-spec            with --speculate K: each engine above again, filling up to K masked positions a step
+                           (speculative infilling: drafts from the MLM head, kept while MARIA agrees)
+    pytorch                the PyTorch reference: eager, with the AR's KV cache (needs the checkpoint)
     mlm-ar                 the MLM decoded autoregressively: left to right, the MLM re-run after every fill
+
+Inputs are random ids, or with --text windows of a text's tokens: drafts are kept only where text is real.
 """
 
 import functools
@@ -24,6 +28,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from tokenizers import Tokenizer
 from transformers import AutoConfig
 
 from maria_onnx.backbones import max_sequence_length
@@ -52,19 +57,19 @@ def _fill(infiller: Infiller, ids: list, masked: list) -> list:
 def _systems(
     bundle: Path,
     graphs: dict,
-    checkpoint: Path,
+    checkpoint: Path | None,
     device: str,
     mlm_ar: bool,
     dtype: str,
     concat: bool = True,
     quantized: dict | None = None,
+    speculate: int = 0,
 ) -> tuple[dict[str, Callable[[list, list], list]], str]:
     """(name -> fill(ids, masked) for one batch, the torch device); graphs: the bundle's manifest's. concat: the
     concat decoder beside the engine (each holds its own copy of the AR). quantized: "int8" / "int4" -> a bundle whose
-    engine runs on the CPU too."""
+    engine runs on the CPU too. speculate: each engine again with that setting ("-spec"). No checkpoint: the ONNX
+    systems only."""
     torch_device = choose_torch_device(device)
-    torch_dtype = torch.float16 if dtype == "fp16" and torch_device == "cuda" else torch.float32
-    backbones, head, _ = load_maria(checkpoint, device=torch_device, dtype=torch_dtype)
     systems: dict[str, Callable[[list, list], list]] = {}
     onnx_devices = (
         ["cpu"]
@@ -76,22 +81,56 @@ def _systems(
         for d, graph in (("engine", "ar_step"), ("concat", "ar_decoder"))
         if graph in graphs and (concat or d != "concat")
     ]
+    engines = {}
     for onnx_device in onnx_devices:
         for decoder in decoders:
             infiller = Infiller(bundle, device=onnx_device, decoder=decoder)
             name = f"onnx-{infiller.device}" + ("-concat" if decoder == "concat" else "")
             systems[name] = functools.partial(_fill, infiller)
+            if decoder == "engine":
+                engines[name] = (bundle, onnx_device)
     for how, path in (quantized or {}).items():
         systems[f"onnx-cpu-{how}"] = functools.partial(_fill, Infiller(path, device="cpu", decoder="engine"))
+        engines[f"onnx-cpu-{how}"] = (path, "cpu")
+    for name, (path, onnx_device) in engines.items() if speculate else ():
+        systems[f"{name}-spec"] = functools.partial(_fill, Infiller(path, device=onnx_device, speculate=speculate))
+    if checkpoint is None:
+        return systems, torch_device
+    torch_dtype = torch.float16 if dtype == "fp16" and torch_device == "cuda" else torch.float32
+    backbones, head, _ = load_maria(checkpoint, device=torch_device, dtype=torch_dtype)
     systems["pytorch"] = lambda ids, masked: reference_infill(backbones, head, ids, masked, Sampling(), len(ids))
     if mlm_ar:
         systems["mlm-ar"] = lambda ids, masked: mlm_autoregressive(backbones, ids, masked)
     return systems, torch_device
 
 
-def _inputs(length: int, batch: int, vocab: int, mask_rate: float, seed: int):
+def text_tokens(path: Path, bundle: Path) -> np.ndarray:
+    """The token ids of --text: a .npy of ids (any shape, read in order), or a UTF-8 text file tokenized with the
+    bundle's tokenizer."""
+    manifest = load_manifest(bundle)
+    if not path.is_file():
+        raise ValueError(f"--text {path}: no such file; give a UTF-8 text file or a .npy of token ids")
+    if path.suffix == ".npy":
+        ids = np.load(path, allow_pickle=False).ravel()
+        if ids.dtype.kind not in "iu" or (ids.size and not 0 <= ids.min() <= ids.max() < manifest.vocab_size):
+            raise ValueError(f"--text {path}: holds values that are not token ids in [0, {manifest.vocab_size})")
+        return ids.astype(np.int64)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"--text {path} is not UTF-8 text; give a UTF-8 text file or a .npy of token ids") from None
+    tokenizer = Tokenizer.from_file(str(bundle / manifest.tokenizer))
+    return np.array(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+
+def _inputs(length: int, batch: int, vocab: int, mask_rate: float, seed: int, tokens: np.ndarray | None = None):
+    """batch inputs of `length` ids: random ids, or windows of `tokens` taken apart from one another at random."""
     rng = np.random.default_rng([seed, length, batch])
-    ids = [rng.integers(6, vocab, length) for _ in range(batch)]
+    if tokens is None:
+        ids = [rng.integers(6, vocab, length) for _ in range(batch)]
+    else:
+        starts = rng.choice(len(tokens) // length, batch, replace=False) * length
+        ids = [tokens[start : start + length] for start in starts]
     return ids, draw_masks(ids, mask_rate, seed)
 
 
@@ -106,6 +145,7 @@ def measure(
     console: Console,
     mlm_ar_max_tokens: int,
     measured=lambda point: None,
+    tokens: np.ndarray | None = None,
 ) -> list[dict]:
     """Interleaved repetitions after one warm-up call per system and shape; medians with min and max.
     The quadratic mlm-ar baseline runs only where batch x length <= mlm_ar_max_tokens. measured(point) is
@@ -115,7 +155,7 @@ def measure(
         task = progress.add_task("bench", total=len(lengths) * len(batch_sizes) * (repeats + 1) * len(systems))
         for length in lengths:
             for batch in batch_sizes:
-                ids, masked = _inputs(length, batch, vocab, mask_rate, seed)
+                ids, masked = _inputs(length, batch, vocab, mask_rate, seed, tokens)
                 times: dict[str, list[float]] = {
                     name: [] for name in systems if name != "mlm-ar" or batch * length <= mlm_ar_max_tokens
                 }
@@ -268,10 +308,12 @@ def prepare(
 
 
 def check_settings(
-    mask_rate: float, repeats: int, lengths, batch_sizes, quantize: tuple = (), device: str = "auto"
+    mask_rate: float, repeats: int, lengths, batch_sizes, quantize: tuple = (), device: str = "auto", speculate: int = 0
 ) -> None:
     """Names the first setting maria bench cannot run with."""
     check_mask_rate(mask_rate, "--mask-rate")
+    if speculate < 0 or speculate == 1:
+        raise ValueError(f"--speculate takes 0 (no -spec rows) or at least 2, got {speculate}")
     unknown = [how for how in quantize if how not in QUANTIZATIONS]
     if unknown:
         raise ValueError(f"--quantize takes {' and '.join(QUANTIZATIONS)}, got {', '.join(unknown)}")
@@ -321,26 +363,46 @@ def bench(
     console: Console | None = None,
     concat: bool = True,
     quantize: tuple = (),
+    speculate: int = 0,
+    text: Path | None = None,
 ) -> dict:
-    """Runs every system on every (length, batch); writes out/bench.json and out/bench.png; returns the report."""
+    """Runs every system on every (length, batch); writes out/bench.json and out/bench.png; returns the report. A
+    bundle without its checkpoint or shapes: the ONNX systems alone."""
     check_device(device)
     console = console or Console(stderr=True)
-    check_settings(mask_rate, repeats, lengths, batch_sizes, quantize, device)
-    configs = random_shapes(checkpoint, shapes)  # a bad --shapes is named before --out is made
+    check_settings(mask_rate, repeats, lengths, batch_sizes, quantize, device, speculate)
+    onnx_only = bundle is not None and checkpoint is None and shapes is None
+    if onnx_only and quantize:
+        raise ValueError("--quantize exports from --checkpoint (or --shapes); give the checkpoint --model came from")
+    configs = None if onnx_only else random_shapes(checkpoint, shapes)  # a bad --shapes is named before --out
     if bundle is None:  # and lengths the model cannot take, before an export of minutes
         check_lengths(lengths, longest_text(checkpoint, configs))
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; --out names the folder for bench.json and bench.png")
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint, bundle, quantized = prepare(out, checkpoint, bundle, configs, shapes, dtype, console, quantize)
+    if onnx_only:
+        checkpoint, quantized = None, {}
+        console.print("note: no --checkpoint: the ONNX systems alone (PyTorch's need the weights --model came from)")
+    else:
+        checkpoint, bundle, quantized = prepare(out, checkpoint, bundle, configs, shapes, dtype, console, quantize)
     manifest = load_manifest(bundle)
     check_lengths(lengths, manifest.max_sequence_length)
-    systems, torch_device = _systems(bundle, manifest.graphs, checkpoint, device, mlm_ar, dtype, concat, quantized)
+    tokens = None if text is None else text_tokens(Path(text), Path(bundle))
+    if tokens is not None and len(tokens) < max(lengths) * max(batch_sizes):
+        raise ValueError(
+            f"--text {text} holds {len(tokens)} tokens; the longest length x the largest batch size needs "
+            f"{max(lengths) * max(batch_sizes)}"
+        )
+    systems, torch_device = _systems(
+        Path(bundle), manifest.graphs, checkpoint, device, mlm_ar, dtype, concat, quantized, speculate
+    )
     report = {
         "bundle": str(bundle),
         "quantized_bundles": {how: str(path) for how, path in quantized.items()},
-        "checkpoint": str(checkpoint),
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "text": None if text is None else str(text),
+        "speculate": speculate,
         "shapes": shapes,
         "dtype": manifest.dtype,
         "mask_rate": mask_rate,
@@ -376,6 +438,7 @@ def bench(
         console,
         mlm_ar_max_tokens,
         measured,
+        tokens,
     )
     report["complete"] = True
     write_json(out / "bench.json", report)

@@ -9,7 +9,9 @@ step costs as its chunk widens.
         --documents stdlib --out speculate.json
 
 Greedy fills are exactly today's whatever the drafts (a step keeps only what MARIA itself chooses), so the steps
-are counted on today's greedy fills: no speculative engine is needed to measure them.
+are counted on today's greedy fills: no speculative engine is needed to measure them. With --exact N, the engine's
+speculative path itself is checked on N held-out texts (the test split's windows, then other documents' windows,
+masked at each rate in turn): every greedy fill with --speculate k against one mask a step.
 """
 
 import json
@@ -94,21 +96,45 @@ def step_cost(infiller: Infiller, widths=(1, 2, 4, 8, 16), batch: int = 1, cache
     return out
 
 
-def document_windows(infiller: Infiller, names, length: int = 128) -> list[np.ndarray]:
-    """Windows of `length` tokens of other documents: the docstrings of Python standard-library modules and their
-    public members (seen by no stage of the shipped model's training)."""
+def document_windows(infiller: Infiller, names, length: int = 128, each: int = 8) -> list[np.ndarray]:
+    """Windows of `length` tokens of other documents, at most `each` a document: the docstrings of Python
+    standard-library modules and their public members (seen by no stage of the shipped model's training)."""
     windows = []
     for name in names:
         text = pydoc.render_doc(name, renderer=pydoc.plaintext)  # type: ignore[attr-defined]
         ids = np.array(infiller.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
-        windows += [ids[s : s + length] for s in range(0, len(ids) - length + 1, length)][:8]
+        windows += [ids[s : s + length] for s in range(0, len(ids) - length + 1, length)][:each]
     return windows
+
+
+def exactness(model, windows: list[np.ndarray], count: int, speculate, seed: int) -> dict:
+    """Greedy fills of `count` texts (windows, then other documents' windows), masked at RATES in turn, with each
+    speculate setting against none: texts whose fills differ (none, if the path is exact), steps and drafts."""
+    plain = Infiller(model, device="cpu")
+    texts = (windows + document_windows(plain, STDLIB, each=count))[:count]
+    if len(texts) < count:
+        raise ValueError(f"--exact {count}: only {len(texts)} held-out windows; ask for at most that many")
+    masked = [draw_masks([x], RATES[i % len(RATES)], seed + i)[0] for i, x in enumerate(texts)]
+    want = plain.fill_ids(texts, masked, Sampling())
+    report: dict = {"texts": count, "masked_tokens": int(sum(m.sum() for m in masked)), "speculate": {}}
+    for k in speculate:
+        got = Infiller(model, device="cpu", speculate=k).fill_ids(texts, masked, Sampling())
+        differ = [i for i, (g, w) in enumerate(zip(got, want)) if not np.array_equal(g.ids, w.ids)]
+        report["speculate"][str(k)] = {"texts_differing": len(differ), "first_differing": differ[:10]}
+    return report
 
 
 def main(argv=None) -> None:
     parser = held_out_parser(__doc__)
     parser.add_argument("--count", type=int, default=128, help="windows of each set")
+    parser.add_argument("--exact", type=int, default=0, help="check greedy exactness on this many texts instead")
     args = parser.parse_args(argv)
+    if args.exact:
+        windows = [w.astype(np.int64) for w in np.load(args.windows)]
+        report = {"exactness": exactness(args.model, windows, args.exact, (2, 3, 4, 8), args.seed)}
+        write_json(args.out, report)
+        print(json.dumps(report, indent=2))
+        return
     infiller = Infiller(args.model, device="cpu")
     sets = {
         "test split": [w.astype(np.int64) for w in np.load(args.windows)[: args.count]],
