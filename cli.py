@@ -57,6 +57,15 @@ def threads_option():
     )
 
 
+def decoder_option():
+    return typer.Option(
+        "auto",
+        help="engine (the KV cache written in place, texts joining as others "
+        "finish) | concat (Optimum's decoder, the cache copied each step) | "
+        "auto (the engine where the bundle has it).",
+    )
+
+
 def speculate_option():
     return typer.Option(
         0,
@@ -261,12 +270,7 @@ def infill(
     rerank: bool = typer.Option(False, "--rerank", help="Order each text's samples by the AR's whole-text score."),
     device: str = typer.Option("auto", help="auto | cuda | cuda:N (GPU N) | cpu"),
     threads: int | None = threads_option(),
-    decoder: str = typer.Option(
-        "auto",
-        help="engine (the KV cache written in place, texts joining as others "
-        "finish) | concat (Optimum's decoder, the cache copied each step) | "
-        "auto (the engine where the bundle has it).",
-    ),
+    decoder: str = decoder_option(),
     speculate: int = speculate_option(),
 ):
     """Fill the masked tokens of each text with a MARIA bundle (no PyTorch needed). [MASK] is one token,
@@ -559,12 +563,7 @@ def serve(
     max_connections: int = typer.Option(
         512, min=1, help="Open HTTP connections (and gRPC streams a connection); beyond it, 503 as they open."
     ),
-    decoder: str = typer.Option(
-        "auto",
-        help="engine (the KV cache written in place, texts joining as others "
-        "finish) | concat (Optimum's decoder, the cache copied each step) | "
-        "auto (the engine where the bundle has it).",
-    ),
+    decoder: str = decoder_option(),
     speculate: int = speculate_option(),
 ):
     """Serve a bundle over HTTP: the Open Inference Protocol (KServe v2 / Triton) with Triton's generate extension,

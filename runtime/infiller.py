@@ -6,6 +6,7 @@ the batch loop over Optimum's decoder (runtime/decode.py); runtime/rounds.py add
 per-text seeds.
 """
 
+import copy
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -100,6 +101,12 @@ class Infiller:
     @property
     def device(self) -> str:
         return self.backend.device
+
+    def speculating(self, speculate: int) -> "Infiller":
+        """This infiller with another speculate setting, sharing its loaded sessions (no second copy of the model)."""
+        other = copy.copy(self)
+        other.speculate = check_speculate(speculate, self.decoder, "mlm_decoder" in self.manifest.graphs)
+        return other
 
     def encode(self, text: str) -> MaskedText:
         return encode_masked_text(text, self.tokenizer, self.special.mask, self.manifest.max_sequence_length)

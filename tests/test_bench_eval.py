@@ -109,6 +109,35 @@ def test_bench_quantize_runs_quantized_exports_of_the_same_weights_beside(checkp
         assert kernel in {node.op_type for node in step.graph.node}
 
 
+def test_bench_of_a_bundle_alone_on_a_text_with_speculative_rows(bundles, tmp_path):
+    """--model without --checkpoint: the ONNX systems alone, said so; --text: the inputs are windows of the text's
+    tokens (a .npy of ids or a UTF-8 file); --speculate: each engine again, as -spec."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "ids.npy", rng.integers(5, 200, (4, 16)))
+    (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog " * 20, encoding="utf-8")
+    for text in ("ids.npy", "text.txt"):
+        out = tmp_path / text.split(".")[0]
+        args = ["bench", "--model", str(bundles["olmo"]), "--out", str(out), "--lengths", "12", "--batch-sizes", "2"]
+        extra = ["--repeats", "1", "--device", "cpu", "--text", str(tmp_path / text), "--speculate", "3"]
+        result = runner.invoke(app, [*args, *extra])
+        assert result.exit_code == 0, result.output
+        assert "the ONNX systems alone" in result.output
+        report = json.loads((out / "bench.json").read_text())
+        assert {r["system"] for r in report["results"]} == {"onnx-cpu", "onnx-cpu-concat", "onnx-cpu-spec"}
+        assert report["text"] == str(tmp_path / text)
+        assert report["speculate"] == 3 and report["checkpoint"] is None
+    from maria_onnx.tools.bench import _inputs, text_tokens
+
+    tokens = text_tokens(tmp_path / "ids.npy", bundles["olmo"])
+    ids, masked = _inputs(12, 3, 200, 0.5, 0, tokens)
+    starts = [int(np.flatnonzero([np.array_equal(tokens[i : i + 12], x) for i in range(len(tokens))])[0]) for x in ids]
+    assert len(set(starts)) == 3 and all(start % 12 == 0 for start in starts) and all(m.any() for m in masked)
+    short = runner.invoke(app, [*args, "--lengths", "40", "--text", str(tmp_path / "ids.npy")])
+    assert (
+        short.exit_code == 2 and "holds 64 tokens; the longest length x the largest batch size needs 80" in short.output
+    )
+
+
 def test_bench_on_random_shapes_from_a_config_file(tmp_path):
     size = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     shapes = {  # the paper's MLM made small, and a Llama with grouped-query attention: any shapes, any family
@@ -154,6 +183,7 @@ def test_bench_on_random_shapes_from_a_config_file(tmp_path):
             "--quantize benches quantized bundles on the CPU; use it with --device cpu",
         ),
         (["bench", "--quantize", "int3"], "--quantize takes int8 and int4, got int3"),
+        (["bench", "--speculate", "1"], "--speculate takes 0 (no -spec rows) or at least 2, got 1"),
         (["bench-serve", "--clients", "8", "--requests", "4"], "--requests must be at least --clients"),
         (["bench-serve", "--max-batch-sizes", "4,0"], "--max-batch-sizes takes batch sizes of at least 1, got [4, 0]"),
         (

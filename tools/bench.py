@@ -88,12 +88,12 @@ def _systems(
             name = f"onnx-{infiller.device}" + ("-concat" if decoder == "concat" else "")
             systems[name] = functools.partial(_fill, infiller)
             if decoder == "engine":
-                engines[name] = (bundle, onnx_device)
+                engines[name] = infiller
     for how, path in (quantized or {}).items():
-        systems[f"onnx-cpu-{how}"] = functools.partial(_fill, Infiller(path, device="cpu", decoder="engine"))
-        engines[f"onnx-cpu-{how}"] = (path, "cpu")
-    for name, (path, onnx_device) in engines.items() if speculate else ():
-        systems[f"{name}-spec"] = functools.partial(_fill, Infiller(path, device=onnx_device, speculate=speculate))
+        engines[f"onnx-cpu-{how}"] = Infiller(path, device="cpu", decoder="engine")
+        systems[f"onnx-cpu-{how}"] = functools.partial(_fill, engines[f"onnx-cpu-{how}"])
+    for name, infiller in engines.items() if speculate else ():
+        systems[f"{name}-spec"] = functools.partial(_fill, infiller.speculating(speculate))
     if checkpoint is None:
         return systems, torch_device
     torch_dtype = torch.float16 if dtype == "fp16" and torch_device == "cuda" else torch.float32
