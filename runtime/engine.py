@@ -42,7 +42,7 @@ MAX_CHUNK = 256
 # (docs/benchmarks.md, "Speculative infilling").
 DRAFT_FLOOR = 0.1
 DRAFT_WIDTH = 4
-DRAFT_ROWS = 1024  # masked positions the MLM head's drafts are read at per call
+DRAFT_ROWS = 256  # masked positions the MLM head's drafts are read at per call
 
 
 @dataclass(eq=False)
@@ -56,8 +56,9 @@ class Sequence:
     on_token: Callable | None = None  # (position, token, logprob)
     logprobs: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per target, as it is filled
     mlm_hidden: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # [n + 2, d_mlm], once admitted
-    drafts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # per target, speculating: the
-    confidence: np.ndarray = field(default_factory=lambda: np.zeros(0))  # MLM head's best id and its probability
+    # speculating, per masked position: the MLM head's best id there, and that id's probability
+    drafts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    confidence: np.ndarray = field(default_factory=lambda: np.zeros(0))
     slot: int = -1
     cursor: int = 0  # AR tokens fed
     filled: int = 0  # masks filled
@@ -163,7 +164,7 @@ class Engine:
 
     def _read_drafts(self, joining: list[Sequence]) -> None:
         """The MLM head at every masked position of the joining sequences, once: its best id there and that id's
-        probability, DRAFT_ROWS rows a call (the logits of a whole text at once could take gigabytes)."""
+        probability, DRAFT_ROWS rows a call (a whole text's logits at once could take gigabytes)."""
         rows = np.concatenate([s.mlm_hidden[s.targets + 1] for s in joining])
         best, confidence = np.zeros(len(rows), dtype=np.int64), np.zeros(len(rows))
         for begin in range(0, len(rows), DRAFT_ROWS):
@@ -241,6 +242,8 @@ class Engine:
         sampled: list[tuple[Sequence, int]] = []
         for slot, s in self.active.items():
             chunk = chunks[slot]
+            if not chunk.fills:  # still on its way to its next masked position
+                continue
             room = max(widest if s.sampling.greedy else widths[slot], self.draft_width)
             fits = s.targets[s.filled + 1 : s.filled + chunk.fills] + 1 - s.cursor <= room
             confident = (s.confidence[s.filled : s.filled + chunk.fills - 1] >= self.draft_floor) & fits

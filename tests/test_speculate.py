@@ -84,10 +84,17 @@ def test_drafts_below_the_floor_are_not_fed(shipped, held_out):
 
 @pytest.mark.parametrize("fixed_shapes", [False, True])
 def test_chunked_prefill_and_padded_shapes_keep_the_fills(shipped, held_out, fixed_shapes):
+    """A step feeds at most max_chunk tokens a row, drafts or not (padded shapes: a power of two)."""
     ids, masked = held_out
-    want, _ = fills(shipped, ids[:8], masked[:8])
-    got, engine = fills(shipped, ids[:8], masked[:8], speculate=4, max_chunk=6, fixed_shapes=fixed_shapes)
-    assert engine.kept > 0
+    masked = [m & (np.arange(len(m)) > 20) for m in masked[:8]]  # a first mask past max_chunk
+    want, _ = fills(shipped, ids[:8], masked)
+    widths, step = [], shipped.backend.cache_step
+    shipped.backend.cache_step = lambda x, p, cache: widths.append(x.shape[1]) or step(x, p, cache)
+    try:
+        got, engine = fills(shipped, ids[:8], masked, speculate=4, max_chunk=8, fixed_shapes=fixed_shapes)
+    finally:
+        shipped.backend.cache_step = step
+    assert engine.kept > 0 and max(widths) == 8
     assert_same(got, want)
 
 
