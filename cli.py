@@ -611,6 +611,7 @@ def triton_repo(
     ),
     link: bool = typer.Option(False, "--link", help="Link the bundle instead of copying it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a repository this command wrote."),
+    speculate: int = speculate_option(),
 ):
     """Write a Triton Inference Server model repository (Python backend) serving a bundle."""
     from maria_onnx.runtime.default_model import resolve_bundle
@@ -630,6 +631,7 @@ def triton_repo(
         overwrite,
         max_texts,
         threads,
+        speculate,
     )
     typer.echo(f"wrote {folder}; run: tritonserver --model-repository {out}")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import maria_onnx
 import maria_onnx.runtime
+from maria_onnx.runtime.infiller import check_speculate
 from maria_onnx.runtime.manifest import load_manifest
 
 from .protocol import check_model_name
@@ -38,9 +39,11 @@ def config_pbtxt(
     timeout_us: int,
     max_texts: int = 64,
     threads: int | None = None,
+    speculate: int = 0,
 ) -> str:
     """config.pbtxt: text [batch, 1] -> text, result [batch, num_samples], all BYTES. threads: CPU threads per
-    ONNX Runtime session of each instance; None ("auto"): CPU instances share the CPUs Triton may use equally."""
+    ONNX Runtime session of each instance; None ("auto"): CPU instances share the CPUs Triton may use equally.
+    speculate: as `maria serve --speculate`."""
     return f'''name: "{name}"
 backend: "python"
 max_batch_size: {max_batch_size}
@@ -64,6 +67,7 @@ instance_group [ {{ count: {instances} kind: {KINDS[kind]} }} ]
 parameters {{ key: "device" value: {{ string_value: "{"cuda" if kind == "gpu" else "cpu"}" }} }}
 parameters {{ key: "max_texts" value: {{ string_value: "{max_texts}" }} }}
 parameters {{ key: "threads" value: {{ string_value: "{threads or "auto"}" }} }}
+parameters {{ key: "speculate" value: {{ string_value: "{speculate}" }} }}
 '''
 
 
@@ -81,10 +85,13 @@ def write_repository(
     overwrite: bool = False,
     max_texts: int = 64,
     threads: int | None = None,
+    speculate: int = 0,
 ) -> Path:
     """Writes the repository at `out`; returns the model's folder."""
     bundle, out = Path(bundle).resolve(), Path(out).resolve()
-    load_manifest(bundle)  # a complete, intact bundle, or a clear error
+    manifest = load_manifest(bundle)  # a complete, intact bundle, or a clear error
+    decoder = "engine" if "ar_step" in manifest.graphs else "concat"  # what the model's Infiller will run
+    check_speculate(speculate, decoder, "mlm_decoder" in manifest.graphs)
     if kind not in KINDS:
         raise ValueError(f"--kind must be gpu or cpu, got '{kind}'")
     check_model_name(name)
@@ -114,7 +121,16 @@ def write_repository(
         version.mkdir(parents=True)
         (staging / name / "config.pbtxt").write_text(
             config_pbtxt(
-                name, kind, instances, max_batch_size, max_queue_delay_us, max_queue, timeout_us, max_texts, threads
+                name,
+                kind,
+                instances,
+                max_batch_size,
+                max_queue_delay_us,
+                max_queue,
+                timeout_us,
+                max_texts,
+                threads,
+                speculate,
             )
         )
         shutil.copy(MODEL_FILE, version / "model.py")

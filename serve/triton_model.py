@@ -52,7 +52,10 @@ class TritonPythonModel:
         elif kind == "GPU" and device == "cuda":  # Triton places a group of instances on every visible GPU
             device = f"cuda:{args['model_instance_device_id']}"
         self.max_texts = int(parameters.get("max_texts", {}).get("string_value", "64"))
-        self.infiller = Infiller(HERE / "bundle", device=device, threads=instance_threads(config, kind))
+        speculate = int(parameters.get("speculate", {}).get("string_value", "0"))
+        self.infiller = Infiller(
+            HERE / "bundle", device=device, threads=instance_threads(config, kind), speculate=speculate
+        )
 
     def read(self, request) -> FillRequest:
         texts = [

@@ -22,7 +22,7 @@ def test_a_model_name_a_url_or_config_pbtxt_cannot_carry_is_refused(name, tmp_pa
 
 def triton_model(repo: Path, monkeypatch, made: list):
     """The repository's model.py, loaded as Triton's Python backend would (its utilities stubbed), with an Infiller
-    that only records (device, threads) in `made`."""
+    that only records (device, threads, speculate) in `made`."""
     import importlib.util
     import types
 
@@ -31,7 +31,9 @@ def triton_model(repo: Path, monkeypatch, made: list):
     spec = importlib.util.spec_from_file_location(f"model_{repo.name}", repo / "maria" / "1" / "model.py")
     model = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(model)
-    monkeypatch.setattr(model, "Infiller", lambda bundle, device, threads: made.append((device, threads)))
+    monkeypatch.setattr(
+        model, "Infiller", lambda bundle, device, threads, speculate=0: made.append((device, threads, speculate))
+    )
     return model
 
 
@@ -49,7 +51,24 @@ def test_triton_gpu_instances_each_run_on_their_own_gpu(tmp_path, monkeypatch):
         model.TritonPythonModel().initialize(
             {"model_config": config, "model_instance_kind": kind, "model_instance_device_id": device_id}
         )
-    assert [device for device, _ in made] == ["cuda:0", "cuda:3", "cpu"]
+    assert [device for device, _, _ in made] == ["cuda:0", "cuda:3", "cpu"]
+
+
+def test_a_repository_carries_the_speculate_setting_to_its_instances(tmp_path, monkeypatch):
+    from maria_onnx.serve.triton import write_repository
+
+    write_repository(DEFAULT_MODEL, tmp_path / "repo", kind="cpu", link=True, speculate=4)
+    text = (tmp_path / "repo" / "maria" / "config.pbtxt").read_text()
+    assert 'key: "speculate" value: { string_value: "4" }' in text
+    made = []
+    config = json.dumps({"parameters": {"speculate": {"string_value": "4"}}})
+    triton_model(tmp_path / "repo", monkeypatch, made).TritonPythonModel().initialize(
+        {"model_config": config, "model_instance_kind": "CPU"}
+    )
+    assert made == [("cpu", None, 4)]
+    refused = cli("triton-repo", "--out", tmp_path / "one", "--speculate", "1")
+    assert refused.exit_code == 2 and "--speculate takes 0 (off)" in refused.output
+    assert not (tmp_path / "one").exists()
 
 
 def test_triton_cpu_instances_share_the_cpus(tmp_path, monkeypatch):
