@@ -8,7 +8,8 @@
 # Steps: the test suite (tests/test_cuda.py runs where CUDA can); bf16 training of the head on tiny backbones,
 # then resumed; a few training steps at SHAPES; `maria bench` at SHAPES and DTYPE, batch 1 and 8; the decode
 # step's profile and floor at batch 1 and 8; the step exported with --attention fused, timed beside the bench's
-# (eager) step; `maria serve` answering one request.
+# (eager) step; speculative infilling against the plain engine on the shipped model and its held-out text;
+# `maria serve` answering one request.
 set -u
 OUT=${1:?usage: tools/gpu_run.sh OUT}
 DEVICE=${DEVICE:-cuda} SHAPES=${SHAPES:-paper} DTYPE=${DTYPE:-fp16} LENGTHS=${LENGTHS:-128,256,512,1024,2047}
@@ -53,6 +54,10 @@ for batch in 1 8; do
     step "profile-b$batch" python -m maria_onnx.tools.profile_step "$OUT/bench/bundle-$DTYPE" "$OUT/step-profile-b$batch.json" \
         --device "$DEVICE" --batch "$batch" --cached 1024
 done
+
+step bench-speculate maria bench --model runtime/default_model --text tests/data/default_model_eval_windows.npy \
+    --device "$DEVICE" --lengths 128,1024 --batch-sizes 1,8 --repeats 5 --speculate 4 --no-concat \
+    --out "$OUT/bench-speculate"
 
 fused="$OUT/bundle-$DTYPE-fused"
 step export-fused maria export "$shaped/maria" --out "$fused" --dtype "$DTYPE" --attention fused \
