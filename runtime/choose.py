@@ -1,4 +1,5 @@
-"""Choosing a token from the fusion head's logits: greedy, or sampling with temperature / top-k / top-p."""
+"""Choosing a token from the fusion head's logits: greedy, or sampling with temperature / top-k / top-p; and, for
+speculative infilling, keeping or replacing a draft so that the token chosen follows the same distribution."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -136,13 +137,10 @@ def choose_tokens(
     return tokens.astype(np.int64), token_logprobs(logits, tokens)
 
 
-def draft_tokens(
-    logits: np.ndarray, banned_ids: Sequence[int], sampling: Sampling, rngs: list[np.random.Generator]
-) -> Drafts:
-    """A draft model's logits [rows, V] -> a draft per row: greedy, its best id; sampling, a draw from its
-    distribution under the same temperature, top-k and top-p (kept, for keep_draft's rule)."""
-    scores = _scores(logits, banned_ids, None)
-    if sampling.greedy:
-        return Drafts(scores.argmax(axis=-1).astype(np.int64))
-    probs = np.stack([distribution(row.astype(np.float64), sampling) for row in scores])
-    return Drafts(np.array([draw(p, rng) for p, rng in zip(probs, rngs)], dtype=np.int64), probs)
+def draft_tokens(logits: np.ndarray, banned_ids: Sequence[int], sampling: Sampling, rng: np.random.Generator) -> Drafts:
+    """A draft model's logits [rows, V] -> a sampled draft per row, drawn in order with rng from its distribution
+    under the same temperature, top-k and top-p (kept with the drafts, for keep_draft's rule). Greedy drafts need
+    no distribution: they are the draft model's best ids."""
+    assert not sampling.greedy, "greedy drafts are the best ids"
+    probs = np.stack([distribution(row.astype(np.float64), sampling) for row in _scores(logits, banned_ids, None)])
+    return Drafts(np.array([draw(p, rng) for p in probs], dtype=np.int64), probs)

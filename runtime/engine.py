@@ -256,7 +256,7 @@ class Engine:
             logits = self.backend.mlm_logits(np.stack([s.mlm_hidden[s.targets[s.filled + j] + 1] for s, j in sampled]))
             for s in {s.slot: s for s, _ in sampled}.values():
                 mine = [row for row, (t, _) in enumerate(sampled) if t is s]
-                drafts = draft_tokens(logits[mine], self.special.all, s.sampling, [s.rng] * len(mine))
+                drafts = draft_tokens(logits[mine], self.special.all, s.sampling, s.rng)
                 chunks[s.slot].drafts, chunks[s.slot].probs = drafts.ids, drafts.probs
 
     def _choose(self, fused: list[tuple[Sequence, int]], logits: np.ndarray, chunks: dict[int, Chunk]) -> None:
