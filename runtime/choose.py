@@ -137,10 +137,16 @@ def choose_tokens(
     return tokens.astype(np.int64), token_logprobs(logits, tokens)
 
 
-def draft_tokens(logits: np.ndarray, banned_ids: Sequence[int], sampling: Sampling, rng: np.random.Generator) -> Drafts:
+def draft_tokens(
+    logits: np.ndarray,
+    banned_ids: Sequence[int],
+    sampling: Sampling,
+    rng: np.random.Generator,
+    refused: list | None = None,
+) -> Drafts:
     """A draft model's logits [rows, V] -> a sampled draft per row, drawn in order with rng from its distribution
-    under the same temperature, top-k and top-p (kept with the drafts, for keep_draft's rule). Greedy drafts need
-    no distribution: they are the draft model's best ids."""
+    under the same temperature, top-k and top-p, without the banned ids and row r's refused[r] (the distributions
+    are kept with the drafts, for keep_draft's rule). Greedy drafts need no distribution: they are the best ids."""
     assert not sampling.greedy, "greedy drafts are the best ids"
-    probs = np.stack([distribution(row.astype(np.float64), sampling) for row in _scores(logits, banned_ids, None)])
+    probs = np.stack([distribution(row.astype(np.float64), sampling) for row in _scores(logits, banned_ids, refused)])
     return Drafts(np.array([draw(p, rng) for p in probs], dtype=np.int64), probs)

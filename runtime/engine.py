@@ -235,11 +235,11 @@ class Engine:
         draft_width tokens on, or as far as the widest chunk without drafts (greedy rows: the step's, whose padding
         the drafts then fill; sampled rows: their own, so their draws do not depend on their batch). Sure enough:
         the head's best probability there is at least draft_floor. Both are decided before a sampled draft is
-        drawn, so sampled fills stay exact. Greedy drafts are the head's best ids; sampled ones are drawn from its
-        distribution, computed here for the positions drafted."""
+        drawn, so sampled fills stay exact. Greedy drafts are the head's best ids, up to the first the UTF-8 rule
+        refuses (MARIA could not keep it); sampled ones are drawn from its distribution without the refused ids."""
         widths = {slot: min(int(s.targets[s.filled]) + 1 - s.cursor, self.max_chunk) for slot, s in self.active.items()}
         widest = max(widths.values())
-        sampled: list[tuple[Sequence, int]] = []
+        sampled: list[Sequence] = []
         for slot, s in self.active.items():
             chunk = chunks[slot]
             if not chunk.fills:  # still on its way to its next masked position
@@ -247,17 +247,25 @@ class Engine:
             room = max(widest if s.sampling.greedy else widths[slot], self.draft_width)
             fits = s.targets[s.filled + 1 : s.filled + chunk.fills] + 1 - s.cursor <= room
             confident = (s.confidence[s.filled : s.filled + chunk.fills - 1] >= self.draft_floor) & fits
-            kept = int(np.argmin(confident)) if not confident.all() else len(confident)
-            chunk.fills, chunk.end = kept + 1, int(s.targets[s.filled + kept]) + 1
-            chunk.drafts = s.drafts[s.filled : s.filled + kept]
-            sampled += [(s, j) for j in range(kept) if not s.sampling.greedy]
-            self.drafted += kept
+            drafts = s.drafts[
+                s.filled : s.filled + (int(np.argmin(confident)) if not confident.all() else len(confident))
+            ]
+            if s.sampling.greedy and self.utf8 is not None:
+                drafts = drafts[: next((j for j, d in enumerate(drafts) if d in self._refused(s, j, drafts)), None)]
+            elif not s.sampling.greedy and len(drafts):
+                sampled.append(s)
+            chunk.fills, chunk.end, chunk.drafts = len(drafts) + 1, int(s.targets[s.filled + len(drafts)]) + 1, drafts
+            self.drafted += len(drafts)
         if sampled:
-            logits = self.backend.mlm_logits(np.stack([s.mlm_hidden[s.targets[s.filled + j] + 1] for s, j in sampled]))
-            for s in {s.slot: s for s, _ in sampled}.values():
-                mine = [row for row, (t, _) in enumerate(sampled) if t is s]
-                drafts = draft_tokens(logits[mine], self.special.all, s.sampling, s.rng)
-                chunks[s.slot].drafts, chunks[s.slot].probs = drafts.ids, drafts.probs
+            rows = [(s, j) for s in sampled for j in range(len(chunks[s.slot].drafts))]
+            logits = self.backend.mlm_logits(np.stack([s.mlm_hidden[s.targets[s.filled + j] + 1] for s, j in rows]))
+            for row, (s, j) in enumerate(rows):
+                chunk = chunks[s.slot]
+                refused = None if self.utf8 is None else [self._refused(s, j, chunk.drafts)]
+                drawn = draft_tokens(logits[row : row + 1], self.special.all, s.sampling, s.rng, refused)
+                chunk.drafts = np.concatenate([chunk.drafts[:j], drawn.ids, chunk.drafts[j + 1 :]])
+                assert drawn.probs is not None
+                chunk.probs = drawn.probs if chunk.probs is None else np.concatenate([chunk.probs, drawn.probs])
 
     def _choose(self, fused: list[tuple[Sequence, int]], logits: np.ndarray, chunks: dict[int, Chunk]) -> None:
         """Chooses every fused position's fill at once, each sequence's with its own sampling and generator (the
@@ -274,7 +282,9 @@ class Engine:
                 self.special.all,
                 sampling,
                 [fused[row][0].rng for row in rows],
-                None if self.utf8 is None else [self._refused(*fused[row], chunks) for row in rows],
+                None
+                if self.utf8 is None
+                else [self._refused(*fused[row], chunks[fused[row][0].slot].drafts) for row in rows],
                 Drafts.of(drafts) if any(d is not None for d in drafts) else None,
             )
             chosen[0][rows], chosen[1][rows] = tokens, logprobs
@@ -293,14 +303,15 @@ class Engine:
             if s.on_token is not None:
                 s.on_token(position, token, logprob)
 
-    def _refused(self, s: Sequence, j: int, chunks: dict[int, Chunk]) -> np.ndarray | None:
-        """The ids the UTF-8 rule refuses at s's j-th fused position, the drafts before it written in."""
+    def _refused(self, s: Sequence, j: int, drafts: np.ndarray) -> np.ndarray:
+        """The ids the UTF-8 rule refuses at s's j-th fused position, drafts[:j] written in before it."""
         assert self.utf8 is not None
-        tokens, drafts = s.tokens, chunks[s.slot].drafts[:j]
+        tokens, drafts = s.tokens, drafts[:j]
         if len(drafts):
             tokens = tokens.copy()
             tokens[s.targets[s.filled : s.filled + j] + 1] = drafts
-        return self.utf8.refused(tokens[1:], s.targets, s.filled + j)
+        refused = self.utf8.refused(tokens[1:], s.targets, s.filled + j)
+        return np.zeros(0, dtype=np.int64) if refused is None else refused
 
     def run(self) -> None:
         """Steps until every submitted sequence is filled."""

@@ -249,3 +249,25 @@ def test_the_server_fills_the_same(shipped):
         status, _, body = call(url, "/v1/infill", {"text": TEXTS})
     assert status == 200
     assert [r["text"] for r in json.loads(body)["results"]] == [r.text for r in want]
+
+
+def test_a_draft_the_utf8_rule_refuses_is_not_fed(shipped):
+    """A draft MARIA could never keep (a lone continuation byte where a character must start) ends the chunk
+    before it: greedy drafts are cut there, and the fills are as without drafts."""
+    continuation = next(i for i, data in enumerate(shipped.utf8.data) if data == b"\x80")
+    encoded = shipped.encode("Hello [MASK:4] world, and [MASK:3] more.")
+    want, _ = fills(shipped, [encoded.ids], [encoded.masked])
+    engine = Engine(shipped.backend, shipped.special, slots=1, utf8=shipped.utf8, speculate=4, draft_width=64)
+    sequence = engine.submit(encoded.ids, encoded.masked, Sampling(), np.random.default_rng(0))
+    engine._admit()
+    sequence.drafts[:], sequence.confidence[:] = continuation, 1.0  # sure, and always refused
+    engine.run()
+    assert engine.drafted == 0
+    assert_same([sequence.fill()], want)
+
+
+def test_sampled_fills_with_drafts_stay_whole_characters(shipped):
+    texts = ["Café [MASK:4] naïve — “[MASK:3]” ☃ [MASK:2] 🎉.", "日本語の[MASK:6]です。"]
+    sampling = Sampling(temperature=1.3, seed=3)
+    results = Infiller(device="cpu", speculate=4).infill(texts, sampling, num_samples=6)
+    assert len(results) == 12 and all("\ufffd" not in r.text for r in results)
