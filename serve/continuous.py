@@ -49,6 +49,7 @@ class ContinuousBatcher:
     max_batch_size: int = 8
     max_queue: int = 256
     observe_batch: Callable[[int, int], None] = lambda size, ns: None  # rows, ns: after each engine step
+    observe_drafts: Callable[[int, int], None] = lambda drafted, kept: None  # speculating: after each engine step
     jobs: queue.Queue = field(init=False)
 
     def __post_init__(self) -> None:
@@ -60,6 +61,7 @@ class ContinuousBatcher:
         self.worker.start()
 
     def _new_engine(self) -> Engine:
+        self.drafts_seen = 0, 0  # the engine's drafted and kept counts already observed
         engine = self.filler.new_decoder(self.max_batch_size)
         assert isinstance(engine, Engine), "continuous batching runs on the decode engine"
         return engine
@@ -145,6 +147,10 @@ class ContinuousBatcher:
                 ended = self.driver.step()
                 if stepped:
                     self.observe_batch(self.engine.last_batch, time.monotonic_ns() - started)
+                    self.observe_drafts(
+                        self.engine.drafted - self.drafts_seen[0], self.engine.kept - self.drafts_seen[1]
+                    )
+                    self.drafts_seen = self.engine.drafted, self.engine.kept
                     self._mark_started(started)
             except Exception as error:
                 self._fail_all(error)

@@ -91,7 +91,9 @@ class Server:
         self.in_flight: set[Job] = set()  # queued or running, until answered
         self.batcher: ContinuousBatcher | Batcher
         if infiller.decoder == "engine":
-            self.batcher = ContinuousBatcher(infiller, settings.max_batch_size, settings.max_queue, self.executed)
+            self.batcher = ContinuousBatcher(
+                infiller, settings.max_batch_size, settings.max_queue, self.executed, self.drafted
+            )
         else:
             self.batcher = Batcher(
                 infiller, settings.max_batch_size, settings.max_batch_delay_ms / 1000, settings.max_queue, self.executed
@@ -129,6 +131,11 @@ class Server:
         """One engine step or batch over `rows` decode rows, run by the decode worker in ns."""
         self.metrics.batch_size.observe(rows)
         self.stats.executed(rows, ns)
+
+    def drafted(self, drafts: int, kept: int) -> None:
+        """Speculating: drafts fed to one engine step, and how many of them MARIA kept."""
+        self.metrics.drafts.inc(drafts)
+        self.metrics.drafts_kept.inc(kept)
 
     def job(
         self, texts: list, settings: dict, began: float, on_token: Callable | None = None, span_score: str = "text"

@@ -31,6 +31,10 @@ class Metrics:
             registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
+        self.drafts = Counter(
+            "maria_drafts", "Speculative infilling (--speculate): MLM drafts fed to the decode step", registry=r
+        )
+        self.drafts_kept = Counter("maria_drafts_kept", "... and those MARIA kept as its own fills", registry=r)
         self.tokens_filled = Counter(
             "maria_tokens_filled", "Masked tokens filled (by a generation: its samples' tokens)", registry=r
         )

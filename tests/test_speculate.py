@@ -3,6 +3,7 @@ chunked prefill, continuous batching, span candidates, UTF-8 whole characters, t
 drawn from the same distribution (a chi-square test that fails with a wrong acceptance rule); per-text seeds."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -218,6 +219,7 @@ def test_settings_that_cannot_speculate_are_named(bundles, checkpoints, tmp_path
 TEXTS = [
     "The [MASK] statement is used to [MASK] an exception.",
     "Use the [MASK:3] module to read [MASK:4] files, then [MASK:2] them.",
+    "The with statement is used to wrap the [MASK:6] of a block with methods defined by a context manager.",
 ]
 
 
@@ -247,8 +249,14 @@ def test_the_server_fills_the_same(shipped):
     want = shipped.infill(TEXTS)
     with server("--speculate", "4") as (url, _):
         status, _, body = call(url, "/v1/infill", {"text": TEXTS})
+        metrics = call(url, "/metrics")[2].decode()
     assert status == 200
     assert [r["text"] for r in json.loads(body)["results"]] == [r.text for r in want]
+    drafts, kept = (float(re.search(rf"^{name}_total (\S+)$", metrics, re.M).group(1)) for name in COUNTERS)
+    assert drafts >= kept > 0
+
+
+COUNTERS = ("maria_drafts", "maria_drafts_kept")
 
 
 def test_a_draft_the_utf8_rule_refuses_is_not_fed(shipped):
