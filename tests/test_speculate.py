@@ -279,3 +279,14 @@ def test_sampled_fills_with_drafts_stay_whole_characters(shipped):
     sampling = Sampling(temperature=1.3, seed=3)
     results = Infiller(device="cpu", speculate=4).infill(texts, sampling, num_samples=6)
     assert len(results) == 12 and all("\ufffd" not in r.text for r in results)
+
+
+def test_the_exactness_check_counts_the_drafts_it_fed(tmp_path):
+    from maria_onnx.tools.bench_speculate import main
+
+    main(["--windows", str(WINDOWS), "--exact", "140", "--out", str(tmp_path / "exact.json")])
+    report = json.loads((tmp_path / "exact.json").read_text())["exactness"]
+    assert report["texts"] == 140 and report["steps_without"] > 0  # 128 windows and 12 of other documents
+    for k in ("2", "3", "4", "8"):
+        assert report["speculate"][k]["texts_differing"] == 0
+        assert 0 < report["speculate"][k]["drafts_kept"] < report["speculate"][k]["drafts_fed"]

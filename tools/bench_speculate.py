@@ -22,6 +22,7 @@ import numpy as np
 
 from maria_onnx.runtime.choose import Sampling
 from maria_onnx.runtime.decode import encode_masked
+from maria_onnx.runtime.engine import Engine
 from maria_onnx.runtime.evaluate import draw_masks
 from maria_onnx.runtime.infiller import Infiller
 
@@ -107,20 +108,43 @@ def document_windows(infiller: Infiller, names, length: int = 128, each: int = 8
     return windows
 
 
+def engine_fills(infiller: Infiller, texts: list, masked: list, speculate: int) -> tuple[list, Engine]:
+    """Greedy fills through the decode engine Infiller fills with (8 slots, texts joining as others finish), and
+    that engine, which counts its steps, the drafts it fed and those MARIA kept."""
+    engine = infiller.speculating(speculate).new_decoder(8)
+    assert isinstance(engine, Engine), "the exactness check runs the decode engine"
+    sequences = [engine.submit(x, m, Sampling(), np.random.default_rng(0)) for x, m in zip(texts, masked)]
+    engine.run()
+    return [s.fill().ids for s in sequences], engine
+
+
 def exactness(model, windows: list[np.ndarray], count: int, speculate, seed: int) -> dict:
     """Greedy fills of `count` texts (windows, then other documents' windows), masked at RATES in turn, with each
     speculate setting against none: texts whose fills differ (none, if the path is exact), steps and drafts."""
-    plain = Infiller(model, device="cpu")
-    texts = (windows + document_windows(plain, STDLIB, each=count))[:count]
+    infiller = Infiller(model, device="cpu")
+    texts = (windows + document_windows(infiller, STDLIB, each=count))[:count]
     if len(texts) < count:
         raise ValueError(f"--exact {count}: only {len(texts)} held-out windows; ask for at most that many")
     masked = [draw_masks([x], RATES[i % len(RATES)], seed + i)[0] for i, x in enumerate(texts)]
-    want = plain.fill_ids(texts, masked, Sampling())
-    report: dict = {"texts": count, "masked_tokens": int(sum(m.sum() for m in masked)), "speculate": {}}
+    keep = [i for i, m in enumerate(masked) if m.any()]
+    texts, masked = [texts[i] for i in keep], [masked[i] for i in keep]
+    want, plain = engine_fills(infiller, texts, masked, 0)
+    report: dict = {
+        "texts": len(texts),
+        "masked_tokens": int(sum(m.sum() for m in masked)),
+        "steps_without": plain.steps,
+        "speculate": {},
+    }
     for k in speculate:
-        got = Infiller(model, device="cpu", speculate=k).fill_ids(texts, masked, Sampling())
-        differ = [i for i, (g, w) in enumerate(zip(got, want)) if not np.array_equal(g.ids, w.ids)]
-        report["speculate"][str(k)] = {"texts_differing": len(differ), "first_differing": differ[:10]}
+        got, engine = engine_fills(infiller, texts, masked, k)
+        differ = [i for i, (g, w) in enumerate(zip(got, want)) if not np.array_equal(g, w)]
+        report["speculate"][str(k)] = {
+            "texts_differing": len(differ),
+            "first_differing": differ[:10],
+            "steps": engine.steps,
+            "drafts_fed": engine.drafted,
+            "drafts_kept": engine.kept,
+        }
     return report
 
 
