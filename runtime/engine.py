@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .backend import SlotBackend, SpecialIds
-from .choose import Drafts, Sampling, choose_tokens, draft_tokens
+from .choose import Drafts, Sampling, choose_tokens, draft_tokens, token_logprobs
 from .decode import Fill, encode_masked
 from .slots import capacity_for
 from .utf8 import Utf8Rule
@@ -170,9 +170,8 @@ class Engine:
         for begin in range(0, len(rows), DRAFT_ROWS):
             logits = self.backend.mlm_logits(rows[begin : begin + DRAFT_ROWS])
             logits[:, self.special.all] = -np.inf
-            top = logits.max(axis=-1, keepdims=True)
             best[begin : begin + len(logits)] = logits.argmax(axis=-1)
-            confidence[begin : begin + len(logits)] = 1 / np.exp(logits - top).sum(axis=-1, dtype=np.float64)
+            confidence[begin : begin + len(logits)] = np.exp(token_logprobs(logits, best[begin : begin + len(logits)]))
         for s, at in zip(joining, np.split(np.arange(len(rows)), np.cumsum([len(s.targets) for s in joining])[:-1])):
             s.drafts, s.confidence = best[at], confidence[at]
 
@@ -237,7 +236,7 @@ class Engine:
         the head's best probability there is at least draft_floor. Both are decided before a sampled draft is
         drawn, so sampled fills stay exact. Greedy drafts are the head's best ids, up to the first the UTF-8 rule
         refuses (MARIA could not keep it); sampled ones are drawn from its distribution without the refused ids."""
-        widths = {slot: min(int(s.targets[s.filled]) + 1 - s.cursor, self.max_chunk) for slot, s in self.active.items()}
+        widths = {slot: min(s.chunk_end - s.cursor, self.max_chunk) for slot, s in self.active.items()}
         widest = max(widths.values())
         sampled: list[Sequence] = []
         for slot, s in self.active.items():
@@ -257,15 +256,17 @@ class Engine:
             chunk.fills, chunk.end, chunk.drafts = len(drafts) + 1, int(s.targets[s.filled + len(drafts)]) + 1, drafts
             self.drafted += len(drafts)
         if sampled:
-            rows = [(s, j) for s in sampled for j in range(len(chunks[s.slot].drafts))]
-            logits = self.backend.mlm_logits(np.stack([s.mlm_hidden[s.targets[s.filled + j] + 1] for s, j in rows]))
-            for row, (s, j) in enumerate(rows):
+            rows = [s.mlm_hidden[s.targets[s.filled : s.filled + len(chunks[s.slot].drafts)] + 1] for s in sampled]
+            logits = self.backend.mlm_logits(np.concatenate(rows))
+            row = 0
+            for s in sampled:
                 chunk = chunks[s.slot]
-                refused = None if self.utf8 is None else [self._refused(s, j, chunk.drafts)]
-                drawn = draft_tokens(logits[row : row + 1], self.special.all, s.sampling, s.rng, refused)
-                chunk.drafts = np.concatenate([chunk.drafts[:j], drawn.ids, chunk.drafts[j + 1 :]])
-                assert drawn.probs is not None
-                chunk.probs = drawn.probs if chunk.probs is None else np.concatenate([chunk.probs, drawn.probs])
+                chunk.drafts, chunk.probs = chunk.drafts.copy(), np.zeros((len(chunk.drafts), logits.shape[-1]))
+                for j in range(len(chunk.drafts)):  # in order: the UTF-8 rule at j reads the drafts before it
+                    refused = None if self.utf8 is None else [self._refused(s, j, chunk.drafts)]
+                    drawn = draft_tokens(logits[row : row + 1], self.special.all, s.sampling, s.rng, refused)
+                    assert drawn.probs is not None
+                    chunk.drafts[j], chunk.probs[j], row = drawn.ids[0], drawn.probs[0], row + 1
 
     def _choose(self, fused: list[tuple[Sequence, int]], logits: np.ndarray, chunks: dict[int, Chunk]) -> None:
         """Chooses every fused position's fill at once, each sequence's with its own sampling and generator (the
