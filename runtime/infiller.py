@@ -31,8 +31,16 @@ __all__ = ["FillRequest", "Infilled", "Infiller", "Prepared"]
 DECODERS = ("auto", "engine", "concat")
 
 
-def check_speculate(speculate: int, decoder: str, has_mlm_head: bool) -> int:
-    """speculate, where the decoder and the bundle can draft; a SettingError naming what stands in the way."""
+def chosen_decoder(decoder: str, graphs: dict) -> str:
+    """The decoder a setting runs on a bundle of these graphs: auto is the engine where the bundle has it."""
+    if decoder != "auto":
+        return decoder
+    return "engine" if "ar_step" in graphs else "concat"
+
+
+def check_speculate(speculate: int, decoder: str, graphs: dict) -> int:
+    """speculate, where the decoder and the bundle's graphs can draft; a SettingError naming what stands in the
+    way."""
     if isinstance(speculate, bool) or not isinstance(speculate, int) or speculate < 0 or speculate == 1:
         raise SettingError(
             f"{{speculate}} takes 0 (off) or the masked positions a step may fill, at least 2; got {speculate!r}",
@@ -40,7 +48,7 @@ def check_speculate(speculate: int, decoder: str, has_mlm_head: bool) -> int:
         )
     if speculate and decoder != "engine":
         raise SettingError("{speculate} needs the engine; use it with {decoder} engine or auto", "speculate", "decoder")
-    if speculate and not has_mlm_head:
+    if speculate and "mlm_decoder" not in graphs:
         raise SettingError(
             "{speculate} drafts with the MLM head (mlm_decoder.onnx), which this bundle lacks; re-export it with "
             "`maria export` (without --no-baseline-heads), or leave {speculate} at 0",
@@ -72,8 +80,7 @@ class Infiller:
         self.bundle = resolve_bundle(bundle)
         self.manifest = load_manifest(self.bundle)
         graphs = self.manifest.graphs
-        if decoder == "auto":
-            decoder = "engine" if "ar_step" in graphs else "concat"
+        decoder = chosen_decoder(decoder, graphs)
         needed = {"engine": "ar_step", "concat": "ar_decoder"}[decoder]
         if needed not in graphs:
             how = "without --no-concat-decoder" if decoder == "concat" else "with this maria-onnx"
@@ -83,7 +90,7 @@ class Infiller:
                 "decoder",
             )
         self.decoder = decoder
-        self.speculate = check_speculate(speculate, decoder, "mlm_decoder" in self.manifest.graphs)
+        self.speculate = check_speculate(speculate, decoder, graphs)
         self.tokenizer = literal(Tokenizer.from_file(str(self.bundle / self.manifest.tokenizer)))
         self.backend = OnnxBackend(
             self.bundle,
@@ -105,7 +112,7 @@ class Infiller:
     def speculating(self, speculate: int) -> "Infiller":
         """This infiller with another speculate setting, sharing its loaded sessions (no second copy of the model)."""
         other = copy.copy(self)
-        other.speculate = check_speculate(speculate, self.decoder, "mlm_decoder" in self.manifest.graphs)
+        other.speculate = check_speculate(speculate, self.decoder, self.manifest.graphs)
         return other
 
     def encode(self, text: str) -> MaskedText:

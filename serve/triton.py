@@ -15,7 +15,7 @@ from pathlib import Path
 
 import maria_onnx
 import maria_onnx.runtime
-from maria_onnx.runtime.infiller import check_speculate
+from maria_onnx.runtime.infiller import check_speculate, chosen_decoder
 from maria_onnx.runtime.manifest import load_manifest
 
 from .protocol import check_model_name
@@ -90,8 +90,7 @@ def write_repository(
     """Writes the repository at `out`; returns the model's folder."""
     bundle, out = Path(bundle).resolve(), Path(out).resolve()
     manifest = load_manifest(bundle)  # a complete, intact bundle, or a clear error
-    decoder = "engine" if "ar_step" in manifest.graphs else "concat"  # what the model's Infiller will run
-    check_speculate(speculate, decoder, "mlm_decoder" in manifest.graphs)
+    check_speculate(speculate, chosen_decoder("auto", manifest.graphs), manifest.graphs)  # as the model's Infiller
     if kind not in KINDS:
         raise ValueError(f"--kind must be gpu or cpu, got '{kind}'")
     check_model_name(name)

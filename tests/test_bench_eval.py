@@ -14,6 +14,7 @@ from maria_onnx.cli import app
 from maria_onnx.model import mlm_input_ids
 from maria_onnx.runtime.evaluate import draw_masks, text_windows
 from maria_onnx.runtime.infiller import Infiller
+from maria_onnx.runtime.manifest import load_manifest
 from maria_onnx.tools.baselines import baseline_heads, evaluate_baselines, mlm_autoregressive
 from maria_onnx.tools.shapes import PAPER
 from maria_onnx.tools.tiny import corpus
@@ -128,7 +129,7 @@ def test_bench_of_a_bundle_alone_on_a_text_with_speculative_rows(bundles, tmp_pa
         assert report["speculate"] == 3 and report["checkpoint"] is None
     from maria_onnx.tools.bench import _inputs, text_tokens
 
-    tokens = text_tokens(tmp_path / "ids.npy", bundles["olmo"])
+    tokens = text_tokens(tmp_path / "ids.npy", bundles["olmo"], load_manifest(bundles["olmo"]))
     ids, masked = _inputs(12, 3, 200, 0.5, 0, tokens)
     starts = [int(np.flatnonzero([np.array_equal(tokens[i : i + 12], x) for i in range(len(tokens))])[0]) for x in ids]
     assert len(set(starts)) == 3 and all(start % 12 == 0 for start in starts) and all(m.any() for m in masked)

@@ -41,7 +41,7 @@ from maria_onnx.runtime.choose import Sampling
 from maria_onnx.runtime.device import check_device
 from maria_onnx.runtime.evaluate import check_mask_rate, draw_masks
 from maria_onnx.runtime.infiller import Infiller
-from maria_onnx.runtime.manifest import load_manifest
+from maria_onnx.runtime.manifest import Manifest, load_manifest
 from maria_onnx.runtime.sessions import cuda_missing
 
 from . import save_figure, write_json
@@ -104,10 +104,9 @@ def _systems(
     return systems, torch_device
 
 
-def text_tokens(path: Path, bundle: Path) -> np.ndarray:
+def text_tokens(path: Path, bundle: Path, manifest: Manifest) -> np.ndarray:
     """The token ids of --text: a .npy of ids (any shape, read in order), or a UTF-8 text file tokenized with the
-    bundle's tokenizer."""
-    manifest = load_manifest(bundle)
+    bundle's tokenizer (manifest: the bundle's)."""
     if not path.is_file():
         raise ValueError(f"--text {path}: no such file; give a UTF-8 text file or a .npy of token ids")
     if path.suffix == ".npy":
@@ -388,7 +387,7 @@ def bench(
         checkpoint, bundle, quantized = prepare(out, checkpoint, bundle, configs, shapes, dtype, console, quantize)
     manifest = load_manifest(bundle)
     check_lengths(lengths, manifest.max_sequence_length)
-    tokens = None if text is None else text_tokens(Path(text), Path(bundle))
+    tokens = None if text is None else text_tokens(Path(text), Path(bundle), manifest)
     if tokens is not None and len(tokens) < max(lengths) * max(batch_sizes):
         raise ValueError(
             f"--text {text} holds {len(tokens)} tokens; the longest length x the largest batch size needs "
