@@ -272,6 +272,7 @@ class HttpRoutes:
         return Response(generate_latest(self.server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+MODEL_PATHS = ("/v2/models/{name}", "/v2/models/{name}/versions/{version}")  # the protocol's two
 DRAIN_BYTES = 64 << 20  # of a body over the limit, read and dropped before the 413 (nginx's lingering close)
 DRAIN_SECONDS = 5.0
 
@@ -337,25 +338,18 @@ def create_app(infiller, settings: ServeSettings = ServeSettings()) -> Starlette
     """The ASGI application serving `infiller`."""
     server = Server(infiller, settings)
     http = HttpRoutes(server)
-    model = {
-        "": ("GET", http.model_metadata),
-        "/ready": ("GET", http.model_ready),
-        "/config": ("GET", http.model_config),
-        "/stats": ("GET", http.model_statistics),
-        "/infer": ("POST", http.infer),
-        "/generate": ("POST", http.generate),
-        "/generate_stream": ("POST", http.generate_stream),
-    }
-    routes = {
+    routes = {  # "{model}": under /v2/models/{name} and /v2/models/{name}/versions/{version} alike
         "/v2/health/live": ("GET", http.live),
         "/v2/health/ready": ("GET", http.ready_route),
         "/v2": ("GET", http.server_metadata),
         "/v2/models/stats": ("GET", http.model_statistics),
-        **{
-            prefix + suffix: route
-            for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}")
-            for suffix, route in model.items()
-        },
+        "{model}": ("GET", http.model_metadata),
+        "{model}/ready": ("GET", http.model_ready),
+        "{model}/config": ("GET", http.model_config),
+        "{model}/stats": ("GET", http.model_statistics),
+        "{model}/infer": ("POST", http.infer),
+        "{model}/generate": ("POST", http.generate),
+        "{model}/generate_stream": ("POST", http.generate_stream),
         "/v1/infill": ("POST", http.infill),
         "/v1/infill/stream": ("POST", http.stream),
         "/v1/generate": ("POST", http.anneal),
@@ -366,13 +360,22 @@ def create_app(infiller, settings: ServeSettings = ServeSettings()) -> Starlette
     }
     app = Starlette(
         routes=[
-            Route(path, guarded(server, path, handler), methods=[method]) for path, (method, handler) in routes.items()
+            Route(path, guarded(server, path, handler), methods=[method])
+            for pattern, (method, handler) in routes.items()
+            for path in model_paths(pattern)
         ],
         exception_handlers={404: unrouted(server), 405: unrouted(server)},
     )
     app.router.redirect_slashes = False  # a 307 with an empty body; the 404 below names the slash instead
     app.state.server = server
     return app
+
+
+def model_paths(pattern: str) -> list[str]:
+    """The paths of a route pattern: "{model}..." under both of the protocol's model paths, others as they are."""
+    if not pattern.startswith("{model}"):
+        return [pattern]
+    return [pattern.replace("{model}", prefix, 1) for prefix in MODEL_PATHS]
 
 
 def unrouted(server: Server):
