@@ -33,11 +33,8 @@ class Filler(Protocol):
     """What rounds of rows need of a loaded model (Infiller is one): its tokenizer and special ids, the backend
     that scores whole texts, the encoding of a text with markers, and decoders to fill rows with."""
 
-    @property
-    def tokenizer(self) -> Tokenizer: ...
-
-    @property
-    def special(self) -> SpecialIds: ...
+    tokenizer: Tokenizer
+    special: SpecialIds
 
     @property
     def backend(self) -> Backend: ...
