@@ -8,15 +8,13 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
-    ModernBertConfig,
-    ModernBertForMaskedLM,
     Olmo2Config,
     OlmoConfig,
     PretrainedConfig,
     Qwen2Config,
 )
 
-from .pretrain import save_tokenizer, train_tokenizer
+from .pretrain import backbone_configs, new_backbone, save_tokenizer, train_tokenizer
 
 WORDS = (
     "the a an of to in is was for on with as by at from raise return import class function value list "
@@ -37,18 +35,15 @@ def tokenizer_file(folder: Path, seed: int = 0, vocab_size: int = 300) -> Path:
 AR_TYPES = ("olmo", "olmo2", "llama", "qwen2")
 
 
-def ar_config(ar_type: str, vocab_size: int, eos: int, pad: int) -> PretrainedConfig:
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=512,
-        bos_token_id=eos,
-        eos_token_id=eos,
-        pad_token_id=pad,
-    )
+# The tiny pair's size; the MLM has 2 attention heads, the AR 4, and the MLM's local attention spans 16 tokens.
+TINY = dict(hidden_size=32, layers=2, intermediate_size=64, max_positions=512)
+
+
+def ar_config(ar_type: str, vocab_size: int) -> PretrainedConfig:
+    """A tiny causal LM of ar_type, untied, whose special ids are SPECIAL_TOKENS' positions."""
+    common = backbone_configs(vocab_size, heads=4, **TINY)["ar"]
+    del common["model_type"]
+    common["tie_word_embeddings"] = False
     if ar_type == "olmo":
         return OlmoConfig(**common)
     if ar_type == "olmo2":
@@ -71,27 +66,10 @@ def make_pair(
     mlm_tok = save_tokenizer(tok_json, mlm_dir, "mlm")
     ar_tok_json = tok_json if ar_tokenizer_seed is None else tokenizer_file(root / "tok-ar", seed=ar_tokenizer_seed)
     ar_tok = save_tokenizer(ar_tok_json, ar_dir, "ar")
-    vocab = len(mlm_tok)
-    mlm = ModernBertForMaskedLM(
-        ModernBertConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=512,
-            global_attn_every_n_layers=2,
-            local_attention=16,
-            pad_token_id=mlm_tok.pad_token_id,
-            cls_token_id=mlm_tok.cls_token_id,
-            sep_token_id=mlm_tok.sep_token_id,
-            bos_token_id=mlm_tok.cls_token_id,
-            eos_token_id=mlm_tok.sep_token_id,
-            mask_token_id=mlm_tok.mask_token_id,
-        )
-    )
+    mlm_config = backbone_configs(len(mlm_tok), heads=2, **TINY)["mlm"] | dict(local_attention=16)
+    mlm = new_backbone("mlm", mlm_config)
     mlm.save_pretrained(mlm_dir)
-    ar = AutoModelForCausalLM.from_config(ar_config(ar_type, len(ar_tok), ar_tok.eos_token_id, ar_tok.pad_token_id))
+    ar = AutoModelForCausalLM.from_config(ar_config(ar_type, len(ar_tok)))
     ar.save_pretrained(ar_dir)
     return mlm_dir, ar_dir
 
