@@ -278,12 +278,17 @@ def test_mlm_autoregressive_fills_with_the_mlm_alone(checkpoints):
     assert filled[2] == int(logits.argmax())
 
 
+def baselines_case(checkpoint, seed: int, shape: tuple[int, int], mask_seed: int, batch_size: int):
+    """(backbones, random windows, masks at rate 0.5, the PyTorch baselines' rows by system) of a checkpoint."""
+    backbones, _, _ = load_maria(checkpoint)
+    windows = np.random.default_rng(seed).integers(6, backbones.vocab_size, shape)
+    masks = draw_masks(windows, 0.5, seed=mask_seed)
+    rows = evaluate_baselines(backbones, windows, masks, batch_size=batch_size)
+    return backbones, windows, masks, {r["system"]: r for r in rows}
+
+
 def test_baseline_perplexities_agree_with_direct_pytorch(checkpoints, bundles):
-    backbones, _, _ = load_maria(checkpoints["llama"])
-    rng = np.random.default_rng(1)
-    windows = rng.integers(6, backbones.vocab_size, (5, 16))
-    masks = draw_masks(windows, 0.5, seed=3)
-    rows = {r["system"]: r for r in evaluate_baselines(backbones, windows, masks, batch_size=2)}
+    backbones, windows, masks, rows = baselines_case(checkpoints["llama"], 1, (5, 16), 3, 2)
     ids, masked = torch.from_numpy(windows), torch.from_numpy(np.stack(masks))
     start = torch.full((5, 1), backbones.special.start)
     with torch.no_grad():
@@ -336,11 +341,7 @@ def test_eval_reports_maria_and_baselines_on_the_same_masks(checkpoints, bundles
 def test_onnx_baselines_match_the_pytorch_ones(checkpoints, bundles):
     from maria_onnx.runtime.evaluate import evaluate_baselines as onnx_baselines
 
-    backbones, _, _ = load_maria(checkpoints["olmo2"])
-    rng = np.random.default_rng(4)
-    windows = rng.integers(6, backbones.vocab_size, (6, 20))
-    masks = draw_masks(windows, 0.5, seed=1)
-    want = {r["system"]: r for r in evaluate_baselines(backbones, windows, masks, batch_size=4)}
+    _, windows, masks, want = baselines_case(checkpoints["olmo2"], 4, (6, 20), 1, 4)
     got = {r["system"]: r for r in onnx_baselines(Infiller(bundles["olmo2"], device="cpu"), windows, masks, 4)}
     assert set(got) == set(want) == {"AR alone", "MLM alone", "PoE init"}
     for system in got:
