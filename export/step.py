@@ -17,9 +17,8 @@ own history (slots past a row's length hold stale values and stay masked), and n
 Eager attention (the default) takes the cache as the operand ONNX Runtime's CPU GEMM reads in place in both of
 its products: scores as keys @ queries^T (then transposed, [b, kv, C, T] is small) and the output as
 weights @ (values^T)^T. Written the textbook way (queries @ keys^T, weights @ values), a chunk of more than one
-token makes the GEMM repack each row's whole cache first, which cost as much as the matmul itself (a step at batch
-8, 1,024 cached, 4 new tokens: 17-20% less kernel time this way; with one new token, 3-5% more, the cost of
-scattering transposed values). Fused attention is one ONNX Runtime node a layer (export/attention.py); on the CPU
+token makes the GEMM repack each row's whole cache first (measured: docs/benchmarks.md, "CPU: the decode engine
+against the concat decoder"). Fused attention is one ONNX Runtime node a layer (export/attention.py); on the CPU
 it is the slower of the two (docs/benchmarks.md). The decoder layers and norms are the model's own modules; the
 cache and the attention function are ours, so every family whose layers take (position_embeddings,
 past_key_values) exports through one path. The rotary embedding is one ONNX Runtime node per query and key over
