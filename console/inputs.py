@@ -77,6 +77,14 @@ class InputLines:
         """The next line can be had without waiting for the input's writer."""
         return self.reader is None or self.reader.ready()
 
+    def __enter__(self) -> "InputLines":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Closes the --input file (stdin stays open)."""
+        if self.stream is not None and self.input_file != "-":
+            self.stream.close()
+
 
 def chunks(
     checked: Iterable[Checked], num_samples: int, size: int, ready: Callable[[], bool] = lambda: True

@@ -43,14 +43,20 @@ def test_input_lines_from_arguments_and_the_settings_they_refuse():
 def test_input_lines_read_a_file_twice_and_refuse_evident_jsonl_as_text(tmp_path):
     plain = tmp_path / "in.txt"
     plain.write_text("first [MASK]\n\n second [MASK]\n")
-    lines = InputLines([], str(plain), None)
-    assert lines.whole and [line.text for line in lines] == ["first [MASK]", " second [MASK]"]
-    assert [line.number for line in lines] == [1, 3]  # read again, the same lines
+    with InputLines([], str(plain), None) as lines:
+        assert lines.whole and [line.text for line in lines] == ["first [MASK]", " second [MASK]"]
+        assert [line.number for line in lines] == [1, 3]  # read again, the same lines
+    assert lines.stream is not None and lines.stream.closed
     jsonl = tmp_path / "in.txt"
     jsonl.write_text(json.dumps({"text": "a [MASK]", "id": 7}) + "\n")
-    with pytest.raises(ValueError, match="looks like JSONL; pass --format jsonl"):
-        list(InputLines([], str(jsonl), None))
-    (line,) = InputLines([], str(jsonl), "jsonl")
+    with (
+        pytest.raises(ValueError, match="looks like JSONL; pass --format jsonl"),
+        InputLines([], str(jsonl), None) as lines,
+    ):
+        list(lines)
+    assert lines.stream is not None and lines.stream.closed  # closed also when a line stops the run
+    with InputLines([], str(jsonl), "jsonl") as lines:
+        (line,) = lines
     assert line.text == "a [MASK]" and kept_fields(line, from_file=True) == {"line": 1, "id": 7}
     assert kept_fields(line, from_file=False) == {}
     with pytest.raises(ValueError, match="cannot read --input"):
@@ -122,6 +128,7 @@ def test_stdin_is_read_as_it_comes(monkeypatch):
         buffer = io.BytesIO(b"a [MASK]\nb [MASK]\n")
 
     monkeypatch.setattr("sys.stdin", Stdin)
-    lines = InputLines([], "-", None)
-    assert not lines.whole and lines.name == "stdin"
-    assert [line.text for line in lines] == ["a [MASK]", "b [MASK]"] and lines.count == 2
+    with InputLines([], "-", None) as lines:
+        assert not lines.whole and lines.name == "stdin"
+        assert [line.text for line in lines] == ["a [MASK]", "b [MASK]"] and lines.count == 2
+    assert not Stdin.buffer.closed  # stdin is not the command's to close
