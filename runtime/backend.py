@@ -72,6 +72,17 @@ class Backend(Protocol):
         """mlm_hidden [r, d_mlm], ar_hidden [r, d_ar] -> the fusion head's logits [r, V] (fp32)."""
 
 
+class HeadsBackend(Backend, Protocol):
+    """A Backend with the backbones' own heads (a bundle's ar_lm_head.onnx and mlm_decoder.onnx): what scoring
+    whole texts by the AR and the baselines need."""
+
+    def ar_logits(self, ar_hidden: np.ndarray) -> np.ndarray:
+        """ar_hidden [r, d_ar] -> the AR's own next-token logits [r, V] (fp32)."""
+
+    def mlm_logits(self, mlm_hidden: np.ndarray) -> np.ndarray:
+        """mlm_hidden [r, d_mlm] -> the MLM's own logits [r, V] (fp32)."""
+
+
 class SlotBackend(Protocol):
     """What the decode engine (runtime/engine.py) needs: the step graph over a KV cache of slots, written in place
     (runtime/slots.py), beside the MLM pass and the fusion head of `Backend`.

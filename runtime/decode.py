@@ -12,10 +12,12 @@ A batch takes as many AR steps as its sequence with the most masked tokens. The 
 so a sequence's samples do not depend on the batch it runs in.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 from .backend import Backend, MlmPass, SpecialIds
 from .choose import Sampling, choose_tokens, token_logprobs
@@ -31,7 +33,7 @@ class Fill:
     logprobs: np.ndarray
 
     @classmethod
-    def unchanged(cls, ids) -> "Fill":
+    def unchanged(cls, ids: npt.ArrayLike) -> "Fill":
         """A sequence with nothing masked: its ids as they are."""
         return cls(ids=np.asarray(ids, dtype=np.int64), positions=np.zeros(0, dtype=np.int64), logprobs=np.zeros(0))
 
@@ -58,7 +60,9 @@ def length_groups(lengths: list[int], waste: float = 0.5, scores: int = MLM_CALL
     return groups
 
 
-def encode_masked(backend: MlmPass, ids: list[np.ndarray], masked: list[np.ndarray], special: SpecialIds) -> np.ndarray:
+def encode_masked(
+    backend: MlmPass, ids: Sequence[np.ndarray], masked: Sequence[np.ndarray], special: SpecialIds
+) -> np.ndarray:
     """The MLM pass; returns mlm_hidden [batch, max_n + 2, d_mlm] with h_mlm[b, i + 1] for x_i (what lies past
     a sequence's end is not defined). Sequences of very different lengths run in separate calls (length_groups):
     padded to the longest, a short text costs as much as a long one; long texts run a few at a time, which bounds
@@ -91,7 +95,7 @@ class DecodeState:
     past: object
 
 
-def next_chunk(state: DecodeState, step: int, pad_id: int):
+def next_chunk(state: DecodeState, step: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Each sequence's tokens from its cursor up to (the token before) its step-th masked position."""
     ends = np.array([t[step] + 1 if step < len(t) else c for t, c in zip(state.targets, state.cursor)])
     lengths = ends - state.cursor
@@ -104,7 +108,7 @@ def next_chunk(state: DecodeState, step: int, pad_id: int):
     return input_ids, position_ids.astype(np.int64), chunk_mask, lengths
 
 
-def decode_step(backend: Backend, state: DecodeState, step: int, special: SpecialIds):
+def decode_step(backend: Backend, state: DecodeState, step: int, special: SpecialIds) -> tuple[np.ndarray, np.ndarray]:
     """Feeds every sequence's next chunk; returns the rows still filling and their ar_hidden [rows, d_ar]."""
     input_ids, position_ids, chunk_mask, lengths = next_chunk(state, step, special.pad)
     state.attention_mask = np.concatenate([state.attention_mask, chunk_mask], axis=1)
@@ -114,13 +118,14 @@ def decode_step(backend: Backend, state: DecodeState, step: int, special: Specia
     return rows, hidden[rows, lengths[rows] - 1]
 
 
+T = TypeVar("T")
 OnToken = Callable[[int, int, int, float], None]  # (sequence, position, token, log-probability)
 
 
 def infill_batch(
     backend: Backend,
-    ids,
-    masked,
+    ids: Sequence[np.ndarray],
+    masked: Sequence[np.ndarray],
     special: SpecialIds,
     sampling: Sampling,
     rngs: list[np.random.Generator],
@@ -160,7 +165,9 @@ def infill_batch(
     ]
 
 
-def teacher_forced_ar(backend: Backend, ids, special: SpecialIds) -> tuple[np.ndarray, np.ndarray]:
+def teacher_forced_ar(
+    backend: Backend, ids: Sequence[np.ndarray], special: SpecialIds
+) -> tuple[np.ndarray, np.ndarray]:
     """One AR pass over [START] x_0 .. x_{n-2} per sequence, right-padded: ar_hidden [batch, max_n, d_ar] with
     h_ar[b, i] predicting x_i, and the attention mask [batch, max_n] of the real positions."""
     width = max(len(x) for x in ids)
@@ -174,7 +181,9 @@ def teacher_forced_ar(backend: Backend, ids, special: SpecialIds) -> tuple[np.nd
     return ar_hidden, attention_mask
 
 
-def teacher_forced_logits(backend: Backend, ids, masked, special: SpecialIds) -> list[np.ndarray]:
+def teacher_forced_logits(
+    backend: Backend, ids: Sequence[np.ndarray], masked: Sequence[np.ndarray], special: SpecialIds
+) -> list[np.ndarray]:
     """One MLM pass and one AR pass over the true tokens: fusion-head logits at each sequence's masked positions,
     [masked count, V] per sequence."""
     mlm_hidden = encode_masked(backend, ids, masked, special)
@@ -185,21 +194,30 @@ def teacher_forced_logits(backend: Backend, ids, masked, special: SpecialIds) ->
     return np.split(logits, np.cumsum([int(m.sum()) for m in masked])[:-1])
 
 
-def score_batch(backend: Backend, ids, masked, special: SpecialIds) -> list[np.ndarray]:
+def score_batch(
+    backend: Backend, ids: Sequence[np.ndarray], masked: Sequence[np.ndarray], special: SpecialIds
+) -> list[np.ndarray]:
     """Teacher forced, one pass: -log p(x_i) of the true tokens at each sequence's masked positions."""
     logits = teacher_forced_logits(backend, ids, masked, special)
     return [-token_logprobs(row, x[np.flatnonzero(m)]) for row, x, m in zip(logits, ids, masked)]
 
 
-def in_batches(run_batch, ids, masked, batch_size: int, unmasked) -> list:
+def in_batches(
+    run_batch: Callable[[list[int], list[np.ndarray], list[np.ndarray]], Sequence[T]],
+    ids: Sequence[npt.ArrayLike],
+    masked: Sequence[npt.ArrayLike],
+    batch_size: int,
+    unmasked: Callable[[np.ndarray], T],
+) -> list[T]:
     """Runs run_batch(rows, ids, masked) over the sequences that have a masked position, batch_size at a time
     (rows: their indices in the input); the others get unmasked(ids). Results come back in input order."""
-    ids, masked = [np.asarray(x, dtype=np.int64) for x in ids], [np.asarray(m, dtype=bool) for m in masked]
-    results = [unmasked(x) for x in ids]
-    todo = [row for row, m in enumerate(masked) if m.any()]
+    id_rows = [np.asarray(x, dtype=np.int64) for x in ids]
+    mask_rows = [np.asarray(m, dtype=bool) for m in masked]
+    results = [unmasked(x) for x in id_rows]
+    todo = [row for row, m in enumerate(mask_rows) if m.any()]
     for begin in range(0, len(todo), batch_size):
         rows = todo[begin : begin + batch_size]
-        for row, result in zip(rows, run_batch(rows, [ids[r] for r in rows], [masked[r] for r in rows])):
+        for row, result in zip(rows, run_batch(rows, [id_rows[r] for r in rows], [mask_rows[r] for r in rows])):
             results[row] = result
     return results
 
@@ -211,8 +229,8 @@ def sequence_rngs(seed: int, count: int) -> list[np.random.Generator]:
 
 def infill(
     backend: Backend,
-    ids,
-    masked,
+    ids: Sequence[npt.ArrayLike],
+    masked: Sequence[npt.ArrayLike],
     special: SpecialIds,
     sampling: Sampling,
     batch_size: int = 8,
@@ -227,14 +245,20 @@ def infill(
     rngs = sequence_rngs(sampling.seed, len(ids)) if rngs is None else rngs
     assert len(rngs) == len(ids), f"{len(rngs)} generators for {len(ids)} sequences"
 
-    def run_batch(rows, x, m):
+    def run_batch(rows: list[int], x: list[np.ndarray], m: list[np.ndarray]) -> list[Fill]:
         hear = None if on_token is None else lambda b, *fill: on_token(rows[b], *fill)
         return infill_batch(backend, x, m, special, sampling, [rngs[r] for r in rows], hear, utf8)
 
     return in_batches(run_batch, ids, masked, batch_size, Fill.unchanged)
 
 
-def score(backend: Backend, ids, masked, special: SpecialIds, batch_size: int = 8) -> list[np.ndarray]:
+def score(
+    backend: Backend,
+    ids: Sequence[npt.ArrayLike],
+    masked: Sequence[npt.ArrayLike],
+    special: SpecialIds,
+    batch_size: int = 8,
+) -> list[np.ndarray]:
     """Per sequence, -log p of the true tokens at its masked positions (empty where nothing is masked)."""
     return in_batches(
         lambda rows, x, m: score_batch(backend, x, m, special), ids, masked, batch_size, lambda x: np.zeros(0)

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 from tokenizers import Tokenizer
 
-from .backend import Backend, SpecialIds
+from .backend import Backend, HeadsBackend, SpecialIds
 from .choose import Sampling
 from .decode import Fill, infill
 from .text import MaskedText
@@ -37,7 +37,7 @@ class Filler(Protocol):
     special: SpecialIds
 
     @property
-    def backend(self) -> Backend: ...
+    def backend(self) -> HeadsBackend: ...
 
     @property
     def max_sequence_length(self) -> int: ...

@@ -8,12 +8,14 @@ Both need a backend with `ar_logits` (OnnxBackend on a bundle with ar_lm_head.on
 
 import numpy as np
 
-from .backend import SpecialIds
+from .backend import HeadsBackend, SpecialIds
 from .choose import Sampling, choose_tokens, token_logprobs
 from .decode import teacher_forced_ar
 
 
-def ar_token_logprobs(backend, ids: list[np.ndarray], special: SpecialIds, batch_size: int = 16) -> list[np.ndarray]:
+def ar_token_logprobs(
+    backend: HeadsBackend, ids: list[np.ndarray], special: SpecialIds, batch_size: int = 16
+) -> list[np.ndarray]:
     """Per sequence, log p_AR(x_i | [START] x_<i) of each of its tokens: [n] float64."""
     out = []
     for begin in range(0, len(ids), batch_size):
@@ -25,12 +27,16 @@ def ar_token_logprobs(backend, ids: list[np.ndarray], special: SpecialIds, batch
     return out
 
 
-def ar_loglikelihood(backend, ids: list[np.ndarray], special: SpecialIds, batch_size: int = 16) -> list[float]:
+def ar_loglikelihood(
+    backend: HeadsBackend, ids: list[np.ndarray], special: SpecialIds, batch_size: int = 16
+) -> list[float]:
     """Total log p_AR of each whole sequence (every token scored, the first given [START])."""
     return [float(p.sum()) for p in ar_token_logprobs(backend, ids, special, batch_size)]
 
 
-def insertion_scores(backend, ids: list[np.ndarray], masked: list[np.ndarray], special: SpecialIds) -> list[float]:
+def insertion_scores(
+    backend: HeadsBackend, ids: list[np.ndarray], masked: list[np.ndarray], special: SpecialIds
+) -> list[float]:
     """Per filled sequence, log p_AR of its given tokens plus, for each run of filled positions, the mean log p_AR
     of its tokens: the text around a fill judges it whatever its length, the fill only by how likely its tokens
     are on average. Chooses an insertion's length better than the whole text's log p_AR, which every extra token
@@ -51,7 +57,7 @@ SPAN_SCORES = {  # how a candidate of span lengths is scored: (backend, ids, mas
 
 
 def ar_sample(
-    backend,
+    backend: HeadsBackend,
     prefixes: list[np.ndarray],
     length: int,
     special: SpecialIds,

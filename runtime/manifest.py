@@ -19,8 +19,14 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from .backend import SpecialIds
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 SCHEMA_VERSION = 4  # 2: baseline heads; 3: the step graph, ar_decoder optional; 4: values_transposed
 READABLE_SCHEMAS = (1, 2, 3, 4)
@@ -43,7 +49,7 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def from_dict(cls, data, what: str, fix: str):
+def from_dict(cls: type[T], data: object, what: str, fix: str) -> T:
     """Builds dataclass `cls` from `data`, naming unknown or missing keys instead of failing on a signature."""
     fields = dataclasses.fields(cls)
     names = {f.name for f in fields}
@@ -172,7 +178,7 @@ class Manifest:
         (Path(folder) / MANIFEST_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-def load_manifest(folder, verify: bool = True) -> Manifest:
+def load_manifest(folder: str | Path, verify: bool = True) -> Manifest:
     """Reads a bundle's manifest; with verify, checks that every file is there with its recorded sha256."""
     folder = Path(folder)
     path = folder / MANIFEST_NAME

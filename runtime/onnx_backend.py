@@ -16,6 +16,7 @@ path around `_run`, so tests compare them.
 import functools
 import itertools
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ DTYPES = {"fp32": np.float32, "fp16": np.float16}
 ELEMENTS = {"fp32": "tensor(float)", "fp16": "tensor(float16)"}
 
 
-def _declared(session) -> dict:
+def _declared(session: ort.InferenceSession) -> dict:
     """name -> (element type, shape) of every input and output a session declares."""
     return {value.name: (value.type, value.shape) for value in [*session.get_inputs(), *session.get_outputs()]}
 
@@ -96,7 +97,9 @@ def check_graphs(manifest: Manifest, sessions: dict) -> None:
             )
 
 
-def _step_session(path: Path, providers: list, cuda_graph: bool, threads: int | None):
+def _step_session(
+    path: Path, providers: list, cuda_graph: bool, threads: int | None
+) -> tuple[ort.InferenceSession, bool]:
     """(the step graph's session, whether it captures CUDA graphs). ONNX Runtime captures only a graph whose nodes
     all run on CUDA, and it places shape arithmetic on the CPU; where it refuses, the step runs without capture,
     with one warning."""
@@ -177,7 +180,7 @@ class OnnxBackend:
         self.on_device = self.device != "cpu"
         self._graph_ids = itertools.count(1)
 
-    def _run(self, session, feeds: dict, device_outputs=()) -> dict:
+    def _run(self, session: ort.InferenceSession, feeds: dict, device_outputs: Collection[str] = ()) -> dict:
         """Runs a session. Outputs named in device_outputs come back as OrtValues left where the session put
         them (with io_binding); all others as numpy arrays."""
         names = [o.name for o in session.get_outputs()]
@@ -198,17 +201,19 @@ class OnnxBackend:
         values = binding.get_outputs()
         return {name: value if name in device_outputs else value.numpy() for name, value in zip(names, values)}
 
-    def mlm_hidden(self, input_ids, attention_mask):
+    def mlm_hidden(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return self._run(self.mlm, {"input_ids": input_ids, "attention_mask": attention_mask})["hidden_states"]
 
-    def empty_past(self, batch: int):
+    def empty_past(self, batch: int) -> Any:
         if self.ar is None:
             return self.new_cache(batch, 0)
         m = self.manifest
         empty = np.zeros((batch, m.num_key_value_heads, 0, m.head_dim), dtype=self.dtype)
         return {name: empty for name in self.past_names}
 
-    def ar_step(self, input_ids, attention_mask, position_ids, past):
+    def ar_step(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: Any
+    ) -> tuple[np.ndarray, Any]:
         """Backend.ar_step. Without ar_decoder.onnx, on the step graph: position p's keys and values go to slot
         position p, so attention_mask is not read; that is the same attention wherever a row's padding sits at
         positions it has not reached yet (right padding, as every caller in the runtime feeds)."""
@@ -242,7 +247,7 @@ class OnnxBackend:
             m.values_transposed,
         )
 
-    def cache_step(self, input_ids, position_ids, cache: SlotCache):
+    def cache_step(self, input_ids: np.ndarray, position_ids: np.ndarray, cache: SlotCache) -> np.ndarray:
         if self.on_device:
             return self._cache_step_in_place(input_ids, position_ids, cache)
         binding = cache.bindings.get(len(input_ids))  # kept with the buffers it binds (runtime/slots.py)
@@ -256,7 +261,7 @@ class OnnxBackend:
         self.step.run_with_iobinding(binding)
         return hidden
 
-    def _cache_step_in_place(self, input_ids, position_ids, cache: SlotCache):
+    def _cache_step_in_place(self, input_ids: np.ndarray, position_ids: np.ndarray, cache: SlotCache) -> np.ndarray:
         """The step with its inputs and output in persistent buffers on the device, one set per (rows, width): a
         CUDA graph captured for a shape replays on the same addresses. The host copies the ids in and the hidden
         states out; the cache stays where it is."""
@@ -286,26 +291,26 @@ class OnnxBackend:
         self.step.run_with_iobinding(binding, options)
         return hidden.numpy()
 
-    def fuse(self, mlm_hidden, ar_hidden):
+    def fuse(self, mlm_hidden: np.ndarray, ar_hidden: np.ndarray) -> np.ndarray:
         feeds = {
             "mlm_hidden": np.ascontiguousarray(mlm_hidden, dtype=self.dtype),
             "ar_hidden": np.ascontiguousarray(ar_hidden, dtype=self.dtype),
         }
         return self._run(self.head, feeds)["logits"]
 
-    def ar_logits(self, ar_hidden):
+    def ar_logits(self, ar_hidden: np.ndarray) -> np.ndarray:
         """The AR's own next-token logits: ar_hidden [r, d_ar] -> [r, V] (fp32); needs the baseline heads."""
         return self._run(
             self._baseline("ar_lm_head"), {"ar_hidden": np.ascontiguousarray(ar_hidden, dtype=self.dtype)}
         )["logits"]
 
-    def mlm_logits(self, mlm_hidden):
+    def mlm_logits(self, mlm_hidden: np.ndarray) -> np.ndarray:
         """The MLM's own logits: mlm_hidden [r, d_mlm] -> [r, V] (fp32); needs the baseline heads."""
         return self._run(
             self._baseline("mlm_decoder"), {"mlm_hidden": np.ascontiguousarray(mlm_hidden, dtype=self.dtype)}
         )["logits"]
 
-    def _baseline(self, name: str):
+    def _baseline(self, name: str) -> ort.InferenceSession:
         session = self.ar_lm_head if name == "ar_lm_head" else self.mlm_decoder
         if session is None:
             raise ValueError(

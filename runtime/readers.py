@@ -7,7 +7,9 @@ import collections
 import json
 import re
 import select
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -65,7 +67,7 @@ def _integer(digits: str) -> int:
     return int(digits)
 
 
-def loads_json(text):
+def loads_json(text: str | bytes | bytearray) -> Any:
     """json.loads (of text, or of bytes in UTF-8, -16 or -32 as json.loads reads them), strict: RefusedJson for an
     object repeating a key (json.loads would keep the last value), nesting deeper than MAX_NESTING, NaN or Infinity
     (Python's extensions, which other parsers refuse), and an integer of over MAX_DIGITS digits."""
@@ -129,7 +131,7 @@ class StreamLines:
     PIECE = 1 << 16
     MAX_LINE = 16 << 20  # bytes of one line: far past the longest text a bundle takes, and a bound on memory
 
-    def __init__(self, stream, name: str, jsonl: bool, field: str = "text"):
+    def __init__(self, stream: BinaryIO, name: str, jsonl: bool, field: str = "text") -> None:
         self.stream, self.name, self.jsonl, self.field = stream, name, jsonl, field
         self.read: collections.deque = collections.deque()  # Lines (or a ValueError) read and not yet taken
         self.rest: list[bytes] = []  # the start of a line whose newline has not come
@@ -137,7 +139,7 @@ class StreamLines:
         self.number = 0
         self.ended = False
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Line]:
         while self.read or not self.ended:
             if not self.read:
                 self._read_piece()
@@ -153,7 +155,9 @@ class StreamLines:
         return bool(self.read) or self.ended
 
     def _read_piece(self) -> None:
-        piece = self.stream.read1(self.PIECE)  # what the stream has (blocks only while it has nothing)
+        # what the stream has (blocks only while it has nothing); typing's BinaryIO lacks read1, which the streams
+        # read here have (io.BufferedReader: files, stdin; io.BytesIO)
+        piece = self.stream.read1(self.PIECE)  # type: ignore[attr-defined]
         if piece and b"\n" not in piece:
             self.rest.append(piece)
             # a stream with no newline is refused before it fills the memory
@@ -191,7 +195,7 @@ class StreamLines:
         return True
 
 
-def polled(stream) -> bool:
+def polled(stream: BinaryIO) -> bool:
     """The stream has bytes to read now; True where it cannot be asked."""
     try:
         return bool(select.select([stream], [], [], 0)[0])

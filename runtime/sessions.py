@@ -170,7 +170,7 @@ def providers_for(device: str) -> list:
     return cuda_providers(gpu_index(device))
 
 
-def provider_name(provider) -> str:
+def provider_name(provider: str | tuple[str, dict]) -> str:
     """A provider as ONNX Runtime takes it (a name, or a (name, options) pair) -> its name."""
     return provider if isinstance(provider, str) else provider[0]
 

@@ -16,6 +16,7 @@ when the longest sequence outgrows the buffer, amortized over many steps by grow
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import onnxruntime as ort
 
 
@@ -37,14 +38,14 @@ class SlotCache:
         layers: int,
         kv_heads: int,
         head_dim: int,
-        dtype,
+        dtype: npt.DTypeLike,
         slots: int,
         capacity: int,
         device: str = "cpu",
         device_id: int = 0,
         ortvalues: bool | None = None,
         values_transposed: bool = True,
-    ):
+    ) -> None:
         """ortvalues: the buffers are OrtValues (device memory; the default off the CPU) rather than numpy
         arrays. values_transposed: the values' layout (the module's docstring)."""
         self.layers, self.kv_heads, self.head_dim, self.dtype = layers, kv_heads, head_dim, np.dtype(dtype)

@@ -13,9 +13,12 @@ lengths are searched gap by gap: runtime/spans.py).
 import itertools
 import math
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 
 MARKER = re.compile(r"\[MASK(?::([0-9]+))?\]")
 SPAN = re.compile(r"\[MASK:(\?|([0-9]+)-([0-9]+))\]")
@@ -30,7 +33,7 @@ MARKER_LIKE = re.compile(r"\[MASK\b(?:[^\[\]\n]{0,20}\]|[^\[\]\s]{0,20}\]?)")
 QUOTED_CHARACTERS = 80
 
 
-def quoted(value, form=repr) -> str:
+def quoted(value: object, form: Callable[[Any], str] = repr) -> str:
     """A client's value as an error message quotes it: form(value) (repr, or json.dumps), cut to
     QUOTED_CHARACTERS with its full length named, so that a message stays one short line whatever was sent."""
     text = form(value)
@@ -57,7 +60,7 @@ class MaskedText:
     masked: np.ndarray  # [n] bool
 
 
-def encode_masked_text(text: str, tokenizer, mask_id: int, max_length: int) -> MaskedText:
+def encode_masked_text(text: str, tokenizer: Tokenizer, mask_id: int, max_length: int) -> MaskedText:
     """Splits on markers, tokenizes the pieces without special tokens and inserts mask ids."""
     if not isinstance(text, str):
         raise ValueError(f"a text must be a string, got {type(text).__name__}")
@@ -104,7 +107,7 @@ def encode_masked_text(text: str, tokenizer, mask_id: int, max_length: int) -> M
     return MaskedText(np.asarray(ids, dtype=np.int64), np.asarray(masked, dtype=bool))
 
 
-def content_ids(piece: str, tokenizer, max_length: int) -> list[int]:
+def content_ids(piece: str, tokenizer: Tokenizer, max_length: int) -> list[int]:
     """The ids of text between markers. A piece of over 32 characters per token allowed is refused where its
     start alone makes twice the maximum, before the tokenizer takes all of it (docs/benchmarks.md, "Smaller
     measurements")."""
@@ -150,7 +153,7 @@ def span_ranges(text: str, max_length: int) -> list[range]:
     return ranges
 
 
-def with_lengths(text: str, lengths) -> str:
+def with_lengths(text: str, lengths: Iterable[int]) -> str:
     """The text with its span markers, in order, replaced by [MASK:length] for each of lengths."""
     pieces = iter(f"[MASK:{n}]" for n in lengths)
     return SPAN.sub(lambda _: next(pieces), text)
@@ -173,7 +176,7 @@ def candidates_of(
     return [(lengths, with_lengths(text, lengths)) for lengths in itertools.product(*ranges)]
 
 
-def segments(ids: np.ndarray, masked: np.ndarray, tokenizer) -> list[tuple[str, bool]]:
+def segments(ids: np.ndarray, masked: np.ndarray, tokenizer: Any) -> list[tuple[str, bool]]:
     """The filled text as (piece, is_fill) runs, for marking the fills on a terminal."""
     runs, start = [], 0
     for end in range(1, len(ids) + 1):
@@ -183,21 +186,19 @@ def segments(ids: np.ndarray, masked: np.ndarray, tokenizer) -> list[tuple[str, 
     return runs
 
 
-def literal(tokenizer):
+def literal(tokenizer: Any) -> Tokenizer:
     """A copy of a `tokenizers.Tokenizer` (or a transformers tokenizer's) that encodes text as text: the spelling of
     a special token typed in it ("[SEP]", "<|endoftext|>") becomes the ids of those characters, never the special
     token, so no input text can place a separator or an end of text where the writer wrote characters. The
     markers are split off before encoding, so they alone give special ids."""
-    from tokenizers import Tokenizer
-
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     copy = Tokenizer.from_str(backend.to_str())
     copy.encode_special_tokens = True
     return copy
 
 
-def plain_encoder(tokenizer):
+def plain_encoder(tokenizer: Any) -> Callable[[str], list[int]]:
     """text -> content ids (no special tokens, special tokens' spellings as text), for a `tokenizers.Tokenizer`
     or a transformers tokenizer."""
-    tokenizer = literal(tokenizer)
-    return lambda text: tokenizer.encode(text, add_special_tokens=False).ids
+    copy = literal(tokenizer)
+    return lambda text: copy.encode(text, add_special_tokens=False).ids

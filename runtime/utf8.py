@@ -14,12 +14,16 @@ are not told apart from valid ones: the rule guards the structure, not every cod
 
 import json
 import re
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 
 FREE = -1  # a state outside the automaton: the bytes before are not valid UTF-8
 STATES = 4
 REACH = 4  # within this many tokens, every reachable state is reached
+Ids = Sequence[int] | np.ndarray  # a text's token ids
 
 
 def _byte_state(state: int, byte: int) -> int:
@@ -61,7 +65,7 @@ def _kinds(decoder: dict | None) -> set:
     return {decoder.get("type"), *(part.get("type") for part in decoder.get("decoders") or [])}
 
 
-def token_bytes(tokenizer, vocab_size: int) -> list:
+def token_bytes(tokenizer: Tokenizer, vocab_size: int) -> list[bytes]:
     """The bytes each id stands for, for a `tokenizers.Tokenizer`: exact for byte-level and byte-fallback
     tokenizers; elsewhere each token's text (whole characters). Ids past the tokenizer's stand for no bytes."""
     kinds = _kinds(json.loads(tokenizer.to_str()).get("decoder"))
@@ -84,7 +88,7 @@ def token_bytes(tokenizer, vocab_size: int) -> list:
 
 
 class Utf8Rule:
-    def __init__(self, data: list, banned):
+    def __init__(self, data: list[bytes], banned: Iterable[int]) -> None:
         """data: the bytes of each id (token_bytes); banned: ids never chosen (special tokens)."""
         self.data = data
         self.next = np.array([[_bytes_state(state, d) for d in data] for state in range(STATES)], dtype=np.int8)
@@ -101,11 +105,11 @@ class Utf8Rule:
         self._refusals: dict[tuple, np.ndarray] = {}  # per (state, fills left, awaited): at most 4 x 5 x 4 each
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, vocab_size: int, banned) -> "Utf8Rule":
+    def from_tokenizer(cls, tokenizer: Any, vocab_size: int, banned: Iterable[int]) -> "Utf8Rule":
         """For a `tokenizers.Tokenizer` or a transformers tokenizer."""
         return cls(token_bytes(getattr(tokenizer, "backend_tokenizer", tokenizer), vocab_size), banned)
 
-    def state_before(self, ids, position: int) -> int:
+    def state_before(self, ids: Ids, position: int) -> int:
         """The state after ids[:position]: read back from the last lead or ASCII byte, at most 4 bytes."""
         tail, index = b"", position - 1
         while index >= 0 and len(tail) < 4:
@@ -117,7 +121,7 @@ class Utf8Rule:
                 return _bytes_state(0, tail[-back:])
         return 0 if index < 0 and not tail else FREE
 
-    def awaited_after(self, ids, position: int) -> int:
+    def awaited_after(self, ids: Ids, position: int) -> int:
         """The continuation bytes the text from ids[position] on begins with: what a span before it must leave
         pending (0 at the end of the text)."""
         head, index = b"", position
@@ -129,20 +133,20 @@ class Utf8Rule:
             count += 1
         return count
 
-    def allowed(self, ids, targets, index: int) -> np.ndarray | None:
+    def allowed(self, ids: Ids, targets: np.ndarray, index: int) -> np.ndarray | None:
         """The ids that may fill ids[targets[index]] (the fills before it written into ids), as a bool mask over
         the vocabulary; None where the fill is free."""
         key = self._key(ids, targets, index)
         return None if key is None else self._mask(*key)
 
-    def refused(self, ids, targets, index: int) -> np.ndarray | None:
+    def refused(self, ids: Ids, targets: np.ndarray, index: int) -> np.ndarray | None:
         """The ids that may not fill ids[targets[index]], or None where the fill is free: what the decoders
         take, since setting a few hundred scores is cheaper than masking the whole vocabulary (docs/benchmarks.md,
         "Smaller measurements")."""
         key = self._key(ids, targets, index)
         return None if key is None else self._refused(*key)
 
-    def _key(self, ids, targets, index: int) -> tuple | None:
+    def _key(self, ids: Ids, targets: np.ndarray, index: int) -> tuple | None:
         """(state before the fill, fills left in its span after it, bytes the text after the span awaits)."""
         position = int(targets[index])
         gaps = np.flatnonzero(np.diff(targets[index:]) != 1)
@@ -179,7 +183,7 @@ class FillPieces:
     Each piece is decoded after the token before it (for a span's first fill, the text's token before the span),
     so a tokenizer that drops the leading space of a decode's first token keeps the fill's own."""
 
-    def __init__(self, tokenizer, ids):
+    def __init__(self, tokenizer: Any, ids: Iterable[int]) -> None:
         """tokenizer: a `tokenizers.Tokenizer` or a transformers tokenizer; ids: the text's content ids."""
         self.tokenizer, self.ids = tokenizer, [int(i) for i in ids]
         self.start = self.read = self.end = -1  # ids[start:read] decoded already; ids[read:end] held back
@@ -208,7 +212,7 @@ class FillPieces:
         return self.tokenizer.decode(self.ids[start:end], skip_special_tokens=False) if end > start else ""
 
 
-def fill_pieces(tokenizer, ids, positions) -> list[str]:
+def fill_pieces(tokenizer: Any, ids: Ids, positions: Ids) -> list[str]:
     """The piece each fill of a filled text adds (FillPieces), one per masked position."""
     pieces, out = FillPieces(tokenizer, ids), []
     for index, position in enumerate(positions):

@@ -5,14 +5,16 @@ it lives in the runtime.
 
 import array
 import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 PIECE_CHARS = 1 << 20
 LINE_START = re.compile(r"(?<=\n)\S")
+Encode = Callable[[str], Sequence[int]]  # text -> content ids
 
 
-def pieces(document: str, encode, size: int = PIECE_CHARS):
+def pieces(document: str, encode: Encode, size: int = PIECE_CHARS) -> Iterator[str]:
     """A long document in pieces of about `size` characters for the tokenizer, whose memory grows with the text
     it takes at once (a 100 MB file as one document took 19 GB). A cut falls where a line starts with a
     non-space character, and only where the tokenizer gives the two lines around it the same ids apart as
@@ -34,7 +36,12 @@ def pieces(document: str, encode, size: int = PIECE_CHARS):
 
 
 def pack_windows(
-    documents, encode, seq_len: int, separator_id: int, name: str = "the text", most: int | None = None
+    documents: Iterable[str],
+    encode: Encode,
+    seq_len: int,
+    separator_id: int,
+    name: str = "the text",
+    most: int | None = None,
 ) -> np.ndarray:
     """Tokenizes documents (any iterable) with encode (text -> ids, no special tokens; a long document in
     pieces), joins them with separator_id and cuts [windows, seq_len]; with `most`, reads documents only until

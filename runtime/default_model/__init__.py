@@ -5,7 +5,7 @@ from pathlib import Path
 DEFAULT_MODEL = Path(__file__).resolve().parent
 
 
-def resolve_bundle(bundle=None) -> Path:
+def resolve_bundle(bundle: str | Path | None = None) -> Path:
     """The given bundle folder, or the default model shipped inside the package when none is given."""
     if bundle is not None:
         return Path(bundle)
