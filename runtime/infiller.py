@@ -166,10 +166,10 @@ class Infiller:
         else:
             prepared = Prepared(text, [(lengths, self.encode(candidate)) for lengths, candidate in expanded])
         if (rerank or prepared.spans) and not self.manifest.has_baseline_heads:
-            raise ValueError(
-                f"{'--rerank' if rerank else 'span markers'} need the AR's whole-text score, and "
-                "this bundle has no ar_lm_head.onnx; re-export it with `maria export`"
-            )
+            why = "the AR's whole-text score, and this bundle has no ar_lm_head.onnx; re-export it with `maria export`"
+            if rerank:
+                raise SettingError(f"{{rerank}} needs {why}", "rerank")
+            raise ValueError(f"span markers need {why}")
         return prepared
 
     def infill(

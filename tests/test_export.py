@@ -21,6 +21,7 @@ from maria_onnx.export import quantize as quantize_module
 from maria_onnx.export import validate as validate_module
 from maria_onnx.export.bundle import export_bundle
 from maria_onnx.export.validate import ValidationError
+from maria_onnx.runtime.errors import SettingError
 from maria_onnx.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
 
 AR_TYPES = ["olmo", "olmo2", "llama"]
@@ -389,6 +390,12 @@ def test_baseline_heads_match_the_backbones_and_can_be_left_out(bundles, checkpo
     assert infiller.infill(["a [MASK] b"])[0].fills
     with pytest.raises(ValueError, match="has no ar_lm_head.onnx .*re-export"):
         infiller.backend.ar_logits(ar_hidden)
+    with pytest.raises(ValueError, match="^span markers need the AR's whole-text score, and this bundle has no"):
+        infiller.prepare("a [MASK:1-3] b", rerank=False, most=8)
+    with pytest.raises(SettingError) as refused:  # each front end words the setting its own way
+        infiller.prepare("a [MASK] b", rerank=True, most=8)
+    assert str(refused.value).startswith("rerank needs the AR's whole-text score")
+    assert refused.value.worded(lambda name: f"--{name}").startswith("--rerank needs")
 
 
 def test_an_fp16_bundle_computes_in_fp16(checkpoints, tmp_path):
