@@ -33,14 +33,17 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Match, Route
 
+from maria_onnx.runtime.infiller import Infiller
 from maria_onnx.runtime.requests import SETTINGS
 from maria_onnx.runtime.text import quoted
 
@@ -48,6 +51,7 @@ from . import openai
 from .core import ClientError, ClientLeft, Server, ServeSettings, logged
 from .encoding import EncodingError, accepted, compress, decompress
 from .generate import SSE_TYPE, event, generate_response, read_generate
+from .jobs import Job
 from .protocol import (
     BadRequest,
     InferRequest,
@@ -98,13 +102,13 @@ class HttpRoutes:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def live(self, request):
+    async def live(self, request: Request) -> Response:
         return JSONResponse({"live": True})
 
-    async def ready_route(self, request):
+    async def ready_route(self, request: Request) -> Response:
         return JSONResponse({"ready": self.server.ready}, status_code=200 if self.server.ready else 503)
 
-    async def server_metadata(self, request):
+    async def server_metadata(self, request: Request) -> Response:
         from importlib.metadata import version
 
         return JSONResponse(
@@ -115,25 +119,25 @@ class HttpRoutes:
             }
         )
 
-    def model(self, request) -> str:
+    def model(self, request: Request) -> str:
         """The model a route names, with its version where the route has one: the served model, version 1."""
         return self.server.model_named(request.path_params["name"], request.path_params.get("version"))
 
-    async def model_metadata(self, request):
+    async def model_metadata(self, request: Request) -> Response:
         return JSONResponse(metadata(self.model(request)))
 
-    async def model_config(self, request):
+    async def model_config(self, request: Request) -> Response:
         return JSONResponse(model_config(self.model(request), self.settings.max_batch_size))
 
-    async def model_statistics(self, request):
+    async def model_statistics(self, request: Request) -> Response:
         """The model's statistics; without a model in the path (/v2/models/stats), those of every model."""
         return JSONResponse(self.server.statistics(request.path_params.get("name"), request.path_params.get("version")))
 
-    async def model_ready(self, request):
+    async def model_ready(self, request: Request) -> Response:
         self.model(request)
         return await self.ready_route(request)
 
-    async def infer(self, request):
+    async def infer(self, request: Request) -> Response:
         began, name = time.monotonic(), self.model(request)
         header = request.headers.get("inference-header-content-length")
         if header is not None and not header.isdigit():
@@ -148,14 +152,14 @@ class HttpRoutes:
         body, headers = infer_response(name, parsed, results)
         return Response(body, headers=headers)
 
-    async def json_body(self, request):
+    async def json_body(self, request: Request) -> Any:
         """The request body's JSON value; ClientError 400 where it is not JSON."""
         try:
             return request_json(await self.body(request))
         except BadRequest as error:
             raise ClientError(400, str(error)) from None
 
-    async def json_request(self, request) -> tuple[list, dict]:
+    async def json_request(self, request: Request) -> tuple[list, dict]:
         payload = await self.json_body(request)
         if not isinstance(payload, dict):
             raise ClientError(400, f'send a JSON object {{"text": [...], ...}}, got {type(payload).__name__}')
@@ -174,18 +178,18 @@ class HttpRoutes:
             raise ClientError(400, f"unknown fields {quoted(sorted(unknown))}; fields are text, {', '.join(SETTINGS)}")
         return texts, payload
 
-    async def infill(self, request):
+    async def infill(self, request: Request) -> Response:
         began = time.monotonic()
         texts, settings = await self.json_request(request)
         results = await self.server.run(self.server.job(texts, settings, began), left(request))
         return JSONResponse({"results": [r.to_dict() for r in results]})
 
-    async def stream(self, request):
+    async def stream(self, request: Request) -> Response:
         began = time.monotonic()
         texts, settings = await self.json_request(request)
         events: asyncio.Queue = asyncio.Queue()
 
-        def on_token(index, sample, position, token, logprob):
+        def on_token(index: int, sample: int, position: int, token: int, logprob: float) -> None:
             piece = job.piece(self.server.infiller.tokenizer, index, sample, position, token)
             events.put_nowait(
                 {
@@ -215,7 +219,7 @@ class HttpRoutes:
 
         return StreamingResponse(streamed(self.server, job, events, line, answered, failed), media_type=SSE_TYPE)
 
-    async def completions(self, request):
+    async def completions(self, request: Request) -> Response:
         """OpenAI's completions (serve/openai.py): insertion with `suffix`, continuation without."""
         began, name, infiller = time.monotonic(), self.settings.model_name, self.server.infiller
         completion = openai.read_completion(
@@ -233,24 +237,24 @@ class HttpRoutes:
             media_type=SSE_TYPE,
         )
 
-    async def models(self, request):
+    async def models(self, request: Request) -> Response:
         return JSONResponse(openai.models(self.settings.model_name, self.server.started))
 
-    async def model_card(self, request):
+    async def model_card(self, request: Request) -> Response:
         name = request.path_params["model"]
         if name != self.settings.model_name:
             raise openai.unknown_model(name, self.settings.model_name)
         return JSONResponse(openai.model_card(name, self.server.started))
 
-    async def generate(self, request):
+    async def generate(self, request: Request) -> Response:
         """Triton's generate extension (serve/generate.py): one JSON object."""
         return JSONResponse(await self.generated(request))
 
-    async def generate_stream(self, request):
+    async def generate_stream(self, request: Request) -> Response:
         """The same object as one server-sent event; an error before it is one JSON line, as on every route."""
         return Response(event(await self.generated(request)), media_type=SSE_TYPE)
 
-    async def generated(self, request) -> dict:
+    async def generated(self, request: Request) -> dict:
         began, name = time.monotonic(), self.model(request)
         try:
             texts, settings = read_generate(await self.json_body(request))
@@ -258,7 +262,7 @@ class HttpRoutes:
             raise ClientError(400, str(error)) from None
         return generate_response(name, await self.server.run(self.server.job(texts, settings, began), left(request)))
 
-    async def anneal(self, request):
+    async def anneal(self, request: Request) -> Response:
         """`maria generate` over HTTP: simulated annealing, each sample's object of `maria generate --json`."""
         began = time.monotonic()
         payload = await self.json_body(request)
@@ -267,7 +271,7 @@ class HttpRoutes:
         results = await self.server.run(self.server.anneal_job(payload, began), left(request))
         return JSONResponse({"results": [r.to_dict() for r in results]})
 
-    async def metrics_route(self, request):
+    async def metrics_route(self, request: Request) -> Response:
         self.server.metrics.queue_depth.set(self.server.batcher.depth)
         return Response(generate_latest(self.server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -295,7 +299,14 @@ async def drained(stream: AsyncIterator[bytes], size: int) -> None:
         await asyncio.wait_for(read_rest(), DRAIN_SECONDS)
 
 
-def streamed(server: Server, job, events: asyncio.Queue, line, answered, failed) -> AsyncIterator[str]:
+def streamed(
+    server: Server,
+    job: Job,
+    events: asyncio.Queue,
+    line: Callable[[Any], str],
+    answered: Callable[[list], list[str]],
+    failed: Callable[[ClientError], str],
+) -> AsyncIterator[str]:
     """A job's server-sent events: line(event) for each event put on `events` while it runs, then answered(results)
     (its last lines), or failed(error) where it fails. A client that leaves mid-stream drops the job."""
     task = asyncio.ensure_future(server.run(job))
@@ -334,7 +345,7 @@ async def client_left(request: Request) -> None:
         pass
 
 
-def create_app(infiller, settings: ServeSettings = ServeSettings()) -> Starlette:
+def create_app(infiller: Infiller, settings: ServeSettings = ServeSettings()) -> Starlette:
     """The ASGI application serving `infiller`."""
     server = Server(infiller, settings)
     http = HttpRoutes(server)
@@ -378,15 +389,16 @@ def model_paths(pattern: str) -> list[str]:
     return [pattern.replace("{model}", prefix, 1) for prefix in MODEL_PATHS]
 
 
-def unrouted(server: Server):
+def unrouted(server: Server) -> Callable[[Request, Exception], Awaitable[Response]]:
     """The answer to a path no route has (404) or a method its route does not take (405): one line in JSON, as
     every other error, so a client's error decoding reads it."""
 
-    async def answer(request: Request, error):
+    async def answer(request: Request, error: Exception) -> Response:
+        assert isinstance(error, HTTPException), "the handler of statuses 404 and 405, which Starlette raises so"
         began, path = time.monotonic(), request.url.path
         shown = quoted(path, str)  # the client's path, cut short
         if error.status_code == 405:
-            allowed = error.headers.get("Allow", "")
+            allowed = (error.headers or {}).get("Allow", "")
             message = f"{shown} takes {allowed}, not {quoted(request.method, str)}"
         elif path != "/" and path.endswith("/") and routed(request, path.rstrip("/")):
             message = f"no route {shown}; leave out the trailing slash: {quoted(path.rstrip('/'), str)}"
@@ -409,7 +421,7 @@ def routed(request: Request, path: str) -> bool:
     return any(route.matches(scope)[0] != Match.NONE for route in request.app.router.routes)
 
 
-def error_body(path: str):
+def error_body(path: str) -> Callable[[ClientError], dict]:
     """How a route's errors are written: OpenAI's error object on OpenAI's routes, else {"error": line}."""
     if openai_path(path):
         return openai.error_body
@@ -421,11 +433,14 @@ def openai_path(path: str) -> bool:
     return path.startswith("/v1/") and not path.startswith(("/v1/infill", "/v1/generate"))
 
 
-def guarded(server: Server, path: str, handler):
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def guarded(server: Server, path: str, handler: Handler) -> Handler:
     """Wraps a route: the bearer token (health routes stay open), one-line errors, metrics, an access log line."""
     open_route, body = path.startswith("/v2/health"), error_body(path)
 
-    async def route(request: Request):
+    async def route(request: Request) -> Response:
         began = time.monotonic()
         try:
             if not open_route and not server.authorized(request.headers.get("authorization", "")):
@@ -475,7 +490,9 @@ def record(server: Server, route: str, request: Request, status: int, began: flo
     )
 
 
-async def logged_stream(server: Server, path: str, request: Request, began: float, events):
+async def logged_stream(
+    server: Server, path: str, request: Request, began: float, events: AsyncIterable
+) -> AsyncIterator:
     """The stream's events; when it ends, the request is recorded with its whole time, as 499 if the client left
     before the last event."""
     status = 499
@@ -484,5 +501,7 @@ async def logged_stream(server: Server, path: str, request: Request, began: floa
             yield event
         status = 200
     finally:
-        await events.aclose()  # the stream's own cleanup runs now, not when it is collected
+        close = getattr(events, "aclose", None)  # an async generator's (every stream here is one)
+        if close is not None:
+            await close()  # the stream's own cleanup runs now, not when it is collected
         record(server, path, request, status, began)

@@ -19,7 +19,7 @@ from .protocol import VERSION, BadRequest, output_values, parameters, text_list
 SSE_TYPE = "text/event-stream; charset=utf-8"
 
 
-def read_generate(request) -> tuple[list, dict]:
+def read_generate(request: object) -> tuple[list, dict]:
     """(texts, settings) of a generate request's JSON value; BadRequest naming what is wrong."""
     if not isinstance(request, dict):
         raise BadRequest(f'send a JSON object {{"text": "...", "parameters": {{...}}}}, got {type(request).__name__}')

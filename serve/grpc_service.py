@@ -21,7 +21,9 @@ UNIMPLEMENTED.
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from importlib.metadata import version
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf.json_format import ParseDict
@@ -40,6 +42,10 @@ from .protocol import (
     output_tensors,
     read_infer,
 )
+
+Context: TypeAlias = grpc.aio.ServicerContext  # (grpc has no type stubs: Any to mypy)
+Handler = Callable[[Any, Context], Awaitable[Any]]  # (request, context) -> response; messages are oip_pb2's
+
 
 SERVICE = "inference.GRPCInferenceService"
 FINAL_FLAG = "triton_enable_empty_final_response"  # a stream's request parameter (see stream_method)
@@ -70,7 +76,7 @@ CONTENTS = {
 }
 
 
-def parameter_values(parameters) -> dict:
+def parameter_values(parameters: Any) -> dict:
     """A protocol parameter map as plain values."""
     return {
         key: getattr(value, value.WhichOneof("parameter_choice"))
@@ -122,21 +128,21 @@ def infer_message(model_name: str, request: InferRequest, results: list) -> pb.M
 class InferenceService:
     """The service's methods over one Server."""
 
-    def __init__(self, server: Server):
+    def __init__(self, server: Server) -> None:
         self.server = server
 
-    async def server_live(self, message, context):
+    async def server_live(self, message: Any, context: Context) -> Any:
         return pb.ServerLiveResponse(live=True)
 
-    async def server_ready(self, message, context):
+    async def server_ready(self, message: Any, context: Context) -> Any:
         return pb.ServerReadyResponse(ready=self.server.ready)
 
-    async def server_metadata(self, message, context):
+    async def server_metadata(self, message: Any, context: Context) -> Any:
         return pb.ServerMetadataResponse(
             name="maria-onnx", version=version("maria-onnx"), extensions=["model_configuration", "statistics"]
         )
 
-    async def model_metadata(self, message, context):
+    async def model_metadata(self, message: Any, context: Context) -> Any:
         described = metadata(self.server.model_named(message.name, message.version))
         response = pb.ModelMetadataResponse(
             name=described["name"], versions=described["versions"], platform=described["platform"]
@@ -146,18 +152,18 @@ class InferenceService:
                 getattr(response, kind).add(**tensor)
         return response
 
-    async def model_ready(self, message, context):
+    async def model_ready(self, message: Any, context: Context) -> Any:
         self.server.model_named(message.name, message.version)
         return pb.ModelReadyResponse(ready=self.server.ready)
 
-    async def model_config(self, message, context):
+    async def model_config(self, message: Any, context: Context) -> Any:
         name = self.server.model_named(message.name, message.version)
         return ParseDict({"config": model_config(name, self.server.settings.max_batch_size)}, pb.ModelConfigResponse())
 
-    async def model_statistics(self, message, context):
+    async def model_statistics(self, message: Any, context: Context) -> Any:
         return ParseDict(self.server.statistics(message.name, message.version), pb.ModelStatisticsResponse())
 
-    async def model_infer(self, message, context):
+    async def model_infer(self, message: Any, context: Context) -> Any:
         began, server = time.monotonic(), self.server
         name = server.model_named(message.model_name, message.model_version)
         try:
@@ -169,12 +175,14 @@ class InferenceService:
         return infer_message(name, parsed, await server.run(job, None, min(deadlines, default=None)))
 
 
-def method(server: Server, name: str, handler, request_type, response_type, open_method: bool = False):
+def method(
+    server: Server, name: str, handler: Handler, request_type: Any, response_type: Any, open_method: bool = False
+) -> grpc.RpcMethodHandler:
     """One unary method: the bearer token (unless open), one-line errors with their gRPC code, metrics and an access
     log line."""
     path = f"/{SERVICE}/{name}"
 
-    async def call(raw: bytes, context):
+    async def call(raw: bytes, context: Context) -> Any:
         began, status = time.monotonic(), 499  # 499 unless it ends otherwise: the client cancelled
         try:
             if not open_method:
@@ -196,13 +204,13 @@ def method(server: Server, name: str, handler, request_type, response_type, open
     return grpc.unary_unary_rpc_method_handler(call, response_serializer=response_type.SerializeToString)
 
 
-def check_token(server: Server, context) -> None:
+def check_token(server: Server, context: Context) -> None:
     """ClientError 401 unless the call's metadata carries the bearer token (any passes without --api-key)."""
     if not server.authorized(dict(context.invocation_metadata() or ()).get("authorization", "")):
         raise ClientError(401, "missing or wrong bearer token; send the metadata 'authorization: Bearer <api key>'")
 
 
-def parsed(raw: bytes, request_type, name: str):
+def parsed(raw: bytes, request_type: Any, name: str) -> Any:
     """The request message; bytes that are not one get a one-line ClientError 400 (gRPC's own deserializer
     answered UNKNOWN and logged a traceback)."""
     try:
@@ -219,7 +227,7 @@ STOPPING = "the server is shutting down and ended the stream; open a new one (to
 REFUSED = "the server is shutting down; send this request on a new stream (to another server)"
 
 
-def stream_method(server: Server, service: InferenceService, stopping: asyncio.Event):
+def stream_method(server: Server, service: InferenceService, stopping: asyncio.Event) -> grpc.RpcMethodHandler:
     """ModelStreamInfer: the requests on a stream run at once, each answered when it finishes (match them by
     id) with its ModelInferResponse or its error's one line; an error ends no stream. At most --max-queue of a
     stream's requests are unanswered at a time: beyond, the stream reads no more until one is answered. The
@@ -230,7 +238,7 @@ def stream_method(server: Server, service: InferenceService, stopping: asyncio.E
     side), instead of holding the server's stop until its grace period ends."""
     path = f"/{SERVICE}/ModelStreamInfer"
 
-    async def answer(raw: bytes, context, peer: str) -> pb.ModelStreamInferResponse:
+    async def answer(raw: bytes, context: Context, peer: str) -> pb.ModelStreamInferResponse:
         began, status, message = time.monotonic(), 499, pb.ModelInferRequest()  # 499 unless: the client left
         try:
             message = parsed(raw, pb.ModelInferRequest, "ModelStreamInfer")
@@ -258,20 +266,21 @@ def stream_method(server: Server, service: InferenceService, stopping: asyncio.E
             ),
         )
 
-    async def call(requests, context):
+    async def call(requests: AsyncIterable[bytes], context: Context) -> AsyncIterator[Any]:
         peer = context.peer()  # read now: the call's context must not be touched once it has ended
         try:
             check_token(server, context)
         except ClientError as error:
             logged(server, path, error.status, time.monotonic(), method="gRPC", path=path, client=peer)
             await context.abort(CODES[error.status], str(error))
-        answers, room, running = asyncio.Queue(), asyncio.Semaphore(server.settings.max_queue), set()
+        answers: asyncio.Queue = asyncio.Queue()
+        room, running = asyncio.Semaphore(server.settings.max_queue), set()
         unanswered, sent_all = 0, False
 
-        async def one(raw: bytes):
+        async def one(raw: bytes) -> None:
             await answers.put(await answer(raw, context, peer))
 
-        async def read():  # the stream's requests, then None once all are answered
+        async def read() -> None:  # the stream's requests, then None once all are answered
             nonlocal unanswered, sent_all
             try:
                 async for raw in requests:
@@ -285,7 +294,7 @@ def stream_method(server: Server, service: InferenceService, stopping: asyncio.E
             finally:
                 await answers.put(None)
 
-        async def stop():  # wakes the loop below when the server stops
+        async def stop() -> None:  # wakes the loop below when the server stops
             await stopping.wait()
             await answers.put(STOPPING)
 
@@ -355,13 +364,13 @@ class Unserved(grpc.GenericRpcHandler):
     """Any other method (Triton's repository, shared memory...): UNIMPLEMENTED with one line naming what
     is served."""
 
-    def __init__(self, server: Server, served: list[str]):
+    def __init__(self, server: Server, served: list[str]) -> None:
         self.server, self.served = server, served
 
-    def service(self, handler_call_details):
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         path, server = handler_call_details.method, self.server
 
-        async def unserved(message, context):
+        async def unserved(message: Any, context: Context) -> None:
             logged(server, "(unserved)", 501, time.monotonic(), method="gRPC", path=path, client=context.peer())
             await context.abort(
                 grpc.StatusCode.UNIMPLEMENTED,

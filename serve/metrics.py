@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 class Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         r = self.registry
         self.requests = Counter(
             "maria_requests",

@@ -14,8 +14,10 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from maria_onnx.runtime.requests import KIND_NAMES
+from maria_onnx.runtime.results import Infilled
 from maria_onnx.runtime.text import MARKER_LIKE, MAX_CANDIDATES, quoted
 
 from .core import ClientError
@@ -227,7 +229,7 @@ class Choice:
         return "".join(self.pieces)[1 if self.drop_space else 0 :]
 
 
-def choice_of(completion: Completion, index: int, result, tokenizer) -> Choice:
+def choice_of(completion: Completion, index: int, result: Infilled, tokenizer: Any) -> Choice:
     """The completion of prompt `index` in one filled result (runtime/results.py's Infilled): its last span."""
     length = result.span_lengths[-1] if completion.suffix is not None else completion.max_tokens
     pieces, logprobs = result.fills[-length:], result.fill_logprobs[-length:]
@@ -333,7 +335,7 @@ DONE = "data: [DONE]\n\n"
 class Answer:
     """The answer to one completions request, from its results (Infilled, num_samples per text)."""
 
-    def __init__(self, completion: Completion, model: str, tokenizer):
+    def __init__(self, completion: Completion, model: str, tokenizer: Any) -> None:
         self.completion, self.model, self.tokenizer = completion, model, tokenizer
 
     def choices(self, results: list) -> list[Choice]:

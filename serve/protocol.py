@@ -14,7 +14,9 @@ import json
 import math
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -122,7 +124,7 @@ def bytes_elements(raw: bytes) -> list[bytes]:
     return elements
 
 
-def _decode_text(element) -> str:
+def _decode_text(element: str | bytes) -> str:
     if isinstance(element, str):
         return element
     try:
@@ -203,7 +205,7 @@ def parse_infer(body: bytes, header_length: int | None) -> InferRequest:
     return read_infer(request_json(head), binary)
 
 
-def text_list(texts) -> list:
+def text_list(texts: object) -> list:
     """The texts of a JSON request's "text" field: a string is one text, a list holds them (each checked later);
     BadRequest for anything else."""
     if isinstance(texts, str):
@@ -213,7 +215,7 @@ def text_list(texts) -> list:
     return texts
 
 
-def request_json(body: bytes):
+def request_json(body: bytes) -> Any:
     """A request body's JSON value (the infer request's header, or /v1/infill's object); BadRequest where it is not
     JSON, not UTF-8, gives a key twice or nests too deeply."""
     try:
@@ -224,7 +226,7 @@ def request_json(body: bytes):
         raise BadRequest(f"the request is not valid JSON ({error})") from None
 
 
-def read_infer(request, binary: bytes | None) -> InferRequest:
+def read_infer(request: object, binary: bytes | None) -> InferRequest:
     """Reads an infer request in its JSON form, with the binary data its inputs' binary_data_size point into
     (the gRPC form reaches here too, serve/grpc_service.py); raises BadRequest naming what is wrong."""
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
@@ -309,11 +311,11 @@ def _flag(given: dict, name: str, what: str) -> bool:
     return value
 
 
-def _not_text(value):
+def _not_text(value: object) -> NoReturn:
     raise BadRequest(f"the 'text' input holds {type(value).__name__} elements; send strings")
 
 
-def output_values(results: list, names=tuple(OUTPUTS)) -> list[tuple[str, list[str]]]:
+def output_values(results: list, names: Sequence[str] = tuple(OUTPUTS)) -> list[tuple[str, list[str]]]:
     """(name, values) of each output named: the filled texts, or each result's JSON object."""
     return [
         (

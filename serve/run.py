@@ -12,16 +12,18 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import uvicorn
 
+from maria_onnx.runtime.infiller import Infiller
 from maria_onnx.runtime.requests import FillRequest
 from maria_onnx.runtime.rounds import run_requests
 
 from .app import create_app
 from .connections import bounded_protocol
-from .core import ServeSettings
+from .core import Server, ServeSettings
 
 # After the grace period the requests still running are answered 503; uvicorn and gRPC wait this much longer for
 # those answers to go out before they cancel what is left.
@@ -45,7 +47,7 @@ class GracefulServer(uvicorn.Server):
             late.cancel()
 
     @contextlib.contextmanager
-    def capture_signals(self):
+    def capture_signals(self) -> Iterator[None]:
         previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
@@ -55,7 +57,7 @@ class GracefulServer(uvicorn.Server):
 
 
 def serve(
-    infiller,
+    infiller: Infiller,
     settings: ServeSettings,
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -113,7 +115,7 @@ WARM_UP_TEXT = "a [MASK] b"
 WARM_UP_SPANS = "a [MASK:1-2] b"  # span candidates: the AR's LM head too, where the bundle has it
 
 
-def warm_up(infiller, slots: int) -> float:
+def warm_up(infiller: Infiller, slots: int) -> float:
     """Fills a short text (with span candidates where the bundle has the AR's LM head) in an engine of the
     server's slots; returns the milliseconds it took. ValueError, naming the device, where the model cannot."""
     began = time.perf_counter()
@@ -146,7 +148,7 @@ def bound(host: str, port: int, option: str) -> socket.socket:
 async def serve_all(
     web: GracefulServer,
     listener: socket.socket,
-    server,
+    server: Server,
     announced: str,
     host: str,
     grpc_port: int | None,
@@ -176,7 +178,7 @@ async def serve_all(
     await stopped
 
 
-async def stop_with(web: GracefulServer, endpoint, stopping: asyncio.Event, grace_s: float) -> None:
+async def stop_with(web: GracefulServer, endpoint: Any, stopping: asyncio.Event, grace_s: float) -> None:
     """Stops the gRPC server when uvicorn is told to exit: no new calls, those in flight get grace_s to finish,
     streams end once their requests are answered."""
     while not web.should_exit:

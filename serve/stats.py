@@ -77,7 +77,7 @@ class Statistics:
     def model_stats(self, name: str, version: str) -> dict:
         """The extension's $model_stat object."""
 
-        def duration(counts):
+        def duration(counts: list[int]) -> dict:
             return {"count": counts[0], "ns": counts[1]}
 
         with self.lock:

@@ -24,7 +24,7 @@ MODEL_FILE = Path(__file__).resolve().parent / "triton_model.py"
 KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
 
 
-def _source_only(folder, names) -> list[str]:
+def _source_only(folder: str, names: list[str]) -> list[str]:
     """copytree's ignore: the runtime's Python files only (not the shipped default model's weights)."""
     return [n for n in names if n == "__pycache__" or ((Path(folder) / n).is_file() and not n.endswith(".py"))]
 
@@ -72,8 +72,8 @@ parameters {{ key: "speculate" value: {{ string_value: "{speculate}" }} }}
 
 
 def write_repository(
-    bundle,
-    out,
+    bundle: str | Path,
+    out: str | Path,
     name: str = "maria",
     kind: str = "gpu",
     instances: int = 1,

@@ -14,6 +14,7 @@ Tensors, as `maria serve` declares them: input `text` BYTES [batch, 1]; outputs 
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -42,7 +43,7 @@ def instance_threads(config: dict, kind: str | None) -> int | None:
 
 
 class TritonPythonModel:
-    def initialize(self, args):
+    def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
         parameters = config.get("parameters", {})
         device = parameters.get("device", {}).get("string_value", "auto")
@@ -57,7 +58,7 @@ class TritonPythonModel:
             HERE / "bundle", device=device, threads=instance_threads(config, kind), speculate=speculate
         )
 
-    def read(self, request) -> FillRequest:
+    def read(self, request: Any) -> FillRequest:  # a pb_utils.InferenceRequest
         texts = [
             t.decode("utf-8") if isinstance(t, bytes) else str(t)
             for t in pb_utils.get_input_tensor_by_name(request, "text").as_numpy().reshape(-1)
@@ -68,7 +69,7 @@ class TritonPythonModel:
     def prepare(self, texts: list, rerank: bool, most: int) -> list:
         return [self.infiller.prepare(text, rerank, most) for text in texts]
 
-    def execute(self, requests):
+    def execute(self, requests: list) -> list:
         responses, readable = [None] * len(requests), []
         for number, request in enumerate(requests):
             try:
