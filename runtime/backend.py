@@ -104,5 +104,16 @@ class SlotBackend(Protocol):
     def fuse(self, mlm_hidden: np.ndarray, ar_hidden: np.ndarray) -> np.ndarray:
         """As in Backend."""
 
+    def fuse_best(
+        self, mlm_hidden: np.ndarray, ar_hidden: np.ndarray, banned: list[int], refused: list | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The greedy fills: as fuse, then each row's best id that is neither banned nor in refused[r] (where that
+        is not None), and its log-probability under the head's distribution [r] (runtime/choose.py's best_tokens;
+        the logits need not leave the device)."""
+
     def mlm_logits(self, mlm_hidden: np.ndarray) -> np.ndarray:
         """mlm_hidden [r, d_mlm] -> the MLM's own logits [r, V] (fp32): the drafts of speculative infilling."""
+
+    def mlm_best(self, mlm_hidden: np.ndarray, banned: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The MLM's own best id per row that is not banned, and its log-probability among the ids not banned:
+        greedy drafts and how sure the head is of them."""

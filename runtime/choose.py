@@ -129,12 +129,35 @@ def choose_tokens(
     Row r samples with rngs[r], never a banned id nor one of the ids refused[r] (where that is not None). Where
     drafts gives row r a draft (an id >= 0), it is kept or replaced by keep_draft's rule (greedy: kept where it is
     the best id), so the id chosen follows the same distribution as without it."""
-    scores = _scores(logits, banned_ids, refused)
     if sampling.greedy:
-        tokens = scores.argmax(axis=-1)
-    else:
-        tokens = np.array([_sample(scores, row, sampling, rngs[row], drafts) for row in range(len(rngs))])
-    return tokens.astype(np.int64), token_logprobs(logits, tokens)
+        return best_tokens(logits, banned_ids, refused)
+    scores = _scores(logits, banned_ids, refused)
+    tokens = np.array([_sample(scores, row, sampling, rngs[row], drafts) for row in range(len(rngs))], dtype=np.int64)
+    return tokens, token_logprobs(logits, tokens)
+
+
+def best_tokens(
+    logits: np.ndarray, banned_ids: Sequence[int], refused: list | None = None, allowed: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """The greedy choice of each row of logits [rows, V]: its best id that is neither banned nor one of refused[r],
+    and that id's log-probability under the row's softmax (allowed: under the softmax over the ids the row may
+    take). What runtime/graphs/greedy.onnx computes where the logits are (export/greedy.py)."""
+    scores = _scores(logits, banned_ids, refused)
+    tokens = scores.argmax(axis=-1).astype(np.int64)
+    return tokens, token_logprobs(scores if allowed else logits, tokens)
+
+
+def refused_matrix(banned_ids: Sequence[int], refused: list | None, rows: int) -> np.ndarray:
+    """The banned ids and each row's refused ids as greedy.onnx's `refused` [rows, K] int64: a row repeats the
+    first banned id where it has fewer than K."""
+    extra = [np.zeros(0, dtype=np.int64) if r is None else np.asarray(r, dtype=np.int64) for r in refused or []]
+    extra += [np.zeros(0, dtype=np.int64)] * (rows - len(extra))
+    width = len(banned_ids) + max((len(r) for r in extra), default=0)
+    matrix = np.full((rows, width), banned_ids[0], dtype=np.int64)
+    matrix[:, : len(banned_ids)] = banned_ids
+    for row, ids in enumerate(extra):
+        matrix[row, len(banned_ids) : len(banned_ids) + len(ids)] = ids
+    return matrix
 
 
 def draft_tokens(

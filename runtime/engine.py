@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .backend import SlotBackend, SpecialIds
-from .choose import Drafts, Sampling, choose_tokens, draft_tokens, token_logprobs
+from .choose import Drafts, Sampling, choose_tokens, draft_tokens
 from .decode import Fill, encode_masked
 from .slots import capacity_for
 from .utf8 import Utf8Rule
@@ -168,10 +168,8 @@ class Engine:
         rows = np.concatenate([s.mlm_hidden[s.targets + 1] for s in joining])
         best, confidence = np.zeros(len(rows), dtype=np.int64), np.zeros(len(rows))
         for begin in range(0, len(rows), DRAFT_ROWS):
-            logits = self.backend.mlm_logits(rows[begin : begin + DRAFT_ROWS])
-            logits[:, self.special.all] = -np.inf
-            best[begin : begin + len(logits)] = logits.argmax(axis=-1)
-            confidence[begin : begin + len(logits)] = np.exp(token_logprobs(logits, best[begin : begin + len(logits)]))
+            ids, logprobs = self.backend.mlm_best(rows[begin : begin + DRAFT_ROWS], self.special.all)
+            best[begin : begin + len(ids)], confidence[begin : begin + len(ids)] = ids, np.exp(logprobs)
         for s, at in zip(joining, np.split(np.arange(len(rows)), np.cumsum([len(s.targets) for s in joining])[:-1])):
             s.drafts, s.confidence = best[at], confidence[at]
 
@@ -219,7 +217,12 @@ class Engine:
             at = [(s.slot, int(s.targets[s.filled + j]) - s.cursor) for s, j in fused]
             ar_hidden = hidden[tuple(np.array(at).T)]
             mlm_hidden = np.stack([s.mlm_hidden[s.targets[s.filled + j] + 1] for s, j in fused])
-            self._choose(fused, self.backend.fuse(mlm_hidden, ar_hidden), chunks)
+            if all(s.sampling.greedy for s, _ in fused):  # chosen where the logits are (a GPU's memory)
+                refused = None if self.utf8 is None else [self._refused(s, j, chunks[s.slot].drafts) for s, j in fused]
+                chosen = self.backend.fuse_best(mlm_hidden, ar_hidden, self.special.all, refused)
+            else:
+                chosen = self._choose(fused, self.backend.fuse(mlm_hidden, ar_hidden), chunks)
+            self._write(fused, *chosen, chunks)
         finished = []
         for slot, s in sorted(self.active.items()):
             s.cursor = int(s.targets[s.filled - 1]) + 1 if chunks[slot].fills else chunks[slot].end
@@ -268,10 +271,11 @@ class Engine:
                     assert drawn.probs is not None
                     chunk.drafts[j], chunk.probs[j], row = drawn.ids[0], drawn.probs[0], row + 1
 
-    def _choose(self, fused: list[tuple[Sequence, int]], logits: np.ndarray, chunks: dict[int, Chunk]) -> None:
+    def _choose(
+        self, fused: list[tuple[Sequence, int]], logits: np.ndarray, chunks: dict[int, Chunk]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Chooses every fused position's fill at once, each sequence's with its own sampling and generator (the
-        j-th as if the drafts before it were kept: its AR state saw them), and writes them in left to right up to
-        and including the first that is not its draft; the fills past it are dropped."""
+        j-th as if the drafts before it were kept: its AR state saw them): (ids, log-probabilities)."""
         groups = collections.defaultdict(list)
         for row, (s, _) in enumerate(fused):
             groups[s.sampling].append(row)
@@ -289,11 +293,18 @@ class Engine:
                 Drafts.of(drafts) if any(d is not None for d in drafts) else None,
             )
             chosen[0][rows], chosen[1][rows] = tokens, logprobs
+        return chosen
+
+    def _write(
+        self, fused: list[tuple[Sequence, int]], tokens: np.ndarray, logprobs: np.ndarray, chunks: dict[int, Chunk]
+    ) -> None:
+        """Writes the chosen fills in, each sequence's left to right up to and including the first that is not its
+        draft; the fills past it are dropped."""
         stopped: set[int] = set()
         for row, (s, j) in enumerate(fused):
             if s.slot in stopped:
                 continue
-            token, logprob, draft = int(chosen[0][row]), float(chosen[1][row]), chunks[s.slot].draft(j)
+            token, logprob, draft = int(tokens[row]), float(logprobs[row]), chunks[s.slot].draft(j)
             position = int(s.targets[s.filled])
             s.tokens[position + 1], s.logprobs[s.filled] = token, logprob
             s.filled += 1

@@ -8,9 +8,11 @@ graph too (see `ar_step`).
 
 With io_binding (the default on CUDA), the KV cache lives in OrtValues on the device between steps: each
 step's `present.*` outputs are bound as the next step's `past_key_values.*` inputs, never copied to the host.
-What crosses to the host per step is small: the step's last_hidden_state rows and the fusion head's logits
-(tokens are chosen on the host). Without io_binding every tensor goes through numpy; both paths are one code
-path around `_run`, so tests compare them.
+What crosses to the host per step is small: the step's last_hidden_state rows, and the fusion head's logits where a
+sampled fill is drawn on the host. Greedy fills, and speculation's greedy drafts, are chosen where the logits are
+(runtime/graphs/greedy.onnx, on the same device): only their ids and log-probabilities come back. Without
+io_binding every tensor goes through numpy and the choice is made there; both paths are one code path around
+`_run`, so tests compare them.
 """
 
 import functools
@@ -23,12 +25,14 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from .choose import best_tokens, refused_matrix
 from .device import gpu_index
 from .manifest import REEXPORT, Manifest
 from .sessions import make_session, provider_name, providers_for
 from .slots import SlotCache, capacity_axis, capacity_for
 
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
+GREEDY = Path(__file__).resolve().parent / "graphs" / "greedy.onnx"  # export/greedy.py
 ELEMENTS = {"fp32": "tensor(float)", "fp16": "tensor(float16)"}
 
 
@@ -153,6 +157,8 @@ class OnnxBackend:
                 Path(folder) / manifest.graph("ar_step").file, providers, cuda_graph and cuda, threads
             )
         self.head = session(Path(folder) / manifest.graph("fusion_head").file, providers)
+        self.greedy: Any = None  # runtime/graphs/greedy.onnx's session, made where it is first needed
+        self._greedy_session = functools.partial(session, GREEDY, providers)
         self.ar_lm_head = self.mlm_decoder = None
         if manifest.has_baseline_heads:
             self.ar_lm_head = session(Path(folder) / manifest.graph("ar_lm_head").file, providers)
@@ -297,6 +303,39 @@ class OnnxBackend:
             "ar_hidden": np.ascontiguousarray(ar_hidden, dtype=self.dtype),
         }
         return self._run(self.head, feeds)["logits"]
+
+    def fuse_best(
+        self, mlm_hidden: np.ndarray, ar_hidden: np.ndarray, banned: list[int], refused: list | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The greedy choice from the fusion head's logits (runtime/choose.py's best_tokens): ids [r] and their
+        log-probabilities [r]. With io_binding the logits stay where the head wrote them (device memory on a
+        GPU) and only the ids and log-probabilities come back."""
+        if not self.io_binding:
+            return best_tokens(self.fuse(mlm_hidden, ar_hidden), banned, refused)
+        feeds = {
+            "mlm_hidden": np.ascontiguousarray(mlm_hidden, dtype=self.dtype),
+            "ar_hidden": np.ascontiguousarray(ar_hidden, dtype=self.dtype),
+        }
+        return self._best(self.head, feeds, banned, refused, "logprobs")
+
+    def mlm_best(self, mlm_hidden: np.ndarray, banned: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The MLM head's best id at each row that is not banned, and its log-probability among the ids not banned:
+        speculative infilling's greedy drafts and how sure the head is of them; needs the baseline heads."""
+        if not self.io_binding:
+            return best_tokens(self.mlm_logits(mlm_hidden), banned, allowed=True)
+        feeds = {"mlm_hidden": np.ascontiguousarray(mlm_hidden, dtype=self.dtype)}
+        return self._best(self._baseline("mlm_decoder"), feeds, banned, None, "allowed_logprobs")
+
+    def _best(
+        self, session: ort.InferenceSession, feeds: dict, banned: list[int], refused: list | None, logprobs: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """A head's logits left where it wrote them, and greedy.onnx's choice from them on the same device."""
+        logits = self._run(session, feeds, device_outputs=("logits",))["logits"]
+        if self.greedy is None:
+            self.greedy = self._greedy_session()
+        rows = logits.shape()[0]
+        chosen = self._run(self.greedy, {"logits": logits, "refused": refused_matrix(banned, refused, rows)})
+        return chosen["ids"], chosen[logprobs].astype(np.float64)
 
     def ar_logits(self, ar_hidden: np.ndarray) -> np.ndarray:
         """The AR's own next-token logits: ar_hidden [r, d_ar] -> [r, V] (fp32); needs the baseline heads."""

@@ -25,8 +25,10 @@ KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
 
 
 def _source_only(folder: str, names: list[str]) -> list[str]:
-    """copytree's ignore: the runtime's Python files only (not the shipped default model's weights)."""
-    return [n for n in names if n == "__pycache__" or ((Path(folder) / n).is_file() and not n.endswith(".py"))]
+    """copytree's ignore: the runtime's Python files and its graphs (runtime/graphs), not the shipped default model's
+    weights."""
+    kept = (".py", ".onnx") if Path(folder).name == "graphs" else (".py",)
+    return [n for n in names if n == "__pycache__" or ((Path(folder) / n).is_file() and not n.endswith(kept))]
 
 
 def config_pbtxt(

@@ -1,7 +1,7 @@
 """On an NVIDIA GPU: the runtime on ONNX Runtime's CUDA execution provider against the PyTorch reference on the same
-GPU (fp32 bundles; fp16 with eager and fused attention), IO binding on against off, CUDA graphs against plain
-steps, and `maria serve --device cuda`. Skipped, with the reason printed, where CUDA cannot run (no GPU, no
-onnxruntime-gpu, no CUDA libraries)."""
+GPU (fp32 bundles; fp16 with eager and fused attention), IO binding on against off, greedy choices made on the
+device against on the host, CUDA graphs against plain steps, and `maria serve --device cuda`. Skipped, with the
+reason printed, where CUDA cannot run (no GPU, no onnxruntime-gpu, no CUDA libraries)."""
 
 import json
 
@@ -64,6 +64,18 @@ def test_io_binding_on_and_off_give_the_same_fills(on_gpu):
     for a, b in zip(bound.fill_ids(ids, masked, batch_size=4), unbound.fill_ids(ids, masked, batch_size=4)):
         assert np.array_equal(a.ids, b.ids)
         np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=0, atol=1e-5)
+
+
+def test_greedy_steps_choose_on_the_gpu(on_gpu):
+    """The engine's greedy fills chosen on the device (runtime/graphs/greedy.onnx on CUDA: only ids and
+    log-probabilities read back), speculating too, fill as with the logits read back to the host."""
+    bound = Infiller(on_gpu[0].bundle, device="cuda", speculate=4)
+    unbound = Infiller(on_gpu[0].bundle, device="cuda", speculate=4, io_binding=False)
+    ids, masked = random_cases(np.random.default_rng(4), bound.manifest.vocab_size, 16)
+    for a, b in zip(bound.fill_ids(ids, masked, batch_size=4), unbound.fill_ids(ids, masked, batch_size=4)):
+        assert np.array_equal(a.ids, b.ids)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=0, atol=1e-4)
+    assert bound.backend.greedy.get_providers()[0] == "CUDAExecutionProvider"
 
 
 def test_cuda_graph_steps_fill_like_plain_steps(on_gpu):

@@ -104,6 +104,7 @@ def test_a_plain_wheel_install_is_one_package_carrying_the_default_model(tmp_pat
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names if ".dist-info/" not in name} == {"maria_onnx"}
     assert "maria_onnx/cli.py" in names and "maria_onnx/runtime/default_model/ar_step.onnx" in names
+    assert "maria_onnx/runtime/graphs/greedy.onnx" in names  # the greedy choice a GPU makes where the logits are
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"), str(wheel)],
         check=True,

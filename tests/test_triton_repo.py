@@ -44,6 +44,9 @@ def test_triton_gpu_instances_each_run_on_their_own_gpu(tmp_path, monkeypatch):
 
     write_repository(DEFAULT_MODEL, tmp_path / "repo", kind="gpu", link=True)
     assert 'key: "device" value: { string_value: "cuda" }' in (tmp_path / "repo" / "maria" / "config.pbtxt").read_text()
+    runtime = tmp_path / "repo" / "maria" / "1" / "maria_onnx" / "runtime"
+    assert (runtime / "graphs" / "greedy.onnx").is_file()  # the greedy choice on the GPU, beside the Python files
+    assert not list((runtime / "default_model").glob("*.onnx"))  # the default model's weights stay behind
     made = []
     model = triton_model(tmp_path / "repo", monkeypatch, made)
     config = json.dumps({"parameters": {"device": {"string_value": "cuda"}, "max_texts": {"string_value": "64"}}})
