@@ -8,7 +8,9 @@ commands so that `maria infill` runs with the runtime's dependencies alone.
 import functools
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -24,7 +26,7 @@ app = typer.Typer(
 )
 
 
-def show_versions(asked: bool):
+def show_versions(asked: bool) -> None:
     """`maria --version`: runtime.sessions.installation(), then exit."""
     if asked:
         from maria_onnx.runtime.sessions import installation
@@ -42,11 +44,11 @@ def maria(
         callback=show_versions,
         help="Show the versions (package, ONNX Runtime, Python) and whether CUDA can run, then exit.",
     ),
-):
+) -> None:
     """MARIA: fill masked tokens with an autoregressive model, on ONNX Runtime."""
 
 
-def threads_option():
+def threads_option() -> Any:
     return typer.Option(
         None,
         min=1,
@@ -57,7 +59,7 @@ def threads_option():
     )
 
 
-def decoder_option():
+def decoder_option() -> Any:
     return typer.Option(
         "auto",
         help="engine (the KV cache written in place, texts joining as others "
@@ -66,7 +68,7 @@ def decoder_option():
     )
 
 
-def speculate_option():
+def speculate_option() -> Any:
     return typer.Option(
         0,
         min=0,
@@ -76,11 +78,11 @@ def speculate_option():
     )
 
 
-def one_line_errors(command):
+def one_line_errors(command: Callable[..., None]) -> Callable[..., None]:
     """Turns the library's edge errors into one line on stderr and exit code 2, with no traceback."""
 
     @functools.wraps(command)
-    def run(*args, **kwargs):
+    def run(*args: Any, **kwargs: Any) -> None:
         try:
             return command(*args, **kwargs)
         except BrokenPipeError:  # the reader left (`| head`): stop quietly, as other tools do
@@ -119,7 +121,7 @@ def train(
     text_field: str = typer.Option("text", help="JSONL field holding the text."),
     line_documents: bool = typer.Option(False, help="Plain text: one document per line instead of per file."),
     device: str = typer.Option("auto", help="auto | cpu | cuda (under `accelerate launch`, its settings)."),
-):
+) -> None:
     """Train the MARIA fusion head (L_MARIA) on frozen MLM + AR backbones."""
     from maria_onnx.config import TrainConfig
     from maria_onnx.runtime.device import check_device
@@ -160,7 +162,7 @@ def tiny_backbones(
     out: Path = typer.Argument(..., help="A new folder for the backbones and the training text."),
     ar_type: str = typer.Option("olmo", help="The causal LM's family: olmo | olmo2 | llama | qwen2."),
     seed: int = typer.Option(0, min=0),
-):
+) -> None:
     """Make tiny random backbones (a ModernBERT and a causal LM sharing a vocabulary) and a small training text, for
     a first try of train -> export -> infill with no model hub."""
     from maria_onnx.tools.tiny import tiny_backbones as make_tiny_backbones
@@ -218,7 +220,7 @@ def export_command(
         "on CPUs) | fused (one ONNX Runtime MultiHeadAttention node a "
         "layer; needs a key/value head per query head).",
     ),
-):
+) -> None:
     """Export a trained checkpoint to a validated ONNX bundle (mlm, ar_step, ar_decoder, fusion_head)."""
     from maria_onnx.export.bundle import export_bundle
 
@@ -272,7 +274,7 @@ def infill(
     threads: int | None = threads_option(),
     decoder: str = decoder_option(),
     speculate: int = speculate_option(),
-):
+) -> None:
     """Fill the masked tokens of each text with a MARIA bundle (no PyTorch needed). [MASK] is one token,
     [MASK:N] N tokens, [MASK:?] 1 to 8 and [MASK:a-b] a to b tokens (the model chooses the length; over 64
     combinations of lengths, gap by gap)."""
@@ -321,7 +323,7 @@ def generate(
     device: str = typer.Option("auto", help="auto | cuda | cuda:N (GPU N) | cpu"),
     threads: int | None = threads_option(),
     speculate: int = speculate_option(),
-):
+) -> None:
     """Generate text by simulated annealing with MARIA (energy: -log p under the AR), optionally between a prefix
     and a suffix."""
     from maria_onnx.console.generate import generate_samples
@@ -396,7 +398,7 @@ def bench(
     text: Path | None = typer.Option(
         None, help="Inputs cut from this text (UTF-8, or a .npy of token ids) instead of random ids."
     ),
-):
+) -> None:
     """Infilling throughput against input length: ONNX runtime, PyTorch reference, MLM decoded autoregressively."""
     from maria_onnx.tools.bench import bench as run_bench
 
@@ -449,7 +451,7 @@ def bench_serve(
         "(ModelInfer through tritonclient.grpc), grpc-stream (a "
         "ModelStreamInfer stream per client).",
     ),
-):
+) -> None:
     """Load on a real `maria serve`: throughput, p50/p99 latency and batch sizes, with and without batching."""
     from maria_onnx.runtime.device import check_device
     from maria_onnx.tools.bench_serve import bench_serve as run_bench_serve
@@ -508,7 +510,7 @@ def eval_command(
     as_json: Path | None = typer.Option(None, "--json", help="Also write the table as JSON here."),
     device: str = typer.Option("auto", help="auto | cuda | cuda:N (GPU N) | cpu"),
     threads: int | None = threads_option(),
-):
+) -> None:
     """Masked-token perplexity and greedy top-1 accuracy of MARIA and its baselines (AR alone, MLM alone, product of
     experts), all from the bundle's own heads on ONNX Runtime; with --backbones-from, or a bundle exported with
     --no-baseline-heads, the baselines run in PyTorch (the train extra) on the backbone folders."""
@@ -565,7 +567,7 @@ def serve(
     ),
     decoder: str = decoder_option(),
     speculate: int = speculate_option(),
-):
+) -> None:
     """Serve a bundle over HTTP: the Open Inference Protocol (KServe v2 / Triton) with Triton's generate extension,
     /v1/infill and its SSE stream; with --grpc-port, the Open Inference Protocol over gRPC too."""
     from maria_onnx.console.serving import start_server
@@ -612,7 +614,7 @@ def triton_repo(
     link: bool = typer.Option(False, "--link", help="Link the bundle instead of copying it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a repository this command wrote."),
     speculate: int = speculate_option(),
-):
+) -> None:
     """Write a Triton Inference Server model repository (Python backend) serving a bundle."""
     from maria_onnx.runtime.default_model import resolve_bundle
     from maria_onnx.serve.triton import write_repository
@@ -636,9 +638,9 @@ def triton_repo(
     typer.echo(f"wrote {folder}; run: tritonserver --model-repository {out}")
 
 
-def main():
+def main() -> None:
     app(prog_name="maria")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()  # typer exits with the command's status
