@@ -21,9 +21,9 @@ IR_VERSION = 8
 GREEDY_FILE = Path(__file__).resolve().parent.parent / "runtime" / "graphs" / "greedy.onnx"
 
 
-def _log_softmax_at(prefix: str, values: str) -> list[onnx.NodeProto]:
-    """Nodes giving `{prefix}_at` [rows, 1]: values[r, id_r] less the row's log-sum-exp, its largest value taken out
-    before the exponentials (the picked column, `picked_{prefix}`, is gathered from `values`)."""
+def _log_softmax_at(prefix: str, values: str, out: str) -> list[onnx.NodeProto]:
+    """Nodes giving `out` [rows]: values[r, id_r] less the row's log-sum-exp, the row's largest value taken out
+    before the exponentials (names of the nodes' outputs begin with prefix)."""
     return [
         helper.make_node("ReduceMax", [values], [f"{prefix}_max"], axes=[1], keepdims=1),
         helper.make_node("Sub", [values, f"{prefix}_max"], [f"{prefix}_shifted"]),
@@ -32,7 +32,7 @@ def _log_softmax_at(prefix: str, values: str) -> list[onnx.NodeProto]:
         helper.make_node("Log", [f"{prefix}_sum"], [f"{prefix}_log"]),
         helper.make_node("GatherElements", [f"{prefix}_shifted", "ids_column"], [f"{prefix}_picked"], axis=1),
         helper.make_node("Sub", [f"{prefix}_picked", f"{prefix}_log"], [f"{prefix}_at"]),
-        helper.make_node("Squeeze", [f"{prefix}_at", "axis"], [f"{prefix}_row"]),
+        helper.make_node("Squeeze", [f"{prefix}_at", "axis"], [out]),
     ]
 
 
@@ -45,10 +45,8 @@ def greedy_graph() -> onnx.ModelProto:
         helper.make_node("ScatterElements", ["logits", "refused", "refused_scores"], ["scores"], axis=1),
         helper.make_node("ArgMax", ["scores"], ["ids"], axis=1, keepdims=0, select_last_index=0),
         helper.make_node("Unsqueeze", ["ids", "axis"], ["ids_column"]),
-        *_log_softmax_at("full", "logits"),
-        *_log_softmax_at("allowed", "scores"),
-        helper.make_node("Identity", ["full_row"], ["logprobs"]),
-        helper.make_node("Identity", ["allowed_row"], ["allowed_logprobs"]),
+        *_log_softmax_at("full", "logits", "logprobs"),
+        *_log_softmax_at("allowed", "scores", "allowed_logprobs"),
     ]
     graph = helper.make_graph(
         nodes,

@@ -217,11 +217,11 @@ class Engine:
             at = [(s.slot, int(s.targets[s.filled + j]) - s.cursor) for s, j in fused]
             ar_hidden = hidden[tuple(np.array(at).T)]
             mlm_hidden = np.stack([s.mlm_hidden[s.targets[s.filled + j] + 1] for s, j in fused])
+            refused = None if self.utf8 is None else [self._refused(s, j, chunks[s.slot].drafts) for s, j in fused]
             if all(s.sampling.greedy for s, _ in fused):  # chosen where the logits are (a GPU's memory)
-                refused = None if self.utf8 is None else [self._refused(s, j, chunks[s.slot].drafts) for s, j in fused]
                 chosen = self.backend.fuse_best(mlm_hidden, ar_hidden, self.special.all, refused)
             else:
-                chosen = self._choose(fused, self.backend.fuse(mlm_hidden, ar_hidden), chunks)
+                chosen = self._choose(fused, self.backend.fuse(mlm_hidden, ar_hidden), chunks, refused)
             self._write(fused, *chosen, chunks)
         finished = []
         for slot, s in sorted(self.active.items()):
@@ -272,10 +272,11 @@ class Engine:
                     chunk.drafts[j], chunk.probs[j], row = drawn.ids[0], drawn.probs[0], row + 1
 
     def _choose(
-        self, fused: list[tuple[Sequence, int]], logits: np.ndarray, chunks: dict[int, Chunk]
+        self, fused: list[tuple[Sequence, int]], logits: np.ndarray, chunks: dict[int, Chunk], refused: list | None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Chooses every fused position's fill at once, each sequence's with its own sampling and generator (the
-        j-th as if the drafts before it were kept: its AR state saw them): (ids, log-probabilities)."""
+        j-th as if the drafts before it were kept: its AR state saw them), never one of refused[row]: (ids,
+        log-probabilities)."""
         groups = collections.defaultdict(list)
         for row, (s, _) in enumerate(fused):
             groups[s.sampling].append(row)
@@ -287,9 +288,7 @@ class Engine:
                 self.special.all,
                 sampling,
                 [fused[row][0].rng for row in rows],
-                None
-                if self.utf8 is None
-                else [self._refused(*fused[row], chunks[fused[row][0].slot].drafts) for row in rows],
+                None if refused is None else [refused[row] for row in rows],
                 Drafts.of(drafts) if any(d is not None for d in drafts) else None,
             )
             chosen[0][rows], chosen[1][rows] = tokens, logprobs

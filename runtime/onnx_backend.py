@@ -297,12 +297,12 @@ class OnnxBackend:
         self.step.run_with_iobinding(binding, options)
         return hidden.numpy()
 
+    def _hidden(self, **hidden: np.ndarray) -> dict:
+        """A head's feeds: hidden states by input name, contiguous in the bundle's dtype."""
+        return {name: np.ascontiguousarray(value, dtype=self.dtype) for name, value in hidden.items()}
+
     def fuse(self, mlm_hidden: np.ndarray, ar_hidden: np.ndarray) -> np.ndarray:
-        feeds = {
-            "mlm_hidden": np.ascontiguousarray(mlm_hidden, dtype=self.dtype),
-            "ar_hidden": np.ascontiguousarray(ar_hidden, dtype=self.dtype),
-        }
-        return self._run(self.head, feeds)["logits"]
+        return self._run(self.head, self._hidden(mlm_hidden=mlm_hidden, ar_hidden=ar_hidden))["logits"]
 
     def fuse_best(
         self, mlm_hidden: np.ndarray, ar_hidden: np.ndarray, banned: list[int], refused: list | None = None
@@ -312,10 +312,7 @@ class OnnxBackend:
         GPU) and only the ids and log-probabilities come back."""
         if not self.io_binding:
             return best_tokens(self.fuse(mlm_hidden, ar_hidden), banned, refused)
-        feeds = {
-            "mlm_hidden": np.ascontiguousarray(mlm_hidden, dtype=self.dtype),
-            "ar_hidden": np.ascontiguousarray(ar_hidden, dtype=self.dtype),
-        }
+        feeds = self._hidden(mlm_hidden=mlm_hidden, ar_hidden=ar_hidden)
         return self._best(self.head, feeds, banned, refused, "logprobs")
 
     def mlm_best(self, mlm_hidden: np.ndarray, banned: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -323,7 +320,7 @@ class OnnxBackend:
         speculative infilling's greedy drafts and how sure the head is of them; needs the baseline heads."""
         if not self.io_binding:
             return best_tokens(self.mlm_logits(mlm_hidden), banned, allowed=True)
-        feeds = {"mlm_hidden": np.ascontiguousarray(mlm_hidden, dtype=self.dtype)}
+        feeds = self._hidden(mlm_hidden=mlm_hidden)
         return self._best(self._baseline("mlm_decoder"), feeds, banned, None, "allowed_logprobs")
 
     def _best(
@@ -339,15 +336,11 @@ class OnnxBackend:
 
     def ar_logits(self, ar_hidden: np.ndarray) -> np.ndarray:
         """The AR's own next-token logits: ar_hidden [r, d_ar] -> [r, V] (fp32); needs the baseline heads."""
-        return self._run(
-            self._baseline("ar_lm_head"), {"ar_hidden": np.ascontiguousarray(ar_hidden, dtype=self.dtype)}
-        )["logits"]
+        return self._run(self._baseline("ar_lm_head"), self._hidden(ar_hidden=ar_hidden))["logits"]
 
     def mlm_logits(self, mlm_hidden: np.ndarray) -> np.ndarray:
         """The MLM's own logits: mlm_hidden [r, d_mlm] -> [r, V] (fp32); needs the baseline heads."""
-        return self._run(
-            self._baseline("mlm_decoder"), {"mlm_hidden": np.ascontiguousarray(mlm_hidden, dtype=self.dtype)}
-        )["logits"]
+        return self._run(self._baseline("mlm_decoder"), self._hidden(mlm_hidden=mlm_hidden))["logits"]
 
     def _baseline(self, name: str) -> ort.InferenceSession:
         session = self.ar_lm_head if name == "ar_lm_head" else self.mlm_decoder
