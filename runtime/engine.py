@@ -16,8 +16,10 @@ Speculative infilling (speculate=k): a sequence's chunk runs on to its k-th next
 head's draft written in at each masked position before it; the fusion head runs at all k, and the fills are chosen
 left to right while MARIA keeps the drafts (greedy: its best id is the draft; sampling: runtime/choose.py's
 keep_draft). At the first fill that is not the draft, MARIA's own id is written there and the cursor moves back to
-it: the positions past it in the slot are written over by the next step. Greedy fills are the same as with k = 0;
-sampled fills follow the same distribution, drawn differently.
+it: the positions past it in the slot are written over by the next step. A greedy sequence's fills past that point
+were chosen after the rejected draft, not MARIA's id; they become its drafts there (as in Jacobi decoding: MARIA
+keeps them far more often than the MLM head's). Greedy fills are the same as with k = 0; sampled fills follow the
+same distribution, drawn differently.
 """
 
 import collections
@@ -37,11 +39,12 @@ from .utf8 import Utf8Rule
 # Tokens a sequence feeds per step at most: attention over a chunk holds chunk x cache scores, so long prefills are
 # cut to bound memory at no cost in time (docs/benchmarks.md, "Smaller measurements").
 MAX_CHUNK = 256
-# Speculating, a masked position is drafted only where the MLM head's best probability is at least DRAFT_FLOOR (below
-# it MARIA seldom keeps the draft), within DRAFT_WIDTH tokens or the step's widest chunk: a wider step costs more
-# (docs/benchmarks.md, "Speculative infilling").
+# Speculating, a masked position is drafted only where its draft's probability is at least DRAFT_FLOOR (below it
+# MARIA seldom keeps the draft), and only as far as a step may widen: a sampled row to DRAFT_WIDTH tokens, greedy
+# rows to DRAFT_TOKENS over the step's rows; a wider step costs more (docs/benchmarks.md, "Speculative infilling").
 DRAFT_FLOOR = 0.1
 DRAFT_WIDTH = 4
+DRAFT_TOKENS = 16
 DRAFT_ROWS = 256  # masked positions the MLM head's drafts are read at per call
 
 
@@ -56,7 +59,8 @@ class Sequence:
     on_token: Callable | None = None  # (position, token, logprob)
     logprobs: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per target, as it is filled
     mlm_hidden: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # [n + 2, d_mlm], once admitted
-    # speculating, per masked position: the MLM head's best id there, and that id's probability
+    # speculating, per masked position: the draft there (the MLM head's best id, or a fill chosen past a rejected
+    # draft), and its probability
     drafts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     confidence: np.ndarray = field(default_factory=lambda: np.zeros(0))
     slot: int = -1
@@ -103,7 +107,9 @@ class Engine:
     utf8: Utf8Rule | None = None  # fills keep the text valid UTF-8 (runtime/utf8.py); None: free
     max_chunk: int = MAX_CHUNK  # tokens a sequence feeds per step at most
     speculate: int = 0  # masked positions a sequence may fill per step, drafted by the MLM head (0: one, no drafts)
-    draft_width: int = DRAFT_WIDTH  # drafts widen a chunk to this many tokens, or to the step's widest without them
+    draft_width: int = DRAFT_WIDTH  # a sampled row's drafts widen its chunk to this many tokens, or its own width
+    draft_tokens: int = DRAFT_TOKENS  # greedy rows' drafts widen the step to this many tokens over its rows, or
+    # its widest chunk without them
     draft_floor: float = DRAFT_FLOOR  # drafts only where the MLM head's best probability is at least this
     waiting: collections.deque = field(default_factory=collections.deque)
     active: dict = field(default_factory=dict)  # slot -> Sequence
@@ -232,21 +238,23 @@ class Engine:
         return finished
 
     def _draft(self, chunks: dict[int, Chunk]) -> None:
-        """Drafts each chunk's masked positions but its last where the chunk stays within reach and the MLM head is
-        sure enough, and ends the chunk at the first masked position where either fails. Within reach: at most
-        draft_width tokens on, or as far as the widest chunk without drafts (greedy rows: the step's, whose padding
-        the drafts then fill; sampled rows: their own, so their draws do not depend on their batch). Sure enough:
-        the head's best probability there is at least draft_floor. Both are decided before a sampled draft is
-        drawn, so sampled fills stay exact. Greedy drafts are the head's best ids, up to the first the UTF-8 rule
-        refuses (MARIA could not keep it); sampled ones are drawn from its distribution without the refused ids."""
+        """Drafts each chunk's masked positions but its last where the chunk stays within reach and the draft is
+        sure enough, and ends the chunk at the first masked position where either fails. Within reach: greedy rows
+        as far as the step's widest chunk without drafts (its padding the drafts then fill) or draft_tokens shared
+        by the step's rows; sampled rows as far as their own chunk or draft_width tokens, so their draws do not
+        depend on their batch. Sure enough: the draft's probability is at least draft_floor. Both are decided
+        before a sampled draft is drawn, so sampled fills stay exact. Greedy drafts are the sequence's (the MLM
+        head's best ids, or fills chosen past a rejected draft), up to the first the UTF-8 rule refuses (MARIA
+        could not keep it); sampled ones are drawn from the head's distribution without the refused ids."""
         widths = {slot: min(s.chunk_end - s.cursor, self.max_chunk) for slot, s in self.active.items()}
         widest = max(widths.values())
+        shared = max(widest, self.draft_tokens // len(self.active))
         sampled: list[Sequence] = []
         for slot, s in self.active.items():
             chunk = chunks[slot]
             if not chunk.fills:  # still on its way to its next masked position
                 continue
-            room = max(widest if s.sampling.greedy else widths[slot], self.draft_width)
+            room = shared if s.sampling.greedy else max(widths[slot], self.draft_width)
             fits = s.targets[s.filled + 1 : s.filled + chunk.fills] + 1 - s.cursor <= room
             confident = (s.confidence[s.filled : s.filled + chunk.fills - 1] >= self.draft_floor) & fits
             drafts = s.drafts[
@@ -298,10 +306,14 @@ class Engine:
         self, fused: list[tuple[Sequence, int]], tokens: np.ndarray, logprobs: np.ndarray, chunks: dict[int, Chunk]
     ) -> None:
         """Writes the chosen fills in, each sequence's left to right up to and including the first that is not its
-        draft; the fills past it are dropped."""
+        draft; the fills past it are dropped, a greedy sequence's kept as its drafts there."""
         stopped: set[int] = set()
+        first = {s.slot: s.filled for s, _ in fused}
         for row, (s, j) in enumerate(fused):
             if s.slot in stopped:
+                if s.sampling.greedy:
+                    at = first[s.slot] + j
+                    s.drafts[at], s.confidence[at] = tokens[row], np.exp(logprobs[row])
                 continue
             token, logprob, draft = int(tokens[row]), float(logprobs[row]), chunks[s.slot].draft(j)
             position = int(s.targets[s.filled])

@@ -83,6 +83,31 @@ def test_drafts_below_the_floor_are_not_fed(shipped, held_out):
     assert none.drafted == 0 and none.steps == fills(shipped, ids, masked)[1].steps
 
 
+def test_greedy_fills_past_a_rejected_draft_become_the_drafts_there(shipped, held_out):
+    """A step's fills past its first rejected draft are dropped, but kept as the sequence's drafts at their
+    positions (with their probabilities), and the fills stay those of a step at a time."""
+    ids, masked = held_out
+    want, _ = fills(shipped, ids[:1], masked[:1])
+    engine = Engine(shipped.backend, shipped.special, slots=1, utf8=shipped.utf8, speculate=8, draft_floor=0.0)
+    sequence = engine.submit(ids[0], masked[0], Sampling(), np.random.default_rng(0))
+    chosen, fuse_best = [], shipped.backend.fuse_best
+    shipped.backend.fuse_best = lambda *args: chosen.append(fuse_best(*args)) or chosen[-1]
+    refreshed = 0
+    try:
+        while engine.busy:
+            before = sequence.filled
+            engine.step()
+            tokens, logprobs = chosen[-1]
+            dropped = slice(sequence.filled, before + len(tokens))  # fills past the first rejected draft
+            assert np.array_equal(sequence.drafts[dropped], tokens[sequence.filled - before :])
+            np.testing.assert_allclose(sequence.confidence[dropped], np.exp(logprobs[sequence.filled - before :]))
+            refreshed += dropped.stop - dropped.start
+    finally:
+        shipped.backend.fuse_best = fuse_best
+    assert refreshed > 0
+    assert_same([sequence.fill()], want)
+
+
 @pytest.mark.parametrize("fixed_shapes", [False, True])
 def test_chunked_prefill_and_padded_shapes_keep_the_fills(shipped, held_out, fixed_shapes):
     """A step feeds at most max_chunk tokens a row, drafts or not (padded shapes: a power of two)."""
@@ -265,7 +290,7 @@ def test_a_draft_the_utf8_rule_refuses_is_not_fed(shipped):
     continuation = next(i for i, data in enumerate(shipped.utf8.data) if data == b"\x80")
     encoded = shipped.encode("Hello [MASK:4] world, and [MASK:3] more.")
     want, _ = fills(shipped, [encoded.ids], [encoded.masked])
-    engine = Engine(shipped.backend, shipped.special, slots=1, utf8=shipped.utf8, speculate=4, draft_width=64)
+    engine = Engine(shipped.backend, shipped.special, slots=1, utf8=shipped.utf8, speculate=4, draft_tokens=64)
     sequence = engine.submit(encoded.ids, encoded.masked, Sampling(), np.random.default_rng(0))
     engine._admit()
     sequence.drafts[:], sequence.confidence[:] = continuation, 1.0  # sure, and always refused
