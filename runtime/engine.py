@@ -17,9 +17,9 @@ head's draft written in at each masked position before it; the fusion head runs 
 left to right while MARIA keeps the drafts (greedy: its best id is the draft; sampling: runtime/choose.py's
 keep_draft). At the first fill that is not the draft, MARIA's own id is written there and the cursor moves back to
 it: the positions past it in the slot are written over by the next step. A greedy sequence's fills past that point
-were chosen after the rejected draft, not MARIA's id; they become its drafts there (as in Jacobi decoding: MARIA
-keeps them far more often than the MLM head's). Greedy fills are the same as with k = 0; sampled fills follow the
-same distribution, drawn differently.
+were chosen after the rejected draft, not MARIA's id; they become its drafts there, as in Jacobi decoding (fewer
+steps on real text: docs/benchmarks.md). Greedy fills are the same as with k = 0; sampled fills follow the same
+distribution, drawn differently.
 """
 
 import collections

@@ -5,13 +5,13 @@ the AR steps a text would take if each step fed the drafts of the next k masked 
 the first disagreement (MARIA's own token written there), against one step per masked token today; and what a
 step costs as its chunk widens.
 
-    python -m maria_onnx.tools.bench_speculate --windows tests/data/default_model_eval_windows.npy \
-        --documents stdlib --out speculate.json
+    python -m maria_onnx.tools.bench_speculate --windows tests/data/default_model_eval_windows.npy --out speculate.json
 
 Greedy fills are exactly today's whatever the drafts (a step keeps only what MARIA itself chooses), so the steps
 are counted on today's greedy fills: no speculative engine is needed to measure them. With --exact N, the engine's
 speculative path itself is checked on N held-out texts (the test split's windows, then other documents' windows,
-masked at each rate in turn): every greedy fill with --speculate k against one mask a step.
+masked at each rate in turn): every greedy fill with --speculate k against one mask a step, the texts sharing
+--slots engine slots (1: one text at a time), with the engine's steps and the drafts it fed and kept.
 """
 
 import json
@@ -108,17 +108,17 @@ def document_windows(infiller: Infiller, names, length: int = 128, each: int = 8
     return windows
 
 
-def engine_fills(infiller: Infiller, texts: list, masked: list, speculate: int) -> tuple[list, Engine]:
-    """Greedy fills through the decode engine Infiller fills with (8 slots, texts joining as others finish), and
-    that engine, which counts its steps, the drafts it fed and those MARIA kept."""
-    engine = infiller.speculating(speculate).new_decoder(8)
+def engine_fills(infiller: Infiller, texts: list, masked: list, speculate: int, slots: int) -> tuple[list, Engine]:
+    """Greedy fills through the decode engine Infiller fills with (`slots` slots, texts joining as others finish),
+    and that engine, which counts its steps, the drafts it fed and those MARIA kept."""
+    engine = infiller.speculating(speculate).new_decoder(slots)
     assert isinstance(engine, Engine), "the exactness check runs the decode engine"
     sequences = [engine.submit(x, m, Sampling(), np.random.default_rng(0)) for x, m in zip(texts, masked)]
     engine.run()
     return [s.fill().ids for s in sequences], engine
 
 
-def exactness(model, windows: list[np.ndarray], count: int, speculate, seed: int) -> dict:
+def exactness(model, windows: list[np.ndarray], count: int, speculate, seed: int, slots: int = 8) -> dict:
     """Greedy fills of `count` texts (windows, then other documents' windows), masked at RATES in turn, with each
     speculate setting against none: texts whose fills differ (none, if the path is exact), steps and drafts."""
     infiller = Infiller(model, device="cpu")
@@ -128,15 +128,16 @@ def exactness(model, windows: list[np.ndarray], count: int, speculate, seed: int
     masked = [draw_masks([x], RATES[i % len(RATES)], seed + i)[0] for i, x in enumerate(texts)]
     keep = [i for i, m in enumerate(masked) if m.any()]
     texts, masked = [texts[i] for i in keep], [masked[i] for i in keep]
-    want, plain = engine_fills(infiller, texts, masked, 0)
+    want, plain = engine_fills(infiller, texts, masked, 0, slots)
     report: dict = {
         "texts": len(texts),
+        "slots": slots,
         "masked_tokens": int(sum(m.sum() for m in masked)),
         "steps_without": plain.steps,
         "speculate": {},
     }
     for k in speculate:
-        got, engine = engine_fills(infiller, texts, masked, k)
+        got, engine = engine_fills(infiller, texts, masked, k, slots)
         differ = [i for i, (g, w) in enumerate(zip(got, want)) if not np.array_equal(g, w)]
         report["speculate"][str(k)] = {
             "texts_differing": len(differ),
@@ -152,10 +153,11 @@ def main(argv=None) -> None:
     parser = held_out_parser(__doc__)
     parser.add_argument("--count", type=int, default=128, help="windows of each set")
     parser.add_argument("--exact", type=int, default=0, help="check greedy exactness on this many texts instead")
+    parser.add_argument("--slots", type=int, default=8, help="--exact: engine slots the texts share")
     args = parser.parse_args(argv)
     if args.exact:
         windows = [w.astype(np.int64) for w in np.load(args.windows)]
-        report = {"exactness": exactness(args.model, windows, args.exact, (2, 3, 4, 8), args.seed)}
+        report = {"exactness": exactness(args.model, windows, args.exact, (2, 3, 4, 8), args.seed, args.slots)}
         write_json(args.out, report)
         print(json.dumps(report, indent=2))
         return
