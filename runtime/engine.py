@@ -110,7 +110,7 @@ class Engine:
     draft_width: int = DRAFT_WIDTH  # a sampled row's drafts widen its chunk to this many tokens, or its own width
     draft_tokens: int = DRAFT_TOKENS  # greedy rows' drafts widen the step to this many tokens over its rows, or
     # its widest chunk without them
-    draft_floor: float = DRAFT_FLOOR  # drafts only where the MLM head's best probability is at least this
+    draft_floor: float = DRAFT_FLOOR  # drafts only where the draft's probability is at least this
     waiting: collections.deque = field(default_factory=collections.deque)
     active: dict = field(default_factory=dict)  # slot -> Sequence
     cache: Any = None  # the backend's cache of slots (runtime/slots.py), made at the first step

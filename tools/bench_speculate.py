@@ -118,7 +118,7 @@ def engine_fills(infiller: Infiller, texts: list, masked: list, speculate: int, 
     return [s.fill().ids for s in sequences], engine
 
 
-def exactness(model, windows: list[np.ndarray], count: int, speculate, seed: int, slots: int = 8) -> dict:
+def exactness(model, windows: list[np.ndarray], count: int, speculate, seed: int, slots: int) -> dict:
     """Greedy fills of `count` texts (windows, then other documents' windows), masked at RATES in turn, with each
     speculate setting against none: texts whose fills differ (none, if the path is exact), steps and drafts."""
     infiller = Infiller(model, device="cpu")
